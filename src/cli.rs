@@ -1,0 +1,98 @@
+//! The command line: `run` a pipeline, `schema check` a file against a schema.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::config::PipelineConfig;
+use crate::pipeline::{self, RunOptions};
+use crate::schema::Schema;
+use crate::shutdown::Shutdown;
+
+#[derive(Parser, Debug)]
+#[command(name = "gradsift", version, about = "Gradient-norm sample selection for streaming telecom data")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a pipeline (pipelines/*.toml) to the end of its source.
+    Run {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Override a setting, e.g. --set selection.keep=0.7 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Output folder (default: runs/NAME).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        /// Print the JSON report instead of the tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Schema tools.
+    Schema {
+        #[command(subcommand)]
+        command: SchemaCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SchemaCommand {
+    /// Check Parquet files against a schema; lists every mismatching column, exits 1 if any.
+    Check {
+        schema: PathBuf,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+pub async fn main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run { pipeline, overrides, output, quiet, json } => {
+            let mut cfg = PipelineConfig::load(&pipeline, &overrides)?;
+            if let Some(o) = output {
+                cfg.output.dir = Some(o);
+            }
+            let shutdown = Shutdown::new();
+            shutdown.listen_for_signals();
+            let report = pipeline::run(cfg, RunOptions { progress: !quiet }, shutdown).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
+        Command::Schema { command: SchemaCommand::Check { schema, files } } => {
+            let schema = Schema::load(&schema)?;
+            let mut bad = 0;
+            for f in &files {
+                let file = std::fs::File::open(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                    .map_err(|e| anyhow::anyhow!("{}: not a Parquet file: {e}", f.display()))?;
+                let rows = builder.metadata().file_metadata().num_rows();
+                let problems = schema.mismatches(builder.schema());
+                if problems.is_empty() {
+                    println!("{}: ok ({} rows, schema {})", f.display(), rows, schema.name);
+                } else {
+                    bad += 1;
+                    println!("{}: {} mismatch(es) against schema {}", f.display(), problems.len(), schema.name);
+                    for (col, what) in problems {
+                        println!("  column `{col}`: {what}");
+                    }
+                }
+            }
+            if bad > 0 {
+                bail!("{bad} of {} file(s) do not match schema {}", files.len(), schema.name);
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Pipeline configuration: a TOML file → typed settings, checked before anything runs.
+//!
+//! Every error names the file, the dotted key and what was expected, because a pipeline that
+//! dies an hour into a replay over a typo costs more than one that refuses to start. Paths
+//! inside the file (schema, source data) are relative to the file's own folder, so a
+//! pipeline runs the same from any working directory; the output folder is relative to the
+//! working directory. `--set key=value` overrides are applied before validation.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+use serde::{Deserialize, Serialize};
+
+use crate::learner::buffer::{BufferConfig, EvictionPolicy, ReplaySampling};
+use crate::learner::importance::ImportanceMethod;
+use crate::learner::select::SelectionConfig;
+use crate::learner::{ModelConfig, TrainingConfig};
+use crate::source::SourceConfig;
+
+/// `[importance]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportanceConfig {
+    pub method: ImportanceMethod,
+}
+
+/// `[evaluation]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationConfig {
+    /// Samples in the "last window" metrics.
+    #[serde(default = "default_eval_window")]
+    pub window: usize,
+}
+
+fn default_eval_window() -> usize {
+    1000
+}
+
+impl Default for EvaluationConfig {
+    fn default() -> Self {
+        EvaluationConfig {
+            window: default_eval_window(),
+        }
+    }
+}
+
+/// `[features]`: limits of the online feature state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureConfig {
+    /// Keys (cells, squares) tracked at once; the least recently seen is forgotten beyond it.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_max_keys() -> usize {
+    100_000
+}
+
+impl Default for FeatureConfig {
+    fn default() -> Self {
+        FeatureConfig {
+            max_keys: default_max_keys(),
+        }
+    }
+}
+
+/// `[output]`
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Folder for the report, the score file and dead letters (default `runs/NAME`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Write the per-sample score file.
+    #[serde(default = "yes")]
+    pub scores: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[channels]`: capacities of the bounded queues between stages (backpressure).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Record batches in flight between the source and the learner.
+    #[serde(default = "default_capacity")]
+    pub batches: usize,
+}
+
+fn default_capacity() -> usize {
+    4
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig {
+            batches: default_capacity(),
+        }
+    }
+}
+
+/// A whole pipeline file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub name: String,
+    /// Schema file (relative to the pipeline file).
+    pub schema: PathBuf,
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    pub importance: ImportanceConfig,
+    pub selection: SelectionConfig,
+    pub buffer: BufferConfig,
+    #[serde(default)]
+    pub training: TrainingConfig,
+    #[serde(default)]
+    pub evaluation: EvaluationConfig,
+    #[serde(default)]
+    pub features: FeatureConfig,
+    #[serde(default)]
+    pub output: OutputConfig,
+    #[serde(default)]
+    pub channels: ChannelConfig,
+    /// The file this was read from (set by [`PipelineConfig::load`]).
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+/// Parses `a.b.c=value`; the value is read as TOML (number, bool, array…) or else a string.
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
+    let (key, raw) = spec
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set {spec}: expected KEY=VALUE"))?;
+    let value: toml::Value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        cur = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("--set {spec}: `{p}` is not a table"))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl PipelineConfig {
+    /// Reads, overrides, validates and resolves a pipeline file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<PipelineConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read pipeline file {}", path.display()))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let mut cfg: PipelineConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow!("{}: key `{}`: {}", path.display(), e.path(), e.inner()))?;
+        cfg.file = path.to_path_buf();
+        cfg.validate()?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.schema = base.join(&cfg.schema);
+        cfg.source.resolve_paths(base);
+        Ok(cfg)
+    }
+
+    fn bad(&self, key: &str, expected: &str, found: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!("{}: key `{key}`: expected {expected}, found {found}", self.file.display())
+    }
+
+    fn validate(&self) -> Result<()> {
+        let s = &self.selection;
+        if !(s.keep > 0.0 && s.keep <= 1.0) {
+            return Err(self.bad("selection.keep", "a fraction in (0, 1]", s.keep));
+        }
+        if !(0.0..1.0).contains(&s.unbiased_q) {
+            return Err(self.bad("selection.unbiased_q", "a probability in [0, 1)", s.unbiased_q));
+        }
+        if s.window == 0 {
+            return Err(self.bad("selection.window", "at least 1 score", 0));
+        }
+        let b = &self.buffer;
+        if b.capacity == 0 {
+            return Err(self.bad("buffer.capacity", "at least 1 sample", 0));
+        }
+        if b.max_bytes == 0 {
+            return Err(self.bad("buffer.max_bytes", "at least 1 byte", 0));
+        }
+        if !(b.decay > 0.0 && b.decay <= 1.0) {
+            return Err(self.bad("buffer.decay", "λ in (0, 1]", b.decay));
+        }
+        if !(b.replay_ratio >= 0.0 && b.replay_ratio <= 16.0) {
+            return Err(self.bad("buffer.replay_ratio", "a ratio in [0, 16]", b.replay_ratio));
+        }
+        if b.replay_sampling == ReplaySampling::Importance && b.policy != EvictionPolicy::Importance {
+            return Err(self.bad(
+                "buffer.replay_sampling",
+                "\"uniform\" unless buffer.policy is \"importance\"",
+                "\"importance\"",
+            ));
+        }
+        let t = &self.training;
+        if t.micro_batch == 0 {
+            return Err(self.bad("training.micro_batch", "at least 1 sample", 0));
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
+            return Err(self.bad("training.learning_rate", "a positive number", t.learning_rate));
+        }
+        if self.model.hidden.contains(&0) {
+            return Err(self.bad("model.hidden", "widths of at least 1", format!("{:?}", self.model.hidden)));
+        }
+        if self.evaluation.window == 0 {
+            return Err(self.bad("evaluation.window", "at least 1 sample", 0));
+        }
+        if self.channels.batches == 0 {
+            return Err(self.bad("channels.batches", "at least 1 batch", 0));
+        }
+        self.source.validate().map_err(|(key, expected, found)| self.bad(&key, &expected, found))
+    }
+
+    /// The output folder.
+    pub fn output_dir(&self) -> PathBuf {
+        self.output
+            .dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, body: &str) -> PathBuf {
+        let p = dir.join("p.toml");
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    const GOOD: &str = r#"
+name = "t"
+schema = "s.json"
+[source]
+kind = "parquet"
+path = "x.parquet"
+[importance]
+method = "exact"
+[selection]
+keep = 0.8
+[buffer]
+capacity = 10
+max_bytes = 100000
+"#;
+
+    #[test]
+    fn good_file_loads_and_resolves_paths() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = PipelineConfig::load(&write(d.path(), GOOD), &[]).unwrap();
+        assert_eq!(cfg.schema, d.path().join("s.json"));
+        assert_eq!(cfg.selection.keep, 0.8);
+    }
+
+    #[test]
+    fn errors_name_file_key_and_expectation() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), &GOOD.replace("keep = 0.8", "keep = \"most\""));
+        let e = PipelineConfig::load(&p, &[]).unwrap_err().to_string();
+        assert!(e.contains("p.toml") && e.contains("selection.keep") && e.contains("expected f64"), "{e}");
+
+        let e = PipelineConfig::load(&write(d.path(), GOOD), &["selection.keep=1.5".into()]).unwrap_err().to_string();
+        assert!(e.contains("selection.keep") && e.contains("(0, 1]") && e.contains("1.5"), "{e}");
+
+        let p = write(d.path(), &GOOD.replace("capacity = 10", "capacity = 10\ncapacty = 3"));
+        let e = PipelineConfig::load(&p, &[]).unwrap_err().to_string();
+        assert!(e.contains("buffer") && e.contains("capacty"), "{e}");
+
+        let p = write(d.path(), &GOOD.replace("method = \"exact\"", "method = \"grand\""));
+        let e = PipelineConfig::load(&p, &[]).unwrap_err().to_string();
+        assert!(e.contains("importance.method") && e.contains("exact_autodiff"), "{e}");
+    }
+}

@@ -1,0 +1,414 @@
+//! Online features: turn decoded rows into model inputs, with bounded per-key state.
+//!
+//! A raw feed carries no lags, so they are computed here from the schema: per key a short
+//! history of each lagged column (lag k = the k-th previous *valid* row of that key), the
+//! calendar as sin/cos of hour-of-day and day-of-week, the UE position in metres east/north
+//! of its base station, and a running standardisation of every numeric feature and of a
+//! regression target. State is bounded: histories are as long as the largest lag (or the
+//! seasonal baseline), and at most `max_keys` keys are tracked (the least recently seen is
+//! forgotten). A row that cannot yet have its lags, or carries a null or non-finite value in
+//! a column it needs, is skipped with a reason; it never stops the stream.
+
+use std::collections::{HashMap, VecDeque};
+use std::f64::consts::TAU;
+use std::sync::Arc;
+
+use arrow::array::Array;
+
+use crate::decode::{DecodedBatch, value};
+use crate::schema::{Schema, TaskSpec};
+
+/// Why a row produced no sample.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// A needed column is null at this row.
+    Null(String),
+    /// A needed column is NaN or ±∞ at this row.
+    NonFinite(String),
+    /// A class label outside 0..classes.
+    BadClass(i64),
+    /// The key has too little history for the configured lags yet (not bad input).
+    LagWarmup,
+    /// The whole batch was unreadable (missing column, wrong type).
+    Batch(String),
+}
+
+impl SkipReason {
+    /// Counter label.
+    pub fn label(&self) -> String {
+        match self {
+            SkipReason::Null(c) => format!("null:{c}"),
+            SkipReason::NonFinite(c) => format!("non_finite:{c}"),
+            SkipReason::BadClass(_) => "bad_class".to_string(),
+            SkipReason::LagWarmup => "lag_warmup".to_string(),
+            SkipReason::Batch(r) => r.clone(),
+        }
+    }
+
+    /// Bad input goes to the dead-letter destination; a lag warm-up is expected and does not.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, SkipReason::LagWarmup)
+    }
+}
+
+/// What evaluation needs to know about a sample besides the model output.
+#[derive(Debug, Clone)]
+pub struct RowEval {
+    /// Target in its own units (regression) or the class.
+    pub target: f64,
+    /// Standardisation applied to the regression target: y_model = (y − mean) / std.
+    pub mean: f64,
+    pub std: f64,
+    /// Last value of the target for this key.
+    pub persistence: Option<f64>,
+    /// Value one season earlier for this key.
+    pub seasonal: Option<f64>,
+    /// Received power per beam.
+    pub power: Option<Box<[f32]>>,
+}
+
+/// Samples built so far, drained by the pipeline in micro-batches.
+#[derive(Debug, Default)]
+pub struct Samples {
+    pub x: Vec<f32>,
+    pub y: Vec<f32>,
+    pub keys: Vec<Arc<str>>,
+    pub times: Vec<i64>,
+    pub eval: Vec<RowEval>,
+}
+
+impl Samples {
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+    /// Removes and returns the first `n` samples.
+    pub fn take_front(&mut self, n: usize, width: usize) -> Samples {
+        let n = n.min(self.len());
+        Samples {
+            x: self.x.drain(..n * width).collect(),
+            y: self.y.drain(..n).collect(),
+            keys: self.keys.drain(..n).collect(),
+            times: self.times.drain(..n).collect(),
+            eval: self.eval.drain(..n).collect(),
+        }
+    }
+}
+
+/// Running mean and variance (Welford).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct Scaler {
+    n: u64,
+    mean: f64,
+    m2: f64,
+}
+
+impl Scaler {
+    pub fn update(&mut self, v: f64) {
+        self.n += 1;
+        let d = v - self.mean;
+        self.mean += d / self.n as f64;
+        self.m2 += d * (v - self.mean);
+    }
+    /// (mean, std); std is 1 until two distinct values were seen.
+    pub fn params(&self) -> (f64, f64) {
+        let var = if self.n > 1 { self.m2 / self.n as f64 } else { 0.0 };
+        let std = var.sqrt();
+        (self.mean, if std > 0.0 { std } else { 1.0 })
+    }
+    fn apply(&self, v: f64) -> f64 {
+        let (m, s) = self.params();
+        (v - m) / s
+    }
+}
+
+struct KeyState {
+    /// One history per numeric column (empty for columns that are not lagged).
+    hist: Vec<VecDeque<f64>>,
+    last_seen: u64,
+}
+
+/// Builds samples from decoded batches (see the module doc).
+pub struct FeatureEngine {
+    schema: Arc<Schema>,
+    /// Numeric column names in decode order.
+    numeric: Vec<String>,
+    inputs: Vec<usize>,
+    lags: Vec<(usize, Vec<usize>)>,
+    /// History length kept per numeric column.
+    hist_len: Vec<usize>,
+    /// Longest lag per numeric column (a row needs this much history).
+    need_len: Vec<usize>,
+    target: Option<usize>,
+    geo: Option<[usize; 4]>,
+    scalers: Vec<Scaler>,
+    geo_scalers: [Scaler; 2],
+    keys: HashMap<Arc<str>, KeyState>,
+    max_keys: usize,
+    tick: u64,
+    width: usize,
+    /// Keys forgotten because `max_keys` was reached.
+    pub keys_evicted: u64,
+}
+
+const EARTH_RADIUS_M: f64 = 6_371_000.0;
+
+impl FeatureEngine {
+    pub fn new(schema: Arc<Schema>, numeric: &[String], max_keys: usize) -> Self {
+        let idx = |c: &String| numeric.iter().position(|n| n == c).expect("numeric column");
+        let mut hist_len = vec![0; numeric.len()];
+        let mut need_len = vec![0; numeric.len()];
+        let lags: Vec<(usize, Vec<usize>)> = schema
+            .features
+            .lags
+            .iter()
+            .map(|l| (idx(&l.column), l.lags.clone()))
+            .collect();
+        for (c, ls) in &lags {
+            let m = *ls.iter().max().expect("validated non-empty");
+            need_len[*c] = need_len[*c].max(m);
+            hist_len[*c] = hist_len[*c].max(m);
+        }
+        let target = (schema.task == TaskSpec::Regression).then(|| idx(&schema.target));
+        if let Some(t) = target {
+            hist_len[t] = hist_len[t].max(1).max(schema.baselines.seasonal_lag.unwrap_or(0));
+        }
+        let geo = schema
+            .features
+            .geo
+            .as_ref()
+            .map(|g| [idx(&g.bs_lat), idx(&g.bs_lon), idx(&g.ue_lat), idx(&g.ue_lon)]);
+        FeatureEngine {
+            inputs: schema.features.inputs.iter().map(idx).collect(),
+            width: schema.input_width(),
+            numeric: numeric.to_vec(),
+            lags,
+            hist_len,
+            need_len,
+            target,
+            geo,
+            scalers: vec![Scaler::default(); numeric.len()],
+            geo_scalers: [Scaler::default(); 2],
+            keys: HashMap::new(),
+            max_keys: max_keys.max(1),
+            tick: 0,
+            keys_evicted: 0,
+            schema,
+        }
+    }
+
+    /// Width of a feature row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Keys currently tracked.
+    pub fn tracked_keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn norm(&self, col: usize, v: f64) -> f32 {
+        if self.schema.features.normalise {
+            self.scalers[col].apply(v) as f32
+        } else {
+            v as f32
+        }
+    }
+
+    fn key_state(&mut self, key: &str) -> Arc<str> {
+        if let Some((k, _)) = self.keys.get_key_value(key) {
+            return k.clone();
+        }
+        if self.keys.len() >= self.max_keys {
+            // Forget the least recently seen key: O(keys), and only when a new key arrives at the cap.
+            if let Some(old) = self.keys.iter().min_by_key(|(_, s)| s.last_seen).map(|(k, _)| k.clone()) {
+                self.keys.remove(&old);
+                self.keys_evicted += 1;
+            }
+        }
+        let k: Arc<str> = Arc::from(key);
+        let hist = self.hist_len.iter().map(|&n| VecDeque::with_capacity(n)).collect();
+        self.keys.insert(k.clone(), KeyState { hist, last_seen: 0 });
+        k
+    }
+
+    /// Turns every row of `d` into a sample appended to `out`, or a skip passed to `skip`
+    /// with the row index.
+    pub fn push_batch(&mut self, d: &DecodedBatch, out: &mut Samples, mut skip: impl FnMut(usize, SkipReason)) {
+        let mut vals = vec![0f64; self.numeric.len()];
+        for i in 0..d.len {
+            if d.key.is_null(i) {
+                skip(i, SkipReason::Null(self.schema.key.clone()));
+                continue;
+            }
+            if d.time.is_null(i) {
+                skip(i, SkipReason::Null(self.schema.time.column.clone()));
+                continue;
+            }
+            if let Err(r) = self.read_row(d, i, &mut vals) {
+                skip(i, r);
+                continue;
+            }
+            let class = match &d.class {
+                Some(c) if c.is_null(i) => {
+                    skip(i, SkipReason::Null(self.schema.target.clone()));
+                    continue;
+                }
+                Some(c) => {
+                    let v = c.value(i);
+                    let TaskSpec::Classification { classes } = self.schema.task else { unreachable!() };
+                    if v < 0 || v as usize >= classes {
+                        skip(i, SkipReason::BadClass(v));
+                        continue;
+                    }
+                    Some(v)
+                }
+                None => None,
+            };
+            let key = self.key_state(d.key.value(i));
+            self.tick += 1;
+            let state = self.keys.get_mut(&key).expect("just inserted");
+            state.last_seen = self.tick;
+            let ready = self.need_len.iter().zip(&state.hist).all(|(&need, h)| h.len() >= need);
+            if !ready {
+                self.remember(&key, &vals);
+                skip(i, SkipReason::LagWarmup);
+                continue;
+            }
+            self.emit(d, i, &key, &vals, class, out);
+            self.remember(&key, &vals);
+        }
+    }
+
+    fn read_row(&self, d: &DecodedBatch, i: usize, vals: &mut [f64]) -> Result<(), SkipReason> {
+        for (c, col) in d.numeric.iter().enumerate() {
+            let v = value(col, i).ok_or_else(|| SkipReason::Null(self.numeric[c].clone()))?;
+            if !v.is_finite() {
+                return Err(SkipReason::NonFinite(self.numeric[c].clone()));
+            }
+            vals[c] = v;
+        }
+        Ok(())
+    }
+
+    fn emit(&self, d: &DecodedBatch, i: usize, key: &Arc<str>, vals: &[f64], class: Option<i64>, out: &mut Samples) {
+        let state = &self.keys[key];
+        for &c in &self.inputs {
+            out.x.push(self.norm(c, vals[c]));
+        }
+        for (c, lags) in &self.lags {
+            for &k in lags {
+                out.x.push(self.norm(*c, state.hist[*c][k - 1]));
+            }
+        }
+        let time = d.time.value(i);
+        if let Some(cal) = &self.schema.features.calendar {
+            let local_s = time as f64 / 1e6 + cal.utc_offset_hours * 3600.0;
+            let day = local_s.div_euclid(86_400.0);
+            let hour = local_s.rem_euclid(86_400.0) / 3600.0;
+            if cal.hour_of_day {
+                out.x.push((TAU * hour / 24.0).sin() as f32);
+                out.x.push((TAU * hour / 24.0).cos() as f32);
+            }
+            if cal.day_of_week {
+                // 1970-01-01 was a Thursday: Monday = 0.
+                let dow = (day + 3.0).rem_euclid(7.0) + hour / 24.0;
+                out.x.push((TAU * dow / 7.0).sin() as f32);
+                out.x.push((TAU * dow / 7.0).cos() as f32);
+            }
+        }
+        if let Some([bl, bo, ul, uo]) = self.geo {
+            let (east, north) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
+            let n = self.schema.features.normalise;
+            out.x.push(if n { self.geo_scalers[0].apply(east) as f32 } else { east as f32 });
+            out.x.push(if n { self.geo_scalers[1].apply(north) as f32 } else { north as f32 });
+        }
+        let eval = match (self.target, class) {
+            (Some(t), _) => {
+                let (mean, std) = if self.schema.features.normalise { self.scalers[t].params() } else { (0.0, 1.0) };
+                let h = &state.hist[t];
+                out.y.push(((vals[t] - mean) / std) as f32);
+                RowEval {
+                    target: vals[t],
+                    mean,
+                    std,
+                    persistence: h.front().copied(),
+                    seasonal: self.schema.baselines.seasonal_lag.and_then(|s| h.get(s - 1).copied()),
+                    power: None,
+                }
+            }
+            (None, Some(c)) => {
+                out.y.push(c as f32);
+                RowEval {
+                    target: c as f64,
+                    mean: 0.0,
+                    std: 1.0,
+                    persistence: None,
+                    seasonal: None,
+                    power: d.power_row(i),
+                }
+            }
+            (None, None) => unreachable!("regression has a target column, classification a class"),
+        };
+        out.keys.push(key.clone());
+        out.times.push(time);
+        out.eval.push(eval);
+    }
+
+    /// Adds a valid row to its key's history and to the scalers (after it was used: the
+    /// scalers never see a target before it is predicted).
+    fn remember(&mut self, key: &Arc<str>, vals: &[f64]) {
+        for (c, v) in vals.iter().enumerate() {
+            self.scalers[c].update(*v);
+        }
+        if let Some([bl, bo, ul, uo]) = self.geo {
+            let (e, n) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
+            self.geo_scalers[0].update(e);
+            self.geo_scalers[1].update(n);
+        }
+        let state = self.keys.get_mut(key).expect("tracked key");
+        for (c, h) in state.hist.iter_mut().enumerate() {
+            let cap = self.hist_len[c];
+            if cap == 0 {
+                continue;
+            }
+            if h.len() == cap {
+                h.pop_back();
+            }
+            h.push_front(vals[c]);
+        }
+    }
+}
+
+/// Metres east and north of the base station (equirectangular, exact to well under a metre
+/// over the few hundred metres of a mmWave cell).
+pub fn east_north(bs_lat: f64, bs_lon: f64, ue_lat: f64, ue_lon: f64) -> (f64, f64) {
+    let east = (ue_lon - bs_lon).to_radians() * EARTH_RADIUS_M * bs_lat.to_radians().cos();
+    let north = (ue_lat - bs_lat).to_radians() * EARTH_RADIUS_M;
+    (east, north)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaler_matches_two_pass() {
+        let v = [3.0, 5.0, 9.0, 1.0];
+        let mut s = Scaler::default();
+        v.iter().for_each(|x| s.update(*x));
+        let mean = 4.5;
+        let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / 4.0;
+        let (m, sd) = s.params();
+        assert!((m - mean).abs() < 1e-12 && (sd - var.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn east_north_of_a_known_offset() {
+        // 0.001° of latitude is about 111.2 m north.
+        let (e, n) = east_north(33.42, -111.93, 33.421, -111.93);
+        assert!(e.abs() < 1e-9 && (n - 111.19).abs() < 0.1, "{e} {n}");
+    }
+}

@@ -1,0 +1,433 @@
+//! The replay buffer: a bounded store of past samples mixed into every training step.
+//!
+//! Capacity is enforced twice, in samples and in bytes (entry payload plus a fixed per-entry
+//! overhead), so a long stream cannot grow the process (method.md §3). Three eviction
+//! policies sit behind the one interface so that they compare at equal capacity:
+//! `importance` evicts the lowest effective importance e_i = s_i·λ^age (age in samples since
+//! admission), `fifo` the oldest, `reservoir` a uniformly random entry (Vitter's algorithm R).
+//! Ranking by e_i needs no re-sorting as time passes: log e_i = (log s_i − t_i·log λ) +
+//! now·log λ, and the last term is shared, so the bracket is a time-invariant key held in a
+//! B-tree. Scores go stale as the model moves; the learner re-scores replayed rows for free
+//! in its fused pass and a rotating slice every `rescore_every` steps.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// Which entry leaves when the buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvictionPolicy {
+    Importance,
+    Fifo,
+    Reservoir,
+}
+
+/// How replayed entries are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplaySampling {
+    Uniform,
+    /// Probability ∝ effective importance (importance policy only).
+    Importance,
+}
+
+/// Buffer settings (the `[buffer]` table of a pipeline).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    #[serde(default = "default_policy")]
+    pub policy: EvictionPolicy,
+    /// Maximum number of entries.
+    pub capacity: usize,
+    /// Maximum bytes held (payload + per-entry overhead).
+    pub max_bytes: usize,
+    /// λ in e_i = s_i·λ^age, age in samples; 1 disables ageing.
+    #[serde(default = "default_decay")]
+    pub decay: f64,
+    /// Replayed rows per fresh row in each training step.
+    #[serde(default = "default_replay_ratio")]
+    pub replay_ratio: f64,
+    #[serde(default = "default_sampling")]
+    pub replay_sampling: ReplaySampling,
+    /// Re-score a slice of the buffer every this many training steps (0: never).
+    #[serde(default = "default_rescore_every")]
+    pub rescore_every: u64,
+    /// Rows per re-scoring slice.
+    #[serde(default = "default_rescore_slice")]
+    pub rescore_slice: usize,
+}
+
+fn default_policy() -> EvictionPolicy {
+    EvictionPolicy::Importance
+}
+fn default_decay() -> f64 {
+    0.9999
+}
+fn default_replay_ratio() -> f64 {
+    0.25
+}
+fn default_sampling() -> ReplaySampling {
+    ReplaySampling::Uniform
+}
+fn default_rescore_every() -> u64 {
+    50
+}
+fn default_rescore_slice() -> usize {
+    512
+}
+
+/// One retained sample.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub x: Box<[f32]>,
+    pub y: f32,
+    pub key: Arc<str>,
+    pub time: i64,
+    pub score: f32,
+    /// Model version (training steps) that computed `score`.
+    pub version: u64,
+    /// Stream position (samples seen) at admission; age = now − born.
+    pub born: u64,
+}
+
+impl Entry {
+    /// Bytes this entry is charged: its payload plus [`ENTRY_OVERHEAD`].
+    pub fn bytes(&self) -> usize {
+        self.x.len() * size_of::<f32>() + self.key.len() + ENTRY_OVERHEAD
+    }
+}
+
+/// Fixed bytes charged per entry: the slot, the ordering index node and the key's Arc header.
+pub const ENTRY_OVERHEAD: usize = size_of::<Option<Entry>>() + 2 * size_of::<(u64, usize)>() + 16;
+
+/// Counters a run reports.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct BufferStats {
+    pub admitted: u64,
+    pub rejected: u64,
+    pub evicted: u64,
+    pub rescored: u64,
+}
+
+/// A bounded replay buffer with pluggable eviction.
+#[derive(Debug)]
+pub struct ReplayBuffer {
+    cfg: BufferConfig,
+    ln_decay: f64,
+    slots: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    /// (ordering key as sortable bits, slot); min leaves first. Unused by `reservoir`.
+    order: BTreeSet<(u64, usize)>,
+    len: usize,
+    bytes: usize,
+    offered: u64,
+    cursor: usize,
+    pub stats: BufferStats,
+}
+
+/// Maps an f64 to u64 so that the integer order is the float order (total order).
+fn sortable(v: f64) -> u64 {
+    let b = v.to_bits();
+    if b >> 63 == 1 { !b } else { b | (1 << 63) }
+}
+
+fn unsortable(u: u64) -> f64 {
+    let b = if u >> 63 == 1 { u & !(1 << 63) } else { !u };
+    f64::from_bits(b)
+}
+
+impl ReplayBuffer {
+    pub fn new(cfg: BufferConfig) -> Self {
+        let ln_decay = cfg.decay.clamp(1e-12, 1.0).ln();
+        ReplayBuffer {
+            slots: Vec::with_capacity(cfg.capacity.min(1 << 20)),
+            cfg,
+            ln_decay,
+            free: Vec::new(),
+            order: BTreeSet::new(),
+            len: 0,
+            bytes: 0,
+            offered: 0,
+            cursor: 0,
+            stats: BufferStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &BufferConfig {
+        &self.cfg
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Ordering key: lower leaves first.
+    fn rank(&self, e: &Entry) -> u64 {
+        let v = match self.cfg.policy {
+            EvictionPolicy::Importance => (e.score.max(1e-30) as f64).ln() - e.born as f64 * self.ln_decay,
+            EvictionPolicy::Fifo | EvictionPolicy::Reservoir => e.born as f64,
+        };
+        sortable(v)
+    }
+
+    fn remove(&mut self, slot: usize) -> Entry {
+        let e = self.slots[slot].take().expect("live slot");
+        if self.cfg.policy != EvictionPolicy::Reservoir {
+            self.order.remove(&(self.rank(&e), slot));
+        }
+        self.free.push(slot);
+        self.len -= 1;
+        self.bytes -= e.bytes();
+        e
+    }
+
+    fn insert(&mut self, e: Entry) {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        if self.cfg.policy != EvictionPolicy::Reservoir {
+            self.order.insert((self.rank(&e), slot));
+        }
+        self.len += 1;
+        self.bytes += e.bytes();
+        self.slots[slot] = Some(e);
+        self.stats.admitted += 1;
+    }
+
+    fn fits(&self, extra: usize) -> bool {
+        self.len < self.cfg.capacity && self.bytes + extra <= self.cfg.max_bytes
+    }
+
+    fn random_live(&self, rng: &mut impl Rng) -> Option<usize> {
+        if self.len == 0 {
+            return None;
+        }
+        loop {
+            let s = rng.random_range(0..self.slots.len());
+            if self.slots[s].is_some() {
+                return Some(s);
+            }
+        }
+    }
+
+    /// Offers a sample; returns whether it was retained. Both caps hold afterwards.
+    pub fn offer(&mut self, e: Entry, rng: &mut impl Rng) -> bool {
+        let need = e.bytes();
+        if need > self.cfg.max_bytes || self.cfg.capacity == 0 {
+            self.stats.rejected += 1;
+            return false;
+        }
+        self.offered += 1;
+        match self.cfg.policy {
+            EvictionPolicy::Reservoir => {
+                if !self.fits(need) {
+                    let j = rng.random_range(0..self.offered);
+                    if j >= self.cfg.capacity as u64 {
+                        self.stats.rejected += 1;
+                        return false;
+                    }
+                    while !self.fits(need) {
+                        let victim = self.random_live(rng).expect("full buffer has entries");
+                        self.remove(victim);
+                        self.stats.evicted += 1;
+                    }
+                }
+            }
+            EvictionPolicy::Importance | EvictionPolicy::Fifo => {
+                let new_rank = self.rank(&e);
+                while !self.fits(need) {
+                    let &(min_rank, victim) = self.order.first().expect("full buffer has entries");
+                    if new_rank <= min_rank {
+                        self.stats.rejected += 1;
+                        return false;
+                    }
+                    self.remove(victim);
+                    self.stats.evicted += 1;
+                }
+            }
+        }
+        self.insert(e);
+        true
+    }
+
+    /// Draws `n` slots to replay (with replacement).
+    pub fn sample(&self, n: usize, rng: &mut impl Rng) -> Vec<usize> {
+        if self.len == 0 {
+            return Vec::new();
+        }
+        let importance = self.cfg.replay_sampling == ReplaySampling::Importance
+            && self.cfg.policy == EvictionPolicy::Importance;
+        let max_rank = self.order.last().map(|(r, _)| unsortable(*r)).unwrap_or(0.0);
+        (0..n)
+            .map(|_| {
+                let mut s = self.random_live(rng).expect("non-empty");
+                if importance {
+                    // Rejection sampling against the largest e_i: accept with e_s / e_max.
+                    for _ in 0..32 {
+                        let e = self.slots[s].as_ref().expect("live");
+                        let p = (unsortable(self.rank(e)) - max_rank).exp();
+                        if rng.random::<f64>() < p {
+                            break;
+                        }
+                        s = self.random_live(rng).expect("non-empty");
+                    }
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// The next `n` live slots in a rotating sweep (for periodic re-scoring).
+    pub fn rescore_slice(&mut self, n: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(n.min(self.len));
+        let total = self.slots.len();
+        let mut visited = 0;
+        while out.len() < n.min(self.len) && visited < total {
+            self.cursor = (self.cursor + 1) % total;
+            if self.slots[self.cursor].is_some() {
+                out.push(self.cursor);
+            }
+            visited += 1;
+        }
+        out
+    }
+
+    pub fn get(&self, slot: usize) -> Option<&Entry> {
+        self.slots.get(slot).and_then(|s| s.as_ref())
+    }
+
+    /// Replaces an entry's score with one from the current model.
+    pub fn rescore(&mut self, slot: usize, score: f32, version: u64) {
+        let Some(e) = self.slots[slot].take() else { return };
+        if self.cfg.policy != EvictionPolicy::Reservoir {
+            self.order.remove(&(self.rank(&e), slot));
+        }
+        let e = Entry { score, version, ..e };
+        if self.cfg.policy != EvictionPolicy::Reservoir {
+            self.order.insert((self.rank(&e), slot));
+        }
+        self.slots[slot] = Some(e);
+        self.stats.rescored += 1;
+    }
+
+    /// Appends the features and targets of `slots` to `x` and `y`.
+    pub fn gather(&self, slots: &[usize], x: &mut Vec<f32>, y: &mut Vec<f32>) {
+        for &s in slots {
+            let e = self.slots[s].as_ref().expect("live slot");
+            x.extend_from_slice(&e.x);
+            y.push(e.y);
+        }
+    }
+
+    /// Iterates over the live entries.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.slots.iter().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn cfg(policy: EvictionPolicy, capacity: usize, max_bytes: usize) -> BufferConfig {
+        BufferConfig {
+            policy,
+            capacity,
+            max_bytes,
+            decay: 1.0,
+            replay_ratio: 0.25,
+            replay_sampling: ReplaySampling::Uniform,
+            rescore_every: 0,
+            rescore_slice: 0,
+        }
+    }
+
+    fn entry(score: f32, born: u64, key: &str) -> Entry {
+        Entry {
+            x: vec![0.0; 8].into_boxed_slice(),
+            y: 0.0,
+            key: Arc::from(key),
+            time: born as i64,
+            score,
+            version: 0,
+            born,
+        }
+    }
+
+    #[test]
+    fn importance_keeps_the_highest_scores() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
+        let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Importance, 10, 1 << 20));
+        for i in 0..100 {
+            b.offer(entry(i as f32, i, "k"), &mut rng);
+        }
+        let mut kept: Vec<f32> = b.entries().map(|e| e.score).collect();
+        kept.sort_by(f32::total_cmp);
+        assert_eq!(kept, (90..100).map(|i| i as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn ageing_lets_new_samples_displace_old_important_ones() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
+        let mut c = cfg(EvictionPolicy::Importance, 4, 1 << 20);
+        c.decay = 0.9;
+        let mut b = ReplayBuffer::new(c);
+        for i in 0..4 {
+            b.offer(entry(10.0, i, "old"), &mut rng);
+        }
+        // 10·0.9^100 ≪ 1: the old entries are worth less than fresh ones of score 1.
+        assert!(b.offer(entry(1.0, 100, "new"), &mut rng));
+        assert_eq!(b.entries().filter(|e| &*e.key == "new").count(), 1);
+    }
+
+    #[test]
+    fn both_caps_hold_for_every_policy() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        for policy in [EvictionPolicy::Importance, EvictionPolicy::Fifo, EvictionPolicy::Reservoir] {
+            let per = entry(0.0, 0, "key-0").bytes();
+            let mut b = ReplayBuffer::new(cfg(policy, 50, per * 30 + 7));
+            for i in 0..5000u64 {
+                let key = format!("key-{}", i % 1000);
+                b.offer(entry(rng.random(), i, &key), &mut rng);
+                assert!(b.len() <= 50 && b.bytes() <= per * 30 + 7, "{policy:?}");
+            }
+            let live: usize = b.entries().map(Entry::bytes).sum();
+            assert_eq!(live, b.bytes());
+            assert!(b.len() >= 25, "{policy:?} fills up: {}", b.len());
+        }
+    }
+
+    #[test]
+    fn fifo_keeps_the_newest() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
+        let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 5, 1 << 20));
+        for i in 0..20 {
+            b.offer(entry(100.0 - i as f32, i, "k"), &mut rng);
+        }
+        let mut born: Vec<u64> = b.entries().map(|e| e.born).collect();
+        born.sort();
+        assert_eq!(born, vec![15, 16, 17, 18, 19]);
+    }
+
+    #[test]
+    fn sortable_preserves_order() {
+        let v = [-1e9, -2.5, -0.0, 0.0, 1e-9, 3.0, 1e12];
+        for w in v.windows(2) {
+            assert!(sortable(w[0]) <= sortable(w[1]));
+            assert_eq!(unsortable(sortable(w[0])), w[0]);
+        }
+    }
+}

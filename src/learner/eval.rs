@@ -1,0 +1,313 @@
+//! Prequential evaluation: every sample is predicted before the model trains on it, and the
+//! error is recorded over the whole stream and over a sliding window of the last samples.
+//!
+//! Regression reports MAE, RMSE and sMAPE in the target's own units, next to two baselines
+//! measured on the same rows: persistence (the last value) and seasonal (the same slot one
+//! season earlier, where the history reaches that far; the model is then also scored on
+//! exactly those rows). Beam selection reports top-1 and top-3 accuracy and the power loss
+//! of the chosen beam against the best one, 10·log10(P_best / P_chosen) dB.
+
+use std::collections::VecDeque;
+
+use serde::Serialize;
+
+/// One regression row to score.
+#[derive(Debug, Clone, Copy)]
+pub struct RegressionRow {
+    pub prediction: f64,
+    pub target: f64,
+    pub persistence: Option<f64>,
+    pub seasonal: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct ErrSum {
+    n: u64,
+    abs: f64,
+    sq: f64,
+    smape: f64,
+}
+
+fn smape(pred: f64, target: f64) -> f64 {
+    let den = pred.abs() + target.abs();
+    if den == 0.0 { 0.0 } else { 2.0 * (pred - target).abs() / den }
+}
+
+impl ErrSum {
+    fn add(&mut self, pred: f64, target: f64) {
+        let e = pred - target;
+        self.n += 1;
+        self.abs += e.abs();
+        self.sq += e * e;
+        self.smape += smape(pred, target);
+    }
+    fn sub(&mut self, pred: f64, target: f64) {
+        let e = pred - target;
+        self.n -= 1;
+        self.abs -= e.abs();
+        self.sq -= e * e;
+        self.smape -= smape(pred, target);
+    }
+    fn summary(&self) -> ErrorMetrics {
+        let n = self.n.max(1) as f64;
+        ErrorMetrics {
+            n: self.n,
+            mae: self.abs / n,
+            rmse: (self.sq / n).max(0.0).sqrt(),
+            smape_pct: 100.0 * self.smape / n,
+        }
+    }
+}
+
+/// MAE, RMSE and sMAPE over `n` rows.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct ErrorMetrics {
+    pub n: u64,
+    pub mae: f64,
+    pub rmse: f64,
+    pub smape_pct: f64,
+}
+
+/// The regression scoreboard.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegressionSummary {
+    pub model: ErrorMetrics,
+    pub model_last_window: ErrorMetrics,
+    pub persistence: ErrorMetrics,
+    pub persistence_last_window: ErrorMetrics,
+    pub seasonal: ErrorMetrics,
+    /// The model on exactly the rows where the seasonal baseline exists.
+    pub model_on_seasonal_rows: ErrorMetrics,
+}
+
+/// Top-1, top-3 accuracy and beam power loss.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct BeamMetrics {
+    pub n: u64,
+    pub top1: f64,
+    pub top3: f64,
+    pub power_loss_db: f64,
+}
+
+/// The beam-selection scoreboard.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassificationSummary {
+    pub model: BeamMetrics,
+    pub model_last_window: BeamMetrics,
+}
+
+/// Either scoreboard.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "task", rename_all = "snake_case")]
+pub enum EvalSummary {
+    Regression(RegressionSummary),
+    Classification(ClassificationSummary),
+}
+
+/// Prequential regression metrics with a sliding window.
+#[derive(Debug, Clone)]
+pub struct RegressionEval {
+    window: usize,
+    model: ErrSum,
+    persistence: ErrSum,
+    seasonal: ErrSum,
+    model_on_seasonal: ErrSum,
+    recent_model: ErrSum,
+    recent_persistence: ErrSum,
+    recent: VecDeque<RegressionRow>,
+}
+
+impl RegressionEval {
+    pub fn new(window: usize) -> Self {
+        RegressionEval {
+            window: window.max(1),
+            model: ErrSum::default(),
+            persistence: ErrSum::default(),
+            seasonal: ErrSum::default(),
+            model_on_seasonal: ErrSum::default(),
+            recent_model: ErrSum::default(),
+            recent_persistence: ErrSum::default(),
+            recent: VecDeque::with_capacity(window.max(1)),
+        }
+    }
+
+    pub fn record(&mut self, r: RegressionRow) {
+        self.model.add(r.prediction, r.target);
+        if let Some(p) = r.persistence {
+            self.persistence.add(p, r.target);
+            self.recent_persistence.add(p, r.target);
+        }
+        if let Some(s) = r.seasonal {
+            self.seasonal.add(s, r.target);
+            self.model_on_seasonal.add(r.prediction, r.target);
+        }
+        self.recent_model.add(r.prediction, r.target);
+        if self.recent.len() == self.window
+            && let Some(old) = self.recent.pop_front()
+        {
+            self.recent_model.sub(old.prediction, old.target);
+            if let Some(p) = old.persistence {
+                self.recent_persistence.sub(p, old.target);
+            }
+        }
+        self.recent.push_back(r);
+    }
+
+    /// Current windowed absolute error (for drift detectors and progress display).
+    pub fn window_mae(&self) -> f64 {
+        self.recent_model.summary().mae
+    }
+
+    pub fn summary(&self) -> RegressionSummary {
+        // The window sums are running; recompute them exactly to shed rounding drift.
+        let mut m = ErrSum::default();
+        let mut p = ErrSum::default();
+        for r in &self.recent {
+            m.add(r.prediction, r.target);
+            if let Some(v) = r.persistence {
+                p.add(v, r.target);
+            }
+        }
+        RegressionSummary {
+            model: self.model.summary(),
+            model_last_window: m.summary(),
+            persistence: self.persistence.summary(),
+            persistence_last_window: p.summary(),
+            seasonal: self.seasonal.summary(),
+            model_on_seasonal_rows: self.model_on_seasonal.summary(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct BeamSum {
+    n: u64,
+    top1: u64,
+    top3: u64,
+    n_power: u64,
+    loss_db: f64,
+}
+
+impl BeamSum {
+    fn summary(&self) -> BeamMetrics {
+        let n = self.n.max(1) as f64;
+        BeamMetrics {
+            n: self.n,
+            top1: self.top1 as f64 / n,
+            top3: self.top3 as f64 / n,
+            power_loss_db: self.loss_db / self.n_power.max(1) as f64,
+        }
+    }
+}
+
+/// Prequential beam-selection metrics with a sliding window.
+#[derive(Debug, Clone)]
+pub struct ClassificationEval {
+    window: usize,
+    all: BeamSum,
+    recent: VecDeque<(bool, bool, Option<f64>)>,
+}
+
+impl ClassificationEval {
+    pub fn new(window: usize) -> Self {
+        ClassificationEval {
+            window: window.max(1),
+            all: BeamSum::default(),
+            recent: VecDeque::with_capacity(window.max(1)),
+        }
+    }
+
+    /// Scores one row from its logits, true class and (optionally) per-class received power.
+    pub fn record(&mut self, logits: &[f32], target: usize, power: Option<&[f32]>) {
+        let best = argmax(logits);
+        let mut above = 0;
+        let t = logits.get(target).copied().unwrap_or(f32::NEG_INFINITY);
+        for &l in logits {
+            if l > t {
+                above += 1;
+            }
+        }
+        let top1 = best == target;
+        let top3 = above < 3;
+        let loss = power.and_then(|p| {
+            let p_best = p.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let p_chosen = *p.get(best)? as f64;
+            (p_best > 0.0 && p_chosen > 0.0).then(|| 10.0 * (p_best / p_chosen).log10())
+        });
+        self.all.n += 1;
+        self.all.top1 += top1 as u64;
+        self.all.top3 += top3 as u64;
+        if let Some(l) = loss {
+            self.all.n_power += 1;
+            self.all.loss_db += l;
+        }
+        if self.recent.len() == self.window {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((top1, top3, loss));
+    }
+
+    /// Windowed top-1 error rate.
+    pub fn window_error(&self) -> f64 {
+        let n = self.recent.len().max(1) as f64;
+        1.0 - self.recent.iter().filter(|r| r.0).count() as f64 / n
+    }
+
+    pub fn summary(&self) -> ClassificationSummary {
+        let mut w = BeamSum::default();
+        for &(t1, t3, l) in &self.recent {
+            w.n += 1;
+            w.top1 += t1 as u64;
+            w.top3 += t3 as u64;
+            if let Some(l) = l {
+                w.n_power += 1;
+                w.loss_db += l;
+            }
+        }
+        ClassificationSummary {
+            model: self.all.summary(),
+            model_last_window: w.summary(),
+        }
+    }
+}
+
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regression_metrics_match_hand_computation() {
+        let mut e = RegressionEval::new(2);
+        for (p, t) in [(1.0, 2.0), (3.0, 3.0), (5.0, 1.0)] {
+            e.record(RegressionRow { prediction: p, target: t, persistence: Some(t + 1.0), seasonal: None });
+        }
+        let s = e.summary();
+        assert!((s.model.mae - 5.0 / 3.0).abs() < 1e-12);
+        assert!((s.model.rmse - (17.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert!((s.model_last_window.mae - 2.0).abs() < 1e-12);
+        assert!((s.persistence.mae - 1.0).abs() < 1e-12);
+        assert_eq!(s.seasonal.n, 0);
+    }
+
+    #[test]
+    fn beam_metrics() {
+        let mut e = ClassificationEval::new(10);
+        let power = [1.0, 10.0, 0.1, 5.0];
+        e.record(&[0.0, 3.0, 1.0, 2.0], 1, Some(&power)); // top-1 hit, 0 dB
+        e.record(&[0.0, 2.0, 1.0, 3.0], 1, Some(&power)); // top-3 hit, chose beam 3: 3.01 dB
+        let s = e.summary().model;
+        assert_eq!(s.n, 2);
+        assert!((s.top1 - 0.5).abs() < 1e-12 && (s.top3 - 1.0).abs() < 1e-12);
+        assert!((s.power_loss_db - 10.0 * 2f64.log10() / 2.0).abs() < 1e-9);
+    }
+}

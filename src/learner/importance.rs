@@ -1,0 +1,134 @@
+//! Importance scoring: how much would each sample move the model?
+//!
+//! The score of sample i is s_i = ‖∇_θ ℓ_i‖₂ over all parameters (method.md §1). `exact`
+//! gets it from the hand-written fused backward of [`super::model`]; `exact_autodiff` gets
+//! the very same numbers from burn's autodiff with probe tensors (kept as the reference route
+//! and for the benchmark). The proxies (`last_layer`, `el2n`, `loss`, `random`) need only the
+//! forward pass; with them the backward runs later on the selected rows alone, which is where
+//! a proxy saves compute. Both routes hand back a [`Scored`] batch that the learner trains from.
+
+use burn::tensor::{Device, Tensor};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::model::{self, DenseParams, Head, Trace};
+
+/// How a sample's importance is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportanceMethod {
+    /// Exact per-sample gradient norm over all layers, fused hand-written backward.
+    Exact,
+    /// Exact per-sample gradient norm through burn autodiff and probe tensors.
+    ExactAutodiff,
+    /// Exact norm of the last layer's gradient only (closed form, forward only).
+    LastLayer,
+    /// Error L2 norm: ‖p − onehot(y)‖ or |ŷ − y|.
+    El2n,
+    /// The per-sample loss.
+    Loss,
+    /// Uniform random scores: the baseline every method must beat.
+    Random,
+}
+
+impl ImportanceMethod {
+    /// Whether the scores come with every row's backward pass already done.
+    pub fn backward_on_all_rows(self) -> bool {
+        matches!(self, ImportanceMethod::Exact | ImportanceMethod::ExactAutodiff)
+    }
+}
+
+/// A scored batch: outputs, scores, and what training needs next.
+pub struct Scored {
+    /// Model outputs before any update on this batch, `[n, outputs]`, row-major.
+    pub outputs: Vec<f32>,
+    /// Importance score per row.
+    pub scores: Vec<f32>,
+    /// Per-sample loss per row.
+    pub losses: Vec<f32>,
+    /// Layer inputs a_k for all rows.
+    pub inputs: Vec<Tensor<2>>,
+    /// g_k for all rows, when the method back-propagated every row.
+    pub deltas: Option<Vec<Tensor<2>>>,
+    /// Forward trace and output gradient, kept by forward-only methods for a later backward.
+    pub pending: Option<(Trace, Tensor<2>)>,
+}
+
+/// Scores batches with one [`ImportanceMethod`].
+#[derive(Debug, Clone, Copy)]
+pub struct ImportanceScorer {
+    pub method: ImportanceMethod,
+    pub head: Head,
+}
+
+impl ImportanceScorer {
+    pub fn new(method: ImportanceMethod, head: Head) -> Self {
+        ImportanceScorer { method, head }
+    }
+
+    /// Scores `n` rows of `x` (row-major, `[n, d]`) against targets `y`.
+    pub fn score(
+        &self,
+        params: &[DenseParams],
+        x: Vec<f32>,
+        y: &[f32],
+        device: &Device,
+        rng: &mut impl Rng,
+    ) -> Scored {
+        let n = y.len();
+        let d = x.len() / n.max(1);
+        let xt = model::matrix(x, n, d, device);
+        let target = model::target_tensor(self.head, y, device);
+        if self.method == ImportanceMethod::ExactAutodiff {
+            let (inputs, deltas, losses, output) = model::probe_trace(params, self.head, xt, target);
+            let scores = sqrt_all(model::to_vec(model::sq_norms(&inputs, &deltas)));
+            return Scored {
+                outputs: model::to_vec(output),
+                scores,
+                losses: model::to_vec(losses),
+                inputs,
+                deltas: Some(deltas),
+                pending: None,
+            };
+        }
+        let tr = model::trace(params, xt);
+        let out = tr.output();
+        let losses = model::to_vec(model::per_sample_loss(self.head, out.clone(), target.clone()));
+        let g_out = model::output_grad(self.head, out.clone(), target);
+        let outputs = model::to_vec(out);
+        let (scores, deltas, pending) = match self.method {
+            ImportanceMethod::Exact | ImportanceMethod::ExactAutodiff => {
+                let deltas = model::backward_deltas(params, &tr, g_out);
+                let s = sqrt_all(model::to_vec(model::sq_norms(&tr.inputs, &deltas)));
+                (s, Some(deltas), None)
+            }
+            ImportanceMethod::LastLayer => {
+                let s = sqrt_all(model::to_vec(model::last_layer_sq_norms(&tr, &g_out)));
+                (s, None, Some(g_out))
+            }
+            ImportanceMethod::El2n => {
+                let half = if self.head == Head::Regression { 0.5 } else { 1.0 };
+                let s = model::to_vec(g_out.clone().square().sum_dim(1).sqrt().mul_scalar(half));
+                (s, None, Some(g_out))
+            }
+            ImportanceMethod::Loss => (losses.clone(), None, Some(g_out)),
+            ImportanceMethod::Random => ((0..n).map(|_| rng.random::<f32>()).collect(), None, Some(g_out)),
+        };
+        let inputs = tr.inputs.clone();
+        Scored {
+            outputs,
+            scores,
+            losses,
+            inputs,
+            deltas,
+            pending: pending.map(|g| (tr, g)),
+        }
+    }
+}
+
+fn sqrt_all(mut v: Vec<f32>) -> Vec<f32> {
+    for s in &mut v {
+        *s = s.max(0.0).sqrt();
+    }
+    v
+}

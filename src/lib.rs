@@ -1,0 +1,20 @@
+//! gradsift: score every streamed telecom sample by the norm of its per-sample gradient,
+//! train on the ones that matter, keep the most important in a bounded replay buffer, and
+//! retrain incrementally.
+//!
+//! The path of one sample, in module order: [`source`] → [`decode`] → [`features`] →
+//! [`learner`] (score → select → train → buffer → evaluate) → [`sink`]; [`pipeline`] wires
+//! them with bounded channels, [`config`] and [`schema`] say what to wire, [`report`] sums up.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod decode;
+pub mod features;
+pub mod learner;
+pub mod pipeline;
+pub mod report;
+pub mod schema;
+pub mod shutdown;
+pub mod sink;
+pub mod source;

@@ -1,0 +1,151 @@
+//! The end-of-run report: what was seen, skipped, scored, trained and retained, how well the
+//! model predicted next to its baselines, and what it cost. Written as JSON beside the score
+//! file and printed as a table.
+
+use std::collections::BTreeMap;
+
+use comfy_table::{Cell, Table, presets::UTF8_FULL_CONDENSED};
+use serde::Serialize;
+
+use crate::learner::buffer::BufferStats;
+use crate::learner::eval::{BeamMetrics, ErrorMetrics, EvalSummary};
+
+/// Replay buffer state at the end of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BufferReport {
+    pub policy: String,
+    pub len: usize,
+    pub bytes: usize,
+    pub capacity: usize,
+    pub max_bytes: usize,
+    #[serde(flatten)]
+    pub stats: BufferStats,
+}
+
+/// Everything a run reports (see the module doc).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub pipeline: String,
+    pub pipeline_file: String,
+    pub schema: String,
+    pub attribution: String,
+    pub importance: String,
+    pub keep: f64,
+    pub unbiased_q: f64,
+    pub backend: String,
+    pub hidden: Vec<usize>,
+    pub micro_batch: usize,
+    pub interrupted: bool,
+    pub rows_read: u64,
+    pub samples: u64,
+    pub skipped: BTreeMap<String, u64>,
+    pub skipped_total: u64,
+    pub dead_lettered_rows: u64,
+    pub scored: u64,
+    pub selected: u64,
+    pub trained: u64,
+    pub trained_fraction: f64,
+    pub trained_fraction_after_warmup: f64,
+    pub replayed: u64,
+    pub retained: u64,
+    pub buffer: BufferReport,
+    pub backpropagated: u64,
+    pub training_steps: u64,
+    pub last_train_loss: f64,
+    pub metrics: EvalSummary,
+    pub wall_s: f64,
+    pub cpu_s: f64,
+    pub samples_per_s: f64,
+    pub outputs: BTreeMap<String, String>,
+}
+
+fn f(v: f64) -> String {
+    if v.abs() >= 1e5 || (v != 0.0 && v.abs() < 1e-3) {
+        format!("{v:.4e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+fn err_row(t: &mut Table, name: &str, m: &ErrorMetrics) {
+    t.add_row(vec![Cell::new(name), Cell::new(m.n), Cell::new(f(m.mae)), Cell::new(f(m.rmse)), Cell::new(format!("{:.2}", m.smape_pct))]);
+}
+
+fn beam_row(t: &mut Table, name: &str, m: &BeamMetrics) {
+    t.add_row(vec![
+        Cell::new(name),
+        Cell::new(m.n),
+        Cell::new(format!("{:.4}", m.top1)),
+        Cell::new(format!("{:.4}", m.top3)),
+        Cell::new(format!("{:.3}", m.power_loss_db)),
+    ]);
+}
+
+impl RunReport {
+    /// The summary tables as printed at the end of `gradsift run`.
+    pub fn render(&self) -> String {
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED);
+        t.set_header(vec!["stream", "value"]);
+        let pct = |a: u64, b: u64| format!("{a} ({:.1}%)", 100.0 * a as f64 / b.max(1) as f64);
+        let rows: Vec<(String, String)> = vec![
+            ("pipeline".into(), format!("{} [{}; keep {}{}; {} backend]", self.pipeline, self.importance, self.keep,
+                if self.unbiased_q > 0.0 { format!(", unbiased q {}", self.unbiased_q) } else { String::new() }, self.backend)),
+            ("rows read".into(), self.rows_read.to_string()),
+            ("samples seen (valid)".into(), self.samples.to_string()),
+            ("skipped".into(), self.skipped_total.to_string()),
+        ]
+        .into_iter()
+        .chain(self.skipped.iter().map(|(r, n)| (format!("  skipped: {r}"), n.to_string())))
+        .chain([
+            ("dead-lettered rows".into(), self.dead_lettered_rows.to_string()),
+            ("scored".into(), self.scored.to_string()),
+            ("selected".into(), pct(self.selected, self.samples)),
+            ("trained (fresh)".into(), pct(self.trained, self.samples)),
+            ("trained fraction after warm-up".into(), format!("{:.4}", self.trained_fraction_after_warmup)),
+            ("replayed rows trained".into(), self.replayed.to_string()),
+            ("retained (admitted to buffer)".into(), self.retained.to_string()),
+            ("buffer at end".into(), format!("{} / {} samples, {} / {} bytes ({} policy)", self.buffer.len, self.buffer.capacity, self.buffer.bytes, self.buffer.max_bytes, self.buffer.policy)),
+            ("buffer evicted / rescored".into(), format!("{} / {}", self.buffer.stats.evicted, self.buffer.stats.rescored)),
+            ("samples back-propagated".into(), self.backpropagated.to_string()),
+            ("training steps".into(), self.training_steps.to_string()),
+            ("wall time".into(), format!("{:.2} s ({:.0} samples/s)", self.wall_s, self.samples_per_s)),
+            ("CPU time".into(), format!("{:.2} s", self.cpu_s)),
+        ])
+        .collect();
+        for (k, v) in rows {
+            t.add_row(vec![k, v]);
+        }
+        if self.interrupted {
+            t.add_row(vec!["interrupted".to_string(), "yes (shutdown signal)".to_string()]);
+        }
+        let mut m = Table::new();
+        m.load_preset(UTF8_FULL_CONDENSED);
+        match &self.metrics {
+            EvalSummary::Regression(r) => {
+                m.set_header(vec!["prequential (regression)", "n", "MAE", "RMSE", "sMAPE %"]);
+                err_row(&mut m, "model, whole stream", &r.model);
+                err_row(&mut m, "persistence, whole stream", &r.persistence);
+                err_row(&mut m, "model, last window", &r.model_last_window);
+                err_row(&mut m, "persistence, last window", &r.persistence_last_window);
+                if r.seasonal.n > 0 {
+                    err_row(&mut m, "model, rows with a seasonal value", &r.model_on_seasonal_rows);
+                    err_row(&mut m, "seasonal (same slot, one season back)", &r.seasonal);
+                }
+            }
+            EvalSummary::Classification(c) => {
+                m.set_header(vec!["prequential (beam)", "n", "top-1", "top-3", "power loss dB"]);
+                beam_row(&mut m, "model, whole stream", &c.model);
+                beam_row(&mut m, "model, last window", &c.model_last_window);
+            }
+        }
+        let mut out = format!("{t}\n{m}\n");
+        if !self.attribution.is_empty() {
+            out.push_str(&format!("data: {}\n", self.attribution));
+        }
+        for (k, v) in &self.outputs {
+            out.push_str(&format!("{k}: {v}\n"));
+        }
+        out
+    }
+}

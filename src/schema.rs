@@ -1,0 +1,362 @@
+//! Schemas: what each column of a workload is for.
+//!
+//! A schema (`schemas/*.json`) names the key (cell, grid square, scenario), the event time,
+//! the target and the task, declares the type of every column it reads, and lists the
+//! features derived online (per-key lags, calendar terms, GPS → metres east/north,
+//! standardisation). It is the single contract between the data and the learner: decoding
+//! checks batches against it, `gradsift schema check` checks whole files against it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use arrow::datatypes::{DataType, Schema as ArrowSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::learner::model::Head;
+
+/// The learning task.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TaskSpec {
+    /// Forecast the target value (MSE head).
+    Regression,
+    /// Predict one of `classes` labels 0..classes (cross-entropy head).
+    Classification { classes: usize },
+}
+
+impl TaskSpec {
+    pub fn head(&self) -> Head {
+        match self {
+            TaskSpec::Regression => Head::Regression,
+            TaskSpec::Classification { classes } => Head::Classification { classes: *classes },
+        }
+    }
+}
+
+/// Declared column types; each accepts the Arrow types a writer may reasonably use for it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    Int,
+    Float,
+    String,
+    Timestamp,
+    FloatList,
+}
+
+/// One declared column.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnSpec {
+    #[serde(rename = "type")]
+    pub ty: ColumnType,
+    /// Fixed list length (for `float_list`).
+    #[serde(default)]
+    pub size: Option<usize>,
+}
+
+impl ColumnSpec {
+    /// `None` if `dt` is acceptable, otherwise what was expected.
+    pub fn mismatch(&self, dt: &DataType) -> Option<String> {
+        let ok = match self.ty {
+            ColumnType::Int => dt.is_integer(),
+            ColumnType::Float => dt.is_floating() || dt.is_integer(),
+            ColumnType::String => matches!(
+                dt,
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+            ) || matches!(dt, DataType::Dictionary(_, v) if matches!(**v, DataType::Utf8 | DataType::LargeUtf8)),
+            ColumnType::Timestamp => matches!(dt, DataType::Timestamp(_, _)),
+            ColumnType::FloatList => match dt {
+                DataType::FixedSizeList(f, n) => {
+                    f.data_type().is_floating() && self.size.is_none_or(|s| s == *n as usize)
+                }
+                _ => false,
+            },
+        };
+        (!ok).then(|| match (self.ty, self.size) {
+            (ColumnType::FloatList, Some(n)) => format!("float_list of {n}"),
+            (ty, _) => format!("{ty:?}").to_lowercase(),
+        })
+    }
+}
+
+/// How the time column is read.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeKind {
+    /// An Arrow timestamp; held as microseconds since the epoch, UTC.
+    Timestamp,
+    /// An integer position (sample index) with no wall-clock meaning.
+    Index,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeSpec {
+    pub column: String,
+    pub kind: TimeKind,
+}
+
+/// Lagged values of one column, per key: lag k is the k-th previous valid row of that key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LagSpec {
+    pub column: String,
+    pub lags: Vec<usize>,
+}
+
+/// Hour-of-day and day-of-week as sin/cos pairs, in local time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalendarSpec {
+    #[serde(default = "yes")]
+    pub hour_of_day: bool,
+    #[serde(default = "yes")]
+    pub day_of_week: bool,
+    /// Local time = UTC + this offset.
+    #[serde(default)]
+    pub utc_offset_hours: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// UE position relative to the base station in metres east and north, from GPS columns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeoSpec {
+    pub bs_lat: String,
+    pub bs_lon: String,
+    pub ue_lat: String,
+    pub ue_lon: String,
+}
+
+/// Derived features, in the order they appear in the model input.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureSpec {
+    /// Columns used as they are at the current row.
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    #[serde(default)]
+    pub lags: Vec<LagSpec>,
+    #[serde(default)]
+    pub calendar: Option<CalendarSpec>,
+    #[serde(default)]
+    pub geo: Option<GeoSpec>,
+    /// Running standardisation of every numeric feature (and of a regression target).
+    #[serde(default = "yes")]
+    pub normalise: bool,
+}
+
+/// Baselines reported beside a regression model, on the same rows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaselineSpec {
+    /// Seasonal period in rows of one key (144 ten-minute slots = one day).
+    #[serde(default)]
+    pub seasonal_lag: Option<usize>,
+}
+
+/// Extra columns used only to evaluate.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    /// Per-class received power (beam selection): gives the power loss of the chosen beam.
+    #[serde(default)]
+    pub beam_power: Option<String>,
+}
+
+/// A workload schema (see the module doc).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schema {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Where the data of this workload comes from and whom to credit (printed in reports).
+    #[serde(default)]
+    pub attribution: String,
+    pub task: TaskSpec,
+    pub key: String,
+    pub time: TimeSpec,
+    pub target: String,
+    pub columns: BTreeMap<String, ColumnSpec>,
+    pub features: FeatureSpec,
+    #[serde(default)]
+    pub baselines: BaselineSpec,
+    #[serde(default)]
+    pub evaluation: EvalSpec,
+}
+
+impl Schema {
+    /// Reads and validates a schema file; errors name the file and the offending field.
+    pub fn load(path: &Path) -> Result<Schema> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read schema {}", path.display()))?;
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        let schema: Schema = serde_path_to_error::deserialize(de).map_err(|e| {
+            anyhow::anyhow!("{}: key `{}`: {}", path.display(), e.path(), e.inner())
+        })?;
+        schema
+            .validate()
+            .with_context(|| format!("{}: invalid schema", path.display()))?;
+        Ok(schema)
+    }
+
+    fn declared(&self, col: &str, role: &str) -> Result<&ColumnSpec> {
+        self.columns
+            .get(col)
+            .with_context(|| format!("{role} column `{col}` is not declared in `columns`"))
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.declared(&self.key, "key")?;
+        let t = self.declared(&self.time.column, "time")?;
+        let want = match self.time.kind {
+            TimeKind::Timestamp => ColumnType::Timestamp,
+            TimeKind::Index => ColumnType::Int,
+        };
+        if t.ty != want {
+            bail!("time column `{}` must be declared {want:?} for kind {:?}", self.time.column, self.time.kind);
+        }
+        let target = self.declared(&self.target, "target")?;
+        match (&self.task, target.ty) {
+            (TaskSpec::Regression, ColumnType::Float | ColumnType::Int) => {}
+            (TaskSpec::Classification { classes }, ColumnType::Int) if *classes >= 2 => {}
+            (task, ty) => bail!("target `{}` of type {ty:?} does not fit task {task:?}", self.target),
+        }
+        for c in self.numeric_columns() {
+            let spec = self.declared(&c, "feature")?;
+            if !matches!(spec.ty, ColumnType::Float | ColumnType::Int) {
+                bail!("feature column `{c}` must be int or float, is {:?}", spec.ty);
+            }
+        }
+        for l in &self.features.lags {
+            if l.lags.is_empty() || l.lags.contains(&0) {
+                bail!("lags of `{}` must be a non-empty list of integers ≥ 1", l.column);
+            }
+        }
+        if let Some(p) = &self.evaluation.beam_power {
+            let spec = self.declared(p, "beam_power")?;
+            if spec.ty != ColumnType::FloatList {
+                bail!("beam_power column `{p}` must be float_list");
+            }
+        }
+        if self.calendar_needs_timestamp() && self.time.kind != TimeKind::Timestamp {
+            bail!("calendar features need a timestamp time column");
+        }
+        if self.input_width() == 0 {
+            bail!("the schema derives no feature at all");
+        }
+        Ok(())
+    }
+
+    fn calendar_needs_timestamp(&self) -> bool {
+        self.features.calendar.is_some()
+    }
+
+    /// Every numeric column read at a row (inputs, lagged columns, geo, and a regression target).
+    pub fn numeric_columns(&self) -> Vec<String> {
+        let mut cols: Vec<String> = Vec::new();
+        let mut add = |c: &String| {
+            if !cols.contains(c) {
+                cols.push(c.clone());
+            }
+        };
+        self.features.inputs.iter().for_each(&mut add);
+        self.features.lags.iter().for_each(|l| add(&l.column));
+        if let Some(g) = &self.features.geo {
+            [&g.bs_lat, &g.bs_lon, &g.ue_lat, &g.ue_lon].into_iter().for_each(&mut add);
+        }
+        if self.task == TaskSpec::Regression {
+            add(&self.target);
+        }
+        cols
+    }
+
+    /// Every column a pipeline reads from the data.
+    pub fn read_columns(&self) -> Vec<String> {
+        let mut cols = vec![self.key.clone(), self.time.column.clone()];
+        for c in self.numeric_columns() {
+            if !cols.contains(&c) {
+                cols.push(c);
+            }
+        }
+        if !cols.contains(&self.target) {
+            cols.push(self.target.clone());
+        }
+        if let Some(p) = &self.evaluation.beam_power {
+            cols.push(p.clone());
+        }
+        cols
+    }
+
+    /// Names of the model's input features, in order.
+    pub fn feature_names(&self) -> Vec<String> {
+        let f = &self.features;
+        let mut names: Vec<String> = f.inputs.clone();
+        for l in &f.lags {
+            names.extend(l.lags.iter().map(|k| format!("{}_lag{k}", l.column)));
+        }
+        if let Some(c) = &f.calendar {
+            if c.hour_of_day {
+                names.extend(["hour_sin".into(), "hour_cos".into()]);
+            }
+            if c.day_of_week {
+                names.extend(["dow_sin".into(), "dow_cos".into()]);
+            }
+        }
+        if f.geo.is_some() {
+            names.extend(["east_m".into(), "north_m".into()]);
+        }
+        names
+    }
+
+    /// Width of the model input.
+    pub fn input_width(&self) -> usize {
+        self.feature_names().len()
+    }
+
+    /// Checks an Arrow schema against every declared column; one message per mismatch.
+    pub fn mismatches(&self, arrow: &ArrowSchema) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (col, spec) in &self.columns {
+            match arrow.field_with_name(col) {
+                Err(_) => out.push((col.clone(), "missing".to_string())),
+                Ok(f) => {
+                    if let Some(expected) = spec.mismatch(f.data_type()) {
+                        out.push((col.clone(), format!("expected {expected}, found {}", f.data_type())));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_schemas_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        for name in ["milan_internet", "deepsense_beam", "lte_cell_kpi"] {
+            let s = Schema::load(&dir.join(format!("{name}.json"))).unwrap();
+            assert_eq!(s.name, name);
+            assert!(s.input_width() > 0);
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.json");
+        std::fs::write(&p, r#"{"name":"x","task":{"kind":"regression"},"key":1}"#).unwrap();
+        let err = format!("{:#}", Schema::load(&p).unwrap_err());
+        assert!(err.contains("s.json") && err.contains("key `key`"), "{err}");
+    }
+}

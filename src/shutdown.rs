@@ -1,0 +1,71 @@
+//! One shutdown signal that every stage listens to.
+//!
+//! SIGINT or SIGTERM (or [`Shutdown::trigger`]) sets it once. Sources check it between
+//! batches and stop fetching; the stages after them drain what is already in their channels,
+//! so an interrupted replay still ends with a complete report and score file.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+/// A cloneable, set-once shutdown flag.
+#[derive(Clone)]
+pub struct Shutdown {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Shutdown {
+            tx: Arc::new(watch::Sender::new(false)),
+        }
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks every stage to stop taking new input.
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Resolves once triggered.
+    pub async fn wait(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
+
+    /// Triggers on SIGINT or SIGTERM (spawned on the current tokio runtime).
+    pub fn listen_for_signals(&self) {
+        let s = self.clone();
+        tokio::spawn(async move {
+            let ctrl_c = tokio::signal::ctrl_c();
+            #[cfg(unix)]
+            {
+                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!("cannot listen for SIGTERM: {e}");
+                        let _ = ctrl_c.await;
+                        s.trigger();
+                        return;
+                    }
+                };
+                tokio::select! {
+                    _ = ctrl_c => tracing::info!("SIGINT: stopping intake, draining"),
+                    _ = term.recv() => tracing::info!("SIGTERM: stopping intake, draining"),
+                }
+            }
+            #[cfg(not(unix))]
+            let _ = ctrl_c.await;
+            s.trigger();
+        });
+    }
+}

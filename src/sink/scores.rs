@@ -1,0 +1,96 @@
+//! The per-sample score file: for every sample, its key, event time, importance score, the
+//! threshold it was judged against, whether it was selected, trained and retained, and the
+//! prequential prediction next to the target. Parquet, snappy, written in row groups of a
+//! bounded size by a thread of its own behind a bounded channel, readable by pyarrow.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use arrow::array::{ArrayRef, BooleanArray, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+/// One sample's line in the score file.
+#[derive(Debug, Clone)]
+pub struct ScoreRow {
+    pub key: Arc<str>,
+    pub time: i64,
+    pub score: f32,
+    pub threshold: f32,
+    pub selected: bool,
+    pub trained: bool,
+    pub retained: bool,
+    pub prediction: f64,
+    pub target: f64,
+}
+
+/// Writes [`ScoreRow`]s to a Parquet file.
+pub struct ScoreSink {
+    writer: ArrowWriter<File>,
+    schema: Arc<Schema>,
+    timestamps: bool,
+    pub rows: u64,
+}
+
+impl ScoreSink {
+    /// `timestamps`: the time column is a UTC timestamp (else a plain integer index).
+    pub fn create(path: &Path, timestamps: bool) -> Result<Self> {
+        let time_type = if timestamps {
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+        } else {
+            DataType::Int64
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("key", DataType::Utf8, false),
+            Field::new("time", time_type, false),
+            Field::new("score", DataType::Float32, false),
+            Field::new("threshold", DataType::Float32, false),
+            Field::new("selected", DataType::Boolean, false),
+            Field::new("trained", DataType::Boolean, false),
+            Field::new("retained", DataType::Boolean, false),
+            Field::new("prediction", DataType::Float64, false),
+            Field::new("target", DataType::Float64, false),
+        ]));
+        let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .set_max_row_group_row_count(Some(64 * 1024))
+            .build();
+        let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
+        Ok(ScoreSink { writer, schema, timestamps, rows: 0 })
+    }
+
+    pub fn write(&mut self, rows: &[ScoreRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let times: ArrayRef = if self.timestamps {
+            Arc::new(TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.time)).with_timezone("UTC"))
+        } else {
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.time)))
+        };
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &*r.key))),
+            times,
+            Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.score))),
+            Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.threshold))),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.selected)))),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.trained)))),
+            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.retained)))),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.prediction))),
+            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.target))),
+        ];
+        self.writer.write(&RecordBatch::try_new(self.schema.clone(), cols)?)?;
+        self.rows += rows.len() as u64;
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<u64> {
+        self.writer.close()?;
+        Ok(self.rows)
+    }
+}

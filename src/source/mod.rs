@@ -1,0 +1,56 @@
+//! Sources: where samples come from, as a stream of Arrow record batches.
+//!
+//! A source runs on its own thread and pushes [`SourceEvent`]s into a bounded channel: when
+//! the learner falls behind the channel fills and the source blocks (backpressure), so memory
+//! stays at `channels.batches` × `batch_size` rows whatever the archive's size. Parquet
+//! archives are the offline replay source; live Kafka feeds come next behind the same events.
+
+pub mod parquet;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use serde::{Deserialize, Serialize};
+
+/// `[source]`: which source and its settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SourceConfig {
+    Parquet(parquet::ParquetSourceConfig),
+}
+
+impl SourceConfig {
+    /// Makes relative paths relative to the pipeline file's folder.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        match self {
+            SourceConfig::Parquet(p) => p.resolve_paths(base),
+        }
+    }
+
+    /// `Err((key, expected, found))` for an out-of-range setting.
+    pub fn validate(&self) -> Result<(), (String, String, String)> {
+        match self {
+            SourceConfig::Parquet(p) => p.validate(),
+        }
+    }
+}
+
+/// What a source emits.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// Rows in time order; `first_row` is the row index of the first one in `origin`.
+    Batch {
+        batch: RecordBatch,
+        origin: Arc<str>,
+        first_row: u64,
+    },
+    /// A whole unit of input (a file) that cannot be read as the schema says; its rows are
+    /// counted and dead-lettered under `reason`, and the source goes on with the next one.
+    Unreadable {
+        origin: Arc<str>,
+        rows: u64,
+        reason: String,
+        detail: String,
+    },
+}
