@@ -4,14 +4,15 @@
 //!
 //! `cargo bench --bench scoring` ; the ratios are read off one run (same machine, same load).
 
-use burn::module::Module;
 use burn::tensor::Device;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use gradsift::learner::buffer::{BufferConfig, EvictionPolicy, ReplaySampling};
 use gradsift::learner::importance::ImportanceMethod;
 use gradsift::learner::model::{self, Head, Mlp};
 use gradsift::learner::select::SelectionConfig;
-use gradsift::learner::{Backend, FreshBatch, LearnerConfig, ModelConfig, OnlineLearner, TrainingConfig};
+use gradsift::learner::{
+    Backend, FreshBatch, LearnerConfig, ModelConfig, OnlineLearner, TrainingConfig,
+};
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 
@@ -21,7 +22,9 @@ const D: usize = 16;
 fn data(n: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let x: Vec<f32> = (0..n * D).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let y: Vec<f32> = (0..n).map(|i| x[i * D] * 0.5 - x[i * D + 1] + rng.random_range(-0.1..0.1)).collect();
+    let y: Vec<f32> = (0..n)
+        .map(|i| x[i * D] * 0.5 - x[i * D + 1] + rng.random_range(-0.1..0.1))
+        .collect();
     (x, y)
 }
 
@@ -30,10 +33,13 @@ fn scoring(c: &mut Criterion) {
     let head = Head::Regression;
     let mut g = c.benchmark_group("per_sample_norms_B256");
     g.throughput(Throughput::Elements(B as u64));
-    for (name, dev) in [("flex", Device::flex()), #[allow(deprecated)] ("ndarray", Device::ndarray())] {
-        let mlp = Mlp::new(D, &[64, 64], head, &dev);
-        let params = mlp.dense_params();
-        let ad_model = mlp.clone().fork(&dev.clone().autodiff());
+    for (name, dev) in [
+        ("flex", Device::flex()),
+        #[allow(deprecated)]
+        ("ndarray", Device::ndarray()),
+    ] {
+        let ad_model = Mlp::new(D, &[64, 64], head, &dev.clone().autodiff());
+        let params = ad_model.dense_params();
         g.bench_function(BenchmarkId::new("plain_autodiff_fwd_bwd", name), |b| {
             b.iter(|| {
                 let xt = model::matrix(x.clone(), B, D, &dev.clone().autodiff());
@@ -48,7 +54,8 @@ fn scoring(c: &mut Criterion) {
                 let xt = model::matrix(x.clone(), B, D, &dev);
                 let t = model::target_tensor(head, &y, &dev);
                 let tr = model::trace(&params, xt);
-                let deltas = model::backward_deltas(&params, &tr, model::output_grad(head, tr.output(), t));
+                let deltas =
+                    model::backward_deltas(&params, &tr, model::output_grad(head, tr.output(), t));
                 model::to_vec(model::sq_norms(&tr.inputs, &deltas))
             })
         });
@@ -72,22 +79,52 @@ fn scoring(c: &mut Criterion) {
 fn learner_core(c: &mut Criterion) {
     let n_batches = 64;
     let (x, y) = data(B * n_batches, 2);
-    let keys: Vec<Arc<str>> = (0..B).map(|i| Arc::from(format!("cell-{}", i % 32).as_str())).collect();
+    let keys: Vec<Arc<str>> = (0..B)
+        .map(|i| Arc::from(format!("cell-{}", i % 32).as_str()))
+        .collect();
     let times: Vec<i64> = (0..B as i64).collect();
     let mut g = c.benchmark_group("learner_core_B256");
     g.throughput(Throughput::Elements(B as u64));
     for (name, method, keep, backend) in [
-        ("exact_keep0.8_flex", ImportanceMethod::Exact, 0.8, Backend::Flex),
-        ("exact_keep1.0_flex", ImportanceMethod::Exact, 1.0, Backend::Flex),
-        ("last_layer_keep0.8_flex", ImportanceMethod::LastLayer, 0.8, Backend::Flex),
-        ("exact_keep0.8_ndarray", ImportanceMethod::Exact, 0.8, Backend::Ndarray),
+        (
+            "exact_keep0.8_flex",
+            ImportanceMethod::Exact,
+            0.8,
+            Backend::Flex,
+        ),
+        (
+            "exact_keep1.0_flex",
+            ImportanceMethod::Exact,
+            1.0,
+            Backend::Flex,
+        ),
+        (
+            "last_layer_keep0.8_flex",
+            ImportanceMethod::LastLayer,
+            0.8,
+            Backend::Flex,
+        ),
+        (
+            "exact_keep0.8_ndarray",
+            ImportanceMethod::Exact,
+            0.8,
+            Backend::Ndarray,
+        ),
     ] {
         let mut learner = OnlineLearner::new(LearnerConfig {
             inputs: D,
             head: Head::Regression,
-            model: ModelConfig { backend, hidden: vec![64, 64] },
+            model: ModelConfig {
+                backend,
+                hidden: vec![64, 64],
+            },
             importance: method,
-            selection: SelectionConfig { keep, warmup: 1024, window: 4096, unbiased_q: 0.0 },
+            selection: SelectionConfig {
+                keep,
+                warmup: 1024,
+                window: 4096,
+                unbiased_q: 0.0,
+            },
             buffer: BufferConfig {
                 policy: EvictionPolicy::Importance,
                 capacity: 8192,
@@ -98,7 +135,11 @@ fn learner_core(c: &mut Criterion) {
                 rescore_every: 50,
                 rescore_slice: 512,
             },
-            training: TrainingConfig { micro_batch: B, learning_rate: 1e-3, seed: 3 },
+            training: TrainingConfig {
+                micro_batch: B,
+                learning_rate: 1e-3,
+                seed: 3,
+            },
         });
         let mut i = 0;
         g.bench_function(name, |b| {

@@ -11,7 +11,11 @@ use crate::schema::Schema;
 use crate::shutdown::Shutdown;
 
 #[derive(Parser, Debug)]
-#[command(name = "gradsift", version, about = "Gradient-norm sample selection for streaming telecom data")]
+#[command(
+    name = "gradsift",
+    version,
+    about = "Gradient-norm sample selection for streaming telecom data"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -55,7 +59,13 @@ pub enum SchemaCommand {
 
 pub async fn main(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run { pipeline, overrides, output, quiet, json } => {
+        Command::Run {
+            pipeline,
+            overrides,
+            output,
+            quiet,
+            json,
+        } => {
             let mut cfg = PipelineConfig::load(&pipeline, &overrides)?;
             if let Some(o) = output {
                 cfg.output.dir = Some(o);
@@ -70,27 +80,45 @@ pub async fn main(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Schema { command: SchemaCommand::Check { schema, files } } => {
+        Command::Schema {
+            command: SchemaCommand::Check { schema, files },
+        } => {
             let schema = Schema::load(&schema)?;
             let mut bad = 0;
             for f in &files {
-                let file = std::fs::File::open(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
-                let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                    .map_err(|e| anyhow::anyhow!("{}: not a Parquet file: {e}", f.display()))?;
+                let file =
+                    std::fs::File::open(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+                let builder =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                        .map_err(|e| anyhow::anyhow!("{}: not a Parquet file: {e}", f.display()))?;
                 let rows = builder.metadata().file_metadata().num_rows();
                 let problems = schema.mismatches(builder.schema());
                 if problems.is_empty() {
-                    println!("{}: ok ({} rows, schema {})", f.display(), rows, schema.name);
+                    println!(
+                        "{}: ok ({} rows, schema {})",
+                        f.display(),
+                        rows,
+                        schema.name
+                    );
                 } else {
                     bad += 1;
-                    println!("{}: {} mismatch(es) against schema {}", f.display(), problems.len(), schema.name);
+                    println!(
+                        "{}: {} mismatch(es) against schema {}",
+                        f.display(),
+                        problems.len(),
+                        schema.name
+                    );
                     for (col, what) in problems {
                         println!("  column `{col}`: {what}");
                     }
                 }
             }
             if bad > 0 {
-                bail!("{bad} of {} file(s) do not match schema {}", files.len(), schema.name);
+                bail!(
+                    "{bad} of {} file(s) do not match schema {}",
+                    files.len(),
+                    schema.name
+                );
             }
             Ok(())
         }

@@ -67,7 +67,7 @@ impl Default for FeatureConfig {
 }
 
 /// `[output]`
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
     /// Folder for the report, the score file and dead letters (default `runs/NAME`).
@@ -80,6 +80,15 @@ pub struct OutputConfig {
 
 fn yes() -> bool {
     true
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            dir: None,
+            scores: true,
+        }
+    }
 }
 
 /// `[channels]`: capacities of the bounded queues between stages (backpressure).
@@ -164,8 +173,9 @@ impl PipelineConfig {
         for o in overrides {
             apply_override(&mut table, o)?;
         }
-        let mut cfg: PipelineConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| anyhow!("{}: key `{}`: {}", path.display(), e.path(), e.inner()))?;
+        let mut cfg: PipelineConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table))
+                .map_err(|e| anyhow!("{}: key `{}`: {}", path.display(), e.path(), e.inner()))?;
         cfg.file = path.to_path_buf();
         cfg.validate()?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -175,7 +185,10 @@ impl PipelineConfig {
     }
 
     fn bad(&self, key: &str, expected: &str, found: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!("{}: key `{key}`: expected {expected}, found {found}", self.file.display())
+        anyhow!(
+            "{}: key `{key}`: expected {expected}, found {found}",
+            self.file.display()
+        )
     }
 
     fn validate(&self) -> Result<()> {
@@ -184,7 +197,11 @@ impl PipelineConfig {
             return Err(self.bad("selection.keep", "a fraction in (0, 1]", s.keep));
         }
         if !(0.0..1.0).contains(&s.unbiased_q) {
-            return Err(self.bad("selection.unbiased_q", "a probability in [0, 1)", s.unbiased_q));
+            return Err(self.bad(
+                "selection.unbiased_q",
+                "a probability in [0, 1)",
+                s.unbiased_q,
+            ));
         }
         if s.window == 0 {
             return Err(self.bad("selection.window", "at least 1 score", 0));
@@ -202,7 +219,8 @@ impl PipelineConfig {
         if !(b.replay_ratio >= 0.0 && b.replay_ratio <= 16.0) {
             return Err(self.bad("buffer.replay_ratio", "a ratio in [0, 16]", b.replay_ratio));
         }
-        if b.replay_sampling == ReplaySampling::Importance && b.policy != EvictionPolicy::Importance {
+        if b.replay_sampling == ReplaySampling::Importance && b.policy != EvictionPolicy::Importance
+        {
             return Err(self.bad(
                 "buffer.replay_sampling",
                 "\"uniform\" unless buffer.policy is \"importance\"",
@@ -214,10 +232,18 @@ impl PipelineConfig {
             return Err(self.bad("training.micro_batch", "at least 1 sample", 0));
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
-            return Err(self.bad("training.learning_rate", "a positive number", t.learning_rate));
+            return Err(self.bad(
+                "training.learning_rate",
+                "a positive number",
+                t.learning_rate,
+            ));
         }
         if self.model.hidden.contains(&0) {
-            return Err(self.bad("model.hidden", "widths of at least 1", format!("{:?}", self.model.hidden)));
+            return Err(self.bad(
+                "model.hidden",
+                "widths of at least 1",
+                format!("{:?}", self.model.hidden),
+            ));
         }
         if self.evaluation.window == 0 {
             return Err(self.bad("evaluation.window", "at least 1 sample", 0));
@@ -225,7 +251,9 @@ impl PipelineConfig {
         if self.channels.batches == 0 {
             return Err(self.bad("channels.batches", "at least 1 batch", 0));
         }
-        self.source.validate().map_err(|(key, expected, found)| self.bad(&key, &expected, found))
+        self.source
+            .validate()
+            .map_err(|(key, expected, found)| self.bad(&key, &expected, found))
     }
 
     /// The output folder.
@@ -275,17 +303,34 @@ max_bytes = 100000
         let d = tempfile::tempdir().unwrap();
         let p = write(d.path(), &GOOD.replace("keep = 0.8", "keep = \"most\""));
         let e = PipelineConfig::load(&p, &[]).unwrap_err().to_string();
-        assert!(e.contains("p.toml") && e.contains("selection.keep") && e.contains("expected f64"), "{e}");
+        assert!(
+            e.contains("p.toml") && e.contains("selection.keep") && e.contains("expected f64"),
+            "{e}"
+        );
 
-        let e = PipelineConfig::load(&write(d.path(), GOOD), &["selection.keep=1.5".into()]).unwrap_err().to_string();
-        assert!(e.contains("selection.keep") && e.contains("(0, 1]") && e.contains("1.5"), "{e}");
+        let e = PipelineConfig::load(&write(d.path(), GOOD), &["selection.keep=1.5".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("selection.keep") && e.contains("(0, 1]") && e.contains("1.5"),
+            "{e}"
+        );
 
-        let p = write(d.path(), &GOOD.replace("capacity = 10", "capacity = 10\ncapacty = 3"));
+        let p = write(
+            d.path(),
+            &GOOD.replace("capacity = 10", "capacity = 10\ncapacty = 3"),
+        );
         let e = PipelineConfig::load(&p, &[]).unwrap_err().to_string();
         assert!(e.contains("buffer") && e.contains("capacty"), "{e}");
 
-        let p = write(d.path(), &GOOD.replace("method = \"exact\"", "method = \"grand\""));
+        let p = write(
+            d.path(),
+            &GOOD.replace("method = \"exact\"", "method = \"grand\""),
+        );
         let e = PipelineConfig::load(&p, &[]).unwrap_err().to_string();
-        assert!(e.contains("importance.method") && e.contains("exact_autodiff"), "{e}");
+        assert!(
+            e.contains("importance.method") && e.contains("exact_autodiff"),
+            "{e}"
+        );
     }
 }

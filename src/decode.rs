@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, FixedSizeListArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow::array::{
+    Array, AsArray, FixedSizeListArray, Float64Array, Int64Array, RecordBatch, StringArray,
+};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int64Type, TimeUnit};
 
@@ -72,7 +74,11 @@ impl Decoder {
         &self.numeric
     }
 
-    fn column<'a>(&self, batch: &'a RecordBatch, name: &str) -> Result<&'a Arc<dyn Array>, BatchError> {
+    fn column<'a>(
+        &self,
+        batch: &'a RecordBatch,
+        name: &str,
+    ) -> Result<&'a Arc<dyn Array>, BatchError> {
         let col = batch.column_by_name(name).ok_or_else(|| BatchError {
             reason: format!("missing_column:{name}"),
             detail: format!("column `{name}` is not in the data"),
@@ -80,13 +86,21 @@ impl Decoder {
         if let Some(expected) = self.schema.columns[name].mismatch(col.data_type()) {
             return Err(BatchError {
                 reason: format!("wrong_type:{name}"),
-                detail: format!("column `{name}`: expected {expected}, found {}", col.data_type()),
+                detail: format!(
+                    "column `{name}`: expected {expected}, found {}",
+                    col.data_type()
+                ),
             });
         }
         Ok(col)
     }
 
-    fn cast_to(&self, name: &str, col: &dyn Array, to: &DataType) -> Result<Arc<dyn Array>, BatchError> {
+    fn cast_to(
+        &self,
+        name: &str,
+        col: &dyn Array,
+        to: &DataType,
+    ) -> Result<Arc<dyn Array>, BatchError> {
         cast(col, to).map_err(|e| BatchError {
             reason: format!("wrong_type:{name}"),
             detail: format!("column `{name}` cannot be read as {to}: {e}"),
@@ -96,7 +110,10 @@ impl Decoder {
     pub fn decode(&self, batch: &RecordBatch) -> Result<DecodedBatch, BatchError> {
         let s = &self.schema;
         let key_col = self.column(batch, &s.key)?;
-        let key = self.cast_to(&s.key, key_col.as_ref(), &DataType::Utf8)?.as_string::<i32>().clone();
+        let key = self
+            .cast_to(&s.key, key_col.as_ref(), &DataType::Utf8)?
+            .as_string::<i32>()
+            .clone();
         let time_col = self.column(batch, &s.time.column)?;
         let time = match s.time.kind {
             TimeKind::Timestamp => {
@@ -104,7 +121,11 @@ impl Decoder {
                     DataType::Timestamp(_, tz) => tz.clone(),
                     _ => None,
                 };
-                let us = self.cast_to(&s.time.column, time_col.as_ref(), &DataType::Timestamp(TimeUnit::Microsecond, tz))?;
+                let us = self.cast_to(
+                    &s.time.column,
+                    time_col.as_ref(),
+                    &DataType::Timestamp(TimeUnit::Microsecond, tz),
+                )?;
                 self.cast_to(&s.time.column, us.as_ref(), &DataType::Int64)?
             }
             TimeKind::Index => self.cast_to(&s.time.column, time_col.as_ref(), &DataType::Int64)?,
@@ -116,13 +137,20 @@ impl Decoder {
             .iter()
             .map(|name| {
                 let col = self.column(batch, name)?;
-                Ok(self.cast_to(name, col.as_ref(), &DataType::Float64)?.as_primitive::<Float64Type>().clone())
+                Ok(self
+                    .cast_to(name, col.as_ref(), &DataType::Float64)?
+                    .as_primitive::<Float64Type>()
+                    .clone())
             })
             .collect::<Result<Vec<Float64Array>, BatchError>>()?;
         let class = match s.task {
             crate::schema::TaskSpec::Classification { .. } => {
                 let col = self.column(batch, &s.target)?;
-                Some(self.cast_to(&s.target, col.as_ref(), &DataType::Int64)?.as_primitive::<Int64Type>().clone())
+                Some(
+                    self.cast_to(&s.target, col.as_ref(), &DataType::Int64)?
+                        .as_primitive::<Int64Type>()
+                        .clone(),
+                )
             }
             crate::schema::TaskSpec::Regression => None,
         };
@@ -131,10 +159,18 @@ impl Decoder {
                 let col = self.column(batch, name)?;
                 let list = col.as_fixed_size_list();
                 let to = DataType::FixedSizeList(
-                    Arc::new(arrow::datatypes::Field::new("item", DataType::Float32, true)),
+                    Arc::new(arrow::datatypes::Field::new(
+                        "item",
+                        DataType::Float32,
+                        true,
+                    )),
                     list.value_length(),
                 );
-                Some(self.cast_to(name, col.as_ref(), &to)?.as_fixed_size_list().clone())
+                Some(
+                    self.cast_to(name, col.as_ref(), &to)?
+                        .as_fixed_size_list()
+                        .clone(),
+                )
             }
             None => None,
         };

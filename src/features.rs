@@ -25,6 +25,8 @@ pub enum SkipReason {
     Null(String),
     /// A needed column is NaN or ±∞ at this row.
     NonFinite(String),
+    /// A value outside the domain of its transform (below −1 for log1p).
+    OutOfDomain(String),
     /// A class label outside 0..classes.
     BadClass(i64),
     /// The key has too little history for the configured lags yet (not bad input).
@@ -39,6 +41,7 @@ impl SkipReason {
         match self {
             SkipReason::Null(c) => format!("null:{c}"),
             SkipReason::NonFinite(c) => format!("non_finite:{c}"),
+            SkipReason::OutOfDomain(c) => format!("out_of_domain:{c}"),
             SkipReason::BadClass(_) => "bad_class".to_string(),
             SkipReason::LagWarmup => "lag_warmup".to_string(),
             SkipReason::Batch(r) => r.clone(),
@@ -56,7 +59,8 @@ impl SkipReason {
 pub struct RowEval {
     /// Target in its own units (regression) or the class.
     pub target: f64,
-    /// Standardisation applied to the regression target: y_model = (y − mean) / std.
+    /// Standardisation applied to the regression target: y_model = (y − mean) / std
+    /// (`mean` is the last value when the model predicts the change).
     pub mean: f64,
     pub std: f64,
     /// Last value of the target for this key.
@@ -65,6 +69,16 @@ pub struct RowEval {
     pub seasonal: Option<f64>,
     /// Received power per beam.
     pub power: Option<Box<[f32]>>,
+    /// The target is modelled as ln(1 + y): predictions go back through exp(·) − 1.
+    pub log1p: bool,
+}
+
+impl RowEval {
+    /// A model output back in the target's own units.
+    pub fn prediction(&self, output: f32) -> f64 {
+        let v = output as f64 * self.std + self.mean;
+        if self.log1p { v.exp_m1() } else { v }
+    }
 }
 
 /// Samples built so far, drained by the pipeline in micro-batches.
@@ -114,7 +128,11 @@ impl Scaler {
     }
     /// (mean, std); std is 1 until two distinct values were seen.
     pub fn params(&self) -> (f64, f64) {
-        let var = if self.n > 1 { self.m2 / self.n as f64 } else { 0.0 };
+        let var = if self.n > 1 {
+            self.m2 / self.n as f64
+        } else {
+            0.0
+        };
         let std = var.sqrt();
         (self.mean, if std > 0.0 { std } else { 1.0 })
     }
@@ -144,7 +162,9 @@ pub struct FeatureEngine {
     target: Option<usize>,
     geo: Option<[usize; 4]>,
     scalers: Vec<Scaler>,
-    geo_scalers: [Scaler; 2],
+    geo_scalers: [Scaler; 3],
+    /// Columns modelled as ln(1 + v).
+    log1p: Vec<bool>,
     keys: HashMap<Arc<str>, KeyState>,
     max_keys: usize,
     tick: u64,
@@ -173,13 +193,18 @@ impl FeatureEngine {
         }
         let target = (schema.task == TaskSpec::Regression).then(|| idx(&schema.target));
         if let Some(t) = target {
-            hist_len[t] = hist_len[t].max(1).max(schema.baselines.seasonal_lag.unwrap_or(0));
+            hist_len[t] = hist_len[t]
+                .max(1)
+                .max(schema.baselines.seasonal_lag.unwrap_or(0));
         }
-        let geo = schema
-            .features
-            .geo
-            .as_ref()
-            .map(|g| [idx(&g.bs_lat), idx(&g.bs_lon), idx(&g.ue_lat), idx(&g.ue_lon)]);
+        let geo = schema.features.geo.as_ref().map(|g| {
+            [
+                idx(&g.bs_lat),
+                idx(&g.bs_lon),
+                idx(&g.ue_lat),
+                idx(&g.ue_lon),
+            ]
+        });
         FeatureEngine {
             inputs: schema.features.inputs.iter().map(idx).collect(),
             width: schema.input_width(),
@@ -190,7 +215,11 @@ impl FeatureEngine {
             target,
             geo,
             scalers: vec![Scaler::default(); numeric.len()],
-            geo_scalers: [Scaler::default(); 2],
+            geo_scalers: [Scaler::default(); 3],
+            log1p: numeric
+                .iter()
+                .map(|c| schema.features.log1p.contains(c))
+                .collect(),
             keys: HashMap::new(),
             max_keys: max_keys.max(1),
             tick: 0,
@@ -223,20 +252,34 @@ impl FeatureEngine {
         }
         if self.keys.len() >= self.max_keys {
             // Forget the least recently seen key: O(keys), and only when a new key arrives at the cap.
-            if let Some(old) = self.keys.iter().min_by_key(|(_, s)| s.last_seen).map(|(k, _)| k.clone()) {
+            if let Some(old) = self
+                .keys
+                .iter()
+                .min_by_key(|(_, s)| s.last_seen)
+                .map(|(k, _)| k.clone())
+            {
                 self.keys.remove(&old);
                 self.keys_evicted += 1;
             }
         }
         let k: Arc<str> = Arc::from(key);
-        let hist = self.hist_len.iter().map(|&n| VecDeque::with_capacity(n)).collect();
+        let hist = self
+            .hist_len
+            .iter()
+            .map(|&n| VecDeque::with_capacity(n))
+            .collect();
         self.keys.insert(k.clone(), KeyState { hist, last_seen: 0 });
         k
     }
 
     /// Turns every row of `d` into a sample appended to `out`, or a skip passed to `skip`
     /// with the row index.
-    pub fn push_batch(&mut self, d: &DecodedBatch, out: &mut Samples, mut skip: impl FnMut(usize, SkipReason)) {
+    pub fn push_batch(
+        &mut self,
+        d: &DecodedBatch,
+        out: &mut Samples,
+        mut skip: impl FnMut(usize, SkipReason),
+    ) {
         let mut vals = vec![0f64; self.numeric.len()];
         for i in 0..d.len {
             if d.key.is_null(i) {
@@ -258,7 +301,9 @@ impl FeatureEngine {
                 }
                 Some(c) => {
                     let v = c.value(i);
-                    let TaskSpec::Classification { classes } = self.schema.task else { unreachable!() };
+                    let TaskSpec::Classification { classes } = self.schema.task else {
+                        unreachable!()
+                    };
                     if v < 0 || v as usize >= classes {
                         skip(i, SkipReason::BadClass(v));
                         continue;
@@ -271,7 +316,11 @@ impl FeatureEngine {
             self.tick += 1;
             let state = self.keys.get_mut(&key).expect("just inserted");
             state.last_seen = self.tick;
-            let ready = self.need_len.iter().zip(&state.hist).all(|(&need, h)| h.len() >= need);
+            let ready = self
+                .need_len
+                .iter()
+                .zip(&state.hist)
+                .all(|(&need, h)| h.len() >= need);
             if !ready {
                 self.remember(&key, &vals);
                 skip(i, SkipReason::LagWarmup);
@@ -288,12 +337,27 @@ impl FeatureEngine {
             if !v.is_finite() {
                 return Err(SkipReason::NonFinite(self.numeric[c].clone()));
             }
-            vals[c] = v;
+            vals[c] = if self.log1p[c] {
+                if v <= -1.0 {
+                    return Err(SkipReason::OutOfDomain(self.numeric[c].clone()));
+                }
+                v.ln_1p()
+            } else {
+                v
+            };
         }
         Ok(())
     }
 
-    fn emit(&self, d: &DecodedBatch, i: usize, key: &Arc<str>, vals: &[f64], class: Option<i64>, out: &mut Samples) {
+    fn emit(
+        &self,
+        d: &DecodedBatch,
+        i: usize,
+        key: &Arc<str>,
+        vals: &[f64],
+        class: Option<i64>,
+        out: &mut Samples,
+    ) {
         let state = &self.keys[key];
         for &c in &self.inputs {
             out.x.push(self.norm(c, vals[c]));
@@ -322,21 +386,58 @@ impl FeatureEngine {
         if let Some([bl, bo, ul, uo]) = self.geo {
             let (east, north) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
             let n = self.schema.features.normalise;
-            out.x.push(if n { self.geo_scalers[0].apply(east) as f32 } else { east as f32 });
-            out.x.push(if n { self.geo_scalers[1].apply(north) as f32 } else { north as f32 });
+            let range = east.hypot(north);
+            out.x.push(if n {
+                self.geo_scalers[0].apply(east) as f32
+            } else {
+                east as f32
+            });
+            out.x.push(if n {
+                self.geo_scalers[1].apply(north) as f32
+            } else {
+                north as f32
+            });
+            out.x.push(if n {
+                self.geo_scalers[2].apply(range) as f32
+            } else {
+                range as f32
+            });
+            let (s, c) = if range > 0.0 {
+                (east / range, north / range)
+            } else {
+                (0.0, 1.0)
+            };
+            out.x.push(s as f32);
+            out.x.push(c as f32);
         }
         let eval = match (self.target, class) {
             (Some(t), _) => {
-                let (mean, std) = if self.schema.features.normalise { self.scalers[t].params() } else { (0.0, 1.0) };
                 let h = &state.hist[t];
+                let (mut mean, std) = if self.schema.features.normalise {
+                    self.scalers[t].params()
+                } else {
+                    (0.0, 1.0)
+                };
+                if self.schema.features.predict_change {
+                    // y_model = (y − y_last) / std: the offset is this row's persistence value.
+                    mean = h.front().copied().unwrap_or(mean);
+                }
                 out.y.push(((vals[t] - mean) / std) as f32);
+                let log = self.log1p[t];
+                let raw = |v: f64| if log { v.exp_m1() } else { v };
                 RowEval {
-                    target: vals[t],
+                    target: raw(vals[t]),
                     mean,
                     std,
-                    persistence: h.front().copied(),
-                    seasonal: self.schema.baselines.seasonal_lag.and_then(|s| h.get(s - 1).copied()),
+                    persistence: h.front().copied().map(raw),
+                    seasonal: self
+                        .schema
+                        .baselines
+                        .seasonal_lag
+                        .and_then(|s| h.get(s - 1).copied())
+                        .map(raw),
                     power: None,
+                    log1p: log,
                 }
             }
             (None, Some(c)) => {
@@ -348,6 +449,7 @@ impl FeatureEngine {
                     persistence: None,
                     seasonal: None,
                     power: d.power_row(i),
+                    log1p: false,
                 }
             }
             (None, None) => unreachable!("regression has a target column, classification a class"),
@@ -367,6 +469,7 @@ impl FeatureEngine {
             let (e, n) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
             self.geo_scalers[0].update(e);
             self.geo_scalers[1].update(n);
+            self.geo_scalers[2].update(e.hypot(n));
         }
         let state = self.keys.get_mut(key).expect("tracked key");
         for (c, h) in state.hist.iter_mut().enumerate() {

@@ -67,11 +67,15 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let cpu_start = cpu_time::ProcessTime::now();
     let schema = Arc::new(Schema::load(&cfg.schema)?);
     let out_dir = cfg.output_dir();
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
 
     let SourceConfig::Parquet(src) = cfg.source.clone();
     let files = src.files(&schema)?;
-    let total = src.max_rows.unwrap_or(u64::MAX).min(parquet::total_rows(&files));
+    let total = src
+        .max_rows
+        .unwrap_or(u64::MAX)
+        .min(parquet::total_rows(&files));
     tracing::info!(pipeline = %cfg.name, files = files.len(), rows = total, "replaying");
 
     let (tx, rx) = mpsc::channel::<SourceEvent>(cfg.channels.batches);
@@ -98,8 +102,10 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let progress = if opts.progress {
         let pb = ProgressBar::new(total);
         pb.set_style(
-            ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} rows {per_sec} eta {eta} {msg}")
-                .expect("static template"),
+            ProgressStyle::with_template(
+                "{spinner} {bar:40} {pos}/{len} rows {per_sec} eta {eta} {msg}",
+            )
+            .expect("static template"),
         );
         pb
     } else {
@@ -109,13 +115,18 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let dead_path = out_dir.join("dead_letters.jsonl");
     let learn = {
         let (cfg, schema, progress) = (cfg.clone(), schema.clone(), progress.clone());
-        tokio::task::spawn_blocking(move || learn_loop(&cfg, &schema, rx, score_tx, &dead_path, &progress))
+        tokio::task::spawn_blocking(move || {
+            learn_loop(&cfg, &schema, rx, score_tx, &dead_path, &progress)
+        })
     };
     let mut tally = learn.await.context("learner thread panicked")??;
     let replay = source.await.context("source thread panicked")??;
     progress.finish_and_clear();
     let written = match score_sink {
-        Some(h) => Some(h.join().map_err(|_| anyhow::anyhow!("score sink panicked"))??),
+        Some(h) => Some(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("score sink panicked"))??,
+        ),
         None => None,
     };
 
@@ -130,7 +141,10 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         outputs.insert("scores".to_string(), scores_path.display().to_string());
     }
     if tally.dead.letters > 0 {
-        outputs.insert("dead_letters".to_string(), tally.dead.path().display().to_string());
+        outputs.insert(
+            "dead_letters".to_string(),
+            tally.dead.path().display().to_string(),
+        );
     }
     tally.dead.finish()?;
     let skipped_total = tally.skipped.values().sum();
@@ -155,7 +169,8 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         selected: stats.selected,
         trained: stats.trained_fresh,
         trained_fraction: stats.trained_fresh as f64 / stats.seen.max(1) as f64,
-        trained_fraction_after_warmup: tally.trained_after_warmup as f64 / tally.seen_after_warmup.max(1) as f64,
+        trained_fraction_after_warmup: tally.trained_after_warmup as f64
+            / tally.seen_after_warmup.max(1) as f64,
         replayed: stats.trained_replay,
         retained: buf.stats.admitted,
         buffer: BufferReport {
@@ -201,7 +216,11 @@ fn learn_loop(
     progress: &ProgressBar,
 ) -> Result<Tally> {
     let decoder = Decoder::new(schema.clone());
-    let mut features = FeatureEngine::new(schema.clone(), decoder.numeric_columns(), cfg.features.max_keys);
+    let mut features = FeatureEngine::new(
+        schema.clone(),
+        decoder.numeric_columns(),
+        cfg.features.max_keys,
+    );
     let head = schema.task.head();
     let width = features.width();
     let learner = OnlineLearner::new(LearnerConfig {
@@ -215,7 +234,9 @@ fn learn_loop(
     });
     let metrics = match head {
         Head::Regression => Metrics::Regression(RegressionEval::new(cfg.evaluation.window)),
-        Head::Classification { .. } => Metrics::Classification(ClassificationEval::new(cfg.evaluation.window)),
+        Head::Classification { .. } => {
+            Metrics::Classification(ClassificationEval::new(cfg.evaluation.window))
+        }
     };
     let mut t = Tally {
         learner,
@@ -232,20 +253,45 @@ fn learn_loop(
     let scores_on = cfg.output.scores;
     while let Some(ev) = rx.blocking_recv() {
         match ev {
-            SourceEvent::Unreadable { origin, rows, reason, detail } => {
+            SourceEvent::Unreadable {
+                origin,
+                rows,
+                reason,
+                detail,
+            } => {
                 *t.skipped.entry(reason.clone()).or_default() += rows;
                 t.rows_read += rows;
-                t.dead.send(&DeadLetter { reason: &reason, detail: &detail, origin: &origin, row: 0, rows, key: None, time: None })?;
+                t.dead.send(&DeadLetter {
+                    reason: &reason,
+                    detail: &detail,
+                    origin: &origin,
+                    row: 0,
+                    rows,
+                    key: None,
+                    time: None,
+                })?;
                 progress.inc(rows);
             }
-            SourceEvent::Batch { batch, origin, first_row } => {
+            SourceEvent::Batch {
+                batch,
+                origin,
+                first_row,
+            } => {
                 let n = batch.num_rows() as u64;
                 t.rows_read += n;
                 match decoder.decode(&batch) {
                     Err(e) => {
                         tracing::warn!(origin = %origin, row = first_row, error = %e, "batch rejected");
                         *t.skipped.entry(e.reason.clone()).or_default() += n;
-                        t.dead.send(&DeadLetter { reason: &e.reason, detail: &e.detail, origin: &origin, row: first_row, rows: n, key: None, time: None })?;
+                        t.dead.send(&DeadLetter {
+                            reason: &e.reason,
+                            detail: &e.detail,
+                            origin: &origin,
+                            row: first_row,
+                            rows: n,
+                            key: None,
+                            time: None,
+                        })?;
                     }
                     Ok(d) => {
                         let (skipped, dead) = (&mut t.skipped, &mut t.dead);
@@ -278,7 +324,10 @@ fn learn_loop(
         step(cfg, &mut t, chunk, head, &score_tx, scores_on)?;
     }
     if features.keys_evicted > 0 {
-        tracing::info!(evicted = features.keys_evicted, "keys forgotten at features.max_keys");
+        tracing::info!(
+            evicted = features.keys_evicted,
+            "keys forgotten at features.max_keys"
+        );
     }
     Ok(t)
 }
@@ -293,7 +342,12 @@ fn step(
     scores_on: bool,
 ) -> Result<()> {
     let seen_before = t.learner.stats().seen;
-    let out = t.learner.learn_batch(FreshBatch { x: &s.x, y: &s.y, keys: &s.keys, times: &s.times });
+    let out = t.learner.learn_batch(FreshBatch {
+        x: &s.x,
+        y: &s.y,
+        keys: &s.keys,
+        times: &s.times,
+    });
     if out.train_loss.is_finite() {
         t.last_loss = out.train_loss as f64;
     }
@@ -302,8 +356,13 @@ fn step(
     for (i, ev) in s.eval.iter().enumerate() {
         let prediction = match &mut t.metrics {
             Metrics::Regression(r) => {
-                let p = out.outputs[i] as f64 * ev.std + ev.mean;
-                r.record(RegressionRow { prediction: p, target: ev.target, persistence: ev.persistence, seasonal: ev.seasonal });
+                let p = ev.prediction(out.outputs[i]);
+                r.record(RegressionRow {
+                    prediction: p,
+                    target: ev.target,
+                    persistence: ev.persistence,
+                    seasonal: ev.seasonal,
+                });
                 p
             }
             Metrics::Classification(c) => {

@@ -68,7 +68,13 @@ fn f(v: f64) -> String {
 }
 
 fn err_row(t: &mut Table, name: &str, m: &ErrorMetrics) {
-    t.add_row(vec![Cell::new(name), Cell::new(m.n), Cell::new(f(m.mae)), Cell::new(f(m.rmse)), Cell::new(format!("{:.2}", m.smape_pct))]);
+    t.add_row(vec![
+        Cell::new(name),
+        Cell::new(m.n),
+        Cell::new(f(m.mae)),
+        Cell::new(f(m.rmse)),
+        Cell::new(format!("{:.2}", m.smape_pct)),
+    ]);
 }
 
 fn beam_row(t: &mut Table, name: &str, m: &BeamMetrics) {
@@ -89,27 +95,75 @@ impl RunReport {
         t.set_header(vec!["stream", "value"]);
         let pct = |a: u64, b: u64| format!("{a} ({:.1}%)", 100.0 * a as f64 / b.max(1) as f64);
         let rows: Vec<(String, String)> = vec![
-            ("pipeline".into(), format!("{} [{}; keep {}{}; {} backend]", self.pipeline, self.importance, self.keep,
-                if self.unbiased_q > 0.0 { format!(", unbiased q {}", self.unbiased_q) } else { String::new() }, self.backend)),
+            (
+                "pipeline".into(),
+                format!(
+                    "{} [{}; keep {}{}; {} backend]",
+                    self.pipeline,
+                    self.importance,
+                    self.keep,
+                    if self.unbiased_q > 0.0 {
+                        format!(", unbiased q {}", self.unbiased_q)
+                    } else {
+                        String::new()
+                    },
+                    self.backend
+                ),
+            ),
             ("rows read".into(), self.rows_read.to_string()),
             ("samples seen (valid)".into(), self.samples.to_string()),
             ("skipped".into(), self.skipped_total.to_string()),
         ]
         .into_iter()
-        .chain(self.skipped.iter().map(|(r, n)| (format!("  skipped: {r}"), n.to_string())))
+        .chain(
+            self.skipped
+                .iter()
+                .map(|(r, n)| (format!("  skipped: {r}"), n.to_string())),
+        )
         .chain([
-            ("dead-lettered rows".into(), self.dead_lettered_rows.to_string()),
+            (
+                "dead-lettered rows".into(),
+                self.dead_lettered_rows.to_string(),
+            ),
             ("scored".into(), self.scored.to_string()),
             ("selected".into(), pct(self.selected, self.samples)),
             ("trained (fresh)".into(), pct(self.trained, self.samples)),
-            ("trained fraction after warm-up".into(), format!("{:.4}", self.trained_fraction_after_warmup)),
+            (
+                "trained fraction after warm-up".into(),
+                format!("{:.4}", self.trained_fraction_after_warmup),
+            ),
             ("replayed rows trained".into(), self.replayed.to_string()),
-            ("retained (admitted to buffer)".into(), self.retained.to_string()),
-            ("buffer at end".into(), format!("{} / {} samples, {} / {} bytes ({} policy)", self.buffer.len, self.buffer.capacity, self.buffer.bytes, self.buffer.max_bytes, self.buffer.policy)),
-            ("buffer evicted / rescored".into(), format!("{} / {}", self.buffer.stats.evicted, self.buffer.stats.rescored)),
-            ("samples back-propagated".into(), self.backpropagated.to_string()),
+            (
+                "retained (admitted to buffer)".into(),
+                self.retained.to_string(),
+            ),
+            (
+                "buffer at end".into(),
+                format!(
+                    "{} / {} samples, {} / {} bytes ({} policy)",
+                    self.buffer.len,
+                    self.buffer.capacity,
+                    self.buffer.bytes,
+                    self.buffer.max_bytes,
+                    self.buffer.policy
+                ),
+            ),
+            (
+                "buffer evicted / rescored".into(),
+                format!(
+                    "{} / {}",
+                    self.buffer.stats.evicted, self.buffer.stats.rescored
+                ),
+            ),
+            (
+                "samples back-propagated".into(),
+                self.backpropagated.to_string(),
+            ),
             ("training steps".into(), self.training_steps.to_string()),
-            ("wall time".into(), format!("{:.2} s ({:.0} samples/s)", self.wall_s, self.samples_per_s)),
+            (
+                "wall time".into(),
+                format!("{:.2} s ({:.0} samples/s)", self.wall_s, self.samples_per_s),
+            ),
             ("CPU time".into(), format!("{:.2} s", self.cpu_s)),
         ])
         .collect();
@@ -117,24 +171,47 @@ impl RunReport {
             t.add_row(vec![k, v]);
         }
         if self.interrupted {
-            t.add_row(vec!["interrupted".to_string(), "yes (shutdown signal)".to_string()]);
+            t.add_row(vec![
+                "interrupted".to_string(),
+                "yes (shutdown signal)".to_string(),
+            ]);
         }
         let mut m = Table::new();
         m.load_preset(UTF8_FULL_CONDENSED);
         match &self.metrics {
             EvalSummary::Regression(r) => {
-                m.set_header(vec!["prequential (regression)", "n", "MAE", "RMSE", "sMAPE %"]);
+                m.set_header(vec![
+                    "prequential (regression)",
+                    "n",
+                    "MAE",
+                    "RMSE",
+                    "sMAPE %",
+                ]);
                 err_row(&mut m, "model, whole stream", &r.model);
                 err_row(&mut m, "persistence, whole stream", &r.persistence);
                 err_row(&mut m, "model, last window", &r.model_last_window);
-                err_row(&mut m, "persistence, last window", &r.persistence_last_window);
+                err_row(
+                    &mut m,
+                    "persistence, last window",
+                    &r.persistence_last_window,
+                );
                 if r.seasonal.n > 0 {
-                    err_row(&mut m, "model, rows with a seasonal value", &r.model_on_seasonal_rows);
+                    err_row(
+                        &mut m,
+                        "model, rows with a seasonal value",
+                        &r.model_on_seasonal_rows,
+                    );
                     err_row(&mut m, "seasonal (same slot, one season back)", &r.seasonal);
                 }
             }
             EvalSummary::Classification(c) => {
-                m.set_header(vec!["prequential (beam)", "n", "top-1", "top-3", "power loss dB"]);
+                m.set_header(vec![
+                    "prequential (beam)",
+                    "n",
+                    "top-1",
+                    "top-3",
+                    "power loss dB",
+                ]);
                 beam_row(&mut m, "model, whole stream", &c.model);
                 beam_row(&mut m, "model, last window", &c.model_last_window);
             }

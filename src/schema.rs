@@ -62,10 +62,12 @@ impl ColumnSpec {
         let ok = match self.ty {
             ColumnType::Int => dt.is_integer(),
             ColumnType::Float => dt.is_floating() || dt.is_integer(),
-            ColumnType::String => matches!(
-                dt,
-                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
-            ) || matches!(dt, DataType::Dictionary(_, v) if matches!(**v, DataType::Utf8 | DataType::LargeUtf8)),
+            ColumnType::String => {
+                matches!(
+                    dt,
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+                ) || matches!(dt, DataType::Dictionary(_, v) if matches!(**v, DataType::Utf8 | DataType::LargeUtf8))
+            }
             ColumnType::Timestamp => matches!(dt, DataType::Timestamp(_, _)),
             ColumnType::FloatList => match dt {
                 DataType::FixedSizeList(f, n) => {
@@ -123,7 +125,8 @@ fn yes() -> bool {
     true
 }
 
-/// UE position relative to the base station in metres east and north, from GPS columns.
+/// UE position relative to the base station, from GPS columns: metres east and north, the
+/// range, and the bearing as sin/cos (a beam of a phased array points at a bearing).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GeoSpec {
@@ -149,6 +152,14 @@ pub struct FeatureSpec {
     /// Running standardisation of every numeric feature (and of a regression target).
     #[serde(default = "yes")]
     pub normalise: bool,
+    /// Regression: the model predicts the change from the key's last target value, so an
+    /// untrained model starts at the persistence forecast and learns corrections to it.
+    #[serde(default)]
+    pub predict_change: bool,
+    /// Columns modelled as ln(1 + v) (traffic volumes are multiplicative: a day's peak and
+    /// its night differ by an order of magnitude). Metrics stay in the original units.
+    #[serde(default)]
+    pub log1p: Vec<String>,
 }
 
 /// Baselines reported beside a regression model, on the same rows.
@@ -220,23 +231,36 @@ impl Schema {
             TimeKind::Index => ColumnType::Int,
         };
         if t.ty != want {
-            bail!("time column `{}` must be declared {want:?} for kind {:?}", self.time.column, self.time.kind);
+            bail!(
+                "time column `{}` must be declared {want:?} for kind {:?}",
+                self.time.column,
+                self.time.kind
+            );
         }
         let target = self.declared(&self.target, "target")?;
         match (&self.task, target.ty) {
             (TaskSpec::Regression, ColumnType::Float | ColumnType::Int) => {}
             (TaskSpec::Classification { classes }, ColumnType::Int) if *classes >= 2 => {}
-            (task, ty) => bail!("target `{}` of type {ty:?} does not fit task {task:?}", self.target),
+            (task, ty) => bail!(
+                "target `{}` of type {ty:?} does not fit task {task:?}",
+                self.target
+            ),
         }
         for c in self.numeric_columns() {
             let spec = self.declared(&c, "feature")?;
             if !matches!(spec.ty, ColumnType::Float | ColumnType::Int) {
-                bail!("feature column `{c}` must be int or float, is {:?}", spec.ty);
+                bail!(
+                    "feature column `{c}` must be int or float, is {:?}",
+                    spec.ty
+                );
             }
         }
         for l in &self.features.lags {
             if l.lags.is_empty() || l.lags.contains(&0) {
-                bail!("lags of `{}` must be a non-empty list of integers ≥ 1", l.column);
+                bail!(
+                    "lags of `{}` must be a non-empty list of integers ≥ 1",
+                    l.column
+                );
             }
         }
         if let Some(p) = &self.evaluation.beam_power {
@@ -244,6 +268,14 @@ impl Schema {
             if spec.ty != ColumnType::FloatList {
                 bail!("beam_power column `{p}` must be float_list");
             }
+        }
+        for c in &self.features.log1p {
+            if !self.numeric_columns().contains(c) {
+                bail!("log1p column `{c}` is not a numeric column the schema reads");
+            }
+        }
+        if self.features.predict_change && self.task != TaskSpec::Regression {
+            bail!("predict_change applies to regression targets only");
         }
         if self.calendar_needs_timestamp() && self.time.kind != TimeKind::Timestamp {
             bail!("calendar features need a timestamp time column");
@@ -269,7 +301,9 @@ impl Schema {
         self.features.inputs.iter().for_each(&mut add);
         self.features.lags.iter().for_each(|l| add(&l.column));
         if let Some(g) = &self.features.geo {
-            [&g.bs_lat, &g.bs_lon, &g.ue_lat, &g.ue_lon].into_iter().for_each(&mut add);
+            [&g.bs_lat, &g.bs_lon, &g.ue_lat, &g.ue_lon]
+                .into_iter()
+                .for_each(&mut add);
         }
         if self.task == TaskSpec::Regression {
             add(&self.target);
@@ -310,7 +344,13 @@ impl Schema {
             }
         }
         if f.geo.is_some() {
-            names.extend(["east_m".into(), "north_m".into()]);
+            names.extend([
+                "east_m".into(),
+                "north_m".into(),
+                "range_m".into(),
+                "bearing_sin".into(),
+                "bearing_cos".into(),
+            ]);
         }
         names
     }
@@ -328,7 +368,10 @@ impl Schema {
                 Err(_) => out.push((col.clone(), "missing".to_string())),
                 Ok(f) => {
                     if let Some(expected) = spec.mismatch(f.data_type()) {
-                        out.push((col.clone(), format!("expected {expected}, found {}", f.data_type())));
+                        out.push((
+                            col.clone(),
+                            format!("expected {expected}, found {}", f.data_type()),
+                        ));
                     }
                 }
             }

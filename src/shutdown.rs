@@ -49,15 +49,17 @@ impl Shutdown {
             let ctrl_c = tokio::signal::ctrl_c();
             #[cfg(unix)]
             {
-                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::warn!("cannot listen for SIGTERM: {e}");
-                        let _ = ctrl_c.await;
-                        s.trigger();
-                        return;
-                    }
-                };
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::warn!("cannot listen for SIGTERM: {e}");
+                            let _ = ctrl_c.await;
+                            s.trigger();
+                            return;
+                        }
+                    };
                 tokio::select! {
                     _ = ctrl_c => tracing::info!("SIGINT: stopping intake, draining"),
                     _ = term.recv() => tracing::info!("SIGTERM: stopping intake, draining"),

@@ -38,15 +38,25 @@ fn max_rel(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn check(head: Head, x: &[f32], y: &[f32], d: usize, what: &str) {
-    for dev in [Device::flex(), #[allow(deprecated)] Device::ndarray()] {
+    for dev in [
+        Device::flex(),
+        #[allow(deprecated)]
+        Device::ndarray(),
+    ] {
         let mlp = Mlp::new(d, &[64, 64], head, &dev);
         let params = mlp.dense_params();
         let naive = model::naive_sq_norms(&params, head, x, y);
-        assert!(naive.iter().all(|v| v.is_finite() && *v > 0.0), "{what}: naive norms are positive");
+        assert!(
+            naive.iter().all(|v| v.is_finite() && *v > 0.0),
+            "{what}: naive norms are positive"
+        );
         let f = fused(&params, head, x, y, &dev);
         let p = probes(&params, head, x, y, &dev);
         let (ef, ep) = (max_rel(&f, &naive), max_rel(&p, &naive));
-        println!("{what} on {dev:?}: fused rel err {ef:.2e}, probes rel err {ep:.2e} over {} samples", y.len());
+        println!(
+            "{what} on {dev:?}: fused rel err {ef:.2e}, probes rel err {ep:.2e} over {} samples",
+            y.len()
+        );
         assert!(ef < 1e-4, "{what}: fused exact norms off by {ef}");
         assert!(ep < 1e-4, "{what}: autodiff-probe norms off by {ep}");
     }
@@ -60,7 +70,13 @@ fn exact_norms_match_naive_on_random_data() {
     let y: Vec<f32> = (0..n).map(|_| rng.random_range(-3.0..3.0)).collect();
     check(Head::Regression, &x, &y, d, "random regression");
     let c: Vec<f32> = (0..n).map(|_| rng.random_range(0..64) as f32).collect();
-    check(Head::Classification { classes: 64 }, &x, &c, d, "random classification");
+    check(
+        Head::Classification { classes: 64 },
+        &x,
+        &c,
+        d,
+        "random classification",
+    );
 }
 
 #[test]
@@ -68,12 +84,24 @@ fn exact_norms_match_naive_on_real_data() {
     let milan = common::repo().join("data/milan/internet_square5161.parquet");
     let (s, d, _) = common::feature_rows("milan_internet", &milan, 64);
     assert_eq!(s.len(), 64);
-    check(Head::Regression, &s.x, &s.y, d, "Milan traffic (regression)");
+    check(
+        Head::Regression,
+        &s.x,
+        &s.y,
+        d,
+        "Milan traffic (regression)",
+    );
 
     let beam = common::shared_data().join("beam/deepsense_scenario1.parquet");
     let (s, d, _) = common::feature_rows("deepsense_beam", &beam, 64);
     assert_eq!(s.len(), 64);
-    check(Head::Classification { classes: 64 }, &s.x, &s.y, d, "DeepSense beams (classification)");
+    check(
+        Head::Classification { classes: 64 },
+        &s.x,
+        &s.y,
+        d,
+        "DeepSense beams (classification)",
+    );
 }
 
 #[test]
@@ -86,18 +114,32 @@ fn weighted_gradient_equals_autodiff_gradient_of_weighted_loss() {
     let head = Head::Classification { classes: 5 };
     let x: Vec<f32> = (0..n * d).map(|_| rng.random_range(-1.0..1.0)).collect();
     let y: Vec<f32> = (0..n).map(|_| rng.random_range(0..5) as f32).collect();
-    let w: Vec<f32> = (0..n).map(|i| if i % 3 == 0 { 0.0 } else { rng.random_range(0.1..2.0) }).collect();
-    let mlp = Mlp::new(d, &[16, 16], head, &dev);
-    let params = mlp.dense_params();
+    let w: Vec<f32> = (0..n)
+        .map(|i| {
+            if i % 3 == 0 {
+                0.0
+            } else {
+                rng.random_range(0.1..2.0)
+            }
+        })
+        .collect();
+    // Built on the autodiff device so burn can differentiate it; dense_params() are plain.
+    let ad = Mlp::new(d, &[16, 16], head, &dev.clone().autodiff());
+    let params = ad.dense_params();
     let xt = model::matrix(x.clone(), n, d, &dev);
     let target = model::target_tensor(head, &y, &dev);
     let tr = model::trace(&params, xt.clone());
-    let deltas = model::backward_deltas(&params, &tr, model::output_grad(head, tr.output(), target.clone()));
+    let deltas = model::backward_deltas(
+        &params,
+        &tr,
+        model::output_grad(head, tr.output(), target.clone()),
+    );
     let ours = model::weighted_grads(&tr.inputs, &deltas, model::matrix(w.clone(), n, 1, &dev));
 
-    let ad = mlp.fork(&dev.clone().autodiff());
     let losses = model::per_sample_loss(head, ad.forward(xt.autodiff()), target.autodiff());
-    let grads = (losses * model::matrix(w, n, 1, &dev).autodiff()).sum().backward();
+    let grads = (losses * model::matrix(w, n, 1, &dev).autodiff())
+        .sum()
+        .backward();
     let theirs = burn::optim::GradientsParams::from_grads(grads, &ad);
     let check = model::Mlp::new(d, &[16, 16], head, &dev); // only for layer count
     assert_eq!(check.depth(), ours.len());
@@ -108,7 +150,10 @@ fn weighted_gradient_equals_autodiff_gradient_of_weighted_loss() {
         let dw = (gw - tw.clone().inner()).abs().max().into_scalar::<f32>();
         let db = (gb - tb.inner()).abs().max().into_scalar::<f32>();
         let scale = tw.inner().abs().max().into_scalar::<f32>().max(1e-6);
-        assert!(dw / scale < 1e-4 && db / scale < 1e-4, "layer {k}: {dw} {db} (scale {scale})");
+        assert!(
+            dw / scale < 1e-4 && db / scale < 1e-4,
+            "layer {k}: {dw} {db} (scale {scale})"
+        );
     }
 }
 

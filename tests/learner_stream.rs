@@ -26,7 +26,12 @@ fn buffer_never_exceeds_either_cap_on_a_long_stream() {
             head: Head::Regression,
             model: ModelConfig::default(),
             importance: ImportanceMethod::Exact,
-            selection: SelectionConfig { keep: 0.8, warmup: 500, window: 2048, unbiased_q: 0.0 },
+            selection: SelectionConfig {
+                keep: 0.8,
+                warmup: 500,
+                window: 2048,
+                unbiased_q: 0.0,
+            },
             buffer: BufferConfig {
                 policy,
                 capacity,
@@ -37,7 +42,11 @@ fn buffer_never_exceeds_either_cap_on_a_long_stream() {
                 rescore_every: 10,
                 rescore_slice: 128,
             },
-            training: TrainingConfig { micro_batch: 64, learning_rate: 1e-3, seed: 1 },
+            training: TrainingConfig {
+                micro_batch: 64,
+                learning_rate: 1e-3,
+                seed: 1,
+            },
         });
         let mut peak = (0, 0);
         // 10 passes over the archive: about 88k samples.
@@ -51,12 +60,20 @@ fn buffer_never_exceeds_either_cap_on_a_long_stream() {
                     times: &s.times[r],
                 });
                 let b = l.buffer();
-                assert!(b.len() <= capacity && b.bytes() <= max_bytes, "{policy:?}: {} entries, {} bytes", b.len(), b.bytes());
+                assert!(
+                    b.len() <= capacity && b.bytes() <= max_bytes,
+                    "{policy:?}: {} entries, {} bytes",
+                    b.len(),
+                    b.bytes()
+                );
                 peak = (peak.0.max(b.len()), peak.1.max(b.bytes()));
             }
         }
         let b = l.buffer();
-        println!("{policy:?}: peak {} entries / {} bytes (caps {capacity} / {max_bytes}), {:?}", peak.0, peak.1, b.stats);
+        println!(
+            "{policy:?}: peak {} entries / {} bytes (caps {capacity} / {max_bytes}), {:?}",
+            peak.0, peak.1, b.stats
+        );
         assert!(peak.0 >= 690, "{policy:?} fills to the byte cap");
         assert!(b.stats.evicted > 0);
         assert!(l.stats().seen > 80_000);

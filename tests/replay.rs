@@ -18,10 +18,18 @@ fn milan_pipeline_runs_from_the_cli_and_pyarrow_reads_its_scores() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "gradsift run failed:\n{stdout}\n{}", String::from_utf8_lossy(&status.stderr));
-    assert!(stdout.contains("samples seen") && stdout.contains("persistence"), "summary table printed:\n{stdout}");
+    assert!(
+        status.status.success(),
+        "gradsift run failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        stdout.contains("samples seen") && stdout.contains("persistence"),
+        "summary table printed:\n{stdout}"
+    );
 
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("report.json")).unwrap()).unwrap();
     // 8,928 slots; the first 144 lack the same-slot-yesterday lag.
     assert_eq!(report["rows_read"], 8928);
     assert_eq!(report["skipped"]["lag_warmup"], 144);
@@ -32,13 +40,16 @@ fn milan_pipeline_runs_from_the_cli_and_pyarrow_reads_its_scores() {
     let scores = out.path().join("scores.parquet");
     let py = common::python(&format!(
         "import pyarrow.parquet as pq, pyarrow.compute as pc\n\
-         t = pq.read_table('{}')\n\
+         t = pq.ParquetFile('{}').read()\n\
          print(t.num_rows, ','.join(t.column_names), pc.sum(t['selected']).as_py(), pc.sum(t['retained']).as_py(), t.schema.field('time').type)",
         scores.display()
     ));
     let f: Vec<&str> = py.split_whitespace().collect();
     assert_eq!(f[0], (8928 - 144).to_string());
-    assert_eq!(f[1], "key,time,score,threshold,selected,trained,retained,prediction,target");
+    assert_eq!(
+        f[1],
+        "key,time,score,threshold,selected,trained,retained,prediction,target"
+    );
     assert_eq!(f[2], report["selected"].to_string());
     assert_eq!(f[3], report["retained"].to_string());
     assert!(f[4].starts_with("timestamp[us"), "{}", f[4]);
@@ -51,13 +62,20 @@ fn lte_pipeline_replays_and_dead_letters_the_null_kpis() {
     let r = common::run(common::pipeline("lte-replay.toml", out.path(), &[]));
     assert_eq!(r.rows_read, 4192 + 1049 + 6892 + 1723);
     // LesCorts has Arrow nulls in the MCS / RB columns: counted by column, never fatal.
-    let nulls: u64 = r.skipped.iter().filter(|(k, _)| k.starts_with("null:")).map(|(_, v)| v).sum();
+    let nulls: u64 = r
+        .skipped
+        .iter()
+        .filter(|(k, _)| k.starts_with("null:"))
+        .map(|(_, v)| v)
+        .sum();
     assert!(nulls > 0, "{:?}", r.skipped);
     assert_eq!(r.samples + r.skipped_total, r.rows_read);
     assert_eq!(r.dead_lettered_rows, nulls);
     let letters = std::fs::read_to_string(out.path().join("dead_letters.jsonl")).unwrap();
     assert_eq!(letters.lines().count() as u64, nulls);
-    let EvalSummary::Regression(m) = &r.metrics else { panic!("regression metrics") };
+    let EvalSummary::Regression(m) = &r.metrics else {
+        panic!("regression metrics")
+    };
     assert!(m.model.mae.is_finite() && m.persistence.n > 0);
 }
 
@@ -68,7 +86,9 @@ fn beam_pipeline_replays_all_scenarios() {
     let r = common::run(common::pipeline("beam-replay.toml", out.path(), &[]));
     assert_eq!(r.rows_read, 2422 + 2974 + 1487 + 1867);
     assert_eq!(r.samples, r.rows_read, "no lags: every row is a sample");
-    let EvalSummary::Classification(m) = &r.metrics else { panic!("classification metrics") };
+    let EvalSummary::Classification(m) = &r.metrics else {
+        panic!("classification metrics")
+    };
     // Chance is 1/64 top-1 and 3/64 top-3; position predicts the beam far better.
     assert!(m.model.top1 > 5.0 / 64.0, "top-1 {}", m.model.top1);
     assert!(m.model.top3 > m.model.top1);
@@ -78,7 +98,11 @@ fn beam_pipeline_replays_all_scenarios() {
 #[test]
 fn keep_one_trains_on_every_valid_sample() {
     let out = tempfile::tempdir().unwrap();
-    let r = common::run(common::pipeline("milan-replay.toml", out.path(), &["selection.keep=1.0", "output.scores=false"]));
+    let r = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &["selection.keep=1.0", "output.scores=false"],
+    ));
     assert_eq!(r.trained, r.samples);
     assert_eq!(r.selected, r.samples);
 }
@@ -86,7 +110,11 @@ fn keep_one_trains_on_every_valid_sample() {
 #[test]
 fn keep_point_seven_trains_seventy_percent_after_warmup() {
     common::shared_data();
-    for (pipe, extra) in [("milan-replay.toml", None), ("lte-replay.toml", None), ("beam-replay.toml", Some("importance.method=\"loss\""))] {
+    for (pipe, extra) in [
+        ("milan-replay.toml", None),
+        ("lte-replay.toml", None),
+        ("beam-replay.toml", Some("importance.method=\"loss\"")),
+    ] {
         let out = tempfile::tempdir().unwrap();
         let mut o = vec!["selection.keep=0.7", "output.scores=false"];
         o.extend(extra);
@@ -134,9 +162,17 @@ fn bad_rows_are_counted_by_reason_and_the_run_completes() {
     assert_eq!(r.samples + r.skipped_total, r.rows_read);
     assert_eq!(r.dead_lettered_rows, 14 + 5 + 50 + 40);
     let letters = std::fs::read_to_string(out.path().join("dead_letters.jsonl")).unwrap();
-    let reasons: Vec<serde_json::Value> = letters.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert!(reasons.iter().any(|l| l["reason"] == "wrong_type:internet" && l["detail"].as_str().unwrap().contains("expected float")));
-    assert!(reasons.iter().any(|l| l["reason"] == "non_finite:internet" && l["row"] == 300));
+    let reasons: Vec<serde_json::Value> = letters
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(reasons.iter().any(|l| l["reason"] == "wrong_type:internet"
+        && l["detail"].as_str().unwrap().contains("expected float")));
+    assert!(
+        reasons
+            .iter()
+            .any(|l| l["reason"] == "non_finite:internet" && l["row"] == 300)
+    );
     assert!(r.samples > 8000);
 }
 
@@ -146,19 +182,36 @@ fn schema_check_reports_every_mismatch_by_column() {
     let bin = env!("CARGO_BIN_EXE_gradsift");
     let ok = Command::new(bin)
         .current_dir(common::repo())
-        .args(["schema", "check", "schemas/lte_cell_kpi.json", "../shared/data/lte/elborn_train.parquet"])
+        .args([
+            "schema",
+            "check",
+            "schemas/lte_cell_kpi.json",
+            "../shared/data/lte/elborn_train.parquet",
+        ])
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
     let bad = Command::new(bin)
         .current_dir(common::repo())
-        .args(["schema", "check", "schemas/lte_cell_kpi.json", "data/milan/internet_square5161.parquet"])
+        .args([
+            "schema",
+            "check",
+            "schemas/lte_cell_kpi.json",
+            "data/milan/internet_square5161.parquet",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&bad.stdout);
     assert!(!bad.status.success());
     for col in ["site", "time", "down", "rb_up_var"] {
-        assert!(text.contains(&format!("column `{col}`: missing")), "{col} in:\n{text}");
+        assert!(
+            text.contains(&format!("column `{col}`: missing")),
+            "{col} in:\n{text}"
+        );
     }
 }
 
@@ -168,8 +221,17 @@ fn a_bad_pipeline_file_fails_at_start_naming_file_key_and_expectation() {
     let text = std::fs::read_to_string(common::repo().join("pipelines/milan-replay.toml")).unwrap();
     let p = dir.path().join("broken.toml");
     std::fs::write(&p, text.replace("capacity = 2048", "capacity = \"lots\"")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_gradsift")).args(["run"]).arg(&p).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gradsift"))
+        .args(["run"])
+        .arg(&p)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("broken.toml") && err.contains("buffer.capacity") && err.contains("expected usize"), "{err}");
+    assert!(
+        err.contains("broken.toml")
+            && err.contains("buffer.capacity")
+            && err.contains("expected usize"),
+        "{err}"
+    );
 }

@@ -172,7 +172,9 @@ impl ReplayBuffer {
     /// Ordering key: lower leaves first.
     fn rank(&self, e: &Entry) -> u64 {
         let v = match self.cfg.policy {
-            EvictionPolicy::Importance => (e.score.max(1e-30) as f64).ln() - e.born as f64 * self.ln_decay,
+            EvictionPolicy::Importance => {
+                (e.score.max(1e-30) as f64).ln() - e.born as f64 * self.ln_decay
+            }
             EvictionPolicy::Fifo | EvictionPolicy::Reservoir => e.born as f64,
         };
         sortable(v)
@@ -269,7 +271,11 @@ impl ReplayBuffer {
         }
         let importance = self.cfg.replay_sampling == ReplaySampling::Importance
             && self.cfg.policy == EvictionPolicy::Importance;
-        let max_rank = self.order.last().map(|(r, _)| unsortable(*r)).unwrap_or(0.0);
+        let max_rank = self
+            .order
+            .last()
+            .map(|(r, _)| unsortable(*r))
+            .unwrap_or(0.0);
         (0..n)
             .map(|_| {
                 let mut s = self.random_live(rng).expect("non-empty");
@@ -310,11 +316,17 @@ impl ReplayBuffer {
 
     /// Replaces an entry's score with one from the current model.
     pub fn rescore(&mut self, slot: usize, score: f32, version: u64) {
-        let Some(e) = self.slots[slot].take() else { return };
+        let Some(e) = self.slots[slot].take() else {
+            return;
+        };
         if self.cfg.policy != EvictionPolicy::Reservoir {
             self.order.remove(&(self.rank(&e), slot));
         }
-        let e = Entry { score, version, ..e };
+        let e = Entry {
+            score,
+            version,
+            ..e
+        };
         if self.cfg.policy != EvictionPolicy::Reservoir {
             self.order.insert((self.rank(&e), slot));
         }
@@ -396,7 +408,11 @@ mod tests {
     #[test]
     fn both_caps_hold_for_every_policy() {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
-        for policy in [EvictionPolicy::Importance, EvictionPolicy::Fifo, EvictionPolicy::Reservoir] {
+        for policy in [
+            EvictionPolicy::Importance,
+            EvictionPolicy::Fifo,
+            EvictionPolicy::Reservoir,
+        ] {
             let per = entry(0.0, 0, "key-0").bytes();
             let mut b = ReplayBuffer::new(cfg(policy, 50, per * 30 + 7));
             for i in 0..5000u64 {

@@ -30,7 +30,11 @@ struct ErrSum {
 
 fn smape(pred: f64, target: f64) -> f64 {
     let den = pred.abs() + target.abs();
-    if den == 0.0 { 0.0 } else { 2.0 * (pred - target).abs() / den }
+    if den == 0.0 {
+        0.0
+    } else {
+        2.0 * (pred - target).abs() / den
+    }
 }
 
 impl ErrSum {
@@ -289,7 +293,12 @@ mod tests {
     fn regression_metrics_match_hand_computation() {
         let mut e = RegressionEval::new(2);
         for (p, t) in [(1.0, 2.0), (3.0, 3.0), (5.0, 1.0)] {
-            e.record(RegressionRow { prediction: p, target: t, persistence: Some(t + 1.0), seasonal: None });
+            e.record(RegressionRow {
+                prediction: p,
+                target: t,
+                persistence: Some(t + 1.0),
+                seasonal: None,
+            });
         }
         let s = e.summary();
         assert!((s.model.mae - 5.0 / 3.0).abs() < 1e-12);

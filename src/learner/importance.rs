@@ -34,7 +34,10 @@ pub enum ImportanceMethod {
 impl ImportanceMethod {
     /// Whether the scores come with every row's backward pass already done.
     pub fn backward_on_all_rows(self) -> bool {
-        matches!(self, ImportanceMethod::Exact | ImportanceMethod::ExactAutodiff)
+        matches!(
+            self,
+            ImportanceMethod::Exact | ImportanceMethod::ExactAutodiff
+        )
     }
 }
 
@@ -80,7 +83,8 @@ impl ImportanceScorer {
         let xt = model::matrix(x, n, d, device);
         let target = model::target_tensor(self.head, y, device);
         if self.method == ImportanceMethod::ExactAutodiff {
-            let (inputs, deltas, losses, output) = model::probe_trace(params, self.head, xt, target);
+            let (inputs, deltas, losses, output) =
+                model::probe_trace(params, self.head, xt, target);
             let scores = sqrt_all(model::to_vec(model::sq_norms(&inputs, &deltas)));
             return Scored {
                 outputs: model::to_vec(output),
@@ -93,7 +97,11 @@ impl ImportanceScorer {
         }
         let tr = model::trace(params, xt);
         let out = tr.output();
-        let losses = model::to_vec(model::per_sample_loss(self.head, out.clone(), target.clone()));
+        let losses = model::to_vec(model::per_sample_loss(
+            self.head,
+            out.clone(),
+            target.clone(),
+        ));
         let g_out = model::output_grad(self.head, out.clone(), target);
         let outputs = model::to_vec(out);
         let (scores, deltas, pending) = match self.method {
@@ -107,12 +115,20 @@ impl ImportanceScorer {
                 (s, None, Some(g_out))
             }
             ImportanceMethod::El2n => {
-                let half = if self.head == Head::Regression { 0.5 } else { 1.0 };
+                let half = if self.head == Head::Regression {
+                    0.5
+                } else {
+                    1.0
+                };
                 let s = model::to_vec(g_out.clone().square().sum_dim(1).sqrt().mul_scalar(half));
                 (s, None, Some(g_out))
             }
             ImportanceMethod::Loss => (losses.clone(), None, Some(g_out)),
-            ImportanceMethod::Random => ((0..n).map(|_| rng.random::<f32>()).collect(), None, Some(g_out)),
+            ImportanceMethod::Random => (
+                (0..n).map(|_| rng.random::<f32>()).collect(),
+                None,
+                Some(g_out),
+            ),
         };
         let inputs = tr.inputs.clone();
         Scored {

@@ -41,7 +41,8 @@ impl Backend {
     pub fn device(self) -> Device {
         match self {
             Backend::Flex => Device::flex(),
-            #[allow(deprecated)] // burn 0.22 deprecates ndarray in favour of flex; the design names it
+            #[allow(deprecated)]
+            // burn 0.22 deprecates ndarray in favour of flex; the design names it
             Backend::Ndarray => Device::ndarray(),
         }
     }
@@ -84,7 +85,7 @@ pub struct TrainingConfig {
     /// Adam learning rate.
     #[serde(default = "default_lr")]
     pub learning_rate: f64,
-    /// Seed of every random choice (initialisation excepted: burn's own RNG).
+    /// Seed of every random choice, weight initialisation included.
     #[serde(default)]
     pub seed: u64,
 }
@@ -172,7 +173,17 @@ pub struct OnlineLearner {
 impl OnlineLearner {
     pub fn new(cfg: LearnerConfig) -> Self {
         let device = cfg.model.backend.device();
-        let model = Mlp::new(cfg.inputs, &cfg.model.hidden, cfg.head, &device);
+        // Same seed, same initial weights: runs are reproducible and comparable side by side.
+        device.seed(cfg.training.seed);
+        device.clone().autodiff().seed(cfg.training.seed);
+        // Parameters live on the autodiff device because burn's optimiser expects trainable
+        // (require-grad) parameters; every hot-path computation uses their plain `inner()` values.
+        let model = Mlp::new(
+            cfg.inputs,
+            &cfg.model.hidden,
+            cfg.head,
+            &device.clone().autodiff(),
+        );
         OnlineLearner {
             device,
             model,
@@ -229,7 +240,9 @@ impl OnlineLearner {
         self.buffer.gather(&replay, &mut x, &mut y);
 
         let params = self.model.dense_params();
-        let scored = self.scorer.score(&params, x, &y, &self.device, &mut self.rng);
+        let scored = self
+            .scorer
+            .score(&params, x, &y, &self.device, &mut self.rng);
         let decision = self.selector.decide(&scored.scores[..n], &mut self.rng);
 
         // Loss weights: fresh rows as decided, replayed rows 1; normalised to a mean.
@@ -245,10 +258,17 @@ impl OnlineLearner {
         }
         let trained_rows = w.iter().filter(|v| **v > 0.0).count();
         let train_loss = {
-            let (num, den) = w.iter().zip(&scored.losses).fold((0f64, 0f64), |(a, c), (wi, li)| {
-                (a + (*wi as f64) * (*li as f64), c + *wi as f64)
-            });
-            if den > 0.0 { (num / den) as f32 } else { f32::NAN }
+            let (num, den) = w
+                .iter()
+                .zip(&scored.losses)
+                .fold((0f64, 0f64), |(a, c), (wi, li)| {
+                    (a + (*wi as f64) * (*li as f64), c + *wi as f64)
+                });
+            if den > 0.0 {
+                (num / den) as f32
+            } else {
+                f32::NAN
+            }
         };
         self.stats.backpropagated += if self.cfg.importance.backward_on_all_rows() {
             (n + replay.len()) as u64
@@ -262,7 +282,8 @@ impl OnlineLearner {
         // Replayed rows were scored by this pass: refresh their stored scores.
         let version_before = self.stats.steps.saturating_sub(1);
         for (j, &slot) in replay.iter().enumerate() {
-            self.buffer.rescore(slot, scored.scores[n + j], version_before);
+            self.buffer
+                .rescore(slot, scored.scores[n + j], version_before);
         }
 
         let dim = self.cfg.inputs;
@@ -330,7 +351,9 @@ impl OnlineLearner {
             }
         };
         let grads = self.model.gradients(grads);
-        self.model = self.optim.step(self.cfg.training.learning_rate, self.model.clone(), grads);
+        self.model = self
+            .optim
+            .step(self.cfg.training.learning_rate, self.model.clone(), grads);
         self.stats.steps += 1;
     }
 
@@ -343,7 +366,9 @@ impl OnlineLearner {
         let (mut x, mut y) = (Vec::new(), Vec::new());
         self.buffer.gather(&slots, &mut x, &mut y);
         let params = self.model.dense_params();
-        let scored = self.scorer.score(&params, x, &y, &self.device, &mut self.rng);
+        let scored = self
+            .scorer
+            .score(&params, x, &y, &self.device, &mut self.rng);
         if self.cfg.importance.backward_on_all_rows() {
             self.stats.backpropagated += slots.len() as u64;
         }

@@ -83,7 +83,12 @@ impl Mlp {
             .iter()
             .map(|l| DenseParams {
                 weight: l.weight.val().inner(),
-                bias: l.bias.as_ref().expect("layers are built with bias").val().inner(),
+                bias: l
+                    .bias
+                    .as_ref()
+                    .expect("layers are built with bias")
+                    .val()
+                    .inner(),
             })
             .collect()
     }
@@ -123,8 +128,16 @@ impl Trace {
     /// The same trace restricted to some rows (for training a subset after a forward pass).
     pub fn rows(&self, idx: &Tensor<1, burn::tensor::Int>) -> Trace {
         Trace {
-            inputs: self.inputs.iter().map(|t| t.clone().select(0, idx.clone())).collect(),
-            pre: self.pre.iter().map(|t| t.clone().select(0, idx.clone())).collect(),
+            inputs: self
+                .inputs
+                .iter()
+                .map(|t| t.clone().select(0, idx.clone()))
+                .collect(),
+            pre: self
+                .pre
+                .iter()
+                .map(|t| t.clone().select(0, idx.clone()))
+                .collect(),
         }
     }
 }
@@ -289,7 +302,10 @@ pub fn naive_sq_norms(params: &[DenseParams], head: Head, x: &[f32], y: &[f32]) 
                     )
                 })
                 .collect();
-            let xi = Tensor::<2>::from_data(TensorData::new(x[i * d..(i + 1) * d].to_vec(), [1, d]), &ad);
+            let xi = Tensor::<2>::from_data(
+                TensorData::new(x[i * d..(i + 1) * d].to_vec(), [1, d]),
+                &ad,
+            );
             let ti = target_tensor(head, &y[i..i + 1], &device).autodiff();
             let mut h = xi;
             for (k, (w, b)) in leaves.iter().enumerate() {

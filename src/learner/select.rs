@@ -61,6 +61,8 @@ pub struct Selector {
     next: usize,
     seen: u64,
     scratch: Vec<f32>,
+    /// Σ (selected − keep) over the samples decided after warm-up.
+    debt: f64,
 }
 
 impl Selector {
@@ -72,18 +74,24 @@ impl Selector {
             next: 0,
             seen: 0,
             scratch: Vec::with_capacity(cap),
+            debt: 0.0,
         }
     }
 
-    /// Current (1 − keep) quantile of the window, −∞ when keep = 1 or the window is empty.
+    /// Current threshold: the (1 − keep) quantile of the window, shifted by the selection
+    /// debt; −∞ when keep = 1 or the window is empty.
     pub fn threshold(&mut self) -> f32 {
         if self.cfg.keep >= 1.0 || self.ring.is_empty() {
             return f32::NEG_INFINITY;
         }
         self.scratch.clear();
         self.scratch.extend_from_slice(&self.ring);
-        let k = (((1.0 - self.cfg.keep) * self.scratch.len() as f64).floor() as usize)
-            .min(self.scratch.len() - 1);
+        let len = self.scratch.len() as f64;
+        // While scores trend (the model learns, the stream drifts) the window lags behind
+        // and the realised fraction would stray from `keep`; feeding back the running
+        // surplus or deficit of selected samples holds it at `keep` over the long run.
+        let level = ((1.0 - self.cfg.keep) + self.debt / len).clamp(0.0, 1.0);
+        let k = ((level * len).floor() as usize).min(self.scratch.len() - 1);
         let (_, kth, _) = self.scratch.select_nth_unstable_by(k, f32::total_cmp);
         *kth
     }
@@ -105,13 +113,20 @@ impl Selector {
             self.push(if s.is_finite() { s } else { f32::MAX });
         }
         let warm = self.seen < self.cfg.warmup;
-        let threshold = if warm { f32::NEG_INFINITY } else { self.threshold() };
+        let threshold = if warm {
+            f32::NEG_INFINITY
+        } else {
+            self.threshold()
+        };
         let q = self.cfg.unbiased_q;
         let mut selected = Vec::with_capacity(scores.len());
         let mut weights = Vec::with_capacity(scores.len());
         for (i, &s) in scores.iter().enumerate() {
             let in_warmup = self.seen + (i as u64) < self.cfg.warmup;
             let keep = in_warmup || s >= threshold;
+            if !in_warmup {
+                self.debt += keep as u8 as f64 - self.cfg.keep;
+            }
             selected.push(keep);
             weights.push(if keep {
                 1.0
@@ -160,7 +175,11 @@ mod tests {
         let mut sel = selector(0.7, 512);
         let (mut kept, mut total) = (0, 0);
         for b in 0..200 {
-            let scores: Vec<f32> = (0..64).map(|_| rng.random::<f32>() * (1.0 + b as f32)).collect();
+            // Scores that shrink as a model learns: the window lags behind them.
+            let scale = 1.0 / (1.0 + b as f32 * 0.05);
+            let scores: Vec<f32> = (0..64)
+                .map(|_| rng.random::<f32>().powi(3) * scale)
+                .collect();
             let d = sel.decide(&scores, &mut rng);
             if b >= 8 {
                 kept += d.trained();
@@ -184,7 +203,13 @@ mod tests {
         });
         let scores: Vec<f32> = (0..4096).map(|i| i as f32).collect();
         let d = sel.decide(&scores, &mut rng);
-        let sampled: Vec<f32> = d.weights.iter().zip(&d.selected).filter(|(w, s)| !**s && **w > 0.0).map(|(w, _)| *w).collect();
+        let sampled: Vec<f32> = d
+            .weights
+            .iter()
+            .zip(&d.selected)
+            .filter(|(w, s)| !**s && **w > 0.0)
+            .map(|(w, _)| *w)
+            .collect();
         assert!(sampled.iter().all(|w| (*w - 4.0).abs() < 1e-6));
         let frac = sampled.len() as f64 / 2048.0;
         assert!((frac - 0.25).abs() < 0.04, "sampled {frac}");

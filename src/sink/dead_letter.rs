@@ -36,7 +36,12 @@ pub struct DeadLetterSink {
 
 impl DeadLetterSink {
     pub fn new(path: &Path) -> Self {
-        DeadLetterSink { path: path.to_path_buf(), out: None, letters: 0, rows: 0 }
+        DeadLetterSink {
+            path: path.to_path_buf(),
+            out: None,
+            letters: 0,
+            rows: 0,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -45,7 +50,8 @@ impl DeadLetterSink {
 
     pub fn send(&mut self, letter: &DeadLetter<'_>) -> Result<()> {
         if self.out.is_none() {
-            let f = File::create(&self.path).with_context(|| format!("cannot create {}", self.path.display()))?;
+            let f = File::create(&self.path)
+                .with_context(|| format!("cannot create {}", self.path.display()))?;
             self.out = Some(BufWriter::new(f));
         }
         let out = self.out.as_mut().expect("opened above");

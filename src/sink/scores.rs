@@ -8,7 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use arrow::array::{ArrayRef, BooleanArray, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::array::{
+    ArrayRef, BooleanArray, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
+};
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -55,13 +58,19 @@ impl ScoreSink {
             Field::new("prediction", DataType::Float64, false),
             Field::new("target", DataType::Float64, false),
         ]));
-        let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        let file =
+            File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(64 * 1024))
             .build();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))?;
-        Ok(ScoreSink { writer, schema, timestamps, rows: 0 })
+        Ok(ScoreSink {
+            writer,
+            schema,
+            timestamps,
+            rows: 0,
+        })
     }
 
     pub fn write(&mut self, rows: &[ScoreRow]) -> Result<()> {
@@ -69,7 +78,10 @@ impl ScoreSink {
             return Ok(());
         }
         let times: ArrayRef = if self.timestamps {
-            Arc::new(TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.time)).with_timezone("UTC"))
+            Arc::new(
+                TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.time))
+                    .with_timezone("UTC"),
+            )
         } else {
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.time)))
         };
@@ -77,14 +89,27 @@ impl ScoreSink {
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &*r.key))),
             times,
             Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.score))),
-            Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.threshold))),
-            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.selected)))),
-            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.trained)))),
-            Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.retained)))),
-            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.prediction))),
-            Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.target))),
+            Arc::new(Float32Array::from_iter_values(
+                rows.iter().map(|r| r.threshold),
+            )),
+            Arc::new(BooleanArray::from_iter(
+                rows.iter().map(|r| Some(r.selected)),
+            )),
+            Arc::new(BooleanArray::from_iter(
+                rows.iter().map(|r| Some(r.trained)),
+            )),
+            Arc::new(BooleanArray::from_iter(
+                rows.iter().map(|r| Some(r.retained)),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.prediction),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.target),
+            )),
         ];
-        self.writer.write(&RecordBatch::try_new(self.schema.clone(), cols)?)?;
+        self.writer
+            .write(&RecordBatch::try_new(self.schema.clone(), cols)?)?;
         self.rows += rows.len() as u64;
         Ok(())
     }

@@ -67,7 +67,11 @@ impl ParquetSourceConfig {
 
     pub(crate) fn validate(&self) -> Result<(), (String, String, String)> {
         if self.batch_size == 0 {
-            return Err(("source.batch_size".into(), "at least 1 row".into(), "0".into()));
+            return Err((
+                "source.batch_size".into(),
+                "at least 1 row".into(),
+                "0".into(),
+            ));
         }
         if let Some(p) = &self.pace {
             let ok = |v: Option<f64>| v.is_none_or(|v| v > 0.0 && v.is_finite());
@@ -80,7 +84,11 @@ impl ParquetSourceConfig {
                     ));
                 }
                 _ if !ok(p.rows_per_second) || !ok(p.speedup) => {
-                    return Err(("source.pace".into(), "a positive rate".into(), format!("{p:?}")));
+                    return Err((
+                        "source.pace".into(),
+                        "a positive rate".into(),
+                        format!("{p:?}"),
+                    ));
                 }
                 _ => {}
             }
@@ -130,14 +138,25 @@ fn first_time(file: &Path, schema: &Schema) -> Option<i64> {
     let b = ParquetRecordBatchReaderBuilder::try_new(File::open(file).ok()?).ok()?;
     let idx = b.schema().index_of(&schema.time.column).ok()?;
     let mask = ProjectionMask::roots(b.parquet_schema(), [idx]);
-    let batch = b.with_projection(mask).with_batch_size(1).build().ok()?.next()?.ok()?;
-    time_micros(batch.column(0).as_ref()).filter(|t| !t.is_empty())?.first().copied()
+    let batch = b
+        .with_projection(mask)
+        .with_batch_size(1)
+        .build()
+        .ok()?
+        .next()?
+        .ok()?;
+    time_micros(batch.column(0).as_ref())
+        .filter(|t| !t.is_empty())?
+        .first()
+        .copied()
 }
 
 /// A time column as i64 (microseconds for timestamps).
 fn time_micros(col: &dyn Array) -> Option<Vec<i64>> {
     let c = match col.data_type() {
-        DataType::Timestamp(_, tz) => cast(col, &DataType::Timestamp(TimeUnit::Microsecond, tz.clone())).ok()?,
+        DataType::Timestamp(_, tz) => {
+            cast(col, &DataType::Timestamp(TimeUnit::Microsecond, tz.clone())).ok()?
+        }
         _ => cast(col, &DataType::Int64).ok()?,
     };
     let c = cast(c.as_ref(), &DataType::Int64).ok()?;
@@ -191,18 +210,40 @@ pub fn replay(
             .filter(|(c, _)| wanted.contains(c))
             .collect();
         if let Some((col, what)) = problems.first() {
-            let reason = if what == "missing" { format!("missing_column:{col}") } else { format!("wrong_type:{col}") };
-            let detail = problems.iter().map(|(c, w)| format!("{c}: {w}")).collect::<Vec<_>>().join("; ");
+            let reason = if what == "missing" {
+                format!("missing_column:{col}")
+            } else {
+                format!("wrong_type:{col}")
+            };
+            let detail = problems
+                .iter()
+                .map(|(c, w)| format!("{c}: {w}"))
+                .collect::<Vec<_>>()
+                .join("; ");
             tracing::warn!(file = %origin, %reason, %detail, rows, "file does not match the schema; its rows are dead-lettered");
             stats.unreadable_rows += rows;
-            if tx.blocking_send(SourceEvent::Unreadable { origin, rows, reason, detail }).is_err() {
+            if tx
+                .blocking_send(SourceEvent::Unreadable {
+                    origin,
+                    rows,
+                    reason,
+                    detail,
+                })
+                .is_err()
+            {
                 break;
             }
             continue;
         }
-        let roots: Vec<usize> = wanted.iter().filter_map(|c| arrow_schema.index_of(c).ok()).collect();
+        let roots: Vec<usize> = wanted
+            .iter()
+            .filter_map(|c| arrow_schema.index_of(c).ok())
+            .collect();
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-        let reader = builder.with_projection(mask).with_batch_size(cfg.batch_size).build()?;
+        let reader = builder
+            .with_projection(mask)
+            .with_batch_size(cfg.batch_size)
+            .build()?;
         let mut first_row = 0u64;
         for batch in reader {
             if shutdown.is_triggered() {
@@ -223,7 +264,11 @@ pub fn replay(
             }
             let n = batch.num_rows() as u64;
             if tx
-                .blocking_send(SourceEvent::Batch { batch, origin: origin.clone(), first_row })
+                .blocking_send(SourceEvent::Batch {
+                    batch,
+                    origin: origin.clone(),
+                    first_row,
+                })
                 .is_err()
             {
                 return Ok(stats);
@@ -236,12 +281,23 @@ pub fn replay(
 }
 
 /// Sleeps until the batch is due.
-fn pace(p: &Pace, batch: &RecordBatch, schema: &Schema, start: Instant, rows_before: u64, t0: &mut Option<i64>) {
+fn pace(
+    p: &Pace,
+    batch: &RecordBatch,
+    schema: &Schema,
+    start: Instant,
+    rows_before: u64,
+    t0: &mut Option<i64>,
+) {
     let due = if let Some(rate) = p.rows_per_second {
         Duration::from_secs_f64(rows_before as f64 / rate)
     } else if let Some(speedup) = p.speedup {
-        let Ok(col) = batch.column_by_name(&schema.time.column).ok_or(()) else { return };
-        let Some(first) = time_micros(col.as_ref()).and_then(|v| v.first().copied()) else { return };
+        let Ok(col) = batch.column_by_name(&schema.time.column).ok_or(()) else {
+            return;
+        };
+        let Some(first) = time_micros(col.as_ref()).and_then(|v| v.first().copied()) else {
+            return;
+        };
         let base = *t0.get_or_insert(first);
         Duration::from_secs_f64(((first - base).max(0) as f64 / 1e6) / speedup)
     } else {

@@ -37,8 +37,13 @@ pub fn pipeline(name: &str, out: &Path, overrides: &[&str]) -> PipelineConfig {
 }
 
 pub fn run(cfg: PipelineConfig) -> RunReport {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    rt.block_on(pipeline::run(cfg, RunOptions::default(), Shutdown::new())).expect("run completes")
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(pipeline::run(cfg, RunOptions::default(), Shutdown::new()))
+        .expect("run completes")
 }
 
 /// Runs python3 with pyarrow; panics with a clear message when either is missing.
@@ -46,7 +51,9 @@ pub fn python(script: &str) -> String {
     let out = Command::new("python3")
         .args(["-c", script])
         .output()
-        .expect("python3 is needed by this test (pyarrow is the independent Parquet implementation)");
+        .expect(
+            "python3 is needed by this test (pyarrow is the independent Parquet implementation)",
+        );
     assert!(
         out.status.success(),
         "python3/pyarrow script failed (is pyarrow installed? `pip install pyarrow`):\n{}",
@@ -57,14 +64,18 @@ pub fn python(script: &str) -> String {
 
 /// The first `n` feature rows of a Parquet file under a bundled schema.
 pub fn feature_rows(schema_name: &str, file: &Path, n: usize) -> (Samples, usize, Arc<Schema>) {
-    let schema = Arc::new(Schema::load(&repo().join("schemas").join(format!("{schema_name}.json"))).unwrap());
+    let schema = Arc::new(
+        Schema::load(&repo().join("schemas").join(format!("{schema_name}.json"))).unwrap(),
+    );
     let dec = Decoder::new(schema.clone());
     let mut fe = FeatureEngine::new(schema.clone(), dec.numeric_columns(), 1000);
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap())
-        .unwrap()
-        .with_batch_size(1024)
-        .build()
-        .unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(file).unwrap(),
+    )
+    .unwrap()
+    .with_batch_size(1024)
+    .build()
+    .unwrap();
     let mut s = Samples::default();
     for b in reader {
         let d = dec.decode(&b.unwrap()).unwrap();
