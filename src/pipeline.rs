@@ -165,6 +165,8 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         skipped: tally.skipped.clone(),
         skipped_total,
         dead_lettered_rows: tally.dead.rows,
+        keys_tracked: tally.keys_tracked,
+        keys_forgotten: tally.keys_forgotten,
         scored: stats.seen,
         selected: stats.selected,
         trained: stats.trained_fresh,
@@ -205,6 +207,8 @@ struct Tally {
     seen_after_warmup: u64,
     trained_after_warmup: u64,
     last_loss: f64,
+    keys_tracked: usize,
+    keys_forgotten: u64,
 }
 
 fn learn_loop(
@@ -247,6 +251,8 @@ fn learn_loop(
         seen_after_warmup: 0,
         trained_after_warmup: 0,
         last_loss: f64::NAN,
+        keys_tracked: 0,
+        keys_forgotten: 0,
     };
     let mut pending = Samples::default();
     let mb = cfg.training.micro_batch;
@@ -325,10 +331,12 @@ fn learn_loop(
     }
     if features.keys_evicted > 0 {
         tracing::info!(
-            evicted = features.keys_evicted,
+            forgotten = features.keys_evicted,
             "keys forgotten at features.max_keys"
         );
     }
+    t.keys_tracked = features.tracked_keys();
+    t.keys_forgotten = features.keys_evicted;
     Ok(t)
 }
 

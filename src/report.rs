@@ -41,6 +41,9 @@ pub struct RunReport {
     pub skipped: BTreeMap<String, u64>,
     pub skipped_total: u64,
     pub dead_lettered_rows: u64,
+    /// Keys with feature state at the end, and keys forgotten at `features.max_keys`.
+    pub keys_tracked: usize,
+    pub keys_forgotten: u64,
     pub scored: u64,
     pub selected: u64,
     pub trained: u64,

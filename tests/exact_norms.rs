@@ -3,7 +3,6 @@
 
 mod common;
 
-use burn::module::Module;
 use burn::tensor::Device;
 use gradsift::learner::model::{self, DenseParams, Head, Mlp};
 use rand::{Rng, SeedableRng};

@@ -235,3 +235,67 @@ fn a_bad_pipeline_file_fails_at_start_naming_file_key_and_expectation() {
         "{err}"
     );
 }
+
+#[test]
+fn feature_state_is_bounded_by_max_keys() {
+    common::shared_data();
+    let out = tempfile::tempdir().unwrap();
+    // Two sites, room for one: every switch of site forgets the other one's history.
+    let r = common::run(common::pipeline(
+        "lte-replay.toml",
+        out.path(),
+        &["features.max_keys=1", "output.scores=false"],
+    ));
+    assert_eq!(r.keys_tracked, 1);
+    assert!(r.keys_forgotten >= 1);
+    let r2 = common::run(common::pipeline(
+        "lte-replay.toml",
+        out.path(),
+        &["output.scores=false"],
+    ));
+    assert_eq!((r2.keys_tracked, r2.keys_forgotten), (2, 0));
+}
+
+#[test]
+fn paced_replay_holds_the_row_rate() {
+    // 1,500 rows at 3,000 rows/s cannot finish in under half a second (a lower bound only:
+    // a slow machine makes it longer, never shorter).
+    let out = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let r = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &[
+            "source.batch_size=100",
+            "source.max_rows=1500",
+            "source.pace={ rows_per_second = 3000.0 }",
+            "output.scores=false",
+        ],
+    ));
+    assert_eq!(r.rows_read, 1500);
+    assert!(
+        started.elapsed().as_secs_f64() >= 0.45,
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Speed-up over event time: 1,000 ten-minute slots ≈ 6.9 days of event time; at 1.2e6×
+    // that is ~0.5 s of wall time.
+    let started = std::time::Instant::now();
+    let r = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &[
+            "source.batch_size=50",
+            "source.max_rows=1000",
+            "source.pace={ speedup = 1.2e6 }",
+            "output.scores=false",
+        ],
+    ));
+    assert_eq!(r.rows_read, 1000);
+    assert!(
+        started.elapsed().as_secs_f64() >= 0.4,
+        "{:?}",
+        started.elapsed()
+    );
+}

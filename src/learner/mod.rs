@@ -310,7 +310,7 @@ impl OnlineLearner {
         self.stats.trained_replay += replay.len() as u64 * (trained_rows > 0) as u64;
 
         let every = self.cfg.buffer.rescore_every;
-        if every > 0 && trained_rows > 0 && self.stats.steps % every == 0 {
+        if every > 0 && trained_rows > 0 && self.stats.steps.is_multiple_of(every) {
             self.rescore_slice();
         }
 
