@@ -278,26 +278,24 @@ fn learn_loop(
                 })?;
                 progress.inc(rows);
             }
-            SourceEvent::Batch {
-                batch,
-                origin,
-                first_row,
-            } => {
+            SourceEvent::Batch { batch, origins } => {
                 let n = batch.num_rows() as u64;
                 t.rows_read += n;
                 match decoder.decode(&batch) {
                     Err(e) => {
-                        tracing::warn!(origin = %origin, row = first_row, error = %e, "batch rejected");
+                        tracing::warn!(origin = %origins[0].source, row = origins[0].index, error = %e, "batch rejected");
                         *t.skipped.entry(e.reason.clone()).or_default() += n;
-                        t.dead.send(&DeadLetter {
-                            reason: &e.reason,
-                            detail: &e.detail,
-                            origin: &origin,
-                            row: first_row,
-                            rows: n,
-                            key: None,
-                            time: None,
-                        })?;
+                        for o in &origins {
+                            t.dead.send(&DeadLetter {
+                                reason: &e.reason,
+                                detail: &e.detail,
+                                origin: &o.source,
+                                row: o.index,
+                                rows: 1,
+                                key: None,
+                                time: None,
+                            })?;
+                        }
                     }
                     Ok(d) => {
                         let (skipped, dead) = (&mut t.skipped, &mut t.dead);
@@ -307,8 +305,9 @@ fn learn_loop(
                             if reason.is_bad_input() && io.is_ok() {
                                 let key = (!arrow::array::Array::is_null(&d.key, i)).then(|| d.key.value(i));
                                 let time = (!arrow::array::Array::is_null(&d.time, i)).then(|| d.time.value(i));
-                                tracing::debug!(origin = %origin, row = first_row + i as u64, reason = %label, "row dead-lettered");
-                                io = dead.send(&DeadLetter { reason: &label, detail: "row skipped", origin: &origin, row: first_row + i as u64, rows: 1, key, time });
+                                let o = &origins[i];
+                                tracing::debug!(origin = %o.source, row = o.index, reason = %label, "row dead-lettered");
+                                io = dead.send(&DeadLetter { reason: &label, detail: "row skipped", origin: &o.source, row: o.index, rows: 1, key, time });
                             }
                             *skipped.entry(label).or_default() += 1;
                         });

@@ -39,11 +39,10 @@ impl SourceConfig {
 /// What a source emits.
 #[derive(Debug)]
 pub enum SourceEvent {
-    /// Rows in time order; `first_row` is the row index of the first one in `origin`.
+    /// Rows in time order, with where each came from.
     Batch {
         batch: RecordBatch,
-        origin: Arc<str>,
-        first_row: u64,
+        origins: Vec<RowOrigin>,
     },
     /// A whole unit of input (a file) that cannot be read as the schema says; its rows are
     /// counted and dead-lettered under `reason`, and the source goes on with the next one.
@@ -53,4 +52,12 @@ pub enum SourceEvent {
         reason: String,
         detail: String,
     },
+}
+
+/// Where one row came from: a file and its row index (a topic partition and offset for a
+/// feed), so a dead letter can point back at it.
+#[derive(Debug, Clone)]
+pub struct RowOrigin {
+    pub source: Arc<str>,
+    pub index: u64,
 }

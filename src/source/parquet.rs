@@ -1,11 +1,13 @@
 //! Parquet archive replay: a file, a folder or a glob, streamed batch by batch in time order.
 //!
-//! Only the columns the schema reads are decoded, `batch_size` rows at a time, one file open
-//! at a time, so memory is bounded by the batch size and never by the archive. Files are
-//! replayed one after another, ordered by their first event time (by name when the schema's
-//! time is an index); rows inside a file keep the writer's order. A file whose columns do not
-//! match the schema is reported as [`SourceEvent::Unreadable`] and skipped. Replay can be
-//! paced at a fixed row rate, or at a speed-up factor over event time, or run flat out.
+//! Only the columns the schema reads are decoded, `batch_size` rows at a time; the files are
+//! open together and merged row by row on event time (a k-way merge over one current batch
+//! per file), so memory is bounded by `batch_size` × files and never by the archive, and the
+//! stream is in time order across files as well as within them. (With an index time, which
+//! has no meaning across files, the files play one after another in name order.) A file
+//! whose columns do not match the schema is reported as [`SourceEvent::Unreadable`] and
+//! skipped. Replay can be paced at a fixed row rate, or at a speed-up factor over event
+//! time, or run flat out.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -14,14 +16,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::compute::cast;
+use arrow::compute::{cast, interleave_record_batch};
 use arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::SourceEvent;
+use super::{RowOrigin, SourceEvent};
 use crate::schema::{Schema, TimeKind};
 use crate::shutdown::Shutdown;
 
@@ -180,7 +182,145 @@ pub fn total_rows(files: &[PathBuf]) -> u64 {
         .sum()
 }
 
+/// One open file in the merge: its reader and its current batch, already in the canonical
+/// column order and types.
+struct Cursor {
+    origin: Arc<str>,
+    reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    batch: RecordBatch,
+    times: Vec<i64>,
+    pos: usize,
+    /// Row index in the file of `batch`'s first row.
+    base: u64,
+    /// Rows in the file (from its footer).
+    rows: u64,
+}
+
+/// The columns every emitted batch has, in this order and with these types (those of the
+/// first readable file), so that rows of different files can be interleaved.
+struct Canonical {
+    names: Vec<String>,
+    schema: Option<arrow::datatypes::SchemaRef>,
+    time: String,
+}
+
+impl Canonical {
+    /// Projects and casts a file's batch to the canonical layout.
+    fn conform(&mut self, batch: &RecordBatch) -> Result<RecordBatch, String> {
+        let src = batch.schema();
+        let cols: Vec<Arc<dyn Array>> = self
+            .names
+            .iter()
+            .map(|n| {
+                batch
+                    .column_by_name(n)
+                    .cloned()
+                    .ok_or_else(|| format!("missing_column:{n}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let schema = self.schema.get_or_insert_with(|| {
+            let fields: Vec<arrow::datatypes::FieldRef> = self
+                .names
+                .iter()
+                .map(|n| {
+                    Arc::new(
+                        src.field_with_name(n)
+                            .expect("present")
+                            .clone()
+                            .with_nullable(true),
+                    )
+                })
+                .collect();
+            Arc::new(arrow::datatypes::Schema::new(fields))
+        });
+        let cols = cols
+            .iter()
+            .zip(schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c.clone())
+                } else {
+                    cast(c.as_ref(), f.data_type()).map_err(|_| format!("wrong_type:{}", f.name()))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        RecordBatch::try_new(schema.clone(), cols).map_err(|e| format!("wrong_type:{e}"))
+    }
+
+    fn times(&self, batch: &RecordBatch) -> Vec<i64> {
+        let col = batch
+            .column_by_name(&self.time)
+            .expect("canonical time column");
+        let raw = time_micros_nullable(col.as_ref());
+        // A null time keeps its row in place: it sorts with the row before it (and is
+        // dead-lettered downstream).
+        let mut last = i64::MIN;
+        raw.into_iter()
+            .map(|t| {
+                last = t.unwrap_or(last);
+                last
+            })
+            .collect()
+    }
+}
+
+fn time_micros_nullable(col: &dyn Array) -> Vec<Option<i64>> {
+    let c = match col.data_type() {
+        DataType::Timestamp(_, tz) => {
+            cast(col, &DataType::Timestamp(TimeUnit::Microsecond, tz.clone())).ok()
+        }
+        _ => Some(arrow::array::make_array(col.to_data())),
+    };
+    match c.and_then(|c| cast(c.as_ref(), &DataType::Int64).ok()) {
+        Some(c) => c.as_primitive::<Int64Type>().iter().collect(),
+        None => vec![None; col.len()],
+    }
+}
+
+impl Cursor {
+    /// Rows not yet emitted (what a failure now would lose, and so must dead-letter).
+    fn remaining(&self) -> u64 {
+        self.rows.saturating_sub(self.base + self.pos as u64)
+    }
+
+    /// Loads the next batch once the current one is used up; false at the end of the file.
+    fn refill(&mut self, canon: &mut Canonical) -> Result<bool, (String, String)> {
+        if self.pos < self.batch.num_rows() {
+            return Ok(true);
+        }
+        loop {
+            self.base += self.batch.num_rows() as u64;
+            self.pos = 0;
+            self.batch = RecordBatch::new_empty(self.batch.schema());
+            match self.reader.next() {
+                None => return Ok(false),
+                Some(Err(e)) => {
+                    return Err(("unreadable_file".into(), format!("{}: {e}", self.origin)));
+                }
+                Some(Ok(b)) => {
+                    let b = canon.conform(&b).map_err(|r| {
+                        (
+                            r.clone(),
+                            format!("{}: cannot conform a batch: {r}", self.origin),
+                        )
+                    })?;
+                    if b.num_rows() == 0 {
+                        continue;
+                    }
+                    self.times = canon.times(&b);
+                    self.batch = b;
+                    return Ok(true);
+                }
+            }
+        }
+    }
+}
+
 /// Replays the files into `tx` until done or shut down. Runs on a blocking thread.
+///
+/// All readable files are open at once and merged row by row on event time (a k-way merge
+/// over one current batch per file), so the stream is in time order across files too; a
+/// schema with an index time replays its files one after another.
 pub fn replay(
     cfg: &ParquetSourceConfig,
     schema: &Schema,
@@ -189,13 +329,30 @@ pub fn replay(
     shutdown: &Shutdown,
 ) -> Result<ReplayStats> {
     let mut stats = ReplayStats::default();
-    let start = Instant::now();
-    let mut t0: Option<i64> = None;
     let wanted = schema.read_columns();
+    let mut canon = Canonical {
+        names: wanted.clone(),
+        schema: None,
+        time: schema.time.column.clone(),
+    };
+    let mut cursors: Vec<Cursor> = Vec::new();
+    let unreadable = |tx: &mpsc::Sender<SourceEvent>,
+                      stats: &mut ReplayStats,
+                      origin: Arc<str>,
+                      rows: u64,
+                      reason: String,
+                      detail: String| {
+        tracing::warn!(file = %origin, %reason, %detail, rows, "input does not match the schema; its rows are dead-lettered");
+        stats.unreadable_rows += rows;
+        tx.blocking_send(SourceEvent::Unreadable {
+            origin,
+            rows,
+            reason,
+            detail,
+        })
+        .is_ok()
+    };
     for file in files {
-        if shutdown.is_triggered() {
-            break;
-        }
         let origin: Arc<str> = Arc::from(file.to_string_lossy().as_ref());
         let builder = ParquetRecordBatchReaderBuilder::try_new(
             File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
@@ -220,18 +377,8 @@ pub fn replay(
                 .map(|(c, w)| format!("{c}: {w}"))
                 .collect::<Vec<_>>()
                 .join("; ");
-            tracing::warn!(file = %origin, %reason, %detail, rows, "file does not match the schema; its rows are dead-lettered");
-            stats.unreadable_rows += rows;
-            if tx
-                .blocking_send(SourceEvent::Unreadable {
-                    origin,
-                    rows,
-                    reason,
-                    detail,
-                })
-                .is_err()
-            {
-                break;
+            if !unreadable(&tx, &mut stats, origin, rows, reason, detail) {
+                return Ok(stats);
             }
             continue;
         }
@@ -244,37 +391,94 @@ pub fn replay(
             .with_projection(mask)
             .with_batch_size(cfg.batch_size)
             .build()?;
-        let mut first_row = 0u64;
-        for batch in reader {
-            if shutdown.is_triggered() {
-                break;
-            }
-            let mut batch = batch.with_context(|| format!("reading {}", file.display()))?;
-            if let Some(max) = cfg.max_rows {
-                let left = max.saturating_sub(stats.rows);
-                if left == 0 {
+        cursors.push(Cursor {
+            origin,
+            reader,
+            batch: RecordBatch::new_empty(Arc::new(arrow::datatypes::Schema::empty())),
+            times: Vec::new(),
+            pos: 0,
+            base: 0,
+            rows,
+        });
+    }
+    // Files of an index-time schema play one after another: merge only within timestamps.
+    let sequential = schema.time.kind == TimeKind::Index;
+    let start = Instant::now();
+    let mut t0: Option<i64> = None;
+    let mut active: Vec<usize> = Vec::new();
+    for (i, cursor) in cursors.iter_mut().enumerate() {
+        match cursor.refill(&mut canon) {
+            Ok(true) => active.push(i),
+            Ok(false) => {}
+            Err((reason, detail)) => {
+                let lost = cursor.remaining();
+                if !unreadable(&tx, &mut stats, cursor.origin.clone(), lost, reason, detail) {
                     return Ok(stats);
                 }
-                if (batch.num_rows() as u64) > left {
-                    batch = batch.slice(0, left as usize);
+            }
+        }
+    }
+    while !active.is_empty() && !shutdown.is_triggered() {
+        let want = match cfg.max_rows {
+            Some(max) if stats.rows >= max => break,
+            Some(max) => (max - stats.rows).min(cfg.batch_size as u64) as usize,
+            None => cfg.batch_size,
+        };
+        // Take rows in event-time order: always the earliest current row among the files,
+        // until the batch is full or one file's batch runs out (it is refilled after the emit).
+        let mut picks: Vec<(usize, usize)> = Vec::with_capacity(want);
+        let mut origins = Vec::with_capacity(want);
+        let mut exhausted = None;
+        while picks.len() < want {
+            let slot = if sequential {
+                0
+            } else {
+                (0..active.len())
+                    .min_by_key(|&k| {
+                        let c = &cursors[active[k]];
+                        c.times[c.pos]
+                    })
+                    .expect("non-empty")
+            };
+            let cur = &mut cursors[active[slot]];
+            picks.push((active[slot], cur.pos));
+            origins.push(RowOrigin {
+                source: cur.origin.clone(),
+                index: cur.base + cur.pos as u64,
+            });
+            cur.pos += 1;
+            if cur.pos >= cur.batch.num_rows() {
+                exhausted = Some(slot);
+                break;
+            }
+        }
+        let refs: Vec<&RecordBatch> = cursors.iter().map(|c| &c.batch).collect();
+        let batch = interleave_record_batch(&refs, &picks)?;
+        if let Some(p) = &cfg.pace {
+            pace(p, &batch, schema, start, stats.rows, &mut t0);
+        }
+        stats.rows += batch.num_rows() as u64;
+        if tx
+            .blocking_send(SourceEvent::Batch { batch, origins })
+            .is_err()
+        {
+            return Ok(stats);
+        }
+        if let Some(slot) = exhausted {
+            let c = active[slot];
+            match cursors[c].refill(&mut canon) {
+                Ok(true) => {}
+                Ok(false) => {
+                    active.remove(slot);
+                }
+                Err((reason, detail)) => {
+                    active.remove(slot);
+                    let (o, lost) = (cursors[c].origin.clone(), cursors[c].remaining());
+                    if !unreadable(&tx, &mut stats, o, lost, reason, detail) {
+                        return Ok(stats);
+                    }
                 }
             }
-            if let Some(p) = &cfg.pace {
-                pace(p, &batch, schema, start, stats.rows, &mut t0);
-            }
-            let n = batch.num_rows() as u64;
-            if tx
-                .blocking_send(SourceEvent::Batch {
-                    batch,
-                    origin: origin.clone(),
-                    first_row,
-                })
-                .is_err()
-            {
-                return Ok(stats);
-            }
-            first_row += n;
-            stats.rows += n;
         }
     }
     Ok(stats)
