@@ -40,6 +40,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replay a Parquet archive into a Kafka topic as JSON, keyed by the schema key.
+    Produce {
+        /// A file, a folder or a glob.
+        path: String,
+        /// The schema (names the key, the time and the columns sent).
+        #[arg(long)]
+        schema: PathBuf,
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// Rows per second.
+        #[arg(long, conflicts_with = "speedup")]
+        rate: Option<f64>,
+        /// Event time runs this many times faster than wall time.
+        #[arg(long)]
+        speedup: Option<f64>,
+        /// Stop after this many rows.
+        #[arg(long)]
+        max_rows: Option<u64>,
+        /// librdkafka option, e.g. -X security.protocol=ssl (repeatable).
+        #[arg(short = 'X', value_name = "KEY=VALUE")]
+        options: Vec<String>,
+    },
     /// Schema tools.
     Schema {
         #[command(subcommand)]
@@ -78,6 +102,45 @@ pub async fn main(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", report.render());
             }
+            Ok(())
+        }
+        Command::Produce {
+            path,
+            schema,
+            topic,
+            brokers,
+            rate,
+            speedup,
+            max_rows,
+            options,
+        } => {
+            let schema = std::sync::Arc::new(Schema::load(&schema)?);
+            let pace =
+                (rate.is_some() || speedup.is_some()).then_some(crate::source::parquet::Pace {
+                    rows_per_second: rate,
+                    speedup,
+                });
+            let options = options
+                .iter()
+                .map(|o| {
+                    o.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| anyhow::anyhow!("-X takes KEY=VALUE"))?;
+            let shutdown = Shutdown::new();
+            shutdown.listen_for_signals();
+            let args = crate::produce::ProduceArgs {
+                path,
+                schema,
+                brokers,
+                topic: topic.clone(),
+                pace,
+                max_rows,
+                options,
+            };
+            let n = crate::produce::produce(args, shutdown).await?;
+            println!("produced {n} messages to {topic}");
             Ok(())
         }
         Command::Schema {

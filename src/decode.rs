@@ -189,3 +189,207 @@ impl Decoder {
 pub fn value(col: &Float64Array, i: usize) -> Option<f64> {
     (!col.is_null(i)).then(|| col.value(i))
 }
+
+/// Decodes JSON messages (one object per message, fields named as in the schema) into a
+/// record batch of the schema's columns. A message that is not an object, misses a field,
+/// carries a value of the wrong type, a null or a non-finite number where a number is
+/// needed, or is larger than the cap, is rejected on its own with a reason; the others go on.
+pub struct JsonDecoder {
+    columns: Vec<(String, crate::schema::ColumnSpec)>,
+    max_bytes: usize,
+}
+
+/// One decoded field value.
+enum JsonValue {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    List(Vec<f32>),
+}
+
+impl JsonDecoder {
+    pub fn new(schema: Arc<Schema>, max_bytes: usize) -> Self {
+        let columns = schema
+            .read_columns()
+            .into_iter()
+            .map(|c| (c.clone(), schema.columns[&c].clone()))
+            .collect();
+        JsonDecoder { columns, max_bytes }
+    }
+
+    fn field(
+        &self,
+        obj: &serde_json::Map<String, serde_json::Value>,
+        name: &str,
+        spec: &crate::schema::ColumnSpec,
+    ) -> Result<JsonValue, BatchError> {
+        use crate::schema::ColumnType as T;
+        use serde_json::Value as V;
+        let bad = |reason: &str, detail: String| BatchError {
+            reason: format!("{reason}:{name}"),
+            detail,
+        };
+        let v = obj
+            .get(name)
+            .ok_or_else(|| bad("missing_field", format!("field `{name}` is absent")))?;
+        let number = |v: &V| -> Option<f64> {
+            match v {
+                V::Number(n) => n.as_f64(),
+                // JSON has no NaN or infinity; producers spell them as strings.
+                V::String(s)
+                    if matches!(
+                        s.as_str(),
+                        "NaN" | "nan" | "Infinity" | "-Infinity" | "inf" | "-inf"
+                    ) =>
+                {
+                    s.parse::<f64>().ok().or(Some(f64::NAN))
+                }
+                _ => None,
+            }
+        };
+        match (spec.ty, v) {
+            (_, V::Null) => Err(bad("null", format!("field `{name}` is null"))),
+            (T::String, V::String(s)) => Ok(JsonValue::Str(s.clone())),
+            (T::String, V::Number(n)) => Ok(JsonValue::Str(n.to_string())),
+            (T::Int | T::Timestamp, V::Number(n)) if n.as_i64().is_some() => {
+                Ok(JsonValue::Int(n.as_i64().expect("checked")))
+            }
+            (T::Float, v) => match number(v) {
+                Some(f) if f.is_finite() => Ok(JsonValue::Float(f)),
+                Some(_) => Err(bad("non_finite", format!("field `{name}` is not finite"))),
+                None => Err(bad(
+                    "wrong_type",
+                    format!("field `{name}`: expected a number, found {v}"),
+                )),
+            },
+            (T::FloatList, V::Array(a)) => {
+                let vals: Option<Vec<f32>> =
+                    a.iter().map(|x| number(x).map(|f| f as f32)).collect();
+                match vals {
+                    Some(v) if spec.size.is_none_or(|n| n == v.len()) => Ok(JsonValue::List(v)),
+                    _ => Err(bad(
+                        "wrong_type",
+                        format!("field `{name}`: expected a list of {:?} numbers", spec.size),
+                    )),
+                }
+            }
+            (ty, v) => Err(bad(
+                "wrong_type",
+                format!("field `{name}`: expected {ty:?}, found {v}").to_lowercase(),
+            )),
+        }
+    }
+
+    /// Decodes one payload into its field values, in [`Schema::read_columns`] order.
+    fn message(&self, payload: &[u8]) -> Result<Vec<JsonValue>, BatchError> {
+        if payload.len() > self.max_bytes {
+            return Err(BatchError {
+                reason: "oversized".into(),
+                detail: format!(
+                    "{} bytes, more than the {} allowed",
+                    payload.len(),
+                    self.max_bytes
+                ),
+            });
+        }
+        let v: serde_json::Value = serde_json::from_slice(payload).map_err(|e| BatchError {
+            reason: "malformed_json".into(),
+            detail: e.to_string(),
+        })?;
+        let obj = v.as_object().ok_or_else(|| BatchError {
+            reason: "malformed_json".into(),
+            detail: "not a JSON object".into(),
+        })?;
+        self.columns
+            .iter()
+            .map(|(name, spec)| self.field(obj, name, spec))
+            .collect()
+    }
+
+    /// Decodes payloads; returns the batch of the good ones, the index of each good one in
+    /// `payloads`, and the rejected ones with their reasons.
+    pub fn decode(
+        &self,
+        payloads: &[&[u8]],
+    ) -> (RecordBatch, Vec<usize>, Vec<(usize, BatchError)>) {
+        use crate::schema::ColumnType as T;
+        use arrow::array::{
+            ArrayRef, FixedSizeListBuilder, Float32Builder, Float64Builder, Int64Builder,
+            StringBuilder, TimestampMicrosecondBuilder,
+        };
+        let mut good = Vec::with_capacity(payloads.len());
+        let mut rows = Vec::with_capacity(payloads.len());
+        let mut bad = Vec::new();
+        for (i, p) in payloads.iter().enumerate() {
+            match self.message(p) {
+                Ok(r) => {
+                    good.push(i);
+                    rows.push(r);
+                }
+                Err(e) => bad.push((i, e)),
+            }
+        }
+        let mut fields = Vec::with_capacity(self.columns.len());
+        let mut cols: Vec<ArrayRef> = Vec::with_capacity(self.columns.len());
+        for (c, (name, spec)) in self.columns.iter().enumerate() {
+            let (dt, col): (DataType, ArrayRef) = match spec.ty {
+                T::String => {
+                    let mut b = StringBuilder::new();
+                    rows.iter().for_each(|r| {
+                        if let JsonValue::Str(s) = &r[c] {
+                            b.append_value(s)
+                        }
+                    });
+                    (DataType::Utf8, Arc::new(b.finish()))
+                }
+                T::Int => {
+                    let mut b = Int64Builder::new();
+                    rows.iter().for_each(|r| {
+                        if let JsonValue::Int(v) = r[c] {
+                            b.append_value(v)
+                        }
+                    });
+                    (DataType::Int64, Arc::new(b.finish()))
+                }
+                T::Timestamp => {
+                    let mut b = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+                    rows.iter().for_each(|r| {
+                        if let JsonValue::Int(v) = r[c] {
+                            b.append_value(v)
+                        }
+                    });
+                    (
+                        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                        Arc::new(b.finish()),
+                    )
+                }
+                T::Float => {
+                    let mut b = Float64Builder::new();
+                    rows.iter().for_each(|r| {
+                        if let JsonValue::Float(v) = r[c] {
+                            b.append_value(v)
+                        }
+                    });
+                    (DataType::Float64, Arc::new(b.finish()))
+                }
+                T::FloatList => {
+                    let n = spec.size.unwrap_or(0) as i32;
+                    let mut b = FixedSizeListBuilder::new(Float32Builder::new(), n);
+                    for r in &rows {
+                        if let JsonValue::List(v) = &r[c] {
+                            b.values().append_slice(v);
+                            b.append(true);
+                        }
+                    }
+                    let a = b.finish();
+                    (a.data_type().clone(), Arc::new(a))
+                }
+            };
+            fields.push(arrow::datatypes::Field::new(name, dt, true));
+            cols.push(col);
+        }
+        let batch = RecordBatch::try_new(Arc::new(arrow::datatypes::Schema::new(fields)), cols)
+            .expect("columns built to the schema, one value per good message");
+        (batch, good, bad)
+    }
+}

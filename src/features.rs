@@ -17,6 +17,7 @@ use arrow::array::Array;
 
 use crate::decode::{DecodedBatch, value};
 use crate::schema::{Schema, TaskSpec};
+use crate::source::RowOrigin;
 
 /// Why a row produced no sample.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +90,8 @@ pub struct Samples {
     pub keys: Vec<Arc<str>>,
     pub times: Vec<i64>,
     pub eval: Vec<RowEval>,
+    /// Where each sample came from (file row, or topic partition offset).
+    pub origins: Vec<RowOrigin>,
 }
 
 impl Samples {
@@ -107,6 +110,7 @@ impl Samples {
             keys: self.keys.drain(..n).collect(),
             times: self.times.drain(..n).collect(),
             eval: self.eval.drain(..n).collect(),
+            origins: self.origins.drain(..n).collect(),
         }
     }
 }
@@ -277,11 +281,12 @@ impl FeatureEngine {
     pub fn push_batch(
         &mut self,
         d: &DecodedBatch,
+        origins: &[RowOrigin],
         out: &mut Samples,
         mut skip: impl FnMut(usize, SkipReason),
     ) {
         let mut vals = vec![0f64; self.numeric.len()];
-        for i in 0..d.len {
+        for (i, origin) in origins.iter().enumerate().take(d.len) {
             if d.key.is_null(i) {
                 skip(i, SkipReason::Null(self.schema.key.clone()));
                 continue;
@@ -327,6 +332,7 @@ impl FeatureEngine {
                 continue;
             }
             self.emit(d, i, &key, &vals, class, out);
+            out.origins.push(origin.clone());
             self.remember(&key, &vals);
         }
     }

@@ -13,6 +13,7 @@ pub mod decode;
 pub mod features;
 pub mod learner;
 pub mod pipeline;
+pub mod produce;
 pub mod report;
 pub mod schema;
 pub mod shutdown;

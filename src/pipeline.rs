@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  source thread ──(bounded: channels.batches)──▶ learner thread ──(bounded: 4)──▶ score sink thread
-//!   Parquet replay                                 decode, features,                 Parquet writer
+//!   Parquet replay    ◀──── acks (feeds commit) ──  decode, features,                 Parquet writer
+//!   or Kafka group
 //!                                                  score/select/train/buffer,
 //!                                                  prequential metrics,
 //!                                                  dead letters
@@ -31,7 +32,7 @@ use crate::schema::{Schema, TimeKind};
 use crate::shutdown::Shutdown;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::sink::scores::{ScoreRow, ScoreSink};
-use crate::source::{SourceConfig, SourceEvent, parquet};
+use crate::source::{RowOrigin, SourceConfig, SourceEvent, kafka, parquet};
 
 /// How a run is shown.
 #[derive(Debug, Clone, Default)]
@@ -70,18 +71,32 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
 
-    let SourceConfig::Parquet(src) = cfg.source.clone();
-    let files = src.files(&schema)?;
-    let total = src
-        .max_rows
-        .unwrap_or(u64::MAX)
-        .min(parquet::total_rows(&files));
-    tracing::info!(pipeline = %cfg.name, files = files.len(), rows = total, "replaying");
-
     let (tx, rx) = mpsc::channel::<SourceEvent>(cfg.channels.batches);
-    let source = {
-        let (schema, shutdown) = (schema.clone(), shutdown.clone());
-        tokio::task::spawn_blocking(move || parquet::replay(&src, &schema, &files, tx, &shutdown))
+    // Acknowledgements of fully processed batches flow back to a feed source, which commits
+    // them; at most `channels.batches` + 1 batches are ever unacknowledged.
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<Vec<RowOrigin>>();
+    let (source, total) = match cfg.source.clone() {
+        SourceConfig::Parquet(src) => {
+            let files = src.files(&schema)?;
+            let total = src
+                .max_rows
+                .unwrap_or(u64::MAX)
+                .min(parquet::total_rows(&files));
+            tracing::info!(pipeline = %cfg.name, files = files.len(), rows = total, "replaying");
+            let (schema, shutdown) = (schema.clone(), shutdown.clone());
+            let h = tokio::task::spawn_blocking(move || {
+                parquet::replay(&src, &schema, &files, tx, &shutdown).map(|s| s.rows)
+            });
+            (h, Some(total))
+        }
+        SourceConfig::Kafka(src) => {
+            tracing::info!(pipeline = %cfg.name, brokers = %src.brokers, topics = ?src.topics, group = %src.group_id, "consuming");
+            let (schema, shutdown) = (schema.clone(), shutdown.clone());
+            let h = tokio::task::spawn_blocking(move || {
+                kafka::consume(&src, schema, tx, ack_rx, &shutdown)
+            });
+            (h, None)
+        }
     };
 
     let scores_path = out_dir.join("scores.parquet");
@@ -100,7 +115,10 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     };
 
     let progress = if opts.progress {
-        let pb = ProgressBar::new(total);
+        let pb = match total {
+            Some(t) => ProgressBar::new(t),
+            None => ProgressBar::no_length(),
+        };
         pb.set_style(
             ProgressStyle::with_template(
                 "{spinner} {bar:40} {pos}/{len} rows {per_sec} eta {eta} {msg}",
@@ -116,11 +134,11 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let learn = {
         let (cfg, schema, progress) = (cfg.clone(), schema.clone(), progress.clone());
         tokio::task::spawn_blocking(move || {
-            learn_loop(&cfg, &schema, rx, score_tx, &dead_path, &progress)
+            learn_loop(&cfg, &schema, rx, ack_tx, score_tx, &dead_path, &progress)
         })
     };
     let mut tally = learn.await.context("learner thread panicked")??;
-    let replay = source.await.context("source thread panicked")??;
+    let source_rows = source.await.context("source thread panicked")??;
     progress.finish_and_clear();
     let written = match score_sink {
         Some(h) => Some(
@@ -160,7 +178,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         hidden: cfg.model.hidden.clone(),
         micro_batch: cfg.training.micro_batch,
         interrupted: shutdown.is_triggered(),
-        rows_read: tally.rows_read.max(replay.rows),
+        rows_read: tally.rows_read.max(source_rows),
         samples: stats.seen,
         skipped: tally.skipped.clone(),
         skipped_total,
@@ -215,6 +233,7 @@ fn learn_loop(
     cfg: &PipelineConfig,
     schema: &Arc<Schema>,
     mut rx: mpsc::Receiver<SourceEvent>,
+    ack_tx: std::sync::mpsc::Sender<Vec<RowOrigin>>,
     score_tx: std::sync::mpsc::SyncSender<Vec<ScoreRow>>,
     dead_path: &std::path::Path,
     progress: &ProgressBar,
@@ -278,7 +297,11 @@ fn learn_loop(
                 })?;
                 progress.inc(rows);
             }
-            SourceEvent::Batch { batch, origins } => {
+            SourceEvent::Batch {
+                batch,
+                origins,
+                ack,
+            } => {
                 let n = batch.num_rows() as u64;
                 t.rows_read += n;
                 match decoder.decode(&batch) {
@@ -300,7 +323,7 @@ fn learn_loop(
                     Ok(d) => {
                         let (skipped, dead) = (&mut t.skipped, &mut t.dead);
                         let mut io: Result<()> = Ok(());
-                        features.push_batch(&d, &mut pending, |i, reason| {
+                        features.push_batch(&d, &origins, &mut pending, |i, reason| {
                             let label = reason.label();
                             if reason.is_bad_input() && io.is_ok() {
                                 let key = (!arrow::array::Array::is_null(&d.key, i)).then(|| d.key.value(i));
@@ -317,6 +340,15 @@ fn learn_loop(
                 while pending.len() >= mb {
                     let chunk = pending.take_front(mb, width);
                     step(cfg, &mut t, chunk, head, &score_tx, scores_on)?;
+                }
+                if let Some(done) = ack {
+                    // A feed commits what it is acknowledged: nothing of this batch may wait
+                    // in a partial micro-batch, so train the remainder now.
+                    if !pending.is_empty() {
+                        let chunk = pending.take_front(pending.len(), width);
+                        step(cfg, &mut t, chunk, head, &score_tx, scores_on)?;
+                    }
+                    let _ = ack_tx.send(done);
                 }
                 progress.inc(n);
                 progress.set_message(t.metrics.window_text());
@@ -384,6 +416,8 @@ fn step(
         }
         if scores_on {
             rows.push(ScoreRow {
+                source: s.origins[i].source.clone(),
+                position: s.origins[i].index,
                 key: s.keys[i].clone(),
                 time: s.times[i],
                 score: out.scores[i],

@@ -48,7 +48,7 @@ fn milan_pipeline_runs_from_the_cli_and_pyarrow_reads_its_scores() {
     assert_eq!(f[0], (8928 - 144).to_string());
     assert_eq!(
         f[1],
-        "key,time,score,threshold,selected,trained,retained,prediction,target"
+        "source,position,key,time,score,threshold,selected,trained,retained,prediction,target"
     );
     assert_eq!(f[2], report["selected"].to_string());
     assert_eq!(f[3], report["retained"].to_string());

@@ -1,4 +1,5 @@
-//! The per-sample score file: for every sample, its key, event time, importance score, the
+//! The per-sample score file: for every sample, where it came from (file and row, or topic
+//! partition and offset), its key, event time, importance score, the
 //! threshold it was judged against, whether it was selected, trained and retained, and the
 //! prequential prediction next to the target. Parquet, snappy, written in row groups of a
 //! bounded size by a thread of its own behind a bounded channel, readable by pyarrow.
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use arrow::array::{
     ArrayRef, BooleanArray, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
+    TimestampMicrosecondArray, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use parquet::arrow::ArrowWriter;
@@ -20,6 +21,9 @@ use parquet::file::properties::WriterProperties;
 /// One sample's line in the score file.
 #[derive(Debug, Clone)]
 pub struct ScoreRow {
+    /// File, or topic[partition], the sample came from; `position` is its row or offset.
+    pub source: Arc<str>,
+    pub position: u64,
     pub key: Arc<str>,
     pub time: i64,
     pub score: f32,
@@ -48,6 +52,8 @@ impl ScoreSink {
             DataType::Int64
         };
         let schema = Arc::new(Schema::new(vec![
+            Field::new("source", DataType::Utf8, false),
+            Field::new("position", DataType::UInt64, false),
             Field::new("key", DataType::Utf8, false),
             Field::new("time", time_type, false),
             Field::new("score", DataType::Float32, false),
@@ -86,6 +92,12 @@ impl ScoreSink {
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.time)))
         };
         let cols: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| &*r.source),
+            )),
+            Arc::new(UInt64Array::from_iter_values(
+                rows.iter().map(|r| r.position),
+            )),
             Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &*r.key))),
             times,
             Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.score))),

@@ -3,8 +3,9 @@
 //! A source runs on its own thread and pushes [`SourceEvent`]s into a bounded channel: when
 //! the learner falls behind the channel fills and the source blocks (backpressure), so memory
 //! stays at `channels.batches` × `batch_size` rows whatever the archive's size. Parquet
-//! archives are the offline replay source; live Kafka feeds come next behind the same events.
+//! archives are the offline replay source, Kafka consumer groups the live one.
 
+pub mod kafka;
 pub mod parquet;
 
 use std::path::Path;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SourceConfig {
     Parquet(parquet::ParquetSourceConfig),
+    Kafka(kafka::KafkaSourceConfig),
 }
 
 impl SourceConfig {
@@ -25,6 +27,7 @@ impl SourceConfig {
     pub fn resolve_paths(&mut self, base: &Path) {
         match self {
             SourceConfig::Parquet(p) => p.resolve_paths(base),
+            SourceConfig::Kafka(_) => {}
         }
     }
 
@@ -32,6 +35,7 @@ impl SourceConfig {
     pub fn validate(&self) -> Result<(), (String, String, String)> {
         match self {
             SourceConfig::Parquet(p) => p.validate(),
+            SourceConfig::Kafka(k) => k.validate(),
         }
     }
 }
@@ -39,10 +43,12 @@ impl SourceConfig {
 /// What a source emits.
 #[derive(Debug)]
 pub enum SourceEvent {
-    /// Rows in time order, with where each came from.
+    /// Rows in time order, with where each came from, and what to acknowledge to the
+    /// source once every row of the batch has been processed (feeds commit it).
     Batch {
         batch: RecordBatch,
         origins: Vec<RowOrigin>,
+        ack: Option<Vec<RowOrigin>>,
     },
     /// A whole unit of input (a file) that cannot be read as the schema says; its rows are
     /// counted and dead-lettered under `reason`, and the source goes on with the next one.

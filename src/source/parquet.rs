@@ -459,7 +459,11 @@ pub fn replay(
         }
         stats.rows += batch.num_rows() as u64;
         if tx
-            .blocking_send(SourceEvent::Batch { batch, origins })
+            .blocking_send(SourceEvent::Batch {
+                batch,
+                origins,
+                ack: None,
+            })
             .is_err()
         {
             return Ok(stats);

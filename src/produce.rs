@@ -1,0 +1,218 @@
+//! The producer tool: replay a Parquet archive into a Kafka topic, one JSON object per row,
+//! keyed by the schema's key so that one cell's samples stay in one partition (and so in
+//! order). It reuses the Parquet source, so pacing (`--rate`, `--speedup`) and the time
+//! merge across files behave exactly as in a replay pipeline. Floats that JSON cannot spell
+//! (NaN, ±∞) are written as the strings "NaN", "Infinity", "-Infinity".
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Float32Type, Float64Type, Int64Type, TimeUnit};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use crate::schema::Schema;
+use crate::shutdown::Shutdown;
+use crate::source::SourceEvent;
+use crate::source::parquet::{self, Pace, ParquetSourceConfig};
+
+/// What to produce where.
+pub struct ProduceArgs {
+    pub path: String,
+    pub schema: Arc<Schema>,
+    pub brokers: String,
+    pub topic: String,
+    pub pace: Option<Pace>,
+    pub max_rows: Option<u64>,
+    pub options: Vec<(String, String)>,
+}
+
+/// Counts deliveries that failed after librdkafka's own retries.
+#[derive(Default)]
+pub struct DeliveryCount {
+    pub failed: AtomicU64,
+}
+
+impl ClientContext for DeliveryCount {}
+
+impl ProducerContext for DeliveryCount {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = r {
+            tracing::error!(error = %e, "message not delivered");
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One column as JSON values, row by row.
+fn column_json(col: &dyn Array) -> Result<Vec<Value>> {
+    let n = col.len();
+    let out = match col.data_type() {
+        DataType::Timestamp(_, tz) => {
+            let us = cast(col, &DataType::Timestamp(TimeUnit::Microsecond, tz.clone()))?;
+            let v = cast(us.as_ref(), &DataType::Int64)?;
+            v.as_primitive::<Int64Type>()
+                .iter()
+                .map(|x| x.map_or(Value::Null, Value::from))
+                .collect()
+        }
+        dt if dt.is_integer() => {
+            let v = cast(col, &DataType::Int64)?;
+            v.as_primitive::<Int64Type>()
+                .iter()
+                .map(|x| x.map_or(Value::Null, Value::from))
+                .collect()
+        }
+        dt if dt.is_floating() => {
+            let v = cast(col, &DataType::Float64)?;
+            v.as_primitive::<Float64Type>()
+                .iter()
+                .map(|x| x.map_or(Value::Null, float))
+                .collect()
+        }
+        DataType::FixedSizeList(_, _) => {
+            let l = col.as_fixed_size_list();
+            let w = l.value_length() as usize;
+            let vals = cast(l.values().as_ref(), &DataType::Float32)?;
+            let vals = vals.as_primitive::<Float32Type>();
+            (0..n)
+                .map(|i| {
+                    if l.is_null(i) {
+                        return Value::Null;
+                    }
+                    let start = l.value_offset_at(i);
+                    Value::Array(
+                        vals.values()[start..start + w]
+                            .iter()
+                            .map(|f| float(*f as f64))
+                            .collect(),
+                    )
+                })
+                .collect()
+        }
+        _ => {
+            let v = cast(col, &DataType::Utf8)?;
+            v.as_string::<i32>()
+                .iter()
+                .map(|x| x.map_or(Value::Null, |s| Value::String(s.to_string())))
+                .collect()
+        }
+    };
+    Ok(out)
+}
+
+fn float(f: f64) -> Value {
+    if f.is_finite() {
+        Value::from(f)
+    } else if f.is_nan() {
+        Value::String("NaN".into())
+    } else if f > 0.0 {
+        Value::String("Infinity".into())
+    } else {
+        Value::String("-Infinity".into())
+    }
+}
+
+/// Rows of a batch as (key, JSON payload).
+pub fn encode_rows(batch: &RecordBatch, key: &str) -> Result<Vec<(Option<String>, Vec<u8>)>> {
+    let schema = batch.schema();
+    let cols: Vec<(String, Vec<Value>)> = schema
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .map(|(f, c)| Ok((f.name().clone(), column_json(c.as_ref())?)))
+        .collect::<Result<_>>()?;
+    let keys = batch
+        .column_by_name(key)
+        .map(|c| column_json(c.as_ref()))
+        .transpose()?;
+    (0..batch.num_rows())
+        .map(|i| {
+            let obj: Map<String, Value> = cols
+                .iter()
+                .map(|(n, v)| (n.clone(), v[i].clone()))
+                .collect();
+            let k = keys.as_ref().and_then(|k| match &k[i] {
+                Value::Null => None,
+                Value::String(s) => Some(s.clone()),
+                v => Some(v.to_string()),
+            });
+            Ok((k, serde_json::to_vec(&Value::Object(obj))?))
+        })
+        .collect()
+}
+
+/// Replays the archive into the topic; returns the number of messages produced.
+pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
+    let src = ParquetSourceConfig {
+        path: args.path.clone(),
+        batch_size: 1024,
+        pace: args.pace.clone(),
+        max_rows: args.max_rows,
+    };
+    let files = src.files(&args.schema)?;
+    let (tx, mut rx) = mpsc::channel::<SourceEvent>(4);
+    let schema = args.schema.clone();
+    let sd = shutdown.clone();
+    let reader =
+        tokio::task::spawn_blocking(move || parquet::replay(&src, &schema, &files, tx, &sd));
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &args.brokers)
+        .set("linger.ms", "5");
+    for (k, v) in &args.options {
+        cfg.set(k, v);
+    }
+    let producer: ThreadedProducer<DeliveryCount> = cfg
+        .create_with_context(DeliveryCount::default())
+        .context("cannot create the Kafka producer")?;
+    let key_col = args.schema.key.clone();
+    let topic = args.topic.clone();
+    let sent = tokio::task::spawn_blocking(move || -> Result<u64> {
+        let mut sent = 0u64;
+        while let Some(ev) = rx.blocking_recv() {
+            let SourceEvent::Batch { batch, .. } = ev else {
+                continue;
+            };
+            for (key, payload) in encode_rows(&batch, &key_col)? {
+                let mut rec: BaseRecord<'_, String, Vec<u8>> =
+                    BaseRecord::to(&topic).payload(&payload);
+                if let Some(k) = &key {
+                    rec = rec.key(k);
+                }
+                loop {
+                    match producer.send(rec) {
+                        Ok(()) => break,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                            // Backpressure from librdkafka's queue: wait for deliveries.
+                            rec = r;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err((e, _)) => return Err(e).context("produce failed"),
+                    }
+                }
+                sent += 1;
+            }
+        }
+        producer
+            .flush(Duration::from_secs(30))
+            .context("flush failed")?;
+        let failed = producer.context().failed.load(Ordering::Relaxed);
+        anyhow::ensure!(
+            failed == 0,
+            "{failed} of {sent} messages were not delivered"
+        );
+        Ok(sent)
+    });
+    reader.await.context("reader panicked")??;
+    sent.await.context("producer panicked")?
+}

@@ -1,0 +1,338 @@
+//! Live network feeds: a Kafka consumer group, JSON messages decoded by the schema.
+//!
+//! The consumer runs on its own thread: it polls up to `batch_size` messages (or waits at
+//! most `batch_timeout_ms`), decodes them into one record batch and hands it to the learner
+//! through the bounded channel (backpressure: a slow learner stops the polling, and Kafka
+//! keeps the rest). A message that cannot be decoded is sent, with its original key, value
+//! and headers naming the reason and its topic, partition and offset, to the dead-letter
+//! topic, and counted. Offsets are committed only for messages the learner has finished
+//! with (it acknowledges each batch), so a crash replays what was not processed: at least
+//! once. Any librdkafka option (security.protocol, sasl.*, ssl.*, …) passes through
+//! `[source.options]`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{RowOrigin, SourceEvent};
+use crate::decode::JsonDecoder;
+use crate::schema::Schema;
+use crate::shutdown::Shutdown;
+
+/// `[source]` with `kind = "kafka"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// bootstrap.servers
+    pub brokers: String,
+    pub topics: Vec<String>,
+    /// The consumer group; instances sharing it split the partitions.
+    pub group_id: String,
+    /// Messages per record batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill.
+    #[serde(default = "default_timeout")]
+    pub batch_timeout_ms: u64,
+    /// Topic for messages that cannot be decoded (none: counted and logged only).
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Largest payload accepted, bytes.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Stop once every assigned partition has reached its end (replays and tests).
+    #[serde(default)]
+    pub stop_at_end: bool,
+    /// Passed to librdkafka as they are.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+fn default_batch() -> usize {
+    1024
+}
+fn default_timeout() -> u64 {
+    100
+}
+fn default_max_message() -> usize {
+    64 * 1024
+}
+
+impl KafkaSourceConfig {
+    pub(crate) fn validate(&self) -> Result<(), (String, String, String)> {
+        if self.topics.is_empty() {
+            return Err((
+                "source.topics".into(),
+                "at least one topic".into(),
+                "[]".into(),
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err((
+                "source.batch_size".into(),
+                "at least 1 message".into(),
+                "0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// One polled message, kept until its batch is decoded (and dead-lettered if bad).
+struct Polled {
+    value: Vec<u8>,
+    key: Option<Vec<u8>>,
+    origin: RowOrigin,
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+/// What the learner tells the source once a batch is fully processed.
+pub type Ack = Vec<RowOrigin>;
+
+/// "topic[partition]" as used in row origins.
+fn source_name(topic: &str, partition: i32) -> Arc<str> {
+    Arc::from(format!("{topic}[{partition}]").as_str())
+}
+
+/// Consumes until shut down (or, with `stop_at_end`, until every assigned partition is
+/// drained). Runs on a blocking thread.
+pub fn consume(
+    cfg: &KafkaSourceConfig,
+    schema: Arc<Schema>,
+    tx: mpsc::Sender<SourceEvent>,
+    acks: std::sync::mpsc::Receiver<Ack>,
+    shutdown: &Shutdown,
+) -> Result<u64> {
+    let consumer: BaseConsumer = cfg
+        .client()
+        .set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .context("cannot create the Kafka consumer")?;
+    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).context("cannot subscribe")?;
+    let dlq: Option<ThreadedProducer<DefaultProducerContext>> = match &cfg.dead_letter_topic {
+        Some(_) => Some(
+            cfg.client()
+                .create()
+                .context("cannot create the dead-letter producer")?,
+        ),
+        None => None,
+    };
+    let decoder = JsonDecoder::new(schema, cfg.max_message_bytes);
+    let mut names: HashMap<(String, i32), Arc<str>> = HashMap::new();
+    // Partition → drained (end-of-partition seen after its last message). librdkafka's EOF
+    // names the partition only, so `stop_at_end` is meant for single-topic replays.
+    let mut at_end: HashMap<i32, bool> = HashMap::new();
+    let mut rows = 0u64;
+    let mut backoff = Duration::from_millis(100);
+    let mut in_flight = 0usize;
+    while !shutdown.is_triggered() {
+        // Commit what the learner has finished with.
+        while let Ok(done) = acks.try_recv() {
+            in_flight -= 1;
+            commit(&consumer, &done);
+        }
+        let deadline = Instant::now() + Duration::from_millis(cfg.batch_timeout_ms);
+        let mut payloads: Vec<Polled> = Vec::new();
+        while payloads.len() < cfg.batch_size {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match consumer.poll(left.max(Duration::from_millis(1))) {
+                None => break,
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    at_end.insert(p, true);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "Kafka consumer error; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    break;
+                }
+                Some(Ok(m)) => {
+                    backoff = Duration::from_millis(100);
+                    let key = (m.topic().to_string(), m.partition());
+                    at_end.insert(m.partition(), false);
+                    let source = names
+                        .entry(key)
+                        .or_insert_with(|| source_name(m.topic(), m.partition()))
+                        .clone();
+                    let origin = RowOrigin {
+                        source,
+                        index: m.offset() as u64,
+                    };
+                    payloads.push(Polled {
+                        value: m.payload().unwrap_or_default().to_vec(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        origin,
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                    });
+                }
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        if payloads.is_empty() {
+            if cfg.stop_at_end && in_flight == 0 {
+                let assigned = consumer
+                    .assignment()
+                    .map(|a| {
+                        a.elements()
+                            .iter()
+                            .map(|e| e.partition())
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                if !assigned.is_empty() && assigned.iter().all(|p| at_end.get(p) == Some(&true)) {
+                    break;
+                }
+            }
+            continue;
+        }
+        let refs: Vec<&[u8]> = payloads.iter().map(|p| p.value.as_slice()).collect();
+        let (batch, good, bad) = decoder.decode(&refs);
+        for (i, e) in bad {
+            let Polled {
+                value,
+                key,
+                origin,
+                topic,
+                partition,
+                offset,
+            } = &payloads[i];
+            if let (Some(p), Some(t)) = (&dlq, &cfg.dead_letter_topic) {
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "gradsift.reason",
+                        value: Some(e.reason.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "gradsift.detail",
+                        value: Some(e.detail.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "gradsift.source.topic",
+                        value: Some(topic.as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "gradsift.source.partition",
+                        value: Some(partition.to_string().as_bytes()),
+                    })
+                    .insert(Header {
+                        key: "gradsift.source.offset",
+                        value: Some(offset.to_string().as_bytes()),
+                    });
+                let mut rec: BaseRecord<'_, Vec<u8>, Vec<u8>> =
+                    BaseRecord::to(t).payload(value).headers(headers);
+                if let Some(k) = key {
+                    rec = rec.key(k);
+                }
+                if let Err((err, _)) = p.send(rec) {
+                    tracing::error!(error = %err, "cannot send to the dead-letter topic");
+                }
+            }
+            let ev = SourceEvent::Unreadable {
+                origin: Arc::from(format!("{}@{}", origin.source, origin.index).as_str()),
+                rows: 1,
+                reason: e.reason,
+                detail: e.detail,
+            };
+            if tx.blocking_send(ev).is_err() {
+                return Ok(rows);
+            }
+        }
+        if let Some(p) = &dlq {
+            let _ = p.flush(Duration::from_secs(10));
+        }
+        // Bad messages are dealt with (dead-lettered): their offsets may be committed too.
+        let origins: Vec<RowOrigin> = good.iter().map(|&i| payloads[i].origin.clone()).collect();
+        let all: Vec<RowOrigin> = payloads.iter().map(|p| p.origin.clone()).collect();
+        rows += payloads.len() as u64;
+        if origins.is_empty() {
+            commit(&consumer, &all);
+            continue;
+        }
+        in_flight += 1;
+        if tx
+            .blocking_send(SourceEvent::Batch {
+                batch,
+                origins,
+                ack: Some(all),
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+    // Drain the acknowledgements of what was handed over, then commit synchronously.
+    let stop = Instant::now() + Duration::from_secs(30);
+    while in_flight > 0 && Instant::now() < stop {
+        match acks.recv_timeout(Duration::from_millis(200)) {
+            Ok(done) => {
+                in_flight -= 1;
+                commit(&consumer, &done);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(_) => {}
+        }
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error = %e, "final commit failed"),
+    }
+    Ok(rows)
+}
+
+/// Commits, per partition, the offset after the highest one processed.
+fn commit(consumer: &BaseConsumer, done: &[RowOrigin]) {
+    let mut next: HashMap<&str, i64> = HashMap::new();
+    for o in done {
+        let e = next.entry(&o.source).or_insert(0);
+        *e = (*e).max(o.index as i64 + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (source, off) in next {
+        // "topic[partition]"
+        let Some((topic, rest)) = source.rsplit_once('[') else {
+            continue;
+        };
+        let Ok(partition) = rest.trim_end_matches(']').parse::<i32>() else {
+            continue;
+        };
+        if tpl
+            .add_partition_offset(topic, partition, Offset::Offset(off))
+            .is_err()
+        {
+            continue;
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        tracing::warn!(error = %e, "offset commit failed; it is retried with the next batch");
+    }
+}

@@ -1,0 +1,263 @@
+//! Kafka, against a real Kafka-protocol broker (Tansu) started on loopback by the test, and
+//! through rdkafka: the producer tool fills a topic from the Milan archive, a pipeline
+//! consumes it in a consumer group, every offset is processed and committed; malformed
+//! messages land in the dead-letter topic with their reason while good ones are unaffected.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+fn produce_archive(broker: &common::Broker, topic: &str, extra: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_gradsift"))
+        .current_dir(common::repo())
+        .args([
+            "produce",
+            "data/milan/internet_square5161.parquet",
+            "--schema",
+            "schemas/milan_internet.json",
+            "--topic",
+            topic,
+            "--brokers",
+        ])
+        .arg(broker.address())
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "produce: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn kafka_pipeline(
+    broker: &common::Broker,
+    out: &std::path::Path,
+    topic: &str,
+    group: &str,
+    dlq: &str,
+) -> gradsift::config::PipelineConfig {
+    common::pipeline(
+        "milan-kafka.toml",
+        out,
+        &[
+            &format!("source.brokers=\"{}\"", broker.address()),
+            &format!("source.topics=[\"{topic}\"]"),
+            &format!("source.group_id=\"{group}\""),
+            &format!("source.dead_letter_topic=\"{dlq}\""),
+            "source.stop_at_end=true",
+        ],
+    )
+}
+
+fn committed(
+    broker: &common::Broker,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> BTreeMap<i32, i64> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    got.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn archive_through_kafka_every_offset_processed_and_committed() {
+    let broker = common::Broker::start();
+    broker.create_topic("milan", 4);
+    broker.create_topic("milan-dlq", 1);
+    let said = produce_archive(&broker, "milan", &[]);
+    assert!(said.contains("produced 8928 messages"), "{said}");
+
+    let out = tempfile::tempdir().unwrap();
+    let r = common::run(kafka_pipeline(
+        &broker,
+        out.path(),
+        "milan",
+        "g-e2e",
+        "milan-dlq",
+    ));
+    assert_eq!(r.rows_read, 8928);
+    assert_eq!(r.skipped.get("lag_warmup"), Some(&144));
+    assert_eq!(r.samples, 8784);
+
+    // Every produced offset is accounted for: 8,784 scored samples with distinct
+    // (partition, offset), plus the 144 lag-warm-up rows.
+    let py = common::python(&format!(
+        "import pyarrow.parquet as pq\n\
+         t = pq.ParquetFile('{}/scores.parquet').read()\n\
+         pairs = set(zip(t['source'].to_pylist(), t['position'].to_pylist()))\n\
+         srcs = sorted(set(t['source'].to_pylist()))\n\
+         pos = sorted(p for _, p in pairs)\n\
+         print(len(pairs), ','.join(srcs), pos[0], pos[-1])",
+        out.path().display()
+    ));
+    let f: Vec<&str> = py.split_whitespace().collect();
+    assert_eq!(f[0], "8784", "distinct (partition, offset) pairs");
+    // One square, one key: one partition, offsets 0..8927 (the first 144 warm the lags).
+    assert!(
+        f[1].starts_with("milan[") && !f[1].contains(','),
+        "{}",
+        f[1]
+    );
+    assert_eq!((f[2], f[3]), ("144", "8927"));
+
+    let part: i32 = f[1]
+        .trim_start_matches("milan[")
+        .trim_end_matches(']')
+        .parse()
+        .unwrap();
+    let c = committed(&broker, "g-e2e", "milan", 4);
+    assert_eq!(c.get(&part), Some(&8928), "committed offsets {c:?}");
+}
+
+#[test]
+fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
+    let broker = common::Broker::start();
+    broker.create_topic("feed", 1);
+    broker.create_topic("feed-dlq", 1);
+    produce_archive(&broker, "feed", &["--max-rows", "300"]);
+
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .create()
+        .unwrap();
+    let ts = 1_383_951_600_000_000i64; // 2013-11-08 23:00 UTC, after the archive's first 300 slots
+    let long = format!(
+        "{{\"square_id\": 5161, \"ts\": {ts}, \"internet\": 1.0, \"pad\": \"{}\"}}",
+        "x".repeat(100_000)
+    );
+    let bad: Vec<(&str, String)> = vec![
+        (
+            "malformed_json",
+            "{\"square_id\": 5161, \"ts\": ".to_string(),
+        ),
+        (
+            "wrong_type:internet",
+            format!("{{\"square_id\": 5161, \"ts\": {ts}, \"internet\": \"lots\"}}"),
+        ),
+        (
+            "non_finite:internet",
+            format!("{{\"square_id\": 5161, \"ts\": {ts}, \"internet\": \"NaN\"}}"),
+        ),
+        (
+            "non_finite:internet",
+            format!("{{\"square_id\": 5161, \"ts\": {ts}, \"internet\": \"Infinity\"}}"),
+        ),
+        (
+            "missing_field:internet",
+            format!("{{\"square_id\": 5161, \"ts\": {ts}}}"),
+        ),
+        ("oversized", long),
+        // A message of another schema (an LTE KPI row).
+        (
+            "missing_field:square_id",
+            format!("{{\"site\": \"ElBorn\", \"time\": {ts}, \"down\": 1.0, \"up\": 2.0}}"),
+        ),
+    ];
+    for (_, payload) in &bad {
+        p.send(BaseRecord::to("feed").key("5161").payload(payload))
+            .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+    // And good rows after the bad ones: produce the next slots by hand.
+    for k in 1..=5 {
+        let good = format!(
+            "{{\"square_id\": 5161, \"ts\": {}, \"internet\": 1000.0}}",
+            ts + k * 600_000_000
+        );
+        p.send(BaseRecord::to("feed").key("5161").payload(&good))
+            .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = kafka_pipeline(&broker, out.path(), "feed", "g-bad", "feed-dlq");
+    cfg.source = match cfg.source {
+        gradsift::source::SourceConfig::Kafka(mut k) => {
+            k.max_message_bytes = 64 * 1024;
+            gradsift::source::SourceConfig::Kafka(k)
+        }
+        other => other,
+    };
+    let r = common::run(cfg);
+    println!("{:?}", r.skipped);
+    assert_eq!(r.rows_read, 300 + 7 + 5);
+    // Good rows unaffected: 300 + 5 rows, the first 144 warm the lags.
+    assert_eq!(r.samples, 300 + 5 - 144);
+    let mut want: BTreeMap<&str, u64> = BTreeMap::new();
+    for (reason, _) in &bad {
+        *want.entry(reason).or_default() += 1;
+    }
+    for (reason, n) in &want {
+        assert_eq!(r.skipped.get(*reason), Some(n), "{reason}: {:?}", r.skipped);
+    }
+
+    // The dead-letter topic holds each original message with its reason and origin.
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .set("group.id", "dlq-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&["feed-dlq"]).unwrap();
+    let mut letters = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while letters.len() < bad.len() && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(500)) {
+            let h = m.headers().expect("headers");
+            let header = |name: &str| {
+                h.iter()
+                    .find(|x| x.key == name)
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            letters.push((
+                header("gradsift.reason").unwrap(),
+                header("gradsift.source.topic").unwrap(),
+                header("gradsift.source.offset")
+                    .unwrap()
+                    .parse::<i64>()
+                    .unwrap(),
+                m.payload().map(|p| p.len()).unwrap_or(0),
+                m.key().map(|k| k.to_vec()),
+            ));
+        }
+    }
+    assert_eq!(letters.len(), bad.len(), "{letters:?}");
+    let offsets: BTreeSet<i64> = letters.iter().map(|l| l.2).collect();
+    assert_eq!(
+        offsets,
+        (300..307).collect(),
+        "each letter names its source offset"
+    );
+    for ((reason, payload), (got, topic, _, len, key)) in bad.iter().zip(&letters) {
+        assert_eq!(
+            (got.as_str(), topic.as_str(), *len),
+            (*reason, "feed", payload.len())
+        );
+        assert_eq!(key.as_deref(), Some(&b"5161"[..]), "original key kept");
+    }
+}
