@@ -20,7 +20,6 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -129,6 +128,8 @@ pub fn consume(
         .client()
         .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
+        // Offsets are stored and committed by us, for processed messages only.
+        .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
         .create()
@@ -151,11 +152,12 @@ pub fn consume(
     let mut rows = 0u64;
     let mut backoff = Duration::from_millis(100);
     let mut in_flight = 0usize;
+    let mut done: Done = HashMap::new();
     while !shutdown.is_triggered() {
         // Commit what the learner has finished with.
-        while let Ok(done) = acks.try_recv() {
+        while let Ok(processed) = acks.try_recv() {
             in_flight -= 1;
-            commit(&consumer, &done);
+            commit(&consumer, &mut done, &processed, CommitMode::Async);
         }
         let deadline = Instant::now() + Duration::from_millis(cfg.batch_timeout_ms);
         let mut payloads: Vec<Polled> = Vec::new();
@@ -275,7 +277,7 @@ pub fn consume(
         let all: Vec<RowOrigin> = payloads.iter().map(|p| p.origin.clone()).collect();
         rows += payloads.len() as u64;
         if origins.is_empty() {
-            commit(&consumer, &all);
+            commit(&consumer, &mut done, &all, CommitMode::Async);
             continue;
         }
         in_flight += 1;
@@ -294,30 +296,30 @@ pub fn consume(
     let stop = Instant::now() + Duration::from_secs(30);
     while in_flight > 0 && Instant::now() < stop {
         match acks.recv_timeout(Duration::from_millis(200)) {
-            Ok(done) => {
+            Ok(processed) => {
                 in_flight -= 1;
-                commit(&consumer, &done);
+                commit(&consumer, &mut done, &processed, CommitMode::Async);
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             Err(_) => {}
         }
     }
-    match consumer.commit_consumer_state(CommitMode::Sync) {
-        Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-        Err(e) => tracing::warn!(error = %e, "final commit failed"),
-    }
+    commit(&consumer, &mut done, &[], CommitMode::Sync);
     Ok(rows)
 }
 
-/// Commits, per partition, the offset after the highest one processed.
-fn commit(consumer: &BaseConsumer, done: &[RowOrigin]) {
-    let mut next: HashMap<&str, i64> = HashMap::new();
-    for o in done {
-        let e = next.entry(&o.source).or_insert(0);
+/// Offsets processed so far: per "topic[partition]", the offset after the highest one.
+type Done = HashMap<Arc<str>, i64>;
+
+/// Records processed origins and commits every partition's next offset (the whole map, so
+/// an asynchronous commit that failed is made good by the next one).
+fn commit(consumer: &BaseConsumer, done: &mut Done, processed: &[RowOrigin], mode: CommitMode) {
+    for o in processed {
+        let e = done.entry(o.source.clone()).or_insert(0);
         *e = (*e).max(o.index as i64 + 1);
     }
     let mut tpl = TopicPartitionList::new();
-    for (source, off) in next {
+    for (source, off) in done.iter() {
         // "topic[partition]"
         let Some((topic, rest)) = source.rsplit_once('[') else {
             continue;
@@ -325,14 +327,12 @@ fn commit(consumer: &BaseConsumer, done: &[RowOrigin]) {
         let Ok(partition) = rest.trim_end_matches(']').parse::<i32>() else {
             continue;
         };
-        if tpl
-            .add_partition_offset(topic, partition, Offset::Offset(off))
-            .is_err()
-        {
-            continue;
-        }
+        let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(*off));
     }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+    if tpl.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
         tracing::warn!(error = %e, "offset commit failed; it is retried with the next batch");
     }
 }
