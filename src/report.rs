@@ -128,6 +128,10 @@ impl RunReport {
                 "dead-lettered rows".into(),
                 self.dead_lettered_rows.to_string(),
             ),
+            (
+                "keys tracked / forgotten".into(),
+                format!("{} / {}", self.keys_tracked, self.keys_forgotten),
+            ),
             ("scored".into(), self.scored.to_string()),
             ("selected".into(), pct(self.selected, self.samples)),
             ("trained (fresh)".into(), pct(self.trained, self.samples)),
