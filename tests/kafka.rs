@@ -14,9 +14,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-fn produce_archive(broker: &common::Broker, topic: &str, extra: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_gradsift"))
-        .current_dir(common::repo())
+/// `gradsift produce` of the bundled Milan archive into `topic`.
+fn produce_command(broker: &common::Broker, topic: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gradsift"));
+    c.current_dir(common::repo())
         .args([
             "produce",
             "data/milan/internet_square5161.parquet",
@@ -27,9 +28,12 @@ fn produce_archive(broker: &common::Broker, topic: &str, extra: &[&str]) -> Stri
             "--brokers",
         ])
         .arg(broker.address())
-        .args(extra)
-        .output()
-        .unwrap();
+        .args(extra);
+    c
+}
+
+fn produce_archive(broker: &common::Broker, topic: &str, extra: &[&str]) -> String {
+    let out = produce_command(broker, topic, extra).output().unwrap();
     assert!(
         out.status.success(),
         "produce: {}",
@@ -268,20 +272,7 @@ fn sigterm_mid_stream_drains_commits_what_it_processed_and_exits_zero() {
     broker.create_topic("live", 1);
     broker.create_topic("live-dlq", 1);
     // A paced feed: 8,928 slots at 800 messages/s, about 11 s.
-    let mut producer = Command::new(env!("CARGO_BIN_EXE_gradsift"))
-        .current_dir(common::repo())
-        .args([
-            "produce",
-            "data/milan/internet_square5161.parquet",
-            "--schema",
-            "schemas/milan_internet.json",
-            "--topic",
-            "live",
-            "--rate",
-            "800",
-            "--brokers",
-        ])
-        .arg(broker.address())
+    let mut producer = produce_command(&broker, "live", &["--rate", "800"])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
