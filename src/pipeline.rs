@@ -149,6 +149,9 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     };
 
     let wall_s = started.elapsed().as_secs_f64();
+    let active_s = tally
+        .first_rows_at
+        .map_or(0.0, |t| t.elapsed().as_secs_f64());
     let cpu_s = cpu_start.elapsed().as_secs_f64();
     let stats = tally.learner.stats();
     let buf = tally.learner.buffer();
@@ -208,6 +211,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         wall_s,
         cpu_s,
         samples_per_s: stats.seen as f64 / wall_s.max(1e-9),
+        active_s,
         outputs,
     };
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
@@ -227,6 +231,8 @@ struct Tally {
     last_loss: f64,
     keys_tracked: usize,
     keys_forgotten: u64,
+    /// When the first rows arrived (throughput without start-up and group-join time).
+    first_rows_at: Option<Instant>,
 }
 
 fn learn_loop(
@@ -272,6 +278,7 @@ fn learn_loop(
         last_loss: f64::NAN,
         keys_tracked: 0,
         keys_forgotten: 0,
+        first_rows_at: None,
     };
     let mut pending = Samples::default();
     let mb = cfg.training.micro_batch;
@@ -302,6 +309,7 @@ fn learn_loop(
                 origins,
                 ack,
             } => {
+                t.first_rows_at.get_or_insert_with(Instant::now);
                 let n = batch.num_rows() as u64;
                 t.rows_read += n;
                 match decoder.decode(&batch) {

