@@ -36,12 +36,6 @@ impl Shutdown {
         *self.tx.borrow()
     }
 
-    /// Resolves once triggered.
-    pub async fn wait(&self) {
-        let mut rx = self.tx.subscribe();
-        let _ = rx.wait_for(|v| *v).await;
-    }
-
     /// Triggers on SIGINT or SIGTERM (spawned on the current tokio runtime).
     pub fn listen_for_signals(&self) {
         let s = self.clone();

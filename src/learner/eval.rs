@@ -117,7 +117,6 @@ pub struct RegressionEval {
     seasonal: ErrSum,
     model_on_seasonal: ErrSum,
     recent_model: ErrSum,
-    recent_persistence: ErrSum,
     recent: VecDeque<RegressionRow>,
 }
 
@@ -130,7 +129,6 @@ impl RegressionEval {
             seasonal: ErrSum::default(),
             model_on_seasonal: ErrSum::default(),
             recent_model: ErrSum::default(),
-            recent_persistence: ErrSum::default(),
             recent: VecDeque::with_capacity(window.max(1)),
         }
     }
@@ -139,7 +137,6 @@ impl RegressionEval {
         self.model.add(r.prediction, r.target);
         if let Some(p) = r.persistence {
             self.persistence.add(p, r.target);
-            self.recent_persistence.add(p, r.target);
         }
         if let Some(s) = r.seasonal {
             self.seasonal.add(s, r.target);
@@ -150,9 +147,6 @@ impl RegressionEval {
             && let Some(old) = self.recent.pop_front()
         {
             self.recent_model.sub(old.prediction, old.target);
-            if let Some(p) = old.persistence {
-                self.recent_persistence.sub(p, old.target);
-            }
         }
         self.recent.push_back(r);
     }

@@ -197,28 +197,11 @@ impl OnlineLearner {
         }
     }
 
-    pub fn config(&self) -> &LearnerConfig {
-        &self.cfg
-    }
     pub fn stats(&self) -> LearnerStats {
         self.stats
     }
     pub fn buffer(&self) -> &ReplayBuffer {
         &self.buffer
-    }
-    pub fn model(&self) -> &Mlp {
-        &self.model
-    }
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Model outputs for `n` rows, no training (`[n, outputs]` row-major).
-    pub fn predict(&self, x: &[f32]) -> Vec<f32> {
-        let n = x.len() / self.cfg.inputs;
-        let xt = model::matrix(x.to_vec(), n, self.cfg.inputs, &self.device);
-        let params = self.model.dense_params();
-        model::to_vec(model::trace(&params, xt).output())
     }
 
     /// One prequential step over a micro-batch of fresh samples.

@@ -143,16 +143,6 @@ impl Selector {
             weights,
         }
     }
-
-    /// Samples decided so far.
-    pub fn seen(&self) -> u64 {
-        self.seen
-    }
-
-    /// The recent scores (for checkpoints and inspection).
-    pub fn window(&self) -> &[f32] {
-        &self.ring
-    }
 }
 
 #[cfg(test)]

@@ -148,21 +148,9 @@ fn first_time(file: &Path, schema: &Schema) -> Option<i64> {
         .next()?
         .ok()?;
     time_micros(batch.column(0).as_ref())
-        .filter(|t| !t.is_empty())?
         .first()
         .copied()
-}
-
-/// A time column as i64 (microseconds for timestamps).
-fn time_micros(col: &dyn Array) -> Option<Vec<i64>> {
-    let c = match col.data_type() {
-        DataType::Timestamp(_, tz) => {
-            cast(col, &DataType::Timestamp(TimeUnit::Microsecond, tz.clone())).ok()?
-        }
-        _ => cast(col, &DataType::Int64).ok()?,
-    };
-    let c = cast(c.as_ref(), &DataType::Int64).ok()?;
-    Some(c.as_primitive::<Int64Type>().iter().flatten().collect())
+        .flatten()
 }
 
 /// Totals of a replay.
@@ -251,7 +239,7 @@ impl Canonical {
         let col = batch
             .column_by_name(&self.time)
             .expect("canonical time column");
-        let raw = time_micros_nullable(col.as_ref());
+        let raw = time_micros(col.as_ref());
         // A null time keeps its row in place: it sorts with the row before it (and is
         // dead-lettered downstream).
         let mut last = i64::MIN;
@@ -264,12 +252,13 @@ impl Canonical {
     }
 }
 
-fn time_micros_nullable(col: &dyn Array) -> Vec<Option<i64>> {
+/// A time column as i64 per row (microseconds for timestamps), `None` where null.
+fn time_micros(col: &dyn Array) -> Vec<Option<i64>> {
     let c = match col.data_type() {
         DataType::Timestamp(_, tz) => {
             cast(col, &DataType::Timestamp(TimeUnit::Microsecond, tz.clone())).ok()
         }
-        _ => Some(arrow::array::make_array(col.to_data())),
+        _ => cast(col, &DataType::Int64).ok(),
     };
     match c.and_then(|c| cast(c.as_ref(), &DataType::Int64).ok()) {
         Some(c) => c.as_primitive::<Int64Type>().iter().collect(),
@@ -503,7 +492,7 @@ fn pace(
         let Ok(col) = batch.column_by_name(&schema.time.column).ok_or(()) else {
             return;
         };
-        let Some(first) = time_micros(col.as_ref()).and_then(|v| v.first().copied()) else {
+        let Some(first) = time_micros(col.as_ref()).into_iter().flatten().next() else {
             return;
         };
         let base = *t0.get_or_insert(first);
