@@ -15,6 +15,8 @@ use crate::learner::buffer::{BufferConfig, EvictionPolicy, ReplaySampling};
 use crate::learner::importance::ImportanceMethod;
 use crate::learner::select::SelectionConfig;
 use crate::learner::{ModelConfig, TrainingConfig};
+use crate::checkpoint::CheckpointConfig;
+use crate::sink::topic::TopicSinkConfig;
 use crate::source::SourceConfig;
 
 /// `[importance]`
@@ -76,6 +78,9 @@ pub struct OutputConfig {
     /// Write the per-sample score file.
     #[serde(default = "yes")]
     pub scores: bool,
+    /// One record per sample to a Kafka topic.
+    #[serde(default)]
+    pub topic: Option<TopicSinkConfig>,
 }
 
 fn yes() -> bool {
@@ -87,6 +92,7 @@ impl Default for OutputConfig {
         OutputConfig {
             dir: None,
             scores: true,
+            topic: None,
         }
     }
 }
@@ -135,6 +141,8 @@ pub struct PipelineConfig {
     pub output: OutputConfig,
     #[serde(default)]
     pub channels: ChannelConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
     /// The file this was read from (set by [`PipelineConfig::load`]).
     #[serde(skip)]
     pub file: PathBuf,
@@ -251,6 +259,27 @@ impl PipelineConfig {
         if self.channels.batches == 0 {
             return Err(self.bad("channels.batches", "at least 1 batch", 0));
         }
+        let c = &self.checkpoint;
+        if c.every_rows == 0 {
+            return Err(self.bad("checkpoint.every_rows", "at least 1 row", 0));
+        }
+        if !(c.every_seconds > 0.0 && c.every_seconds.is_finite()) {
+            return Err(self.bad(
+                "checkpoint.every_seconds",
+                "a positive number of seconds",
+                c.every_seconds,
+            ));
+        }
+        if let Some(t) = &self.output.topic
+            && t.brokers.is_none()
+            && !matches!(self.source, SourceConfig::Kafka(_))
+        {
+            return Err(self.bad(
+                "output.topic.brokers",
+                "the brokers of the output topic (the source is not Kafka)",
+                "nothing",
+            ));
+        }
         self.source
             .validate()
             .map_err(|(key, expected, found)| self.bad(&key, &expected, found))
@@ -262,6 +291,14 @@ impl PipelineConfig {
             .dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+    }
+
+    /// Where checkpoints go.
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.checkpoint
+            .path
+            .clone()
+            .unwrap_or_else(|| self.output_dir().join("checkpoint.bin"))
     }
 }
 

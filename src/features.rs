@@ -152,6 +152,16 @@ struct KeyState {
     last_seen: u64,
 }
 
+/// The learned part of a [`FeatureEngine`], as a checkpoint stores it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct FeatureState {
+    scalers: Vec<Scaler>,
+    geo_scalers: [Scaler; 3],
+    keys: Vec<(Arc<str>, Vec<VecDeque<f64>>, u64)>,
+    tick: u64,
+    keys_evicted: u64,
+}
+
 /// Builds samples from decoded batches (see the module doc).
 pub struct FeatureEngine {
     schema: Arc<Schema>,
@@ -237,9 +247,51 @@ impl FeatureEngine {
         self.width
     }
 
+    pub fn schema_name(&self) -> &str {
+        &self.schema.name
+    }
+
     /// Keys currently tracked.
     pub fn tracked_keys(&self) -> usize {
         self.keys.len()
+    }
+
+    /// What a checkpoint keeps: the running scalers and every key's lag window.
+    pub fn state(&self) -> FeatureState {
+        FeatureState {
+            scalers: self.scalers.clone(),
+            geo_scalers: self.geo_scalers,
+            keys: self
+                .keys
+                .iter()
+                .map(|(k, s)| (k.clone(), s.hist.clone(), s.last_seen))
+                .collect(),
+            tick: self.tick,
+            keys_evicted: self.keys_evicted,
+        }
+    }
+
+    /// Continues from a saved state; it must come from the same schema.
+    pub fn restore(&mut self, s: FeatureState) -> Result<(), String> {
+        if s.scalers.len() != self.scalers.len()
+            || s.keys.iter().any(|(_, h, _)| h.len() != self.hist_len.len())
+        {
+            return Err(format!(
+                "feature state has {} numeric columns; this schema has {}",
+                s.scalers.len(),
+                self.scalers.len()
+            ));
+        }
+        self.scalers = s.scalers;
+        self.geo_scalers = s.geo_scalers;
+        self.keys = s
+            .keys
+            .into_iter()
+            .map(|(k, hist, last_seen)| (k, KeyState { hist, last_seen }))
+            .collect();
+        self.tick = s.tick;
+        self.keys_evicted = s.keys_evicted;
+        Ok(())
     }
 
     fn norm(&self, col: usize, v: f64) -> f32 {

@@ -7,6 +7,7 @@
 //! them with bounded channels, [`config`] and [`schema`] say what to wire, [`report`] sums up.
 #![forbid(unsafe_code)]
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;

@@ -10,29 +10,35 @@
 //! ```
 //! Each arrow is a bounded channel: a slow stage blocks the one before it (backpressure)
 //! instead of queueing without limit. The learner owns all model state on one thread, so
-//! nothing on the hot path takes a lock.
+//! nothing on the hot path takes a lock. With checkpoints on, the learner also decides when a
+//! checkpoint is due: it rolls the sinks (score segment closed, output topic flushed, dead
+//! letters synced), writes the checkpoint, and only then tells a feed to commit the offsets
+//! it covers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::sync_channel;
-use std::time::Instant;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 
+use crate::checkpoint::{self, Checkpoint};
 use crate::config::PipelineConfig;
 use crate::decode::Decoder;
 use crate::features::{FeatureEngine, Samples};
 use crate::learner::eval::{ClassificationEval, EvalSummary, RegressionEval, RegressionRow};
 use crate::learner::model::Head;
 use crate::learner::{FreshBatch, LearnerConfig, OnlineLearner};
-use crate::report::{BufferReport, RunReport};
+use crate::report::{BufferReport, CheckpointReport, RunReport};
 use crate::schema::{Schema, TimeKind};
 use crate::shutdown::Shutdown;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
-use crate::sink::scores::{ScoreRow, ScoreSink};
-use crate::source::{RowOrigin, SourceConfig, SourceEvent, kafka, parquet};
+use crate::sink::scores::{ScoreRow, ScoreSegments, ScoreSink};
+use crate::sink::topic::SampleTopicSink;
+use crate::source::{Ack, RowOrigin, SourceConfig, SourceEvent, kafka, parquet};
 
 /// How a run is shown.
 #[derive(Debug, Clone, Default)]
@@ -41,9 +47,37 @@ pub struct RunOptions {
     pub progress: bool,
 }
 
-enum Metrics {
+/// The prequential scoreboard of the task.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub enum Metrics {
     Regression(RegressionEval),
     Classification(ClassificationEval),
+}
+
+/// Counters that span restarts (kept in checkpoints).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RunCounters {
+    pub skipped: BTreeMap<String, u64>,
+    pub rows_read: u64,
+    pub seen_after_warmup: u64,
+    pub trained_after_warmup: u64,
+    pub last_loss: f64,
+    pub dead_letters: u64,
+    pub dead_rows: u64,
+    pub resumes: u64,
+}
+
+/// What the sink thread is told.
+enum SinkMsg {
+    Rows(Vec<ScoreRow>),
+    /// Make everything sent so far durable; reply with the next score segment number.
+    Roll(SyncSender<Result<u64>>),
+}
+
+/// The per-sample score output: one file, or segments rolled at each checkpoint.
+enum ScoreOut {
+    File(ScoreSink),
+    Segments(ScoreSegments),
 }
 
 impl Metrics {
@@ -71,10 +105,39 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
 
+    let ckpt_path = cfg.checkpoint_path();
+    let resume = if cfg.checkpoint.enabled {
+        let c = checkpoint::load(&ckpt_path)?;
+        if let Some(c) = &c {
+            anyhow::ensure!(
+                c.schema == schema.name,
+                "{}: the checkpoint was written for schema `{}`, this pipeline reads `{}`",
+                ckpt_path.display(),
+                c.schema,
+                schema.name
+            );
+            tracing::info!(checkpoint = %ckpt_path.display(), samples = c.learner.seen(), sources = c.positions.len(), "resuming from checkpoint");
+        }
+        c
+    } else {
+        None
+    };
+    let covered: HashMap<Arc<str>, u64> = resume
+        .as_ref()
+        .map(|c| {
+            c.positions
+                .iter()
+                .map(|(k, v)| (Arc::from(k.as_str()), *v))
+                .collect()
+        })
+        .unwrap_or_default();
+
     let (tx, rx) = mpsc::channel::<SourceEvent>(cfg.channels.batches);
-    // Acknowledgements of fully processed batches flow back to a feed source, which commits
-    // them; at most `channels.batches` + 1 batches are ever unacknowledged.
-    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<Vec<RowOrigin>>();
+    // Acknowledgements flow back to a feed source: "a batch is processed" (flow control) and
+    // "these positions are durable" (commit them). At most `channels.batches` + 1 batches are
+    // ever unacknowledged.
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<Ack>();
+    let mut topic_brokers = None;
     let (source, total) = match cfg.source.clone() {
         SourceConfig::Parquet(src) => {
             let files = src.files(&schema)?;
@@ -91,28 +154,86 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         }
         SourceConfig::Kafka(src) => {
             tracing::info!(pipeline = %cfg.name, brokers = %src.brokers, topics = ?src.topics, group = %src.group_id, "consuming");
-            let (schema, shutdown) = (schema.clone(), shutdown.clone());
+            topic_brokers = Some(src.brokers.clone());
+            let (schema, shutdown, covered) = (schema.clone(), shutdown.clone(), covered.clone());
             let h = tokio::task::spawn_blocking(move || {
-                kafka::consume(&src, schema, tx, ack_rx, &shutdown)
+                kafka::consume(&src, schema, tx, ack_rx, covered, &shutdown)
             });
             (h, None)
         }
     };
 
-    let scores_path = out_dir.join("scores.parquet");
-    let (score_tx, score_rx) = sync_channel::<Vec<ScoreRow>>(4);
-    let score_sink = if cfg.output.scores {
-        let mut sink = ScoreSink::create(&scores_path, schema.time.kind == TimeKind::Timestamp)?;
-        Some(std::thread::spawn(move || -> Result<u64> {
-            for rows in score_rx {
-                sink.write(&rows)?;
-            }
-            sink.finish()
-        }))
+    let scores_path = if cfg.checkpoint.enabled {
+        out_dir.join("scores")
     } else {
-        drop(score_rx);
-        None
+        out_dir.join("scores.parquet")
     };
+    let timestamps = schema.time.kind == TimeKind::Timestamp;
+    let mut scores = if !cfg.output.scores {
+        None
+    } else if cfg.checkpoint.enabled {
+        let next = resume.as_ref().map_or(1, |c| c.next_segment);
+        Some(ScoreOut::Segments(ScoreSegments::open(
+            &scores_path,
+            timestamps,
+            next,
+        )?))
+    } else {
+        Some(ScoreOut::File(ScoreSink::create(&scores_path, timestamps)?))
+    };
+    let mut topic = match &cfg.output.topic {
+        Some(t) => {
+            let brokers = t.brokers.clone().or(topic_brokers).unwrap_or_default();
+            Some(SampleTopicSink::create(t, &brokers)?)
+        }
+        None => None,
+    };
+    let sinks_on = scores.is_some() || topic.is_some();
+    let (score_tx, score_rx) = sync_channel::<SinkMsg>(4);
+    let sink = std::thread::spawn(move || -> Result<(Option<u64>, Option<u64>)> {
+        for msg in score_rx {
+            match msg {
+                SinkMsg::Rows(rows) => {
+                    match &mut scores {
+                        Some(ScoreOut::File(s)) => s.write(&rows)?,
+                        Some(ScoreOut::Segments(s)) => s.write(&rows)?,
+                        None => {}
+                    }
+                    if let Some(t) = &mut topic {
+                        t.send(&rows)?;
+                    }
+                }
+                SinkMsg::Roll(reply) => {
+                    let done = (|| {
+                        if let Some(t) = &topic {
+                            t.flush()?;
+                        }
+                        match &mut scores {
+                            Some(ScoreOut::Segments(s)) => s.roll(),
+                            _ => Ok(0),
+                        }
+                    })();
+                    let failed = done.is_err();
+                    let _ = reply.send(done);
+                    if failed {
+                        anyhow::bail!("a sink could not make its output durable");
+                    }
+                }
+            }
+        }
+        if let Some(t) = &topic {
+            t.flush()?;
+        }
+        let written = match scores {
+            Some(ScoreOut::File(s)) => Some(s.finish()?),
+            Some(ScoreOut::Segments(mut s)) => {
+                s.roll()?;
+                Some(s.rows)
+            }
+            None => None,
+        };
+        Ok((written, topic.map(|t| t.records)))
+    });
 
     let progress = if opts.progress {
         let pb = match total {
@@ -133,20 +254,34 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let dead_path = out_dir.join("dead_letters.jsonl");
     let learn = {
         let (cfg, schema, progress) = (cfg.clone(), schema.clone(), progress.clone());
+        let ctl = CheckpointCtl {
+            path: cfg.checkpoint.enabled.then(|| ckpt_path.clone()),
+            every_rows: cfg.checkpoint.every_rows,
+            every: Duration::from_secs_f64(cfg.checkpoint.every_seconds),
+            rows_since: 0,
+            last: Instant::now(),
+            written: 0,
+            last_bytes: 0,
+            covered,
+            already_covered: 0,
+            next_segment: resume.as_ref().map_or(1, |c| c.next_segment),
+        };
         tokio::task::spawn_blocking(move || {
-            learn_loop(&cfg, &schema, rx, ack_tx, score_tx, &dead_path, &progress)
+            let io = LoopIo {
+                ack_tx,
+                sink_tx: sinks_on.then_some(score_tx),
+                progress,
+            };
+            learn_loop(&cfg, &schema, rx, io, &dead_path, ctl, resume)
         })
     };
-    let mut tally = learn.await.context("learner thread panicked")??;
+    let learned = learn.await.context("learner thread panicked")?;
     let source_rows = source.await.context("source thread panicked")??;
+    let (written, topic_records) = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink thread panicked"))??;
+    let mut tally = learned?;
     progress.finish_and_clear();
-    let written = match score_sink {
-        Some(h) => Some(
-            h.join()
-                .map_err(|_| anyhow::anyhow!("score sink panicked"))??,
-        ),
-        None => None,
-    };
 
     let wall_s = started.elapsed().as_secs_f64();
     let active_s = tally
@@ -161,14 +296,19 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     if written.is_some() {
         outputs.insert("scores".to_string(), scores_path.display().to_string());
     }
-    if tally.dead.letters > 0 {
+    if tally.dead.letters > 0 || tally.counters.dead_letters > 0 {
         outputs.insert(
             "dead_letters".to_string(),
             tally.dead.path().display().to_string(),
         );
     }
+    if let Some(t) = &cfg.output.topic {
+        outputs.insert("topic".to_string(), t.topic.clone());
+    }
     tally.dead.finish()?;
-    let skipped_total = tally.skipped.values().sum();
+    let c = &tally.counters;
+    let skipped_total = c.skipped.values().sum();
+    let session_samples = stats.seen - tally.seen_at_start;
     let report = RunReport {
         pipeline: cfg.name.clone(),
         pipeline_file: cfg.file.display().to_string(),
@@ -181,19 +321,19 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         hidden: cfg.model.hidden.clone(),
         micro_batch: cfg.training.micro_batch,
         interrupted: shutdown.is_triggered(),
-        rows_read: tally.rows_read.max(source_rows),
+        rows_read: c.rows_read.max(source_rows),
         samples: stats.seen,
-        skipped: tally.skipped.clone(),
+        skipped: c.skipped.clone(),
         skipped_total,
-        dead_lettered_rows: tally.dead.rows,
+        dead_lettered_rows: c.dead_rows,
         keys_tracked: tally.keys_tracked,
         keys_forgotten: tally.keys_forgotten,
         scored: stats.seen,
         selected: stats.selected,
         trained: stats.trained_fresh,
         trained_fraction: stats.trained_fresh as f64 / stats.seen.max(1) as f64,
-        trained_fraction_after_warmup: tally.trained_after_warmup as f64
-            / tally.seen_after_warmup.max(1) as f64,
+        trained_fraction_after_warmup: c.trained_after_warmup as f64
+            / c.seen_after_warmup.max(1) as f64,
         replayed: stats.trained_replay,
         retained: buf.stats.admitted,
         buffer: BufferReport {
@@ -206,12 +346,22 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         },
         backpropagated: stats.backpropagated,
         training_steps: stats.steps,
-        last_train_loss: tally.last_loss,
+        last_train_loss: c.last_loss,
         metrics: tally.metrics.summary(),
         wall_s,
         cpu_s,
-        samples_per_s: stats.seen as f64 / wall_s.max(1e-9),
+        samples_per_s: session_samples as f64 / wall_s.max(1e-9),
         active_s,
+        checkpoint: cfg.checkpoint.enabled.then(|| CheckpointReport {
+            path: ckpt_path.display().to_string(),
+            written: tally.ckpt.written,
+            last_bytes: tally.ckpt.last_bytes,
+            resumed_at_samples: (c.resumes > 0 && tally.seen_at_start > 0)
+                .then_some(tally.seen_at_start),
+            resumes: c.resumes,
+            rows_already_covered: tally.ckpt.already_covered,
+        }),
+        topic_records,
         outputs,
     };
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
@@ -219,16 +369,48 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     Ok(report)
 }
 
+/// When to checkpoint, and what the last one covered.
+struct CheckpointCtl {
+    /// None: checkpoints are off.
+    path: Option<PathBuf>,
+    every_rows: u64,
+    every: Duration,
+    rows_since: u64,
+    last: Instant,
+    written: u64,
+    last_bytes: u64,
+    /// Positions the checkpoint we resumed from covers: rows before them are skipped.
+    covered: HashMap<Arc<str>, u64>,
+    already_covered: u64,
+    next_segment: u64,
+}
+
+impl CheckpointCtl {
+    fn due(&self) -> bool {
+        self.path.is_some()
+            && self.rows_since > 0
+            && (self.rows_since >= self.every_rows || self.last.elapsed() >= self.every)
+    }
+}
+
+/// The learner thread's channels to the rest of the pipeline.
+struct LoopIo {
+    ack_tx: std::sync::mpsc::Sender<Ack>,
+    sink_tx: Option<SyncSender<SinkMsg>>,
+    progress: ProgressBar,
+}
+
 /// What the learner thread hands back.
 struct Tally {
     learner: OnlineLearner,
+    features: FeatureEngine,
     metrics: Metrics,
-    skipped: BTreeMap<String, u64>,
+    counters: RunCounters,
     dead: DeadLetterSink,
-    rows_read: u64,
-    seen_after_warmup: u64,
-    trained_after_warmup: u64,
-    last_loss: f64,
+    /// Per source: the position after the last row processed.
+    positions: BTreeMap<Arc<str>, u64>,
+    ckpt: CheckpointCtl,
+    seen_at_start: u64,
     keys_tracked: usize,
     keys_forgotten: u64,
     /// When the first rows arrived (throughput without start-up and group-join time).
@@ -239,13 +421,13 @@ fn learn_loop(
     cfg: &PipelineConfig,
     schema: &Arc<Schema>,
     mut rx: mpsc::Receiver<SourceEvent>,
-    ack_tx: std::sync::mpsc::Sender<Vec<RowOrigin>>,
-    score_tx: std::sync::mpsc::SyncSender<Vec<ScoreRow>>,
+    io: LoopIo,
     dead_path: &std::path::Path,
-    progress: &ProgressBar,
+    ckpt: CheckpointCtl,
+    resume: Option<Checkpoint>,
 ) -> Result<Tally> {
     let decoder = Decoder::new(schema.clone());
-    let mut features = FeatureEngine::new(
+    let features = FeatureEngine::new(
         schema.clone(),
         decoder.numeric_columns(),
         cfg.features.max_keys,
@@ -269,20 +451,25 @@ fn learn_loop(
     };
     let mut t = Tally {
         learner,
+        features,
         metrics,
-        skipped: BTreeMap::new(),
-        dead: DeadLetterSink::new(dead_path),
-        rows_read: 0,
-        seen_after_warmup: 0,
-        trained_after_warmup: 0,
-        last_loss: f64::NAN,
+        counters: RunCounters {
+            last_loss: f64::NAN,
+            ..RunCounters::default()
+        },
+        dead: DeadLetterSink::new(dead_path, resume.is_some()),
+        positions: BTreeMap::new(),
+        ckpt,
+        seen_at_start: 0,
         keys_tracked: 0,
         keys_forgotten: 0,
         first_rows_at: None,
     };
+    if let Some(c) = resume {
+        restore(&mut t, c, head)?;
+    }
     let mut pending = Samples::default();
     let mb = cfg.training.micro_batch;
-    let scores_on = cfg.output.scores;
     while let Some(ev) = rx.blocking_recv() {
         match ev {
             SourceEvent::Unreadable {
@@ -291,18 +478,21 @@ fn learn_loop(
                 reason,
                 detail,
             } => {
-                *t.skipped.entry(reason.clone()).or_default() += rows;
-                t.rows_read += rows;
-                t.dead.send(&DeadLetter {
-                    reason: &reason,
-                    detail: &detail,
-                    origin: &origin,
-                    row: 0,
-                    rows,
-                    key: None,
-                    time: None,
-                })?;
-                progress.inc(rows);
+                *t.counters.skipped.entry(reason.clone()).or_default() += rows;
+                t.counters.rows_read += rows;
+                send_dead(
+                    &mut t,
+                    &DeadLetter {
+                        reason: &reason,
+                        detail: &detail,
+                        origin: &origin,
+                        row: 0,
+                        rows,
+                        key: None,
+                        time: None,
+                    },
+                )?;
+                io.progress.inc(rows);
             }
             SourceEvent::Batch {
                 batch,
@@ -310,83 +500,246 @@ fn learn_loop(
                 ack,
             } => {
                 t.first_rows_at.get_or_insert_with(Instant::now);
+                let delivered = batch.num_rows() as u64;
+                for o in ack.as_deref().unwrap_or(&origins) {
+                    let p = t.positions.entry(o.source.clone()).or_insert(0);
+                    *p = (*p).max(o.index + 1);
+                }
+                let (batch, origins) = skip_covered(&mut t.ckpt, batch, origins)?;
                 let n = batch.num_rows() as u64;
-                t.rows_read += n;
-                match decoder.decode(&batch) {
-                    Err(e) => {
-                        tracing::warn!(origin = %origins[0].source, row = origins[0].index, error = %e, "batch rejected");
-                        *t.skipped.entry(e.reason.clone()).or_default() += n;
-                        for o in &origins {
-                            t.dead.send(&DeadLetter {
-                                reason: &e.reason,
-                                detail: &e.detail,
-                                origin: &o.source,
-                                row: o.index,
-                                rows: 1,
-                                key: None,
-                                time: None,
-                            })?;
-                        }
-                    }
-                    Ok(d) => {
-                        let (skipped, dead) = (&mut t.skipped, &mut t.dead);
-                        let mut io: Result<()> = Ok(());
-                        features.push_batch(&d, &origins, &mut pending, |i, reason| {
-                            let label = reason.label();
-                            if reason.is_bad_input() && io.is_ok() {
-                                let key = (!arrow::array::Array::is_null(&d.key, i)).then(|| d.key.value(i));
-                                let time = (!arrow::array::Array::is_null(&d.time, i)).then(|| d.time.value(i));
-                                let o = &origins[i];
-                                tracing::debug!(origin = %o.source, row = o.index, reason = %label, "row dead-lettered");
-                                io = dead.send(&DeadLetter { reason: &label, detail: "row skipped", origin: &o.source, row: o.index, rows: 1, key, time });
-                            }
-                            *skipped.entry(label).or_default() += 1;
-                        });
-                        io?;
-                    }
+                t.counters.rows_read += n;
+                t.ckpt.rows_since += n;
+                if n > 0 {
+                    feed(&mut t, &decoder, &batch, &origins, &mut pending)?;
                 }
                 while pending.len() >= mb {
                     let chunk = pending.take_front(mb, width);
-                    step(cfg, &mut t, chunk, head, &score_tx, scores_on)?;
+                    step(cfg, &mut t, chunk, head, io.sink_tx.as_ref())?;
                 }
-                if let Some(done) = ack {
+                if ack.is_some() && !pending.is_empty() {
                     // A feed commits what it is acknowledged: nothing of this batch may wait
                     // in a partial micro-batch, so train the remainder now.
-                    if !pending.is_empty() {
-                        let chunk = pending.take_front(pending.len(), width);
-                        step(cfg, &mut t, chunk, head, &score_tx, scores_on)?;
-                    }
-                    let _ = ack_tx.send(done);
+                    let chunk = pending.take_front(pending.len(), width);
+                    step(cfg, &mut t, chunk, head, io.sink_tx.as_ref())?;
                 }
-                progress.inc(n);
-                progress.set_message(t.metrics.window_text());
+                if ack.is_some() {
+                    let _ = io.ack_tx.send(Ack::Processed);
+                    if t.ckpt.path.is_none() {
+                        // No checkpoints: processed is as durable as it gets.
+                        let _ = io.ack_tx.send(Ack::Commit(positions(&t)));
+                    }
+                }
+                if t.ckpt.due() {
+                    take_checkpoint(cfg, &mut t, &mut pending, width, head, &io)?;
+                }
+                io.progress.inc(delivered);
+                io.progress.set_message(t.metrics.window_text());
             }
         }
     }
     if !pending.is_empty() {
         let n = pending.len();
         let chunk = pending.take_front(n, width);
-        step(cfg, &mut t, chunk, head, &score_tx, scores_on)?;
+        step(cfg, &mut t, chunk, head, io.sink_tx.as_ref())?;
     }
-    if features.keys_evicted > 0 {
+    if t.ckpt.path.is_some() {
+        t.ckpt.rows_since = t.ckpt.rows_since.max(1);
+        take_checkpoint(cfg, &mut t, &mut pending, width, head, &io)?;
+    }
+    if t.features.keys_evicted > 0 {
         tracing::info!(
-            forgotten = features.keys_evicted,
+            forgotten = t.features.keys_evicted,
             "keys forgotten at features.max_keys"
         );
     }
-    t.keys_tracked = features.tracked_keys();
-    t.keys_forgotten = features.keys_evicted;
+    t.keys_tracked = t.features.tracked_keys();
+    t.keys_forgotten = t.features.keys_evicted;
     Ok(t)
 }
 
-/// One micro-batch through the learner, the metrics and the score sink.
+fn positions(t: &Tally) -> Vec<(Arc<str>, u64)> {
+    t.positions.iter().map(|(k, v)| (k.clone(), *v)).collect()
+}
+
+/// Drops the rows a resumed-from checkpoint already covers (a feed redelivers from its last
+/// commit, which can trail the checkpoint by the commit that a crash cut short).
+fn skip_covered(
+    ckpt: &mut CheckpointCtl,
+    batch: arrow::array::RecordBatch,
+    origins: Vec<RowOrigin>,
+) -> Result<(arrow::array::RecordBatch, Vec<RowOrigin>)> {
+    if ckpt.covered.is_empty() {
+        return Ok((batch, origins));
+    }
+    let keep: Vec<bool> = origins
+        .iter()
+        .map(|o| ckpt.covered.get(&o.source).is_none_or(|&p| o.index >= p))
+        .collect();
+    let dropped = keep.iter().filter(|k| !**k).count();
+    if dropped == 0 {
+        return Ok((batch, origins));
+    }
+    ckpt.already_covered += dropped as u64;
+    let mask = arrow::array::BooleanArray::from(keep.clone());
+    let batch = arrow::compute::filter_record_batch(&batch, &mask)?;
+    let origins = origins
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(o, k)| k.then_some(o))
+        .collect();
+    Ok((batch, origins))
+}
+
+fn send_dead(t: &mut Tally, letter: &DeadLetter<'_>) -> Result<()> {
+    t.dead.send(letter)?;
+    t.counters.dead_letters += 1;
+    t.counters.dead_rows += letter.rows;
+    Ok(())
+}
+
+/// Decodes a batch and turns its rows into samples (or counted, dead-lettered skips).
+fn feed(
+    t: &mut Tally,
+    decoder: &Decoder,
+    batch: &arrow::array::RecordBatch,
+    origins: &[RowOrigin],
+    pending: &mut Samples,
+) -> Result<()> {
+    let n = batch.num_rows() as u64;
+    match decoder.decode(batch) {
+        Err(e) => {
+            tracing::warn!(origin = %origins[0].source, row = origins[0].index, error = %e, "batch rejected");
+            *t.counters.skipped.entry(e.reason.clone()).or_default() += n;
+            for o in origins {
+                send_dead(
+                    t,
+                    &DeadLetter {
+                        reason: &e.reason,
+                        detail: &e.detail,
+                        origin: &o.source,
+                        row: o.index,
+                        rows: 1,
+                        key: None,
+                        time: None,
+                    },
+                )?;
+            }
+        }
+        Ok(d) => {
+            let mut letters: Vec<(usize, String)> = Vec::new();
+            let skipped = &mut t.counters.skipped;
+            t.features.push_batch(&d, origins, pending, |i, reason| {
+                let label = reason.label();
+                if reason.is_bad_input() {
+                    letters.push((i, label.clone()));
+                }
+                *skipped.entry(label).or_default() += 1;
+            });
+            for (i, label) in letters {
+                let key = (!arrow::array::Array::is_null(&d.key, i)).then(|| d.key.value(i));
+                let time = (!arrow::array::Array::is_null(&d.time, i)).then(|| d.time.value(i));
+                let o = &origins[i];
+                tracing::debug!(origin = %o.source, row = o.index, reason = %label, "row dead-lettered");
+                send_dead(
+                    t,
+                    &DeadLetter {
+                        reason: &label,
+                        detail: "row skipped",
+                        origin: &o.source,
+                        row: o.index,
+                        rows: 1,
+                        key,
+                        time,
+                    },
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Restores the learner, features, metrics and counters from a checkpoint.
+fn restore(t: &mut Tally, c: Checkpoint, head: Head) -> Result<()> {
+    t.learner.restore(c.learner)?;
+    t.features
+        .restore(c.features)
+        .map_err(|e| anyhow::anyhow!("checkpoint does not fit this schema: {e}"))?;
+    match (&c.metrics, head) {
+        (Metrics::Regression(_), Head::Regression)
+        | (Metrics::Classification(_), Head::Classification { .. }) => t.metrics = c.metrics,
+        _ => anyhow::bail!("checkpoint was written for another task"),
+    }
+    t.counters = c.counters;
+    t.counters.resumes += 1;
+    t.positions = c
+        .positions
+        .into_iter()
+        .map(|(k, v)| (Arc::from(k.as_str()), v))
+        .collect();
+    t.seen_at_start = t.learner.stats().seen;
+    Ok(())
+}
+
+/// Makes everything processed so far durable, in order: pending rows trained, sinks rolled,
+/// dead letters synced, checkpoint written (atomically), and then the feed told to commit.
+fn take_checkpoint(
+    cfg: &PipelineConfig,
+    t: &mut Tally,
+    pending: &mut Samples,
+    width: usize,
+    head: Head,
+    io: &LoopIo,
+) -> Result<()> {
+    let Some(path) = t.ckpt.path.clone() else {
+        return Ok(());
+    };
+    let t0 = Instant::now();
+    if !pending.is_empty() {
+        let n = pending.len();
+        let chunk = pending.take_front(n, width);
+        step(cfg, t, chunk, head, io.sink_tx.as_ref())?;
+    }
+    if let Some(sink) = &io.sink_tx {
+        let (reply_tx, reply_rx) = sync_channel(1);
+        sink.send(SinkMsg::Roll(reply_tx))
+            .context("sink thread stopped")?;
+        t.ckpt.next_segment = reply_rx.recv().context("sink thread stopped")??;
+    }
+    t.dead.sync()?;
+    let ckpt = Checkpoint {
+        pipeline: cfg.name.clone(),
+        schema: t.features.schema_name().to_string(),
+        written_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        positions: t
+            .positions
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect(),
+        next_segment: t.ckpt.next_segment,
+        learner: t.learner.state()?,
+        features: t.features.state(),
+        metrics: t.metrics.clone(),
+        counters: t.counters.clone(),
+    };
+    let bytes = checkpoint::save(&path, &ckpt)?;
+    let _ = io.ack_tx.send(Ack::Commit(positions(t)));
+    t.ckpt.written += 1;
+    t.ckpt.last_bytes = bytes;
+    t.ckpt.rows_since = 0;
+    t.ckpt.last = Instant::now();
+    tracing::debug!(bytes, ms = t0.elapsed().as_millis() as u64, samples = t.learner.stats().seen, "checkpoint written");
+    Ok(())
+}
+
+/// One micro-batch through the learner, the metrics and the sinks.
 fn step(
     cfg: &PipelineConfig,
     t: &mut Tally,
     s: Samples,
     head: Head,
-    score_tx: &std::sync::mpsc::SyncSender<Vec<ScoreRow>>,
-    scores_on: bool,
+    sink_tx: Option<&SyncSender<SinkMsg>>,
 ) -> Result<()> {
     let seen_before = t.learner.stats().seen;
     let out = t.learner.learn_batch(FreshBatch {
@@ -396,10 +749,11 @@ fn step(
         times: &s.times,
     });
     if out.train_loss.is_finite() {
-        t.last_loss = out.train_loss as f64;
+        t.counters.last_loss = out.train_loss as f64;
     }
     let k = head.outputs();
-    let mut rows = Vec::with_capacity(if scores_on { s.len() } else { 0 });
+    let sinks_on = sink_tx.is_some();
+    let mut rows = Vec::with_capacity(if sinks_on { s.len() } else { 0 });
     for (i, ev) in s.eval.iter().enumerate() {
         let prediction = match &mut t.metrics {
             Metrics::Regression(r) => {
@@ -419,10 +773,10 @@ fn step(
             }
         };
         if seen_before + i as u64 >= cfg.selection.warmup {
-            t.seen_after_warmup += 1;
-            t.trained_after_warmup += out.trained[i] as u64;
+            t.counters.seen_after_warmup += 1;
+            t.counters.trained_after_warmup += out.trained[i] as u64;
         }
-        if scores_on {
+        if sinks_on {
             rows.push(ScoreRow {
                 source: s.origins[i].source.clone(),
                 position: s.origins[i].index,
@@ -438,8 +792,8 @@ fn step(
             });
         }
     }
-    if scores_on {
-        score_tx.send(rows).context("score sink stopped")?;
+    if let Some(tx) = sink_tx {
+        tx.send(SinkMsg::Rows(rows)).context("sink thread stopped")?;
     }
     Ok(())
 }

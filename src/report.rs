@@ -61,7 +61,26 @@ pub struct RunReport {
     pub samples_per_s: f64,
     /// Seconds from the first rows to the end (excludes start-up, e.g. a consumer-group join).
     pub active_s: f64,
+    /// Present when checkpoints are on.
+    pub checkpoint: Option<CheckpointReport>,
+    /// Records written to the per-sample output topic.
+    pub topic_records: Option<u64>,
     pub outputs: BTreeMap<String, String>,
+}
+
+/// Checkpoints of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointReport {
+    pub path: String,
+    /// Checkpoints written by this process.
+    pub written: u64,
+    pub last_bytes: u64,
+    /// Samples the model had seen when this process resumed (none: started fresh).
+    pub resumed_at_samples: Option<u64>,
+    /// Restarts from a checkpoint over the pipeline's life.
+    pub resumes: u64,
+    /// Rows delivered again by the source but already covered by the checkpoint (skipped).
+    pub rows_already_covered: u64,
 }
 
 fn f(v: f64) -> String {
@@ -175,6 +194,27 @@ impl RunReport {
             ),
             ("CPU time".into(), format!("{:.2} s", self.cpu_s)),
         ])
+        .chain(self.checkpoint.iter().map(|c| {
+            (
+                "checkpoints written".into(),
+                format!(
+                    "{} (last {} bytes){}",
+                    c.written,
+                    c.last_bytes,
+                    match c.resumed_at_samples {
+                        Some(n) => format!(
+                            "; resumed at sample {n}, {} rows already covered",
+                            c.rows_already_covered
+                        ),
+                        None => String::new(),
+                    }
+                ),
+            )
+        }))
+        .chain(
+            self.topic_records
+                .map(|n| ("output topic records".into(), n.to_string())),
+        )
         .collect();
         for (k, v) in rows {
             t.add_row(vec![k, v]);

@@ -80,7 +80,7 @@ fn default_rescore_slice() -> usize {
 }
 
 /// One retained sample.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
     pub x: Box<[f32]>,
     pub y: f32,
@@ -104,7 +104,7 @@ impl Entry {
 pub const ENTRY_OVERHEAD: usize = size_of::<Option<Entry>>() + 2 * size_of::<(u64, usize)>() + 16;
 
 /// Counters a run reports.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct BufferStats {
     pub admitted: u64,
     pub rejected: u64,
@@ -139,7 +139,37 @@ fn unsortable(u: u64) -> f64 {
     f64::from_bits(b)
 }
 
+/// What a checkpoint keeps of a [`ReplayBuffer`]: its entries and counters (the index is
+/// rebuilt on load).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BufferState {
+    entries: Vec<Entry>,
+    offered: u64,
+    cursor: usize,
+    stats: BufferStats,
+}
+
 impl ReplayBuffer {
+    pub fn state(&self) -> BufferState {
+        BufferState {
+            entries: self.slots.iter().flatten().cloned().collect(),
+            offered: self.offered,
+            cursor: self.cursor,
+            stats: self.stats,
+        }
+    }
+
+    /// Refills an empty buffer from a saved state.
+    pub fn restore(&mut self, s: BufferState) {
+        *self = ReplayBuffer::new(self.cfg.clone());
+        for e in s.entries {
+            self.insert(e);
+        }
+        self.offered = s.offered;
+        self.cursor = s.cursor;
+        self.stats = s.stats;
+    }
+
     pub fn new(cfg: BufferConfig) -> Self {
         let ln_decay = cfg.decay.clamp(1e-12, 1.0).ln();
         ReplayBuffer {

@@ -9,10 +9,10 @@
 
 use std::collections::VecDeque;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One regression row to score.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct RegressionRow {
     pub prediction: f64,
     pub target: f64,
@@ -20,7 +20,7 @@ pub struct RegressionRow {
     pub seasonal: Option<f64>,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct ErrSum {
     n: u64,
     abs: f64,
@@ -109,7 +109,7 @@ pub enum EvalSummary {
 }
 
 /// Prequential regression metrics with a sliding window.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RegressionEval {
     window: usize,
     model: ErrSum,
@@ -177,7 +177,7 @@ impl RegressionEval {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct BeamSum {
     n: u64,
     top1: u64,
@@ -199,7 +199,7 @@ impl BeamSum {
 }
 
 /// Prequential beam-selection metrics with a sliding window.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassificationEval {
     window: usize,
     all: BeamSum,

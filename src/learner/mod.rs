@@ -22,10 +22,10 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use serde::{Deserialize, Serialize};
 
-use buffer::{BufferConfig, Entry, ReplayBuffer};
+use buffer::{BufferConfig, BufferState, Entry, ReplayBuffer};
 use importance::{ImportanceMethod, ImportanceScorer, Scored};
-use model::{Head, Mlp};
-use select::{SelectionConfig, Selector};
+use model::{Head, Mlp, SavedLayer};
+use select::{SelectionConfig, Selector, SelectorState};
 
 /// Which burn CPU backend runs the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,7 +146,7 @@ pub struct StepOutcome {
 }
 
 /// Counters of a learner's life.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct LearnerStats {
     pub seen: u64,
     pub selected: u64,
@@ -155,6 +155,24 @@ pub struct LearnerStats {
     /// Rows that went through a backward pass (scoring or training).
     pub backpropagated: u64,
     pub steps: u64,
+}
+
+/// What a checkpoint keeps of an [`OnlineLearner`].
+#[derive(Serialize, Deserialize)]
+pub struct LearnerState {
+    model: Vec<SavedLayer>,
+    /// burn's own serialisation of the Adam state (burnpack bytes), keyed by parameter id.
+    optimizer: Vec<u8>,
+    selector: SelectorState,
+    buffer: BufferState,
+    stats: LearnerStats,
+}
+
+impl LearnerState {
+    /// Samples the saved learner had seen.
+    pub fn seen(&self) -> u64 {
+        self.stats.seen
+    }
 }
 
 /// The online learner (see the module doc).
@@ -195,6 +213,45 @@ impl OnlineLearner {
             stats: LearnerStats::default(),
             cfg,
         }
+    }
+
+    /// Everything the learner has learned, for a checkpoint: weights, Adam's moments, the
+    /// selector's window and the replay buffer.
+    pub fn state(&self) -> anyhow::Result<LearnerState> {
+        let optimizer = self
+            .optim
+            .into_bytes()
+            .map_err(|e| anyhow::anyhow!("cannot serialise the optimiser state: {e:?}"))?;
+        Ok(LearnerState {
+            model: self.model.to_saved(),
+            optimizer: optimizer.to_vec(),
+            selector: self.selector.state(),
+            buffer: self.buffer.state(),
+            stats: self.stats,
+        })
+    }
+
+    /// Continues from a saved state. The model's layer widths must match this configuration.
+    pub fn restore(&mut self, s: LearnerState) -> anyhow::Result<()> {
+        let dev = self.device.clone().autodiff();
+        let model = Mlp::from_saved(&s.model, &dev);
+        anyhow::ensure!(
+            model.widths() == self.model.widths(),
+            "the saved model has layer widths {:?}; this pipeline builds {:?}",
+            model.widths(),
+            self.model.widths()
+        );
+        self.model = model;
+        self.optim = AdamConfig::new()
+            .init()
+            .from_bytes(burn::tensor::Bytes::from_bytes_vec(s.optimizer))
+            .map_err(|e| anyhow::anyhow!("cannot load the optimiser state: {e:?}"))?;
+        self.selector.restore(s.selector);
+        self.buffer.restore(s.buffer);
+        self.stats = s.stats;
+        // A fresh stream of random draws, different from the one before the restart.
+        self.rng = SmallRng::seed_from_u64(self.cfg.training.seed ^ s.stats.seen);
+        Ok(())
     }
 
     pub fn stats(&self) -> LearnerStats {

@@ -12,7 +12,7 @@
 //! the tests. Parameters live in a burn [`Module`] so that burn's Adam and burn's file
 //! format apply to them.
 
-use burn::module::Module;
+use burn::module::{Module, Param, ParamId};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::activation::{log_softmax, relu, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -109,6 +109,67 @@ impl Mlp {
     pub fn depth(&self) -> usize {
         self.layers.len()
     }
+
+    /// The weights as plain numbers with their parameter ids (the optimiser's state is keyed
+    /// by these ids, so a restored model must carry the same ones).
+    pub fn to_saved(&self) -> Vec<SavedLayer> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let w = l.weight.val();
+                let b = l.bias.as_ref().expect("layers are built with bias").val();
+                let [d_in, d_out] = w.dims();
+                SavedLayer {
+                    d_in,
+                    d_out,
+                    weight_id: l.weight.id.val(),
+                    weight: w.into_data().try_to_vec::<f32>().expect("f32 weights"),
+                    bias_id: l.bias.as_ref().expect("bias").id.val(),
+                    bias: b.into_data().try_to_vec::<f32>().expect("f32 bias"),
+                }
+            })
+            .collect()
+    }
+
+    /// Rebuilds a model saved by [`Mlp::to_saved`] on `device` (an autodiff device).
+    pub fn from_saved(saved: &[SavedLayer], device: &Device) -> Self {
+        let layers = saved
+            .iter()
+            .map(|s| {
+                let mut weight = Param::from_data(
+                    TensorData::new(s.weight.clone(), [s.d_in, s.d_out]),
+                    device,
+                );
+                weight.id = ParamId::from(s.weight_id);
+                let mut bias = Param::from_data(TensorData::new(s.bias.clone(), [s.d_out]), device);
+                bias.id = ParamId::from(s.bias_id);
+                Linear {
+                    weight,
+                    bias: Some(bias),
+                }
+            })
+            .collect();
+        Mlp { layers }
+    }
+
+    /// Layer widths, `inputs → … → outputs`.
+    pub fn widths(&self) -> Vec<usize> {
+        let mut w: Vec<usize> = self.layers.iter().map(|l| l.weight.dims()[0]).collect();
+        w.extend(self.layers.last().map(|l| l.weight.dims()[1]));
+        w
+    }
+}
+
+/// One dense layer as a checkpoint stores it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SavedLayer {
+    pub d_in: usize,
+    pub d_out: usize,
+    pub weight_id: u64,
+    /// Row-major `[d_in, d_out]`.
+    pub weight: Vec<f32>,
+    pub bias_id: u64,
+    pub bias: Vec<f32>,
 }
 
 /// What the forward pass keeps for the backward pass.

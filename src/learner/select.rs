@@ -65,7 +65,35 @@ pub struct Selector {
     debt: f64,
 }
 
+/// What a checkpoint keeps of a [`Selector`]: the score window and the selection debt.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SelectorState {
+    ring: Vec<f32>,
+    next: usize,
+    seen: u64,
+    debt: f64,
+}
+
 impl Selector {
+    pub fn state(&self) -> SelectorState {
+        SelectorState {
+            ring: self.ring.clone(),
+            next: self.next,
+            seen: self.seen,
+            debt: self.debt,
+        }
+    }
+
+    /// Continues from a saved state (a window of another size is cut or padded as it fills).
+    pub fn restore(&mut self, s: SelectorState) {
+        let cap = self.cfg.window.max(1);
+        self.ring = s.ring;
+        self.ring.truncate(cap);
+        self.next = s.next % cap;
+        self.seen = s.seen;
+        self.debt = s.debt;
+    }
+
     pub fn new(cfg: SelectionConfig) -> Self {
         let cap = cfg.window.max(1);
         Selector {

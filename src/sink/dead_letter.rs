@@ -30,15 +30,18 @@ pub struct DeadLetter<'a> {
 pub struct DeadLetterSink {
     path: PathBuf,
     out: Option<BufWriter<File>>,
+    /// Continue an existing file (a run resumed from a checkpoint) instead of replacing it.
+    append: bool,
     pub letters: u64,
     pub rows: u64,
 }
 
 impl DeadLetterSink {
-    pub fn new(path: &Path) -> Self {
+    pub fn new(path: &Path, append: bool) -> Self {
         DeadLetterSink {
             path: path.to_path_buf(),
             out: None,
+            append,
             letters: 0,
             rows: 0,
         }
@@ -50,7 +53,12 @@ impl DeadLetterSink {
 
     pub fn send(&mut self, letter: &DeadLetter<'_>) -> Result<()> {
         if self.out.is_none() {
-            let f = File::create(&self.path)
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(self.append)
+                .truncate(!self.append)
+                .open(&self.path)
                 .with_context(|| format!("cannot create {}", self.path.display()))?;
             self.out = Some(BufWriter::new(f));
         }
@@ -65,6 +73,15 @@ impl DeadLetterSink {
     pub fn finish(&mut self) -> Result<()> {
         if let Some(out) = self.out.as_mut() {
             out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes to disk (before a checkpoint covers these rows).
+    pub fn sync(&mut self) -> Result<()> {
+        if let Some(out) = self.out.as_mut() {
+            out.flush()?;
+            out.get_ref().sync_all()?;
         }
         Ok(())
     }

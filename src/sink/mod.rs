@@ -1,5 +1,7 @@
-//! Sinks: where results go. The per-sample score file (Parquet) and the dead-letter file.
-//! Each is written off the learner's hot path or only on the (rare) bad-input path.
+//! Sinks: where results go. The per-sample score file (Parquet), the per-sample output topic
+//! (Kafka) and the dead-letter file. Each is written off the learner's hot path or only on
+//! the (rare) bad-input path.
 
 pub mod dead_letter;
 pub mod scores;
+pub mod topic;

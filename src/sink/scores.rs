@@ -131,3 +131,80 @@ impl ScoreSink {
         Ok(self.rows)
     }
 }
+
+/// Score rows as numbered Parquet segments in a folder (`part-000001.parquet`, …), one per
+/// checkpoint interval, used when checkpoints are on. A segment is written under a temporary
+/// name and renamed when the checkpoint that covers its rows is taken, so a crash never
+/// leaves a torn file behind: segments numbered past the last checkpoint are deleted on
+/// restart, and their rows, whose offsets were not committed, are scored again.
+pub struct ScoreSegments {
+    dir: std::path::PathBuf,
+    timestamps: bool,
+    next: u64,
+    current: Option<ScoreSink>,
+    pub rows: u64,
+}
+
+impl ScoreSegments {
+    /// Opens the folder, continuing at segment `next` (from the checkpoint, 1 when fresh).
+    pub fn open(dir: &Path, timestamps: bool, next: u64) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        for entry in std::fs::read_dir(dir)? {
+            let p = entry?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let stale = name.ends_with(".tmp")
+                || Self::number(name).is_some_and(|n| n >= next);
+            if stale {
+                tracing::info!(file = %p.display(), "removing a score segment the checkpoint does not cover");
+                std::fs::remove_file(&p)?;
+            }
+        }
+        Ok(ScoreSegments {
+            dir: dir.to_path_buf(),
+            timestamps,
+            next,
+            current: None,
+            rows: 0,
+        })
+    }
+
+    fn number(name: &str) -> Option<u64> {
+        name.strip_prefix("part-")?
+            .strip_suffix(".parquet")?
+            .parse()
+            .ok()
+    }
+
+    fn path(&self, n: u64) -> std::path::PathBuf {
+        self.dir.join(format!("part-{n:06}.parquet"))
+    }
+
+    pub fn write(&mut self, rows: &[ScoreRow]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if self.current.is_none() {
+            let tmp = self.path(self.next).with_extension("parquet.tmp");
+            self.current = Some(ScoreSink::create(&tmp, self.timestamps)?);
+        }
+        self.current.as_mut().expect("just opened").write(rows)?;
+        self.rows += rows.len() as u64;
+        Ok(())
+    }
+
+    /// Closes the open segment (footer, fsync, rename) and returns the number the next one
+    /// will take.
+    pub fn roll(&mut self) -> Result<u64> {
+        if let Some(sink) = self.current.take() {
+            let path = self.path(self.next);
+            let tmp = path.with_extension("parquet.tmp");
+            sink.finish()?;
+            File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("cannot rename {}", tmp.display()))?;
+            crate::checkpoint::sync_dir(&path);
+            self.next += 1;
+        }
+        Ok(self.next)
+    }
+}

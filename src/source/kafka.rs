@@ -24,7 +24,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{RowOrigin, SourceEvent};
+use super::{Ack, RowOrigin, SourceEvent};
 use crate::decode::JsonDecoder;
 use crate::schema::Schema;
 use crate::shutdown::Shutdown;
@@ -107,9 +107,6 @@ struct Polled {
     offset: i64,
 }
 
-/// What the learner tells the source once a batch is fully processed.
-pub type Ack = Vec<RowOrigin>;
-
 /// "topic[partition]" as used in row origins.
 fn source_name(topic: &str, partition: i32) -> Arc<str> {
     Arc::from(format!("{topic}[{partition}]").as_str())
@@ -122,6 +119,7 @@ pub fn consume(
     schema: Arc<Schema>,
     tx: mpsc::Sender<SourceEvent>,
     acks: std::sync::mpsc::Receiver<Ack>,
+    covered: HashMap<Arc<str>, u64>,
     shutdown: &Shutdown,
 ) -> Result<u64> {
     let consumer: BaseConsumer = cfg
@@ -154,10 +152,12 @@ pub fn consume(
     let mut in_flight = 0usize;
     let mut done: Done = HashMap::new();
     while !shutdown.is_triggered() {
-        // Commit what the learner has finished with.
-        while let Ok(processed) = acks.try_recv() {
-            in_flight -= 1;
-            commit(&consumer, &mut done, &processed, CommitMode::Async);
+        // Commit what the learner has made durable.
+        while let Ok(ack) = acks.try_recv() {
+            match ack {
+                Ack::Processed => in_flight -= 1,
+                Ack::Commit(p) => commit(&consumer, &mut done, &p, CommitMode::Async),
+            }
         }
         let deadline = Instant::now() + Duration::from_millis(cfg.batch_timeout_ms);
         let mut payloads: Vec<Polled> = Vec::new();
@@ -182,6 +182,13 @@ pub fn consume(
                         .entry(key)
                         .or_insert_with(|| source_name(m.topic(), m.partition()))
                         .clone();
+                    if covered
+                        .get(&source)
+                        .is_some_and(|&next| (m.offset() as u64) < next)
+                    {
+                        // Already in the checkpoint we resumed from: its commit was cut short.
+                        continue;
+                    }
                     let origin = RowOrigin {
                         source,
                         index: m.offset() as u64,
@@ -276,10 +283,8 @@ pub fn consume(
         let origins: Vec<RowOrigin> = good.iter().map(|&i| payloads[i].origin.clone()).collect();
         let all: Vec<RowOrigin> = payloads.iter().map(|p| p.origin.clone()).collect();
         rows += payloads.len() as u64;
-        if origins.is_empty() {
-            commit(&consumer, &mut done, &all, CommitMode::Async);
-            continue;
-        }
+        // A batch goes to the learner even when no message in it was good: the learner owns
+        // the positions a checkpoint covers.
         in_flight += 1;
         if tx
             .blocking_send(SourceEvent::Batch {
@@ -292,17 +297,20 @@ pub fn consume(
             break;
         }
     }
-    // Drain the acknowledgements of what was handed over, then commit synchronously.
-    let stop = Instant::now() + Duration::from_secs(30);
-    while in_flight > 0 && Instant::now() < stop {
+    // Stop feeding, let the learner finish what it has (and write its last checkpoint), and
+    // commit what it reports durable until it hangs up; then one synchronous commit.
+    drop(tx);
+    let stop = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < stop {
         match acks.recv_timeout(Duration::from_millis(200)) {
-            Ok(processed) => {
-                in_flight -= 1;
-                commit(&consumer, &mut done, &processed, CommitMode::Async);
-            }
+            Ok(Ack::Processed) => in_flight = in_flight.saturating_sub(1),
+            Ok(Ack::Commit(p)) => commit(&consumer, &mut done, &p, CommitMode::Async),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
+    }
+    if in_flight > 0 {
+        tracing::warn!(batches = in_flight, "stopped without the learner finishing every batch; their offsets stay uncommitted");
     }
     commit(&consumer, &mut done, &[], CommitMode::Sync);
     Ok(rows)
@@ -311,13 +319,29 @@ pub fn consume(
 /// Offsets processed so far: per "topic[partition]", the offset after the highest one.
 type Done = HashMap<Arc<str>, i64>;
 
-/// Records processed origins and commits every partition's next offset (the whole map, so
+/// Records durable positions and commits every partition's next offset (the whole map, so
 /// an asynchronous commit that failed is made good by the next one).
-fn commit(consumer: &BaseConsumer, done: &mut Done, processed: &[RowOrigin], mode: CommitMode) {
-    for o in processed {
-        let e = done.entry(o.source.clone()).or_insert(0);
-        *e = (*e).max(o.index as i64 + 1);
+fn commit(
+    consumer: &BaseConsumer,
+    done: &mut Done,
+    durable: &[(Arc<str>, u64)],
+    mode: CommitMode,
+) {
+    for (source, next) in durable {
+        let e = done.entry(source.clone()).or_insert(0);
+        *e = (*e).max(*next as i64);
     }
+    // Only partitions this member owns now: a stale position of a partition that moved to
+    // another member must not rewind that member's commits.
+    let owned: Vec<(String, i32)> = consumer
+        .assignment()
+        .map(|a| {
+            a.elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut tpl = TopicPartitionList::new();
     for (source, off) in done.iter() {
         // "topic[partition]"
@@ -327,6 +351,9 @@ fn commit(consumer: &BaseConsumer, done: &mut Done, processed: &[RowOrigin], mod
         let Ok(partition) = rest.trim_end_matches(']').parse::<i32>() else {
             continue;
         };
+        if !owned.iter().any(|(t, p)| t == topic && *p == partition) {
+            continue;
+        }
         let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(*off));
     }
     if tpl.count() == 0 {

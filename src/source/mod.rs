@@ -60,6 +60,16 @@ pub enum SourceEvent {
     },
 }
 
+/// What the learner tells a feed source.
+#[derive(Debug)]
+pub enum Ack {
+    /// One handed-over batch is fully processed (flow control, and a clean stop waits for it).
+    Processed,
+    /// Per source, the next position not needed again: covered by a checkpoint on disk (or
+    /// simply processed, when checkpoints are off). A feed commits these.
+    Commit(Vec<(Arc<str>, u64)>),
+}
+
 /// Where one row came from: a file and its row index (a topic partition and offset for a
 /// feed), so a dead letter can point back at it.
 #[derive(Debug, Clone)]

@@ -1,0 +1,135 @@
+//! Durable checkpoints: what a restarted gradsift needs to carry on as if it had not stopped.
+//!
+//! A checkpoint holds the model, Adam's state, the selector's score window, the replay
+//! buffer, the feature state (scalers, every key's lag window), the prequential metrics and
+//! counters, and the source positions its effects cover. It is written every
+//! `every_rows` rows or `every_seconds` seconds (and at a clean stop) to a temporary file,
+//! flushed to disk, then renamed over the previous one: a crash leaves either the old or the
+//! new checkpoint, never half of one. Feeds commit their offsets only after the checkpoint
+//! that covers them is on disk (at-least-once), and a restart skips rows the checkpoint
+//! already covers, so the model does not learn them twice.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::features::FeatureState;
+use crate::learner::LearnerState;
+use crate::pipeline::{Metrics, RunCounters};
+
+/// `[checkpoint]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Write checkpoints and resume from them.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Rows between checkpoints (the bound on what a crash makes the pipeline redo).
+    #[serde(default = "default_every_rows")]
+    pub every_rows: u64,
+    /// Longest time between checkpoints while rows arrive.
+    #[serde(default = "default_every_seconds")]
+    pub every_seconds: f64,
+    /// The checkpoint file (default `checkpoint.bin` in the output folder).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+}
+
+fn default_every_rows() -> u64 {
+    20_000
+}
+fn default_every_seconds() -> f64 {
+    30.0
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            enabled: false,
+            every_rows: default_every_rows(),
+            every_seconds: default_every_seconds(),
+            path: None,
+        }
+    }
+}
+
+/// Everything a checkpoint holds.
+#[derive(Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub pipeline: String,
+    pub schema: String,
+    /// Milliseconds since the Unix epoch.
+    pub written_ms: u64,
+    /// Per source ("topic[partition]", or a file): the next position not yet covered.
+    pub positions: BTreeMap<String, u64>,
+    /// Number of the next score segment file.
+    pub next_segment: u64,
+    pub learner: LearnerState,
+    pub features: FeatureState,
+    pub metrics: Metrics,
+    pub counters: RunCounters,
+}
+
+const MAGIC: &[u8; 8] = b"GSCKPT01";
+
+/// Writes `ckpt` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
+/// Returns the bytes written.
+pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {
+    let payload = postcard::to_stdvec(ckpt).context("cannot serialise the checkpoint")?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f =
+            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(MAGIC)?;
+        f.write_all(&crc32fast::hash(&payload).to_le_bytes())?;
+        f.write_all(&(payload.len() as u64).to_le_bytes())?;
+        f.write_all(&payload)?;
+        f.sync_all()
+            .with_context(|| format!("cannot flush {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    sync_dir(path);
+    Ok((MAGIC.len() + 12 + payload.len()) as u64)
+}
+
+/// Flushes a file's folder entry (the rename) to disk; best effort where unsupported.
+pub fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent()
+        && let Ok(d) = File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+}
+
+/// Reads the checkpoint at `path`; `None` when there is none.
+pub fn load(path: &Path) -> Result<Option<Checkpoint>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    if bytes.len() < 20 || &bytes[..8] != MAGIC {
+        bail!("{}: not a gradsift checkpoint", path.display());
+    }
+    let crc = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes")) as usize;
+    let payload = &bytes[20..];
+    if payload.len() != len || crc32fast::hash(payload) != crc {
+        bail!(
+            "{}: checkpoint is damaged (length or checksum mismatch)",
+            path.display()
+        );
+    }
+    let ckpt = postcard::from_bytes(payload).with_context(|| {
+        format!(
+            "{}: checkpoint written by another version of gradsift",
+            path.display()
+        )
+    })?;
+    Ok(Some(ckpt))
+}

@@ -1,0 +1,120 @@
+//! The per-sample output topic: one JSON record per scored sample (key, event time,
+//! prediction, score, threshold, selected, trained, retained, and the sample's source and
+//! position), keyed by the sample's key so one cell's records stay in one partition.
+//!
+//! Records are handed to librdkafka's queue as they come (bounded by
+//! `queue.buffering.max.messages`: a full queue makes `send` wait, which is backpressure on
+//! the learner) and flushed before every checkpoint, so every sample a checkpoint covers has
+//! its record on the broker: at least once, like the source.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use serde::{Deserialize, Serialize};
+
+use super::scores::ScoreRow;
+use crate::produce::DeliveryCount;
+
+/// `[output.topic]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSinkConfig {
+    /// bootstrap.servers (default: the Kafka source's).
+    #[serde(default)]
+    pub brokers: Option<String>,
+    pub topic: String,
+    /// Passed to librdkafka as they are (e.g. security settings).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct Record<'a> {
+    key: &'a str,
+    time: i64,
+    prediction: f64,
+    target: f64,
+    score: f32,
+    threshold: f32,
+    selected: bool,
+    trained: bool,
+    retained: bool,
+    source: &'a str,
+    position: u64,
+}
+
+/// A producer for the per-sample topic.
+pub struct SampleTopicSink {
+    producer: ThreadedProducer<DeliveryCount>,
+    topic: String,
+    pub records: u64,
+}
+
+impl SampleTopicSink {
+    pub fn create(cfg: &TopicSinkConfig, brokers: &str) -> Result<Self> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", brokers);
+        for (k, v) in &cfg.options {
+            c.set(k, v);
+        }
+        let producer = c
+            .create_with_context(DeliveryCount::default())
+            .context("cannot create the output topic producer")?;
+        Ok(SampleTopicSink {
+            producer,
+            topic: cfg.topic.clone(),
+            records: 0,
+        })
+    }
+
+    pub fn send(&mut self, rows: &[ScoreRow]) -> Result<()> {
+        for r in rows {
+            let value = serde_json::to_vec(&Record {
+                key: &r.key,
+                time: r.time,
+                prediction: r.prediction,
+                target: r.target,
+                score: r.score,
+                threshold: r.threshold,
+                selected: r.selected,
+                trained: r.trained,
+                retained: r.retained,
+                source: &r.source,
+                position: r.position,
+            })?;
+            let mut rec = BaseRecord::to(&self.topic).key(&*r.key).payload(&value);
+            loop {
+                match self.producer.send(rec) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // librdkafka's queue is full: wait for deliveries (backpressure).
+                        rec = back;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => return Err(e).context("cannot queue an output record"),
+                }
+            }
+            self.records += 1;
+        }
+        Ok(())
+    }
+
+    /// Waits until every queued record is delivered (before a checkpoint). A record the
+    /// broker refused after librdkafka's retries fails the checkpoint: its offsets must not
+    /// be committed.
+    pub fn flush(&self) -> Result<()> {
+        self.producer
+            .flush(Duration::from_secs(60))
+            .context("output topic records not delivered within 60 s")?;
+        let failed = self
+            .producer
+            .context()
+            .failed
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        anyhow::ensure!(failed == 0, "{failed} output topic records were not delivered");
+        Ok(())
+    }
+}
