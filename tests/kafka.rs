@@ -9,38 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
+use common::kafka::{committed, produce_archive, produce_command};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-
-/// `gradsift produce` of the bundled Milan archive into `topic`.
-fn produce_command(broker: &common::Broker, topic: &str, extra: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_gradsift"));
-    c.current_dir(common::repo())
-        .args([
-            "produce",
-            "data/milan/internet_square5161.parquet",
-            "--schema",
-            "schemas/milan_internet.json",
-            "--topic",
-            topic,
-            "--brokers",
-        ])
-        .arg(broker.address())
-        .args(extra);
-    c
-}
-
-fn produce_archive(broker: &common::Broker, topic: &str, extra: &[&str]) -> String {
-    let out = produce_command(broker, topic, extra).output().unwrap();
-    assert!(
-        out.status.success(),
-        "produce: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn kafka_pipeline(
     broker: &common::Broker,
@@ -62,61 +35,41 @@ fn kafka_pipeline(
     )
 }
 
-fn committed(
-    broker: &common::Broker,
-    group: &str,
-    topic: &str,
-    partitions: i32,
-) -> BTreeMap<i32, i64> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.address())
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    got.elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn archive_through_kafka_every_offset_processed_and_committed() {
     let broker = common::Broker::start();
     broker.create_topic("milan", 4);
     broker.create_topic("milan-dlq", 1);
+    broker.create_topic("milan-scored", 2);
     let said = produce_archive(&broker, "milan", &[]);
     assert!(said.contains("produced 8928 messages"), "{said}");
 
     let out = tempfile::tempdir().unwrap();
-    let r = common::run(kafka_pipeline(
-        &broker,
-        out.path(),
-        "milan",
-        "g-e2e",
-        "milan-dlq",
-    ));
+    let mut cfg = kafka_pipeline(&broker, out.path(), "milan", "g-e2e", "milan-dlq");
+    cfg.output.topic = Some(gradsift::sink::topic::TopicSinkConfig {
+        brokers: None,
+        topic: "milan-scored".into(),
+        options: Default::default(),
+    });
+    let r = common::run(cfg);
     assert_eq!(r.rows_read, 8928);
+    assert_eq!(r.topic_records, Some(8784));
+    let ck = r
+        .checkpoint
+        .as_ref()
+        .expect("the Kafka pipelines checkpoint");
+    assert!(ck.written >= 2, "every 5000 rows and at the end: {ck:?}");
     assert_eq!(r.skipped.get("lag_warmup"), Some(&144));
     assert_eq!(r.samples, 8784);
 
     // Every produced offset is accounted for: 8,784 scored samples with distinct
     // (partition, offset), plus the 144 lag-warm-up rows.
     let py = common::python(&format!(
-        "import pyarrow.parquet as pq\n\
-         t = pq.ParquetFile('{}/scores.parquet').read()\n\
-         pairs = set(zip(t['source'].to_pylist(), t['position'].to_pylist()))\n\
+        "{}pairs = set(zip(t['source'].to_pylist(), t['position'].to_pylist()))\n\
          srcs = sorted(set(t['source'].to_pylist()))\n\
          pos = sorted(p for _, p in pairs)\n\
          print(len(pairs), ','.join(srcs), pos[0], pos[-1])",
-        out.path().display()
+        common::load_scores_py(out.path())
     ));
     let f: Vec<&str> = py.split_whitespace().collect();
     assert_eq!(f[0], "8784", "distinct (partition, offset) pairs");
@@ -135,6 +88,32 @@ fn archive_through_kafka_every_offset_processed_and_committed() {
         .unwrap();
     let c = committed(&broker, "g-e2e", "milan", 4);
     assert_eq!(c.get(&part), Some(&8928), "committed offsets {c:?}");
+
+    // The output topic: one record per scored sample, keyed by the square.
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .set("group.id", "scored-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&["milan-scored"]).unwrap();
+    let mut seen = BTreeSet::new();
+    let mut records = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while records < 8784 && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(500)) {
+            records += 1;
+            assert_eq!(m.key(), Some(&b"5161"[..]));
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            assert!(v["score"].as_f64().unwrap() >= 0.0);
+            assert!(v["prediction"].as_f64().unwrap().is_finite());
+            assert!(v["selected"].is_boolean() && v["retained"].is_boolean());
+            assert!(v["time"].as_i64().unwrap() > 1_383_000_000_000_000);
+            seen.insert(v["position"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(records, 8784, "one output record per scored sample");
+    assert_eq!(seen.len(), 8784);
 }
 
 #[test]
@@ -332,8 +311,8 @@ fn sigterm_mid_stream_drains_commits_what_it_processed_and_exits_zero() {
     // Everything handed to the learner was processed and committed; nothing beyond it.
     assert_eq!(committed(&broker, "g-term", "live", 1).get(&0), Some(&read));
     let py = common::python(&format!(
-        "import pyarrow.parquet as pq\nt = pq.ParquetFile('{}/scores.parquet').read()\nprint(t.num_rows, max(t['position'].to_pylist()))",
-        out.path().display()
+        "{}print(t.num_rows, max(t['position'].to_pylist()))",
+        common::load_scores_py(out.path())
     ));
     let f: Vec<i64> = py.split_whitespace().map(|x| x.parse().unwrap()).collect();
     assert_eq!(

@@ -160,12 +160,12 @@ pub struct LearnerStats {
 /// What a checkpoint keeps of an [`OnlineLearner`].
 #[derive(Serialize, Deserialize)]
 pub struct LearnerState {
-    model: Vec<SavedLayer>,
+    pub model: Vec<SavedLayer>,
     /// burn's own serialisation of the Adam state (burnpack bytes), keyed by parameter id.
-    optimizer: Vec<u8>,
-    selector: SelectorState,
-    buffer: BufferState,
-    stats: LearnerStats,
+    pub optimizer: Vec<u8>,
+    pub selector: SelectorState,
+    pub buffer: BufferState,
+    pub stats: LearnerStats,
 }
 
 impl LearnerState {

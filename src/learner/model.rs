@@ -136,10 +136,8 @@ impl Mlp {
         let layers = saved
             .iter()
             .map(|s| {
-                let mut weight = Param::from_data(
-                    TensorData::new(s.weight.clone(), [s.d_in, s.d_out]),
-                    device,
-                );
+                let mut weight =
+                    Param::from_data(TensorData::new(s.weight.clone(), [s.d_in, s.d_out]), device);
                 weight.id = ParamId::from(s.weight_id);
                 let mut bias = Param::from_data(TensorData::new(s.bias.clone(), [s.d_out]), device);
                 bias.id = ParamId::from(s.bias_id);

@@ -152,8 +152,7 @@ impl ScoreSegments {
         for entry in std::fs::read_dir(dir)? {
             let p = entry?.path();
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            let stale = name.ends_with(".tmp")
-                || Self::number(name).is_some_and(|n| n >= next);
+            let stale = name.ends_with(".tmp") || Self::number(name).is_some_and(|n| n >= next);
             if stale {
                 tracing::info!(file = %p.display(), "removing a score segment the checkpoint does not cover");
                 std::fs::remove_file(&p)?;

@@ -114,7 +114,10 @@ impl SampleTopicSink {
             .context()
             .failed
             .swap(0, std::sync::atomic::Ordering::Relaxed);
-        anyhow::ensure!(failed == 0, "{failed} output topic records were not delivered");
+        anyhow::ensure!(
+            failed == 0,
+            "{failed} output topic records were not delivered"
+        );
         Ok(())
     }
 }

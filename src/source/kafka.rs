@@ -12,14 +12,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::produce::DeliveryCount;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -38,6 +43,11 @@ pub struct KafkaSourceConfig {
     pub topics: Vec<String>,
     /// The consumer group; instances sharing it split the partitions.
     pub group_id: String,
+    /// This instance's static member id in the group (`group.instance.id`, KIP-345), e.g.
+    /// the pod or host name: a restarted instance takes its partitions back at once instead
+    /// of waiting for the broker to expire its old session.
+    #[serde(default)]
+    pub instance_id: Option<String>,
     /// Messages per record batch.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
@@ -95,6 +105,32 @@ impl KafkaSourceConfig {
         }
         c
     }
+
+    /// The dead-letter producer's settings: the same options minus the consumer-only ones
+    /// (librdkafka warns about those on a producer).
+    fn producer_client(&self) -> ClientConfig {
+        const CONSUMER_ONLY: &[&str] = &[
+            "session.",
+            "group.",
+            "heartbeat.",
+            "auto.",
+            "enable.auto.",
+            "fetch.",
+            "max.poll.",
+            "partition.assignment.",
+            "isolation.level",
+            "queued.",
+            "check.crcs",
+        ];
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.options {
+            if !CONSUMER_ONLY.iter().any(|p| k.starts_with(p)) {
+                c.set(k, v);
+            }
+        }
+        c
+    }
 }
 
 /// One polled message, kept until its batch is decoded (and dead-lettered if bad).
@@ -107,37 +143,77 @@ struct Polled {
     offset: i64,
 }
 
+/// Logs the group's partition assignments: with several instances in one group, which one
+/// owns which partitions is the first thing an operator asks.
+pub struct AssignmentLog;
+
+impl ClientContext for AssignmentLog {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            // The end of a partition is news, not an error: it drives `stop_at_end`.
+            KafkaError::PartitionEOF(_)
+            | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
+                tracing::trace!(reason, "end of partition")
+            }
+            e => tracing::warn!(error = %e, reason, "Kafka client error; librdkafka retries"),
+        }
+    }
+}
+
+impl ConsumerContext for AssignmentLog {
+    fn post_rebalance(&self, _: &BaseConsumer<AssignmentLog>, r: &Rebalance<'_>) {
+        match r {
+            Rebalance::Assign(tpl) => {
+                let parts: Vec<String> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+                    .collect();
+                tracing::info!(partitions = %parts.join(","), count = parts.len(), "partitions assigned");
+            }
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(count = tpl.count(), "partitions revoked");
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+        }
+    }
+}
+
 /// "topic[partition]" as used in row origins.
 fn source_name(topic: &str, partition: i32) -> Arc<str> {
     Arc::from(format!("{topic}[{partition}]").as_str())
 }
 
 /// Consumes until shut down (or, with `stop_at_end`, until every assigned partition is
-/// drained). Runs on a blocking thread.
+/// drained). Runs on a blocking thread. Returns the messages read and the redelivered ones
+/// skipped because this process already had them.
 pub fn consume(
     cfg: &KafkaSourceConfig,
     schema: Arc<Schema>,
     tx: mpsc::Sender<SourceEvent>,
     acks: std::sync::mpsc::Receiver<Ack>,
-    covered: HashMap<Arc<str>, u64>,
+    mut handed: HashMap<Arc<str>, u64>,
     shutdown: &Shutdown,
-) -> Result<u64> {
-    let consumer: BaseConsumer = cfg
-        .client()
+) -> Result<(u64, u64)> {
+    let mut client = cfg.client();
+    if let Some(id) = &cfg.instance_id {
+        client.set("group.instance.id", id);
+    }
+    let consumer: BaseConsumer<AssignmentLog> = client
         .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         // Offsets are stored and committed by us, for processed messages only.
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
-        .create()
+        .create_with_context(AssignmentLog)
         .context("cannot create the Kafka consumer")?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).context("cannot subscribe")?;
-    let dlq: Option<ThreadedProducer<DefaultProducerContext>> = match &cfg.dead_letter_topic {
+    let dlq: Option<ThreadedProducer<DeliveryCount>> = match &cfg.dead_letter_topic {
         Some(_) => Some(
-            cfg.client()
-                .create()
+            cfg.producer_client()
+                .create_with_context(DeliveryCount::default())
                 .context("cannot create the dead-letter producer")?,
         ),
         None => None,
@@ -148,6 +224,7 @@ pub fn consume(
     // names the partition only, so `stop_at_end` is meant for single-topic replays.
     let mut at_end: HashMap<i32, bool> = HashMap::new();
     let mut rows = 0u64;
+    let mut redelivered = 0u64;
     let mut backoff = Duration::from_millis(100);
     let mut in_flight = 0usize;
     let mut done: Done = HashMap::new();
@@ -156,7 +233,7 @@ pub fn consume(
         while let Ok(ack) = acks.try_recv() {
             match ack {
                 Ack::Processed => in_flight -= 1,
-                Ack::Commit(p) => commit(&consumer, &mut done, &p, CommitMode::Async),
+                Ack::Commit(p) => commit(&consumer, dlq.as_ref(), &mut done, &p, CommitMode::Async),
             }
         }
         let deadline = Instant::now() + Duration::from_millis(cfg.batch_timeout_ms);
@@ -182,13 +259,16 @@ pub fn consume(
                         .entry(key)
                         .or_insert_with(|| source_name(m.topic(), m.partition()))
                         .clone();
-                    if covered
-                        .get(&source)
-                        .is_some_and(|&next| (m.offset() as u64) < next)
-                    {
-                        // Already in the checkpoint we resumed from: its commit was cut short.
+                    let next = handed.entry(source.clone()).or_insert(0);
+                    if (m.offset() as u64) < *next {
+                        // Already with this process: in the checkpoint it resumed from (whose
+                        // commit a crash cut short), or handed to the learner before a
+                        // rebalance or broker restart rewound the partition to its last
+                        // commit. The model must not learn it twice.
+                        redelivered += 1;
                         continue;
                     }
+                    *next = m.offset() as u64 + 1;
                     let origin = RowOrigin {
                         source,
                         index: m.offset() as u64,
@@ -262,8 +342,20 @@ pub fn consume(
                 if let Some(k) = key {
                     rec = rec.key(k);
                 }
-                if let Err((err, _)) = p.send(rec) {
-                    tracing::error!(error = %err, "cannot send to the dead-letter topic");
+                loop {
+                    match p.send(rec) {
+                        Ok(()) => break,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                            // librdkafka's queue is full: wait for deliveries (backpressure).
+                            rec = back;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err((err, _)) => {
+                            tracing::error!(error = %err, "cannot queue a dead letter");
+                            p.context().failed.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
                 }
             }
             let ev = SourceEvent::Unreadable {
@@ -273,13 +365,11 @@ pub fn consume(
                 detail: e.detail,
             };
             if tx.blocking_send(ev).is_err() {
-                return Ok(rows);
+                return Ok((rows, redelivered));
             }
         }
-        if let Some(p) = &dlq {
-            let _ = p.flush(Duration::from_secs(10));
-        }
-        // Bad messages are dealt with (dead-lettered): their offsets may be committed too.
+        // Bad messages are dealt with (queued as dead letters, delivered before any commit
+        // that covers them): their offsets are committed like the good ones.
         let origins: Vec<RowOrigin> = good.iter().map(|&i| payloads[i].origin.clone()).collect();
         let all: Vec<RowOrigin> = payloads.iter().map(|p| p.origin.clone()).collect();
         rows += payloads.len() as u64;
@@ -304,16 +394,25 @@ pub fn consume(
     while Instant::now() < stop {
         match acks.recv_timeout(Duration::from_millis(200)) {
             Ok(Ack::Processed) => in_flight = in_flight.saturating_sub(1),
-            Ok(Ack::Commit(p)) => commit(&consumer, &mut done, &p, CommitMode::Async),
+            Ok(Ack::Commit(p)) => commit(&consumer, dlq.as_ref(), &mut done, &p, CommitMode::Async),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
         }
     }
-    if in_flight > 0 {
-        tracing::warn!(batches = in_flight, "stopped without the learner finishing every batch; their offsets stay uncommitted");
+    if redelivered > 0 {
+        tracing::info!(
+            redelivered,
+            "messages redelivered from an older commit were skipped (already processed)"
+        );
     }
-    commit(&consumer, &mut done, &[], CommitMode::Sync);
-    Ok(rows)
+    if in_flight > 0 {
+        tracing::warn!(
+            batches = in_flight,
+            "stopped without the learner finishing every batch; their offsets stay uncommitted"
+        );
+    }
+    commit(&consumer, dlq.as_ref(), &mut done, &[], CommitMode::Sync);
+    Ok((rows, redelivered))
 }
 
 /// Offsets processed so far: per "topic[partition]", the offset after the highest one.
@@ -322,7 +421,8 @@ type Done = HashMap<Arc<str>, i64>;
 /// Records durable positions and commits every partition's next offset (the whole map, so
 /// an asynchronous commit that failed is made good by the next one).
 fn commit(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<AssignmentLog>,
+    dlq: Option<&ThreadedProducer<DeliveryCount>>,
     done: &mut Done,
     durable: &[(Arc<str>, u64)],
     mode: CommitMode,
@@ -330,6 +430,21 @@ fn commit(
     for (source, next) in durable {
         let e = done.entry(source.clone()).or_insert(0);
         *e = (*e).max(*next as i64);
+    }
+    if let Some(p) = dlq {
+        // Dead letters first: an offset is committed only once its message is on the
+        // dead-letter topic. A letter that could not be delivered stops all commits of this
+        // process, so a restart reads (and dead-letters) it again: at least once.
+        let flushed = p.flush(Duration::from_secs(30));
+        let failed = p.context().failed.load(Ordering::Relaxed);
+        if flushed.is_err() || failed > 0 {
+            tracing::error!(
+                undelivered = failed,
+                flushed = flushed.is_ok(),
+                "dead letters not delivered: offsets are not committed"
+            );
+            return;
+        }
     }
     // Only partitions this member owns now: a stale position of a partition that moved to
     // another member must not rewind that member's commits.

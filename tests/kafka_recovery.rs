@@ -1,0 +1,357 @@
+//! Failure and scale-out, against a real Kafka-protocol broker (Tansu) on loopback: the
+//! gradsift process killed with SIGKILL mid-stream and restarted (nothing lost, duplicates
+//! within one checkpoint interval), the broker killed and restarted mid-stream (the run
+//! completes), and two gradsift processes in one consumer group splitting the partitions.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::kafka::{committed, produce_command};
+
+/// `gradsift run pipelines/NAME` as a child process with `--set` overrides; its stderr lines
+/// are collected in the returned log.
+fn spawn_run(pipeline: &str, out: &Path, sets: &[String]) -> (Child, Arc<Mutex<Vec<String>>>) {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        format!("pipelines/{pipeline}"),
+        "--quiet".into(),
+        "--output".into(),
+        out.display().to_string(),
+    ];
+    for kv in sets {
+        args.push("--set".into());
+        args.push(kv.clone());
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gradsift"))
+        .current_dir(common::repo())
+        .env(
+            "GRADSIFT_LOG",
+            std::env::var("GRADSIFT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .env("NO_COLOR", "1")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if std::env::var_os("GRADSIFT_TEST_ECHO").is_some() {
+                eprintln!("[gradsift] {line}");
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (child, log)
+}
+
+fn milan_sets(broker: &common::Broker, topic: &str, group: &str) -> Vec<String> {
+    vec![
+        format!("source.brokers=\"{}\"", broker.address()),
+        format!("source.topics=[\"{topic}\"]"),
+        format!("source.group_id=\"{group}\""),
+        format!("source.dead_letter_topic=\"{topic}-dlq\""),
+        // Static membership: the restarted process takes its partitions back at once (Tansu
+        // does not expire a killed member's session).
+        format!("source.instance_id=\"{group}-1\""),
+    ]
+}
+
+fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// (rows, distinct (source, position) pairs, pairs) of every score file of a run.
+fn scored_pairs(out: &Path) -> (usize, BTreeSet<(String, u64)>) {
+    let py = common::python(&format!(
+        "{}for s, p in zip(t['source'].to_pylist(), t['position'].to_pylist()): print(s, p)",
+        common::load_scores_py(out)
+    ));
+    let mut rows = 0;
+    let mut pairs = BTreeSet::new();
+    for line in py.lines() {
+        let (s, p) = line.split_once(' ').unwrap();
+        pairs.insert((s.to_string(), p.parse().unwrap()));
+        rows += 1;
+    }
+    (rows, pairs)
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
+}
+
+fn log_text(log: &Arc<Mutex<Vec<String>>>) -> String {
+    log.lock().unwrap().join("\n")
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_loses_nothing() {
+    let broker = common::Broker::start();
+    broker.create_topic("crash", 4);
+    broker.create_topic("crash-dlq", 1);
+    let every_rows = 500u64;
+    let out = tempfile::tempdir().unwrap();
+    let mut sets = milan_sets(&broker, "crash", "g-crash");
+    sets.push(format!("checkpoint.every_rows={every_rows}"));
+    sets.push("checkpoint.every_seconds=1".into());
+
+    // A live feed: the archive at 1,000 messages/s, about 9 s.
+    let mut producer = produce_command(&broker, "crash", &["--rate", "1000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut first, log1) = spawn_run("milan-kafka.toml", out.path(), &sets);
+    // Let it process and checkpoint a good part of the stream, then SIGKILL it: no chance
+    // to flush, checkpoint or commit anything more.
+    wait_until("2,000 offsets committed", 60, || {
+        committed(&broker, "g-crash", "crash", 4)
+            .values()
+            .sum::<i64>()
+            >= 2000
+    });
+    first.kill().unwrap();
+    let status = first.wait().unwrap();
+    assert!(!status.success(), "killed: {status:?}");
+    let at_kill: i64 = committed(&broker, "g-crash", "crash", 4).values().sum();
+    assert!(
+        out.path().join("checkpoint.bin").exists(),
+        "a checkpoint was on disk at the kill\n{}",
+        log_text(&log1)
+    );
+    assert!(producer.wait().unwrap().success());
+    assert!(at_kill < 8928, "killed mid-stream (committed {at_kill})");
+
+    // Restart on the same output folder: it resumes from the checkpoint and the committed
+    // offsets, and drains the rest of the topic.
+    sets.push("source.stop_at_end=true".into());
+    let (mut second, log2) = spawn_run("milan-kafka.toml", out.path(), &sets);
+    let status = second.wait().unwrap();
+    assert!(status.success(), "restart: {status:?}\n{}", log_text(&log2));
+    assert!(
+        log_text(&log2).contains("resuming from checkpoint"),
+        "{}",
+        log_text(&log2)
+    );
+
+    let r = report(out.path());
+    assert_eq!(r["checkpoint"]["resumes"], 1);
+    // Every produced offset was processed: the stream's 8,784 samples (the first 144 rows
+    // only warm the lags, once: the lag windows are in the checkpoint).
+    assert_eq!(r["samples"], 8784, "{r}");
+    assert_eq!(r["skipped"]["lag_warmup"], 144);
+    let (rows, pairs) = scored_pairs(out.path());
+    // One square, one key, one partition: offsets 0..8928 were produced to it.
+    let sources: BTreeSet<&String> = pairs.iter().map(|(s, _)| s).collect();
+    assert_eq!(sources.len(), 1, "{sources:?}");
+    let source = sources.into_iter().next().unwrap().clone();
+    let partition: i32 = source[6..source.len() - 1].parse().unwrap();
+    let produced: BTreeSet<(String, u64)> = (0..8928).map(|o| (source.clone(), o)).collect();
+    let warm: BTreeSet<(String, u64)> = produced.iter().take(144).cloned().collect();
+    let expected: BTreeSet<(String, u64)> = produced.difference(&warm).cloned().collect();
+    assert_eq!(
+        pairs, expected,
+        "every produced (partition, offset) was scored"
+    );
+    let duplicates = rows - pairs.len();
+    println!(
+        "crash-resume: produced {}, committed at kill {at_kill}, scored rows {rows}, distinct {}, duplicates {duplicates}, \
+         already covered on restart {}",
+        produced.len(),
+        pairs.len(),
+        r["checkpoint"]["rows_already_covered"]
+    );
+    assert!(
+        duplicates as u64 <= every_rows,
+        "duplicates {duplicates} within one checkpoint interval ({every_rows})"
+    );
+    assert_eq!(
+        committed(&broker, "g-crash", "crash", 4).get(&partition),
+        Some(&8928)
+    );
+}
+
+#[test]
+fn broker_killed_and_restarted_mid_stream_the_run_completes() {
+    let mut broker = common::Broker::start_persistent();
+    broker.create_topic("durable", 1);
+    broker.create_topic("durable-dlq", 1);
+    let out = tempfile::tempdir().unwrap();
+    let mut sets = milan_sets(&broker, "durable", "g-durable");
+    sets.push("checkpoint.every_rows=500".into());
+
+    let mut producer = produce_command(&broker, "durable", &["--rate", "1000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut run, log) = spawn_run("milan-kafka.toml", out.path(), &sets);
+    wait_until("1,000 offsets committed", 60, || {
+        committed(&broker, "g-durable", "durable", 1)
+            .get(&0)
+            .is_some_and(|&o| o >= 1000)
+    });
+    // The broker goes away for three seconds, mid-stream, for the producer and the pipeline.
+    broker.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    broker.restart();
+    assert!(
+        producer.wait().unwrap().success(),
+        "the producer rode out the restart"
+    );
+    wait_until("every offset committed after the restart", 120, || {
+        committed(&broker, "g-durable", "durable", 1).get(&0) == Some(&8928)
+    });
+    let kill = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = run.wait().unwrap();
+    let text = log_text(&log);
+    assert!(status.success(), "clean exit: {status:?}\n{text}");
+    println!(
+        "{}",
+        text.lines()
+            .filter(|l| l.contains("WARN") || l.contains("retry"))
+            .take(8)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        text.contains("WARN"),
+        "the broker outage is reported in the log:\n{text}"
+    );
+    let (rows, pairs) = scored_pairs(out.path());
+    assert_eq!(pairs.len(), 8784, "every sample scored");
+    assert!(
+        rows - pairs.len() <= 500,
+        "duplicates {}",
+        rows - pairs.len()
+    );
+}
+
+#[test]
+fn two_instances_in_one_group_split_the_partitions() {
+    let broker = common::Broker::start();
+    let partitions = 4;
+    broker.create_topic("beams", partitions as u32);
+    broker.create_topic("beams-dlq", 1);
+    let sets = |group: &str| {
+        vec![
+            format!("source.brokers=\"{}\"", broker.address()),
+            "source.topics=[\"beams\"]".to_string(),
+            format!("source.group_id=\"{group}\""),
+            "source.dead_letter_topic=\"beams-dlq\"".to_string(),
+        ]
+    };
+    let (out_a, out_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut a, log_a) = spawn_run("beam-kafka.toml", out_a.path(), &sets("g-split"));
+    let (mut b, log_b) = spawn_run("beam-kafka.toml", out_b.path(), &sets("g-split"));
+    // Both members hold half the partitions once the group has settled.
+    let last_assignment = |log: &Arc<Mutex<Vec<String>>>| {
+        log.lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|l| l.contains("partitions assigned"))
+            .cloned()
+    };
+    wait_until("both members own two partitions", 90, || {
+        [&log_a, &log_b]
+            .iter()
+            .all(|l| last_assignment(l).is_some_and(|s| s.contains("count=2")))
+    });
+    // Produce the four DeepSense scenarios; each scenario is one key and stays in one
+    // partition.
+    let files = common::shared_data().join("beam/*.parquet");
+    let produced = Command::new(env!("CARGO_BIN_EXE_gradsift"))
+        .current_dir(common::repo())
+        .args([
+            "produce",
+            files.to_str().unwrap(),
+            "--schema",
+            "schemas/deepsense_beam.json",
+            "--topic",
+            "beams",
+            "--brokers",
+        ])
+        .arg(broker.address())
+        .output()
+        .unwrap();
+    assert!(
+        produced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&produced.stderr)
+    );
+    let said = String::from_utf8_lossy(&produced.stdout).into_owned();
+    let total: i64 = said
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("produce said: {said}"));
+    // Offsets start at 0, so the committed offsets of all partitions sum to what was produced.
+    let mut hw = BTreeMap::new();
+    wait_until("every offset committed", 120, || {
+        hw = committed(&broker, "g-split", "beams", partitions);
+        if std::env::var_os("GRADSIFT_TEST_ECHO").is_some() {
+            eprintln!("committed {hw:?} of {total}");
+        }
+        hw.values().sum::<i64>() == total
+    });
+    for child in [&mut a, &mut b] {
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+    assert!(a.wait().unwrap().success(), "{}", log_text(&log_a));
+    assert!(b.wait().unwrap().success(), "{}", log_text(&log_b));
+
+    let owned = |log: &Arc<Mutex<Vec<String>>>| -> BTreeSet<String> {
+        let l = last_assignment(log).unwrap();
+        let list = l.split("partitions=").nth(1).unwrap();
+        let list = list.split_whitespace().next().unwrap();
+        list.split(',').map(str::to_string).collect()
+    };
+    let (own_a, own_b) = (owned(&log_a), owned(&log_b));
+    assert!(own_a.is_disjoint(&own_b), "{own_a:?} / {own_b:?}");
+    assert_eq!(own_a.len() + own_b.len(), partitions as usize);
+
+    // Each instance scored rows only from its own partitions, and together every row with
+    // data was read exactly once.
+    let (ra, rb) = (report(out_a.path()), report(out_b.path()));
+    let read = ra["rows_read"].as_i64().unwrap() + rb["rows_read"].as_i64().unwrap();
+    assert_eq!(read, total, "rows read by both = produced");
+    let (_, pa) = scored_pairs(out_a.path());
+    let (_, pb) = scored_pairs(out_b.path());
+    let parts = |p: &BTreeSet<(String, u64)>| -> BTreeSet<String> {
+        p.iter().map(|(s, _)| s.clone()).collect()
+    };
+    assert!(parts(&pa).is_subset(&own_a), "{:?} ⊄ {own_a:?}", parts(&pa));
+    assert!(parts(&pb).is_subset(&own_b), "{:?} ⊄ {own_b:?}", parts(&pb));
+    assert!(pa.is_disjoint(&pb));
+    assert!(
+        !pa.is_empty() && !pb.is_empty(),
+        "both instances scored samples"
+    );
+    println!(
+        "split: A owns {own_a:?} and read {}, B owns {own_b:?} and read {}; partitions with data {hw:?}",
+        ra["rows_read"], rb["rows_read"]
+    );
+}
