@@ -54,6 +54,7 @@ fn main() {
             pace: None,
             max_rows: None,
             options: Vec::new(),
+            format: gradsift::payload::PayloadFormat::Json,
         };
         produced += rt.block_on(produce(args, Shutdown::new())).unwrap();
     }

@@ -63,6 +63,9 @@ pub enum Command {
         /// librdkafka option, e.g. -X security.protocol=ssl (repeatable).
         #[arg(short = 'X', value_name = "KEY=VALUE")]
         options: Vec<String>,
+        /// Payload format.
+        #[arg(long, value_enum, default_value = "json")]
+        format: crate::payload::PayloadFormat,
     },
     /// Schema tools.
     Schema {
@@ -113,6 +116,7 @@ pub async fn main(cli: Cli) -> Result<()> {
             speedup,
             max_rows,
             options,
+            format,
         } => {
             let schema = std::sync::Arc::new(Schema::load(&schema)?);
             let pace =
@@ -138,6 +142,7 @@ pub async fn main(cli: Cli) -> Result<()> {
                 pace,
                 max_rows,
                 options,
+                format,
             };
             let n = crate::produce::produce(args, shutdown).await?;
             println!("produced {n} messages to {topic}");

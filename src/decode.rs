@@ -197,6 +197,8 @@ pub fn value(col: &Float64Array, i: usize) -> Option<f64> {
 pub struct JsonDecoder {
     columns: Vec<(String, crate::schema::ColumnSpec)>,
     max_bytes: usize,
+    /// Set when the payloads are Avro datums (see [`crate::payload`]) rather than JSON.
+    avro: Option<apache_avro::Schema>,
 }
 
 /// One decoded field value.
@@ -209,12 +211,69 @@ enum JsonValue {
 
 impl JsonDecoder {
     pub fn new(schema: Arc<Schema>, max_bytes: usize) -> Self {
+        Self::with_format(schema, max_bytes, crate::payload::PayloadFormat::Json)
+    }
+
+    pub fn with_format(
+        schema: Arc<Schema>,
+        max_bytes: usize,
+        format: crate::payload::PayloadFormat,
+    ) -> Self {
         let columns = schema
             .read_columns()
             .into_iter()
             .map(|c| (c.clone(), schema.columns[&c].clone()))
             .collect();
-        JsonDecoder { columns, max_bytes }
+        let avro = (format == crate::payload::PayloadFormat::Avro)
+            .then(|| crate::payload::avro_schema(&schema));
+        JsonDecoder {
+            columns,
+            max_bytes,
+            avro,
+        }
+    }
+
+    /// One Avro field as the value its column needs, or why not.
+    fn avro_field(
+        name: &str,
+        spec: &crate::schema::ColumnSpec,
+        v: apache_avro::types::Value,
+    ) -> Result<JsonValue, BatchError> {
+        use crate::schema::ColumnType as T;
+        use apache_avro::types::Value as A;
+        let bad = |reason: &str, detail: String| BatchError {
+            reason: format!("{reason}:{name}"),
+            detail,
+        };
+        match (spec.ty, v) {
+            (_, A::Null) => Err(bad("null", format!("field `{name}` is null"))),
+            (T::Int | T::Timestamp, A::Long(i)) => Ok(JsonValue::Int(i)),
+            (T::String, A::String(s)) => Ok(JsonValue::Str(s)),
+            (T::Float, A::Double(f)) if f.is_finite() => Ok(JsonValue::Float(f)),
+            (T::Float, A::Double(_)) => {
+                Err(bad("non_finite", format!("field `{name}` is not finite")))
+            }
+            (T::FloatList, A::Array(a)) => {
+                let vals: Option<Vec<f32>> = a
+                    .into_iter()
+                    .map(|x| match x {
+                        A::Float(f) => Some(f),
+                        _ => None,
+                    })
+                    .collect();
+                match vals {
+                    Some(v) if spec.size.is_none_or(|n| n == v.len()) => Ok(JsonValue::List(v)),
+                    _ => Err(bad(
+                        "wrong_type",
+                        format!("field `{name}`: expected a list of {:?} floats", spec.size),
+                    )),
+                }
+            }
+            (ty, v) => Err(bad(
+                "wrong_type",
+                format!("field `{name}`: expected {ty:?}, found {v:?}").to_lowercase(),
+            )),
+        }
     }
 
     fn field(
@@ -291,6 +350,19 @@ impl JsonDecoder {
                     self.max_bytes
                 ),
             });
+        }
+        if let Some(avro) = &self.avro {
+            let fields =
+                crate::payload::decode_avro(avro, payload).map_err(|detail| BatchError {
+                    reason: "malformed_avro".into(),
+                    detail,
+                })?;
+            return self
+                .columns
+                .iter()
+                .zip(fields)
+                .map(|((name, spec), v)| Self::avro_field(name, spec, v))
+                .collect();
         }
         let v: serde_json::Value = serde_json::from_slice(payload).map_err(|e| BatchError {
             reason: "malformed_json".into(),

@@ -13,6 +13,7 @@ pub mod config;
 pub mod decode;
 pub mod features;
 pub mod learner;
+pub mod payload;
 pub mod pipeline;
 pub mod produce;
 pub mod report;

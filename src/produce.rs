@@ -34,6 +34,7 @@ pub struct ProduceArgs {
     pub pace: Option<Pace>,
     pub max_rows: Option<u64>,
     pub options: Vec<(String, String)>,
+    pub format: crate::payload::PayloadFormat,
 }
 
 /// Counts deliveries that failed after librdkafka's own retries.
@@ -123,8 +124,12 @@ fn float(f: f64) -> Value {
     }
 }
 
-/// Rows of a batch as (key, JSON payload).
-pub fn encode_rows(batch: &RecordBatch, key: &str) -> Result<Vec<(Option<String>, Vec<u8>)>> {
+/// Rows of a batch as (key, payload): JSON, or Avro when `avro` is given.
+pub fn encode_rows(
+    batch: &RecordBatch,
+    key: &str,
+    avro: Option<(&apache_avro::Schema, &Schema)>,
+) -> Result<Vec<(Option<String>, Vec<u8>)>> {
     let schema = batch.schema();
     let cols: Vec<(String, Vec<Value>)> = schema
         .fields()
@@ -147,7 +152,11 @@ pub fn encode_rows(batch: &RecordBatch, key: &str) -> Result<Vec<(Option<String>
                 Value::String(s) => Some(s.clone()),
                 v => Some(v.to_string()),
             });
-            Ok((k, serde_json::to_vec(&Value::Object(obj))?))
+            let payload = match avro {
+                Some((a, s)) => crate::payload::encode_avro(a, s, &obj)?,
+                None => serde_json::to_vec(&Value::Object(obj))?,
+            };
+            Ok((k, payload))
         })
         .collect()
 }
@@ -177,13 +186,18 @@ pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
         .context("cannot create the Kafka producer")?;
     let key_col = args.schema.key.clone();
     let topic = args.topic.clone();
+    let schema = args.schema.clone();
+    let avro = (args.format == crate::payload::PayloadFormat::Avro)
+        .then(|| crate::payload::avro_schema(&schema));
     let sent = tokio::task::spawn_blocking(move || -> Result<u64> {
         let mut sent = 0u64;
         while let Some(ev) = rx.blocking_recv() {
             let SourceEvent::Batch { batch, .. } = ev else {
                 continue;
             };
-            for (key, payload) in encode_rows(&batch, &key_col)? {
+            for (key, payload) in
+                encode_rows(&batch, &key_col, avro.as_ref().map(|a| (a, &*schema)))?
+            {
                 let mut rec: BaseRecord<'_, String, Vec<u8>> =
                     BaseRecord::to(&topic).payload(&payload);
                 if let Some(k) = &key {

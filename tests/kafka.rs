@@ -321,3 +321,87 @@ fn sigterm_mid_stream_drains_commits_what_it_processed_and_exits_zero() {
         "the last scored offset is the last committed one"
     );
 }
+
+#[test]
+fn avro_payloads_train_like_json_and_bad_ones_are_dead_lettered() {
+    // Sizes first: the Avro datum of a Milan row against its JSON object.
+    let schema =
+        gradsift::schema::Schema::load(&common::repo().join("schemas/milan_internet.json"))
+            .unwrap();
+    let avro = gradsift::payload::avro_schema(&schema);
+    let batch = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(common::repo().join("data/milan/internet_square5161.parquet")).unwrap(),
+    )
+    .unwrap()
+    .with_batch_size(1000)
+    .build()
+    .unwrap()
+    .next()
+    .unwrap()
+    .unwrap();
+    let json = gradsift::produce::encode_rows(&batch, &schema.key, None).unwrap();
+    let binary =
+        gradsift::produce::encode_rows(&batch, &schema.key, Some((&avro, &schema))).unwrap();
+    let mean = |v: &[(Option<String>, Vec<u8>)]| {
+        v.iter().map(|(_, p)| p.len()).sum::<usize>() as f64 / v.len() as f64
+    };
+    println!(
+        "bytes per Milan message: JSON {:.1}, Avro {:.1}",
+        mean(&json),
+        mean(&binary)
+    );
+    assert!(mean(&binary) * 2.0 < mean(&json));
+
+    let broker = common::Broker::start();
+    broker.create_topic("avro", 1);
+    broker.create_topic("avro-dlq", 1);
+    let said = produce_archive(&broker, "avro", &["--format", "avro"]);
+    assert!(said.contains("produced 8928 messages"), "{said}");
+    // After the archive: a JSON object, a truncated datum, and a datum of another schema.
+    let lte =
+        gradsift::schema::Schema::load(&common::repo().join("schemas/lte_cell_kpi.json")).unwrap();
+    let mut row = serde_json::Map::new();
+    row.insert("site".into(), "ElBorn".into());
+    row.insert("time".into(), 1_522_252_560_000_000i64.into());
+    for c in lte.read_columns().into_iter().skip(2) {
+        row.insert(c, 1.5.into());
+    }
+    let other =
+        gradsift::payload::encode_avro(&gradsift::payload::avro_schema(&lte), &lte, &row).unwrap();
+    let bad: Vec<Vec<u8>> = vec![
+        br#"{"square_id": 5161, "ts": 1, "internet": 1.0}"#.to_vec(),
+        binary[0].1[..5].to_vec(),
+        other,
+    ];
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .create()
+        .unwrap();
+    for b in &bad {
+        p.send(BaseRecord::to("avro").key("5161").payload(b))
+            .unwrap();
+    }
+    p.flush(Duration::from_secs(10)).unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = kafka_pipeline(&broker, out.path(), "avro", "g-avro", "avro-dlq");
+    cfg.source = match cfg.source {
+        gradsift::source::SourceConfig::Kafka(mut k) => {
+            k.format = gradsift::payload::PayloadFormat::Avro;
+            gradsift::source::SourceConfig::Kafka(k)
+        }
+        other => other,
+    };
+    let r = common::run(cfg);
+    println!("{:?}", r.skipped);
+    assert_eq!(r.rows_read, 8928 + 3);
+    assert_eq!(r.samples, 8784, "the same samples as from JSON");
+    assert_eq!(r.skipped.get("lag_warmup"), Some(&144));
+    assert!(
+        r.skipped.get("malformed_avro").copied().unwrap_or(0) >= 2,
+        "{:?}",
+        r.skipped
+    );
+    assert_eq!(r.skipped_total, 144 + 3, "every bad datum is counted");
+    assert_eq!(r.dead_lettered_rows, 3);
+}

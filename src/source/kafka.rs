@@ -57,6 +57,9 @@ pub struct KafkaSourceConfig {
     /// Topic for messages that cannot be decoded (none: counted and logged only).
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// Payload format: "json" (default) or "avro" (see `payload.rs`).
+    #[serde(default)]
+    pub format: crate::payload::PayloadFormat,
     /// Largest payload accepted, bytes.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: usize,
@@ -218,7 +221,7 @@ pub fn consume(
         ),
         None => None,
     };
-    let decoder = JsonDecoder::new(schema, cfg.max_message_bytes);
+    let decoder = JsonDecoder::with_format(schema, cfg.max_message_bytes, cfg.format);
     let mut names: HashMap<(String, i32), Arc<str>> = HashMap::new();
     // Partition → drained (end-of-partition seen after its last message). librdkafka's EOF
     // names the partition only, so `stop_at_end` is meant for single-topic replays.
