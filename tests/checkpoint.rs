@@ -11,9 +11,6 @@ use gradsift::learner::importance::ImportanceMethod;
 use gradsift::learner::model::Head;
 use gradsift::learner::select::SelectionConfig;
 use gradsift::learner::{FreshBatch, LearnerConfig, ModelConfig, OnlineLearner, TrainingConfig};
-use gradsift::pipeline::{self, RunOptions};
-use gradsift::report::RunReport;
-use gradsift::shutdown::Shutdown;
 
 fn learner(d: usize) -> OnlineLearner {
     OnlineLearner::new(LearnerConfig {
@@ -88,15 +85,6 @@ fn a_restored_learner_continues_bit_for_bit() {
     assert_ne!(oa.outputs, oc.outputs, "the optimiser state matters");
 }
 
-fn run(cfg: gradsift::config::PipelineConfig) -> anyhow::Result<RunReport> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(pipeline::run(cfg, RunOptions::default(), Shutdown::new()))
-}
-
 #[test]
 fn a_replay_stopped_half_way_resumes_from_its_checkpoint() {
     let sets = ["checkpoint.enabled=true", "checkpoint.every_rows=1000"];
@@ -158,7 +146,7 @@ fn a_damaged_checkpoint_is_refused_with_a_clear_error() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&path, &bytes).unwrap();
-    let Err(err) = run(common::pipeline("milan-replay.toml", out.path(), &sets)) else {
+    let Err(err) = common::try_run(common::pipeline("milan-replay.toml", out.path(), &sets)) else {
         panic!("a damaged checkpoint must be refused")
     };
     let msg = format!("{err:#}");

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
-use common::kafka::{committed, produce_archive, produce_command};
+use common::kafka::{committed, produce_archive, produce_command, terminate};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -291,12 +291,7 @@ fn sigterm_mid_stream_drains_commits_what_it_processed_and_exits_zero() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let kill = Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = run.wait().unwrap();
+    let status = terminate(&mut run);
     assert!(status.success(), "graceful exit on SIGTERM: {status:?}");
     assert!(producer.wait().unwrap().success());
 

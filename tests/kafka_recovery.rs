@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::kafka::{committed, produce_command};
+use common::kafka::{committed, produce_command, terminate};
 
 /// `gradsift run pipelines/NAME` as a child process with `--set` overrides; its stderr lines
 /// are collected in the returned log.
@@ -217,12 +217,7 @@ fn broker_killed_and_restarted_mid_stream_the_run_completes() {
     wait_until("every offset committed after the restart", 120, || {
         committed(&broker, "g-durable", "durable", 1).get(&0) == Some(&8928)
     });
-    let kill = Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = run.wait().unwrap();
+    let status = terminate(&mut run);
     let text = log_text(&log);
     assert!(status.success(), "clean exit: {status:?}\n{text}");
     println!(
@@ -314,14 +309,8 @@ fn two_instances_in_one_group_split_the_partitions() {
         }
         hw.values().sum::<i64>() == total
     });
-    for child in [&mut a, &mut b] {
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-    }
-    assert!(a.wait().unwrap().success(), "{}", log_text(&log_a));
-    assert!(b.wait().unwrap().success(), "{}", log_text(&log_b));
+    assert!(terminate(&mut a).success(), "{}", log_text(&log_a));
+    assert!(terminate(&mut b).success(), "{}", log_text(&log_b));
 
     let owned = |log: &Arc<Mutex<Vec<String>>>| -> BTreeSet<String> {
         let l = last_assignment(log).unwrap();

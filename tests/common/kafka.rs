@@ -56,3 +56,13 @@ pub fn committed(broker: &Broker, group: &str, topic: &str, partitions: i32) -> 
         })
         .collect()
 }
+
+/// Sends SIGTERM to a gradsift child (a graceful stop) and returns its exit status.
+pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill -TERM {}", child.id());
+    child.wait().unwrap()
+}

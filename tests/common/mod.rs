@@ -39,13 +39,17 @@ pub fn pipeline(name: &str, out: &Path, overrides: &[&str]) -> PipelineConfig {
 }
 
 pub fn run(cfg: PipelineConfig) -> RunReport {
+    try_run(cfg).expect("run completes")
+}
+
+/// Runs a pipeline and hands back its error, for tests of refusals.
+pub fn try_run(cfg: PipelineConfig) -> anyhow::Result<RunReport> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(pipeline::run(cfg, RunOptions::default(), Shutdown::new()))
-        .expect("run completes")
 }
 
 /// Runs python3 with pyarrow; panics with a clear message when either is missing.
