@@ -70,9 +70,19 @@ fn main() {
         "source.stop_at_end=true".into(),
         "source.batch_size=4096".into(),
     ]);
-    let o: Vec<&str> = o.iter().map(String::as_str).collect();
-    let kafka = common::run(common::pipeline("milan-kafka.toml", out.path(), &o));
+    let o2: Vec<&str> = o.iter().map(String::as_str).collect();
+    let kafka = common::run(common::pipeline("milan-kafka.toml", out.path(), &o2));
     assert_eq!(kafka.rows_read, produced, "every message consumed");
+
+    // The same topic again in a second group with checkpoints off: what durability costs.
+    o.extend([
+        "source.group_id=\"bench-no-checkpoint\"".into(),
+        "checkpoint.enabled=false".into(),
+    ]);
+    let o3: Vec<&str> = o.iter().map(String::as_str).collect();
+    let out3 = tempfile::tempdir().unwrap();
+    let bare = common::run(common::pipeline("milan-kafka.toml", out3.path(), &o3));
+    assert_eq!(bare.rows_read, produced, "every message consumed");
 
     let out2 = tempfile::tempdir().unwrap();
     let parquet = common::run(common::pipeline("milan-replay.toml", out2.path(), &LEARNER));
@@ -90,11 +100,26 @@ fn main() {
         kafka.cpu_s,
         kafka.wall_s - kafka.active_s
     );
+    if let Some(c) = &kafka.checkpoint {
+        println!(
+            "checkpoints (Kafka run)      {} written, {:.3} s in all ({:.1} % of active time), last {} bytes",
+            c.written,
+            c.seconds,
+            100.0 * c.seconds / kafka.active_s,
+            c.last_bytes
+        );
+    }
     println!(
         "Parquet → scored samples     {} rows in {:.3} s active ({p_rate:.0} rows/s), same learner settings",
         parquet.rows_read, parquet.active_s
     );
+    let b_rate = bare.rows_read as f64 / bare.active_s;
+    println!(
+        "Kafka, checkpoints off       {} rows in {:.2} s active ({b_rate:.0} rows/s; {:.2} s CPU)",
+        bare.rows_read, bare.active_s, bare.cpu_s
+    );
     println!("Kafka / Parquet throughput   {:.2}", k_rate / p_rate);
+    println!("checkpoints on / off         {:.2}", k_rate / b_rate);
     println!(
         "back-propagated rows         Kafka {} / Parquet {}",
         kafka.backpropagated, parquet.backpropagated

@@ -262,6 +262,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             last: Instant::now(),
             written: 0,
             last_bytes: 0,
+            seconds: 0.0,
             covered,
             already_covered: 0,
             next_segment: resume.as_ref().map_or(1, |c| c.next_segment),
@@ -356,6 +357,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             path: ckpt_path.display().to_string(),
             written: tally.ckpt.written,
             last_bytes: tally.ckpt.last_bytes,
+            seconds: tally.ckpt.seconds,
             resumed_at_samples: (c.resumes > 0 && tally.seen_at_start > 0)
                 .then_some(tally.seen_at_start),
             resumes: c.resumes,
@@ -379,6 +381,8 @@ struct CheckpointCtl {
     last: Instant,
     written: u64,
     last_bytes: u64,
+    /// Time spent closing segments, syncing and writing checkpoints (not the partial-batch train).
+    seconds: f64,
     /// Positions the checkpoint we resumed from covers: rows before them are skipped.
     covered: HashMap<Arc<str>, u64>,
     already_covered: u64,
@@ -711,12 +715,12 @@ fn take_checkpoint(
     let Some(path) = t.ckpt.path.clone() else {
         return Ok(());
     };
-    let t0 = Instant::now();
     if !pending.is_empty() {
         let n = pending.len();
         let chunk = pending.take_front(n, width);
         step(cfg, t, chunk, head, io.sink_tx.as_ref())?;
     }
+    let t0 = Instant::now();
     if let Some(sink) = &io.sink_tx {
         let (reply_tx, reply_rx) = sync_channel(1);
         sink.send(SinkMsg::Roll(reply_tx))
@@ -745,6 +749,7 @@ fn take_checkpoint(
     let _ = io.ack_tx.send(Ack::Commit(positions(t)));
     t.ckpt.written += 1;
     t.ckpt.last_bytes = bytes;
+    t.ckpt.seconds += t0.elapsed().as_secs_f64();
     t.ckpt.rows_since = 0;
     t.ckpt.last = Instant::now();
     tracing::debug!(

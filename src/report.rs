@@ -75,6 +75,8 @@ pub struct CheckpointReport {
     /// Checkpoints written by this process.
     pub written: u64,
     pub last_bytes: u64,
+    /// Wall time spent writing them (segment roll, fsyncs, state encoding, rename).
+    pub seconds: f64,
     /// Samples the model had seen when this process resumed (none: started fresh).
     pub resumed_at_samples: Option<u64>,
     /// Restarts from a checkpoint over the pipeline's life.
@@ -198,9 +200,10 @@ impl RunReport {
             (
                 "checkpoints written".into(),
                 format!(
-                    "{} (last {} bytes){}",
+                    "{} (last {} bytes, {:.3} s in all){}",
                     c.written,
                     c.last_bytes,
+                    c.seconds,
                     match c.resumed_at_samples {
                         Some(n) => format!(
                             "; resumed at sample {n}, {} rows already covered",
