@@ -97,6 +97,9 @@ pub async fn main(cli: Cli) -> Result<()> {
             if let Some(o) = output {
                 cfg.output.dir = Some(o);
             }
+            if cfg.telemetry.enabled {
+                crate::telemetry::serve(&cfg.telemetry)?;
+            }
             let shutdown = Shutdown::new();
             shutdown.listen_for_signals();
             let report = pipeline::run(cfg, RunOptions { progress: !quiet }, shutdown).await?;

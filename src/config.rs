@@ -12,12 +12,14 @@ use anyhow::{Context, Result, anyhow};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::CheckpointConfig;
+use crate::energy::EnergyConfig;
 use crate::learner::buffer::{BufferConfig, EvictionPolicy, ReplaySampling};
 use crate::learner::importance::ImportanceMethod;
 use crate::learner::select::SelectionConfig;
 use crate::learner::{ModelConfig, TrainingConfig};
 use crate::sink::topic::TopicSinkConfig;
 use crate::source::SourceConfig;
+use crate::telemetry::TelemetryConfig;
 
 /// `[importance]`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +145,10 @@ pub struct PipelineConfig {
     pub channels: ChannelConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub energy: EnergyConfig,
     /// The file this was read from (set by [`PipelineConfig::load`]).
     #[serde(skip)]
     pub file: PathBuf,
@@ -270,6 +276,12 @@ impl PipelineConfig {
                 c.every_seconds,
             ));
         }
+        if self.telemetry.publish_ms == 0 {
+            return Err(self.bad("telemetry.publish_ms", "at least 1 ms", 0));
+        }
+        if let Some((key, expected, found)) = self.energy.problem() {
+            return Err(self.bad(key, expected, found));
+        }
         if let Some(t) = &self.output.topic
             && t.brokers.is_none()
             && !matches!(self.source, SourceConfig::Kafka(_))
@@ -369,5 +381,20 @@ max_bytes = 100000
             e.contains("importance.method") && e.contains("exact_autodiff"),
             "{e}"
         );
+
+        let e = PipelineConfig::load(
+            &write(d.path(), GOOD),
+            &["telemetry.listen=\"localhost:nine\"".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("telemetry.listen") && e.contains("socket address"),
+            "{e}"
+        );
+        let e = PipelineConfig::load(&write(d.path(), GOOD), &["energy.pue=0.5".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("energy.pue") && e.contains("≥ 1"), "{e}");
     }
 }

@@ -4,13 +4,15 @@
 //!
 //! The path of one sample, in module order: [`source`] → [`decode`] → [`features`] →
 //! [`learner`] (score → select → train → buffer → evaluate) → [`sink`]; [`pipeline`] wires
-//! them with bounded channels, [`config`] and [`schema`] say what to wire, [`report`] sums up.
+//! them with bounded channels, [`config`] and [`schema`] say what to wire, [`report`] sums up, [`telemetry`]
+//! and [`energy`] tell operators how it goes.
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod energy;
 pub mod features;
 pub mod learner;
 pub mod payload;
@@ -21,3 +23,4 @@ pub mod schema;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod telemetry;

@@ -17,8 +17,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -28,6 +29,7 @@ use tokio::sync::mpsc;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::PipelineConfig;
 use crate::decode::Decoder;
+use crate::energy::EnergyMeter;
 use crate::features::{FeatureEngine, Samples};
 use crate::learner::eval::{ClassificationEval, EvalSummary, RegressionEval, RegressionRow};
 use crate::learner::model::Head;
@@ -39,6 +41,7 @@ use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::sink::scores::{ScoreRow, ScoreSegments, ScoreSink};
 use crate::sink::topic::SampleTopicSink;
 use crate::source::{Ack, RowOrigin, SourceConfig, SourceEvent, kafka, parquet};
+use crate::telemetry::{self, LearnerMetrics, LearnerView, StepView};
 
 /// How a run is shown.
 #[derive(Debug, Clone, Default)]
@@ -101,6 +104,19 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let started = Instant::now();
     let cpu_start = cpu_time::ProcessTime::now();
     let schema = Arc::new(Schema::load(&cfg.schema)?);
+    let backend = format!("{:?}", cfg.model.backend).to_lowercase();
+    let importance = format!("{:?}", cfg.importance.method).to_lowercase();
+    telemetry::build_info(&cfg.name, &backend, &importance);
+    let meter = Arc::new(Mutex::new(EnergyMeter::start(cfg.energy.clone())));
+    telemetry::energy_model(&cfg.energy, meter.lock().expect("meter").source());
+    // Unix ms of the last checkpoint (0: none yet), for the checkpoint-age gauge.
+    let last_checkpoint_ms = Arc::new(AtomicU64::new(0));
+    let ticker = tokio::spawn(tick_process_metrics(
+        meter.clone(),
+        cfg.checkpoint.enabled.then(|| last_checkpoint_ms.clone()),
+        started,
+        Duration::from_millis(cfg.telemetry.publish_ms),
+    ));
     let out_dir = cfg.output_dir();
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
@@ -272,6 +288,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
                 ack_tx,
                 sink_tx: sinks_on.then_some(score_tx),
                 progress,
+                last_checkpoint_ms,
             };
             learn_loop(&cfg, &schema, rx, io, &dead_path, ctl, resume)
         })
@@ -283,6 +300,9 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         .map_err(|_| anyhow::anyhow!("sink thread panicked"))??;
     let mut tally = learned?;
     progress.finish_and_clear();
+    ticker.abort();
+    let energy = meter.lock().expect("meter").read();
+    telemetry::process(&energy, 0.0, None);
 
     let wall_s = started.elapsed().as_secs_f64();
     let active_s = tally
@@ -315,10 +335,10 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         pipeline_file: cfg.file.display().to_string(),
         schema: schema.name.clone(),
         attribution: schema.attribution.clone(),
-        importance: format!("{:?}", cfg.importance.method).to_lowercase(),
+        importance,
         keep: cfg.selection.keep,
         unbiased_q: cfg.selection.unbiased_q,
-        backend: format!("{:?}", cfg.model.backend).to_lowercase(),
+        backend,
         hidden: cfg.model.hidden.clone(),
         micro_batch: cfg.training.micro_batch,
         interrupted: shutdown.is_triggered(),
@@ -364,6 +384,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             rows_already_covered: tally.ckpt.already_covered + redelivered,
         }),
         topic_records,
+        energy,
         outputs,
     };
     std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
@@ -400,6 +421,8 @@ impl CheckpointCtl {
 /// The learner thread's channels to the rest of the pipeline.
 struct LoopIo {
     ack_tx: std::sync::mpsc::Sender<Ack>,
+    /// Unix ms of the last checkpoint, read by the process-metrics ticker.
+    last_checkpoint_ms: Arc<AtomicU64>,
     sink_tx: Option<SyncSender<SinkMsg>>,
     progress: ProgressBar,
 }
@@ -419,6 +442,9 @@ struct Tally {
     keys_forgotten: u64,
     /// When the first rows arrived (throughput without start-up and group-join time).
     first_rows_at: Option<Instant>,
+    telemetry: LearnerMetrics,
+    /// Metric label of the source kind.
+    source_kind: &'static str,
 }
 
 fn learn_loop(
@@ -468,6 +494,12 @@ fn learn_loop(
         keys_tracked: 0,
         keys_forgotten: 0,
         first_rows_at: None,
+        telemetry: LearnerMetrics::new(
+            cfg.source.kind_name(),
+            cfg.buffer.capacity,
+            cfg.telemetry.publish_ms,
+        ),
+        source_kind: cfg.source.kind_name(),
     };
     if let Some(c) = resume {
         restore(&mut t, c, head)?;
@@ -527,6 +559,9 @@ fn learn_loop(
                 }
                 let (batch, origins) = skip_covered(&mut t.ckpt, batch, origins)?;
                 let n = batch.num_rows() as u64;
+                if n < delivered {
+                    telemetry::rows_already_covered(t.source_kind, delivered - n);
+                }
                 t.counters.rows_read += n;
                 // Every delivered message counts towards the next checkpoint, bad ones too:
                 // a feed of nothing but dead letters must still be committed.
@@ -576,7 +611,77 @@ fn learn_loop(
     }
     t.keys_tracked = t.features.tracked_keys();
     t.keys_forgotten = t.features.keys_evicted;
+    publish_metrics(&mut t);
     Ok(t)
+}
+
+/// The learner's throttled gauges and counters: one place, called after steps and at the end.
+fn publish_metrics(t: &mut Tally) {
+    let stats = t.learner.stats();
+    let buf = t.learner.buffer();
+    t.telemetry.publish(LearnerView {
+        selected: stats.selected,
+        trained_fresh: stats.trained_fresh,
+        trained_replay: stats.trained_replay,
+        backpropagated: stats.backpropagated,
+        steps: stats.steps,
+        buffer_len: buf.len(),
+        buffer_bytes: buf.bytes(),
+        buffer_admitted: buf.stats.admitted,
+        buffer_evicted: buf.stats.evicted,
+        buffer_rescored: buf.stats.rescored,
+        keys: t.features.tracked_keys(),
+    });
+    match t.metrics.summary() {
+        EvalSummary::Regression(r) => {
+            let w = r.model_last_window;
+            let p = r.persistence_last_window;
+            telemetry::prequential_regression(
+                w.mae,
+                w.rmse,
+                (p.n > 0).then_some((p.mae, p.rmse)),
+                w.n,
+            );
+        }
+        EvalSummary::Classification(c) => {
+            let w = c.model_last_window;
+            telemetry::prequential_classification(w.top1, w.top3, w.n);
+        }
+    }
+}
+
+/// Refreshes the process-wide gauges (energy, power, CPU, memory, checkpoint age) every
+/// `every` until aborted.
+async fn tick_process_metrics(
+    meter: Arc<Mutex<EnergyMeter>>,
+    last_checkpoint_ms: Option<Arc<AtomicU64>>,
+    started: Instant,
+    every: Duration,
+) {
+    let mut interval = tokio::time::interval(every);
+    let mut prev: Option<(Instant, f64)> = None;
+    loop {
+        interval.tick().await;
+        let now = Instant::now();
+        let r = meter.lock().expect("meter").read();
+        let power = prev.map_or(0.0, |(t, j)| {
+            (r.joules - j) / now.duration_since(t).as_secs_f64().max(1e-3)
+        });
+        prev = Some((now, r.joules));
+        let age = last_checkpoint_ms
+            .as_ref()
+            .map(|ms| match ms.load(Ordering::Relaxed) {
+                0 => started.elapsed().as_secs_f64(),
+                last => unix_ms().saturating_sub(last) as f64 / 1000.0,
+            });
+        telemetry::process(&r, power, age);
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn positions(t: &Tally) -> Vec<(Arc<str>, u64)> {
@@ -614,6 +719,7 @@ fn skip_covered(
 
 fn send_dead(t: &mut Tally, letter: &DeadLetter<'_>) -> Result<()> {
     t.dead.send(letter)?;
+    telemetry::rows_skipped(t.source_kind, letter.reason, true, letter.rows);
     t.counters.dead_letters += 1;
     t.counters.dead_rows += letter.rows;
     Ok(())
@@ -650,10 +756,13 @@ fn feed(
         Ok(d) => {
             let mut letters: Vec<(usize, String)> = Vec::new();
             let skipped = &mut t.counters.skipped;
+            let kind = t.source_kind;
             t.features.push_batch(&d, origins, pending, |i, reason| {
                 let label = reason.label();
                 if reason.is_bad_input() {
                     letters.push((i, label.clone()));
+                } else {
+                    telemetry::rows_skipped(kind, &label, false, 1);
                 }
                 *skipped.entry(label).or_default() += 1;
             });
@@ -731,9 +840,7 @@ fn take_checkpoint(
     let ckpt = Checkpoint {
         pipeline: cfg.name.clone(),
         schema: t.features.schema_name().to_string(),
-        written_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        written_ms: unix_ms(),
         positions: t
             .positions
             .iter()
@@ -747,9 +854,14 @@ fn take_checkpoint(
     };
     let bytes = checkpoint::save(&path, &ckpt)?;
     let _ = io.ack_tx.send(Ack::Commit(positions(t)));
+    let seconds = t0.elapsed().as_secs_f64();
+    io.last_checkpoint_ms
+        .store(ckpt.written_ms, Ordering::Relaxed);
+    t.telemetry
+        .checkpoint(seconds, bytes, ckpt.written_ms as f64 / 1000.0);
     t.ckpt.written += 1;
     t.ckpt.last_bytes = bytes;
-    t.ckpt.seconds += t0.elapsed().as_secs_f64();
+    t.ckpt.seconds += seconds;
     t.ckpt.rows_since = 0;
     t.ckpt.last = Instant::now();
     tracing::debug!(
@@ -770,12 +882,22 @@ fn step(
     sink_tx: Option<&SyncSender<SinkMsg>>,
 ) -> Result<()> {
     let seen_before = t.learner.stats().seen;
+    let t0 = Instant::now();
     let out = t.learner.learn_batch(FreshBatch {
         x: &s.x,
         y: &s.y,
         keys: &s.keys,
         times: &s.times,
     });
+    t.telemetry.step(&StepView {
+        fresh_scores: &out.scores[..s.len()],
+        threshold: out.threshold,
+        loss: out.train_loss,
+        seconds: t0.elapsed().as_secs_f64(),
+    });
+    if t.telemetry.due() {
+        publish_metrics(t);
+    }
     if out.train_loss.is_finite() {
         t.counters.last_loss = out.train_loss as f64;
     }

@@ -65,6 +65,8 @@ pub struct RunReport {
     pub checkpoint: Option<CheckpointReport>,
     /// Records written to the per-sample output topic.
     pub topic_records: Option<u64>,
+    /// Estimated energy and carbon of this process, with the model used.
+    pub energy: crate::energy::EnergyReading,
     pub outputs: BTreeMap<String, String>,
 }
 
@@ -195,6 +197,15 @@ impl RunReport {
                 format!("{:.2} s ({:.0} samples/s)", self.wall_s, self.samples_per_s),
             ),
             ("CPU time".into(), format!("{:.2} s", self.cpu_s)),
+            (
+                "energy (estimate)".into(),
+                format!(
+                    "{:.1} J, {:.3} mg CO2 ({}; model below)",
+                    self.energy.joules,
+                    self.energy.co2_grams * 1e3,
+                    self.energy.source
+                ),
+            ),
         ])
         .chain(self.checkpoint.iter().map(|c| {
             (
@@ -269,6 +280,7 @@ impl RunReport {
             }
         }
         let mut out = format!("{t}\n{m}\n");
+        out.push_str(&format!("energy model: {}\n", self.energy.model));
         if !self.attribution.is_empty() {
             out.push_str(&format!("data: {}\n", self.attribution));
         }

@@ -269,6 +269,7 @@ fn sigterm_mid_stream_drains_commits_what_it_processed_and_exits_zero() {
         "source.topics=[\"live\"]".to_string(),
         "source.group_id=\"g-term\"".to_string(),
         "source.dead_letter_topic=\"live-dlq\"".to_string(),
+        "telemetry.enabled=false".to_string(),
     ] {
         args.extend(set(kv));
     }

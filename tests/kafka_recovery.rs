@@ -6,53 +6,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::kafka::{committed, produce_command, terminate};
-
-/// `gradsift run pipelines/NAME` as a child process with `--set` overrides; its stderr lines
-/// are collected in the returned log.
-fn spawn_run(pipeline: &str, out: &Path, sets: &[String]) -> (Child, Arc<Mutex<Vec<String>>>) {
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        format!("pipelines/{pipeline}"),
-        "--quiet".into(),
-        "--output".into(),
-        out.display().to_string(),
-    ];
-    for kv in sets {
-        args.push("--set".into());
-        args.push(kv.clone());
-    }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gradsift"))
-        .current_dir(common::repo())
-        .env(
-            "GRADSIFT_LOG",
-            std::env::var("GRADSIFT_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .env("NO_COLOR", "1")
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if std::env::var_os("GRADSIFT_TEST_ECHO").is_some() {
-                eprintln!("[gradsift] {line}");
-            }
-            sink.lock().unwrap().push(line);
-        }
-    });
-    (child, log)
-}
+use common::{log_text, spawn_run, wait_until};
 
 fn milan_sets(broker: &common::Broker, topic: &str, group: &str) -> Vec<String> {
     vec![
@@ -64,17 +24,6 @@ fn milan_sets(broker: &common::Broker, topic: &str, group: &str) -> Vec<String> 
         // does not expire a killed member's session).
         format!("source.instance_id=\"{group}-1\""),
     ]
-}
-
-fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// (rows, distinct (source, position) pairs, pairs) of every score file of a run.
@@ -95,10 +44,6 @@ fn scored_pairs(out: &Path) -> (usize, BTreeSet<(String, u64)>) {
 
 fn report(out: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap()
-}
-
-fn log_text(log: &Arc<Mutex<Vec<String>>>) -> String {
-    log.lock().unwrap().join("\n")
 }
 
 #[test]

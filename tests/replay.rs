@@ -15,6 +15,12 @@ fn milan_pipeline_runs_from_the_cli_and_pyarrow_reads_its_scores() {
         .current_dir(common::repo())
         .args(["run", "pipelines/milan-replay.toml", "--quiet", "--output"])
         .arg(out.path())
+        // The endpoint on a free port: the default one may be taken on a developer's machine.
+        .arg("--set")
+        .arg(format!(
+            "telemetry.listen=\"127.0.0.1:{}\"",
+            common::free_port()
+        ))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&status.stdout);
@@ -36,6 +42,16 @@ fn milan_pipeline_runs_from_the_cli_and_pyarrow_reads_its_scores() {
     assert_eq!(report["samples"], 8928 - 144);
     let mae = report["metrics"]["model"]["mae"].as_f64().unwrap();
     assert!(mae.is_finite() && mae > 0.0);
+    // Energy and carbon, with the model stated: at least the CPU term of the default model.
+    let e = &report["energy"];
+    let (joules, cpu) = (e["joules"].as_f64().unwrap(), e["cpu_s"].as_f64().unwrap());
+    match e["source"].as_str().unwrap() {
+        "cpu_time" => assert!(cpu > 0.0 && joules >= cpu * 4.4, "{e}"),
+        _ => assert!(joules > 0.0, "{e}"), // RAPL: the whole package's energy
+    }
+    assert!((e["co2_grams"].as_f64().unwrap() - joules / 3.6e6 * 475.0).abs() < 1e-9);
+    assert!(e["model"].as_str().unwrap().contains("gCO2/kWh"), "{e}");
+    assert!(stdout.contains("energy model:"), "{stdout}");
 
     let scores = out.path().join("scores.parquet");
     let py = common::python(&format!(

@@ -22,6 +22,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::produce::DeliveryCount;
@@ -33,6 +34,7 @@ use super::{Ack, RowOrigin, SourceEvent};
 use crate::decode::JsonDecoder;
 use crate::schema::Schema;
 use crate::shutdown::Shutdown;
+use crate::telemetry;
 
 /// `[source]` with `kind = "kafka"`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +163,31 @@ impl ClientContext for AssignmentLog {
             e => tracing::warn!(error = %e, reason, "Kafka client error; librdkafka retries"),
         }
     }
+
+    /// librdkafka's statistics (every `statistics.interval.ms`): per-partition lag for the
+    /// partitions this member consumes.
+    fn stats(&self, s: Statistics) {
+        for (topic, t) in &s.topics {
+            for (&partition, p) in &t.partitions {
+                // -1 is librdkafka's internal "unassigned" partition; offsets < 0 are unknown.
+                if partition < 0 || !p.desired || p.hi_offset < 0 {
+                    continue;
+                }
+                let next = if p.app_offset >= 0 {
+                    p.app_offset
+                } else {
+                    p.committed_offset
+                };
+                let to_process = if next >= 0 { p.hi_offset - next } else { 0 };
+                let to_commit = if p.committed_offset >= 0 {
+                    p.hi_offset - p.committed_offset
+                } else {
+                    p.hi_offset - p.lo_offset.max(0)
+                };
+                telemetry::kafka_lag(topic, partition, to_process, to_commit);
+            }
+        }
+    }
 }
 
 impl ConsumerContext for AssignmentLog {
@@ -176,6 +203,10 @@ impl ConsumerContext for AssignmentLog {
             }
             Rebalance::Revoke(tpl) => {
                 tracing::info!(count = tpl.count(), "partitions revoked");
+                // Another member reports these now: this one's lag for them is nil.
+                for e in tpl.elements() {
+                    telemetry::kafka_lag(e.topic(), e.partition(), 0, 0);
+                }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
         }
@@ -199,6 +230,10 @@ pub fn consume(
     shutdown: &Shutdown,
 ) -> Result<(u64, u64)> {
     let mut client = cfg.client();
+    if !cfg.options.contains_key("statistics.interval.ms") {
+        // Lag per partition comes from librdkafka's statistics.
+        client.set("statistics.interval.ms", "5000");
+    }
     if let Some(id) = &cfg.instance_id {
         client.set("group.instance.id", id);
     }
@@ -269,6 +304,7 @@ pub fn consume(
                         // rebalance or broker restart rewound the partition to its last
                         // commit. The model must not learn it twice.
                         redelivered += 1;
+                        telemetry::rows_already_covered("kafka", 1);
                         continue;
                     }
                     *next = m.offset() as u64 + 1;

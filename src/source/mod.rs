@@ -23,6 +23,14 @@ pub enum SourceConfig {
 }
 
 impl SourceConfig {
+    /// The source kind, as a metric label.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            SourceConfig::Parquet(_) => "parquet",
+            SourceConfig::Kafka(_) => "kafka",
+        }
+    }
+
     /// Makes relative paths relative to the pipeline file's folder.
     pub fn resolve_paths(&mut self, base: &Path) {
         match self {

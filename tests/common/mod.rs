@@ -3,9 +3,11 @@
 
 pub mod kafka;
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Arc;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use gradsift::config::PipelineConfig;
 use gradsift::decode::Decoder;
@@ -139,7 +141,7 @@ pub fn tansu_bin() -> PathBuf {
         })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -262,4 +264,91 @@ pub fn load_scores_py(out: &Path) -> String {
          t = pa.concat_tables([pq.ParquetFile(f).read() for f in fs])\n",
         out.display()
     )
+}
+
+/// `gradsift run pipelines/NAME` as a child process with `--set` overrides; its stderr lines
+/// are collected in the returned log. The metrics endpoint is off (several children run at
+/// once); a test that wants it sets `telemetry.enabled=true` and a free `telemetry.listen`.
+pub fn spawn_run(pipeline: &str, out: &Path, sets: &[String]) -> (Child, Arc<Mutex<Vec<String>>>) {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        format!("pipelines/{pipeline}"),
+        "--quiet".into(),
+        "--output".into(),
+        out.display().to_string(),
+        "--set".into(),
+        "telemetry.enabled=false".into(),
+    ];
+    for kv in sets {
+        args.push("--set".into());
+        args.push(kv.clone());
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gradsift"))
+        .current_dir(repo())
+        .env(
+            "GRADSIFT_LOG",
+            std::env::var("GRADSIFT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .env("NO_COLOR", "1")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if std::env::var_os("GRADSIFT_TEST_ECHO").is_some() {
+                eprintln!("[gradsift] {line}");
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (child, log)
+}
+
+/// Polls `cond` every 100 ms; panics naming `what` after `secs`.
+pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn log_text(log: &Arc<Mutex<Vec<String>>>) -> String {
+    log.lock().unwrap().join("\n")
+}
+
+/// A plain HTTP/1.0 GET on loopback (the tests need no HTTP client crate): the body of a
+/// 200 response, or None when the server is not up yet or answers otherwise.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.")
+        .then(|| head.split_whitespace().nth(1) == Some("200"))?
+        .then(|| body.to_string())
+}
+
+/// Percent-encodes a URL query value.
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
