@@ -113,13 +113,44 @@ fn main() {
         "Parquet → scored samples     {} rows in {:.3} s active ({p_rate:.0} rows/s), same learner settings",
         parquet.rows_read, parquet.active_s
     );
+    // Once more with the Prometheus recorder installed (process-wide, so last): what the
+    // metrics cost. The endpoint is scraped once during the run to show it is live.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    rt.block_on(async {
+        gradsift::telemetry::serve(&gradsift::telemetry::TelemetryConfig {
+            listen,
+            ..Default::default()
+        })
+    })
+    .unwrap();
+    o.truncate(o.len() - 2);
+    o.push("source.group_id=\"bench-metrics\"".into());
+    let o4: Vec<&str> = o.iter().map(String::as_str).collect();
+    let out4 = tempfile::tempdir().unwrap();
+    let scraper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        common::http_get(&listen.to_string(), "/metrics").map_or(0, |s| s.lines().count())
+    });
+    let metered = common::run(common::pipeline("milan-kafka.toml", out4.path(), &o4));
+    assert_eq!(metered.rows_read, produced, "every message consumed");
+    let scrape_lines = scraper.join().unwrap();
+
     let b_rate = bare.rows_read as f64 / bare.active_s;
+    let m_rate = metered.rows_read as f64 / metered.active_s;
     println!(
         "Kafka, checkpoints off       {} rows in {:.2} s active ({b_rate:.0} rows/s; {:.2} s CPU)",
         bare.rows_read, bare.active_s, bare.cpu_s
     );
     println!("Kafka / Parquet throughput   {:.2}", k_rate / p_rate);
     println!("checkpoints on / off         {:.2}", k_rate / b_rate);
+    println!(
+        "Kafka, checkpoints + metrics {} rows in {:.2} s active ({m_rate:.0} rows/s; {:.2} s CPU; a scrape mid-run had {scrape_lines} lines)",
+        metered.rows_read, metered.active_s, metered.cpu_s
+    );
+    println!("metrics on / off             {:.2}", m_rate / k_rate);
     println!(
         "back-propagated rows         Kafka {} / Parquet {}",
         kafka.backpropagated, parquet.backpropagated

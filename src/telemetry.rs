@@ -351,6 +351,9 @@ fn log_buckets(from_exp: i32, to_exp: i32) -> Vec<f64> {
 pub fn serve(cfg: &TelemetryConfig) -> Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(cfg.listen)
+        // Histogram samples wait in a lock-free queue until upkeep folds them into buckets:
+        // upkeep every second bounds that queue to one second of samples.
+        .upkeep_timeout(Duration::from_secs(1))
         .set_buckets_for_metric(Matcher::Full(SCORE.into()), &log_buckets(-5, 4))?
         .set_buckets_for_metric(Matcher::Full(STEP_SECONDS.into()), &log_buckets(-5, 1))?
         .set_buckets_for_metric(
