@@ -179,8 +179,15 @@ impl EnergyMeter {
         }
     }
 
-    pub fn config(&self) -> &EnergyConfig {
-        &self.cfg
+    /// The model's parameters, by name (for the `gradsift_energy_model_info` labels).
+    pub fn parameters(&self) -> [(&'static str, f64); 4] {
+        let c = &self.cfg;
+        [
+            ("watts_per_core", c.watts_per_core),
+            ("memory_watts_per_gib", c.memory_watts_per_gib),
+            ("pue", c.pue),
+            ("grid_g_per_kwh", c.grid_g_per_kwh),
+        ]
     }
 
     pub fn source(&self) -> &'static str {

@@ -108,7 +108,10 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let importance = format!("{:?}", cfg.importance.method).to_lowercase();
     telemetry::build_info(&cfg.name, &backend, &importance);
     let meter = Arc::new(Mutex::new(EnergyMeter::start(cfg.energy.clone())));
-    telemetry::energy_model(&cfg.energy, meter.lock().expect("meter").source());
+    {
+        let m = meter.lock().expect("meter");
+        telemetry::energy_model(m.source(), &m.parameters());
+    }
     // Unix ms of the last checkpoint (0: none yet), for the checkpoint-age gauge.
     let last_checkpoint_ms = Arc::new(AtomicU64::new(0));
     let ticker = tokio::spawn(tick_process_metrics(
@@ -302,7 +305,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     progress.finish_and_clear();
     ticker.abort();
     let energy = meter.lock().expect("meter").read();
-    telemetry::process(&energy, 0.0, None);
+    telemetry::process(&process_view(&energy, 0.0, None));
 
     let wall_s = started.elapsed().as_secs_f64();
     let active_s = tally
@@ -504,6 +507,8 @@ fn learn_loop(
     if let Some(c) = resume {
         restore(&mut t, c, head)?;
     }
+    // Baseline: learner work restored from a checkpoint is not this process's.
+    publish_metrics(&mut t);
     let mut pending = Samples::default();
     let mb = cfg.training.micro_batch;
     let runtime = tokio::runtime::Handle::current();
@@ -632,8 +637,9 @@ fn publish_metrics(t: &mut Tally) {
         buffer_rescored: buf.stats.rescored,
         keys: t.features.tracked_keys(),
     });
+    // An empty window has no error to report (a resumed run's window is restored).
     match t.metrics.summary() {
-        EvalSummary::Regression(r) => {
+        EvalSummary::Regression(r) if r.model_last_window.n > 0 => {
             let w = r.model_last_window;
             let p = r.persistence_last_window;
             telemetry::prequential_regression(
@@ -643,10 +649,11 @@ fn publish_metrics(t: &mut Tally) {
                 w.n,
             );
         }
-        EvalSummary::Classification(c) => {
+        EvalSummary::Classification(c) if c.model_last_window.n > 0 => {
             let w = c.model_last_window;
             telemetry::prequential_classification(w.top1, w.top3, w.n);
         }
+        _ => {}
     }
 }
 
@@ -674,7 +681,22 @@ async fn tick_process_metrics(
                 0 => started.elapsed().as_secs_f64(),
                 last => unix_ms().saturating_sub(last) as f64 / 1000.0,
             });
-        telemetry::process(&r, power, age);
+        telemetry::process(&process_view(&r, power, age));
+    }
+}
+
+fn process_view(
+    e: &crate::energy::EnergyReading,
+    power_w: f64,
+    checkpoint_age_s: Option<f64>,
+) -> telemetry::ProcessView {
+    telemetry::ProcessView {
+        joules: e.joules,
+        co2_grams: e.co2_grams,
+        cpu_s: e.cpu_s,
+        rss_bytes: e.rss_bytes,
+        power_w,
+        checkpoint_age_s,
     }
 }
 

@@ -577,30 +577,35 @@ pub fn prequential_classification(top1: f64, top3: f64, n: u64) {
     gauge!(WINDOW_SAMPLES).set(n as f64);
 }
 
-/// Process-wide gauges refreshed by the pipeline's ticker: energy, CPU, memory, checkpoint
-/// age.
-pub fn process(e: &crate::energy::EnergyReading, power_w: f64, checkpoint_age_s: Option<f64>) {
-    gauge!(ENERGY).set(e.joules);
-    gauge!(CO2).set(e.co2_grams);
-    gauge!(CPU).set(e.cpu_s);
-    gauge!(POWER).set(power_w);
-    if let Some(rss) = e.rss_bytes {
+/// Process-wide figures, refreshed by the pipeline's ticker.
+pub struct ProcessView {
+    pub joules: f64,
+    pub co2_grams: f64,
+    pub cpu_s: f64,
+    pub rss_bytes: Option<u64>,
+    pub power_w: f64,
+    /// None when checkpoints are off.
+    pub checkpoint_age_s: Option<f64>,
+}
+
+pub fn process(v: &ProcessView) {
+    gauge!(ENERGY).set(v.joules);
+    gauge!(CO2).set(v.co2_grams);
+    gauge!(CPU).set(v.cpu_s);
+    gauge!(POWER).set(v.power_w);
+    if let Some(rss) = v.rss_bytes {
         gauge!(RSS).set(rss as f64);
     }
-    if let Some(age) = checkpoint_age_s {
+    if let Some(age) = v.checkpoint_age_s {
         gauge!(CHECKPOINT_AGE).set(age);
     }
 }
 
-/// `gradsift_energy_model_info`, set once per run.
-pub fn energy_model(m: &crate::energy::EnergyConfig, source: &str) {
-    gauge!(ENERGY_MODEL,
-        "source" => source.to_string(),
-        "watts_per_core" => m.watts_per_core.to_string(),
-        "memory_watts_per_gib" => m.memory_watts_per_gib.to_string(),
-        "pue" => m.pue.to_string(),
-        "grid_g_per_kwh" => m.grid_g_per_kwh.to_string())
-    .set(1.0);
+/// `gradsift_energy_model_info`, set once per run: the model's parameters as labels.
+pub fn energy_model(source: &str, parameters: &[(&'static str, f64)]) {
+    let mut labels = vec![("source", source.to_string())];
+    labels.extend(parameters.iter().map(|(k, v)| (*k, v.to_string())));
+    gauge!(ENERGY_MODEL, &labels).set(1.0);
 }
 
 #[cfg(test)]
