@@ -135,7 +135,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
                 c.schema,
                 schema.name
             );
-            tracing::info!(checkpoint = %ckpt_path.display(), samples = c.learner.seen(), sources = c.positions.len(), "resuming from checkpoint");
+            tracing::info!(checkpoint = %ckpt_path.display(), samples = c.learner.seen(), positions = ?c.positions, "resuming from checkpoint");
         }
         c
     } else {
@@ -890,6 +890,7 @@ fn take_checkpoint(
         bytes,
         ms = t0.elapsed().as_millis() as u64,
         samples = t.learner.stats().seen,
+        positions = ?t.positions,
         "checkpoint written"
     );
     Ok(())

@@ -99,7 +99,12 @@ fn kill_9_mid_stream_then_restart_loses_nothing() {
     assert_eq!(r["checkpoint"]["resumes"], 1);
     // Every produced offset was processed: the stream's 8,784 samples (the first 144 rows
     // only warm the lags, once: the lag windows are in the checkpoint).
-    assert_eq!(r["samples"], 8784, "{r}");
+    assert_eq!(
+        r["samples"],
+        8784,
+        "committed at kill {at_kill}\n{r}\nrestart log:\n{}",
+        log_text(&log2)
+    );
     assert_eq!(r["skipped"]["lag_warmup"], 144);
     let (rows, pairs) = scored_pairs(out.path());
     // One square, one key, one partition: offsets 0..8928 were produced to it.
@@ -288,4 +293,49 @@ fn two_instances_in_one_group_split_the_partitions() {
         "split: A owns {own_a:?} and read {}, B owns {own_b:?} and read {}; partitions with data {hw:?}",
         ra["rows_read"], rb["rows_read"]
     );
+}
+
+/// Resuming from a committed offset inside a stored record batch: Tansu 0.6 serves such a
+/// fetch from the next batch, which silently skipped the rest of the batch until the source
+/// learned to seek back. The archive is produced unpaced (large batches), the group's offset
+/// is set to 1,000 (inside one), and every message from 1,000 on must be read, once.
+#[test]
+fn resume_from_an_offset_inside_a_record_batch_reads_every_message() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let broker = common::Broker::start();
+    broker.create_topic("mid", 1);
+    produce_command(&broker, "mid", &[])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .set("group.id", "g-mid")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset("mid", 0, rdkafka::Offset::Offset(1000))
+        .unwrap();
+    c.commit(&tpl, CommitMode::Sync).unwrap();
+    assert_eq!(committed(&broker, "g-mid", "mid", 1).get(&0), Some(&1000));
+
+    let out = tempfile::tempdir().unwrap();
+    let mut sets = milan_sets(&broker, "mid", "g-mid");
+    sets.push("source.stop_at_end=true".into());
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let r = common::run(common::pipeline("milan-kafka.toml", out.path(), &sets));
+    assert_eq!(
+        r.rows_read,
+        8928 - 1000,
+        "every message from offset 1,000 on"
+    );
+    let (rows, pairs) = scored_pairs(out.path());
+    let first = pairs.iter().map(|(_, p)| *p).min();
+    assert_eq!(rows, pairs.len(), "no message scored twice");
+    assert_eq!(
+        first,
+        Some(1000 + 144),
+        "scoring starts after the lag warm-up at 1,000"
+    );
+    assert_eq!(committed(&broker, "g-mid", "mid", 1).get(&0), Some(&8928));
 }

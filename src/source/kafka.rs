@@ -148,11 +148,23 @@ struct Polled {
     offset: i64,
 }
 
-/// Logs the group's partition assignments: with several instances in one group, which one
-/// owns which partitions is the first thing an operator asks.
-pub struct AssignmentLog;
+/// Seek-backs tried when a fetch begins past the committed offset, and the first step (the
+/// step doubles each try: 512, 1,024, … 16,384 messages back).
+const MAX_SEEK_BACKS: u32 = 6;
+const BATCH_STEP: i64 = 512;
 
-impl ClientContext for AssignmentLog {
+/// This member's view of its group: it logs partition assignments (with several instances
+/// in one group, which one owns which partitions is the first thing an operator asks),
+/// remembers where each assigned partition must start, and exports lag.
+#[derive(Default)]
+pub struct GroupMember {
+    /// Committed offset of each partition at its last assignment: where fetching must start.
+    start: std::sync::Mutex<HashMap<(String, i32), i64>>,
+    /// Bumped at every assignment, so the consume loop re-checks each partition's start.
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl ClientContext for GroupMember {
     fn error(&self, error: KafkaError, reason: &str) {
         match error {
             // The end of a partition is news, not an error: it drives `stop_at_end`.
@@ -190,8 +202,8 @@ impl ClientContext for AssignmentLog {
     }
 }
 
-impl ConsumerContext for AssignmentLog {
-    fn post_rebalance(&self, _: &BaseConsumer<AssignmentLog>, r: &Rebalance<'_>) {
+impl ConsumerContext for GroupMember {
+    fn post_rebalance(&self, consumer: &BaseConsumer<GroupMember>, r: &Rebalance<'_>) {
         match r {
             Rebalance::Assign(tpl) => {
                 let parts: Vec<String> = tpl
@@ -200,6 +212,26 @@ impl ConsumerContext for AssignmentLog {
                     .map(|e| format!("{}[{}]", e.topic(), e.partition()))
                     .collect();
                 tracing::info!(partitions = %parts.join(","), count = parts.len(), "partitions assigned");
+                // Where each partition must start (seen here: Tansu 0.6 once served a restarted
+                // member from one batch past its committed offset; the loop seeks back).
+                let committed = consumer
+                    .committed_offsets((*tpl).clone(), Duration::from_secs(10))
+                    .map(|c| {
+                        c.elements()
+                            .iter()
+                            .filter_map(|e| match e.offset() {
+                                Offset::Offset(o) => {
+                                    Some(((e.topic().to_string(), e.partition()), o))
+                                }
+                                _ => None,
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default();
+                let mut start = self.start.lock().expect("start offsets");
+                start.clear();
+                start.extend(committed);
+                self.generation.fetch_add(1, Ordering::Relaxed);
             }
             Rebalance::Revoke(tpl) => {
                 tracing::info!(count = tpl.count(), "partitions revoked");
@@ -237,14 +269,14 @@ pub fn consume(
     if let Some(id) = &cfg.instance_id {
         client.set("group.instance.id", id);
     }
-    let consumer: BaseConsumer<AssignmentLog> = client
+    let consumer: BaseConsumer<GroupMember> = client
         .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         // Offsets are stored and committed by us, for processed messages only.
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
-        .create_with_context(AssignmentLog)
+        .create_with_context(GroupMember::default())
         .context("cannot create the Kafka consumer")?;
     let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).context("cannot subscribe")?;
@@ -266,6 +298,10 @@ pub fn consume(
     let mut backoff = Duration::from_millis(100);
     let mut in_flight = 0usize;
     let mut done: Done = HashMap::new();
+    // Per partition since the last assignment: seek-backs so far, and whether its first
+    // message is still to be checked.
+    let mut started: HashMap<Arc<str>, (u32, bool)> = HashMap::new();
+    let mut checked_generation = 0u64;
     while !shutdown.is_triggered() {
         // Commit what the learner has made durable.
         while let Ok(ack) = acks.try_recv() {
@@ -297,6 +333,54 @@ pub fn consume(
                         .entry(key)
                         .or_insert_with(|| source_name(m.topic(), m.partition()))
                         .clone();
+                    // The first message of a partition after an assignment must be the one
+                    // at its committed offset. Tansu 0.6 serves a fetch from an offset inside
+                    // a stored record batch from the *next* batch (measured: a fetch from
+                    // 3,584 began at 4,096), which would lose the rest of that batch. So a
+                    // later first message makes us seek back, further each time, until the
+                    // fetch covers the committed offset; what comes before it is skipped as
+                    // already handed. After a few tries the gap is accepted as real
+                    // (compaction, retention) and logged.
+                    let generation = consumer.context().generation.load(Ordering::Relaxed);
+                    if generation != checked_generation {
+                        checked_generation = generation;
+                        started.clear();
+                    }
+                    if !started.contains_key(&source) || started[&source].1 {
+                        let start = consumer
+                            .context()
+                            .start
+                            .lock()
+                            .expect("start offsets")
+                            .get(&(m.topic().to_string(), m.partition()))
+                            .copied();
+                        let tries = started.get(&source).map_or(0, |s| s.0);
+                        match start {
+                            Some(start) if m.offset() > start && tries < MAX_SEEK_BACKS => {
+                                let back = start - (BATCH_STEP << tries).min(start);
+                                tracing::warn!(partition = %source, committed = start, got = m.offset(), seek_to = back, "fetch began past the committed offset; seeking back");
+                                let h = handed.entry(source.clone()).or_insert(0);
+                                *h = (*h).max(start as u64);
+                                let (topic, partition) = (m.topic().to_string(), m.partition());
+                                drop(m);
+                                if let Err(e) = consumer.seek(
+                                    &topic,
+                                    partition,
+                                    Offset::Offset(back),
+                                    Duration::from_secs(10),
+                                ) {
+                                    tracing::warn!(error = %e, "seek failed");
+                                }
+                                started.insert(source, (tries + 1, true));
+                                continue;
+                            }
+                            Some(start) if m.offset() > start => {
+                                tracing::error!(partition = %source, committed = start, got = m.offset(), "offsets between the committed one and the first fetched are not on the broker");
+                            }
+                            _ => {}
+                        }
+                        started.insert(source.clone(), (tries, false));
+                    }
                     let next = handed.entry(source.clone()).or_insert(0);
                     if (m.offset() as u64) < *next {
                         // Already with this process: in the checkpoint it resumed from (whose
@@ -460,7 +544,7 @@ type Done = HashMap<Arc<str>, i64>;
 /// Records durable positions and commits every partition's next offset (the whole map, so
 /// an asynchronous commit that failed is made good by the next one).
 fn commit(
-    consumer: &BaseConsumer<AssignmentLog>,
+    consumer: &BaseConsumer<GroupMember>,
     dlq: Option<&ThreadedProducer<DeliveryCount>>,
     done: &mut Done,
     durable: &[(Arc<str>, u64)],
@@ -513,6 +597,7 @@ fn commit(
     if tpl.count() == 0 {
         return;
     }
+    tracing::debug!(offsets = ?done, "committing");
     if let Err(e) = consumer.commit(&tpl, mode) {
         tracing::warn!(error = %e, "offset commit failed; it is retried with the next batch");
     }
