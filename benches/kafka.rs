@@ -115,10 +115,7 @@ fn main() {
     );
     // Once more with the Prometheus recorder installed (process-wide, so last): what the
     // metrics cost. The endpoint is scraped once during the run to show it is live.
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     rt.block_on(async {
         gradsift::telemetry::serve(&gradsift::telemetry::TelemetryConfig {
             listen,

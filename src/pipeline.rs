@@ -446,8 +446,6 @@ struct Tally {
     /// When the first rows arrived (throughput without start-up and group-join time).
     first_rows_at: Option<Instant>,
     telemetry: LearnerMetrics,
-    /// Metric label of the source kind.
-    source_kind: &'static str,
 }
 
 fn learn_loop(
@@ -502,7 +500,6 @@ fn learn_loop(
             cfg.buffer.capacity,
             cfg.telemetry.publish_ms,
         ),
-        source_kind: cfg.source.kind_name(),
     };
     if let Some(c) = resume {
         restore(&mut t, c, head)?;
@@ -565,7 +562,7 @@ fn learn_loop(
                 let (batch, origins) = skip_covered(&mut t.ckpt, batch, origins)?;
                 let n = batch.num_rows() as u64;
                 if n < delivered {
-                    telemetry::rows_already_covered(t.source_kind, delivered - n);
+                    t.telemetry.rows_already_covered(delivered - n);
                 }
                 t.counters.rows_read += n;
                 // Every delivered message counts towards the next checkpoint, bad ones too:
@@ -741,7 +738,7 @@ fn skip_covered(
 
 fn send_dead(t: &mut Tally, letter: &DeadLetter<'_>) -> Result<()> {
     t.dead.send(letter)?;
-    telemetry::rows_skipped(t.source_kind, letter.reason, true, letter.rows);
+    t.telemetry.rows_skipped(letter.reason, true, letter.rows);
     t.counters.dead_letters += 1;
     t.counters.dead_rows += letter.rows;
     Ok(())
@@ -778,13 +775,13 @@ fn feed(
         Ok(d) => {
             let mut letters: Vec<(usize, String)> = Vec::new();
             let skipped = &mut t.counters.skipped;
-            let kind = t.source_kind;
+            let metrics = &t.telemetry;
             t.features.push_batch(&d, origins, pending, |i, reason| {
                 let label = reason.label();
                 if reason.is_bad_input() {
                     letters.push((i, label.clone()));
                 } else {
-                    telemetry::rows_skipped(kind, &label, false, 1);
+                    metrics.rows_skipped(&label, false, 1);
                 }
                 *skipped.entry(label).or_default() += 1;
             });

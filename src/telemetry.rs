@@ -388,18 +388,8 @@ pub fn build_info(pipeline: &str, backend: &str, importance: &str) {
     .set(1.0);
 }
 
-/// Rows that did not become samples, from the one place each is decided.
-pub fn rows_skipped(source: &'static str, reason: &str, bad: bool, rows: u64) {
-    if bad {
-        counter!(ROWS, "source" => source, "outcome" => "dead_lettered").increment(rows);
-        counter!(DEAD_LETTERS, "reason" => reason.to_string()).increment(rows);
-    } else {
-        counter!(ROWS, "source" => source, "outcome" => "skipped").increment(rows);
-        counter!(ROWS_SKIPPED, "reason" => reason.to_string()).increment(rows);
-    }
-}
-
-/// Rows delivered again but already covered by the checkpoint (or handed out before).
+/// Rows delivered again but already with this process (the Kafka source skips them before
+/// they reach the learner).
 pub fn rows_already_covered(source: &'static str, rows: u64) {
     counter!(ROWS, "source" => source, "outcome" => "already_covered").increment(rows);
 }
@@ -464,6 +454,8 @@ pub struct LearnerMetrics {
     last: Option<LearnerView>,
     every: Duration,
     published: Option<Instant>,
+    /// The source kind label of the row counters.
+    source: &'static str,
 }
 
 impl LearnerMetrics {
@@ -494,7 +486,25 @@ impl LearnerMetrics {
             last: None,
             every: Duration::from_millis(publish_ms.max(1)),
             published: None,
+            source,
         }
+    }
+
+    /// Rows that did not become samples, from the one place each is decided: bad input
+    /// (dead-lettered) or skipped by design (e.g. lag warm-up).
+    pub fn rows_skipped(&self, reason: &str, bad: bool, rows: u64) {
+        let (outcome, by_reason) = if bad {
+            ("dead_lettered", DEAD_LETTERS)
+        } else {
+            ("skipped", ROWS_SKIPPED)
+        };
+        counter!(ROWS, "source" => self.source, "outcome" => outcome).increment(rows);
+        counter!(by_reason, "reason" => reason.to_string()).increment(rows);
+    }
+
+    /// Rows the checkpoint this run resumed from already covers.
+    pub fn rows_already_covered(&self, rows: u64) {
+        rows_already_covered(self.source, rows);
     }
 
     /// One step: per-sample scores into the histogram, the step's own figures.

@@ -93,6 +93,18 @@ fn dashboard_queries(path: &Path) -> Vec<(String, BTreeSet<String>)> {
     out
 }
 
+/// `sets` plus the overrides that turn the metrics endpoint on, on a free loopback port;
+/// returns the endpoint's address with them.
+fn with_endpoint(mut sets: Vec<String>) -> (String, Vec<String>) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    sets.extend([
+        "telemetry.enabled=true".into(),
+        format!("telemetry.listen=\"{addr}\""),
+        "telemetry.publish_ms=200".into(),
+    ]);
+    (addr, sets)
+}
+
 /// Scrapes until `ready` holds for the scrape (or fails after `secs`).
 fn scrape_until(addr: &str, secs: u64, what: &str, ready: impl Fn(&str) -> bool) -> String {
     let mut last = String::new();
@@ -116,23 +128,15 @@ fn live_scrapes_pass_promtool_and_feed_every_metric_and_dashboard_panel() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let kafka_port = free_port();
-    let kafka_addr = format!("127.0.0.1:{kafka_port}");
+    let (kafka_addr, sets) = with_endpoint(vec![
+        format!("source.brokers=\"{}\"", broker.address()),
+        "source.topics=[\"tele\"]".into(),
+        "source.group_id=\"tele\"".into(),
+        "source.dead_letter_topic=\"tele-dlq\"".into(),
+        "checkpoint.every_rows=1000".into(),
+    ]);
     let out = tempfile::tempdir().unwrap();
-    let (mut kafka_run, kafka_log) = spawn_run(
-        "milan-kafka.toml",
-        out.path(),
-        &[
-            format!("source.brokers=\"{}\"", broker.address()),
-            "source.topics=[\"tele\"]".into(),
-            "source.group_id=\"tele\"".into(),
-            "source.dead_letter_topic=\"tele-dlq\"".into(),
-            "checkpoint.every_rows=1000".into(),
-            "telemetry.enabled=true".into(),
-            format!("telemetry.listen=\"{kafka_addr}\""),
-            "telemetry.publish_ms=200".into(),
-        ],
-    );
+    let (mut kafka_run, kafka_log) = spawn_run("milan-kafka.toml", out.path(), &sets);
     {
         use rdkafka::ClientConfig;
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -148,18 +152,9 @@ fn live_scrapes_pass_promtool_and_feed_every_metric_and_dashboard_panel() {
     }
 
     // A beam replay (classification: the top-1/top-3 series), paced so it is scraped live.
-    let beam_addr = format!("127.0.0.1:{}", free_port());
+    let (beam_addr, sets) = with_endpoint(vec!["source.pace.rows_per_second=1000".into()]);
     let out_b = tempfile::tempdir().unwrap();
-    let (mut beam_run, beam_log) = spawn_run(
-        "beam-replay.toml",
-        out_b.path(),
-        &[
-            "source.pace.rows_per_second=1000".into(),
-            "telemetry.enabled=true".into(),
-            format!("telemetry.listen=\"{beam_addr}\""),
-            "telemetry.publish_ms=200".into(),
-        ],
-    );
+    let (mut beam_run, beam_log) = spawn_run("beam-replay.toml", out_b.path(), &sets);
 
     let kafka_needs: Vec<&str> = vec![
         "gradsift_kafka_consumer_lag_messages",
@@ -322,19 +317,10 @@ impl Drop for PrometheusServer {
 #[test]
 fn a_prometheus_server_scrapes_a_run_and_sees_the_series_move() {
     common::shared_data();
-    let target = format!("127.0.0.1:{}", free_port());
-    let out = tempfile::tempdir().unwrap();
     // 8,750 beam samples at 400 rows/s: about 22 s of live stream.
-    let (mut run, log) = spawn_run(
-        "beam-replay.toml",
-        out.path(),
-        &[
-            "source.pace.rows_per_second=400".into(),
-            "telemetry.enabled=true".into(),
-            format!("telemetry.listen=\"{target}\""),
-            "telemetry.publish_ms=200".into(),
-        ],
-    );
+    let (target, sets) = with_endpoint(vec!["source.pace.rows_per_second=400".into()]);
+    let out = tempfile::tempdir().unwrap();
+    let (mut run, log) = spawn_run("beam-replay.toml", out.path(), &sets);
     let prom = PrometheusServer::start(&target);
 
     let samples = "sum(gradsift_rows_total{outcome=\"sample\"})";

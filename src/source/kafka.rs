@@ -212,8 +212,8 @@ impl ConsumerContext for GroupMember {
                     .map(|e| format!("{}[{}]", e.topic(), e.partition()))
                     .collect();
                 tracing::info!(partitions = %parts.join(","), count = parts.len(), "partitions assigned");
-                // Where each partition must start (seen here: Tansu 0.6 once served a restarted
-                // member from one batch past its committed offset; the loop seeks back).
+                // Where each partition must start: the consume loop checks the first message
+                // against it (see `StartCheck`).
                 let committed = consumer
                     .committed_offsets((*tpl).clone(), Duration::from_secs(10))
                     .map(|c| {
@@ -242,6 +242,76 @@ impl ConsumerContext for GroupMember {
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
         }
+    }
+}
+
+/// The first message of a partition after an assignment must be the one at its committed
+/// offset. Tansu 0.6 serves a fetch from an offset inside a stored record batch from the
+/// *next* batch (measured: a fetch from 3,584 began at 4,096), which would lose the rest of
+/// that batch. So a later first message makes the source seek back, further each time, until
+/// the fetch covers the committed offset; what comes before it is then skipped as already
+/// handed. After [`MAX_SEEK_BACKS`] tries the gap is accepted as real (compaction,
+/// retention) and logged. Costs one set lookup per message once a partition is settled.
+#[derive(Default)]
+struct StartCheck {
+    /// The assignment generation the sets below belong to.
+    generation: u64,
+    /// Partitions whose first message was at or before the committed offset.
+    settled: std::collections::HashSet<Arc<str>>,
+    /// Seek-backs made per partition since the assignment.
+    tries: HashMap<Arc<str>, u32>,
+}
+
+impl StartCheck {
+    /// Whether `m` must be dropped because the source sought back before it.
+    fn sought_back(
+        &mut self,
+        consumer: &BaseConsumer<GroupMember>,
+        handed: &mut HashMap<Arc<str>, u64>,
+        source: &Arc<str>,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> bool {
+        let generation = consumer.context().generation.load(Ordering::Relaxed);
+        if generation != self.generation {
+            self.generation = generation;
+            self.settled.clear();
+            self.tries.clear();
+        }
+        if self.settled.contains(source) {
+            return false;
+        }
+        let start = consumer
+            .context()
+            .start
+            .lock()
+            .expect("start offsets")
+            .get(&(m.topic().to_string(), m.partition()))
+            .copied();
+        let tries = self.tries.get(source).copied().unwrap_or(0);
+        match start {
+            Some(start) if m.offset() > start && tries < MAX_SEEK_BACKS => {
+                let back = start - (BATCH_STEP << tries).min(start);
+                tracing::warn!(partition = %source, committed = start, got = m.offset(), seek_to = back, "fetch began past the committed offset; seeking back");
+                let h = handed.entry(source.clone()).or_insert(0);
+                *h = (*h).max(start as u64);
+                if let Err(e) = consumer.seek(
+                    m.topic(),
+                    m.partition(),
+                    Offset::Offset(back),
+                    Duration::from_secs(10),
+                ) {
+                    tracing::warn!(error = %e, "seek failed");
+                }
+                self.tries.insert(source.clone(), tries + 1);
+                return true;
+            }
+            Some(start) if m.offset() > start => {
+                tracing::error!(partition = %source, committed = start, got = m.offset(), "offsets between the committed one and the first fetched are not on the broker");
+            }
+            _ => {}
+        }
+        self.settled.insert(source.clone());
+        false
     }
 }
 
@@ -298,10 +368,7 @@ pub fn consume(
     let mut backoff = Duration::from_millis(100);
     let mut in_flight = 0usize;
     let mut done: Done = HashMap::new();
-    // Per partition since the last assignment: seek-backs so far, and whether its first
-    // message is still to be checked.
-    let mut started: HashMap<Arc<str>, (u32, bool)> = HashMap::new();
-    let mut checked_generation = 0u64;
+    let mut starts = StartCheck::default();
     while !shutdown.is_triggered() {
         // Commit what the learner has made durable.
         while let Ok(ack) = acks.try_recv() {
@@ -333,53 +400,8 @@ pub fn consume(
                         .entry(key)
                         .or_insert_with(|| source_name(m.topic(), m.partition()))
                         .clone();
-                    // The first message of a partition after an assignment must be the one
-                    // at its committed offset. Tansu 0.6 serves a fetch from an offset inside
-                    // a stored record batch from the *next* batch (measured: a fetch from
-                    // 3,584 began at 4,096), which would lose the rest of that batch. So a
-                    // later first message makes us seek back, further each time, until the
-                    // fetch covers the committed offset; what comes before it is skipped as
-                    // already handed. After a few tries the gap is accepted as real
-                    // (compaction, retention) and logged.
-                    let generation = consumer.context().generation.load(Ordering::Relaxed);
-                    if generation != checked_generation {
-                        checked_generation = generation;
-                        started.clear();
-                    }
-                    if !started.contains_key(&source) || started[&source].1 {
-                        let start = consumer
-                            .context()
-                            .start
-                            .lock()
-                            .expect("start offsets")
-                            .get(&(m.topic().to_string(), m.partition()))
-                            .copied();
-                        let tries = started.get(&source).map_or(0, |s| s.0);
-                        match start {
-                            Some(start) if m.offset() > start && tries < MAX_SEEK_BACKS => {
-                                let back = start - (BATCH_STEP << tries).min(start);
-                                tracing::warn!(partition = %source, committed = start, got = m.offset(), seek_to = back, "fetch began past the committed offset; seeking back");
-                                let h = handed.entry(source.clone()).or_insert(0);
-                                *h = (*h).max(start as u64);
-                                let (topic, partition) = (m.topic().to_string(), m.partition());
-                                drop(m);
-                                if let Err(e) = consumer.seek(
-                                    &topic,
-                                    partition,
-                                    Offset::Offset(back),
-                                    Duration::from_secs(10),
-                                ) {
-                                    tracing::warn!(error = %e, "seek failed");
-                                }
-                                started.insert(source, (tries + 1, true));
-                                continue;
-                            }
-                            Some(start) if m.offset() > start => {
-                                tracing::error!(partition = %source, committed = start, got = m.offset(), "offsets between the committed one and the first fetched are not on the broker");
-                            }
-                            _ => {}
-                        }
-                        started.insert(source.clone(), (tries, false));
+                    if starts.sought_back(&consumer, &mut handed, &source, &m) {
+                        continue;
                     }
                     let next = handed.entry(source.clone()).or_insert(0);
                     if (m.offset() as u64) < *next {
