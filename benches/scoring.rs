@@ -124,6 +124,7 @@ fn learner_core(c: &mut Criterion) {
                 warmup: 1024,
                 window: 4096,
                 unbiased_q: 0.0,
+                ..SelectionConfig::default()
             },
             buffer: BufferConfig {
                 policy: EvictionPolicy::Importance,
@@ -135,6 +136,7 @@ fn learner_core(c: &mut Criterion) {
                 rescore_every: 50,
                 rescore_slice: 512,
             },
+            reference_replay_ratio: 1.0,
             training: TrainingConfig {
                 micro_batch: B,
                 learning_rate: 1e-3,

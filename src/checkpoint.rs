@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::features::FeatureState;
 use crate::learner::LearnerState;
-use crate::pipeline::{Metrics, RunCounters};
+use crate::learner::eval::Scoreboard;
+use crate::pipeline::RunCounters;
 
 /// `[checkpoint]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,11 +71,12 @@ pub struct Checkpoint {
     pub next_segment: u64,
     pub learner: LearnerState,
     pub features: FeatureState,
-    pub metrics: Metrics,
+    pub metrics: Scoreboard,
     pub counters: RunCounters,
 }
 
-const MAGIC: &[u8; 8] = b"GSCKPT01";
+/// 02: compute ledger, selection policies, evaluation periods.
+const MAGIC: &[u8; 8] = b"GSCKPT02";
 
 /// Writes `ckpt` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
 /// Returns the bytes written.

@@ -1,4 +1,5 @@
-//! The command line: `run` a pipeline, `schema check` a file against a schema.
+//! The command line: `run` a pipeline, `train` one offline, `produce` an archive into a
+//! topic, `schema check` a file against a schema.
 
 use std::path::PathBuf;
 
@@ -37,6 +38,24 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
         /// Print the JSON report instead of the tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Train offline on a Parquet archive: epochs, per-epoch selection, early stopping on the
+    /// `validation` period, figures on the `test` period (the published setting).
+    Train {
+        /// The pipeline file (its source must be Parquet; `[offline]` sets the epochs).
+        pipeline: PathBuf,
+        /// Override a setting, e.g. --set offline.epochs=10 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Output folder (default: runs/NAME).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        /// Print the JSON report instead of the summary.
         #[arg(long)]
         json: bool,
     },
@@ -103,6 +122,28 @@ pub async fn main(cli: Cli) -> Result<()> {
             let shutdown = Shutdown::new();
             shutdown.listen_for_signals();
             let report = pipeline::run(cfg, RunOptions { progress: !quiet }, shutdown).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
+        Command::Train {
+            pipeline,
+            overrides,
+            output,
+            quiet,
+            json,
+        } => {
+            let mut cfg = PipelineConfig::load(&pipeline, &overrides)?;
+            if let Some(o) = output {
+                cfg.output.dir = Some(o);
+            }
+            let shutdown = Shutdown::new();
+            shutdown.listen_for_signals();
+            let opts = RunOptions { progress: !quiet };
+            let report = crate::offline::train(cfg, opts, shutdown).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

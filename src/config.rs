@@ -13,10 +13,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::CheckpointConfig;
 use crate::energy::EnergyConfig;
-use crate::learner::buffer::{BufferConfig, EvictionPolicy, ReplaySampling};
+use crate::learner::buffer::BufferConfig;
+use crate::learner::eval::Boundary;
 use crate::learner::importance::ImportanceMethod;
 use crate::learner::select::SelectionConfig;
 use crate::learner::{ModelConfig, TrainingConfig};
+use crate::offline::OfflineConfig;
 use crate::sink::topic::TopicSinkConfig;
 use crate::source::SourceConfig;
 use crate::telemetry::TelemetryConfig;
@@ -35,6 +37,55 @@ pub struct EvaluationConfig {
     /// Samples in the "last window" metrics.
     #[serde(default = "default_eval_window")]
     pub window: usize,
+    /// Named periods with their own metrics, e.g. a validation period to choose settings on
+    /// and a later test period to report them on.
+    #[serde(default)]
+    pub periods: Vec<PeriodConfig>,
+}
+
+/// One `[[evaluation.periods]]` entry: from a sample number or an RFC 3339 event time on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeriodConfig {
+    pub name: String,
+    pub from: PeriodStart,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PeriodStart {
+    Sample(u64),
+    Time(String),
+}
+
+impl PeriodStart {
+    pub fn boundary(&self) -> Result<Boundary, String> {
+        match self {
+            PeriodStart::Sample(s) => Ok(Boundary::Sample(*s)),
+            PeriodStart::Time(t) => chrono::DateTime::parse_from_rfc3339(t)
+                .map(|d| Boundary::Time(d.timestamp_micros()))
+                .map_err(|e| format!("\"{t}\" ({e})")),
+        }
+    }
+}
+
+impl EvaluationConfig {
+    /// The periods as the scoreboard takes them (validated at load).
+    pub fn boundaries(&self) -> Vec<(String, Boundary)> {
+        self.periods
+            .iter()
+            .filter_map(|p| p.from.boundary().ok().map(|b| (p.name.clone(), b)))
+            .collect()
+    }
+}
+
+/// `[compute]`: what compute saved is measured against.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComputeConfig {
+    /// Replay ratio of the every-row training reference (default: `buffer.replay_ratio`).
+    #[serde(default)]
+    pub reference_replay_ratio: Option<f64>,
 }
 
 fn default_eval_window() -> usize {
@@ -45,6 +96,7 @@ impl Default for EvaluationConfig {
     fn default() -> Self {
         EvaluationConfig {
             window: default_eval_window(),
+            periods: Vec::new(),
         }
     }
 }
@@ -149,6 +201,11 @@ pub struct PipelineConfig {
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub energy: EnergyConfig,
+    #[serde(default)]
+    pub compute: ComputeConfig,
+    /// `gradsift train` settings.
+    #[serde(default)]
+    pub offline: OfflineConfig,
     /// The file this was read from (set by [`PipelineConfig::load`]).
     #[serde(skip)]
     pub file: PathBuf,
@@ -220,6 +277,27 @@ impl PipelineConfig {
         if s.window == 0 {
             return Err(self.bad("selection.window", "at least 1 score", 0));
         }
+        if !(0.0..1.0).contains(&s.trim) {
+            return Err(self.bad("selection.trim", "a fraction in [0, 1)", s.trim));
+        }
+        let sp = &s.surprise;
+        if !(sp.gamma >= 0.0 && sp.gamma.is_finite()) {
+            return Err(self.bad("selection.surprise.gamma", "a number ≥ 0", sp.gamma));
+        }
+        if !(sp.min_keep > 0.0 && sp.min_keep <= 1.0) {
+            return Err(self.bad(
+                "selection.surprise.min_keep",
+                "a fraction in (0, 1]",
+                sp.min_keep,
+            ));
+        }
+        if !(sp.short >= 1.0 && sp.long >= sp.short) {
+            return Err(self.bad(
+                "selection.surprise.long",
+                "spans with 1 ≤ short ≤ long",
+                format!("short {} long {}", sp.short, sp.long),
+            ));
+        }
         let b = &self.buffer;
         if b.capacity == 0 {
             return Err(self.bad("buffer.capacity", "at least 1 sample", 0));
@@ -232,14 +310,6 @@ impl PipelineConfig {
         }
         if !(b.replay_ratio >= 0.0 && b.replay_ratio <= 16.0) {
             return Err(self.bad("buffer.replay_ratio", "a ratio in [0, 16]", b.replay_ratio));
-        }
-        if b.replay_sampling == ReplaySampling::Importance && b.policy != EvictionPolicy::Importance
-        {
-            return Err(self.bad(
-                "buffer.replay_sampling",
-                "\"uniform\" unless buffer.policy is \"importance\"",
-                "\"importance\"",
-            ));
         }
         let t = &self.training;
         if t.micro_batch == 0 {
@@ -262,6 +332,25 @@ impl PipelineConfig {
         if self.evaluation.window == 0 {
             return Err(self.bad("evaluation.window", "at least 1 sample", 0));
         }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, p) in self.evaluation.periods.iter().enumerate() {
+            let key = format!("evaluation.periods[{i}]");
+            if p.name.is_empty() || !names.insert(p.name.as_str()) {
+                return Err(self.bad(&format!("{key}.name"), "a unique, non-empty name", &p.name));
+            }
+            if let Err(found) = p.from.boundary() {
+                return Err(self.bad(
+                    &format!("{key}.from"),
+                    "a sample number or an RFC 3339 time such as \"2013-12-01T00:00:00Z\"",
+                    found,
+                ));
+            }
+        }
+        if let Some(r) = self.compute.reference_replay_ratio
+            && !(0.0..=16.0).contains(&r)
+        {
+            return Err(self.bad("compute.reference_replay_ratio", "a ratio in [0, 16]", r));
+        }
         if self.channels.batches == 0 {
             return Err(self.bad("channels.batches", "at least 1 batch", 0));
         }
@@ -279,6 +368,9 @@ impl PipelineConfig {
         if self.telemetry.publish_ms == 0 {
             return Err(self.bad("telemetry.publish_ms", "at least 1 ms", 0));
         }
+        if let Some((key, expected, found)) = self.offline.problem() {
+            return Err(self.bad(key, expected, found));
+        }
         if let Some((key, expected, found)) = self.energy.problem() {
             return Err(self.bad(key, expected, found));
         }
@@ -295,6 +387,13 @@ impl PipelineConfig {
         self.source
             .validate()
             .map_err(|(key, expected, found)| self.bad(&key, &expected, found))
+    }
+
+    /// Replay ratio of the every-row training reference.
+    pub fn reference_replay_ratio(&self) -> f64 {
+        self.compute
+            .reference_replay_ratio
+            .unwrap_or(self.buffer.replay_ratio)
     }
 
     /// The output folder.
@@ -392,6 +491,20 @@ max_bytes = 100000
             e.contains("telemetry.listen") && e.contains("socket address"),
             "{e}"
         );
+        let e = PipelineConfig::load(
+            &write(d.path(), GOOD),
+            &["evaluation.periods=[{name=\"test\", from=\"2013-13-01\"}]".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("evaluation.periods[0].from") && e.contains("RFC 3339"),
+            "{e}"
+        );
+        let e = PipelineConfig::load(&write(d.path(), GOOD), &["selection.trim=1.0".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("selection.trim") && e.contains("[0, 1)"), "{e}");
         let e = PipelineConfig::load(&write(d.path(), GOOD), &["energy.pue=0.5".into()])
             .unwrap_err()
             .to_string();

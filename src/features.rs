@@ -16,6 +16,8 @@ use std::sync::Arc;
 use arrow::array::Array;
 
 use crate::decode::{DecodedBatch, value};
+use crate::learner::eval::{Observation, RegressionRow};
+use crate::learner::model::Head;
 use crate::schema::{Schema, TaskSpec};
 use crate::source::RowOrigin;
 
@@ -75,6 +77,31 @@ pub struct RowEval {
 }
 
 impl RowEval {
+    /// The prediction in the target's units (the chosen class for classification) and the
+    /// observation the scoreboard records, from the model's output row.
+    pub fn observe<'a>(&'a self, head: Head, out: &'a [f32]) -> (f64, Observation<'a>) {
+        match head {
+            Head::Regression => {
+                let p = self.prediction(out[0]);
+                let row = RegressionRow {
+                    prediction: p,
+                    target: self.target,
+                    persistence: self.persistence,
+                    seasonal: self.seasonal,
+                };
+                (p, Observation::Regression(row))
+            }
+            Head::Classification { .. } => {
+                let obs = Observation::Classification {
+                    logits: out,
+                    target: self.target as usize,
+                    power: self.power.as_deref(),
+                };
+                (crate::learner::eval::argmax(out) as f64, obs)
+            }
+        }
+    }
+
     /// A model output back in the target's own units.
     pub fn prediction(&self, output: f32) -> f64 {
         let v = output as f64 * self.std + self.mean;

@@ -15,6 +15,7 @@ pub mod decode;
 pub mod energy;
 pub mod features;
 pub mod learner;
+pub mod offline;
 pub mod payload;
 pub mod pipeline;
 pub mod produce;

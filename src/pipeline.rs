@@ -31,7 +31,7 @@ use crate::config::PipelineConfig;
 use crate::decode::Decoder;
 use crate::energy::EnergyMeter;
 use crate::features::{FeatureEngine, Samples};
-use crate::learner::eval::{ClassificationEval, EvalSummary, RegressionEval, RegressionRow};
+use crate::learner::eval::{EvalSummary, Scoreboard};
 use crate::learner::model::Head;
 use crate::learner::{FreshBatch, LearnerConfig, OnlineLearner};
 use crate::report::{BufferReport, CheckpointReport, RunReport};
@@ -48,13 +48,6 @@ use crate::telemetry::{self, LearnerMetrics, LearnerView, StepView};
 pub struct RunOptions {
     /// Draw a progress bar on stderr.
     pub progress: bool,
-}
-
-/// The prequential scoreboard of the task.
-#[derive(Clone, serde::Serialize, serde::Deserialize)]
-pub enum Metrics {
-    Regression(RegressionEval),
-    Classification(ClassificationEval),
 }
 
 /// Counters that span restarts (kept in checkpoints).
@@ -81,21 +74,6 @@ enum SinkMsg {
 enum ScoreOut {
     File(ScoreSink),
     Segments(ScoreSegments),
-}
-
-impl Metrics {
-    fn summary(&self) -> EvalSummary {
-        match self {
-            Metrics::Regression(r) => EvalSummary::Regression(r.summary()),
-            Metrics::Classification(c) => EvalSummary::Classification(c.summary()),
-        }
-    }
-    fn window_text(&self) -> String {
-        match self {
-            Metrics::Regression(r) => format!("window MAE {:.4}", r.window_mae()),
-            Metrics::Classification(c) => format!("window top-1 {:.3}", 1.0 - c.window_error()),
-        }
-    }
 }
 
 /// Runs a pipeline to the end of its source (or a shutdown signal) and returns its report,
@@ -371,7 +349,12 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         backpropagated: stats.backpropagated,
         training_steps: stats.steps,
         last_train_loss: c.last_loss,
-        metrics: tally.metrics.summary(),
+        metrics: tally.metrics.whole.summary(),
+        periods: tally.metrics.periods(),
+        compute: tally.learner.compute(),
+        selection_policy: format!("{:?}", cfg.selection.policy).to_lowercase(),
+        replay_ratio: cfg.buffer.replay_ratio,
+        replay_sampling: format!("{:?}", cfg.buffer.replay_sampling).to_lowercase(),
         wall_s,
         cpu_s,
         samples_per_s: session_samples as f64 / wall_s.max(1e-9),
@@ -434,7 +417,7 @@ struct LoopIo {
 struct Tally {
     learner: OnlineLearner,
     features: FeatureEngine,
-    metrics: Metrics,
+    metrics: Scoreboard,
     counters: RunCounters,
     dead: DeadLetterSink,
     /// Per source: the position after the last row processed.
@@ -473,13 +456,9 @@ fn learn_loop(
         selection: cfg.selection.clone(),
         buffer: cfg.buffer.clone(),
         training: cfg.training.clone(),
+        reference_replay_ratio: cfg.reference_replay_ratio(),
     });
-    let metrics = match head {
-        Head::Regression => Metrics::Regression(RegressionEval::new(cfg.evaluation.window)),
-        Head::Classification { .. } => {
-            Metrics::Classification(ClassificationEval::new(cfg.evaluation.window))
-        }
-    };
+    let metrics = Scoreboard::new(head, cfg.evaluation.window, &cfg.evaluation.boundaries());
     let mut t = Tally {
         learner,
         features,
@@ -502,7 +481,7 @@ fn learn_loop(
         ),
     };
     if let Some(c) = resume {
-        restore(&mut t, c, head)?;
+        restore(&mut t, c)?;
     }
     // Baseline: learner work restored from a checkpoint is not this process's.
     publish_metrics(&mut t);
@@ -592,7 +571,7 @@ fn learn_loop(
                     take_checkpoint(cfg, &mut t, &mut pending, width, head, &io)?;
                 }
                 io.progress.inc(delivered);
-                io.progress.set_message(t.metrics.window_text());
+                io.progress.set_message(t.metrics.whole.window_text());
             }
         }
     }
@@ -635,7 +614,7 @@ fn publish_metrics(t: &mut Tally) {
         keys: t.features.tracked_keys(),
     });
     // An empty window has no error to report (a resumed run's window is restored).
-    match t.metrics.summary() {
+    match t.metrics.whole.summary() {
         EvalSummary::Regression(r) if r.model_last_window.n > 0 => {
             let w = r.model_last_window;
             let p = r.persistence_last_window;
@@ -744,7 +723,69 @@ fn send_dead(t: &mut Tally, letter: &DeadLetter<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Decodes a batch and turns its rows into samples (or counted, dead-lettered skips).
+/// A row (or a whole batch) that did not become a sample, and why.
+pub(crate) struct Skipped<'a> {
+    pub reason: String,
+    pub detail: &'a str,
+    /// Bad input (dead-lettered), not a skip by design such as `lag_warmup`.
+    pub bad_input: bool,
+    pub origin: &'a RowOrigin,
+    pub key: Option<&'a str>,
+    pub time: Option<i64>,
+}
+
+/// Decodes a batch and turns its rows into samples appended to `pending`; every row that does
+/// not become one is handed to `skip` (a batch of the wrong shape: each of its rows).
+pub(crate) fn decode_rows(
+    decoder: &Decoder,
+    features: &mut FeatureEngine,
+    batch: &arrow::array::RecordBatch,
+    origins: &[RowOrigin],
+    pending: &mut Samples,
+    mut skip: impl FnMut(Skipped<'_>) -> Result<()>,
+) -> Result<()> {
+    let d = match decoder.decode(batch) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(origin = %origins[0].source, row = origins[0].index, error = %e, "batch rejected");
+            for origin in origins {
+                let (reason, detail) = (e.reason.clone(), e.detail.as_str());
+                skip(Skipped {
+                    reason,
+                    detail,
+                    bad_input: true,
+                    origin,
+                    key: None,
+                    time: None,
+                })?;
+            }
+            return Ok(());
+        }
+    };
+    let mut skipped: Vec<(usize, String, bool)> = Vec::new();
+    features.push_batch(&d, origins, pending, |i, reason| {
+        skipped.push((i, reason.label(), reason.is_bad_input()));
+    });
+    for (i, reason, bad_input) in skipped {
+        let key = (!arrow::array::Array::is_null(&d.key, i)).then(|| d.key.value(i));
+        let time = (!arrow::array::Array::is_null(&d.time, i)).then(|| d.time.value(i));
+        let origin = &origins[i];
+        if bad_input {
+            tracing::debug!(origin = %origin.source, row = origin.index, reason = %reason, "row dead-lettered");
+        }
+        skip(Skipped {
+            reason,
+            detail: "row skipped",
+            bad_input,
+            origin,
+            key,
+            time,
+        })?;
+    }
+    Ok(())
+}
+
+/// Decodes a batch into samples; skips are counted, bad input dead-lettered.
 fn feed(
     t: &mut Tally,
     decoder: &Decoder,
@@ -752,73 +793,52 @@ fn feed(
     origins: &[RowOrigin],
     pending: &mut Samples,
 ) -> Result<()> {
-    let n = batch.num_rows() as u64;
-    match decoder.decode(batch) {
-        Err(e) => {
-            tracing::warn!(origin = %origins[0].source, row = origins[0].index, error = %e, "batch rejected");
-            *t.counters.skipped.entry(e.reason.clone()).or_default() += n;
-            for o in origins {
-                send_dead(
-                    t,
-                    &DeadLetter {
-                        reason: &e.reason,
-                        detail: &e.detail,
-                        origin: &o.source,
-                        row: o.index,
-                        rows: 1,
-                        key: None,
-                        time: None,
-                    },
-                )?;
-            }
+    let features = &mut t.features;
+    let (counters, telemetry, dead) = (&mut t.counters, &t.telemetry, &mut t.dead);
+    let mut letters = 0u64;
+    decode_rows(decoder, features, batch, origins, pending, |s| {
+        *counters.skipped.entry(s.reason.clone()).or_default() += 1;
+        telemetry.rows_skipped(&s.reason, s.bad_input, 1);
+        if !s.bad_input {
+            return Ok(());
         }
-        Ok(d) => {
-            let mut letters: Vec<(usize, String)> = Vec::new();
-            let skipped = &mut t.counters.skipped;
-            let metrics = &t.telemetry;
-            t.features.push_batch(&d, origins, pending, |i, reason| {
-                let label = reason.label();
-                if reason.is_bad_input() {
-                    letters.push((i, label.clone()));
-                } else {
-                    metrics.rows_skipped(&label, false, 1);
-                }
-                *skipped.entry(label).or_default() += 1;
-            });
-            for (i, label) in letters {
-                let key = (!arrow::array::Array::is_null(&d.key, i)).then(|| d.key.value(i));
-                let time = (!arrow::array::Array::is_null(&d.time, i)).then(|| d.time.value(i));
-                let o = &origins[i];
-                tracing::debug!(origin = %o.source, row = o.index, reason = %label, "row dead-lettered");
-                send_dead(
-                    t,
-                    &DeadLetter {
-                        reason: &label,
-                        detail: "row skipped",
-                        origin: &o.source,
-                        row: o.index,
-                        rows: 1,
-                        key,
-                        time,
-                    },
-                )?;
-            }
-        }
-    }
+        letters += 1;
+        dead.send(&DeadLetter {
+            reason: &s.reason,
+            detail: s.detail,
+            origin: &s.origin.source,
+            row: s.origin.index,
+            rows: 1,
+            key: s.key,
+            time: s.time,
+        })
+    })?;
+    t.counters.dead_letters += letters;
+    t.counters.dead_rows += letters;
     Ok(())
 }
 
 /// Restores the learner, features, metrics and counters from a checkpoint.
-fn restore(t: &mut Tally, c: Checkpoint, head: Head) -> Result<()> {
+fn restore(t: &mut Tally, c: Checkpoint) -> Result<()> {
     t.learner.restore(c.learner)?;
     t.features
         .restore(c.features)
         .map_err(|e| anyhow::anyhow!("checkpoint does not fit this schema: {e}"))?;
-    match (&c.metrics, head) {
-        (Metrics::Regression(_), Head::Regression)
-        | (Metrics::Classification(_), Head::Classification { .. }) => t.metrics = c.metrics,
-        _ => anyhow::bail!("checkpoint was written for another task"),
+    anyhow::ensure!(
+        c.metrics.whole.same_task(&t.metrics.whole),
+        "checkpoint was written for another task"
+    );
+    // The periods come from this configuration; a saved period of the same name continues.
+    let mut saved = c.metrics.periods;
+    for p in &mut t.metrics.periods {
+        if let Some(i) = saved
+            .iter()
+            .position(|s| s.name == p.name && s.start == p.start)
+        {
+            p.metrics = saved.swap_remove(i).metrics;
+        }
     }
+    t.metrics.whole = c.metrics.whole;
     t.counters = c.counters;
     t.counters.resumes += 1;
     t.positions = c
@@ -925,23 +945,8 @@ fn step(
     let sinks_on = sink_tx.is_some();
     let mut rows = Vec::with_capacity(if sinks_on { s.len() } else { 0 });
     for (i, ev) in s.eval.iter().enumerate() {
-        let prediction = match &mut t.metrics {
-            Metrics::Regression(r) => {
-                let p = ev.prediction(out.outputs[i]);
-                r.record(RegressionRow {
-                    prediction: p,
-                    target: ev.target,
-                    persistence: ev.persistence,
-                    seasonal: ev.seasonal,
-                });
-                p
-            }
-            Metrics::Classification(c) => {
-                let logits = &out.outputs[i * k..(i + 1) * k];
-                c.record(logits, ev.target as usize, ev.power.as_deref());
-                crate::learner::eval::argmax(logits) as f64
-            }
-        };
+        let (prediction, obs) = ev.observe(head, &out.outputs[i * k..(i + 1) * k]);
+        t.metrics.record(seen_before + i as u64, s.times[i], obs);
         if seen_before + i as u64 >= cfg.selection.warmup {
             t.counters.seen_after_warmup += 1;
             t.counters.trained_after_warmup += out.trained[i] as u64;

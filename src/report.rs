@@ -8,7 +8,8 @@ use comfy_table::{Cell, Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
 
 use crate::learner::buffer::BufferStats;
-use crate::learner::eval::{BeamMetrics, ErrorMetrics, EvalSummary};
+use crate::learner::compute::ComputeReport;
+use crate::learner::eval::{BeamMetrics, ErrorMetrics, EvalSummary, PeriodReport};
 
 /// Replay buffer state at the end of a run.
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +57,13 @@ pub struct RunReport {
     pub training_steps: u64,
     pub last_train_loss: f64,
     pub metrics: EvalSummary,
+    /// The same metrics per evaluation period (`[evaluation] periods`).
+    pub periods: Vec<PeriodReport>,
+    /// Work counted by the learner, and the saving against every-row training.
+    pub compute: ComputeReport,
+    pub selection_policy: String,
+    pub replay_ratio: f64,
+    pub replay_sampling: String,
     pub wall_s: f64,
     pub cpu_s: f64,
     pub samples_per_s: f64,
@@ -116,6 +124,20 @@ fn beam_row(t: &mut Table, name: &str, m: &BeamMetrics) {
 }
 
 impl RunReport {
+    /// The counted saving, in FLOPs and back-propagated rows, against every-row training.
+    fn compute_saved(&self) -> String {
+        let c = &self.compute;
+        format!(
+            "{:.1}% of FLOPs, {:.1}% of back-propagated rows ({:.3e} vs {:.3e} FLOPs; \
+             reference: every row, replay {})",
+            100.0 * c.saved_flops_fraction,
+            100.0 * c.saved_backward_fraction,
+            c.learn_flops,
+            c.reference.flops,
+            c.reference_replay_ratio
+        )
+    }
+
     /// The summary tables as printed at the end of `gradsift run`.
     pub fn render(&self) -> String {
         let mut t = Table::new();
@@ -126,10 +148,13 @@ impl RunReport {
             (
                 "pipeline".into(),
                 format!(
-                    "{} [{}; keep {}{}; {} backend]",
+                    "{} [{} scores, {} policy; keep {}; replay {} {}{}; {} backend]",
                     self.pipeline,
                     self.importance,
+                    self.selection_policy,
                     self.keep,
+                    self.replay_ratio,
+                    self.replay_sampling,
                     if self.unbiased_q > 0.0 {
                         format!(", unbiased q {}", self.unbiased_q)
                     } else {
@@ -192,6 +217,20 @@ impl RunReport {
                 self.backpropagated.to_string(),
             ),
             ("training steps".into(), self.training_steps.to_string()),
+            (
+                "compute saved vs every-row training".into(),
+                self.compute_saved(),
+            ),
+            (
+                "learning CPU (scoring / training)".into(),
+                format!(
+                    "{:.3} s ({:.3} / {:.3}); inference {:.3} s",
+                    self.compute.learn_cpu_s,
+                    self.compute.scoring.work.cpu_s,
+                    self.compute.training.work.cpu_s,
+                    self.compute.inference.work.cpu_s
+                ),
+            ),
             (
                 "wall time".into(),
                 format!("{:.2} s ({:.0} samples/s)", self.wall_s, self.samples_per_s),
@@ -277,6 +316,13 @@ impl RunReport {
                 ]);
                 beam_row(&mut m, "model, whole stream", &c.model);
                 beam_row(&mut m, "model, last window", &c.model_last_window);
+            }
+        }
+        for p in &self.periods {
+            let name = format!("model, period `{}`", p.name);
+            match &p.metrics {
+                EvalSummary::Regression(r) => err_row(&mut m, &name, &r.model),
+                EvalSummary::Classification(c) => beam_row(&mut m, &name, &c.model),
             }
         }
         let mut out = format!("{t}\n{m}\n");

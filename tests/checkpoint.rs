@@ -23,6 +23,7 @@ fn learner(d: usize) -> OnlineLearner {
             warmup: 64,
             window: 512,
             unbiased_q: 0.0,
+            ..SelectionConfig::default()
         },
         buffer: BufferConfig {
             policy: EvictionPolicy::Importance,
@@ -35,6 +36,7 @@ fn learner(d: usize) -> OnlineLearner {
             rescore_every: 4,
             rescore_slice: 32,
         },
+        reference_replay_ratio: 1.0,
         training: TrainingConfig {
             micro_batch: 32,
             learning_rate: 1e-2,

@@ -31,6 +31,7 @@ fn buffer_never_exceeds_either_cap_on_a_long_stream() {
                 warmup: 500,
                 window: 2048,
                 unbiased_q: 0.0,
+                ..SelectionConfig::default()
             },
             buffer: BufferConfig {
                 policy,
@@ -42,6 +43,7 @@ fn buffer_never_exceeds_either_cap_on_a_long_stream() {
                 rescore_every: 10,
                 rescore_slice: 128,
             },
+            reference_replay_ratio: 1.0,
             training: TrainingConfig {
                 micro_batch: 64,
                 learning_rate: 1e-3,

@@ -30,7 +30,7 @@ pub enum EvictionPolicy {
 #[serde(rename_all = "snake_case")]
 pub enum ReplaySampling {
     Uniform,
-    /// Probability ∝ effective importance (importance policy only).
+    /// Probability ∝ effective importance s·λ^age, loss weight 1/(N·p).
     Importance,
 }
 
@@ -100,6 +100,10 @@ impl Entry {
     }
 }
 
+/// Largest loss weight of a replayed row under importance sampling (bounds the variance that
+/// a near-zero score would otherwise bring).
+pub const MAX_REPLAY_WEIGHT: f64 = 20.0;
+
 /// Fixed bytes charged per entry: the slot, the ordering index node and the key's Arc header.
 pub const ENTRY_OVERHEAD: usize = size_of::<Option<Entry>>() + 2 * size_of::<(u64, usize)>() + 16;
 
@@ -134,6 +138,7 @@ fn sortable(v: f64) -> u64 {
     if b >> 63 == 1 { !b } else { b | (1 << 63) }
 }
 
+#[cfg(test)]
 fn unsortable(u: u64) -> f64 {
     let b = if u >> 63 == 1 { u & !(1 << 63) } else { !u };
     f64::from_bits(b)
@@ -294,35 +299,52 @@ impl ReplayBuffer {
         true
     }
 
-    /// Draws `n` slots to replay (with replacement).
-    pub fn sample(&self, n: usize, rng: &mut impl Rng) -> Vec<usize> {
-        if self.len == 0 {
-            return Vec::new();
+    /// Draws `n` slots to replay (with replacement) and their loss weights: uniformly with
+    /// weight 1, or with probability p_j ∝ e_j = s_j·λ^age and weight 1/(N·p_j) (capped at
+    /// [`MAX_REPLAY_WEIGHT`]), so that replay stays an unbiased sample of the buffer.
+    pub fn sample(&self, n: usize, rng: &mut impl Rng) -> (Vec<usize>, Vec<f32>) {
+        if self.len == 0 || n == 0 {
+            return (Vec::new(), Vec::new());
         }
-        let importance = self.cfg.replay_sampling == ReplaySampling::Importance
-            && self.cfg.policy == EvictionPolicy::Importance;
-        let max_rank = self
-            .order
-            .last()
-            .map(|(r, _)| unsortable(*r))
-            .unwrap_or(0.0);
+        if self.cfg.replay_sampling == ReplaySampling::Uniform {
+            let slots = (0..n)
+                .map(|_| self.random_live(rng).expect("non-empty"))
+                .collect();
+            return (slots, vec![1.0; n]);
+        }
+        // ln e_j up to a shared constant; relative to the largest, so exp cannot overflow.
+        let live: Vec<(usize, f64)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                e.as_ref().map(|e| {
+                    (
+                        i,
+                        (e.score.max(1e-30) as f64).ln() - e.born as f64 * self.ln_decay,
+                    )
+                })
+            })
+            .collect();
+        let top = live
+            .iter()
+            .map(|(_, l)| *l)
+            .fold(f64::NEG_INFINITY, f64::max);
+        let mut cum = Vec::with_capacity(live.len());
+        let mut total = 0.0;
+        for (_, l) in &live {
+            total += (l - top).exp();
+            cum.push(total);
+        }
+        let mean = total / live.len() as f64;
         (0..n)
             .map(|_| {
-                let mut s = self.random_live(rng).expect("non-empty");
-                if importance {
-                    // Rejection sampling against the largest e_i: accept with e_s / e_max.
-                    for _ in 0..32 {
-                        let e = self.slots[s].as_ref().expect("live");
-                        let p = (unsortable(self.rank(e)) - max_rank).exp();
-                        if rng.random::<f64>() < p {
-                            break;
-                        }
-                        s = self.random_live(rng).expect("non-empty");
-                    }
-                }
-                s
+                let u = rng.random::<f64>() * total;
+                let j = cum.partition_point(|c| *c <= u).min(live.len() - 1);
+                let e = (live[j].1 - top).exp();
+                (live[j].0, (mean / e).min(MAX_REPLAY_WEIGHT) as f32)
             })
-            .collect()
+            .unzip()
     }
 
     /// The next `n` live slots in a rotating sweep (for periodic re-scoring).
@@ -466,6 +488,30 @@ mod tests {
         let mut born: Vec<u64> = b.entries().map(|e| e.born).collect();
         born.sort();
         assert_eq!(born, vec![15, 16, 17, 18, 19]);
+    }
+
+    #[test]
+    fn importance_replay_draws_by_score_with_inverse_weights() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(8);
+        let mut c = cfg(EvictionPolicy::Fifo, 100, 1 << 20);
+        c.replay_sampling = ReplaySampling::Importance;
+        let mut b = ReplayBuffer::new(c);
+        for i in 0..100 {
+            b.offer(entry(1.0 + (i % 2) as f32 * 3.0, i, "k"), &mut rng);
+        }
+        let (slots, w) = b.sample(20_000, &mut rng);
+        let high = slots
+            .iter()
+            .filter(|s| b.get(**s).unwrap().score > 2.0)
+            .count();
+        // Scores 4 and 1 in equal numbers: 80% of the draws are the high ones.
+        assert!((high as f64 / 20_000.0 - 0.8).abs() < 0.02, "{high}");
+        // Weights 1/(N p): mean 2.5/4 for the high rows, 2.5 for the low; E[w] = 1.
+        let mean = w.iter().map(|v| *v as f64).sum::<f64>() / w.len() as f64;
+        assert!((mean - 1.0).abs() < 0.03, "mean weight {mean}");
+        let (slots, w) =
+            ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 4, 1 << 20)).sample(3, &mut rng);
+        assert!(slots.is_empty() && w.is_empty());
     }
 
     #[test]

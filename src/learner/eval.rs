@@ -11,6 +11,8 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use super::model::Head;
+
 /// One regression row to score.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct RegressionRow {
@@ -269,6 +271,152 @@ impl ClassificationEval {
     }
 }
 
+/// One row's observation, as either scoreboard takes it.
+#[derive(Debug, Clone, Copy)]
+pub enum Observation<'a> {
+    Regression(RegressionRow),
+    Classification {
+        logits: &'a [f32],
+        target: usize,
+        power: Option<&'a [f32]>,
+    },
+}
+
+/// The prequential scoreboard of the task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Metrics {
+    Regression(RegressionEval),
+    Classification(ClassificationEval),
+}
+
+impl Metrics {
+    pub fn new(head: Head, window: usize) -> Self {
+        match head {
+            Head::Regression => Metrics::Regression(RegressionEval::new(window)),
+            Head::Classification { .. } => Metrics::Classification(ClassificationEval::new(window)),
+        }
+    }
+    pub fn record(&mut self, o: Observation<'_>) {
+        match (self, o) {
+            (Metrics::Regression(r), Observation::Regression(row)) => r.record(row),
+            (
+                Metrics::Classification(c),
+                Observation::Classification {
+                    logits,
+                    target,
+                    power,
+                },
+            ) => c.record(logits, target, power),
+            _ => unreachable!("an observation of the scoreboard's own task"),
+        }
+    }
+    pub fn summary(&self) -> EvalSummary {
+        match self {
+            Metrics::Regression(r) => EvalSummary::Regression(r.summary()),
+            Metrics::Classification(c) => EvalSummary::Classification(c.summary()),
+        }
+    }
+    pub fn window_text(&self) -> String {
+        match self {
+            Metrics::Regression(r) => format!("window MAE {:.4}", r.window_mae()),
+            Metrics::Classification(c) => format!("window top-1 {:.3}", 1.0 - c.window_error()),
+        }
+    }
+    /// Whether both score the same task.
+    pub fn same_task(&self, other: &Metrics) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+}
+
+/// Where an evaluation period starts: a sample number of the stream, or an event time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Boundary {
+    Sample(u64),
+    /// Microseconds since the epoch (or the index, for index-timed streams).
+    Time(i64),
+}
+
+impl Boundary {
+    pub fn reached(&self, sample: u64, time: i64) -> bool {
+        match *self {
+            Boundary::Sample(s) => sample >= s,
+            Boundary::Time(t) => time >= t,
+        }
+    }
+}
+
+/// A named part of the stream with its own scoreboard: settings are chosen on one period
+/// (validation) and reported on a later one (test), never on the rows they were chosen on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Period {
+    pub name: String,
+    pub start: Boundary,
+    pub metrics: Metrics,
+}
+
+/// The whole-stream scoreboard and one per period.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scoreboard {
+    pub whole: Metrics,
+    /// In stream order; a row belongs to the last period whose start it has reached.
+    pub periods: Vec<Period>,
+}
+
+/// A period's figures in a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeriodReport {
+    pub name: String,
+    pub samples: u64,
+    pub metrics: EvalSummary,
+}
+
+impl Scoreboard {
+    pub fn new(head: Head, window: usize, periods: &[(String, Boundary)]) -> Self {
+        Scoreboard {
+            whole: Metrics::new(head, window),
+            periods: periods
+                .iter()
+                .map(|(name, start)| Period {
+                    name: name.clone(),
+                    start: *start,
+                    metrics: Metrics::new(head, window),
+                })
+                .collect(),
+        }
+    }
+
+    /// Records the `sample`-th row of the stream (event time `time`).
+    pub fn record(&mut self, sample: u64, time: i64, o: Observation<'_>) {
+        self.whole.record(o);
+        if let Some(p) = self
+            .periods
+            .iter_mut()
+            .rev()
+            .find(|p| p.start.reached(sample, time))
+        {
+            p.metrics.record(o);
+        }
+    }
+
+    pub fn periods(&self) -> Vec<PeriodReport> {
+        self.periods
+            .iter()
+            .map(|p| {
+                let metrics = p.metrics.summary();
+                let samples = match &metrics {
+                    EvalSummary::Regression(r) => r.model.n,
+                    EvalSummary::Classification(c) => c.model.n,
+                };
+                PeriodReport {
+                    name: p.name.clone(),
+                    samples,
+                    metrics,
+                }
+            })
+            .collect()
+    }
+}
+
 pub fn argmax(v: &[f32]) -> usize {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
@@ -300,6 +448,30 @@ mod tests {
         assert!((s.model_last_window.mae - 2.0).abs() < 1e-12);
         assert!((s.persistence.mae - 1.0).abs() < 1e-12);
         assert_eq!(s.seasonal.n, 0);
+    }
+
+    #[test]
+    fn rows_land_in_the_period_they_reached() {
+        let periods = [
+            ("validation".to_string(), Boundary::Sample(2)),
+            ("test".to_string(), Boundary::Time(100)),
+        ];
+        let mut b = Scoreboard::new(Head::Regression, 10, &periods);
+        for (i, t) in [0i64, 10, 20, 100, 110].iter().enumerate() {
+            let row = RegressionRow {
+                prediction: i as f64,
+                target: 0.0,
+                persistence: None,
+                seasonal: None,
+            };
+            b.record(i as u64, *t, Observation::Regression(row));
+        }
+        let p = b.periods();
+        assert_eq!((p[0].samples, p[1].samples), (1, 2));
+        let EvalSummary::Regression(test) = &p[1].metrics else {
+            panic!("regression")
+        };
+        assert!((test.model.mae - 3.5).abs() < 1e-12);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! and targets, the keys and times it must remember for the buffer, and nothing else.
 
 pub mod buffer;
+pub mod compute;
 pub mod eval;
 pub mod importance;
 pub mod model;
@@ -23,6 +24,7 @@ use rand::rngs::SmallRng;
 use serde::{Deserialize, Serialize};
 
 use buffer::{BufferConfig, BufferState, Entry, ReplayBuffer};
+use compute::{ComputeLedger, ComputeReport, FlopModel, Stopwatch, Work};
 use importance::{ImportanceMethod, ImportanceScorer, Scored};
 use model::{Head, Mlp, SavedLayer};
 use select::{SelectionConfig, Selector, SelectorState};
@@ -117,6 +119,8 @@ pub struct LearnerConfig {
     pub selection: SelectionConfig,
     pub buffer: BufferConfig,
     pub training: TrainingConfig,
+    /// Replay ratio of the every-row training that compute saved is measured against.
+    pub reference_replay_ratio: f64,
 }
 
 /// A micro-batch of fresh samples: row-major features `[n, inputs]`, targets, and the keys and
@@ -166,6 +170,7 @@ pub struct LearnerState {
     pub selector: SelectorState,
     pub buffer: BufferState,
     pub stats: LearnerStats,
+    pub ledger: ComputeLedger,
 }
 
 impl LearnerState {
@@ -186,6 +191,8 @@ pub struct OnlineLearner {
     buffer: ReplayBuffer,
     rng: SmallRng,
     stats: LearnerStats,
+    ledger: ComputeLedger,
+    flops: FlopModel,
 }
 
 impl OnlineLearner {
@@ -202,11 +209,22 @@ impl OnlineLearner {
             cfg.head,
             &device.clone().autodiff(),
         );
+        // A policy that ignores scores gets the free ones (the loss, from the forward pass).
+        let method = if cfg.selection.policy.needs_scores() {
+            cfg.importance
+        } else {
+            ImportanceMethod::Loss
+        };
+        let mut widths = vec![cfg.inputs];
+        widths.extend(&cfg.model.hidden);
+        widths.push(cfg.head.outputs());
         OnlineLearner {
             device,
             model,
             optim: AdamConfig::new().init(),
-            scorer: ImportanceScorer::new(cfg.importance, cfg.head),
+            scorer: ImportanceScorer::new(method, cfg.head),
+            ledger: ComputeLedger::default(),
+            flops: FlopModel::new(&widths),
             selector: Selector::new(cfg.selection.clone()),
             buffer: ReplayBuffer::new(cfg.buffer.clone()),
             rng: SmallRng::seed_from_u64(cfg.training.seed),
@@ -228,6 +246,7 @@ impl OnlineLearner {
             selector: self.selector.state(),
             buffer: self.buffer.state(),
             stats: self.stats,
+            ledger: self.ledger,
         })
     }
 
@@ -249,6 +268,7 @@ impl OnlineLearner {
         self.selector.restore(s.selector);
         self.buffer.restore(s.buffer);
         self.stats = s.stats;
+        self.ledger = s.ledger;
         // A fresh stream of random draws, different from the one before the restart.
         self.rng = SmallRng::seed_from_u64(self.cfg.training.seed ^ s.stats.seen);
         Ok(())
@@ -260,6 +280,11 @@ impl OnlineLearner {
     pub fn buffer(&self) -> &ReplayBuffer {
         &self.buffer
     }
+    /// The work counted so far, with FLOPs and the saving against every-row training.
+    pub fn compute(&self) -> ComputeReport {
+        self.ledger
+            .report(&self.flops, self.cfg.reference_replay_ratio)
+    }
 
     /// One prequential step over a micro-batch of fresh samples.
     pub fn learn_batch(&mut self, b: FreshBatch<'_>) -> StepOutcome {
@@ -267,15 +292,19 @@ impl OnlineLearner {
         if n == 0 {
             return StepOutcome::default();
         }
-        let replay_n = if self.buffer.is_empty() {
-            0
+        let mut clock = Stopwatch::start();
+        let ratio = self.cfg.buffer.replay_ratio * self.selector.replay_scale();
+        let (replay_n, reference_n) = if self.buffer.is_empty() {
+            (0, 0)
         } else {
-            (self.cfg.buffer.replay_ratio * n as f64).round() as usize
+            let per = |r: f64| (r * n as f64).round() as usize;
+            (per(ratio), per(self.cfg.reference_replay_ratio))
         };
-        let replay = self.buffer.sample(replay_n, &mut self.rng);
-        let mut x = Vec::with_capacity((n + replay.len()) * self.cfg.inputs);
+        let (replay, replay_w) = self.buffer.sample(replay_n, &mut self.rng);
+        let r = replay.len();
+        let mut x = Vec::with_capacity((n + r) * self.cfg.inputs);
         x.extend_from_slice(b.x);
-        let mut y = Vec::with_capacity(n + replay.len());
+        let mut y = Vec::with_capacity(n + r);
         y.extend_from_slice(b.y);
         self.buffer.gather(&replay, &mut x, &mut y);
 
@@ -283,76 +312,56 @@ impl OnlineLearner {
         let scored = self
             .scorer
             .score(&params, x, &y, &self.device, &mut self.rng);
+        let pass_cpu = clock.lap();
         let decision = self.selector.decide(&scored.scores[..n], &mut self.rng);
 
-        // Loss weights: fresh rows as decided, replayed rows 1; normalised to a mean.
+        // Loss weights: fresh rows as decided, replayed rows as drawn; a mean over the rows
+        // trained, or over all rows considered when the weights are inverse probabilities.
         let mut w: Vec<f32> = decision.weights.clone();
-        w.resize(n + replay.len(), 1.0);
-        let denom = if self.cfg.selection.unbiased_q > 0.0 {
-            (n + replay.len()) as f32
+        w.extend_from_slice(&replay_w);
+        let trained_fresh = decision.trained();
+        let trained_rows = trained_fresh + r;
+        let denom = if decision.unbiased {
+            (n + r) as f32
         } else {
-            w.iter().filter(|v| **v > 0.0).count().max(1) as f32
+            trained_rows.max(1) as f32
         };
         for v in &mut w {
             *v /= denom;
         }
-        let trained_rows = w.iter().filter(|v| **v > 0.0).count();
-        let train_loss = {
-            let (num, den) = w
-                .iter()
-                .zip(&scored.losses)
-                .fold((0f64, 0f64), |(a, c), (wi, li)| {
-                    (a + (*wi as f64) * (*li as f64), c + *wi as f64)
-                });
-            if den > 0.0 {
-                (num / den) as f32
-            } else {
-                f32::NAN
-            }
-        };
-        self.stats.backpropagated += if self.cfg.importance.backward_on_all_rows() {
-            (n + replay.len()) as u64
-        } else {
-            trained_rows as u64
-        };
+        let train_loss = weighted_mean(&w, &scored.losses);
+        self.account_pass(n, r, trained_fresh, pass_cpu + clock.lap());
+        self.ledger.reference.add(&Work {
+            rows_forward: reference_n as u64,
+            rows_backward: (n + reference_n) as u64,
+            rows_weight_grad: (n + reference_n) as u64,
+            optimizer_steps: 1,
+            cpu_s: 0.0,
+        });
         if trained_rows > 0 {
             self.train(&params, scored_parts(&scored), w);
         }
 
-        // Replayed rows were scored by this pass: refresh their stored scores.
+        // Replayed rows were scored by this pass for free: refresh their stored scores.
         let version_before = self.stats.steps.saturating_sub(1);
         for (j, &slot) in replay.iter().enumerate() {
             self.buffer
                 .rescore(slot, scored.scores[n + j], version_before);
         }
-
-        let dim = self.cfg.inputs;
-        let mut retained = vec![false; n];
-        let mut trained = vec![false; n];
-        for i in 0..n {
-            trained[i] = decision.weights[i] > 0.0;
-            if decision.selected[i] {
-                let e = Entry {
-                    x: b.x[i * dim..(i + 1) * dim].into(),
-                    y: b.y[i],
-                    key: b.keys[i].clone(),
-                    time: b.times[i],
-                    score: scored.scores[i],
-                    version: version_before,
-                    born: self.stats.seen + i as u64,
-                };
-                retained[i] = self.buffer.offer(e, &mut self.rng);
-            }
-        }
+        let retained = self.retain(&b, &scored.scores[..n], &decision.selected, version_before);
+        let trained: Vec<bool> = decision.weights.iter().map(|w| *w > 0.0).collect();
         self.stats.seen += n as u64;
         self.stats.selected += decision.selected.iter().filter(|s| **s).count() as u64;
-        self.stats.trained_fresh += trained.iter().filter(|t| **t).count() as u64;
-        self.stats.trained_replay += replay.len() as u64 * (trained_rows > 0) as u64;
+        self.stats.trained_fresh += trained_fresh as u64;
+        self.stats.trained_replay += r as u64 * (trained_rows > 0) as u64;
+        self.ledger.training.cpu_s += clock.lap();
 
         let every = self.cfg.buffer.rescore_every;
         if every > 0 && trained_rows > 0 && self.stats.steps.is_multiple_of(every) {
             self.rescore_slice();
         }
+        self.stats.backpropagated =
+            self.ledger.scoring.rows_backward + self.ledger.training.rows_backward;
 
         StepOutcome {
             outputs: scored.outputs[..n * self.cfg.head.outputs()].to_vec(),
@@ -365,28 +374,95 @@ impl OnlineLearner {
         }
     }
 
-    /// One Adam step on Σ w_i ℓ_i.
+    /// Books the shared forward (and, for exact scores, backward) pass over n fresh and r
+    /// replayed rows: the fresh forward is inference, the replayed forward is training; the
+    /// backward of fresh rows that are then not trained is scoring. The pass's CPU time is
+    /// split in proportion to the FLOPs of each part.
+    fn account_pass(&mut self, n: usize, r: usize, trained_fresh: usize, cpu_s: f64) {
+        let f = self.flops;
+        let (n, r, tf) = (n as u64, r as u64, trained_fresh as u64);
+        let backward_all = self.scorer.method.backward_on_all_rows();
+        let (score_bwd, train_bwd) = if backward_all {
+            (n - tf, tf + r)
+        } else {
+            (0, 0)
+        };
+        let parts = [
+            n as f64 * f.forward_row,
+            score_bwd as f64 * f.backward_row,
+            r as f64 * f.forward_row + train_bwd as f64 * f.backward_row,
+        ];
+        let total: f64 = parts.iter().sum::<f64>().max(1.0);
+        let l = &mut self.ledger;
+        l.inference.rows_forward += n;
+        l.inference.cpu_s += cpu_s * parts[0] / total;
+        l.scoring.rows_backward += score_bwd;
+        l.scoring.cpu_s += cpu_s * parts[1] / total;
+        l.training.rows_forward += r;
+        l.training.rows_backward += train_bwd;
+        l.training.cpu_s += cpu_s * parts[2] / total;
+    }
+
+    /// Offers the selected fresh rows to the buffer; returns which were admitted.
+    fn retain(
+        &mut self,
+        b: &FreshBatch<'_>,
+        scores: &[f32],
+        selected: &[bool],
+        version: u64,
+    ) -> Vec<bool> {
+        let dim = self.cfg.inputs;
+        (0..b.y.len())
+            .map(|i| {
+                selected[i] && {
+                    let e = Entry {
+                        x: b.x[i * dim..(i + 1) * dim].into(),
+                        y: b.y[i],
+                        key: b.keys[i].clone(),
+                        time: b.times[i],
+                        score: scores[i],
+                        version,
+                        born: self.stats.seen + i as u64,
+                    };
+                    self.buffer.offer(e, &mut self.rng)
+                }
+            })
+            .collect()
+    }
+
+    /// One Adam step on Σ w_i ℓ_i, over the rows with w_i > 0 only.
     fn train(&mut self, params: &[model::DenseParams], parts: ScoredParts<'_>, w: Vec<f32>) {
-        let rows = w.len();
+        let (idx, wsub): (Vec<i64>, Vec<f32>) = w
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| **v > 0.0)
+            .map(|(i, v)| (i as i64, *v))
+            .unzip();
+        let m = idx.len();
+        let all = m == w.len();
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [m]), &self.device);
+        let wt = Tensor::<2>::from_data(TensorData::new(wsub, [m, 1]), &self.device);
         let grads = match parts {
-            ScoredParts::Full { inputs, deltas } => {
-                let wt = Tensor::<2>::from_data(TensorData::new(w, [rows, 1]), &self.device);
+            ScoredParts::Full { inputs, deltas } if all => {
                 model::weighted_grads(inputs, deltas, wt)
+            }
+            ScoredParts::Full { inputs, deltas } => {
+                let pick = |v: &[Tensor<2>]| -> Vec<Tensor<2>> {
+                    v.iter().map(|t| t.clone().select(0, idx.clone())).collect()
+                };
+                model::weighted_grads(&pick(inputs), &pick(deltas), wt)
             }
             ScoredParts::Pending { trace, g_out } => {
                 // Forward-only scores: back-propagate the trained rows alone.
-                let (idx, wsub): (Vec<i64>, Vec<f32>) = w
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, v)| **v > 0.0)
-                    .map(|(i, v)| (i as i64, *v))
-                    .unzip();
-                let m = idx.len();
-                let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [m]), &self.device);
-                let sub = trace.rows(&idx);
-                let g = g_out.clone().select(0, idx);
-                let deltas = model::backward_deltas(params, &sub, g);
-                let wt = Tensor::<2>::from_data(TensorData::new(wsub, [m, 1]), &self.device);
+                let picked;
+                let (sub, g) = if all {
+                    (trace, g_out.clone())
+                } else {
+                    picked = trace.rows(&idx);
+                    (&picked, g_out.clone().select(0, idx))
+                };
+                let deltas = model::backward_deltas(params, sub, g);
+                self.ledger.training.rows_backward += m as u64;
                 model::weighted_grads(&sub.inputs, &deltas, wt)
             }
         };
@@ -395,10 +471,60 @@ impl OnlineLearner {
             .optim
             .step(self.cfg.training.learning_rate, self.model.clone(), grads);
         self.stats.steps += 1;
+        self.ledger.training.rows_weight_grad += m as u64;
+        self.ledger.training.optimizer_steps += 1;
     }
 
-    /// Re-scores the next slice of the buffer with the current model.
+    /// Offline (`gradsift train`): one optimiser step on the given rows, loss weights `w`
+    /// normalised to sum to one. Returns each row's score from this very pass, which costs
+    /// nothing extra: the ghost norm of the training backward, or the proxy of its forward.
+    pub fn fit_rows(&mut self, x: Vec<f32>, y: &[f32], w: &[f32]) -> Vec<f32> {
+        let mut clock = Stopwatch::start();
+        let n = y.len() as u64;
+        let params = self.model.dense_params();
+        let scored = self
+            .scorer
+            .score(&params, x, y, &self.device, &mut self.rng);
+        let total = w.iter().map(|v| *v as f64).sum::<f64>().max(1e-30);
+        let w: Vec<f32> = w.iter().map(|v| (*v as f64 / total) as f32).collect();
+        self.ledger.training.rows_forward += n;
+        if self.scorer.method.backward_on_all_rows() {
+            self.ledger.training.rows_backward += n;
+        }
+        self.train(&params, scored_parts(&scored), w);
+        self.ledger.training.cpu_s += clock.lap();
+        scored.scores
+    }
+
+    /// Model outputs of `n` rows, forward only (evaluation work, booked as inference).
+    pub fn predict(&mut self, x: Vec<f32>, n: usize) -> Vec<f32> {
+        let mut clock = Stopwatch::start();
+        let params = self.model.dense_params();
+        let xt = model::matrix(x, n, self.cfg.inputs, &self.device);
+        let out = model::to_vec(model::trace(&params, xt).output());
+        self.ledger.inference.rows_forward += n as u64;
+        self.ledger.inference.cpu_s += clock.lap();
+        out
+    }
+
+    /// The model's weights (to keep the best epoch's).
+    pub fn weights(&self) -> Vec<SavedLayer> {
+        self.model.to_saved()
+    }
+
+    /// Puts back weights taken by [`Self::weights`].
+    pub fn set_weights(&mut self, saved: &[SavedLayer]) {
+        self.model = Mlp::from_saved(saved, &self.device.clone().autodiff());
+    }
+
+    /// Adds what every-row training would have done (offline: per epoch).
+    pub fn book_reference(&mut self, w: Work) {
+        self.ledger.reference.add(&w);
+    }
+
+    /// Re-scores the next slice of the buffer with the current model (scoring work).
     fn rescore_slice(&mut self) {
+        let mut clock = Stopwatch::start();
         let slots = self.buffer.rescore_slice(self.cfg.buffer.rescore_slice);
         if slots.is_empty() {
             return;
@@ -409,12 +535,26 @@ impl OnlineLearner {
         let scored = self
             .scorer
             .score(&params, x, &y, &self.device, &mut self.rng);
-        if self.cfg.importance.backward_on_all_rows() {
-            self.stats.backpropagated += slots.len() as u64;
+        let rows = slots.len() as u64;
+        self.ledger.scoring.rows_forward += rows;
+        if self.scorer.method.backward_on_all_rows() {
+            self.ledger.scoring.rows_backward += rows;
         }
         for (slot, s) in slots.iter().zip(scored.scores) {
             self.buffer.rescore(*slot, s, self.stats.steps);
         }
+        self.ledger.scoring.cpu_s += clock.lap();
+    }
+}
+
+fn weighted_mean(w: &[f32], v: &[f32]) -> f32 {
+    let (num, den) = w.iter().zip(v).fold((0f64, 0f64), |(a, c), (wi, li)| {
+        (a + (*wi as f64) * (*li as f64), c + *wi as f64)
+    });
+    if den > 0.0 {
+        (num / den) as f32
+    } else {
+        f32::NAN
     }
 }
 

@@ -1,0 +1,197 @@
+//! Compute accounting: what learning actually cost, counted, next to what training on every
+//! row would have cost on the same stream.
+//!
+//! Selection is only worth its name if it saves work, so the learner counts its work in the
+//! units the work is made of: rows through a forward pass, rows whose activation gradients
+//! were back-propagated, rows in a weight gradient, optimiser steps, and thread CPU time.
+//! Three buckets keep the purposes apart: `inference` (the prequential prediction of every
+//! fresh row, needed whatever is trained), `scoring` (work done only to know a score: the
+//! backward of rows that are then not trained, re-scoring the buffer) and `training`. The
+//! `reference` bucket counts, step by step, what every-row training would have done on the
+//! same micro-batches (every fresh row plus `reference_replay_ratio` replayed rows per fresh
+//! row, one step per micro-batch), so "compute saved" is derived from counts, not guessed.
+//! FLOPs follow from the layer widths: per row, a forward costs Σ 2·d_in·d_out, the
+//! activation-gradient backward Σ over all layers but the first, a weight gradient
+//! Σ 2·d_in·d_out again; an Adam step about 12 FLOPs per parameter.
+
+use serde::{Deserialize, Serialize};
+
+/// Work of one kind, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Work {
+    pub rows_forward: u64,
+    pub rows_backward: u64,
+    pub rows_weight_grad: u64,
+    pub optimizer_steps: u64,
+    /// Thread CPU seconds (the reference has none: it was not run).
+    pub cpu_s: f64,
+}
+
+impl Work {
+    pub fn add(&mut self, o: &Work) {
+        self.rows_forward += o.rows_forward;
+        self.rows_backward += o.rows_backward;
+        self.rows_weight_grad += o.rows_weight_grad;
+        self.optimizer_steps += o.optimizer_steps;
+        self.cpu_s += o.cpu_s;
+    }
+}
+
+/// The learner's running account (kept in checkpoints).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct ComputeLedger {
+    pub inference: Work,
+    pub scoring: Work,
+    pub training: Work,
+    pub reference: Work,
+}
+
+/// FLOPs per unit of work for one MLP.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlopModel {
+    pub forward_row: f64,
+    pub backward_row: f64,
+    pub weight_grad_row: f64,
+    pub step: f64,
+}
+
+impl FlopModel {
+    /// From the layer widths `[inputs, hidden…, outputs]`.
+    pub fn new(widths: &[usize]) -> Self {
+        let layers: Vec<f64> = widths
+            .windows(2)
+            .map(|w| 2.0 * (w[0] * w[1]) as f64)
+            .collect();
+        let params: f64 = widths.windows(2).map(|w| (w[0] * w[1] + w[1]) as f64).sum();
+        FlopModel {
+            forward_row: layers.iter().sum(),
+            backward_row: layers.iter().skip(1).sum(),
+            weight_grad_row: layers.iter().sum(),
+            step: 12.0 * params,
+        }
+    }
+
+    pub fn flops(&self, w: &Work) -> f64 {
+        w.rows_forward as f64 * self.forward_row
+            + w.rows_backward as f64 * self.backward_row
+            + w.rows_weight_grad as f64 * self.weight_grad_row
+            + w.optimizer_steps as f64 * self.step
+    }
+}
+
+/// One bucket in a report: the counts and their FLOPs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct WorkReport {
+    #[serde(flatten)]
+    pub work: Work,
+    pub flops: f64,
+}
+
+/// The `compute` block of a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ComputeReport {
+    pub inference: WorkReport,
+    pub scoring: WorkReport,
+    pub training: WorkReport,
+    /// Every-row training on the same micro-batches (counted, not run).
+    pub reference: WorkReport,
+    pub reference_replay_ratio: f64,
+    /// Scoring + training FLOPs.
+    pub learn_flops: f64,
+    pub learn_cpu_s: f64,
+    /// 1 − learn FLOPs / reference FLOPs.
+    pub saved_flops_fraction: f64,
+    /// 1 − back-propagated rows / reference back-propagated rows.
+    pub saved_backward_fraction: f64,
+}
+
+impl ComputeLedger {
+    pub fn report(&self, model: &FlopModel, reference_replay_ratio: f64) -> ComputeReport {
+        let r = |w: &Work| WorkReport {
+            work: *w,
+            flops: model.flops(w),
+        };
+        let learn_flops = model.flops(&self.scoring) + model.flops(&self.training);
+        let ref_flops = model.flops(&self.reference);
+        let backward = self.scoring.rows_backward + self.training.rows_backward;
+        ComputeReport {
+            inference: r(&self.inference),
+            scoring: r(&self.scoring),
+            training: r(&self.training),
+            reference: r(&self.reference),
+            reference_replay_ratio,
+            learn_flops,
+            learn_cpu_s: self.scoring.cpu_s + self.training.cpu_s,
+            saved_flops_fraction: saved(learn_flops, ref_flops),
+            saved_backward_fraction: saved(backward as f64, self.reference.rows_backward as f64),
+        }
+    }
+}
+
+fn saved(used: f64, reference: f64) -> f64 {
+    if reference > 0.0 {
+        1.0 - used / reference
+    } else {
+        f64::NAN
+    }
+}
+
+/// Thread CPU time since the last call, in seconds: the learner's stopwatch for splitting
+/// a step's cost between buckets.
+pub struct Stopwatch(cpu_time::ThreadTime);
+
+impl Stopwatch {
+    pub fn start() -> Self {
+        Stopwatch(cpu_time::ThreadTime::now())
+    }
+    /// Seconds since the start or the last lap.
+    pub fn lap(&mut self) -> f64 {
+        let now = cpu_time::ThreadTime::now();
+        let d = now.duration_since(self.0).as_secs_f64();
+        self.0 = now;
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flops_follow_the_layer_widths() {
+        // 16 → 64 → 64 → 1: the shapes of issue 11's table (7.4 MFLOP per 256 rows).
+        let m = FlopModel::new(&[16, 64, 64, 1]);
+        assert_eq!(m.forward_row, 2.0 * (16.0 * 64.0 + 64.0 * 64.0 + 64.0));
+        assert_eq!(m.backward_row, 2.0 * (64.0 * 64.0 + 64.0));
+        let per_256 = 256.0 * (m.forward_row + m.backward_row + m.weight_grad_row);
+        assert!((per_256 / 1e6 - 7.44).abs() < 0.05, "{per_256}");
+    }
+
+    #[test]
+    fn saved_fraction_compares_learning_with_the_reference() {
+        let m = FlopModel::new(&[4, 8, 1]);
+        let mut l = ComputeLedger::default();
+        l.training = Work {
+            rows_forward: 10,
+            rows_backward: 40,
+            rows_weight_grad: 40,
+            optimizer_steps: 5,
+            cpu_s: 0.5,
+        };
+        l.reference = Work {
+            rows_forward: 20,
+            rows_backward: 80,
+            rows_weight_grad: 80,
+            optimizer_steps: 10,
+            cpu_s: 0.0,
+        };
+        let r = l.report(&m, 1.0);
+        assert!((r.saved_flops_fraction - 0.5).abs() < 1e-12);
+        assert!((r.saved_backward_fraction - 0.5).abs() < 1e-12);
+        assert_eq!(r.learn_cpu_s, 0.5);
+        // Scoring work counts against the saving.
+        l.scoring.rows_backward = 40;
+        let r = l.report(&m, 1.0);
+        assert!(r.saved_backward_fraction.abs() < 1e-12);
+    }
+}

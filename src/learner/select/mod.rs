@@ -1,0 +1,426 @@
+//! Selection: which fresh samples are trained on, and with what loss weight.
+//!
+//! Every policy sees the same things, the micro-batch's importance scores and a window of the
+//! last `window` scores (so it follows drift; the quantile-sketch crates summarise a whole
+//! stream and cannot forget), and returns the same [`Decision`]. The first `warmup` samples
+//! train unconditionally: an untrained model's scores mean little. The policies, each a
+//! small type in its own file:
+//! - `top_k` (the published rule): keep scores ≥ τ, the (1 − keep) quantile of the window;
+//!   `unbiased_q > 0` also trains a below-τ row with probability q and weight 1/q (InfoBatch).
+//! - `random`: keep each row with probability `keep`, whatever its score (the baseline every
+//!   other policy must beat at equal compute; it needs no scores at all).
+//! - `sample`: importance sampling, keep row i with p_i ∝ s_i (mean `keep`), weight 1/p_i.
+//! - `infobatch`: prune below-mean rows at random, reweight the survivors (Qin et al. 2024).
+//! - `trim`: drop the top `trim` fraction by score (an outlier filter), then sample at random.
+//! - `surprise`: compute follows surprise: keep fraction and replay ratio scale with the
+//!   stream's score level against its running baseline.
+//!
+//! A policy with inverse-probability weights marks its decision `unbiased`: the learner then
+//! normalises the loss by the rows considered, not the rows kept, so the expected gradient is
+//! the full-data gradient.
+
+mod infobatch;
+mod sample;
+mod surprise;
+mod top_k;
+mod trim;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+pub use surprise::SurpriseConfig;
+
+/// The policies (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyKind {
+    #[default]
+    TopK,
+    Random,
+    Sample,
+    Infobatch,
+    Trim,
+    Surprise,
+}
+
+impl PolicyKind {
+    /// Whether decisions depend on the scores (random needs none: no scoring work).
+    pub fn needs_scores(self) -> bool {
+        self != PolicyKind::Random
+    }
+}
+
+/// Selection settings (the `[selection]` table of a pipeline).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectionConfig {
+    #[serde(default)]
+    pub policy: PolicyKind,
+    /// Fraction of samples to train on after warm-up, in (0, 1].
+    pub keep: f64,
+    /// Number of samples that train unconditionally at the start.
+    #[serde(default = "default_warmup")]
+    pub warmup: u64,
+    /// Number of recent scores the policies look at.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// `top_k`: probability of training a below-threshold sample (0 disables it).
+    #[serde(default)]
+    pub unbiased_q: f64,
+    /// `trim`: fraction of the highest scores dropped, in [0, 1).
+    #[serde(default = "default_trim")]
+    pub trim: f64,
+    /// `surprise`: how the keep fraction follows the score level.
+    #[serde(default)]
+    pub surprise: SurpriseConfig,
+}
+
+impl Default for SelectionConfig {
+    /// Every row trained (`top_k` at keep 1).
+    fn default() -> Self {
+        SelectionConfig {
+            policy: PolicyKind::TopK,
+            keep: 1.0,
+            warmup: default_warmup(),
+            window: default_window(),
+            unbiased_q: 0.0,
+            trim: default_trim(),
+            surprise: SurpriseConfig::default(),
+        }
+    }
+}
+
+fn default_warmup() -> u64 {
+    1000
+}
+fn default_window() -> usize {
+    4096
+}
+fn default_trim() -> f64 {
+    0.03
+}
+
+/// The decision for one micro-batch.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The policy's cut-off for this batch (τ for `top_k` and `trim`, the window mean for
+    /// `sample` and `infobatch`; −∞ while warming up or when there is none).
+    pub threshold: f32,
+    /// Whether each row was chosen by the policy.
+    pub selected: Vec<bool>,
+    /// Loss weight of each row in the training step: 0 dropped.
+    pub weights: Vec<f32>,
+    /// The weights are inverse probabilities (normalise by the rows considered).
+    pub unbiased: bool,
+    /// Multiplier of the replay ratio for this step (1 but for `surprise`).
+    pub replay_scale: f64,
+}
+
+impl Default for Decision {
+    fn default() -> Self {
+        Decision {
+            threshold: f32::NEG_INFINITY,
+            selected: Vec::new(),
+            weights: Vec::new(),
+            unbiased: false,
+            replay_scale: 1.0,
+        }
+    }
+}
+
+impl Decision {
+    /// Number of rows with a non-zero training weight.
+    pub fn trained(&self) -> usize {
+        self.weights.iter().filter(|w| **w > 0.0).count()
+    }
+    fn push(&mut self, selected: bool, weight: f32) {
+        self.selected.push(selected);
+        self.weights.push(weight);
+    }
+}
+
+/// The last `cap` scores, oldest overwritten first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ScoreWindow {
+    ring: Vec<f32>,
+    next: usize,
+    cap: usize,
+    #[serde(skip)]
+    scratch: Vec<f32>,
+}
+
+impl ScoreWindow {
+    pub fn new(cap: usize) -> Self {
+        let cap = cap.max(1);
+        ScoreWindow {
+            ring: Vec::with_capacity(cap),
+            next: 0,
+            cap,
+            scratch: Vec::with_capacity(cap),
+        }
+    }
+    pub fn push(&mut self, s: f32) {
+        let s = if s.is_finite() { s } else { f32::MAX };
+        if self.ring.len() < self.cap {
+            self.ring.push(s);
+        } else {
+            self.ring[self.next] = s;
+        }
+        self.next = (self.next + 1) % self.cap;
+    }
+    pub fn len(&self) -> usize {
+        self.ring.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ring.is_empty()
+    }
+    pub fn values(&self) -> &[f32] {
+        &self.ring
+    }
+    /// The `level` quantile (linear-time selection over a copy); −∞ when empty.
+    pub fn quantile(&mut self, level: f64) -> f32 {
+        if self.ring.is_empty() {
+            return f32::NEG_INFINITY;
+        }
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&self.ring);
+        let len = self.scratch.len();
+        let k = ((level.clamp(0.0, 1.0) * len as f64).floor() as usize).min(len - 1);
+        let (_, kth, _) = self.scratch.select_nth_unstable_by(k, f32::total_cmp);
+        *kth
+    }
+    pub fn mean(&self) -> f64 {
+        if self.ring.is_empty() {
+            return 0.0;
+        }
+        self.ring.iter().map(|s| *s as f64).sum::<f64>() / self.ring.len() as f64
+    }
+    /// A window of another capacity keeps its newest scores.
+    fn resized(mut self, cap: usize) -> Self {
+        let cap = cap.max(1);
+        if self.cap != cap {
+            let mut ordered: Vec<f32> = if self.ring.len() < self.cap {
+                self.ring.clone()
+            } else {
+                let (a, b) = self.ring.split_at(self.next);
+                b.iter().chain(a).copied().collect()
+            };
+            let drop = ordered.len().saturating_sub(cap);
+            ordered.drain(..drop);
+            self.next = ordered.len() % cap;
+            self.ring = ordered;
+            self.cap = cap;
+        }
+        self
+    }
+}
+
+/// One policy's state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Rule {
+    TopK(top_k::TopK),
+    Random,
+    Sample(sample::Proportional),
+    InfoBatch(infobatch::InfoBatch),
+    Trim(trim::Trim),
+    Surprise(surprise::Surprise),
+}
+
+impl Rule {
+    fn new(kind: PolicyKind) -> Self {
+        match kind {
+            PolicyKind::TopK => Rule::TopK(top_k::TopK::default()),
+            PolicyKind::Random => Rule::Random,
+            PolicyKind::Sample => Rule::Sample(sample::Proportional::default()),
+            PolicyKind::Infobatch => Rule::InfoBatch(infobatch::InfoBatch::default()),
+            PolicyKind::Trim => Rule::Trim(trim::Trim),
+            PolicyKind::Surprise => Rule::Surprise(surprise::Surprise::default()),
+        }
+    }
+    fn kind(&self) -> PolicyKind {
+        match self {
+            Rule::TopK(_) => PolicyKind::TopK,
+            Rule::Random => PolicyKind::Random,
+            Rule::Sample(_) => PolicyKind::Sample,
+            Rule::InfoBatch(_) => PolicyKind::Infobatch,
+            Rule::Trim(_) => PolicyKind::Trim,
+            Rule::Surprise(_) => PolicyKind::Surprise,
+        }
+    }
+}
+
+/// What a checkpoint keeps of a [`Selector`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SelectorState {
+    window: ScoreWindow,
+    seen: u64,
+    rule: Rule,
+}
+
+/// Applies the configured policy to each micro-batch (see the module doc).
+#[derive(Debug, Clone)]
+pub struct Selector {
+    cfg: SelectionConfig,
+    window: ScoreWindow,
+    seen: u64,
+    rule: Rule,
+}
+
+impl Selector {
+    pub fn new(cfg: SelectionConfig) -> Self {
+        Selector {
+            window: ScoreWindow::new(cfg.window),
+            seen: 0,
+            rule: Rule::new(cfg.policy),
+            cfg,
+        }
+    }
+
+    pub fn state(&self) -> SelectorState {
+        SelectorState {
+            window: self.window.clone(),
+            seen: self.seen,
+            rule: self.rule.clone(),
+        }
+    }
+
+    /// Continues from a saved state; a saved policy of another kind starts afresh.
+    pub fn restore(&mut self, s: SelectorState) {
+        self.window = s.window.resized(self.cfg.window);
+        self.seen = s.seen;
+        if s.rule.kind() == self.cfg.policy {
+            self.rule = s.rule;
+        }
+    }
+
+    /// Multiplier of the replay ratio for the next step (`surprise` only; 1 otherwise).
+    pub fn replay_scale(&self) -> f64 {
+        match &self.rule {
+            Rule::Surprise(s) if self.seen >= self.cfg.warmup => s.factor(&self.cfg),
+            _ => 1.0,
+        }
+    }
+
+    /// Decides a micro-batch. Its own scores join the window first, so a batch is judged
+    /// against a window that includes it (the kept fraction then holds even in small windows).
+    pub fn decide(&mut self, scores: &[f32], rng: &mut impl Rng) -> Decision {
+        for &s in scores {
+            self.window.push(s);
+        }
+        let warm = (self.cfg.warmup.saturating_sub(self.seen) as usize).min(scores.len());
+        self.seen += scores.len() as u64;
+        let mut d = Decision {
+            selected: Vec::with_capacity(scores.len()),
+            weights: Vec::with_capacity(scores.len()),
+            ..Decision::default()
+        };
+        for _ in 0..warm {
+            d.push(true, 1.0);
+        }
+        let (early, rest) = scores.split_at(warm);
+        if let Rule::Surprise(s) = &mut self.rule {
+            s.observe(&self.cfg.surprise, early);
+        }
+        if rest.is_empty() {
+            return d;
+        }
+        let cfg = &self.cfg;
+        let win = &mut self.window;
+        match &mut self.rule {
+            Rule::TopK(r) => r.decide(cfg, win, rest, rng, &mut d),
+            Rule::Random => {
+                for _ in rest {
+                    d.push(rng.random::<f64>() < cfg.keep, 1.0);
+                }
+                d.weights = d.selected.iter().map(|s| *s as u8 as f32).collect();
+            }
+            Rule::Sample(r) => r.decide(cfg, win, rest, rng, &mut d),
+            Rule::InfoBatch(r) => r.decide(cfg, win, rest, rng, &mut d),
+            Rule::Trim(r) => r.decide(cfg, win, rest, rng, &mut d),
+            Rule::Surprise(r) => r.decide(cfg, rest, rng, &mut d),
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
+
+    pub(super) fn cfg(policy: PolicyKind, keep: f64, warmup: u64) -> SelectionConfig {
+        SelectionConfig {
+            policy,
+            keep,
+            warmup,
+            window: 2048,
+            unbiased_q: 0.0,
+            trim: 0.05,
+            surprise: SurpriseConfig::default(),
+        }
+    }
+
+    /// Realised kept fraction after warm-up over a stream of heavy-tailed scores.
+    pub(super) fn kept_fraction(policy: PolicyKind, keep: f64) -> f64 {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut sel = Selector::new(cfg(policy, keep, 512));
+        let (mut kept, mut total) = (0, 0);
+        for b in 0..400 {
+            let scores: Vec<f32> = (0..32).map(|_| rng.random::<f32>().powi(3)).collect();
+            let d = sel.decide(&scores, &mut rng);
+            if b >= 16 {
+                kept += d.trained();
+                total += scores.len();
+            } else {
+                assert_eq!(d.trained(), 32, "warm-up trains everything");
+            }
+        }
+        kept as f64 / total as f64
+    }
+
+    #[test]
+    fn every_policy_keeps_about_the_configured_fraction() {
+        for p in [
+            PolicyKind::TopK,
+            PolicyKind::Random,
+            PolicyKind::Sample,
+            PolicyKind::Infobatch,
+            PolicyKind::Trim,
+            PolicyKind::Surprise,
+        ] {
+            let f = kept_fraction(p, 0.6);
+            assert!((f - 0.6).abs() < 0.05, "{p:?} kept {f}");
+        }
+    }
+
+    #[test]
+    fn window_quantile_and_resize_keep_the_newest_scores() {
+        let mut w = ScoreWindow::new(4);
+        for s in [9.0, 1.0, 2.0, 3.0, 4.0] {
+            w.push(s);
+        }
+        assert_eq!(w.quantile(0.0), 1.0);
+        assert_eq!(w.quantile(0.99), 4.0);
+        let w = w.resized(2);
+        let mut v = w.values().to_vec();
+        v.sort_by(f32::total_cmp);
+        assert_eq!(v, vec![3.0, 4.0]);
+    }
+
+    #[test]
+    fn a_restored_selector_decides_as_the_original() {
+        let mut rng = SmallRng::seed_from_u64(3);
+        let mut a = Selector::new(cfg(PolicyKind::Surprise, 0.5, 10));
+        let s: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
+        a.decide(&s, &mut rng);
+        let mut b = Selector::new(cfg(PolicyKind::Surprise, 0.5, 10));
+        b.restore(a.state());
+        let (mut r1, mut r2) = (SmallRng::seed_from_u64(9), SmallRng::seed_from_u64(9));
+        let next: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        assert_eq!(
+            a.decide(&next, &mut r1).weights,
+            b.decide(&next, &mut r2).weights
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! `top_k`, the published rule: train the rows whose score is at least τ, the (1 − keep)
+//! quantile of the score window (method.md §2).
+//!
+//! While scores trend (the model learns, the stream drifts) the window lags behind and the
+//! realised fraction would stray from `keep`; feeding back the running surplus or deficit of
+//! kept rows (the debt) holds it at `keep` over the long run. With `unbiased_q > 0` a row
+//! under τ still trains with probability q and weight 1/q (InfoBatch's unbiased option).
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{Decision, ScoreWindow, SelectionConfig};
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TopK {
+    /// Σ (kept − keep) over the rows decided after warm-up.
+    debt: f64,
+}
+
+impl TopK {
+    pub fn decide(
+        &mut self,
+        cfg: &SelectionConfig,
+        win: &mut ScoreWindow,
+        scores: &[f32],
+        rng: &mut impl Rng,
+        d: &mut Decision,
+    ) {
+        let threshold = if cfg.keep >= 1.0 {
+            f32::NEG_INFINITY
+        } else {
+            let level = (1.0 - cfg.keep) + self.debt / win.len().max(1) as f64;
+            win.quantile(level)
+        };
+        let q = cfg.unbiased_q;
+        for &s in scores {
+            let keep = s >= threshold;
+            self.debt += keep as u8 as f64 - cfg.keep;
+            let w = if keep {
+                1.0
+            } else if q > 0.0 && rng.random::<f64>() < q {
+                (1.0 / q) as f32
+            } else {
+                0.0
+            };
+            d.push(keep, w);
+        }
+        d.threshold = threshold;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::cfg;
+    use super::super::{PolicyKind, Selector};
+    use rand::SeedableRng;
+
+    #[test]
+    fn keeps_the_highest_scores() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+        let mut sel = Selector::new(cfg(PolicyKind::TopK, 0.25, 0));
+        let scores: Vec<f32> = (0..400).map(|i| i as f32).collect();
+        let d = sel.decide(&scores, &mut rng);
+        assert!(d.selected[300..].iter().all(|s| *s));
+        assert!(d.selected[..290].iter().all(|s| !*s));
+    }
+
+    #[test]
+    fn unbiased_option_weights_sampled_rows_by_inverse_probability() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(2);
+        let mut c = cfg(PolicyKind::TopK, 0.5, 0);
+        c.window = 4096;
+        c.unbiased_q = 0.25;
+        let mut sel = Selector::new(c);
+        let scores: Vec<f32> = (0..4096).map(|i| i as f32).collect();
+        let d = sel.decide(&scores, &mut rng);
+        let sampled: Vec<f32> = d
+            .weights
+            .iter()
+            .zip(&d.selected)
+            .filter(|(w, s)| !**s && **w > 0.0)
+            .map(|(w, _)| *w)
+            .collect();
+        assert!(sampled.iter().all(|w| (*w - 4.0).abs() < 1e-6));
+        let frac = sampled.len() as f64 / 2048.0;
+        assert!((frac - 0.25).abs() < 0.04, "sampled {frac}");
+    }
+}

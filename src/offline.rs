@@ -1,0 +1,553 @@
+//! Offline training, the published setting (`gradsift train`): several epochs over a Parquet
+//! archive split in time, with the selection policy applied per epoch.
+//!
+//! The archive goes through the same source → decode → features path as a live run (so the
+//! features are the ones a deployment would compute), and is split by the pipeline's
+//! evaluation periods: rows before the `validation` period train, rows from it on are held
+//! out. After `warmup_epochs` on every row, each epoch trains the rows the policy picks from
+//! the scores of the previous passes: a trained row's score comes free with its training pass
+//! (the ghost norm of its backward, or a proxy of its forward); a pruned row keeps its last
+//! one. The last `anneal` fraction of epochs trains every row again (InfoBatch). Early
+//! stopping watches the validation period; the best epoch's model is reported on every period,
+//! so settings are chosen on validation and judged on test. Work is counted as online, with
+//! every-row training of the same epochs as the reference.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::config::PipelineConfig;
+use crate::decode::Decoder;
+use crate::energy::{EnergyMeter, EnergyReading};
+use crate::features::{FeatureEngine, Samples};
+use crate::learner::compute::{ComputeReport, Work};
+use crate::learner::eval::{Boundary, EvalSummary, PeriodReport, Scoreboard};
+use crate::learner::model::Head;
+use crate::learner::select::Selector;
+use crate::learner::{LearnerConfig, OnlineLearner};
+use crate::pipeline::{RunOptions, decode_rows};
+use crate::schema::Schema;
+use crate::shutdown::Shutdown;
+use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
+use crate::source::{SourceConfig, SourceEvent, parquet};
+
+/// `[offline]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfflineConfig {
+    /// Most epochs.
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    /// Rows per optimiser step.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// First epochs on every row (their passes give the first scores).
+    #[serde(default = "one")]
+    pub warmup_epochs: usize,
+    /// Fraction of the last epochs that train every row again.
+    #[serde(default)]
+    pub anneal: f64,
+    /// Epochs without a better validation metric before stopping.
+    #[serde(default = "default_patience")]
+    pub patience: usize,
+}
+
+fn default_epochs() -> usize {
+    30
+}
+fn default_batch() -> usize {
+    64
+}
+fn one() -> usize {
+    1
+}
+fn default_patience() -> usize {
+    5
+}
+
+impl Default for OfflineConfig {
+    fn default() -> Self {
+        OfflineConfig {
+            epochs: default_epochs(),
+            batch_size: default_batch(),
+            warmup_epochs: one(),
+            anneal: 0.0,
+            patience: default_patience(),
+        }
+    }
+}
+
+impl OfflineConfig {
+    /// The first problem with these settings: (key, expected, found).
+    pub fn problem(&self) -> Option<(&'static str, &'static str, String)> {
+        if self.epochs == 0 {
+            return Some(("offline.epochs", "at least 1 epoch", "0".into()));
+        }
+        if self.batch_size == 0 {
+            return Some(("offline.batch_size", "at least 1 row", "0".into()));
+        }
+        if !(0.0..1.0).contains(&self.anneal) {
+            return Some((
+                "offline.anneal",
+                "a fraction in [0, 1)",
+                self.anneal.to_string(),
+            ));
+        }
+        None
+    }
+}
+
+/// One epoch in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpochReport {
+    pub epoch: usize,
+    pub rows_trained: usize,
+    /// Every row (warm-up, annealing) or the policy's choice.
+    pub full: bool,
+    /// The early-stopping figure on the validation period (lower is better).
+    pub validation: f64,
+}
+
+/// What `gradsift train` reports (the fields an experiment reads are named as in a run's).
+#[derive(Debug, Clone, Serialize)]
+pub struct OfflineReport {
+    pub pipeline: String,
+    pub mode: &'static str,
+    pub importance: String,
+    pub selection_policy: String,
+    pub keep: f64,
+    pub samples: u64,
+    pub train_rows: usize,
+    pub held_out_rows: usize,
+    pub skipped: BTreeMap<String, u64>,
+    pub dead_lettered_rows: u64,
+    pub epochs_run: usize,
+    pub best_epoch: usize,
+    /// Rows trained in the policy's epochs / (train rows × those epochs).
+    pub trained_fraction_after_warmup: f64,
+    pub history: Vec<EpochReport>,
+    /// The best epoch's model over every held-out row, and per period.
+    pub metrics: EvalSummary,
+    pub periods: Vec<PeriodReport>,
+    pub compute: ComputeReport,
+    pub wall_s: f64,
+    pub cpu_s: f64,
+    pub energy: EnergyReading,
+    pub outputs: BTreeMap<String, String>,
+}
+
+/// The archive as samples, with what did not become one.
+#[derive(Default)]
+struct Archive {
+    samples: Samples,
+    skipped: BTreeMap<String, u64>,
+    dead_rows: u64,
+}
+
+/// Reads the archive through decode and features; bad input is dead-lettered to `dead`.
+async fn load(
+    cfg: &PipelineConfig,
+    schema: &Arc<Schema>,
+    features: &mut FeatureEngine,
+    dead: &mut DeadLetterSink,
+    shutdown: &Shutdown,
+) -> Result<Archive> {
+    let SourceConfig::Parquet(src) = cfg.source.clone() else {
+        bail!(
+            "{}: key `source.kind`: expected \"parquet\" (`gradsift train` reads an archive), found \"kafka\"",
+            cfg.file.display()
+        );
+    };
+    let files = src.files(schema)?;
+    let (tx, mut rx) = mpsc::channel::<SourceEvent>(cfg.channels.batches);
+    let (sc, sd) = (schema.clone(), shutdown.clone());
+    let reader = tokio::task::spawn_blocking(move || parquet::replay(&src, &sc, &files, tx, &sd));
+    let decoder = Decoder::new(schema.clone());
+    let mut a = Archive::default();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            SourceEvent::Unreadable {
+                origin,
+                rows,
+                reason,
+                detail,
+            } => {
+                *a.skipped.entry(reason.clone()).or_default() += rows;
+                a.dead_rows += rows;
+                dead.send(&DeadLetter {
+                    reason: &reason,
+                    detail: &detail,
+                    origin: &origin,
+                    row: 0,
+                    rows,
+                    key: None,
+                    time: None,
+                })?;
+            }
+            SourceEvent::Batch { batch, origins, .. } => {
+                let (skipped, dead_rows) = (&mut a.skipped, &mut a.dead_rows);
+                decode_rows(&decoder, features, &batch, &origins, &mut a.samples, |s| {
+                    *skipped.entry(s.reason.clone()).or_default() += 1;
+                    if !s.bad_input {
+                        return Ok(());
+                    }
+                    *dead_rows += 1;
+                    dead.send(&DeadLetter {
+                        reason: &s.reason,
+                        detail: s.detail,
+                        origin: &s.origin.source,
+                        row: s.origin.index,
+                        rows: 1,
+                        key: s.key,
+                        time: s.time,
+                    })
+                })?;
+            }
+        }
+    }
+    reader.await.context("the archive reader stopped")??;
+    dead.finish()?;
+    Ok(a)
+}
+
+/// Row indices before the `validation` period (training) and from it on (held out).
+fn split(
+    cfg: &PipelineConfig,
+    samples: &Samples,
+    periods: &[(String, Boundary)],
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    let find = |name: &str| periods.iter().find(|(n, _)| n == name).map(|(_, b)| *b);
+    let (Some(start), Some(_)) = (find("validation"), find("test")) else {
+        bail!(
+            "{}: key `evaluation.periods`: expected periods named \"validation\" and \"test\" \
+             (gradsift train trains before validation, stops early on it and reports test)",
+            cfg.file.display()
+        );
+    };
+    let (train, held): (Vec<usize>, Vec<usize>) =
+        (0..samples.len()).partition(|&i| !start.reached(i as u64, samples.times[i]));
+    if train.is_empty() || held.is_empty() {
+        bail!(
+            "{}: key `evaluation.periods`: the validation period leaves {} training and {} \
+             held-out rows; expected some of each",
+            cfg.file.display(),
+            train.len(),
+            held.len()
+        );
+    }
+    Ok((train, held))
+}
+
+/// The lower-is-better figure early stopping watches: MAE, or the beam power loss where the
+/// data has beam powers (top-1 is capped by label noise), else 1 − top-1.
+pub fn headline(m: &EvalSummary) -> f64 {
+    match m {
+        EvalSummary::Regression(r) => r.model.mae,
+        EvalSummary::Classification(c) if c.model.power_loss_db.is_finite() => {
+            c.model.power_loss_db
+        }
+        EvalSummary::Classification(c) => 1.0 - c.model.top1,
+    }
+}
+
+/// Scores every `rows` with the current model into a fresh scoreboard.
+fn evaluate(
+    learner: &mut OnlineLearner,
+    s: &Samples,
+    rows: &[usize],
+    head: Head,
+    cfg: &PipelineConfig,
+    periods: &[(String, Boundary)],
+) -> Scoreboard {
+    let width = s.x.len() / s.len().max(1);
+    let k = head.outputs();
+    let mut board = Scoreboard::new(head, cfg.evaluation.window, periods);
+    for chunk in rows.chunks(4096) {
+        let x: Vec<f32> = chunk
+            .iter()
+            .flat_map(|&i| s.x[i * width..(i + 1) * width].iter().copied())
+            .collect();
+        let out = learner.predict(x, chunk.len());
+        for (j, &i) in chunk.iter().enumerate() {
+            let (_, obs) = s.eval[i].observe(head, &out[j * k..(j + 1) * k]);
+            board.record(i as u64, s.times[i], obs);
+        }
+    }
+    board
+}
+
+/// The validation figure of a scoreboard.
+fn validation(board: &Scoreboard) -> f64 {
+    board
+        .periods()
+        .iter()
+        .find(|p| p.name == "validation")
+        .map_or(f64::NAN, |p| headline(&p.metrics))
+}
+
+/// Trainer state across epochs.
+struct Epochs<'a> {
+    cfg: &'a PipelineConfig,
+    learner: OnlineLearner,
+    samples: &'a Samples,
+    train: Vec<usize>,
+    /// Last score of each training row (NaN: never scored).
+    scores: Vec<f32>,
+    rng: SmallRng,
+    width: usize,
+}
+
+impl Epochs<'_> {
+    /// Rows and loss weights of epoch `e`.
+    fn choose(&mut self, full: bool) -> Vec<(usize, f32)> {
+        if full {
+            return (0..self.train.len()).map(|j| (j, 1.0)).collect();
+        }
+        let mut sel_cfg = self.cfg.selection.clone();
+        sel_cfg.window = self.train.len();
+        sel_cfg.warmup = 0;
+        let mut sel = Selector::new(sel_cfg);
+        let d = sel.decide(&self.scores, &mut self.rng);
+        d.weights
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w > 0.0)
+            .map(|(j, w)| (j, *w))
+            .collect()
+    }
+
+    /// One pass over `rows` (shuffled), in mini-batches.
+    fn pass(&mut self, mut rows: Vec<(usize, f32)>) {
+        rows.shuffle(&mut self.rng);
+        let (w, s) = (self.width, self.samples);
+        for chunk in rows.chunks(self.cfg.offline.batch_size) {
+            let mut x = Vec::with_capacity(chunk.len() * w);
+            let mut y = Vec::with_capacity(chunk.len());
+            for &(j, _) in chunk {
+                let i = self.train[j];
+                x.extend_from_slice(&s.x[i * w..(i + 1) * w]);
+                y.push(s.y[i]);
+            }
+            let weights: Vec<f32> = chunk.iter().map(|(_, wt)| *wt).collect();
+            let fresh = self.learner.fit_rows(x, &y, &weights);
+            for (&(j, _), sc) in chunk.iter().zip(fresh) {
+                self.scores[j] = sc;
+            }
+        }
+        let n = self.train.len() as u64;
+        let bs = self.cfg.offline.batch_size as u64;
+        self.learner.book_reference(Work {
+            rows_forward: n,
+            rows_backward: n,
+            rows_weight_grad: n,
+            optimizer_steps: n.div_ceil(bs),
+            cpu_s: 0.0,
+        });
+    }
+}
+
+/// Trains a pipeline offline (see the module doc) and writes `report.json`.
+pub async fn train(
+    cfg: PipelineConfig,
+    opts: RunOptions,
+    shutdown: Shutdown,
+) -> Result<OfflineReport> {
+    let started = Instant::now();
+    let cpu_start = cpu_time::ProcessTime::now();
+    let mut meter = EnergyMeter::start(cfg.energy.clone());
+    let schema = Arc::new(Schema::load(&cfg.schema)?);
+    let out_dir = cfg.output_dir();
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let decoder = Decoder::new(schema.clone());
+    let mut features = FeatureEngine::new(
+        schema.clone(),
+        decoder.numeric_columns(),
+        cfg.features.max_keys,
+    );
+    let dead_path = out_dir.join("dead_letters.jsonl");
+    let mut dead = DeadLetterSink::new(&dead_path, false);
+    let archive = load(&cfg, &schema, &mut features, &mut dead, &shutdown).await?;
+    let periods = cfg.evaluation.boundaries();
+    let (train_rows, held) = split(&cfg, &archive.samples, &periods)?;
+    let head = schema.task.head();
+    let learner = OnlineLearner::new(LearnerConfig {
+        inputs: features.width(),
+        head,
+        model: cfg.model.clone(),
+        importance: cfg.importance.method,
+        selection: cfg.selection.clone(),
+        buffer: cfg.buffer.clone(),
+        training: cfg.training.clone(),
+        reference_replay_ratio: 0.0,
+    });
+    let o = cfg.offline.clone();
+    let mut ep = Epochs {
+        cfg: &cfg,
+        learner,
+        samples: &archive.samples,
+        scores: vec![f32::NAN; train_rows.len()],
+        train: train_rows,
+        rng: SmallRng::seed_from_u64(cfg.training.seed ^ 0x0ff1),
+        width: features.width(),
+    };
+    let progress = epoch_bar(&opts, o.epochs);
+    let anneal_from = o.epochs - ((o.anneal * o.epochs as f64).round() as usize);
+    let mut history = Vec::new();
+    let (mut best, mut best_weights, mut best_epoch) = (f64::INFINITY, ep.learner.weights(), 0);
+    let (mut policy_rows, mut policy_epochs) = (0usize, 0usize);
+    for e in 0..o.epochs {
+        if shutdown.is_triggered() {
+            break;
+        }
+        // Scores come from the passes: a policy that needs them needs one full epoch first.
+        let warm = o
+            .warmup_epochs
+            .max(cfg.selection.policy.needs_scores() as usize);
+        let full = e < warm || e >= anneal_from || cfg.selection.keep >= 1.0;
+        let rows = ep.choose(full);
+        let rows_trained = rows.len();
+        if !full {
+            (policy_rows, policy_epochs) = (policy_rows + rows_trained, policy_epochs + 1);
+        }
+        ep.pass(rows);
+        let v = validation(&evaluate(
+            &mut ep.learner,
+            &archive.samples,
+            &held,
+            head,
+            &cfg,
+            &periods,
+        ));
+        history.push(EpochReport {
+            epoch: e + 1,
+            rows_trained,
+            full,
+            validation: v,
+        });
+        progress.inc(1);
+        progress.set_message(format!("validation {v:.4}"));
+        if v < best {
+            (best, best_weights, best_epoch) = (v, ep.learner.weights(), e + 1);
+        } else if e + 1 - best_epoch >= o.patience {
+            break;
+        }
+    }
+    progress.finish_and_clear();
+    ep.learner.set_weights(&best_weights);
+    let board = evaluate(
+        &mut ep.learner,
+        &archive.samples,
+        &held,
+        head,
+        &cfg,
+        &periods,
+    );
+    let energy = meter.read();
+    let report = OfflineReport {
+        pipeline: cfg.name.clone(),
+        mode: "offline",
+        importance: format!("{:?}", cfg.importance.method).to_lowercase(),
+        selection_policy: format!("{:?}", cfg.selection.policy).to_lowercase(),
+        keep: cfg.selection.keep,
+        samples: archive.samples.len() as u64,
+        train_rows: ep.train.len(),
+        held_out_rows: held.len(),
+        skipped: archive.skipped.clone(),
+        dead_lettered_rows: archive.dead_rows,
+        epochs_run: history.len(),
+        best_epoch,
+        trained_fraction_after_warmup: if policy_epochs > 0 {
+            policy_rows as f64 / (policy_epochs * ep.train.len()) as f64
+        } else {
+            1.0
+        },
+        history,
+        metrics: board.whole.summary(),
+        periods: board.periods(),
+        compute: ep.learner.compute(),
+        wall_s: started.elapsed().as_secs_f64(),
+        cpu_s: cpu_start.elapsed().as_secs_f64(),
+        energy,
+        outputs: BTreeMap::from([(
+            "report".to_string(),
+            out_dir.join("report.json").display().to_string(),
+        )]),
+    };
+    let path = out_dir.join("report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(report)
+}
+
+fn epoch_bar(opts: &RunOptions, epochs: usize) -> ProgressBar {
+    if !opts.progress {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(epochs as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} epoch {pos}/{len} {wide_bar} {msg} [{elapsed}]")
+            .expect("static template"),
+    );
+    pb
+}
+
+impl OfflineReport {
+    /// The summary as printed at the end of `gradsift train`.
+    pub fn render(&self) -> String {
+        let c = &self.compute;
+        let mut out = format!(
+            "{} offline [{} scores, {} policy, keep {}]: {} training rows, {} held out; \
+             {} epochs, best {}\n",
+            self.pipeline,
+            self.importance,
+            self.selection_policy,
+            self.keep,
+            self.train_rows,
+            self.held_out_rows,
+            self.epochs_run,
+            self.best_epoch
+        );
+        for p in &self.periods {
+            out.push_str(&format!(
+                "  {:<12} {} rows, {}\n",
+                p.name,
+                p.samples,
+                summary_text(&p.metrics)
+            ));
+        }
+        out.push_str(&format!(
+            "  compute saved vs every-row training of the same epochs: {:.1}% of FLOPs, \
+             {:.1}% of back-propagated rows; learning CPU {:.2} s; process CPU {:.2} s, \
+             wall {:.2} s, {:.1} J\n",
+            100.0 * c.saved_flops_fraction,
+            100.0 * c.saved_backward_fraction,
+            c.learn_cpu_s,
+            self.cpu_s,
+            self.wall_s,
+            self.energy.joules
+        ));
+        out
+    }
+}
+
+fn summary_text(m: &EvalSummary) -> String {
+    match m {
+        EvalSummary::Regression(r) => format!(
+            "MAE {:.4}, RMSE {:.4}, sMAPE {:.2}%",
+            r.model.mae, r.model.rmse, r.model.smape_pct
+        ),
+        EvalSummary::Classification(c) => format!(
+            "top-1 {:.4}, top-3 {:.4}, power loss {:.3} dB",
+            c.model.top1, c.model.top3, c.model.power_loss_db
+        ),
+    }
+}
