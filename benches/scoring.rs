@@ -137,6 +137,7 @@ fn learner_core(c: &mut Criterion) {
                 rescore_slice: 512,
             },
             reference_replay_ratio: 1.0,
+            holdout_every: 10,
             training: TrainingConfig {
                 micro_batch: B,
                 learning_rate: 1e-3,

@@ -28,6 +28,13 @@ use crate::telemetry::TelemetryConfig;
 #[serde(deny_unknown_fields)]
 pub struct ImportanceConfig {
     pub method: ImportanceMethod,
+    /// `reducible`: every this-many-th sample is held out to fit the small model on.
+    #[serde(default = "default_holdout")]
+    pub holdout_every: u64,
+}
+
+fn default_holdout() -> u64 {
+    10
 }
 
 /// `[evaluation]`
@@ -296,6 +303,13 @@ impl PipelineConfig {
                 "selection.surprise.long",
                 "spans with 1 ≤ short ≤ long",
                 format!("short {} long {}", sp.short, sp.long),
+            ));
+        }
+        if self.importance.holdout_every < 2 {
+            return Err(self.bad(
+                "importance.holdout_every",
+                "at least 2 (one sample in that many is held out)",
+                self.importance.holdout_every,
             ));
         }
         let b = &self.buffer;

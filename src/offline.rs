@@ -30,6 +30,7 @@ use crate::energy::{EnergyMeter, EnergyReading};
 use crate::features::{FeatureEngine, Samples};
 use crate::learner::compute::{ComputeReport, Work};
 use crate::learner::eval::{Boundary, EvalSummary, PeriodReport, Scoreboard};
+use crate::learner::importance::ImportanceMethod;
 use crate::learner::model::Head;
 use crate::learner::select::Selector;
 use crate::learner::{LearnerConfig, OnlineLearner};
@@ -360,6 +361,14 @@ pub async fn train(
     opts: RunOptions,
     shutdown: Shutdown,
 ) -> Result<OfflineReport> {
+    if cfg.importance.method == ImportanceMethod::Reducible {
+        bail!(
+            "{}: key `importance.method`: expected a score gradsift train supports (exact, \
+             exact_autodiff, last_layer, el2n, loss, random), found \"reducible\" (online only: \
+             its held-out rows come from the stream)",
+            cfg.file.display()
+        );
+    }
     let started = Instant::now();
     let cpu_start = cpu_time::ProcessTime::now();
     let mut meter = EnergyMeter::start(cfg.energy.clone());
@@ -388,6 +397,7 @@ pub async fn train(
         buffer: cfg.buffer.clone(),
         training: cfg.training.clone(),
         reference_replay_ratio: 0.0,
+        holdout_every: cfg.importance.holdout_every,
     });
     let o = cfg.offline.clone();
     let mut ep = Epochs {

@@ -457,6 +457,7 @@ fn learn_loop(
         buffer: cfg.buffer.clone(),
         training: cfg.training.clone(),
         reference_replay_ratio: cfg.reference_replay_ratio(),
+        holdout_every: cfg.importance.holdout_every,
     });
     let metrics = Scoreboard::new(head, cfg.evaluation.window, &cfg.evaluation.boundaries());
     let mut t = Tally {

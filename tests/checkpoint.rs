@@ -37,6 +37,7 @@ fn learner(d: usize) -> OnlineLearner {
             rescore_slice: 32,
         },
         reference_replay_ratio: 1.0,
+        holdout_every: 10,
         training: TrainingConfig {
             micro_batch: 32,
             learning_rate: 1e-2,

@@ -44,6 +44,7 @@ fn buffer_never_exceeds_either_cap_on_a_long_stream() {
                 rescore_slice: 128,
             },
             reference_replay_ratio: 1.0,
+            holdout_every: 10,
             training: TrainingConfig {
                 micro_batch: 64,
                 learning_rate: 1e-3,

@@ -51,6 +51,7 @@ fn stream(
             seed: 3,
         },
         reference_replay_ratio: 2.0,
+        holdout_every: 10,
     });
     for k in 0..s.len() / MB {
         let r = k * MB..(k + 1) * MB;

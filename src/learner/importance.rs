@@ -27,6 +27,9 @@ pub enum ImportanceMethod {
     El2n,
     /// The per-sample loss.
     Loss,
+    /// The loss minus the loss of a small model fitted on held-out rows (RHO-LOSS; see
+    /// [`super::reducible`]).
+    Reducible,
     /// Uniform random scores: the baseline every method must beat.
     Random,
 }
@@ -123,7 +126,10 @@ impl ImportanceScorer {
                 let s = model::to_vec(g_out.clone().square().sum_dim(1).sqrt().mul_scalar(half));
                 (s, None, Some(g_out))
             }
-            ImportanceMethod::Loss => (losses.clone(), None, Some(g_out)),
+            // The learner subtracts the held-out model's losses.
+            ImportanceMethod::Loss | ImportanceMethod::Reducible => {
+                (losses.clone(), None, Some(g_out))
+            }
             ImportanceMethod::Random => (
                 (0..n).map(|_| rng.random::<f32>()).collect(),
                 None,

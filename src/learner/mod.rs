@@ -13,6 +13,7 @@ pub mod compute;
 pub mod eval;
 pub mod importance;
 pub mod model;
+pub mod reducible;
 pub mod select;
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use buffer::{BufferConfig, BufferState, Entry, ReplayBuffer};
 use compute::{ComputeLedger, ComputeReport, FlopModel, Stopwatch, Work};
 use importance::{ImportanceMethod, ImportanceScorer, Scored};
 use model::{Head, Mlp, SavedLayer};
+use reducible::IrreducibleLoss;
 use select::{SelectionConfig, Selector, SelectorState};
 
 /// Which burn CPU backend runs the model.
@@ -121,6 +123,8 @@ pub struct LearnerConfig {
     pub training: TrainingConfig,
     /// Replay ratio of the every-row training that compute saved is measured against.
     pub reference_replay_ratio: f64,
+    /// `reducible` scores: every this-many-th fresh sample is held out for the small model.
+    pub holdout_every: u64,
 }
 
 /// A micro-batch of fresh samples: row-major features `[n, inputs]`, targets, and the keys and
@@ -193,6 +197,7 @@ pub struct OnlineLearner {
     stats: LearnerStats,
     ledger: ComputeLedger,
     flops: FlopModel,
+    irreducible: Option<IrreducibleLoss>,
 }
 
 impl OnlineLearner {
@@ -218,9 +223,14 @@ impl OnlineLearner {
         let mut widths = vec![cfg.inputs];
         widths.extend(&cfg.model.hidden);
         widths.push(cfg.head.outputs());
+        let irreducible = (method == ImportanceMethod::Reducible).then(|| {
+            let lr = cfg.training.learning_rate;
+            IrreducibleLoss::new(cfg.inputs, cfg.head, &device, cfg.holdout_every, lr)
+        });
         OnlineLearner {
             device,
             model,
+            irreducible,
             optim: AdamConfig::new().init(),
             scorer: ImportanceScorer::new(method, cfg.head),
             ledger: ComputeLedger::default(),
@@ -309,11 +319,20 @@ impl OnlineLearner {
         self.buffer.gather(&replay, &mut x, &mut y);
 
         let params = self.model.dense_params();
-        let scored = self
+        let x_held = self.irreducible.is_some().then(|| x.clone());
+        let mut scored = self
             .scorer
             .score(&params, x, &y, &self.device, &mut self.rng);
         let pass_cpu = clock.lap();
-        let decision = self.selector.decide(&scored.scores[..n], &mut self.rng);
+        if let Some(x) = &x_held {
+            self.reducible_scores(x, &y, &mut scored.scores);
+            self.ledger.scoring.cpu_s += clock.lap();
+        }
+        let mut decision = self.selector.decide(&scored.scores[..n], &mut self.rng);
+        if x_held.is_some() {
+            self.hold_out(&b, &mut decision);
+            self.ledger.scoring.cpu_s += clock.lap();
+        }
 
         // Loss weights: fresh rows as decided, replayed rows as drawn; a mean over the rows
         // trained, or over all rows considered when the weights are inverse probabilities.
@@ -372,6 +391,30 @@ impl OnlineLearner {
             retained,
             train_loss,
         }
+    }
+
+    /// RHO-LOSS: each score becomes loss − loss under the held-out model.
+    fn reducible_scores(&self, x: &[f32], y: &[f32], scores: &mut [f32]) {
+        let ir = self.irreducible.as_ref().expect("reducible scores");
+        for (s, il) in scores.iter_mut().zip(ir.losses(x, y)) {
+            *s -= il;
+        }
+    }
+
+    /// Takes the held-out fresh rows out of training and teaches them to the held-out model.
+    fn hold_out(&mut self, b: &FreshBatch<'_>, d: &mut select::Decision) {
+        let ir = self.irreducible.as_mut().expect("reducible scores");
+        let dim = self.cfg.inputs;
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for i in 0..b.y.len() {
+            if ir.held_out(self.stats.seen + i as u64) {
+                d.selected[i] = false;
+                d.weights[i] = 0.0;
+                x.extend_from_slice(&b.x[i * dim..(i + 1) * dim]);
+                y.push(b.y[i]);
+            }
+        }
+        ir.learn(&x, &y);
     }
 
     /// Books the shared forward (and, for exact scores, backward) pass over n fresh and r
