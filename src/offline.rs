@@ -466,7 +466,7 @@ pub async fn train(
         pipeline: cfg.name.clone(),
         mode: "offline",
         importance: format!("{:?}", cfg.importance.method).to_lowercase(),
-        selection_policy: format!("{:?}", cfg.selection.policy).to_lowercase(),
+        selection_policy: cfg.selection.policy.name().to_string(),
         keep: cfg.selection.keep,
         samples: archive.samples.len() as u64,
         train_rows: ep.train.len(),

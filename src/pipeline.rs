@@ -352,7 +352,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         metrics: tally.metrics.whole.summary(),
         periods: tally.metrics.periods(),
         compute: tally.learner.compute(),
-        selection_policy: format!("{:?}", cfg.selection.policy).to_lowercase(),
+        selection_policy: cfg.selection.policy.name().to_string(),
         replay_ratio: cfg.buffer.replay_ratio,
         replay_sampling: format!("{:?}", cfg.buffer.replay_sampling).to_lowercase(),
         wall_s,

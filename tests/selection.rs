@@ -97,7 +97,13 @@ fn the_ledger_adds_up_for_every_policy() {
             "{what}"
         );
         let kept = st.trained_fresh as f64 / st.seen as f64;
-        assert!(kept > 0.55 && kept < 0.8, "{what}: kept {kept}");
+        // Surprise trains less while the model converges (scores below their baseline).
+        let range = if policy == PolicyKind::Surprise {
+            0.1..0.8
+        } else {
+            0.55..0.8
+        };
+        assert!(range.contains(&kept), "{what}: kept {kept}");
     }
 }
 

@@ -44,6 +44,18 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
+    /// The name used in pipeline files.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::TopK => "top_k",
+            PolicyKind::Random => "random",
+            PolicyKind::Sample => "sample",
+            PolicyKind::Infobatch => "infobatch",
+            PolicyKind::Trim => "trim",
+            PolicyKind::Surprise => "surprise",
+        }
+    }
+
     /// Whether decisions depend on the scores (random needs none: no scoring work).
     pub fn needs_scores(self) -> bool {
         self != PolicyKind::Random

@@ -1,9 +1,11 @@
 //! `surprise`: compute follows surprise. The keep fraction and the replay ratio scale with
-//! f = (short-term mean score / long-term mean score)^γ, clamped so that the keep fraction
-//! stays in [min_keep, 1]: a stream that surprises the model (gradient norms above their
-//! running baseline: a new pattern, a drift) is trained on more, a converged one less, and
-//! on a stationary stream f averages about 1, so compute matches `keep`. Rows are then
-//! chosen at random: the scores decide how much to train, not which rows.
+//! f = g / ḡ, g = (short-term mean score / long-term mean score)^γ and ḡ the long-term mean
+//! of g, clamped so that the keep fraction stays in [min_keep, 1]: a stream that surprises the
+//! model (gradient norms above their running baseline: a new pattern, a drift) is trained on
+//! more, a calm one less. Dividing by ḡ matters: with skewed scores the short mean sits below
+//! the long one most of the time, and without it a stationary stream would train well under
+//! `keep`; with it f averages about 1 and compute matches `keep`. Rows are then chosen at
+//! random: the scores decide how much to train, not which rows.
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -56,6 +58,8 @@ impl Default for SurpriseConfig {
 pub struct Surprise {
     short: f64,
     long: f64,
+    /// Long-term mean of g.
+    norm: f64,
     started: bool,
 }
 
@@ -69,24 +73,31 @@ impl Surprise {
                 continue;
             };
             if !self.started {
-                (self.short, self.long, self.started) = (s, s, true);
+                (self.short, self.long, self.norm, self.started) = (s, s, 1.0, true);
                 continue;
             }
             self.short += (s - self.short) / c.short.max(1.0);
             self.long += (s - self.long) / c.long.max(1.0);
+            self.norm += (self.level(c) - self.norm) / c.long.max(1.0);
         }
     }
 
-    /// The current factor f on keep and replay.
-    pub fn factor(&self, cfg: &SelectionConfig) -> f64 {
-        let c = &cfg.surprise;
+    /// g = (short / long)^γ.
+    fn level(&self, c: &SurpriseConfig) -> f64 {
         let ratio = if self.long > 0.0 {
             self.short / self.long
         } else {
             1.0
         };
+        ratio.powf(c.gamma)
+    }
+
+    /// The current factor f = g / ḡ on keep and replay.
+    pub fn factor(&self, cfg: &SelectionConfig) -> f64 {
+        let c = &cfg.surprise;
         let lo = (c.min_keep / cfg.keep).min(1.0);
-        ratio.powf(c.gamma).clamp(lo, 1.0 / cfg.keep)
+        let norm = if self.norm > 0.0 { self.norm } else { 1.0 };
+        (self.level(c) / norm).clamp(lo, 1.0 / cfg.keep)
     }
 
     pub fn decide(
