@@ -170,20 +170,22 @@ mod tests {
     #[test]
     fn saved_fraction_compares_learning_with_the_reference() {
         let m = FlopModel::new(&[4, 8, 1]);
-        let mut l = ComputeLedger::default();
-        l.training = Work {
-            rows_forward: 10,
-            rows_backward: 40,
-            rows_weight_grad: 40,
-            optimizer_steps: 5,
-            cpu_s: 0.5,
-        };
-        l.reference = Work {
-            rows_forward: 20,
-            rows_backward: 80,
-            rows_weight_grad: 80,
-            optimizer_steps: 10,
-            cpu_s: 0.0,
+        let mut l = ComputeLedger {
+            training: Work {
+                rows_forward: 10,
+                rows_backward: 40,
+                rows_weight_grad: 40,
+                optimizer_steps: 5,
+                cpu_s: 0.5,
+            },
+            reference: Work {
+                rows_forward: 20,
+                rows_backward: 80,
+                rows_weight_grad: 80,
+                optimizer_steps: 10,
+                cpu_s: 0.0,
+            },
+            ..ComputeLedger::default()
         };
         let r = l.report(&m, 1.0);
         assert!((r.saved_flops_fraction - 0.5).abs() < 1e-12);

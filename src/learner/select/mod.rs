@@ -244,7 +244,7 @@ impl Rule {
             PolicyKind::TopK => Rule::TopK(top_k::TopK::default()),
             PolicyKind::Random => Rule::Random,
             PolicyKind::Sample => Rule::Sample(sample::Proportional::default()),
-            PolicyKind::Infobatch => Rule::InfoBatch(infobatch::InfoBatch::default()),
+            PolicyKind::Infobatch => Rule::InfoBatch(infobatch::InfoBatch),
             PolicyKind::Trim => Rule::Trim(trim::Trim),
             PolicyKind::Surprise => Rule::Surprise(surprise::Surprise::default()),
         }
