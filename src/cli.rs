@@ -1,5 +1,5 @@
-//! The command line: `run` a pipeline, `train` one offline, `produce` an archive into a
-//! topic, `schema check` a file against a schema.
+//! The command line: `run` a pipeline, `train` one offline, `experiment` over a grid of runs,
+//! `produce` an archive into a topic, `schema check` a file against a schema.
 
 use std::path::PathBuf;
 
@@ -58,6 +58,21 @@ pub enum Command {
         /// Print the JSON report instead of the summary.
         #[arg(long)]
         json: bool,
+    },
+    /// Run a grid of pipeline configurations × seeds and compare every selection policy with
+    /// full data and with random selection at equal compute (tables, CSV/Parquet, plots).
+    Experiment {
+        /// The experiment file (experiments/*.toml).
+        file: PathBuf,
+        /// Output folder (default: experiments/results/NAME).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Re-run runs whose report.json already exists (default: reuse them).
+        #[arg(long)]
+        fresh: bool,
+        /// Runs at once (overrides the file's `jobs`).
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// Replay a Parquet archive into a Kafka topic as JSON, keyed by the schema key.
     Produce {
@@ -150,6 +165,21 @@ pub async fn main(cli: Cli) -> Result<()> {
                 print!("{}", report.render());
             }
             Ok(())
+        }
+        Command::Experiment {
+            file,
+            output,
+            fresh,
+            jobs,
+        } => {
+            let args = crate::experiment::Args {
+                file,
+                output,
+                fresh,
+                jobs,
+            };
+            // Blocking: threads waiting on subprocesses, off the async runtime.
+            tokio::task::spawn_blocking(move || crate::experiment::run(args)).await?
         }
         Command::Produce {
             path,

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod energy;
+pub mod experiment;
 pub mod features;
 pub mod learner;
 pub mod offline;

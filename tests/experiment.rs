@@ -1,0 +1,168 @@
+//! `gradsift experiment` end to end: the real binary runs a tiny grid (2 families × 2 keep
+//! values × 2 seeds, plus the reference) over the bundled Milan archive as subprocesses, and
+//! writes the results table, the summary, the frontier and the plots.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+/// Splits one CSV line (quoted fields may hold commas and doubled quotes).
+fn fields(line: &str) -> Vec<String> {
+    let (mut out, mut cur, mut quoted) = (Vec::new(), String::new(), false);
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// Header → column index, and the rows.
+fn csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines();
+    let header = fields(lines.next().expect("a header"));
+    (header, lines.map(fields).collect())
+}
+
+fn col(header: &[String], name: &str) -> usize {
+    header
+        .iter()
+        .position(|h| h == name)
+        .unwrap_or_else(|| panic!("no column {name} in {header:?}"))
+}
+
+const EXPERIMENT: &str = r#"
+name = "tiny"
+pipeline = "PIPELINE"
+metric = "mae"
+seeds = [1, 2]
+jobs = 2
+set = ["source.max_rows=2500", "selection.warmup=300", "selection.window=512",
+       "buffer.capacity=256", "buffer.replay_ratio=1.0", "evaluation.window=500"]
+
+[reference]
+set = ["importance.method=\"random\"", "selection.keep=1.0", "buffer.policy=\"fifo\""]
+
+[[family]]
+name = "random"
+set = ["importance.method=\"random\"", "buffer.policy=\"fifo\""]
+axes = { "selection.keep" = [0.5, 0.8] }
+
+[[family]]
+name = "exact"
+set = ["importance.method=\"exact\""]
+axes = { "selection.keep" = [0.5, 0.8] }
+"#;
+
+fn experiment(file: &Path, out: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gradsift"))
+        .arg("experiment")
+        .arg(file)
+        .arg("--output")
+        .arg(out)
+        .output()
+        .expect("gradsift starts")
+}
+
+fn assert_plots(out: &Path) {
+    for stem in ["frontier", "keep", "scores"] {
+        let png = std::fs::read(out.join(format!("{stem}.png"))).unwrap();
+        assert!(
+            png.len() > 1000 && png.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{stem}.png is not a PNG"
+        );
+        let svg = std::fs::read_to_string(out.join(format!("{stem}.svg"))).unwrap();
+        let head = svg.trim_start();
+        assert!(
+            head.starts_with("<svg") || head.starts_with("<?xml"),
+            "{stem}.svg is not SVG"
+        );
+        assert!(
+            svg.contains("</svg>") && svg.contains("<text"),
+            "{stem}.svg has no text"
+        );
+    }
+}
+
+#[test]
+fn a_tiny_experiment_writes_results_summary_frontier_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny.toml");
+    let pipeline = common::repo().join("pipelines/milan-replay.toml");
+    std::fs::write(
+        &file,
+        EXPERIMENT.replace("PIPELINE", &pipeline.display().to_string()),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = experiment(&file, &out);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "experiment failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("random at equal compute") && stdout.contains("frontier"),
+        "{stdout}"
+    );
+
+    let (h, rows) = csv(&out.join("results.csv"));
+    assert_eq!(
+        rows.len(),
+        8 + 2,
+        "2 families × 2 keep × 2 seeds + the reference's 2 seeds"
+    );
+    for r in &rows {
+        assert_eq!(r[col(&h, "status")], "ok", "{r:?}");
+        for m in ["validation_mae", "test_mae", "whole_stream_mae", "cpu_s"] {
+            let v: f64 = r[col(&h, m)]
+                .parse()
+                .unwrap_or_else(|_| panic!("{m} in {r:?}"));
+            assert!(v.is_finite() && v > 0.0, "{m} = {v}");
+        }
+    }
+    let labels: Vec<&str> = rows.iter().map(|r| r[col(&h, "label")].as_str()).collect();
+    assert_eq!(labels.iter().filter(|l| **l == "reference").count(), 2);
+    assert_eq!(
+        labels
+            .iter()
+            .filter(|l| **l == "exact/selection.keep=0.5")
+            .count(),
+        2
+    );
+    assert!(out.join("results.parquet").metadata().unwrap().len() > 0);
+
+    let (h, rows) = csv(&out.join("summary.csv"));
+    let families: Vec<&str> = rows.iter().map(|r| r[col(&h, "family")].as_str()).collect();
+    assert_eq!(families, ["reference", "random", "exact"]);
+    let exact = &rows[2];
+    assert!(
+        exact[col(&h, "random_at_equal_compute")].starts_with("random/selection.keep="),
+        "{exact:?}"
+    );
+    assert!(
+        ["beats random", "tie", "loses"].contains(&exact[col(&h, "verdict")].as_str()),
+        "{exact:?}"
+    );
+    let (_, frontier) = csv(&out.join("frontier.csv"));
+    assert_eq!(frontier.len(), 5);
+    assert_plots(&out);
+
+    // A second invocation reuses every finished run.
+    let o = experiment(&file, &out);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && stderr.contains("0 run now, 10 reused"),
+        "{stderr}"
+    );
+}
