@@ -209,7 +209,7 @@ impl Experiment {
 
     fn check_sets(&self, key: &str, sets: &[String]) -> Result<()> {
         for (i, s) in sets.iter().enumerate() {
-            if !s.split_once('=').is_some_and(|(k, _)| !k.trim().is_empty()) {
+            if s.split_once('=').is_none_or(|(k, _)| k.trim().is_empty()) {
                 return Err(self.bad(
                     &format!("{key}[{i}]"),
                     "an override KEY=VALUE",
