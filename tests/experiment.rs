@@ -48,7 +48,8 @@ metric = "mae"
 seeds = [1, 2]
 jobs = 2
 set = ["source.max_rows=2500", "selection.warmup=300", "selection.window=512",
-       "buffer.capacity=256", "buffer.replay_ratio=1.0", "evaluation.window=500"]
+       "buffer.capacity=256", "buffer.replay_ratio=1.0", "evaluation.window=500",
+       "evaluation.periods=[{name=\"validation\",from=1200},{name=\"test\",from=1800}]"]
 
 [reference]
 set = ["importance.method=\"random\"", "selection.keep=1.0", "buffer.policy=\"fifo\""]

@@ -113,14 +113,18 @@ fn beam_pipeline_replays_all_scenarios() {
 
 #[test]
 fn keep_one_trains_on_every_valid_sample() {
-    let out = tempfile::tempdir().unwrap();
-    let r = common::run(common::pipeline(
-        "milan-replay.toml",
-        out.path(),
-        &["selection.keep=1.0", "output.scores=false"],
-    ));
-    assert_eq!(r.trained, r.samples);
-    assert_eq!(r.selected, r.samples);
+    // Every policy but `trim` (an outlier filter: it drops its top fraction whatever `keep`).
+    for policy in ["top_k", "random", "sample", "infobatch"] {
+        let out = tempfile::tempdir().unwrap();
+        let p = format!("selection.policy=\"{policy}\"");
+        let r = common::run(common::pipeline(
+            "milan-replay.toml",
+            out.path(),
+            &["selection.keep=1.0", "output.scores=false", &p],
+        ));
+        assert_eq!(r.trained, r.samples, "{policy}");
+        assert_eq!(r.selected, r.samples, "{policy}");
+    }
 }
 
 #[test]

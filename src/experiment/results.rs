@@ -91,6 +91,17 @@ fn period<'a>(report: &'a Value, name: &str) -> Option<&'a Value> {
         .get("metrics")
 }
 
+/// Whether a named period exists and scored no rows (its metrics would read 0).
+fn empty(report: &Value, name: &str) -> bool {
+    let Some(periods) = report.get("periods").and_then(Value::as_array) else {
+        return false;
+    };
+    periods.iter().any(|p| {
+        p.get("name").and_then(Value::as_str) == Some(name)
+            && p.get("samples").and_then(Value::as_u64) == Some(0)
+    })
+}
+
 /// scoring + training of one `compute` field.
 fn learn(report: &Value, field: &str) -> Option<f64> {
     let c = report.get("compute")?;
@@ -132,6 +143,15 @@ pub fn from_report(config: usize, seed: u64, metric: Metric, report: &Value) -> 
     };
     let (val, test) = (period(report, "validation"), period(report, "test"));
     r.periods = val.is_some() && test.is_some();
+    if let Some(name) = ["validation", "test"]
+        .into_iter()
+        .find(|n| empty(report, n))
+    {
+        r.status = Status::Failed;
+        r.error =
+            format!("the `{name}` period has no rows: set evaluation.periods inside the stream");
+        return r;
+    }
     r.whole = whole;
     r.validation = val
         .and_then(|m| metric_in(m, metric))
@@ -330,6 +350,19 @@ mod tests {
         assert_eq!(r.reference_flops, Some(80.0));
         assert_eq!(r.rows_backward, Some(5.0));
         assert_eq!(r.compute(), 50.0);
+    }
+
+    #[test]
+    fn an_empty_period_fails_the_run_instead_of_reading_zero() {
+        let report = json!({"metrics": {"model": {"mae": 100.0}},
+            "periods": [{"name": "validation", "samples": 0, "metrics": {"model": {"mae": 0.0}}},
+                        {"name": "test", "samples": 5, "metrics": {"model": {"mae": 110.0}}}]});
+        let r = from_report(0, 1, Metric::Mae, &report);
+        assert!(
+            !r.ok() && r.error.contains("`validation` period has no rows"),
+            "{}",
+            r.error
+        );
     }
 
     #[test]

@@ -58,6 +58,11 @@ impl Proportional {
         rng: &mut impl Rng,
         d: &mut Decision,
     ) {
+        if cfg.keep >= 1.0 {
+            // Everything, weight 1 (a zero score would otherwise keep its floor probability).
+            scores.iter().for_each(|_| d.push(true, 1.0));
+            return;
+        }
         if self.scale == 0.0 || self.since_fit >= (cfg.window / 8).max(1) {
             self.fit(cfg.keep, win);
             self.since_fit = 0;
