@@ -201,15 +201,7 @@ async fn load(
                         return Ok(());
                     }
                     *dead_rows += 1;
-                    dead.send(&DeadLetter {
-                        reason: &s.reason,
-                        detail: s.detail,
-                        origin: &s.origin.source,
-                        row: s.origin.index,
-                        rows: 1,
-                        key: s.key,
-                        time: s.time,
-                    })
+                    dead.send(&s.letter())
                 })?;
             }
         }

@@ -735,6 +735,21 @@ pub(crate) struct Skipped<'a> {
     pub time: Option<i64>,
 }
 
+impl Skipped<'_> {
+    /// The dead letter of a skipped row.
+    pub fn letter(&self) -> DeadLetter<'_> {
+        DeadLetter {
+            reason: &self.reason,
+            detail: self.detail,
+            origin: &self.origin.source,
+            row: self.origin.index,
+            rows: 1,
+            key: self.key,
+            time: self.time,
+        }
+    }
+}
+
 /// Decodes a batch and turns its rows into samples appended to `pending`; every row that does
 /// not become one is handed to `skip` (a batch of the wrong shape: each of its rows).
 pub(crate) fn decode_rows(
@@ -804,15 +819,7 @@ fn feed(
             return Ok(());
         }
         letters += 1;
-        dead.send(&DeadLetter {
-            reason: &s.reason,
-            detail: s.detail,
-            origin: &s.origin.source,
-            row: s.origin.index,
-            rows: 1,
-            key: s.key,
-            time: s.time,
-        })
+        dead.send(&s.letter())
     })?;
     t.counters.dead_letters += letters;
     t.counters.dead_rows += letters;
