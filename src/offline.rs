@@ -347,6 +347,82 @@ impl Epochs<'_> {
     }
 }
 
+/// What the epochs came to.
+struct Fit {
+    history: Vec<EpochReport>,
+    best_epoch: usize,
+    /// Rows trained and epochs in the policy's (not full) epochs.
+    policy_rows: usize,
+    policy_epochs: usize,
+}
+
+impl Fit {
+    fn policy_fraction(&self, train_rows: usize) -> f64 {
+        if self.policy_epochs == 0 {
+            return 1.0;
+        }
+        self.policy_rows as f64 / (self.policy_epochs * train_rows) as f64
+    }
+}
+
+impl Epochs<'_> {
+    /// Epochs until `offline.epochs`, early stopping or a shutdown; leaves the best epoch's
+    /// weights in the learner.
+    fn run(
+        &mut self,
+        held: &[usize],
+        head: Head,
+        periods: &[(String, Boundary)],
+        progress: &ProgressBar,
+        shutdown: &Shutdown,
+    ) -> Fit {
+        let (cfg, o) = (self.cfg, &self.cfg.offline);
+        let anneal_from = o.epochs - ((o.anneal * o.epochs as f64).round() as usize);
+        // Scores come from the passes: a policy that needs them needs one full epoch first.
+        let warm = o
+            .warmup_epochs
+            .max(cfg.selection.policy.needs_scores() as usize);
+        let mut fit = Fit {
+            history: Vec::new(),
+            best_epoch: 0,
+            policy_rows: 0,
+            policy_epochs: 0,
+        };
+        let (mut best, mut best_weights) = (f64::INFINITY, self.learner.weights());
+        for e in 0..o.epochs {
+            if shutdown.is_triggered() {
+                break;
+            }
+            let full = e < warm || e >= anneal_from || cfg.selection.keep >= 1.0;
+            let rows = self.choose(full);
+            let rows_trained = rows.len();
+            if !full {
+                fit.policy_rows += rows_trained;
+                fit.policy_epochs += 1;
+            }
+            self.pass(rows);
+            let board = evaluate(&mut self.learner, self.samples, held, head, cfg, periods);
+            let v = validation(&board);
+            fit.history.push(EpochReport {
+                epoch: e + 1,
+                rows_trained,
+                full,
+                validation: v,
+            });
+            progress.inc(1);
+            progress.set_message(format!("validation {v:.4}"));
+            if v < best {
+                (best, best_weights, fit.best_epoch) = (v, self.learner.weights(), e + 1);
+            } else if e + 1 - fit.best_epoch >= o.patience {
+                break;
+            }
+        }
+        progress.finish_and_clear();
+        self.learner.set_weights(&best_weights);
+        fit
+    }
+}
+
 /// Trains a pipeline offline (see the module doc) and writes `report.json`.
 pub async fn train(
     cfg: PipelineConfig,
@@ -391,7 +467,7 @@ pub async fn train(
         reference_replay_ratio: 0.0,
         holdout_every: cfg.importance.holdout_every,
     });
-    let o = cfg.offline.clone();
+    let o = &cfg.offline;
     let mut ep = Epochs {
         cfg: &cfg,
         learner,
@@ -401,50 +477,13 @@ pub async fn train(
         rng: SmallRng::seed_from_u64(cfg.training.seed ^ 0x0ff1),
         width: features.width(),
     };
-    let progress = epoch_bar(&opts, o.epochs);
-    let anneal_from = o.epochs - ((o.anneal * o.epochs as f64).round() as usize);
-    let mut history = Vec::new();
-    let (mut best, mut best_weights, mut best_epoch) = (f64::INFINITY, ep.learner.weights(), 0);
-    let (mut policy_rows, mut policy_epochs) = (0usize, 0usize);
-    for e in 0..o.epochs {
-        if shutdown.is_triggered() {
-            break;
-        }
-        // Scores come from the passes: a policy that needs them needs one full epoch first.
-        let warm = o
-            .warmup_epochs
-            .max(cfg.selection.policy.needs_scores() as usize);
-        let full = e < warm || e >= anneal_from || cfg.selection.keep >= 1.0;
-        let rows = ep.choose(full);
-        let rows_trained = rows.len();
-        if !full {
-            (policy_rows, policy_epochs) = (policy_rows + rows_trained, policy_epochs + 1);
-        }
-        ep.pass(rows);
-        let v = validation(&evaluate(
-            &mut ep.learner,
-            &archive.samples,
-            &held,
-            head,
-            &cfg,
-            &periods,
-        ));
-        history.push(EpochReport {
-            epoch: e + 1,
-            rows_trained,
-            full,
-            validation: v,
-        });
-        progress.inc(1);
-        progress.set_message(format!("validation {v:.4}"));
-        if v < best {
-            (best, best_weights, best_epoch) = (v, ep.learner.weights(), e + 1);
-        } else if e + 1 - best_epoch >= o.patience {
-            break;
-        }
-    }
-    progress.finish_and_clear();
-    ep.learner.set_weights(&best_weights);
+    let fit = ep.run(
+        &held,
+        head,
+        &periods,
+        &epoch_bar(&opts, o.epochs),
+        &shutdown,
+    );
     let board = evaluate(
         &mut ep.learner,
         &archive.samples,
@@ -465,14 +504,10 @@ pub async fn train(
         held_out_rows: held.len(),
         skipped: archive.skipped.clone(),
         dead_lettered_rows: archive.dead_rows,
-        epochs_run: history.len(),
-        best_epoch,
-        trained_fraction_after_warmup: if policy_epochs > 0 {
-            policy_rows as f64 / (policy_epochs * ep.train.len()) as f64
-        } else {
-            1.0
-        },
-        history,
+        epochs_run: fit.history.len(),
+        best_epoch: fit.best_epoch,
+        trained_fraction_after_warmup: fit.policy_fraction(ep.train.len()),
+        history: fit.history,
         metrics: board.whole.summary(),
         periods: board.periods(),
         compute: ep.learner.compute(),
