@@ -5,7 +5,9 @@
 //! on these rows: prequential), and, for the exact methods, one backward pass gives every
 //! row's per-sample gradient norm *and* the parameter gradient of the selected subset, so
 //! scoring and training share their work. Replayed rows are re-scored by the same pass for
-//! free. Nothing here knows about Kafka, Parquet or schemas: it sees matrices of features
+//! free. Every unit of this work is booked in a [`compute::ComputeLedger`] (inference, scoring,
+//! training) beside what every-row training would have done, so a run can say what it saved.
+//! Nothing here knows about Kafka, Parquet or schemas: it sees matrices of features
 //! and targets, the keys and times it must remember for the buffer, and nothing else.
 
 pub mod buffer;

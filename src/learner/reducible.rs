@@ -7,7 +7,9 @@
 //! Online: every `holdout_every`-th fresh sample is held out: the main model never trains on
 //! it, the irreducible-loss model (a linear layer, the smallest model of the same head) takes
 //! one Adam step on the held-out rows of each micro-batch. Its forward costs a few percent of
-//! the MLP's and is booked as scoring work by the learner.
+//! the MLP's and its CPU time is booked as scoring work by the learner (its FLOPs, about 1%
+//! of the MLP's, are not added to the FLOP count). Checkpoints do not carry this model: a
+//! resumed run fits it afresh.
 
 use burn::optim::{AdamConfig, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
