@@ -64,6 +64,12 @@ impl Default for EnergyConfig {
 }
 
 impl EnergyConfig {
+    /// Joules per CPU-second under the CPU-time model (a busy core × PUE), for splitting a
+    /// run's energy between inference, scoring and training.
+    pub fn joules_per_cpu_second(&self) -> f64 {
+        self.watts_per_core * self.pue
+    }
+
     /// Out-of-range values, as (key, expected, found).
     pub fn problem(&self) -> Option<(&'static str, &'static str, f64)> {
         let finite_pos = |v: f64| v.is_finite() && v >= 0.0;

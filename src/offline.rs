@@ -510,7 +510,10 @@ pub async fn train(
         history: fit.history,
         metrics: board.whole.summary(),
         periods: board.periods(),
-        compute: ep.learner.compute(),
+        compute: ep
+            .learner
+            .compute()
+            .with_energy(cfg.energy.joules_per_cpu_second()),
         wall_s: started.elapsed().as_secs_f64(),
         cpu_s: cpu_start.elapsed().as_secs_f64(),
         energy,

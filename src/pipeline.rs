@@ -351,7 +351,10 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         last_train_loss: c.last_loss,
         metrics: tally.metrics.whole.summary(),
         periods: tally.metrics.periods(),
-        compute: tally.learner.compute(),
+        compute: tally
+            .learner
+            .compute()
+            .with_energy(cfg.energy.joules_per_cpu_second()),
         selection_policy: cfg.selection.policy.name().to_string(),
         replay_ratio: cfg.buffer.replay_ratio,
         replay_sampling: format!("{:?}", cfg.buffer.replay_sampling).to_lowercase(),

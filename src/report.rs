@@ -222,12 +222,15 @@ impl RunReport {
                 self.compute_saved(),
             ),
             (
-                "learning CPU (scoring / training)".into(),
+                "learning CPU, energy (scoring / training)".into(),
                 format!(
-                    "{:.3} s ({:.3} / {:.3}); inference {:.3} s",
+                    "{:.3} s ({:.3} / {:.3}), {:.2} J ({:.2} / {:.2}); inference {:.3} s",
                     self.compute.learn_cpu_s,
                     self.compute.scoring.work.cpu_s,
                     self.compute.training.work.cpu_s,
+                    self.compute.scoring.energy_j + self.compute.training.energy_j,
+                    self.compute.scoring.energy_j,
+                    self.compute.training.energy_j,
                     self.compute.inference.work.cpu_s
                 ),
             ),

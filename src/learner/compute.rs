@@ -79,12 +79,14 @@ impl FlopModel {
     }
 }
 
-/// One bucket in a report: the counts and their FLOPs.
+/// One bucket in a report: the counts, their FLOPs and their energy.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct WorkReport {
     #[serde(flatten)]
     pub work: Work,
     pub flops: f64,
+    /// Joules of this bucket's CPU time under the CPU-time power model (see `[energy]`).
+    pub energy_j: f64,
 }
 
 /// The `compute` block of a report.
@@ -110,6 +112,7 @@ impl ComputeLedger {
         let r = |w: &Work| WorkReport {
             work: *w,
             flops: model.flops(w),
+            energy_j: 0.0,
         };
         let learn_flops = model.flops(&self.scoring) + model.flops(&self.training);
         let ref_flops = model.flops(&self.reference);
@@ -125,6 +128,17 @@ impl ComputeLedger {
             saved_flops_fraction: saved(learn_flops, ref_flops),
             saved_backward_fraction: saved(backward as f64, self.reference.rows_backward as f64),
         }
+    }
+}
+
+impl ComputeReport {
+    /// Fills each bucket's energy from its CPU time at `watts_per_cpu_second` (the CPU-time
+    /// model of [`crate::energy`]: watts per busy core × PUE).
+    pub fn with_energy(mut self, watts_per_cpu_second: f64) -> Self {
+        for b in [&mut self.inference, &mut self.scoring, &mut self.training] {
+            b.energy_j = b.work.cpu_s * watts_per_cpu_second;
+        }
+        self
     }
 }
 
@@ -191,6 +205,8 @@ mod tests {
         assert!((r.saved_flops_fraction - 0.5).abs() < 1e-12);
         assert!((r.saved_backward_fraction - 0.5).abs() < 1e-12);
         assert_eq!(r.learn_cpu_s, 0.5);
+        let e = r.clone().with_energy(4.4);
+        assert!((e.training.energy_j - 2.2).abs() < 1e-12 && e.reference.energy_j == 0.0);
         // Scoring work counts against the saving.
         l.scoring.rows_backward = 40;
         let r = l.report(&m, 1.0);
