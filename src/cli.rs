@@ -22,43 +22,65 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `run` and `train` take: a pipeline, overrides and how to show the result.
+#[derive(clap::Args, Debug)]
+pub struct PipelineArgs {
+    /// The pipeline file (`train` needs a Parquet source; `[offline]` sets its epochs).
+    pub pipeline: PathBuf,
+    /// Override a setting, e.g. --set selection.keep=0.7 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Output folder (default: runs/NAME).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Print the JSON report instead of the tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl PipelineArgs {
+    /// The pipeline with its overrides and output folder applied.
+    fn config(&self) -> Result<PipelineConfig> {
+        let mut cfg = PipelineConfig::load(&self.pipeline, &self.overrides)?;
+        if let Some(o) = &self.output {
+            cfg.output.dir = Some(o.clone());
+        }
+        Ok(cfg)
+    }
+
+    fn options(&self) -> RunOptions {
+        RunOptions {
+            progress: !self.quiet,
+        }
+    }
+
+    /// Prints a report as JSON or as its rendered text.
+    fn show(&self, report: &impl serde::Serialize, text: impl FnOnce() -> String) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(report)?);
+        } else {
+            print!("{}", text());
+        }
+        Ok(())
+    }
+}
+
+fn signal_shutdown() -> Shutdown {
+    let shutdown = Shutdown::new();
+    shutdown.listen_for_signals();
+    shutdown
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a pipeline (pipelines/*.toml) to the end of its source.
-    Run {
-        /// The pipeline file.
-        pipeline: PathBuf,
-        /// Override a setting, e.g. --set selection.keep=0.7 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Output folder (default: runs/NAME).
-        #[arg(long)]
-        output: Option<PathBuf>,
-        /// No progress bar.
-        #[arg(long)]
-        quiet: bool,
-        /// Print the JSON report instead of the tables.
-        #[arg(long)]
-        json: bool,
-    },
+    Run(PipelineArgs),
     /// Train offline on a Parquet archive: epochs, per-epoch selection, early stopping on the
     /// `validation` period, figures on the `test` period (the published setting).
-    Train {
-        /// The pipeline file (its source must be Parquet; `[offline]` sets the epochs).
-        pipeline: PathBuf,
-        /// Override a setting, e.g. --set offline.epochs=10 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// Output folder (default: runs/NAME).
-        #[arg(long)]
-        output: Option<PathBuf>,
-        /// No progress bar.
-        #[arg(long)]
-        quiet: bool,
-        /// Print the JSON report instead of the summary.
-        #[arg(long)]
-        json: bool,
-    },
+    Train(PipelineArgs),
     /// Run a grid of pipeline configurations × seeds and compare every selection policy with
     /// full data and with random selection at equal compute (tables, CSV/Parquet, plots).
     Experiment {
@@ -120,51 +142,18 @@ pub enum SchemaCommand {
 
 pub async fn main(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Run {
-            pipeline,
-            overrides,
-            output,
-            quiet,
-            json,
-        } => {
-            let mut cfg = PipelineConfig::load(&pipeline, &overrides)?;
-            if let Some(o) = output {
-                cfg.output.dir = Some(o);
-            }
+        Command::Run(args) => {
+            let cfg = args.config()?;
             if cfg.telemetry.enabled {
                 crate::telemetry::serve(&cfg.telemetry)?;
             }
-            let shutdown = Shutdown::new();
-            shutdown.listen_for_signals();
-            let report = pipeline::run(cfg, RunOptions { progress: !quiet }, shutdown).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.render());
-            }
-            Ok(())
+            let report = pipeline::run(cfg, args.options(), signal_shutdown()).await?;
+            args.show(&report, || report.render())
         }
-        Command::Train {
-            pipeline,
-            overrides,
-            output,
-            quiet,
-            json,
-        } => {
-            let mut cfg = PipelineConfig::load(&pipeline, &overrides)?;
-            if let Some(o) = output {
-                cfg.output.dir = Some(o);
-            }
-            let shutdown = Shutdown::new();
-            shutdown.listen_for_signals();
-            let opts = RunOptions { progress: !quiet };
-            let report = crate::offline::train(cfg, opts, shutdown).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.render());
-            }
-            Ok(())
+        Command::Train(args) => {
+            let cfg = args.config()?;
+            let report = crate::offline::train(cfg, args.options(), signal_shutdown()).await?;
+            args.show(&report, || report.render())
         }
         Command::Experiment {
             file,

@@ -484,27 +484,29 @@ impl OnlineLearner {
             .map(|(i, v)| (i as i64, *v))
             .unzip();
         let m = idx.len();
-        let all = m == w.len();
-        let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [m]), &self.device);
+        // Every row trained (the common case): no row selection at all.
+        let idx = (m < w.len())
+            .then(|| Tensor::<1, Int>::from_data(TensorData::new(idx, [m]), &self.device));
         let wt = Tensor::<2>::from_data(TensorData::new(wsub, [m, 1]), &self.device);
-        let grads = match parts {
-            ScoredParts::Full { inputs, deltas } if all => {
+        let pick = |v: &[Tensor<2>], idx: &Tensor<1, Int>| -> Vec<Tensor<2>> {
+            v.iter().map(|t| t.clone().select(0, idx.clone())).collect()
+        };
+        let grads = match (parts, idx) {
+            (ScoredParts::Full { inputs, deltas }, None) => {
                 model::weighted_grads(inputs, deltas, wt)
             }
-            ScoredParts::Full { inputs, deltas } => {
-                let pick = |v: &[Tensor<2>]| -> Vec<Tensor<2>> {
-                    v.iter().map(|t| t.clone().select(0, idx.clone())).collect()
-                };
-                model::weighted_grads(&pick(inputs), &pick(deltas), wt)
+            (ScoredParts::Full { inputs, deltas }, Some(idx)) => {
+                model::weighted_grads(&pick(inputs, &idx), &pick(deltas, &idx), wt)
             }
-            ScoredParts::Pending { trace, g_out } => {
+            (ScoredParts::Pending { trace, g_out }, idx) => {
                 // Forward-only scores: back-propagate the trained rows alone.
                 let picked;
-                let (sub, g) = if all {
-                    (trace, g_out.clone())
-                } else {
-                    picked = trace.rows(&idx);
-                    (&picked, g_out.clone().select(0, idx))
+                let (sub, g) = match idx {
+                    None => (trace, g_out.clone()),
+                    Some(idx) => {
+                        picked = trace.rows(&idx);
+                        (&picked, g_out.clone().select(0, idx))
+                    }
                 };
                 let deltas = model::backward_deltas(params, sub, g);
                 self.ledger.training.rows_backward += m as u64;

@@ -342,9 +342,9 @@ impl Selector {
             Rule::TopK(r) => r.decide(cfg, win, rest, rng, &mut d),
             Rule::Random => {
                 for _ in rest {
-                    d.push(rng.random::<f64>() < cfg.keep, 1.0);
+                    let keep = rng.random::<f64>() < cfg.keep;
+                    d.push(keep, keep as u8 as f32);
                 }
-                d.weights = d.selected.iter().map(|s| *s as u8 as f32).collect();
             }
             Rule::Sample(r) => r.decide(cfg, win, rest, rng, &mut d),
             Rule::InfoBatch(r) => r.decide(cfg, win, rest, rng, &mut d),
