@@ -9,7 +9,7 @@
 //! forgotten). A row that cannot yet have its lags, or carries a null or non-finite value in
 //! a column it needs, is skipped with a reason; it never stops the stream.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::f64::consts::TAU;
 use std::sync::Arc;
 
@@ -207,6 +207,10 @@ pub struct FeatureEngine {
     /// Columns modelled as ln(1 + v).
     log1p: Vec<bool>,
     keys: HashMap<Arc<str>, KeyState>,
+    /// Every tracked key by the tick it was last seen at, oldest first: the least recently
+    /// seen key is found in O(log keys) when `max_keys` is reached (a scan of every key per
+    /// arriving row made a capped stream 80× slower).
+    recency: BTreeMap<u64, Arc<str>>,
     max_keys: usize,
     tick: u64,
     width: usize,
@@ -262,6 +266,7 @@ impl FeatureEngine {
                 .map(|c| schema.features.log1p.contains(c))
                 .collect(),
             keys: HashMap::new(),
+            recency: BTreeMap::new(),
             max_keys: max_keys.max(1),
             tick: 0,
             keys_evicted: 0,
@@ -313,6 +318,11 @@ impl FeatureEngine {
         }
         self.scalers = s.scalers;
         self.geo_scalers = s.geo_scalers;
+        self.recency = s
+            .keys
+            .iter()
+            .map(|(k, _, last_seen)| (*last_seen, k.clone()))
+            .collect();
         self.keys = s
             .keys
             .into_iter()
@@ -336,13 +346,8 @@ impl FeatureEngine {
             return k.clone();
         }
         if self.keys.len() >= self.max_keys {
-            // Forget the least recently seen key: O(keys), and only when a new key arrives at the cap.
-            if let Some(old) = self
-                .keys
-                .iter()
-                .min_by_key(|(_, s)| s.last_seen)
-                .map(|(k, _)| k.clone())
-            {
+            // Forget the least recently seen key.
+            if let Some((_, old)) = self.recency.pop_first() {
                 self.keys.remove(&old);
                 self.keys_evicted += 1;
             }
@@ -401,6 +406,9 @@ impl FeatureEngine {
             let key = self.key_state(d.key.value(i));
             self.tick += 1;
             let state = self.keys.get_mut(&key).expect("just inserted");
+            // Ticks start at 1: a new key's last_seen 0 has no recency entry to remove.
+            self.recency.remove(&state.last_seen);
+            self.recency.insert(self.tick, key.clone());
             state.last_seen = self.tick;
             let ready = self
                 .need_len
@@ -583,6 +591,7 @@ pub fn east_north(bs_lat: f64, bs_lon: f64, ue_lat: f64, ue_lon: f64) -> (f64, f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn scaler_matches_two_pass() {
@@ -593,6 +602,70 @@ mod tests {
         let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / 4.0;
         let (m, sd) = s.params();
         assert!((m - mean).abs() < 1e-12 && (sd - var.sqrt()).abs() < 1e-12);
+    }
+
+    /// Milan's schema over rows whose keys arrive in `keys` order, one 10-minute slot apart.
+    fn feed(fe: &mut FeatureEngine, keys: &[i64]) {
+        use arrow::array::{Float64Array, Int64Array, RecordBatch, TimestampMicrosecondArray};
+        let n = keys.len();
+        let cols: Vec<arrow::array::ArrayRef> = vec![
+            Arc::new(Int64Array::from(keys.to_vec())),
+            Arc::new(
+                TimestampMicrosecondArray::from(
+                    (0..n as i64).map(|i| i * 600_000_000).collect::<Vec<_>>(),
+                )
+                .with_timezone("UTC"),
+            ),
+            Arc::new(Float64Array::from(vec![100.0; n])),
+        ];
+        let batch =
+            RecordBatch::try_from_iter(["square_id", "ts", "internet"].into_iter().zip(cols))
+                .unwrap();
+        let dec = crate::decode::Decoder::new(fe.schema.clone());
+        let d = dec.decode(&batch).unwrap();
+        let origins: Vec<_> = (0..n as u64)
+            .map(|index| crate::source::RowOrigin {
+                source: Arc::from("t"),
+                index,
+            })
+            .collect();
+        fe.push_batch(&d, &origins, &mut Samples::default(), |_, _| {});
+    }
+
+    fn milan(max_keys: usize) -> FeatureEngine {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/milan_internet.json");
+        let schema = Arc::new(Schema::load(&path).unwrap());
+        let numeric = schema.numeric_columns();
+        FeatureEngine::new(schema, &numeric, max_keys)
+    }
+
+    fn tracked(fe: &FeatureEngine) -> Vec<String> {
+        let mut k: Vec<String> = fe.keys.keys().map(|k| k.to_string()).collect();
+        k.sort();
+        k
+    }
+
+    #[test]
+    fn the_least_recently_seen_key_is_forgotten_at_the_cap() {
+        let mut fe = milan(3);
+        feed(&mut fe, &[1, 2, 3, 1, 4]);
+        // 2 was seen longest ago when 4 arrived.
+        assert_eq!(tracked(&fe), ["1", "3", "4"]);
+        assert_eq!(fe.keys_evicted, 1);
+        feed(&mut fe, &[3, 5, 6]);
+        assert_eq!(tracked(&fe), ["3", "5", "6"]);
+        assert_eq!(fe.keys_evicted, 3);
+        assert_eq!(fe.recency.len(), 3);
+    }
+
+    #[test]
+    fn key_recency_survives_a_checkpoint() {
+        let mut fe = milan(3);
+        feed(&mut fe, &[1, 2, 3, 1]);
+        let mut back = milan(3);
+        back.restore(fe.state()).unwrap();
+        feed(&mut back, &[4]);
+        assert_eq!(tracked(&back), ["1", "3", "4"]);
     }
 
     #[test]

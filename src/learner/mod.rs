@@ -626,3 +626,50 @@ fn scored_parts(s: &Scored) -> ScoredParts<'_> {
         (None, None) => unreachable!("a scored batch carries deltas or a pending trace"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn optimiser_steps_leave_parameters_untracked() {
+        let mut l = OnlineLearner::new(LearnerConfig {
+            inputs: 4,
+            head: Head::Regression,
+            model: ModelConfig::default(),
+            importance: ImportanceMethod::Exact,
+            selection: SelectionConfig::default(),
+            buffer: BufferConfig {
+                policy: buffer::EvictionPolicy::Fifo,
+                capacity: 64,
+                max_bytes: 100_000,
+                decay: 0.999,
+                replay_ratio: 1.0,
+                replay_sampling: buffer::ReplaySampling::Uniform,
+                rescore_every: 0,
+                rescore_slice: 16,
+            },
+            reference_replay_ratio: 1.0,
+            holdout_every: 10,
+            training: TrainingConfig::default(),
+        });
+        assert!(!l.model.tracks_gradients());
+        let keys: Vec<Arc<str>> = (0..8).map(|_| Arc::from("k")).collect();
+        let x: Vec<f32> = (0..32).map(|i| i as f32 / 32.0).collect();
+        let y = vec![1.0f32; 8];
+        for _ in 0..3 {
+            l.learn_batch(FreshBatch {
+                x: &x,
+                y: &y,
+                keys: &keys,
+                times: &[0; 8],
+            });
+        }
+        assert!(l.stats().steps >= 3);
+        // A require-grad parameter opens an autodiff graph that nothing frees (no burn backward).
+        assert!(!l.model.tracks_gradients());
+        let mut back = OnlineLearner::new(l.cfg.clone());
+        back.restore(l.state().unwrap()).unwrap();
+        assert!(!back.model.tracks_gradients());
+    }
+}

@@ -61,7 +61,23 @@ impl Mlp {
             .windows(2)
             .map(|w| LinearConfig::new(w[0], w[1]).init(device))
             .collect();
-        Mlp { layers }
+        Mlp { layers }.untracked()
+    }
+
+    /// Parameters that do not require gradients. The hot path computes gradients by hand and
+    /// hands them to burn's Adam, which re-marks every parameter it updates as require-grad
+    /// when it was so: each such mark opens an autodiff graph that only a burn `backward()`
+    /// would free, and the learner never calls one, so the graphs (about 8 KB per step)
+    /// piled up for ever (issue 10, defect 1).
+    fn untracked(self) -> Self {
+        self.set_require_grad(false)
+    }
+
+    /// Whether any parameter is marked require-grad (see [`Mlp::untracked`]).
+    pub fn tracks_gradients(&self) -> bool {
+        self.layers.iter().any(|l| {
+            l.weight.is_require_grad() || l.bias.as_ref().is_some_and(|b| b.is_require_grad())
+        })
     }
 
     /// Plain forward pass through burn's modules (works on autodiff devices too).
@@ -147,7 +163,7 @@ impl Mlp {
                 }
             })
             .collect();
-        Mlp { layers }
+        Mlp { layers }.untracked()
     }
 
     /// Layer widths, `inputs → … → outputs`.
