@@ -177,6 +177,7 @@ async fn load(
         match ev {
             SourceEvent::Unreadable {
                 origin,
+                first_row,
                 rows,
                 reason,
                 detail,
@@ -187,7 +188,7 @@ async fn load(
                     reason: &reason,
                     detail: &detail,
                     origin: &origin,
-                    row: 0,
+                    row: first_row,
                     rows,
                     key: None,
                     time: None,

@@ -511,10 +511,26 @@ fn learn_loop(
         match ev {
             SourceEvent::Unreadable {
                 origin,
+                first_row,
                 rows,
                 reason,
                 detail,
             } => {
+                // A file without a footer has no row count: it is covered as a whole.
+                let end = if rows == 0 {
+                    u64::MAX
+                } else {
+                    first_row + rows
+                };
+                let p = t.positions.entry(origin.clone()).or_insert(0);
+                *p = (*p).max(end);
+                if t.ckpt.covered.get(&origin).is_some_and(|&c| c >= end) {
+                    // Dead-lettered before the checkpoint we resumed from: not again.
+                    t.ckpt.already_covered += rows;
+                    t.telemetry.rows_already_covered(rows);
+                    io.progress.inc(rows);
+                    continue;
+                }
                 *t.counters.skipped.entry(reason.clone()).or_default() += rows;
                 t.counters.rows_read += rows;
                 send_dead(
@@ -523,7 +539,7 @@ fn learn_loop(
                         reason: &reason,
                         detail: &detail,
                         origin: &origin,
-                        row: 0,
+                        row: first_row,
                         rows,
                         key: None,
                         time: None,

@@ -504,7 +504,8 @@ pub fn consume(
                 }
             }
             let ev = SourceEvent::Unreadable {
-                origin: Arc::from(format!("{}@{}", origin.source, origin.index).as_str()),
+                origin: origin.source.clone(),
+                first_row: origin.index,
                 rows: 1,
                 reason: e.reason,
                 detail: e.detail,

@@ -58,10 +58,13 @@ pub enum SourceEvent {
         origins: Vec<RowOrigin>,
         ack: Option<Vec<RowOrigin>>,
     },
-    /// A whole unit of input (a file) that cannot be read as the schema says; its rows are
-    /// counted and dead-lettered under `reason`, and the source goes on with the next one.
+    /// Input that cannot be read as the schema says (a file, a row group, a message): its
+    /// rows, `first_row..first_row + rows` of `origin` (`rows` 0: a file without a readable
+    /// footer, count unknown), are counted and dead-lettered under `reason`, and the source
+    /// goes on with the next.
     Unreadable {
         origin: Arc<str>,
+        first_row: u64,
         rows: u64,
         reason: String,
         detail: String,

@@ -19,7 +19,9 @@ use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::{cast, interleave_record_batch};
 use arrow::datatypes::{DataType, Int64Type, TimeUnit};
 use parquet::arrow::ProjectionMask;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -170,11 +172,27 @@ pub fn total_rows(files: &[PathBuf]) -> u64 {
         .sum()
 }
 
-/// One open file in the merge: its reader and its current batch, already in the canonical
-/// column order and types.
+/// Rows of a file that cannot be read: from `first_row`, `rows` of them (0: unknown).
+struct Lost {
+    first_row: u64,
+    rows: u64,
+    reason: String,
+    detail: String,
+}
+
+/// One open file in the merge: its current row group's reader and its current batch, already
+/// in the canonical column order and types. Row groups are read one reader each, so that a
+/// corrupt one loses its own rows only.
 struct Cursor {
     origin: Arc<str>,
-    reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    file: PathBuf,
+    meta: ArrowReaderMetadata,
+    mask: ProjectionMask,
+    batch_size: usize,
+    reader: Option<ParquetRecordBatchReader>,
+    /// Row index in the file where each row group ends.
+    group_ends: Vec<u64>,
+    next_group: usize,
     batch: RecordBatch,
     times: Vec<i64>,
     pos: usize,
@@ -182,6 +200,8 @@ struct Cursor {
     base: u64,
     /// Rows in the file (from its footer).
     rows: u64,
+    /// Unreadable ranges met by the last [`Cursor::refill`], to dead-letter.
+    lost: Vec<Lost>,
 }
 
 /// The columns every emitted batch has, in this order and with these types (those of the
@@ -267,39 +287,132 @@ fn time_micros(col: &dyn Array) -> Vec<Option<i64>> {
 }
 
 impl Cursor {
-    /// Rows not yet emitted (what a failure now would lose, and so must dead-letter).
-    fn remaining(&self) -> u64 {
-        self.rows.saturating_sub(self.base + self.pos as u64)
+    /// Opens a file for the merge; `Err` when it is not a Parquet file at all (no footer).
+    fn open(file: &Path, wanted: &[String], batch_size: usize) -> Result<Self, String> {
+        let f = File::open(file).map_err(|e| format!("cannot open: {e}"))?;
+        let meta = ArrowReaderMetadata::load(&f, Default::default())
+            .map_err(|e| format!("not a readable Parquet file: {e}"))?;
+        let roots: Vec<usize> = wanted
+            .iter()
+            .filter_map(|c| meta.schema().index_of(c).ok())
+            .collect();
+        let mask = ProjectionMask::roots(meta.parquet_schema(), roots);
+        let group_ends = meta
+            .metadata()
+            .row_groups()
+            .iter()
+            .scan(0u64, |end, g| {
+                *end += g.num_rows().max(0) as u64;
+                Some(*end)
+            })
+            .collect();
+        Ok(Cursor {
+            origin: Arc::from(file.to_string_lossy().as_ref()),
+            file: file.to_path_buf(),
+            rows: meta.metadata().file_metadata().num_rows().max(0) as u64,
+            meta,
+            mask,
+            batch_size,
+            reader: None,
+            group_ends,
+            next_group: 0,
+            batch: RecordBatch::new_empty(Arc::new(arrow::datatypes::Schema::empty())),
+            times: Vec::new(),
+            pos: 0,
+            base: 0,
+            lost: Vec::new(),
+        })
+    }
+
+    /// A reader over the next row group, positioned at its first row.
+    fn open_group(&mut self) -> Result<(), Lost> {
+        let g = self.next_group;
+        self.next_group += 1;
+        self.base = if g == 0 { 0 } else { self.group_ends[g - 1] };
+        let end = self.group_ends[g];
+        let reader = File::open(&self.file)
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                ParquetRecordBatchReaderBuilder::new_with_metadata(f, self.meta.clone())
+                    .with_projection(self.mask.clone())
+                    .with_batch_size(self.batch_size)
+                    .with_row_groups(vec![g])
+                    .build()
+                    .map_err(|e| e.to_string())
+            });
+        match reader {
+            Ok(r) => {
+                self.reader = Some(r);
+                Ok(())
+            }
+            Err(e) => Err(self.lost_group(g, end, &e)),
+        }
+    }
+
+    /// The rest of row group `g` (from `base` to `end`) cannot be read.
+    fn lost_group(&mut self, g: usize, end: u64, error: &str) -> Lost {
+        let first_row = self.base + self.pos as u64;
+        self.reader = None;
+        self.base = end;
+        self.pos = 0;
+        Lost {
+            first_row,
+            rows: end - first_row,
+            reason: "unreadable_file".into(),
+            detail: format!(
+                "{}: row group {g} (rows {first_row}..{end}) cannot be read: {error}",
+                self.origin
+            ),
+        }
     }
 
     /// Loads the next batch once the current one is used up; false at the end of the file.
-    fn refill(&mut self, canon: &mut Canonical) -> Result<bool, (String, String)> {
+    /// Unreadable row groups are skipped and recorded in `lost`; a batch that cannot be
+    /// conformed to the canonical layout loses the rest of the file.
+    fn refill(&mut self, canon: &mut Canonical) -> bool {
         if self.pos < self.batch.num_rows() {
-            return Ok(true);
+            return true;
         }
         loop {
             self.base += self.batch.num_rows() as u64;
             self.pos = 0;
             self.batch = RecordBatch::new_empty(self.batch.schema());
-            match self.reader.next() {
-                None => return Ok(false),
+            if self.reader.is_none() {
+                if self.next_group >= self.group_ends.len() {
+                    return false;
+                }
+                if let Err(lost) = self.open_group() {
+                    self.lost.push(lost);
+                    continue;
+                }
+            }
+            let next = self.reader.as_mut().expect("opened above").next();
+            match next {
+                None => self.reader = None,
                 Some(Err(e)) => {
-                    return Err(("unreadable_file".into(), format!("{}: {e}", self.origin)));
+                    let g = self.next_group - 1;
+                    let lost = self.lost_group(g, self.group_ends[g], &e.to_string());
+                    self.lost.push(lost);
                 }
-                Some(Ok(b)) => {
-                    let b = canon.conform(&b).map_err(|r| {
-                        (
-                            r.clone(),
-                            format!("{}: cannot conform a batch: {r}", self.origin),
-                        )
-                    })?;
-                    if b.num_rows() == 0 {
-                        continue;
+                Some(Ok(b)) => match canon.conform(&b) {
+                    Err(r) => {
+                        self.lost.push(Lost {
+                            first_row: self.base,
+                            rows: self.rows.saturating_sub(self.base),
+                            detail: format!("{}: cannot conform a batch: {r}", self.origin),
+                            reason: r,
+                        });
+                        self.next_group = self.group_ends.len();
+                        self.reader = None;
+                        return false;
                     }
-                    self.times = canon.times(&b);
-                    self.batch = b;
-                    return Ok(true);
-                }
+                    Ok(b) if b.num_rows() == 0 => {}
+                    Ok(b) => {
+                        self.times = canon.times(&b);
+                        self.batch = b;
+                        return true;
+                    }
+                },
             }
         }
     }
@@ -325,33 +438,41 @@ pub fn replay(
         time: schema.time.column.clone(),
     };
     let mut cursors: Vec<Cursor> = Vec::new();
-    let unreadable = |tx: &mpsc::Sender<SourceEvent>,
-                      stats: &mut ReplayStats,
-                      origin: Arc<str>,
-                      rows: u64,
-                      reason: String,
-                      detail: String| {
-        tracing::warn!(file = %origin, %reason, %detail, rows, "input does not match the schema; its rows are dead-lettered");
-        stats.unreadable_rows += rows;
+    // Dead-letters what a file or a row group lost; false when the pipeline has gone.
+    let unreadable = |stats: &mut ReplayStats, origin: &Arc<str>, lost: Lost| {
+        tracing::warn!(file = %origin, reason = %lost.reason, detail = %lost.detail, first_row = lost.first_row, rows = lost.rows, "input cannot be read as the schema says; its rows are dead-lettered");
+        stats.unreadable_rows += lost.rows;
         tx.blocking_send(SourceEvent::Unreadable {
-            origin,
-            rows,
-            reason,
-            detail,
+            origin: origin.clone(),
+            first_row: lost.first_row,
+            rows: lost.rows,
+            reason: lost.reason,
+            detail: lost.detail,
         })
         .is_ok()
     };
     for file in files {
-        let origin: Arc<str> = Arc::from(file.to_string_lossy().as_ref());
-        let builder = ParquetRecordBatchReaderBuilder::try_new(
-            File::open(file).with_context(|| format!("cannot open {}", file.display()))?,
-        )
-        .with_context(|| format!("{} is not a readable Parquet file", file.display()))?;
         stats.files += 1;
-        let rows = builder.metadata().file_metadata().num_rows() as u64;
-        let arrow_schema = builder.schema().clone();
+        let cursor = match Cursor::open(file, &wanted, cfg.batch_size) {
+            Ok(c) => c,
+            Err(e) => {
+                // No footer: the row count is unknown (0 in the letter).
+                let origin: Arc<str> = Arc::from(file.to_string_lossy().as_ref());
+                let detail = format!("{}: {e}", file.display());
+                let lost = Lost {
+                    first_row: 0,
+                    rows: 0,
+                    reason: "unreadable_file".into(),
+                    detail,
+                };
+                if !unreadable(&mut stats, &origin, lost) {
+                    return Ok(stats);
+                }
+                continue;
+            }
+        };
         let problems: Vec<(String, String)> = schema
-            .mismatches(&arrow_schema)
+            .mismatches(cursor.meta.schema())
             .into_iter()
             .filter(|(c, _)| wanted.contains(c))
             .collect();
@@ -366,45 +487,39 @@ pub fn replay(
                 .map(|(c, w)| format!("{c}: {w}"))
                 .collect::<Vec<_>>()
                 .join("; ");
-            if !unreadable(&tx, &mut stats, origin, rows, reason, detail) {
+            let lost = Lost {
+                first_row: 0,
+                rows: cursor.rows,
+                reason,
+                detail,
+            };
+            if !unreadable(&mut stats, &cursor.origin, lost) {
                 return Ok(stats);
             }
             continue;
         }
-        let roots: Vec<usize> = wanted
-            .iter()
-            .filter_map(|c| arrow_schema.index_of(c).ok())
-            .collect();
-        let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-        let reader = builder
-            .with_projection(mask)
-            .with_batch_size(cfg.batch_size)
-            .build()?;
-        cursors.push(Cursor {
-            origin,
-            reader,
-            batch: RecordBatch::new_empty(Arc::new(arrow::datatypes::Schema::empty())),
-            times: Vec::new(),
-            pos: 0,
-            base: 0,
-            rows,
-        });
+        cursors.push(cursor);
     }
+    // Refills a cursor and dead-letters what it lost; (has rows, pipeline still there).
+    let refill = |c: &mut Cursor, canon: &mut Canonical, stats: &mut ReplayStats| {
+        let more = c.refill(canon);
+        for lost in std::mem::take(&mut c.lost) {
+            if !unreadable(stats, &c.origin, lost) {
+                return (more, false);
+            }
+        }
+        (more, true)
+    };
     // Files of an index-time schema play one after another: merge only within timestamps.
     let sequential = schema.time.kind == TimeKind::Index;
     let start = Instant::now();
     let mut t0: Option<i64> = None;
     let mut active: Vec<usize> = Vec::new();
     for (i, cursor) in cursors.iter_mut().enumerate() {
-        match cursor.refill(&mut canon) {
-            Ok(true) => active.push(i),
-            Ok(false) => {}
-            Err((reason, detail)) => {
-                let lost = cursor.remaining();
-                if !unreadable(&tx, &mut stats, cursor.origin.clone(), lost, reason, detail) {
-                    return Ok(stats);
-                }
-            }
+        match refill(cursor, &mut canon, &mut stats) {
+            (_, false) => return Ok(stats),
+            (true, true) => active.push(i),
+            (false, true) => {}
         }
     }
     while !active.is_empty() && !shutdown.is_triggered() {
@@ -415,6 +530,7 @@ pub fn replay(
         };
         // Take rows in event-time order: always the earliest current row among the files,
         // until the batch is full or one file's batch runs out (it is refilled after the emit).
+        // Picks index `active`, whose cursors all hold a non-empty batch of the same layout.
         let mut picks: Vec<(usize, usize)> = Vec::with_capacity(want);
         let mut origins = Vec::with_capacity(want);
         let mut exhausted = None;
@@ -430,7 +546,7 @@ pub fn replay(
                     .expect("non-empty")
             };
             let cur = &mut cursors[active[slot]];
-            picks.push((active[slot], cur.pos));
+            picks.push((slot, cur.pos));
             origins.push(RowOrigin {
                 source: cur.origin.clone(),
                 index: cur.base + cur.pos as u64,
@@ -441,7 +557,7 @@ pub fn replay(
                 break;
             }
         }
-        let refs: Vec<&RecordBatch> = cursors.iter().map(|c| &c.batch).collect();
+        let refs: Vec<&RecordBatch> = active.iter().map(|&i| &cursors[i].batch).collect();
         let batch = interleave_record_batch(&refs, &picks)?;
         if let Some(p) = &cfg.pace {
             pace(p, &batch, schema, start, stats.rows, &mut t0);
@@ -458,18 +574,11 @@ pub fn replay(
             return Ok(stats);
         }
         if let Some(slot) = exhausted {
-            let c = active[slot];
-            match cursors[c].refill(&mut canon) {
-                Ok(true) => {}
-                Ok(false) => {
+            match refill(&mut cursors[active[slot]], &mut canon, &mut stats) {
+                (_, false) => return Ok(stats),
+                (true, true) => {}
+                (false, true) => {
                     active.remove(slot);
-                }
-                Err((reason, detail)) => {
-                    active.remove(slot);
-                    let (o, lost) = (cursors[c].origin.clone(), cursors[c].remaining());
-                    if !unreadable(&tx, &mut stats, o, lost, reason, detail) {
-                        return Ok(stats);
-                    }
                 }
             }
         }
