@@ -142,6 +142,7 @@ fn learner_core(c: &mut Criterion) {
                 micro_batch: B,
                 learning_rate: 1e-3,
                 seed: 3,
+                ..TrainingConfig::default()
             },
         });
         let mut i = 0;

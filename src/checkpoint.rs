@@ -76,7 +76,8 @@ pub struct Checkpoint {
 }
 
 /// 02: compute ledger, selection policies, evaluation periods.
-const MAGIC: &[u8; 8] = b"GSCKPT02";
+/// 03: non-finite predictions and steps counted (metrics, learner stats).
+const MAGIC: &[u8; 8] = b"GSCKPT03";
 
 /// Writes `ckpt` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
 /// Returns the bytes written.
@@ -115,6 +116,15 @@ pub fn load(path: &Path) -> Result<Option<Checkpoint>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
+    if bytes.len() >= 8 && bytes[..6] == MAGIC[..6] && &bytes[..8] != MAGIC {
+        bail!(
+            "{}: a checkpoint of another gradsift version (format {}; this one reads {}): \
+             delete it, or choose another output folder, to start afresh",
+            path.display(),
+            String::from_utf8_lossy(&bytes[..8]),
+            String::from_utf8_lossy(MAGIC)
+        );
+    }
     if bytes.len() < 20 || &bytes[..8] != MAGIC {
         bail!("{}: not a gradsift checkpoint", path.display());
     }

@@ -581,6 +581,16 @@ impl OfflineReport {
 }
 
 fn summary_text(m: &EvalSummary) -> String {
+    let (n, nonfinite) = match m {
+        EvalSummary::Regression(r) => (r.model.n, r.model.nonfinite),
+        EvalSummary::Classification(c) => (c.model.n, c.model.nonfinite),
+    };
+    if nonfinite > 0 {
+        return format!("diverged: {nonfinite} of {n} predictions not finite");
+    }
+    if n == 0 {
+        return "n/a (no rows)".into();
+    }
     match m {
         EvalSummary::Regression(r) => format!(
             "MAE {:.4}, RMSE {:.4}, sMAPE {:.2}%",

@@ -348,6 +348,9 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         },
         backpropagated: stats.backpropagated,
         training_steps: stats.steps,
+        nonfinite_steps: stats.nonfinite_steps,
+        model_restores: stats.restores,
+        diverged: stats.nonfinite_steps > 0 || tally.metrics.whole.nonfinite() > 0,
         last_train_loss: c.last_loss,
         metrics: tally.metrics.whole.summary(),
         periods: tally.metrics.periods(),
@@ -626,6 +629,8 @@ fn publish_metrics(t: &mut Tally) {
         trained_replay: stats.trained_replay,
         backpropagated: stats.backpropagated,
         steps: stats.steps,
+        nonfinite_steps: stats.nonfinite_steps,
+        restores: stats.restores,
         buffer_len: buf.len(),
         buffer_bytes: buf.bytes(),
         buffer_admitted: buf.stats.admitted,
@@ -635,17 +640,17 @@ fn publish_metrics(t: &mut Tally) {
     });
     // An empty window has no error to report (a resumed run's window is restored).
     match t.metrics.whole.summary() {
-        EvalSummary::Regression(r) if r.model_last_window.n > 0 => {
+        EvalSummary::Regression(r) if r.model_last_window.valid() => {
             let w = r.model_last_window;
             let p = r.persistence_last_window;
             telemetry::prequential_regression(
                 w.mae,
                 w.rmse,
-                (p.n > 0).then_some((p.mae, p.rmse)),
+                p.valid().then_some((p.mae, p.rmse)),
                 w.n,
             );
         }
-        EvalSummary::Classification(c) if c.model_last_window.n > 0 => {
+        EvalSummary::Classification(c) if c.model_last_window.valid() => {
             let w = c.model_last_window;
             telemetry::prequential_classification(w.top1, w.top3, w.n);
         }

@@ -55,6 +55,12 @@ pub struct RunReport {
     pub buffer: BufferReport,
     pub backpropagated: u64,
     pub training_steps: u64,
+    /// Updates skipped for a non-finite gradient, and returns to the last good weights.
+    pub nonfinite_steps: u64,
+    pub model_restores: u64,
+    /// The model diverged: steps were skipped or predictions were not finite. Its metrics
+    /// are then not figures to report.
+    pub diverged: bool,
     pub last_train_loss: f64,
     pub metrics: EvalSummary,
     /// The same metrics per evaluation period (`[evaluation] periods`).
@@ -103,30 +109,52 @@ fn f(v: f64) -> String {
     }
 }
 
+/// What a metric cell says when its figures are not numbers to trust.
+fn not_a_number(n: u64, nonfinite: u64) -> Option<String> {
+    if nonfinite > 0 {
+        Some(format!("diverged ({nonfinite} non-finite)"))
+    } else if n == 0 {
+        Some("n/a".into())
+    } else {
+        None
+    }
+}
+
 fn err_row(t: &mut Table, name: &str, m: &ErrorMetrics) {
-    t.add_row(vec![
-        Cell::new(name),
-        Cell::new(m.n),
-        Cell::new(f(m.mae)),
-        Cell::new(f(m.rmse)),
-        Cell::new(format!("{:.2}", m.smape_pct)),
-    ]);
+    let cells = match not_a_number(m.n, m.nonfinite) {
+        Some(why) => vec![why.clone(), why.clone(), why],
+        None => vec![f(m.mae), f(m.rmse), format!("{:.2}", m.smape_pct)],
+    };
+    let mut row = vec![Cell::new(name), Cell::new(m.n)];
+    row.extend(cells.into_iter().map(Cell::new));
+    t.add_row(row);
 }
 
 fn beam_row(t: &mut Table, name: &str, m: &BeamMetrics) {
-    t.add_row(vec![
-        Cell::new(name),
-        Cell::new(m.n),
-        Cell::new(format!("{:.4}", m.top1)),
-        Cell::new(format!("{:.4}", m.top3)),
-        Cell::new(format!("{:.3}", m.power_loss_db)),
-    ]);
+    let cells = match not_a_number(m.n, m.nonfinite) {
+        Some(why) => vec![why.clone(), why.clone(), why],
+        None => vec![
+            format!("{:.4}", m.top1),
+            format!("{:.4}", m.top3),
+            if m.power_loss_db.is_finite() {
+                format!("{:.3}", m.power_loss_db)
+            } else {
+                "n/a".into()
+            },
+        ],
+    };
+    let mut row = vec![Cell::new(name), Cell::new(m.n)];
+    row.extend(cells.into_iter().map(Cell::new));
+    t.add_row(row);
 }
 
 impl RunReport {
     /// The counted saving, in FLOPs and back-propagated rows, against every-row training.
     fn compute_saved(&self) -> String {
         let c = &self.compute;
+        if c.reference.flops.is_nan() || c.reference.flops <= 0.0 {
+            return "n/a (nothing trained)".into();
+        }
         format!(
             "{:.1}% of FLOPs, {:.1}% of back-propagated rows ({:.3e} vs {:.3e} FLOPs; \
              reference: every row, replay {})",
@@ -217,6 +245,17 @@ impl RunReport {
                 self.backpropagated.to_string(),
             ),
             ("training steps".into(), self.training_steps.to_string()),
+            (
+                "non-finite steps skipped / restores".into(),
+                if self.diverged {
+                    format!(
+                        "{} / {}: THE MODEL DIVERGED (lower training.learning_rate?)",
+                        self.nonfinite_steps, self.model_restores
+                    )
+                } else {
+                    format!("{} / {}", self.nonfinite_steps, self.model_restores)
+                },
+            ),
             (
                 "compute saved vs every-row training".into(),
                 self.compute_saved(),

@@ -96,6 +96,8 @@ pub const BUFFER_ADMITTED: &str = "gradsift_buffer_admitted_total";
 pub const BUFFER_EVICTIONS: &str = "gradsift_buffer_evictions_total";
 pub const BUFFER_RESCORED: &str = "gradsift_buffer_rescored_total";
 pub const STEPS: &str = "gradsift_training_steps_total";
+pub const NONFINITE_STEPS: &str = "gradsift_nonfinite_steps_total";
+pub const MODEL_RESTORES: &str = "gradsift_model_restores_total";
 pub const STEP_SECONDS: &str = "gradsift_training_step_seconds";
 pub const LOSS: &str = "gradsift_training_loss";
 pub const MAE: &str = "gradsift_prequential_mae";
@@ -211,6 +213,18 @@ pub const METRICS: &[MetricDef] = &[
         "Buffered samples whose stored score was refreshed with the current model.",
     ),
     def(STEPS, Kind::Counter, Unit::Count, "Optimiser steps taken."),
+    def(
+        NONFINITE_STEPS,
+        Kind::Counter,
+        Unit::Count,
+        "Updates skipped because their gradient was not finite (the model is diverging).",
+    ),
+    def(
+        MODEL_RESTORES,
+        Kind::Counter,
+        Unit::Count,
+        "Returns to the last good weights after training.max_nonfinite_steps non-finite steps in a row.",
+    ),
     def(
         STEP_SECONDS,
         Kind::Histogram,
@@ -420,6 +434,8 @@ pub struct LearnerView {
     pub trained_replay: u64,
     pub backpropagated: u64,
     pub steps: u64,
+    pub nonfinite_steps: u64,
+    pub restores: u64,
     pub buffer_len: usize,
     pub buffer_bytes: usize,
     pub buffer_admitted: u64,
@@ -441,6 +457,8 @@ pub struct LearnerMetrics {
     trained_replay: Counter,
     backpropagated: Counter,
     steps: Counter,
+    nonfinite_steps: Counter,
+    restores: Counter,
     buffer_samples: Gauge,
     buffer_bytes: Gauge,
     buffer_admitted: Counter,
@@ -473,6 +491,8 @@ impl LearnerMetrics {
             trained_replay: counter!(TRAINED, "origin" => "replay"),
             backpropagated: counter!(BACKPROPAGATED),
             steps: counter!(STEPS),
+            nonfinite_steps: counter!(NONFINITE_STEPS),
+            restores: counter!(MODEL_RESTORES),
             buffer_samples: gauge!(BUFFER_SAMPLES),
             buffer_bytes: gauge!(BUFFER_BYTES),
             buffer_admitted: counter!(BUFFER_ADMITTED),
@@ -543,6 +563,10 @@ impl LearnerMetrics {
         self.backpropagated
             .increment(d(v.backpropagated, p.map(|p| p.backpropagated)));
         self.steps.increment(d(v.steps, p.map(|p| p.steps)));
+        self.nonfinite_steps
+            .increment(d(v.nonfinite_steps, p.map(|p| p.nonfinite_steps)));
+        self.restores
+            .increment(d(v.restores, p.map(|p| p.restores)));
         self.buffer_admitted
             .increment(d(v.buffer_admitted, p.map(|p| p.buffer_admitted)));
         self.buffer_evictions

@@ -42,6 +42,7 @@ fn learner(d: usize) -> OnlineLearner {
             micro_batch: 32,
             learning_rate: 1e-2,
             seed: 3,
+            ..TrainingConfig::default()
         },
     })
 }

@@ -49,6 +49,7 @@ fn buffer_never_exceeds_either_cap_on_a_long_stream() {
                 micro_batch: 64,
                 learning_rate: 1e-3,
                 seed: 1,
+                ..TrainingConfig::default()
             },
         });
         let mut peak = (0, 0);

@@ -48,6 +48,7 @@ fn thousands_of_steps_do_not_grow_the_process() {
             micro_batch: mb,
             learning_rate: 1e-3,
             seed: 3,
+            ..TrainingConfig::default()
         },
     });
     let keys: Vec<Arc<str>> = (0..mb).map(|_| Arc::from("k")).collect();

@@ -372,3 +372,57 @@ fn files_are_merged_in_event_time_order() {
     ));
     assert_eq!(py.trim(), "True", "strictly increasing event times");
 }
+
+#[test]
+fn a_diverged_model_is_reported_not_printed_as_a_good_number() {
+    // Issue 10, defect 7: at this learning rate the MAE was NaN and the RMSE printed 0.0000.
+    let out = tempfile::tempdir().unwrap();
+    let r = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &[
+            "training.learning_rate=1e30",
+            "training.max_nonfinite_steps=4",
+        ],
+    ));
+    assert!(r.diverged, "the report says the model diverged");
+    assert!(r.nonfinite_steps > 0 && r.model_restores > 0);
+    let EvalSummary::Regression(m) = &r.metrics else {
+        panic!()
+    };
+    assert!(m.model.nonfinite > 0 && !m.model.valid());
+    assert!(m.persistence.valid(), "the baselines are still scored");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
+            .unwrap();
+    assert!(
+        json["metrics"]["model"]["rmse"].is_null(),
+        "no number for a diverged model"
+    );
+    assert_eq!(json["diverged"], true);
+    let table = r.render();
+    assert!(table.contains("diverged (") && table.contains("THE MODEL DIVERGED"));
+    assert!(
+        !table.contains("NaN"),
+        "NaN never prints as a number:\n{table}"
+    );
+}
+
+#[test]
+fn a_run_without_samples_prints_no_metric() {
+    // Every row is in lag warm-up: nothing was predicted, so there is no error to report.
+    let out = tempfile::tempdir().unwrap();
+    let r = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &["source.max_rows=100"],
+    ));
+    assert_eq!(r.samples, 0);
+    let EvalSummary::Regression(m) = &r.metrics else {
+        panic!()
+    };
+    assert!(!m.model.valid() && m.model.mae.is_nan());
+    assert!(!r.diverged);
+    let table = r.render();
+    assert!(table.contains("n/a") && !table.contains("NaN"), "{table}");
+}

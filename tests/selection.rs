@@ -49,6 +49,7 @@ fn stream(
             micro_batch: MB,
             learning_rate: 2e-3,
             seed: 3,
+            ..TrainingConfig::default()
         },
         reference_replay_ratio: 2.0,
         holdout_every: 10,

@@ -25,6 +25,9 @@ pub struct RegressionRow {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct ErrSum {
     n: u64,
+    /// Rows whose prediction (or squared error) is not a finite number: a diverged model.
+    /// They are counted in `n` but not summed, so the sums recover once they leave a window.
+    nonfinite: u64,
     abs: f64,
     sq: f64,
     smape: f64,
@@ -43,6 +46,10 @@ impl ErrSum {
     fn add(&mut self, pred: f64, target: f64) {
         let e = pred - target;
         self.n += 1;
+        if !(e * e).is_finite() {
+            self.nonfinite += 1;
+            return;
+        }
         self.abs += e.abs();
         self.sq += e * e;
         self.smape += smape(pred, target);
@@ -50,28 +57,55 @@ impl ErrSum {
     fn sub(&mut self, pred: f64, target: f64) {
         let e = pred - target;
         self.n -= 1;
+        if !(e * e).is_finite() {
+            self.nonfinite -= 1;
+            return;
+        }
         self.abs -= e.abs();
         self.sq -= e * e;
         self.smape -= smape(pred, target);
     }
+    /// The metrics; NaN (`null` in JSON, "n/a" or "diverged" in tables) over no rows or
+    /// when any row's prediction was not finite: never a number that looks good.
     fn summary(&self) -> ErrorMetrics {
-        let n = self.n.max(1) as f64;
+        if self.n == 0 || self.nonfinite > 0 {
+            return ErrorMetrics {
+                n: self.n,
+                nonfinite: self.nonfinite,
+                mae: f64::NAN,
+                rmse: f64::NAN,
+                smape_pct: f64::NAN,
+            };
+        }
+        let n = self.n as f64;
+        // Running sums can round a tiny mean square below zero; NaN must stay NaN.
+        let ms = self.sq / n;
         ErrorMetrics {
             n: self.n,
+            nonfinite: 0,
             mae: self.abs / n,
-            rmse: (self.sq / n).max(0.0).sqrt(),
+            rmse: if ms < 0.0 { 0.0 } else { ms.sqrt() },
             smape_pct: 100.0 * self.smape / n,
         }
     }
 }
 
-/// MAE, RMSE and sMAPE over `n` rows.
+/// MAE, RMSE and sMAPE over `n` rows (NaN when `n` is 0 or `nonfinite` is not).
 #[derive(Debug, Clone, Copy, Serialize, Default)]
 pub struct ErrorMetrics {
     pub n: u64,
+    /// Rows whose prediction was not finite (the model diverged).
+    pub nonfinite: u64,
     pub mae: f64,
     pub rmse: f64,
     pub smape_pct: f64,
+}
+
+impl ErrorMetrics {
+    /// Whether the figures are numbers to trust (rows, all finite).
+    pub fn valid(&self) -> bool {
+        self.n > 0 && self.nonfinite == 0
+    }
 }
 
 /// The regression scoreboard.
@@ -90,6 +124,8 @@ pub struct RegressionSummary {
 #[derive(Debug, Clone, Copy, Serialize, Default)]
 pub struct BeamMetrics {
     pub n: u64,
+    /// Rows whose logits were not finite (the model diverged).
+    pub nonfinite: u64,
     pub top1: f64,
     pub top3: f64,
     pub power_loss_db: f64,
@@ -182,6 +218,8 @@ impl RegressionEval {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 struct BeamSum {
     n: u64,
+    /// Rows whose logits were not all finite (the model diverged).
+    nonfinite: u64,
     top1: u64,
     top3: u64,
     n_power: u64,
@@ -189,15 +227,52 @@ struct BeamSum {
 }
 
 impl BeamSum {
+    /// NaN figures over no rows or when any row's logits were not finite.
     fn summary(&self) -> BeamMetrics {
-        let n = self.n.max(1) as f64;
+        let n = self.n as f64;
+        let ok = self.n > 0 && self.nonfinite == 0;
+        let or_nan = |v: f64| if ok { v } else { f64::NAN };
         BeamMetrics {
             n: self.n,
-            top1: self.top1 as f64 / n,
-            top3: self.top3 as f64 / n,
-            power_loss_db: self.loss_db / self.n_power.max(1) as f64,
+            nonfinite: self.nonfinite,
+            top1: or_nan(self.top1 as f64 / n),
+            top3: or_nan(self.top3 as f64 / n),
+            power_loss_db: if ok && self.n_power > 0 {
+                self.loss_db / self.n_power as f64
+            } else {
+                f64::NAN
+            },
         }
     }
+    fn add(&mut self, r: &BeamRow) {
+        self.n += 1;
+        if !r.finite {
+            self.nonfinite += 1;
+            return;
+        }
+        self.top1 += r.top1 as u64;
+        self.top3 += r.top3 as u64;
+        if let Some(l) = r.loss_db {
+            self.n_power += 1;
+            self.loss_db += l;
+        }
+    }
+}
+
+impl BeamMetrics {
+    /// Whether the figures are numbers to trust (rows, all finite).
+    pub fn valid(&self) -> bool {
+        self.n > 0 && self.nonfinite == 0
+    }
+}
+
+/// One scored beam row.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct BeamRow {
+    finite: bool,
+    top1: bool,
+    top3: bool,
+    loss_db: Option<f64>,
 }
 
 /// Prequential beam-selection metrics with a sliding window.
@@ -205,7 +280,7 @@ impl BeamSum {
 pub struct ClassificationEval {
     window: usize,
     all: BeamSum,
-    recent: VecDeque<(bool, bool, Option<f64>)>,
+    recent: VecDeque<BeamRow>,
 }
 
 impl ClassificationEval {
@@ -234,35 +309,30 @@ impl ClassificationEval {
             let p_chosen = *p.get(best)? as f64;
             (p_best > 0.0 && p_chosen > 0.0).then(|| 10.0 * (p_best / p_chosen).log10())
         });
-        self.all.n += 1;
-        self.all.top1 += top1 as u64;
-        self.all.top3 += top3 as u64;
-        if let Some(l) = loss {
-            self.all.n_power += 1;
-            self.all.loss_db += l;
-        }
+        let row = BeamRow {
+            // NaN logits make every comparison false: beam 0 would look like a choice.
+            finite: logits.iter().all(|l| l.is_finite()),
+            top1,
+            top3,
+            loss_db: loss,
+        };
+        self.all.add(&row);
         if self.recent.len() == self.window {
             self.recent.pop_front();
         }
-        self.recent.push_back((top1, top3, loss));
+        self.recent.push_back(row);
     }
 
     /// Windowed top-1 error rate.
     pub fn window_error(&self) -> f64 {
         let n = self.recent.len().max(1) as f64;
-        1.0 - self.recent.iter().filter(|r| r.0).count() as f64 / n
+        1.0 - self.recent.iter().filter(|r| r.finite && r.top1).count() as f64 / n
     }
 
     pub fn summary(&self) -> ClassificationSummary {
         let mut w = BeamSum::default();
-        for &(t1, t3, l) in &self.recent {
-            w.n += 1;
-            w.top1 += t1 as u64;
-            w.top3 += t3 as u64;
-            if let Some(l) = l {
-                w.n_power += 1;
-                w.loss_db += l;
-            }
+        for r in &self.recent {
+            w.add(r);
         }
         ClassificationSummary {
             model: self.all.summary(),
@@ -314,6 +384,13 @@ impl Metrics {
         match self {
             Metrics::Regression(r) => EvalSummary::Regression(r.summary()),
             Metrics::Classification(c) => EvalSummary::Classification(c.summary()),
+        }
+    }
+    /// Rows of the whole stream whose prediction was not finite.
+    pub fn nonfinite(&self) -> u64 {
+        match self {
+            Metrics::Regression(r) => r.model.nonfinite,
+            Metrics::Classification(c) => c.all.nonfinite,
         }
     }
     pub fn window_text(&self) -> String {
@@ -430,6 +507,55 @@ pub fn argmax(v: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(prediction: f64, target: f64) -> RegressionRow {
+        RegressionRow {
+            prediction,
+            target,
+            persistence: Some(target + 1.0),
+            seasonal: None,
+        }
+    }
+
+    #[test]
+    fn no_rows_is_not_a_perfect_score() {
+        let s = RegressionEval::new(4).summary();
+        assert!(!s.model.valid() && s.model.mae.is_nan() && s.model.rmse.is_nan());
+        let c = ClassificationEval::new(4).summary();
+        assert!(!c.model.valid() && c.model.top1.is_nan());
+        let json = serde_json::to_value(s.model).unwrap();
+        assert!(json["mae"].is_null(), "{json}");
+    }
+
+    #[test]
+    fn a_non_finite_prediction_marks_the_window_diverged_until_it_leaves() {
+        let mut e = RegressionEval::new(3);
+        e.record(row(1.0, 2.0));
+        // A huge but finite prediction squares to infinity: the RMSE used to print 0.
+        e.record(row(1e200, 2.0));
+        e.record(row(f64::NAN, 2.0));
+        let s = e.summary();
+        assert_eq!((s.model.n, s.model.nonfinite), (3, 2));
+        assert!(s.model.rmse.is_nan() && s.model_last_window.mae.is_nan());
+        assert!(s.persistence.valid(), "the baselines are unaffected");
+        for _ in 0..3 {
+            e.record(row(3.0, 2.0));
+        }
+        let s = e.summary();
+        assert!(s.model_last_window.valid() && s.model_last_window.mae == 1.0);
+        assert!(e.window_mae() == 1.0, "the running window sums recovered");
+        assert!(!s.model.valid(), "the whole stream stays diverged");
+    }
+
+    #[test]
+    fn nan_logits_are_not_a_beam_choice() {
+        let mut c = ClassificationEval::new(8);
+        c.record(&[f32::NAN; 4], 0, None);
+        c.record(&[0.0, 1.0, 0.0, 0.0], 1, None);
+        let s = c.summary();
+        assert_eq!((s.model.n, s.model.nonfinite), (2, 1));
+        assert!(s.model.top1.is_nan() && s.model.top3.is_nan());
+    }
 
     #[test]
     fn regression_metrics_match_hand_computation() {

@@ -94,6 +94,14 @@ pub struct TrainingConfig {
     /// Seed of every random choice, weight initialisation included.
     #[serde(default)]
     pub seed: u64,
+    /// A step whose gradient is not finite is skipped; after this many in a row the learner
+    /// goes back to its last good weights with fresh Adam moments, and warns.
+    #[serde(default = "default_max_nonfinite_steps")]
+    pub max_nonfinite_steps: u32,
+}
+
+fn default_max_nonfinite_steps() -> u32 {
+    8
 }
 
 fn default_micro_batch() -> usize {
@@ -109,6 +117,7 @@ impl Default for TrainingConfig {
             micro_batch: default_micro_batch(),
             learning_rate: default_lr(),
             seed: 0,
+            max_nonfinite_steps: default_max_nonfinite_steps(),
         }
     }
 }
@@ -165,6 +174,10 @@ pub struct LearnerStats {
     /// Rows that went through a backward pass (scoring or training).
     pub backpropagated: u64,
     pub steps: u64,
+    /// Updates skipped because their gradient was not finite.
+    pub nonfinite_steps: u64,
+    /// Times the learner went back to its last good weights after non-finite steps in a row.
+    pub restores: u64,
 }
 
 /// What a checkpoint keeps of an [`OnlineLearner`].
@@ -200,7 +213,15 @@ pub struct OnlineLearner {
     ledger: ComputeLedger,
     flops: FlopModel,
     irreducible: Option<IrreducibleLoss>,
+    /// The weights after the last good stretch of steps (see [`OnlineLearner::guard`]).
+    last_good: Vec<SavedLayer>,
+    /// Non-finite steps in a row, and finite ones since the last non-finite one.
+    bad_run: u32,
+    good_run: u64,
 }
+
+/// Good steps between snapshots of the weights a diverged learner goes back to.
+const SNAPSHOT_EVERY: u64 = 256;
 
 impl OnlineLearner {
     pub fn new(cfg: LearnerConfig) -> Self {
@@ -231,6 +252,9 @@ impl OnlineLearner {
         });
         OnlineLearner {
             device,
+            last_good: model.to_saved(),
+            bad_run: 0,
+            good_run: 0,
             model,
             irreducible,
             optim: AdamConfig::new().init(),
@@ -272,6 +296,8 @@ impl OnlineLearner {
             model.widths(),
             self.model.widths()
         );
+        self.last_good = model.to_saved();
+        self.bad_run = 0;
         self.model = model;
         self.optim = AdamConfig::new()
             .init()
@@ -513,13 +539,54 @@ impl OnlineLearner {
                 model::weighted_grads(&sub.inputs, &deltas, wt)
             }
         };
+        self.ledger.training.rows_weight_grad += m as u64;
+        if !self.guard(&grads) {
+            return;
+        }
         let grads = self.model.gradients(grads);
         self.model = self
             .optim
             .step(self.cfg.training.learning_rate, self.model.clone(), grads);
         self.stats.steps += 1;
-        self.ledger.training.rows_weight_grad += m as u64;
         self.ledger.training.optimizer_steps += 1;
+        // Weights count as good after a long enough stretch without a non-finite step.
+        if self.good_run >= SNAPSHOT_EVERY && self.stats.steps.is_multiple_of(SNAPSHOT_EVERY) {
+            self.last_good = self.model.to_saved();
+        }
+    }
+
+    /// Whether an update with these gradients may go ahead. A non-finite gradient (NaN or
+    /// ±inf anywhere: their sum is then not finite) skips the update and is counted; after
+    /// `max_nonfinite_steps` in a row the model goes back to its last good weights, with
+    /// fresh Adam moments (whose size is usually what ran away), and a warning.
+    fn guard(&mut self, grads: &[(Tensor<2>, Tensor<1>)]) -> bool {
+        let total = grads
+            .iter()
+            .map(|(w, b)| w.clone().sum() + b.clone().sum())
+            .reduce(|a, b| a + b)
+            .map(|t| model::to_vec(t)[0])
+            .unwrap_or(0.0);
+        if total.is_finite() {
+            self.bad_run = 0;
+            self.good_run += 1;
+            return true;
+        }
+        self.good_run = 0;
+        self.stats.nonfinite_steps += 1;
+        self.bad_run += 1;
+        if self.bad_run >= self.cfg.training.max_nonfinite_steps.max(1) {
+            self.model = Mlp::from_saved(&self.last_good, &self.device.clone().autodiff());
+            self.optim = AdamConfig::new().init();
+            self.stats.restores += 1;
+            self.bad_run = 0;
+            tracing::warn!(
+                nonfinite_steps = self.stats.nonfinite_steps,
+                restores = self.stats.restores,
+                learning_rate = self.cfg.training.learning_rate,
+                "the model diverged (non-finite gradients): back to its last good weights with fresh Adam moments; a lower training.learning_rate may be needed"
+            );
+        }
+        false
     }
 
     /// Offline (`gradsift train`): one optimiser step on the given rows, loss weights `w`
@@ -671,5 +738,59 @@ mod tests {
         let mut back = OnlineLearner::new(l.cfg.clone());
         back.restore(l.state().unwrap()).unwrap();
         assert!(!back.model.tracks_gradients());
+    }
+
+    fn finite_weights(l: &OnlineLearner) -> bool {
+        l.model
+            .to_saved()
+            .iter()
+            .all(|s| s.weight.iter().chain(&s.bias).all(|v| v.is_finite()))
+    }
+
+    #[test]
+    fn a_diverging_learner_skips_non_finite_steps_and_goes_back_to_good_weights() {
+        let mut l = OnlineLearner::new(LearnerConfig {
+            inputs: 4,
+            head: Head::Regression,
+            model: ModelConfig::default(),
+            importance: ImportanceMethod::Loss,
+            selection: SelectionConfig::default(),
+            buffer: BufferConfig {
+                policy: buffer::EvictionPolicy::Fifo,
+                capacity: 64,
+                max_bytes: 100_000,
+                decay: 0.999,
+                replay_ratio: 0.0,
+                replay_sampling: buffer::ReplaySampling::Uniform,
+                rescore_every: 0,
+                rescore_slice: 16,
+            },
+            reference_replay_ratio: 0.0,
+            holdout_every: 10,
+            training: TrainingConfig {
+                micro_batch: 8,
+                learning_rate: 1e30,
+                seed: 1,
+                max_nonfinite_steps: 4,
+            },
+        });
+        let keys: Vec<Arc<str>> = (0..8).map(|_| Arc::from("k")).collect();
+        let x: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) / 4.0).collect();
+        let y: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        for _ in 0..40 {
+            l.learn_batch(FreshBatch {
+                x: &x,
+                y: &y,
+                keys: &keys,
+                times: &[0; 8],
+            });
+        }
+        let s = l.stats();
+        assert!(s.nonfinite_steps > 0, "{s:?}");
+        assert!(s.restores > 0, "{s:?}");
+        assert!(
+            finite_weights(&l),
+            "a skipped update never reaches the weights"
+        );
     }
 }
