@@ -36,6 +36,22 @@ impl Shutdown {
         *self.tx.borrow()
     }
 
+    /// Sleeps on a blocking thread for `d`, waking within 50 ms of a shutdown; false when
+    /// the shutdown came first (a paced replay may wait for many minutes).
+    pub fn sleep(&self, d: std::time::Duration) -> bool {
+        let end = std::time::Instant::now() + d;
+        loop {
+            if self.is_triggered() {
+                return false;
+            }
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(std::time::Duration::from_millis(50)));
+        }
+    }
+
     /// Triggers on SIGINT or SIGTERM (spawned on the current tokio runtime).
     pub fn listen_for_signals(&self) {
         let s = self.clone();

@@ -426,3 +426,42 @@ fn a_run_without_samples_prints_no_metric() {
     let table = r.render();
     assert!(table.contains("n/a") && !table.contains("NaN"), "{table}");
 }
+
+#[test]
+fn a_shutdown_ends_a_slowly_paced_replay_within_seconds() {
+    // Issue 10, defect 3: at 600× event time (one 10-minute slot a second) a batch of 1,024
+    // rows used to wait 1,024 s in an uninterruptible sleep, and was then released at once.
+    // Rows are now released one by one as they fall due, and the sleep wakes on shutdown.
+    let out = tempfile::tempdir().unwrap();
+    let cfg = common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &["source.pace={ speedup = 600.0 }"],
+    );
+    let shutdown = gradsift::shutdown::Shutdown::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sd = shutdown.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt.block_on(gradsift::pipeline::run(cfg, Default::default(), sd));
+        let _ = tx.send(r);
+    });
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    shutdown.trigger();
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the run ends soon after the shutdown, not after the paced batch")
+        .expect("run completes");
+    assert!(r.interrupted);
+    // Three and a half seconds at one row a second: a handful of rows (fewer on a slow
+    // start), never a whole batch.
+    assert!(
+        r.rows_read <= 5,
+        "{} rows released in 3.5 s at one row a second",
+        r.rows_read
+    );
+}

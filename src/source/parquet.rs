@@ -512,8 +512,11 @@ pub fn replay(
     };
     // Files of an index-time schema play one after another: merge only within timestamps.
     let sequential = schema.time.kind == TimeKind::Index;
-    let start = Instant::now();
-    let mut t0: Option<i64> = None;
+    let mut pacer = cfg.pace.clone().map(|pace| Pacer {
+        pace,
+        start: Instant::now(),
+        t0: None,
+    });
     let mut active: Vec<usize> = Vec::new();
     for (i, cursor) in cursors.iter_mut().enumerate() {
         match refill(cursor, &mut canon, &mut stats) {
@@ -545,6 +548,19 @@ pub fn replay(
                     })
                     .expect("non-empty")
             };
+            if let Some(p) = pacer.as_mut() {
+                let c = &cursors[active[slot]];
+                let due = p.due(stats.rows + picks.len() as u64, c.times[c.pos]);
+                let now = p.start.elapsed();
+                if due > now {
+                    if !picks.is_empty() {
+                        break; // emit the rows already due
+                    }
+                    if !shutdown.sleep(due - now) {
+                        return Ok(stats);
+                    }
+                }
+            }
             let cur = &mut cursors[active[slot]];
             picks.push((slot, cur.pos));
             origins.push(RowOrigin {
@@ -559,9 +575,6 @@ pub fn replay(
         }
         let refs: Vec<&RecordBatch> = active.iter().map(|&i| &cursors[i].batch).collect();
         let batch = interleave_record_batch(&refs, &picks)?;
-        if let Some(p) = &cfg.pace {
-            pace(p, &batch, schema, start, stats.rows, &mut t0);
-        }
         stats.rows += batch.num_rows() as u64;
         if tx
             .blocking_send(SourceEvent::Batch {
@@ -586,31 +599,25 @@ pub fn replay(
     Ok(stats)
 }
 
-/// Sleeps until the batch is due.
-fn pace(
-    p: &Pace,
-    batch: &RecordBatch,
-    schema: &Schema,
+/// When each row is due under a [`Pace`]: row by row, so a slow pace releases rows one at a
+/// time as they fall due, never a whole batch at once.
+struct Pacer {
+    pace: Pace,
     start: Instant,
-    rows_before: u64,
-    t0: &mut Option<i64>,
-) {
-    let due = if let Some(rate) = p.rows_per_second {
-        Duration::from_secs_f64(rows_before as f64 / rate)
-    } else if let Some(speedup) = p.speedup {
-        let Ok(col) = batch.column_by_name(&schema.time.column).ok_or(()) else {
-            return;
-        };
-        let Some(first) = time_micros(col.as_ref()).into_iter().flatten().next() else {
-            return;
-        };
-        let base = *t0.get_or_insert(first);
-        Duration::from_secs_f64(((first - base).max(0) as f64 / 1e6) / speedup)
-    } else {
-        return;
-    };
-    let elapsed = start.elapsed();
-    if due > elapsed {
-        std::thread::sleep(due - elapsed);
+    /// Event time of the first row (speed-up pacing).
+    t0: Option<i64>,
+}
+
+impl Pacer {
+    /// Wall time since the start at which row number `row` (event time `time`, µs) is due.
+    fn due(&mut self, row: u64, time: i64) -> Duration {
+        if let Some(rate) = self.pace.rows_per_second {
+            Duration::from_secs_f64(row as f64 / rate)
+        } else if let Some(speedup) = self.pace.speedup {
+            let base = *self.t0.get_or_insert(time);
+            Duration::from_secs_f64(((time - base).max(0) as f64 / 1e6) / speedup)
+        } else {
+            Duration::ZERO
+        }
     }
 }
