@@ -67,6 +67,9 @@ pub struct Checkpoint {
     pub written_ms: u64,
     /// Per source ("topic[partition]", or a file): the next position not yet covered.
     pub positions: BTreeMap<String, u64>,
+    /// Per replayed file: its [`crate::source::parquet::fingerprint`], so that a resume
+    /// refuses a file whose content changed under the same name.
+    pub files: BTreeMap<String, String>,
     /// Number of the next score segment file.
     pub next_segment: u64,
     pub learner: LearnerState,

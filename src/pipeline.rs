@@ -135,9 +135,11 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     // ever unacknowledged.
     let (ack_tx, ack_rx) = std::sync::mpsc::channel::<Ack>();
     let mut topic_brokers = None;
+    let mut fingerprints = BTreeMap::new();
     let (source, total) = match cfg.source.clone() {
         SourceConfig::Parquet(src) => {
             let files = src.files(&schema)?;
+            fingerprints = same_files_as_checkpoint(&files, resume.as_ref(), &ckpt_path)?;
             let total = src
                 .max_rows
                 .unwrap_or(u64::MAX)
@@ -263,6 +265,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             covered,
             already_covered: 0,
             next_segment: resume.as_ref().map_or(1, |c| c.next_segment),
+            files: fingerprints,
         };
         tokio::task::spawn_blocking(move || {
             let io = LoopIo {
@@ -400,6 +403,35 @@ struct CheckpointCtl {
     covered: HashMap<Arc<str>, u64>,
     already_covered: u64,
     next_segment: u64,
+    /// The replayed files' fingerprints, kept in every checkpoint.
+    files: BTreeMap<String, String>,
+}
+
+/// The fingerprints of `files`; an error naming the file when one the checkpoint covers has
+/// changed since (its positions would point into other data).
+fn same_files_as_checkpoint(
+    files: &[std::path::PathBuf],
+    resume: Option<&Checkpoint>,
+    ckpt_path: &std::path::Path,
+) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for f in files {
+        let name = f.to_string_lossy().into_owned();
+        let Some(fp) = parquet::fingerprint(f) else {
+            continue;
+        };
+        if let Some(old) = resume.and_then(|c| c.files.get(&name))
+            && *old != fp
+        {
+            anyhow::bail!(
+                "{name} changed since the checkpoint {} was written (size:footer CRC {old}, now {fp}): \
+                 its covered rows would point into other data; delete the checkpoint, or restore the file",
+                ckpt_path.display()
+            );
+        }
+        out.insert(name, fp);
+    }
+    Ok(out)
 }
 
 impl CheckpointCtl {
@@ -918,6 +950,7 @@ fn take_checkpoint(
             .map(|(k, v)| (k.to_string(), *v))
             .collect(),
         next_segment: t.ckpt.next_segment,
+        files: t.ckpt.files.clone(),
         learner: t.learner.state()?,
         features: t.features.state(),
         metrics: t.metrics.clone(),

@@ -159,3 +159,62 @@ fn a_damaged_checkpoint_is_refused_with_a_clear_error() {
         "{msg}"
     );
 }
+
+#[test]
+fn a_resume_through_another_spelling_of_the_path_learns_no_row_twice() {
+    // Issue 10, defect 4: positions were keyed by the literal path, so resuming through an
+    // absolute path re-learned the 4,096 covered rows (rows_read 13,024 of 8,928).
+    let out = tempfile::tempdir().unwrap();
+    let dotted = common::repo().join("pipelines/../data/milan/internet_square5161.parquet");
+    let absolute = std::fs::canonicalize(&dotted).unwrap();
+    let path = |p: &std::path::Path| format!("source.path=\"{}\"", p.display());
+    let (first, second) = (path(&dotted), path(&absolute));
+    let a = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &["checkpoint.enabled=true", "source.max_rows=4096", &first],
+    ));
+    assert_eq!(a.rows_read, 4096);
+    let b = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &["checkpoint.enabled=true", &second],
+    ));
+    assert_eq!(
+        b.rows_read, 8928,
+        "every row of the file once over both runs"
+    );
+    assert_eq!(b.checkpoint.as_ref().unwrap().rows_already_covered, 4096);
+}
+
+#[test]
+fn a_resume_refuses_a_file_that_changed_under_its_name() {
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("milan.parquet");
+    let milan = common::repo().join("data/milan/internet_square5161.parquet");
+    std::fs::copy(&milan, &file).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let src = format!("source.path=\"{}\"", file.display());
+    let sets = [
+        "checkpoint.enabled=true",
+        "source.max_rows=2000",
+        src.as_str(),
+    ];
+    common::run(common::pipeline("milan-replay.toml", out.path(), &sets));
+    // pyarrow rewrites the file with other content under the same name.
+    common::python(&format!(
+        "import pyarrow.parquet as pq\n\
+         t = pq.read_table('{m}')\n\
+         pq.write_table(t.slice(1000), '{f}')\n",
+        m = milan.display(),
+        f = file.display()
+    ));
+    let Err(err) = common::try_run(common::pipeline("milan-replay.toml", out.path(), &sets)) else {
+        panic!("a changed file must be refused on resume")
+    };
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("milan.parquet") && msg.contains("changed since the checkpoint"),
+        "{msg}"
+    );
+}

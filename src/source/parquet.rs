@@ -123,7 +123,15 @@ impl ParquetSourceConfig {
         if files.is_empty() {
             bail!("source.path: no Parquet file matches {}", self.path);
         }
+        // One spelling per file (`pipelines/../data/x` and `/abs/data/x` are one file): a
+        // checkpoint's positions are keyed by it.
+        for f in &mut files {
+            if let Ok(c) = std::fs::canonicalize(&*f) {
+                *f = c;
+            }
+        }
         files.sort();
+        files.dedup();
         if schema.time.kind == TimeKind::Timestamp {
             // Files in order of their first event; unreadable files keep their name order.
             let mut keyed: Vec<(i64, PathBuf)> = files
@@ -153,6 +161,29 @@ fn first_time(file: &Path, schema: &Schema) -> Option<i64> {
         .first()
         .copied()
         .flatten()
+}
+
+/// What identifies a file's content for a resume: its size and a CRC-32 of its Parquet
+/// footer (the schema, row groups and their statistics), without reading the data pages.
+/// `None` when the file cannot be read.
+pub fn fingerprint(file: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(file).ok()?;
+    let size = f.metadata().ok()?.len();
+    let tail = size.min(8);
+    f.seek(SeekFrom::End(-(tail as i64))).ok()?;
+    let mut end = vec![0u8; tail as usize];
+    f.read_exact(&mut end).ok()?;
+    let footer = if tail == 8 && &end[4..] == b"PAR1" {
+        u32::from_le_bytes(end[..4].try_into().ok()?) as u64 + 8
+    } else {
+        tail
+    };
+    let footer = footer.min(size);
+    f.seek(SeekFrom::End(-(footer as i64))).ok()?;
+    let mut bytes = vec![0u8; footer as usize];
+    f.read_exact(&mut bytes).ok()?;
+    Some(format!("{size}:{:08x}", crc32fast::hash(&bytes)))
 }
 
 /// Totals of a replay.
