@@ -115,6 +115,10 @@ pub struct FeatureConfig {
     /// Keys (cells, squares) tracked at once; the least recently seen is forgotten beyond it.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// A value outside its column's physical range: dead-lettered (`dead_letter`) or
+    /// clamped to the range (`clip`).
+    #[serde(default)]
+    pub out_of_range: crate::features::OutOfRange,
 }
 
 fn default_max_keys() -> usize {
@@ -125,6 +129,7 @@ impl Default for FeatureConfig {
     fn default() -> Self {
         FeatureConfig {
             max_keys: default_max_keys(),
+            out_of_range: Default::default(),
         }
     }
 }

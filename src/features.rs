@@ -18,7 +18,7 @@ use arrow::array::Array;
 use crate::decode::{DecodedBatch, value};
 use crate::learner::eval::{Observation, RegressionRow};
 use crate::learner::model::Head;
-use crate::schema::{Schema, TaskSpec};
+use crate::schema::{Schema, TaskSpec, TimeKind};
 use crate::source::RowOrigin;
 
 /// Why a row produced no sample.
@@ -30,6 +30,9 @@ pub enum SkipReason {
     NonFinite(String),
     /// A value outside the domain of its transform (below −1 for log1p).
     OutOfDomain(String),
+    /// A value outside its column's physical range (schema `range`, latitude ±90°,
+    /// longitude ±180°, a time between 1900 and 2200).
+    OutOfRange(String),
     /// A class label outside 0..classes.
     BadClass(i64),
     /// The key has too little history for the configured lags yet (not bad input).
@@ -45,6 +48,7 @@ impl SkipReason {
             SkipReason::Null(c) => format!("null:{c}"),
             SkipReason::NonFinite(c) => format!("non_finite:{c}"),
             SkipReason::OutOfDomain(c) => format!("out_of_domain:{c}"),
+            SkipReason::OutOfRange(c) => format!("out_of_range:{c}"),
             SkipReason::BadClass(_) => "bad_class".to_string(),
             SkipReason::LagWarmup => "lag_warmup".to_string(),
             SkipReason::Batch(r) => r.clone(),
@@ -56,6 +60,20 @@ impl SkipReason {
         !matches!(self, SkipReason::LagWarmup)
     }
 }
+
+/// What to do with a value outside its column's physical range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutOfRange {
+    /// Dead-letter the row (reason `out_of_range:<column>`).
+    #[default]
+    DeadLetter,
+    /// Clamp the value to the range and keep the row (counted as clipped).
+    Clip,
+}
+
+/// Event times a timestamp schema accepts, in µs since the epoch: 1900-01-01 to 2200-01-01.
+const TIME_RANGE_US: (i64, i64) = (-2_208_988_800_000_000, 7_258_118_400_000_000);
 
 /// What evaluation needs to know about a sample besides the model output.
 #[derive(Debug, Clone)]
@@ -206,6 +224,11 @@ pub struct FeatureEngine {
     geo_scalers: [Scaler; 3],
     /// Columns modelled as ln(1 + v).
     log1p: Vec<bool>,
+    /// Physical range of each numeric column, if any.
+    ranges: Vec<Option<(f64, f64)>>,
+    out_of_range: OutOfRange,
+    /// Values clamped to their range (`out_of_range = "clip"`).
+    pub clipped: u64,
     keys: HashMap<Arc<str>, KeyState>,
     /// Every tracked key by the tick it was last seen at, oldest first: the least recently
     /// seen key is found in O(log keys) when `max_keys` is reached (a scan of every key per
@@ -250,7 +273,27 @@ impl FeatureEngine {
                 idx(&g.ue_lon),
             ]
         });
+        let ranges = numeric
+            .iter()
+            .enumerate()
+            .map(|(c, name)| {
+                let declared = schema.columns.get(name).and_then(|s| s.range);
+                let geo_default = geo.and_then(|[bl, bo, ul, uo]| {
+                    if c == bl || c == ul {
+                        Some([-90.0, 90.0])
+                    } else if c == bo || c == uo {
+                        Some([-180.0, 180.0])
+                    } else {
+                        None
+                    }
+                });
+                declared.or(geo_default).map(|[lo, hi]| (lo, hi))
+            })
+            .collect();
         FeatureEngine {
+            ranges,
+            out_of_range: OutOfRange::DeadLetter,
+            clipped: 0,
             inputs: schema.features.inputs.iter().map(idx).collect(),
             width: schema.input_width(),
             numeric: numeric.to_vec(),
@@ -272,6 +315,12 @@ impl FeatureEngine {
             keys_evicted: 0,
             schema,
         }
+    }
+
+    /// What to do with values outside their column's range (dead-letter by default).
+    pub fn with_out_of_range(mut self, mode: OutOfRange) -> Self {
+        self.out_of_range = mode;
+        self
     }
 
     /// Width of a feature row.
@@ -426,11 +475,30 @@ impl FeatureEngine {
         }
     }
 
-    fn read_row(&self, d: &DecodedBatch, i: usize, vals: &mut [f64]) -> Result<(), SkipReason> {
+    fn read_row(&mut self, d: &DecodedBatch, i: usize, vals: &mut [f64]) -> Result<(), SkipReason> {
+        if self.schema.time.kind == TimeKind::Timestamp {
+            let t = d.time.value(i);
+            if !(TIME_RANGE_US.0..=TIME_RANGE_US.1).contains(&t) {
+                return Err(SkipReason::OutOfRange(self.schema.time.column.clone()));
+            }
+        }
         for (c, col) in d.numeric.iter().enumerate() {
-            let v = value(col, i).ok_or_else(|| SkipReason::Null(self.numeric[c].clone()))?;
+            let mut v = value(col, i).ok_or_else(|| SkipReason::Null(self.numeric[c].clone()))?;
             if !v.is_finite() {
                 return Err(SkipReason::NonFinite(self.numeric[c].clone()));
+            }
+            if let Some((lo, hi)) = self.ranges[c]
+                && !(lo..=hi).contains(&v)
+            {
+                match self.out_of_range {
+                    OutOfRange::DeadLetter => {
+                        return Err(SkipReason::OutOfRange(self.numeric[c].clone()));
+                    }
+                    OutOfRange::Clip => {
+                        v = v.clamp(lo, hi);
+                        self.clipped += 1;
+                    }
+                }
             }
             vals[c] = if self.log1p[c] {
                 if v <= -1.0 {
@@ -606,17 +674,29 @@ mod tests {
 
     /// Milan's schema over rows whose keys arrive in `keys` order, one 10-minute slot apart.
     fn feed(fe: &mut FeatureEngine, keys: &[i64]) {
+        feed_values(fe, keys, &vec![100.0; keys.len()], 0);
+    }
+
+    /// As [`feed`], with these values, the first at `t0` µs; the skip reasons by row.
+    fn feed_values(
+        fe: &mut FeatureEngine,
+        keys: &[i64],
+        v: &[f64],
+        t0: i64,
+    ) -> Vec<(usize, String)> {
         use arrow::array::{Float64Array, Int64Array, RecordBatch, TimestampMicrosecondArray};
         let n = keys.len();
         let cols: Vec<arrow::array::ArrayRef> = vec![
             Arc::new(Int64Array::from(keys.to_vec())),
             Arc::new(
                 TimestampMicrosecondArray::from(
-                    (0..n as i64).map(|i| i * 600_000_000).collect::<Vec<_>>(),
+                    (0..n as i64)
+                        .map(|i| t0.saturating_add(i * 600_000_000))
+                        .collect::<Vec<_>>(),
                 )
                 .with_timezone("UTC"),
             ),
-            Arc::new(Float64Array::from(vec![100.0; n])),
+            Arc::new(Float64Array::from(v.to_vec())),
         ];
         let batch =
             RecordBatch::try_from_iter(["square_id", "ts", "internet"].into_iter().zip(cols))
@@ -629,7 +709,11 @@ mod tests {
                 index,
             })
             .collect();
-        fe.push_batch(&d, &origins, &mut Samples::default(), |_, _| {});
+        let mut skips = Vec::new();
+        fe.push_batch(&d, &origins, &mut Samples::default(), |i, r| {
+            skips.push((i, r.label()))
+        });
+        skips
     }
 
     fn milan(max_keys: usize) -> FeatureEngine {
@@ -656,6 +740,45 @@ mod tests {
         assert_eq!(tracked(&fe), ["3", "5", "6"]);
         assert_eq!(fe.keys_evicted, 3);
         assert_eq!(fe.recency.len(), 3);
+    }
+
+    fn bad_input(skips: &[(usize, String)]) -> Vec<(usize, String)> {
+        skips
+            .iter()
+            .filter(|(_, r)| r != "lag_warmup")
+            .cloned()
+            .collect()
+    }
+
+    #[test]
+    fn values_outside_the_physical_range_are_dead_lettered_and_never_reach_the_scalers() {
+        // Milan declares internet in [0, 1e7]; one absurd value used to ruin the model for good.
+        let mut fe = milan(10);
+        let v = [100.0, 1.7e308, 120.0, -5.0, 90.0];
+        let skips = bad_input(&feed_values(&mut fe, &[1; 5], &v, 0));
+        let want = [
+            (1, "out_of_range:internet".to_string()),
+            (3, "out_of_range:internet".to_string()),
+        ];
+        assert_eq!(skips, want);
+        let (mean, _) = fe.scalers[0].params();
+        assert!(mean > 4.0 && mean < 5.0, "log1p of 90..120 only: {mean}");
+    }
+
+    #[test]
+    fn clip_mode_clamps_to_the_range_and_counts() {
+        let mut fe = milan(10).with_out_of_range(OutOfRange::Clip);
+        let skips = bad_input(&feed_values(&mut fe, &[1; 3], &[100.0, 1e300, -1.0], 0));
+        assert!(skips.is_empty(), "{skips:?}");
+        assert_eq!(fe.clipped, 2);
+        assert_eq!(fe.scalers[0].n, 3);
+    }
+
+    #[test]
+    fn a_time_far_outside_any_physical_clock_is_dead_lettered() {
+        let mut fe = milan(10);
+        let skips = bad_input(&feed_values(&mut fe, &[1], &[100.0], i64::MAX - 1));
+        assert_eq!(skips, [(0, "out_of_range:ts".to_string())]);
     }
 
     #[test]

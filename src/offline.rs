@@ -450,7 +450,8 @@ pub async fn train(
         schema.clone(),
         decoder.numeric_columns(),
         cfg.features.max_keys,
-    );
+    )
+    .with_out_of_range(cfg.features.out_of_range);
     let dead_path = out_dir.join("dead_letters.jsonl");
     let mut dead = DeadLetterSink::new(&dead_path, false);
     let archive = load(&cfg, &schema, &mut features, &mut dead, &shutdown).await?;

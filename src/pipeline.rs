@@ -333,6 +333,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         dead_lettered_rows: c.dead_rows,
         keys_tracked: tally.keys_tracked,
         keys_forgotten: tally.keys_forgotten,
+        values_clipped: tally.values_clipped,
         scored: stats.seen,
         selected: stats.selected,
         trained: stats.trained_fresh,
@@ -464,6 +465,8 @@ struct Tally {
     seen_at_start: u64,
     keys_tracked: usize,
     keys_forgotten: u64,
+    /// Values clamped to their column's range (`features.out_of_range = "clip"`).
+    values_clipped: u64,
     /// When the first rows arrived (throughput without start-up and group-join time).
     first_rows_at: Option<Instant>,
     telemetry: LearnerMetrics,
@@ -483,7 +486,8 @@ fn learn_loop(
         schema.clone(),
         decoder.numeric_columns(),
         cfg.features.max_keys,
-    );
+    )
+    .with_out_of_range(cfg.features.out_of_range);
     let head = schema.task.head();
     let width = features.width();
     let learner = OnlineLearner::new(LearnerConfig {
@@ -512,6 +516,7 @@ fn learn_loop(
         seen_at_start: 0,
         keys_tracked: 0,
         keys_forgotten: 0,
+        values_clipped: 0,
         first_rows_at: None,
         telemetry: LearnerMetrics::new(
             cfg.source.kind_name(),
@@ -647,6 +652,7 @@ fn learn_loop(
     }
     t.keys_tracked = t.features.tracked_keys();
     t.keys_forgotten = t.features.keys_evicted;
+    t.values_clipped = t.features.clipped;
     publish_metrics(&mut t);
     Ok(t)
 }

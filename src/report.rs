@@ -45,6 +45,8 @@ pub struct RunReport {
     /// Keys with feature state at the end, and keys forgotten at `features.max_keys`.
     pub keys_tracked: usize,
     pub keys_forgotten: u64,
+    /// Values clamped to their column's physical range (this process).
+    pub values_clipped: u64,
     pub scored: u64,
     pub selected: u64,
     pub trained: u64,
@@ -209,6 +211,10 @@ impl RunReport {
             (
                 "keys tracked / forgotten".into(),
                 format!("{} / {}", self.keys_tracked, self.keys_forgotten),
+            ),
+            (
+                "values clipped to their range".into(),
+                self.values_clipped.to_string(),
             ),
             ("scored".into(), self.scored.to_string()),
             ("selected".into(), pct(self.selected, self.samples)),

@@ -54,6 +54,10 @@ pub struct ColumnSpec {
     /// Fixed list length (for `float_list`).
     #[serde(default)]
     pub size: Option<usize>,
+    /// The physically possible values `[min, max]` (numeric columns): a value outside is
+    /// bad input (`out_of_range`), dead-lettered or clipped as `features.out_of_range` says.
+    #[serde(default)]
+    pub range: Option<[f64; 2]>,
 }
 
 impl ColumnSpec {
@@ -253,6 +257,18 @@ impl Schema {
                     "feature column `{c}` must be int or float, is {:?}",
                     spec.ty
                 );
+            }
+        }
+        for (name, spec) in &self.columns {
+            if let Some([lo, hi]) = spec.range {
+                if !matches!(spec.ty, ColumnType::Float | ColumnType::Int) {
+                    bail!("column `{name}`: a range applies to int and float columns only");
+                }
+                if lo.is_nan() || hi.is_nan() || lo >= hi {
+                    bail!(
+                        "column `{name}`: range must be [min, max] with min < max, is [{lo}, {hi}]"
+                    );
+                }
             }
         }
         for l in &self.features.lags {
