@@ -10,8 +10,6 @@
 //! already covers, so the model does not learn them twice.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -72,6 +70,8 @@ pub struct Checkpoint {
     pub files: BTreeMap<String, String>,
     /// Number of the next score segment file.
     pub next_segment: u64,
+    /// Length of the dead-letter file when this checkpoint was taken (a resume cuts it back).
+    pub dead_letter_bytes: u64,
     pub learner: LearnerState,
     pub features: FeatureState,
     pub metrics: Scoreboard,
@@ -82,34 +82,12 @@ pub struct Checkpoint {
 /// 03: non-finite predictions and steps counted (metrics, learner stats).
 const MAGIC: &[u8; 8] = b"GSCKPT03";
 
-/// Writes `ckpt` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
-/// Returns the bytes written.
+/// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {
     let payload = postcard::to_stdvec(ckpt).context("cannot serialise the checkpoint")?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f =
-            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(MAGIC)?;
-        f.write_all(&crc32fast::hash(&payload).to_le_bytes())?;
-        f.write_all(&(payload.len() as u64).to_le_bytes())?;
-        f.write_all(&payload)?;
-        f.sync_all()
-            .with_context(|| format!("cannot flush {}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    sync_dir(path);
-    Ok((MAGIC.len() + 12 + payload.len()) as u64)
-}
-
-/// Flushes a file's folder entry (the rename) to disk; best effort where unsupported.
-pub fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent()
-        && let Ok(d) = File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
+    let crc = crc32fast::hash(&payload).to_le_bytes();
+    let len = (payload.len() as u64).to_le_bytes();
+    crate::durable::write_atomic(path, &[MAGIC, &crc, &len, &payload])
 }
 
 /// Reads the checkpoint at `path`; `None` when there is none.

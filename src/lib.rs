@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod durable;
 pub mod energy;
 pub mod experiment;
 pub mod features;

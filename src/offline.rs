@@ -453,7 +453,7 @@ pub async fn train(
     )
     .with_out_of_range(cfg.features.out_of_range);
     let dead_path = out_dir.join("dead_letters.jsonl");
-    let mut dead = DeadLetterSink::new(&dead_path, false);
+    let mut dead = DeadLetterSink::new(&dead_path, None);
     let archive = load(&cfg, &schema, &mut features, &mut dead, &shutdown).await?;
     let periods = cfg.evaluation.boundaries();
     let (train_rows, held) = split(&cfg, &archive.samples, &periods)?;

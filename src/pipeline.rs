@@ -119,6 +119,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     } else {
         None
     };
+    clear_stale_outputs(&out_dir, resume.is_some())?;
     let covered: HashMap<Arc<str>, u64> = resume
         .as_ref()
         .map(|c| {
@@ -178,7 +179,9 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             next,
         )?))
     } else {
-        Some(ScoreOut::File(ScoreSink::create(&scores_path, timestamps)?))
+        // Written under a temporary name, renamed when complete.
+        let tmp = crate::durable::tmp_path(&scores_path);
+        Some(ScoreOut::File(ScoreSink::create(&tmp, timestamps)?))
     };
     let mut topic = match &cfg.output.topic {
         Some(t) => {
@@ -189,6 +192,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     };
     let sinks_on = scores.is_some() || topic.is_some();
     let (score_tx, score_rx) = sync_channel::<SinkMsg>(4);
+    let final_scores = scores_path.clone();
     let sink = std::thread::spawn(move || -> Result<(Option<u64>, Option<u64>)> {
         for msg in score_rx {
             match msg {
@@ -224,7 +228,19 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             t.flush()?;
         }
         let written = match scores {
-            Some(ScoreOut::File(s)) => Some(s.finish()?),
+            Some(ScoreOut::File(s)) => {
+                let rows = s.finish()?;
+                let tmp = crate::durable::tmp_path(&final_scores);
+                std::fs::rename(&tmp, &final_scores).with_context(|| {
+                    format!(
+                        "cannot rename {} to {}",
+                        tmp.display(),
+                        final_scores.display()
+                    )
+                })?;
+                crate::durable::sync_dir(&final_scores);
+                Some(rows)
+            }
             Some(ScoreOut::Segments(mut s)) => {
                 s.roll()?;
                 Some(s.rows)
@@ -383,9 +399,32 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         energy,
         outputs,
     };
-    std::fs::write(&report_path, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", report_path.display()))?;
+    crate::durable::write_atomic(
+        &report_path,
+        &[serde_json::to_string_pretty(&report)?.as_bytes()],
+    )?;
     Ok(report)
+}
+
+/// The files a run writes in its output folder.
+const OUTPUT_FILES: [&str; 3] = ["report.json", "dead_letters.jsonl", "scores.parquet"];
+
+/// A fresh run (nothing to resume) removes the outputs an earlier run left in its folder,
+/// so that an old report or dead-letter file never sits beside new results; it says which.
+/// An output name taken by a folder is refused at start, not after the replay.
+fn clear_stale_outputs(out_dir: &std::path::Path, resuming: bool) -> Result<()> {
+    for name in OUTPUT_FILES {
+        let p = out_dir.join(name);
+        if p.is_dir() {
+            anyhow::bail!("{} is a folder; gradsift writes a file there", p.display());
+        }
+        if !resuming && p.exists() {
+            std::fs::remove_file(&p)
+                .with_context(|| format!("cannot remove the stale {}", p.display()))?;
+            tracing::info!(file = %p.display(), "removed an earlier run's output (a fresh run, no checkpoint to resume)");
+        }
+    }
+    Ok(())
 }
 
 /// When to checkpoint, and what the last one covered.
@@ -510,7 +549,7 @@ fn learn_loop(
             last_loss: f64::NAN,
             ..RunCounters::default()
         },
-        dead: DeadLetterSink::new(dead_path, resume.is_some()),
+        dead: DeadLetterSink::new(dead_path, resume.as_ref().map(|c| c.dead_letter_bytes)),
         positions: BTreeMap::new(),
         ckpt,
         seen_at_start: 0,
@@ -956,6 +995,7 @@ fn take_checkpoint(
             .map(|(k, v)| (k.to_string(), *v))
             .collect(),
         next_segment: t.ckpt.next_segment,
+        dead_letter_bytes: t.dead.len(),
         files: t.ckpt.files.clone(),
         learner: t.learner.state()?,
         features: t.features.state(),

@@ -99,3 +99,87 @@ fn unreadable_files_and_row_groups_are_dead_lettered_and_the_replay_goes_on() {
         "no letter written twice"
     );
 }
+
+/// The Milan archive with NaN targets at rows 300..310 and 5000..5010, written by pyarrow.
+fn milan_with_nans(dir: &std::path::Path) -> String {
+    let milan = common::repo().join("data/milan/internet_square5161.parquet");
+    common::python(&format!(
+        "import pyarrow as pa, pyarrow.parquet as pq\n\
+         t = pq.read_table('{m}')\n\
+         v = t['internet'].to_pylist()\n\
+         for i in list(range(300, 310)) + list(range(5000, 5010)): v[i] = float('nan')\n\
+         pq.write_table(t.set_column(2, 'internet', pa.array(v, pa.float64())), '{d}/nans.parquet')\n",
+        m = milan.display(),
+        d = dir.display()
+    ));
+    format!("source.path=\"{}/nans.parquet\"", dir.display())
+}
+
+#[test]
+fn a_resume_after_a_crash_leaves_no_torn_or_duplicated_dead_letter() {
+    // Issue 10, defect 5: after SIGKILL and resume the file held torn and repeated letters.
+    let data = tempfile::tempdir().unwrap();
+    let src = milan_with_nans(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let first = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &[&src, "checkpoint.enabled=true", "source.max_rows=4000"],
+    ));
+    assert_eq!(first.dead_lettered_rows, 10);
+    // What a crash after that checkpoint leaves: letters the checkpoint does not cover (they
+    // will be written again on replay) and a torn last line.
+    let path = out.path().join("dead_letters.jsonl");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    let one = text.lines().next().unwrap().to_string();
+    text.push_str(&format!("{one}\n{one}\n{{\"reason\":\"non_fin"));
+    std::fs::write(&path, text).unwrap();
+    let second = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &[&src, "checkpoint.enabled=true"],
+    ));
+    assert_eq!(second.dead_lettered_rows, 20);
+    let l = letters(out.path());
+    assert_eq!(l.len(), 20, "each bad row once, every line whole");
+    let mut rows: Vec<u64> = l.iter().map(|l| l["row"].as_u64().unwrap()).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    assert_eq!(rows.len(), 20, "no letter twice: {rows:?}");
+}
+
+#[test]
+fn a_fresh_run_clears_an_earlier_runs_outputs_and_a_folder_in_their_place_is_refused() {
+    // Issue 10, defects 13 and 15: an old dead-letter file survived a later clean run, and a
+    // `report.json` folder failed the run only after the whole replay.
+    let data = tempfile::tempdir().unwrap();
+    let src = milan_with_nans(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let sets = [src.as_str(), "source.max_rows=2000"];
+    common::run(common::pipeline("milan-replay.toml", out.path(), &sets));
+    assert!(out.path().join("dead_letters.jsonl").exists());
+    let clean = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &["source.max_rows=2000"],
+    ));
+    assert_eq!(clean.dead_lettered_rows, 0);
+    assert!(
+        !out.path().join("dead_letters.jsonl").exists(),
+        "the earlier run's dead letters are gone"
+    );
+    assert!(out.path().join("report.json").exists() && out.path().join("scores.parquet").exists());
+    assert!(!out.path().join("scores.parquet.tmp").exists());
+
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::create_dir(bad.path().join("report.json")).unwrap();
+    let started = std::time::Instant::now();
+    let err = common::try_run(common::pipeline("milan-replay.toml", bad.path(), &[]))
+        .expect_err("a folder where report.json goes is refused");
+    assert!(format!("{err:#}").contains("report.json"), "{err:#}");
+    assert!(
+        !bad.path().join("scores.parquet").exists(),
+        "refused at start, before any replay ({:?})",
+        started.elapsed()
+    );
+}

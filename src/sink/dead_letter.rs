@@ -30,21 +30,58 @@ pub struct DeadLetter<'a> {
 pub struct DeadLetterSink {
     path: PathBuf,
     out: Option<BufWriter<File>>,
-    /// Continue an existing file (a run resumed from a checkpoint) instead of replacing it.
-    append: bool,
+    /// Resuming: continue the file from this length, the one the checkpoint recorded.
+    resume_at: Option<u64>,
+    /// Bytes of the file written so far (what a checkpoint records).
+    len: u64,
     pub letters: u64,
     pub rows: u64,
 }
 
 impl DeadLetterSink {
-    pub fn new(path: &Path, append: bool) -> Self {
+    /// A new file, or (`resume_at`: the length a checkpoint recorded) the old one cut back to
+    /// that length: letters written after the checkpoint, or torn by a crash, are dropped
+    /// and written again as their rows are replayed.
+    pub fn new(path: &Path, resume_at: Option<u64>) -> Self {
         DeadLetterSink {
             path: path.to_path_buf(),
             out: None,
-            append,
+            len: resume_at.unwrap_or(0),
+            resume_at,
             letters: 0,
             rows: 0,
         }
+    }
+
+    /// Bytes written to the file so far, including what a resume continued.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn open(&self) -> Result<File> {
+        let ctx = || format!("cannot open {}", self.path.display());
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(self.resume_at.is_none())
+            .open(&self.path)
+            .with_context(ctx)?;
+        if let Some(at) = self.resume_at {
+            let had = f.metadata().with_context(ctx)?.len();
+            if had < at {
+                tracing::warn!(file = %self.path.display(), had, checkpointed = at, "the dead-letter file is shorter than the checkpoint says; continuing at its end");
+            } else if had > at {
+                tracing::info!(file = %self.path.display(), dropped_bytes = had - at, "dead letters past the checkpoint are dropped; their rows are replayed");
+                f.set_len(at).with_context(ctx)?;
+            }
+        }
+        let mut f = f;
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).with_context(ctx)?;
+        Ok(f)
     }
 
     pub fn path(&self) -> &Path {
@@ -53,18 +90,14 @@ impl DeadLetterSink {
 
     pub fn send(&mut self, letter: &DeadLetter<'_>) -> Result<()> {
         if self.out.is_none() {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .append(self.append)
-                .truncate(!self.append)
-                .open(&self.path)
-                .with_context(|| format!("cannot create {}", self.path.display()))?;
-            self.out = Some(BufWriter::new(f));
+            self.out = Some(BufWriter::new(self.open()?));
         }
         let out = self.out.as_mut().expect("opened above");
-        serde_json::to_writer(&mut *out, letter)?;
-        out.write_all(b"\n")?;
+        let mut line = serde_json::to_vec(letter)?;
+        line.push(b'\n');
+        out.write_all(&line)
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.len += line.len() as u64;
         self.letters += 1;
         self.rows += letter.rows;
         Ok(())
@@ -77,11 +110,18 @@ impl DeadLetterSink {
         Ok(())
     }
 
-    /// Flushes to disk (before a checkpoint covers these rows).
+    /// Flushes to disk (before a checkpoint covers these rows). A resumed sink that wrote
+    /// nothing new still cuts the file back to the checkpointed length here.
     pub fn sync(&mut self) -> Result<()> {
+        if self.out.is_none() && self.resume_at.is_some() && self.path.exists() {
+            self.out = Some(BufWriter::new(self.open()?));
+        }
         if let Some(out) = self.out.as_mut() {
-            out.flush()?;
-            out.get_ref().sync_all()?;
+            out.flush()
+                .with_context(|| format!("cannot write {}", self.path.display()))?;
+            out.get_ref()
+                .sync_all()
+                .with_context(|| format!("cannot flush {}", self.path.display()))?;
         }
         Ok(())
     }
