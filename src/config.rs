@@ -108,6 +108,11 @@ impl Default for EvaluationConfig {
     }
 }
 
+/// Widest hidden layer `model.hidden` accepts.
+const MAX_WIDTH: usize = 16_384;
+/// Most weights between hidden layers (64 M: 256 MB of f32, 1 GB with Adam's moments).
+const MAX_WEIGHTS: u128 = 64 << 20;
+
 /// `[features]`: limits of the online feature state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -274,6 +279,19 @@ impl PipelineConfig {
         )
     }
 
+    /// Checks that need the schema: a replay-buffer byte cap must hold one sample.
+    pub fn validate_with(&self, input_width: usize) -> Result<()> {
+        let one = input_width * 4 + 1 + crate::learner::buffer::ENTRY_OVERHEAD;
+        if self.buffer.max_bytes < one {
+            return Err(self.bad(
+                "buffer.max_bytes",
+                &format!("at least {one} bytes (one sample of {input_width} features)"),
+                self.buffer.max_bytes,
+            ));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<()> {
         let s = &self.selection;
         if !(s.keep > 0.0 && s.keep <= 1.0) {
@@ -341,11 +359,32 @@ impl PipelineConfig {
                 t.learning_rate,
             ));
         }
-        if self.model.hidden.contains(&0) {
+        if self.model.hidden.iter().any(|&w| w == 0 || w > MAX_WIDTH) {
             return Err(self.bad(
                 "model.hidden",
-                "widths of at least 1",
+                &format!("widths from 1 to {MAX_WIDTH}"),
                 format!("{:?}", self.model.hidden),
+            ));
+        }
+        let weights: u128 = self
+            .model
+            .hidden
+            .windows(2)
+            .map(|w| w[0] as u128 * w[1] as u128)
+            .sum();
+        if weights > MAX_WEIGHTS {
+            return Err(self.bad(
+                "model.hidden",
+                &format!("at most {MAX_WEIGHTS} weights between hidden layers"),
+                format!("{:?} ({weights} weights)", self.model.hidden),
+            ));
+        }
+        let plain = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+        if self.name.is_empty() || !self.name.chars().all(plain) || self.name.starts_with('.') {
+            return Err(self.bad(
+                "name",
+                "a plain name of letters, digits, '.', '_' and '-', not starting with '.' (it names the folder under runs/)",
+                format!("{:?}", self.name),
             ));
         }
         if self.evaluation.window == 0 {
@@ -456,6 +495,47 @@ keep = 0.8
 capacity = 10
 max_bytes = 100000
 "#;
+
+    #[test]
+    fn absurd_sizes_and_names_fail_at_start() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), GOOD);
+        let refused = |set: &str, key: &str, says: &str| {
+            let e = PipelineConfig::load(&p, &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("p.toml") && e.contains(key) && e.contains(says),
+                "{set}: {e}"
+            );
+        };
+        // Issue 10, defect 15: OOM-killed and aborted before.
+        refused(
+            "model.hidden=[100000000]",
+            "model.hidden",
+            "widths from 1 to 16384",
+        );
+        refused(
+            "model.hidden=[10000, 10000]",
+            "model.hidden",
+            "weights between hidden layers",
+        );
+        // Wrote outside runs/ before.
+        refused("name=\"../x\"", "`name`", "plain name");
+        refused("name=\"/tmp/x\"", "`name`", "plain name");
+        let cfg = PipelineConfig::load(&p, &["buffer.max_bytes=100".into()]).unwrap();
+        let e = cfg.validate_with(16).unwrap_err().to_string();
+        assert!(
+            e.contains("buffer.max_bytes") && e.contains("one sample"),
+            "{e}"
+        );
+        assert!(
+            PipelineConfig::load(&p, &[])
+                .unwrap()
+                .validate_with(16)
+                .is_ok()
+        );
+    }
 
     #[test]
     fn good_file_loads_and_resolves_paths() {

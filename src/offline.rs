@@ -442,6 +442,7 @@ pub async fn train(
     let cpu_start = cpu_time::ProcessTime::now();
     let mut meter = EnergyMeter::start(cfg.energy.clone());
     let schema = Arc::new(Schema::load(&cfg.schema)?);
+    cfg.validate_with(schema.input_width())?;
     let out_dir = cfg.output_dir();
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;

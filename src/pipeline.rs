@@ -82,6 +82,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let started = Instant::now();
     let cpu_start = cpu_time::ProcessTime::now();
     let schema = Arc::new(Schema::load(&cfg.schema)?);
+    cfg.validate_with(schema.input_width())?;
     let backend = format!("{:?}", cfg.model.backend).to_lowercase();
     let importance = format!("{:?}", cfg.importance.method).to_lowercase();
     telemetry::build_info(&cfg.name, &backend, &importance);
