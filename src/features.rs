@@ -13,67 +13,14 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::f64::consts::TAU;
 use std::sync::Arc;
 
-use arrow::array::Array;
-
-use crate::decode::{DecodedBatch, value};
+use crate::decode::DecodedBatch;
 use crate::learner::eval::{Observation, RegressionRow};
 use crate::learner::model::Head;
-use crate::schema::{Schema, TaskSpec, TimeKind};
+use crate::schema::{Schema, TaskSpec};
 use crate::source::RowOrigin;
+use crate::validate::RowCheck;
 
-/// Why a row produced no sample.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SkipReason {
-    /// A needed column is null at this row.
-    Null(String),
-    /// A needed column is NaN or ±∞ at this row.
-    NonFinite(String),
-    /// A value outside the domain of its transform (below −1 for log1p).
-    OutOfDomain(String),
-    /// A value outside its column's physical range (schema `range`, latitude ±90°,
-    /// longitude ±180°, a time between 1900 and 2200).
-    OutOfRange(String),
-    /// A class label outside 0..classes.
-    BadClass(i64),
-    /// The key has too little history for the configured lags yet (not bad input).
-    LagWarmup,
-    /// The whole batch was unreadable (missing column, wrong type).
-    Batch(String),
-}
-
-impl SkipReason {
-    /// Counter label.
-    pub fn label(&self) -> String {
-        match self {
-            SkipReason::Null(c) => format!("null:{c}"),
-            SkipReason::NonFinite(c) => format!("non_finite:{c}"),
-            SkipReason::OutOfDomain(c) => format!("out_of_domain:{c}"),
-            SkipReason::OutOfRange(c) => format!("out_of_range:{c}"),
-            SkipReason::BadClass(_) => "bad_class".to_string(),
-            SkipReason::LagWarmup => "lag_warmup".to_string(),
-            SkipReason::Batch(r) => r.clone(),
-        }
-    }
-
-    /// Bad input goes to the dead-letter destination; a lag warm-up is expected and does not.
-    pub fn is_bad_input(&self) -> bool {
-        !matches!(self, SkipReason::LagWarmup)
-    }
-}
-
-/// What to do with a value outside its column's physical range.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OutOfRange {
-    /// Dead-letter the row (reason `out_of_range:<column>`).
-    #[default]
-    DeadLetter,
-    /// Clamp the value to the range and keep the row (counted as clipped).
-    Clip,
-}
-
-/// Event times a timestamp schema accepts, in µs since the epoch: 1900-01-01 to 2200-01-01.
-const TIME_RANGE_US: (i64, i64) = (-2_208_988_800_000_000, 7_258_118_400_000_000);
+pub use crate::validate::{OutOfRange, SkipReason};
 
 /// What evaluation needs to know about a sample besides the model output.
 #[derive(Debug, Clone)]
@@ -222,11 +169,8 @@ pub struct FeatureEngine {
     geo: Option<[usize; 4]>,
     scalers: Vec<Scaler>,
     geo_scalers: [Scaler; 3],
-    /// Columns modelled as ln(1 + v).
-    log1p: Vec<bool>,
-    /// Physical range of each numeric column, if any.
-    ranges: Vec<Option<(f64, f64)>>,
-    out_of_range: OutOfRange,
+    /// The checks a row must pass (nulls, finiteness, ranges, transform domains, classes).
+    check: RowCheck,
     /// Values clamped to their range (`out_of_range = "clip"`).
     pub clipped: u64,
     keys: HashMap<Arc<str>, KeyState>,
@@ -273,26 +217,8 @@ impl FeatureEngine {
                 idx(&g.ue_lon),
             ]
         });
-        let ranges = numeric
-            .iter()
-            .enumerate()
-            .map(|(c, name)| {
-                let declared = schema.columns.get(name).and_then(|s| s.range);
-                let geo_default = geo.and_then(|[bl, bo, ul, uo]| {
-                    if c == bl || c == ul {
-                        Some([-90.0, 90.0])
-                    } else if c == bo || c == uo {
-                        Some([-180.0, 180.0])
-                    } else {
-                        None
-                    }
-                });
-                declared.or(geo_default).map(|[lo, hi]| (lo, hi))
-            })
-            .collect();
         FeatureEngine {
-            ranges,
-            out_of_range: OutOfRange::DeadLetter,
+            check: RowCheck::new(schema.clone(), numeric, OutOfRange::DeadLetter),
             clipped: 0,
             inputs: schema.features.inputs.iter().map(idx).collect(),
             width: schema.input_width(),
@@ -304,10 +230,6 @@ impl FeatureEngine {
             geo,
             scalers: vec![Scaler::default(); numeric.len()],
             geo_scalers: [Scaler::default(); 3],
-            log1p: numeric
-                .iter()
-                .map(|c| schema.features.log1p.contains(c))
-                .collect(),
             keys: HashMap::new(),
             recency: BTreeMap::new(),
             max_keys: max_keys.max(1),
@@ -319,7 +241,7 @@ impl FeatureEngine {
 
     /// What to do with values outside their column's range (dead-letter by default).
     pub fn with_out_of_range(mut self, mode: OutOfRange) -> Self {
-        self.out_of_range = mode;
+        self.check = RowCheck::new(self.schema.clone(), &self.numeric, mode);
         self
     }
 
@@ -422,35 +344,15 @@ impl FeatureEngine {
     ) {
         let mut vals = vec![0f64; self.numeric.len()];
         for (i, origin) in origins.iter().enumerate().take(d.len) {
-            if d.key.is_null(i) {
-                skip(i, SkipReason::Null(self.schema.key.clone()));
-                continue;
-            }
-            if d.time.is_null(i) {
-                skip(i, SkipReason::Null(self.schema.time.column.clone()));
-                continue;
-            }
-            if let Err(r) = self.read_row(d, i, &mut vals) {
-                skip(i, r);
-                continue;
-            }
-            let class = match &d.class {
-                Some(c) if c.is_null(i) => {
-                    skip(i, SkipReason::Null(self.schema.target.clone()));
+            let class = match self.check.row(d, i, &mut vals) {
+                Ok(c) => {
+                    self.clipped += c.clipped as u64;
+                    c.class
+                }
+                Err(r) => {
+                    skip(i, r);
                     continue;
                 }
-                Some(c) => {
-                    let v = c.value(i);
-                    let TaskSpec::Classification { classes } = self.schema.task else {
-                        unreachable!()
-                    };
-                    if v < 0 || v as usize >= classes {
-                        skip(i, SkipReason::BadClass(v));
-                        continue;
-                    }
-                    Some(v)
-                }
-                None => None,
             };
             let key = self.key_state(d.key.value(i));
             self.tick += 1;
@@ -473,43 +375,6 @@ impl FeatureEngine {
             out.origins.push(origin.clone());
             self.remember(&key, &vals);
         }
-    }
-
-    fn read_row(&mut self, d: &DecodedBatch, i: usize, vals: &mut [f64]) -> Result<(), SkipReason> {
-        if self.schema.time.kind == TimeKind::Timestamp {
-            let t = d.time.value(i);
-            if !(TIME_RANGE_US.0..=TIME_RANGE_US.1).contains(&t) {
-                return Err(SkipReason::OutOfRange(self.schema.time.column.clone()));
-            }
-        }
-        for (c, col) in d.numeric.iter().enumerate() {
-            let mut v = value(col, i).ok_or_else(|| SkipReason::Null(self.numeric[c].clone()))?;
-            if !v.is_finite() {
-                return Err(SkipReason::NonFinite(self.numeric[c].clone()));
-            }
-            if let Some((lo, hi)) = self.ranges[c]
-                && !(lo..=hi).contains(&v)
-            {
-                match self.out_of_range {
-                    OutOfRange::DeadLetter => {
-                        return Err(SkipReason::OutOfRange(self.numeric[c].clone()));
-                    }
-                    OutOfRange::Clip => {
-                        v = v.clamp(lo, hi);
-                        self.clipped += 1;
-                    }
-                }
-            }
-            vals[c] = if self.log1p[c] {
-                if v <= -1.0 {
-                    return Err(SkipReason::OutOfDomain(self.numeric[c].clone()));
-                }
-                v.ln_1p()
-            } else {
-                v
-            };
-        }
-        Ok(())
     }
 
     fn emit(
@@ -586,7 +451,7 @@ impl FeatureEngine {
                     mean = h.front().copied().unwrap_or(mean);
                 }
                 out.y.push(((vals[t] - mean) / std) as f32);
-                let log = self.log1p[t];
+                let log = self.check.log1p[t];
                 let raw = |v: f64| if log { v.exp_m1() } else { v };
                 RowEval {
                     target: raw(vals[t]),

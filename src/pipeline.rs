@@ -42,6 +42,7 @@ use crate::sink::scores::{ScoreRow, ScoreSegments, ScoreSink};
 use crate::sink::topic::SampleTopicSink;
 use crate::source::{Ack, RowOrigin, SourceConfig, SourceEvent, kafka, parquet};
 use crate::telemetry::{self, LearnerMetrics, LearnerView, StepView};
+use crate::validate::RowCheck;
 
 /// How a run is shown.
 #[derive(Debug, Clone, Default)]
@@ -157,8 +158,10 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             tracing::info!(pipeline = %cfg.name, brokers = %src.brokers, topics = ?src.topics, group = %src.group_id, "consuming");
             topic_brokers = Some(src.brokers.clone());
             let (schema, shutdown, covered) = (schema.clone(), shutdown.clone(), covered.clone());
+            let numeric = Decoder::new(schema.clone()).numeric_columns().to_vec();
+            let check = RowCheck::new(schema.clone(), &numeric, cfg.features.out_of_range);
             let h = tokio::task::spawn_blocking(move || {
-                kafka::consume(&src, schema, tx, ack_rx, covered, &shutdown)
+                kafka::consume(&src, schema, tx, ack_rx, covered, &check, &shutdown)
             });
             (h, None)
         }

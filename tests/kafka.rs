@@ -159,10 +159,37 @@ fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
             "missing_field:square_id",
             format!("{{\"site\": \"ElBorn\", \"time\": {ts}, \"down\": 1.0, \"up\": 2.0}}"),
         ),
+        // Rows that decode but fail the schema's row checks (issue 10, defect 10: these were
+        // counted but never reached the dead-letter topic).
+        (
+            "out_of_range:internet",
+            format!("{{\"square_id\": 5161, \"ts\": {ts}, \"internet\": 1e300}}"),
+        ),
+        (
+            "out_of_range:internet",
+            format!("{{\"square_id\": 5161, \"ts\": {ts}, \"internet\": -5.0}}"),
+        ),
+        (
+            "out_of_range:ts",
+            format!(
+                "{{\"square_id\": 5161, \"ts\": {}, \"internet\": 1.0}}",
+                i64::MAX
+            ),
+        ),
     ];
     for (_, payload) in &bad {
-        p.send(BaseRecord::to("feed").key("5161").payload(payload))
-            .unwrap();
+        // Each carries a header of its own, which its dead letter must keep.
+        let trace = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "trace-id",
+            value: Some(&b"t-42"[..]),
+        });
+        p.send(
+            BaseRecord::to("feed")
+                .key("5161")
+                .payload(payload)
+                .headers(trace),
+        )
+        .unwrap();
     }
     p.flush(Duration::from_secs(10)).unwrap();
     // And good rows after the bad ones: produce the next slots by hand.
@@ -187,7 +214,7 @@ fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
     };
     let r = common::run(cfg);
     println!("{:?}", r.skipped);
-    assert_eq!(r.rows_read, 300 + 7 + 5);
+    assert_eq!(r.rows_read, 300 + bad.len() as u64 + 5);
     // Good rows unaffected: 300 + 5 rows, the first 144 warm the lags.
     assert_eq!(r.samples, 300 + 5 - 144);
     let mut want: BTreeMap<&str, u64> = BTreeMap::new();
@@ -217,6 +244,11 @@ fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
                     .and_then(|x| x.value)
                     .map(|v| String::from_utf8_lossy(v).into_owned())
             };
+            assert_eq!(
+                header("trace-id").as_deref(),
+                Some("t-42"),
+                "original headers kept"
+            );
             letters.push((
                 header("gradsift.reason").unwrap(),
                 header("gradsift.source.topic").unwrap(),
@@ -233,7 +265,7 @@ fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
     let offsets: BTreeSet<i64> = letters.iter().map(|l| l.2).collect();
     assert_eq!(
         offsets,
-        (300..307).collect(),
+        (300..300 + bad.len() as i64).collect(),
         "each letter names its source offset"
     );
     for ((reason, payload), (got, topic, _, len, key)) in bad.iter().zip(&letters) {

@@ -20,7 +20,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
@@ -31,10 +31,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{Ack, RowOrigin, SourceEvent};
-use crate::decode::JsonDecoder;
+use crate::decode::{BatchError, Decoder, JsonDecoder};
 use crate::schema::Schema;
 use crate::shutdown::Shutdown;
 use crate::telemetry;
+use crate::validate::RowCheck;
 
 /// `[source]` with `kind = "kafka"`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,10 +143,59 @@ impl KafkaSourceConfig {
 struct Polled {
     value: Vec<u8>,
     key: Option<Vec<u8>>,
+    /// The message's own headers, copied to its dead letter.
+    headers: Vec<(String, Option<Vec<u8>>)>,
     origin: RowOrigin,
     topic: String,
     partition: i32,
     offset: i64,
+}
+
+/// Runs the row checks on the decoded messages (the same checks the feature stage runs on
+/// archive rows): a message that fails joins `bad`, to be dead-lettered here with the
+/// original message and headers, and leaves the batch. Batch-level problems are left to
+/// the learner, which reports them.
+fn check_rows(
+    dec: &Decoder,
+    check: &RowCheck,
+    batch: arrow::array::RecordBatch,
+    good: Vec<usize>,
+    mut bad: Vec<(usize, BatchError)>,
+) -> (
+    arrow::array::RecordBatch,
+    Vec<usize>,
+    Vec<(usize, BatchError)>,
+) {
+    let Ok(d) = dec.decode(&batch) else {
+        return (batch, good, bad);
+    };
+    let mut vals = vec![0.0; dec.numeric_columns().len()];
+    let keep: Vec<bool> = good
+        .iter()
+        .enumerate()
+        .map(|(j, &i)| match check.row(&d, j, &mut vals) {
+            Ok(_) => true,
+            Err(r) => {
+                let reason = r.label();
+                let detail = format!("the message fails the schema's row check: {reason}");
+                bad.push((i, BatchError { reason, detail }));
+                false
+            }
+        })
+        .collect();
+    if keep.iter().all(|k| *k) {
+        return (batch, good, bad);
+    }
+    let mask = arrow::array::BooleanArray::from(keep.clone());
+    let batch =
+        arrow::compute::filter_record_batch(&batch, &mask).expect("a mask as long as the batch");
+    let good = good
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(i, k)| k.then_some(i))
+        .collect();
+    bad.sort_by_key(|(i, _)| *i);
+    (batch, good, bad)
 }
 
 /// Seek-backs tried when a fetch begins past the committed offset, and the first step (the
@@ -329,6 +379,7 @@ pub fn consume(
     tx: mpsc::Sender<SourceEvent>,
     acks: std::sync::mpsc::Receiver<Ack>,
     mut handed: HashMap<Arc<str>, u64>,
+    check: &RowCheck,
     shutdown: &Shutdown,
 ) -> Result<(u64, u64)> {
     let mut client = cfg.client();
@@ -358,6 +409,7 @@ pub fn consume(
         ),
         None => None,
     };
+    let row_decoder = Decoder::new(schema.clone());
     let decoder = JsonDecoder::with_format(schema, cfg.max_message_bytes, cfg.format);
     let mut names: HashMap<(String, i32), Arc<str>> = HashMap::new();
     // Partition → drained (end-of-partition seen after its last message). librdkafka's EOF
@@ -418,9 +470,18 @@ pub fn consume(
                         source,
                         index: m.offset() as u64,
                     };
+                    let headers = m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     payloads.push(Polled {
                         value: m.payload().unwrap_or_default().to_vec(),
                         key: m.key().map(<[u8]>::to_vec),
+                        headers,
                         origin,
                         topic: m.topic().to_string(),
                         partition: m.partition(),
@@ -451,17 +512,25 @@ pub fn consume(
         }
         let refs: Vec<&[u8]> = payloads.iter().map(|p| p.value.as_slice()).collect();
         let (batch, good, bad) = decoder.decode(&refs);
+        let (batch, good, bad) = check_rows(&row_decoder, check, batch, good, bad);
         for (i, e) in bad {
             let Polled {
                 value,
                 key,
+                headers,
                 origin,
                 topic,
                 partition,
                 offset,
             } = &payloads[i];
             if let (Some(p), Some(t)) = (&dlq, &cfg.dead_letter_topic) {
-                let headers = OwnedHeaders::new()
+                let original = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+                    h.insert(Header {
+                        key: k,
+                        value: v.as_deref(),
+                    })
+                });
+                let headers = original
                     .insert(Header {
                         key: "gradsift.reason",
                         value: Some(e.reason.as_bytes()),

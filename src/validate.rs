@@ -1,0 +1,178 @@
+//! Row validation: the checks one decoded row must pass before it may become a sample, with
+//! the reason when it fails. Stateless and schema-driven, so that a feed source can run them
+//! where the original message still is (a Kafka dead letter carries the message itself and its
+//! headers), and the feature stage runs the very same checks on archive rows.
+
+use std::sync::Arc;
+
+use arrow::array::Array;
+
+use crate::decode::{DecodedBatch, value};
+use crate::schema::{Schema, TaskSpec, TimeKind};
+
+/// Why a row produced no sample.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipReason {
+    /// A needed column is null at this row.
+    Null(String),
+    /// A needed column is NaN or ±∞ at this row.
+    NonFinite(String),
+    /// A value outside the domain of its transform (below −1 for log1p).
+    OutOfDomain(String),
+    /// A value outside its column's physical range (schema `range`, latitude ±90°,
+    /// longitude ±180°, a time between 1900 and 2200).
+    OutOfRange(String),
+    /// A class label outside 0..classes.
+    BadClass(i64),
+    /// The key has too little history for the configured lags yet (not bad input).
+    LagWarmup,
+    /// The whole batch was unreadable (missing column, wrong type).
+    Batch(String),
+}
+
+impl SkipReason {
+    /// Counter label.
+    pub fn label(&self) -> String {
+        match self {
+            SkipReason::Null(c) => format!("null:{c}"),
+            SkipReason::NonFinite(c) => format!("non_finite:{c}"),
+            SkipReason::OutOfDomain(c) => format!("out_of_domain:{c}"),
+            SkipReason::OutOfRange(c) => format!("out_of_range:{c}"),
+            SkipReason::BadClass(_) => "bad_class".to_string(),
+            SkipReason::LagWarmup => "lag_warmup".to_string(),
+            SkipReason::Batch(r) => r.clone(),
+        }
+    }
+
+    /// Bad input goes to the dead-letter destination; a lag warm-up is expected and does not.
+    pub fn is_bad_input(&self) -> bool {
+        !matches!(self, SkipReason::LagWarmup)
+    }
+}
+
+/// What to do with a value outside its column's physical range.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutOfRange {
+    /// Dead-letter the row (reason `out_of_range:<column>`).
+    #[default]
+    DeadLetter,
+    /// Clamp the value to the range and keep the row (counted as clipped).
+    Clip,
+}
+
+/// Event times a timestamp schema accepts, in µs since the epoch: 1900-01-01 to 2200-01-01.
+const TIME_RANGE_US: (i64, i64) = (-2_208_988_800_000_000, 7_258_118_400_000_000);
+
+/// A row that passed: its class (classification) and how many values were clipped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Checked {
+    pub class: Option<i64>,
+    pub clipped: u32,
+}
+
+/// The checks of one schema (see the module doc).
+#[derive(Debug, Clone)]
+pub struct RowCheck {
+    schema: Arc<Schema>,
+    numeric: Vec<String>,
+    ranges: Vec<Option<(f64, f64)>>,
+    /// Columns modelled as ln(1 + v).
+    pub(crate) log1p: Vec<bool>,
+    out_of_range: OutOfRange,
+}
+
+impl RowCheck {
+    /// Checks for `numeric` (the decoder's numeric columns, in its order).
+    pub fn new(schema: Arc<Schema>, numeric: &[String], out_of_range: OutOfRange) -> Self {
+        let pos = |c: &String| numeric.iter().position(|n| n == c);
+        let mut ranges: Vec<Option<(f64, f64)>> = numeric
+            .iter()
+            .map(|n| {
+                schema
+                    .columns
+                    .get(n)
+                    .and_then(|s| s.range)
+                    .map(|[a, b]| (a, b))
+            })
+            .collect();
+        if let Some(g) = &schema.features.geo {
+            for (c, r) in [
+                (&g.bs_lat, (-90.0, 90.0)),
+                (&g.ue_lat, (-90.0, 90.0)),
+                (&g.bs_lon, (-180.0, 180.0)),
+                (&g.ue_lon, (-180.0, 180.0)),
+            ] {
+                if let Some(i) = pos(c) {
+                    ranges[i].get_or_insert(r);
+                }
+            }
+        }
+        RowCheck {
+            log1p: numeric
+                .iter()
+                .map(|c| schema.features.log1p.contains(c))
+                .collect(),
+            numeric: numeric.to_vec(),
+            ranges,
+            out_of_range,
+            schema,
+        }
+    }
+
+    /// Checks row `i` and writes its modelled numeric values (log1p applied) to `vals`.
+    pub fn row(&self, d: &DecodedBatch, i: usize, vals: &mut [f64]) -> Result<Checked, SkipReason> {
+        let s = &self.schema;
+        if d.key.is_null(i) {
+            return Err(SkipReason::Null(s.key.clone()));
+        }
+        if d.time.is_null(i) {
+            return Err(SkipReason::Null(s.time.column.clone()));
+        }
+        if s.time.kind == TimeKind::Timestamp
+            && !(TIME_RANGE_US.0..=TIME_RANGE_US.1).contains(&d.time.value(i))
+        {
+            return Err(SkipReason::OutOfRange(s.time.column.clone()));
+        }
+        let mut clipped = 0;
+        for (c, col) in d.numeric.iter().enumerate() {
+            let name = || self.numeric[c].clone();
+            let mut v = value(col, i).ok_or_else(|| SkipReason::Null(name()))?;
+            if !v.is_finite() {
+                return Err(SkipReason::NonFinite(name()));
+            }
+            if let Some((lo, hi)) = self.ranges[c]
+                && !(lo..=hi).contains(&v)
+            {
+                if self.out_of_range == OutOfRange::DeadLetter {
+                    return Err(SkipReason::OutOfRange(name()));
+                }
+                v = v.clamp(lo, hi);
+                clipped += 1;
+            }
+            vals[c] = if self.log1p[c] {
+                if v <= -1.0 {
+                    return Err(SkipReason::OutOfDomain(name()));
+                }
+                v.ln_1p()
+            } else {
+                v
+            };
+        }
+        let class = match &d.class {
+            Some(c) if c.is_null(i) => return Err(SkipReason::Null(s.target.clone())),
+            Some(c) => {
+                let v = c.value(i);
+                let TaskSpec::Classification { classes } = s.task else {
+                    unreachable!("a class column belongs to a classification schema")
+                };
+                if v < 0 || v as usize >= classes {
+                    return Err(SkipReason::BadClass(v));
+                }
+                Some(v)
+            }
+            None => None,
+        };
+        Ok(Checked { class, clipped })
+    }
+}
