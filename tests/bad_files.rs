@@ -183,3 +183,48 @@ fn a_fresh_run_clears_an_earlier_runs_outputs_and_a_folder_in_their_place_is_ref
         started.elapsed()
     );
 }
+
+#[test]
+fn a_mixed_folder_is_cast_per_file_and_only_losslessly() {
+    // Issue 10, defect 8: column types came from the earliest file, so an int64 `internet`
+    // there truncated every later file's floats (300.64 → 300) and an int32 key turned keys
+    // above 2^31 into nulls. pyarrow writes three files of different types.
+    let dir = tempfile::tempdir().unwrap();
+    let milan = common::repo().join("data/milan/internet_square5161.parquet");
+    common::python(&format!(
+        "import pyarrow as pa, pyarrow.parquet as pq\n\
+         t = pq.read_table('{m}')\n\
+         a = t.slice(0, 4000)\n\
+         pq.write_table(pa.table({{'square_id': pa.array([7] * 4000, pa.int32()), 'ts': a['ts'], \
+             'internet': pa.array([int(v) for v in a['internet'].to_pylist()], pa.int64())}}), '{d}/a_int.parquet')\n\
+         b = t.slice(4000, 3000)\n\
+         pq.write_table(pa.table({{'square_id': pa.array([5_000_000_000] * 3000, pa.int64()), 'ts': b['ts'], \
+             'internet': b['internet']}}), '{d}/b_float.parquet')\n\
+         c = t.slice(7000, 100)\n\
+         pq.write_table(pa.table({{'square_id': pa.array([9] * 100, pa.int64()), 'ts': c['ts'], \
+             'internet': pa.array([2**60] * 100, pa.int64())}}), '{d}/c_huge_int.parquet')\n",
+        m = milan.display(),
+        d = dir.path().display()
+    ));
+    let out = tempfile::tempdir().unwrap();
+    let src = format!("source.path=\"{}\"", dir.path().display());
+    let r = common::run(common::pipeline("milan-replay.toml", out.path(), &[&src]));
+    println!("{:?}", r.skipped);
+    assert_eq!(r.rows_read, 7100);
+    assert_eq!(r.skipped.get("lossy_cast:internet"), Some(&100));
+    assert!(
+        !r.skipped.keys().any(|k| k.starts_with("null:")),
+        "no value became null: {:?}",
+        r.skipped
+    );
+    assert_eq!(r.samples, 4000 - 144 + 3000 - 144);
+    // The float file's values kept their fractions, and its key above 2^31 survived.
+    let py = common::python(&format!(
+        "{}import pyarrow.compute as pc\nk = t.filter(pc.equal(t['key'], '5000000000'))['target'].to_pylist()\n\
+         print(len(k), sum(1 for v in k if v != int(v)))",
+        common::load_scores_py(out.path())
+    ));
+    let counts: Vec<usize> = py.split_whitespace().map(|v| v.parse().unwrap()).collect();
+    assert_eq!(counts[0], 3000 - 144);
+    assert!(counts[1] > 2000, "{py}");
+}

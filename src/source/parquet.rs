@@ -235,15 +235,42 @@ struct Cursor {
     lost: Vec<Lost>,
 }
 
-/// The columns every emitted batch has, in this order and with these types (those of the
-/// first readable file), so that rows of different files can be interleaved.
+/// The columns every emitted batch has, in this order and with these types, so that rows of
+/// different files can be interleaved. Numeric, key and class columns take the schema's
+/// widest type (int → Int64, float → Float64, string → Utf8), whatever the first file
+/// holds; time and list columns take the first readable file's type. A file's column is
+/// cast only when no value changes: otherwise its rows are dead-lettered (`lossy_cast`).
 struct Canonical {
     names: Vec<String>,
+    /// The schema's type per name, where it fixes one.
+    fixed: Vec<Option<DataType>>,
     schema: Option<arrow::datatypes::SchemaRef>,
     time: String,
 }
 
+/// Integers from −2⁵³ to 2⁵³ are exactly representable as f64.
+const EXACT_F64_INT: i64 = 1 << 53;
+
 impl Canonical {
+    fn new(schema: &Schema, names: Vec<String>) -> Self {
+        use crate::schema::ColumnType as T;
+        let fixed = names
+            .iter()
+            .map(|n| match schema.columns.get(n).map(|c| c.ty) {
+                Some(T::Int) if *n != schema.time.column => Some(DataType::Int64),
+                Some(T::Float) => Some(DataType::Float64),
+                Some(T::String) => Some(DataType::Utf8),
+                _ => None,
+            })
+            .collect();
+        Canonical {
+            names,
+            fixed,
+            schema: None,
+            time: schema.time.column.clone(),
+        }
+    }
+
     /// Projects and casts a file's batch to the canonical layout.
     fn conform(&mut self, batch: &RecordBatch) -> Result<RecordBatch, String> {
         let src = batch.schema();
@@ -261,13 +288,11 @@ impl Canonical {
             let fields: Vec<arrow::datatypes::FieldRef> = self
                 .names
                 .iter()
-                .map(|n| {
-                    Arc::new(
-                        src.field_with_name(n)
-                            .expect("present")
-                            .clone()
-                            .with_nullable(true),
-                    )
+                .zip(&self.fixed)
+                .map(|(n, fixed)| {
+                    let f = src.field_with_name(n).expect("present");
+                    let dt = fixed.clone().unwrap_or_else(|| f.data_type().clone());
+                    Arc::new(arrow::datatypes::Field::new(n, dt, true))
                 })
                 .collect();
             Arc::new(arrow::datatypes::Schema::new(fields))
@@ -275,13 +300,7 @@ impl Canonical {
         let cols = cols
             .iter()
             .zip(schema.fields())
-            .map(|(c, f)| {
-                if c.data_type() == f.data_type() {
-                    Ok(c.clone())
-                } else {
-                    cast(c.as_ref(), f.data_type()).map_err(|_| format!("wrong_type:{}", f.name()))
-                }
-            })
+            .map(|(c, f)| lossless_cast(c, f.data_type(), f.name()))
             .collect::<Result<Vec<_>, _>>()?;
         RecordBatch::try_new(schema.clone(), cols).map_err(|e| format!("wrong_type:{e}"))
     }
@@ -301,6 +320,49 @@ impl Canonical {
             })
             .collect()
     }
+}
+
+/// `col` as `to`, or `lossy_cast:<name>` when a value would change: an overflow, a float
+/// becoming an integer, an integer beyond 2⁵³ becoming a float, or a value becoming null.
+fn lossless_cast(
+    col: &Arc<dyn Array>,
+    to: &DataType,
+    name: &str,
+) -> Result<Arc<dyn Array>, String> {
+    if col.data_type() == to {
+        return Ok(col.clone());
+    }
+    let lossy = || format!("lossy_cast:{name}");
+    let from = col.data_type();
+    if from.is_floating() && to.is_integer() {
+        return Err(lossy());
+    }
+    if from.is_integer() && to.is_floating() {
+        let as_i64 = cast(col.as_ref(), &DataType::Int64).map_err(|_| lossy())?;
+        let exact = as_i64
+            .as_primitive::<Int64Type>()
+            .iter()
+            .flatten()
+            .all(|v| (-EXACT_F64_INT..=EXACT_F64_INT).contains(&v));
+        if !exact || as_i64.null_count() != col.null_count() {
+            return Err(lossy());
+        }
+    }
+    let opts = arrow::compute::CastOptions {
+        safe: false,
+        ..Default::default()
+    };
+    let out = arrow::compute::cast_with_options(col.as_ref(), to, &opts).map_err(|_| {
+        if arrow::compute::can_cast_types(from, to) {
+            lossy()
+        } else {
+            format!("wrong_type:{name}")
+        }
+    })?;
+    if out.null_count() != col.null_count() {
+        return Err(lossy());
+    }
+    Ok(out)
 }
 
 /// A time column as i64 per row (microseconds for timestamps), `None` where null.
@@ -463,11 +525,7 @@ pub fn replay(
 ) -> Result<ReplayStats> {
     let mut stats = ReplayStats::default();
     let wanted = schema.read_columns();
-    let mut canon = Canonical {
-        names: wanted.clone(),
-        schema: None,
-        time: schema.time.column.clone(),
-    };
+    let mut canon = Canonical::new(schema, wanted.clone());
     let mut cursors: Vec<Cursor> = Vec::new();
     // Dead-letters what a file or a row group lost; false when the pipeline has gone.
     let unreadable = |stats: &mut ReplayStats, origin: &Arc<str>, lost: Lost| {
