@@ -38,7 +38,7 @@ fn scoring(c: &mut Criterion) {
         #[allow(deprecated)]
         ("ndarray", Device::ndarray()),
     ] {
-        let ad_model = Mlp::new(D, &[64, 64], head, &dev.clone().autodiff());
+        let ad_model = Mlp::new(D, &[64, 64], head, &dev.clone().autodiff()).tracked();
         let params = ad_model.dense_params();
         g.bench_function(BenchmarkId::new("plain_autodiff_fwd_bwd", name), |b| {
             b.iter(|| {

@@ -18,7 +18,19 @@ use serde::{Deserialize, Serialize};
 use crate::features::FeatureState;
 use crate::learner::LearnerState;
 use crate::learner::eval::Scoreboard;
-use crate::pipeline::RunCounters;
+
+/// Counters that span restarts (kept in checkpoints).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RunCounters {
+    pub skipped: BTreeMap<String, u64>,
+    pub rows_read: u64,
+    pub seen_after_warmup: u64,
+    pub trained_after_warmup: u64,
+    pub last_loss: f64,
+    pub dead_letters: u64,
+    pub dead_rows: u64,
+    pub resumes: u64,
+}
 
 /// `[checkpoint]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -447,6 +447,16 @@ impl PipelineConfig {
             .map_err(|(key, expected, found)| self.bad(&key, &expected, found))
     }
 
+    /// The model backend's name, as reports and metrics label it.
+    pub fn backend_name(&self) -> String {
+        format!("{:?}", self.model.backend).to_lowercase()
+    }
+
+    /// The importance method's name, as reports and metrics label it.
+    pub fn importance_name(&self) -> String {
+        format!("{:?}", self.importance.method).to_lowercase()
+    }
+
     /// Replay ratio of the every-row training reference.
     pub fn reference_replay_ratio(&self) -> f64 {
         self.compute

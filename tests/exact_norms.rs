@@ -123,7 +123,7 @@ fn weighted_gradient_equals_autodiff_gradient_of_weighted_loss() {
         })
         .collect();
     // Built on the autodiff device so burn can differentiate it; dense_params() are plain.
-    let ad = Mlp::new(d, &[16, 16], head, &dev.clone().autodiff());
+    let ad = Mlp::new(d, &[16, 16], head, &dev.clone().autodiff()).tracked();
     let params = ad.dense_params();
     let xt = model::matrix(x.clone(), n, d, &dev);
     let target = model::target_tensor(head, &y, &dev);

@@ -73,6 +73,12 @@ impl Mlp {
         self.set_require_grad(false)
     }
 
+    /// The same model with require-grad parameters, for burn's own backward (the autodiff
+    /// references of tests and benchmarks). Not for the learner: see [`Mlp::untracked`].
+    pub fn tracked(self) -> Self {
+        self.set_require_grad(true)
+    }
+
     /// Whether any parameter is marked require-grad (see [`Mlp::untracked`]).
     pub fn tracks_gradients(&self) -> bool {
         self.layers.iter().any(|l| {

@@ -1,0 +1,780 @@
+//! The learner stage: one thread that owns all model state (so nothing on the hot path takes
+//! a lock). It takes [`SourceEvent`]s, decodes and featurises their rows, steps the learner
+//! one micro-batch at a time, records the prequential metrics, sends score rows to the sink
+//! stage, dead-letters bad input, and decides when a checkpoint is due. A checkpoint is taken
+//! in a fixed order: pending rows trained, sinks rolled, dead letters synced, checkpoint
+//! written atomically, and only then is a feed told to commit the positions it covers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Sender, SyncSender, sync_channel};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use arrow::array::RecordBatch;
+use indicatif::ProgressBar;
+use tokio::sync::mpsc;
+
+use super::rows::decode_rows;
+use super::sink_stage::SinkMsg;
+use super::upkeep::unix_ms;
+use crate::checkpoint::{self, Checkpoint, RunCounters};
+use crate::config::PipelineConfig;
+use crate::decode::Decoder;
+use crate::features::{FeatureEngine, Samples};
+use crate::learner::eval::{EvalSummary, Scoreboard};
+use crate::learner::model::Head;
+use crate::learner::{FreshBatch, LearnerConfig, OnlineLearner};
+use crate::schema::Schema;
+use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
+use crate::sink::scores::ScoreRow;
+use crate::source::{Ack, RowOrigin, SourceEvent};
+use crate::telemetry::{self, LearnerMetrics, LearnerView, StepView};
+
+/// When to checkpoint, and what the last one covered.
+pub(crate) struct CheckpointCtl {
+    /// None: checkpoints are off.
+    pub path: Option<PathBuf>,
+    pub every_rows: u64,
+    pub every: Duration,
+    pub rows_since: u64,
+    pub last: Instant,
+    pub written: u64,
+    pub last_bytes: u64,
+    /// Time spent closing segments, syncing and writing checkpoints (not the partial-batch train).
+    pub seconds: f64,
+    /// Positions the checkpoint we resumed from covers: rows before them are skipped.
+    pub covered: HashMap<Arc<str>, u64>,
+    pub already_covered: u64,
+    pub next_segment: u64,
+    /// The replayed files' fingerprints, kept in every checkpoint.
+    pub files: BTreeMap<String, String>,
+}
+
+impl CheckpointCtl {
+    /// Checkpoints as `[checkpoint]` says, continuing a resumed run's segment numbering.
+    pub fn new(cfg: &PipelineConfig, resume: Option<&Checkpoint>) -> Self {
+        CheckpointCtl {
+            path: cfg.checkpoint.enabled.then(|| cfg.checkpoint_path()),
+            every_rows: cfg.checkpoint.every_rows,
+            every: Duration::from_secs_f64(cfg.checkpoint.every_seconds),
+            rows_since: 0,
+            last: Instant::now(),
+            written: 0,
+            last_bytes: 0,
+            seconds: 0.0,
+            covered: resume
+                .map(|c| {
+                    c.positions
+                        .iter()
+                        .map(|(k, v)| (Arc::from(k.as_str()), *v))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            already_covered: 0,
+            next_segment: resume.map_or(1, |c| c.next_segment),
+            files: BTreeMap::new(),
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.path.is_some()
+            && self.rows_since > 0
+            && (self.rows_since >= self.every_rows || self.last.elapsed() >= self.every)
+    }
+}
+
+/// The stage's channels to the rest of the pipeline.
+pub(crate) struct StageIo {
+    /// To a feed source: batches processed, positions to commit.
+    pub ack_tx: Sender<Ack>,
+    /// Unix ms of the last checkpoint, read by the upkeep ticker.
+    pub last_checkpoint_ms: Arc<AtomicU64>,
+    pub sink_tx: Option<SyncSender<SinkMsg>>,
+    pub progress: ProgressBar,
+}
+
+/// The learner stage's state (see the module doc).
+pub(crate) struct LearnerStage {
+    cfg: PipelineConfig,
+    io: StageIo,
+    decoder: Decoder,
+    head: Head,
+    width: usize,
+    /// Samples waiting for a full micro-batch.
+    pending: Samples,
+    pub learner: OnlineLearner,
+    pub features: FeatureEngine,
+    pub metrics: Scoreboard,
+    pub counters: RunCounters,
+    pub dead: DeadLetterSink,
+    /// Per source: the position after the last row processed.
+    pub positions: BTreeMap<Arc<str>, u64>,
+    pub ckpt: CheckpointCtl,
+    pub seen_at_start: u64,
+    /// When the first rows arrived (throughput without start-up and group-join time).
+    pub first_rows_at: Option<Instant>,
+    telemetry: LearnerMetrics,
+}
+
+impl LearnerStage {
+    /// A stage for `cfg`, continuing from `resume` when given.
+    pub fn new(
+        cfg: &PipelineConfig,
+        schema: &Arc<Schema>,
+        io: StageIo,
+        dead_path: &std::path::Path,
+        ckpt: CheckpointCtl,
+        resume: Option<Checkpoint>,
+    ) -> Result<Self> {
+        let decoder = Decoder::new(schema.clone());
+        let features = FeatureEngine::new(
+            schema.clone(),
+            decoder.numeric_columns(),
+            cfg.features.max_keys,
+        )
+        .with_out_of_range(cfg.features.out_of_range);
+        let head = schema.task.head();
+        let width = features.width();
+        let learner = OnlineLearner::new(LearnerConfig {
+            inputs: width,
+            head,
+            model: cfg.model.clone(),
+            importance: cfg.importance.method,
+            selection: cfg.selection.clone(),
+            buffer: cfg.buffer.clone(),
+            training: cfg.training.clone(),
+            reference_replay_ratio: cfg.reference_replay_ratio(),
+            holdout_every: cfg.importance.holdout_every,
+        });
+        let metrics = Scoreboard::new(head, cfg.evaluation.window, &cfg.evaluation.boundaries());
+        let dead = DeadLetterSink::new(dead_path, resume.as_ref().map(|c| c.dead_letter_bytes));
+        let mut stage = LearnerStage {
+            cfg: cfg.clone(),
+            io,
+            decoder,
+            head,
+            width,
+            pending: Samples::default(),
+            learner,
+            features,
+            metrics,
+            counters: RunCounters {
+                last_loss: f64::NAN,
+                ..RunCounters::default()
+            },
+            dead,
+            positions: BTreeMap::new(),
+            ckpt,
+            seen_at_start: 0,
+            first_rows_at: None,
+            telemetry: LearnerMetrics::new(
+                cfg.source.kind_name(),
+                cfg.buffer.capacity,
+                cfg.telemetry.publish_ms,
+            ),
+        };
+        if let Some(c) = resume {
+            stage.restore(c)?;
+        }
+        // Baseline: learner work restored from a checkpoint is not this process's.
+        stage.publish_metrics();
+        Ok(stage)
+    }
+
+    /// Takes events until the source is done, then trains what is pending and takes the
+    /// final checkpoint. Runs on a blocking thread inside a tokio runtime.
+    pub fn run(mut self, mut rx: mpsc::Receiver<SourceEvent>) -> Result<Self> {
+        let runtime = tokio::runtime::Handle::current();
+        loop {
+            // A quiet feed still gets its checkpoint (and so its commit) on time: wait for
+            // the next event at most until the checkpoint is due.
+            let ev = if self.ckpt.path.is_some() && self.ckpt.rows_since > 0 {
+                let left = self.ckpt.every.saturating_sub(self.ckpt.last.elapsed());
+                match runtime.block_on(tokio::time::timeout(left, rx.recv())) {
+                    Ok(ev) => ev,
+                    Err(_) => {
+                        self.checkpoint()?;
+                        continue;
+                    }
+                }
+            } else {
+                rx.blocking_recv()
+            };
+            let Some(ev) = ev else { break };
+            self.handle(ev)?;
+        }
+        self.finish()?;
+        Ok(self)
+    }
+
+    /// One event from the source.
+    pub fn handle(&mut self, ev: SourceEvent) -> Result<()> {
+        match ev {
+            SourceEvent::Unreadable {
+                origin,
+                first_row,
+                rows,
+                reason,
+                detail,
+            } => {
+                let letter = DeadLetter {
+                    reason: &reason,
+                    detail: &detail,
+                    origin: &origin,
+                    row: first_row,
+                    rows,
+                    key: None,
+                    time: None,
+                };
+                self.unreadable(&letter)
+            }
+            SourceEvent::Batch {
+                batch,
+                origins,
+                ack,
+            } => self.batch(batch, origins, ack),
+        }
+    }
+
+    /// Input that cannot be read: counted and dead-lettered once, also across a resume.
+    fn unreadable(&mut self, letter: &DeadLetter<'_>) -> Result<()> {
+        let (origin, rows) = (letter.origin, letter.rows);
+        // A file without a footer has no row count: it is covered as a whole.
+        let end = if rows == 0 {
+            u64::MAX
+        } else {
+            letter.row + rows
+        };
+        let p = self.positions.entry(Arc::from(origin)).or_insert(0);
+        *p = (*p).max(end);
+        self.io.progress.inc(rows);
+        if self.ckpt.covered.get(origin).is_some_and(|&c| c >= end) {
+            // Dead-lettered before the checkpoint we resumed from: not again.
+            self.ckpt.already_covered += rows;
+            self.telemetry.rows_already_covered(rows);
+            return Ok(());
+        }
+        *self
+            .counters
+            .skipped
+            .entry(letter.reason.to_string())
+            .or_default() += rows;
+        self.counters.rows_read += rows;
+        self.dead.send(letter)?;
+        self.telemetry.rows_skipped(letter.reason, true, rows);
+        self.counters.dead_letters += 1;
+        self.counters.dead_rows += rows;
+        Ok(())
+    }
+
+    fn batch(
+        &mut self,
+        batch: RecordBatch,
+        origins: Vec<RowOrigin>,
+        ack: Option<Vec<RowOrigin>>,
+    ) -> Result<()> {
+        self.first_rows_at.get_or_insert_with(Instant::now);
+        let delivered = batch.num_rows() as u64;
+        for o in ack.as_deref().unwrap_or(&origins) {
+            let p = self.positions.entry(o.source.clone()).or_insert(0);
+            *p = (*p).max(o.index + 1);
+        }
+        let (batch, origins) = skip_covered(&mut self.ckpt, batch, origins)?;
+        let n = batch.num_rows() as u64;
+        if n < delivered {
+            self.telemetry.rows_already_covered(delivered - n);
+        }
+        self.counters.rows_read += n;
+        // Every delivered message counts towards the next checkpoint, bad ones too: a feed
+        // of nothing but dead letters must still be committed.
+        self.ckpt.rows_since += ack.as_ref().map_or(n, |a| a.len() as u64);
+        if n > 0 {
+            self.feed(&batch, &origins)?;
+        }
+        let mb = self.cfg.training.micro_batch;
+        while self.pending.len() >= mb {
+            self.step_pending(mb)?;
+        }
+        if ack.is_some() {
+            // A feed commits what it is acknowledged: nothing of this batch may wait in a
+            // partial micro-batch, so train the remainder now.
+            self.step_pending(self.pending.len())?;
+            let _ = self.io.ack_tx.send(Ack::Processed);
+            if self.ckpt.path.is_none() {
+                // No checkpoints: processed is as durable as it gets.
+                let _ = self.io.ack_tx.send(Ack::Commit(self.commit_positions()));
+            }
+        }
+        if self.ckpt.due() {
+            self.checkpoint()?;
+        }
+        self.io.progress.inc(delivered);
+        self.io
+            .progress
+            .set_message(self.metrics.whole.window_text());
+        Ok(())
+    }
+
+    /// Decodes a batch into samples; skips are counted, bad input dead-lettered.
+    fn feed(&mut self, batch: &RecordBatch, origins: &[RowOrigin]) -> Result<()> {
+        let (counters, telemetry, dead) = (&mut self.counters, &self.telemetry, &mut self.dead);
+        let mut letters = 0u64;
+        decode_rows(
+            &self.decoder,
+            &mut self.features,
+            batch,
+            origins,
+            &mut self.pending,
+            |s| {
+                *counters.skipped.entry(s.reason.clone()).or_default() += 1;
+                telemetry.rows_skipped(&s.reason, s.bad_input, 1);
+                if !s.bad_input {
+                    return Ok(());
+                }
+                letters += 1;
+                dead.send(&s.letter())
+            },
+        )?;
+        self.counters.dead_letters += letters;
+        self.counters.dead_rows += letters;
+        Ok(())
+    }
+
+    /// Steps the first `n` pending samples (nothing when `n` is 0).
+    fn step_pending(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let chunk = self.pending.take_front(n, self.width);
+        self.step(chunk)
+    }
+
+    /// One micro-batch through the learner, the metrics and the sinks.
+    pub fn step(&mut self, s: Samples) -> Result<()> {
+        let seen_before = self.learner.stats().seen;
+        let t0 = Instant::now();
+        let out = self.learner.learn_batch(FreshBatch {
+            x: &s.x,
+            y: &s.y,
+            keys: &s.keys,
+            times: &s.times,
+        });
+        self.telemetry.step(&StepView {
+            fresh_scores: &out.scores[..s.len()],
+            threshold: out.threshold,
+            loss: out.train_loss,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+        if self.telemetry.due() {
+            self.publish_metrics();
+        }
+        if out.train_loss.is_finite() {
+            self.counters.last_loss = out.train_loss as f64;
+        }
+        let k = self.head.outputs();
+        let sinks_on = self.io.sink_tx.is_some();
+        let mut rows = Vec::with_capacity(if sinks_on { s.len() } else { 0 });
+        for (i, ev) in s.eval.iter().enumerate() {
+            let (prediction, obs) = ev.observe(self.head, &out.outputs[i * k..(i + 1) * k]);
+            self.metrics.record(seen_before + i as u64, s.times[i], obs);
+            if seen_before + i as u64 >= self.cfg.selection.warmup {
+                self.counters.seen_after_warmup += 1;
+                self.counters.trained_after_warmup += out.trained[i] as u64;
+            }
+            if sinks_on {
+                rows.push(ScoreRow {
+                    source: s.origins[i].source.clone(),
+                    position: s.origins[i].index,
+                    key: s.keys[i].clone(),
+                    time: s.times[i],
+                    score: out.scores[i],
+                    threshold: out.threshold,
+                    selected: out.selected[i],
+                    trained: out.trained[i],
+                    retained: out.retained[i],
+                    prediction,
+                    target: ev.target,
+                });
+            }
+        }
+        if let Some(tx) = &self.io.sink_tx {
+            tx.send(SinkMsg::Rows(rows))
+                .context("sink thread stopped")?;
+        }
+        Ok(())
+    }
+
+    /// Makes everything processed so far durable, in order: pending rows trained, sinks
+    /// rolled, dead letters synced, checkpoint written (atomically), and then the feed told
+    /// to commit.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        let Some(path) = self.ckpt.path.clone() else {
+            return Ok(());
+        };
+        self.step_pending(self.pending.len())?;
+        let t0 = Instant::now();
+        if let Some(sink) = &self.io.sink_tx {
+            let (reply_tx, reply_rx) = sync_channel(1);
+            sink.send(SinkMsg::Roll(reply_tx))
+                .context("sink thread stopped")?;
+            self.ckpt.next_segment = reply_rx.recv().context("sink thread stopped")??;
+        }
+        self.dead.sync()?;
+        let ckpt = Checkpoint {
+            pipeline: self.cfg.name.clone(),
+            schema: self.features.schema_name().to_string(),
+            written_ms: unix_ms(),
+            positions: self
+                .positions
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+            next_segment: self.ckpt.next_segment,
+            dead_letter_bytes: self.dead.len(),
+            files: self.ckpt.files.clone(),
+            learner: self.learner.state()?,
+            features: self.features.state(),
+            metrics: self.metrics.clone(),
+            counters: self.counters.clone(),
+        };
+        let bytes = checkpoint::save(&path, &ckpt)?;
+        let _ = self.io.ack_tx.send(Ack::Commit(self.commit_positions()));
+        let seconds = t0.elapsed().as_secs_f64();
+        self.io
+            .last_checkpoint_ms
+            .store(ckpt.written_ms, Ordering::Relaxed);
+        self.telemetry
+            .checkpoint(seconds, bytes, ckpt.written_ms as f64 / 1000.0);
+        self.ckpt.written += 1;
+        self.ckpt.last_bytes = bytes;
+        self.ckpt.seconds += seconds;
+        self.ckpt.rows_since = 0;
+        self.ckpt.last = Instant::now();
+        tracing::debug!(
+            bytes,
+            ms = t0.elapsed().as_millis() as u64,
+            samples = self.learner.stats().seen,
+            positions = ?self.positions,
+            "checkpoint written"
+        );
+        Ok(())
+    }
+
+    /// The end of the source: the last partial micro-batch, the final checkpoint, the last
+    /// metrics, the dead-letter file flushed.
+    pub fn finish(&mut self) -> Result<()> {
+        self.step_pending(self.pending.len())?;
+        if self.ckpt.path.is_some() {
+            self.ckpt.rows_since = self.ckpt.rows_since.max(1);
+            self.checkpoint()?;
+        }
+        if self.features.keys_evicted > 0 {
+            tracing::info!(
+                forgotten = self.features.keys_evicted,
+                "keys forgotten at features.max_keys"
+            );
+        }
+        self.publish_metrics();
+        // The sink stage ends when its last sender is gone: this stage outlives the run.
+        self.io.sink_tx = None;
+        self.dead.finish()
+    }
+
+    fn commit_positions(&self) -> Vec<(Arc<str>, u64)> {
+        self.positions
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Restores the learner, features, metrics and counters from a checkpoint.
+    fn restore(&mut self, c: Checkpoint) -> Result<()> {
+        self.learner.restore(c.learner)?;
+        self.features
+            .restore(c.features)
+            .map_err(|e| anyhow::anyhow!("checkpoint does not fit this schema: {e}"))?;
+        anyhow::ensure!(
+            c.metrics.whole.same_task(&self.metrics.whole),
+            "checkpoint was written for another task"
+        );
+        // The periods come from this configuration; a saved period of the same name continues.
+        let mut saved = c.metrics.periods;
+        for p in &mut self.metrics.periods {
+            if let Some(i) = saved
+                .iter()
+                .position(|s| s.name == p.name && s.start == p.start)
+            {
+                p.metrics = saved.swap_remove(i).metrics;
+            }
+        }
+        self.metrics.whole = c.metrics.whole;
+        self.counters = c.counters;
+        self.counters.resumes += 1;
+        self.positions = c
+            .positions
+            .into_iter()
+            .map(|(k, v)| (Arc::from(k.as_str()), v))
+            .collect();
+        self.seen_at_start = self.learner.stats().seen;
+        Ok(())
+    }
+
+    /// The learner's throttled gauges and counters: one place, called after steps and at the end.
+    fn publish_metrics(&mut self) {
+        let stats = self.learner.stats();
+        let buf = self.learner.buffer();
+        self.telemetry.publish(LearnerView {
+            selected: stats.selected,
+            trained_fresh: stats.trained_fresh,
+            trained_replay: stats.trained_replay,
+            backpropagated: stats.backpropagated,
+            steps: stats.steps,
+            nonfinite_steps: stats.nonfinite_steps,
+            restores: stats.restores,
+            buffer_len: buf.len(),
+            buffer_bytes: buf.bytes(),
+            buffer_admitted: buf.stats.admitted,
+            buffer_evicted: buf.stats.evicted,
+            buffer_rescored: buf.stats.rescored,
+            keys: self.features.tracked_keys(),
+        });
+        // An empty window has no error to report (a resumed run's window is restored).
+        match self.metrics.whole.summary() {
+            EvalSummary::Regression(r) if r.model_last_window.valid() => {
+                let w = r.model_last_window;
+                let p = r.persistence_last_window;
+                telemetry::prequential_regression(
+                    w.mae,
+                    w.rmse,
+                    p.valid().then_some((p.mae, p.rmse)),
+                    w.n,
+                );
+            }
+            EvalSummary::Classification(c) if c.model_last_window.valid() => {
+                let w = c.model_last_window;
+                telemetry::prequential_classification(w.top1, w.top3, w.n);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Drops the rows a resumed-from checkpoint already covers (a feed redelivers from its last
+/// commit, which can trail the checkpoint by the commit that a crash cut short).
+fn skip_covered(
+    ckpt: &mut CheckpointCtl,
+    batch: RecordBatch,
+    origins: Vec<RowOrigin>,
+) -> Result<(RecordBatch, Vec<RowOrigin>)> {
+    if ckpt.covered.is_empty() {
+        return Ok((batch, origins));
+    }
+    let keep: Vec<bool> = origins
+        .iter()
+        .map(|o| ckpt.covered.get(&o.source).is_none_or(|&p| o.index >= p))
+        .collect();
+    let dropped = keep.iter().filter(|k| !**k).count();
+    if dropped == 0 {
+        return Ok((batch, origins));
+    }
+    ckpt.already_covered += dropped as u64;
+    let mask = arrow::array::BooleanArray::from(keep.clone());
+    let batch = arrow::compute::filter_record_batch(&batch, &mask)?;
+    let origins = origins
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(o, k)| k.then_some(o))
+        .collect();
+    Ok((batch, origins))
+}
+
+/// The stage driven in-process, as a component test driver would: a list of source events
+/// in, the acknowledgements, sink messages and files it produces captured. No broker, no
+/// Python: the bundled Milan archive is read with the parquet crate.
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{Receiver, channel};
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// The bundled archive as feed-like batches of 1,024 messages of partition `t[0]`.
+    fn milan_events() -> Vec<SourceEvent> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("data/milan/internet_square5161.parquet");
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(path).unwrap(),
+        )
+        .unwrap()
+        .with_batch_size(1024)
+        .build()
+        .unwrap();
+        let mut at = 0u64;
+        reader
+            .map(|b| {
+                let batch = b.unwrap();
+                let origins: Vec<RowOrigin> = (at..at + batch.num_rows() as u64)
+                    .map(|index| RowOrigin {
+                        source: Arc::from("t[0]"),
+                        index,
+                    })
+                    .collect();
+                at += batch.num_rows() as u64;
+                SourceEvent::Batch {
+                    batch,
+                    ack: Some(origins.clone()),
+                    origins,
+                }
+            })
+            .collect()
+    }
+
+    struct Driver {
+        stage: LearnerStage,
+        acks: Receiver<Ack>,
+        /// What the sink stage was told, in order: "rows" or "roll".
+        sink_log: Arc<Mutex<Vec<&'static str>>>,
+        out: tempfile::TempDir,
+    }
+
+    fn driver(out: tempfile::TempDir, sets: &[&str]) -> Driver {
+        let mut o: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        o.push(format!("output.dir=\"{}\"", out.path().display()));
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/milan-replay.toml");
+        let cfg = PipelineConfig::load(&file, &o).unwrap();
+        let schema = Arc::new(Schema::load(&cfg.schema).unwrap());
+        let (ack_tx, acks) = channel();
+        let (sink_tx, sink_rx) = sync_channel::<SinkMsg>(4);
+        let sink_log = Arc::new(Mutex::new(Vec::new()));
+        let log = sink_log.clone();
+        std::thread::spawn(move || {
+            let mut segment = 1;
+            for m in sink_rx {
+                match m {
+                    SinkMsg::Rows(_) => log.lock().unwrap().push("rows"),
+                    SinkMsg::Roll(reply) => {
+                        log.lock().unwrap().push("roll");
+                        segment += 1;
+                        let _ = reply.send(Ok(segment));
+                    }
+                }
+            }
+        });
+        let io = StageIo {
+            ack_tx,
+            last_checkpoint_ms: Arc::new(AtomicU64::new(0)),
+            sink_tx: Some(sink_tx),
+            progress: ProgressBar::hidden(),
+        };
+        let resume = checkpoint::load(&cfg.checkpoint_path()).unwrap();
+        let ckpt = CheckpointCtl::new(&cfg, resume.as_ref());
+        let dead = out.path().join("dead_letters.jsonl");
+        let stage = LearnerStage::new(&cfg, &schema, io, &dead, ckpt, resume).unwrap();
+        Driver {
+            stage,
+            acks,
+            sink_log,
+            out,
+        }
+    }
+
+    const CKPT: [&str; 2] = ["checkpoint.enabled=true", "checkpoint.every_rows=2048"];
+
+    #[test]
+    fn a_checkpoint_rolls_the_sinks_syncs_saves_and_only_then_commits() {
+        let mut d = driver(tempfile::tempdir().unwrap(), &CKPT);
+        let path = d.out.path().join("checkpoint.bin");
+        let mut commits = 0;
+        for (k, ev) in milan_events().into_iter().take(4).enumerate() {
+            d.stage.handle(ev).unwrap();
+            // Every batch is acknowledged as processed; a commit follows a checkpoint only.
+            assert!(matches!(d.acks.try_recv(), Ok(Ack::Processed)));
+            match d.acks.try_recv() {
+                Ok(Ack::Commit(p)) => {
+                    commits += 1;
+                    let saved = checkpoint::load(&path)
+                        .unwrap()
+                        .expect("saved before commit");
+                    assert_eq!(p, vec![(Arc::from("t[0]"), 1024 * (k as u64 + 1))]);
+                    assert_eq!(saved.positions["t[0]"], 1024 * (k as u64 + 1));
+                    // The segment number the roll replied with: the roll came first.
+                    assert_eq!(saved.next_segment, commits + 1);
+                }
+                Ok(Ack::Processed) => panic!("one Processed per batch"),
+                Err(_) => {}
+            }
+        }
+        assert_eq!(commits, 2, "every 2,048 rows");
+        let log = d.sink_log.lock().unwrap().clone();
+        assert_eq!(log.iter().filter(|m| **m == "roll").count(), 2);
+        assert_eq!(
+            log.last(),
+            Some(&"roll"),
+            "rows are sent before the roll that covers them"
+        );
+    }
+
+    #[test]
+    fn a_resumed_stage_skips_covered_rows_and_letters_and_counts_them_once() {
+        let events = milan_events;
+        let mut a = driver(tempfile::tempdir().unwrap(), &CKPT);
+        let bad = || SourceEvent::Unreadable {
+            origin: Arc::from("t[0]"),
+            first_row: 100,
+            rows: 1,
+            reason: "malformed_json".into(),
+            detail: "test".into(),
+        };
+        a.stage.handle(bad()).unwrap();
+        for ev in events().into_iter().take(3) {
+            a.stage.handle(ev).unwrap();
+        }
+        a.stage.finish().unwrap();
+        let seen = a.stage.learner.stats().seen;
+        assert_eq!(a.stage.counters.dead_letters, 1);
+
+        let mut b = driver(a.out, &CKPT);
+        assert_eq!(b.stage.learner.stats().seen, seen, "the learner resumed");
+        b.stage.handle(bad()).unwrap();
+        for ev in events() {
+            b.stage.handle(ev).unwrap();
+        }
+        b.stage.finish().unwrap();
+        assert_eq!(b.stage.ckpt.already_covered, 3 * 1024 + 1);
+        assert_eq!(
+            b.stage.counters.rows_read,
+            8928 + 1,
+            "every row once over both runs"
+        );
+        assert_eq!(
+            b.stage.counters.dead_letters, 1,
+            "the letter is not counted twice"
+        );
+        let letters = std::fs::read_to_string(b.out.path().join("dead_letters.jsonl")).unwrap();
+        assert_eq!(letters.lines().count(), 1);
+    }
+
+    #[test]
+    fn a_non_finite_step_is_skipped_and_counted_not_learned() {
+        let mut d = driver(
+            tempfile::tempdir().unwrap(),
+            &[
+                "training.learning_rate=1e30",
+                "training.max_nonfinite_steps=3",
+            ],
+        );
+        for ev in milan_events().into_iter().take(2) {
+            d.stage.handle(ev).unwrap();
+        }
+        let s = d.stage.learner.stats();
+        assert!(s.nonfinite_steps > 0 && s.restores > 0, "{s:?}");
+        assert!(
+            d.stage.metrics.whole.nonfinite() > 0,
+            "the metrics know it diverged"
+        );
+    }
+}

@@ -1,0 +1,379 @@
+//! The wiring, in one place: source → decode → features → learner → sinks.
+//!
+//! ```text
+//!  source thread ──(bounded: channels.batches)──▶ learner stage ──(bounded: 4)──▶ sink stage
+//!   Parquet replay    ◀──── acks (feeds commit) ──  decode, features,              score file,
+//!   or Kafka group                                  score/select/train/buffer,     output topic
+//!                                                   prequential metrics,
+//!                                                   dead letters, checkpoints
+//!  upkeep ticker: process gauges (energy, memory, checkpoint age) on a timer
+//! ```
+//! Each arrow is a bounded channel: a slow stage blocks the one before it (backpressure)
+//! instead of queueing without limit. [`run`] starts the stages, joins them and hands their
+//! parts to the report; each stage lives in a file of its own.
+
+mod learner_stage;
+mod outputs;
+mod rows;
+mod sink_stage;
+mod upkeep;
+
+pub use rows::{Skipped, decode_rows};
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc::sync_channel;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::mpsc;
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::PipelineConfig;
+use crate::decode::Decoder;
+use crate::energy::EnergyMeter;
+use crate::report::{BufferReport, CheckpointReport, RunReport};
+use crate::schema::{Schema, TimeKind};
+use crate::shutdown::Shutdown;
+use crate::sink::scores::{ScoreSegments, ScoreSink};
+use crate::sink::topic::SampleTopicSink;
+use crate::source::{Ack, SourceConfig, SourceEvent, kafka, parquet};
+use crate::telemetry;
+use crate::validate::RowCheck;
+use learner_stage::{CheckpointCtl, LearnerStage, StageIo};
+use sink_stage::{ScoreOut, SinkMsg, SinkStage};
+
+/// How a run is shown.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+}
+
+/// A running source: rows handed over and rows redelivered (already covered).
+type SourceTask = tokio::task::JoinHandle<Result<(u64, u64)>>;
+
+/// Runs a pipeline to the end of its source (or a shutdown signal) and returns its report,
+/// which is also written to `report.json` in the output folder.
+pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> Result<RunReport> {
+    let started = Instant::now();
+    let cpu_start = cpu_time::ProcessTime::now();
+    let schema = Arc::new(Schema::load(&cfg.schema)?);
+    cfg.validate_with(schema.input_width())?;
+    let meter = Arc::new(Mutex::new(EnergyMeter::start(cfg.energy.clone())));
+    telemetry::build_info(&cfg.name, &cfg.backend_name(), &cfg.importance_name());
+    {
+        let m = meter.lock().expect("meter");
+        telemetry::energy_model(m.source(), &m.parameters());
+    }
+    // Unix ms of the last checkpoint (0: none yet), for the checkpoint-age gauge.
+    let last_checkpoint_ms = Arc::new(AtomicU64::new(0));
+    let ticker = tokio::spawn(upkeep::tick_process_metrics(
+        meter.clone(),
+        cfg.checkpoint.enabled.then(|| last_checkpoint_ms.clone()),
+        started,
+        Duration::from_millis(cfg.telemetry.publish_ms),
+    ));
+    let out_dir = cfg.output_dir();
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let resume = load_resume(&cfg, &schema)?;
+    outputs::clear_stale(&out_dir, resume.is_some())?;
+
+    let (tx, rx) = mpsc::channel::<SourceEvent>(cfg.channels.batches);
+    // Acknowledgements flow back to a feed source: "a batch is processed" (flow control) and
+    // "these positions are durable" (commit them). At most `channels.batches` + 1 batches are
+    // ever unacknowledged.
+    let (ack_tx, ack_rx) = std::sync::mpsc::channel::<Ack>();
+    let mut ckpt = CheckpointCtl::new(&cfg, resume.as_ref());
+    let (source, total) = spawn_source(
+        &cfg,
+        &schema,
+        &shutdown,
+        tx,
+        ack_rx,
+        &mut ckpt,
+        resume.as_ref(),
+    )?;
+
+    let stage = sink_stage(&cfg, &schema, &out_dir, resume.as_ref())?;
+    let sinks_on = stage.is_on();
+    let (sink_tx, sink_rx) = sync_channel::<SinkMsg>(4);
+    let sink = stage.spawn(sink_rx);
+
+    let progress = progress_bar(opts.progress, total);
+    let learn = {
+        let io = StageIo {
+            ack_tx,
+            sink_tx: sinks_on.then_some(sink_tx),
+            progress: progress.clone(),
+            last_checkpoint_ms,
+        };
+        let (cfg, schema) = (cfg.clone(), schema.clone());
+        let dead_path = out_dir.join(outputs::DEAD_LETTERS);
+        tokio::task::spawn_blocking(move || {
+            LearnerStage::new(&cfg, &schema, io, &dead_path, ckpt, resume)?.run(rx)
+        })
+    };
+    let learned = learn.await.context("learner thread panicked")?;
+    let (source_rows, redelivered) = source.await.context("source thread panicked")??;
+    let (written, topic_records) = sink
+        .join()
+        .map_err(|_| anyhow::anyhow!("sink thread panicked"))??;
+    let stage = learned?;
+    progress.finish_and_clear();
+    ticker.abort();
+    let energy = meter.lock().expect("meter").read();
+    telemetry::process(&upkeep::process_view(&energy, 0.0, None));
+    let ends = Ends {
+        started,
+        cpu_s: cpu_start.elapsed().as_secs_f64(),
+        interrupted: shutdown.is_triggered(),
+        source_rows,
+        redelivered,
+        written,
+        topic_records,
+        energy,
+    };
+    let report = build_report(&cfg, &schema, &out_dir, &stage, ends);
+    let report_path = out_dir.join(outputs::REPORT);
+    crate::durable::write_atomic(
+        &report_path,
+        &[serde_json::to_string_pretty(&report)?.as_bytes()],
+    )?;
+    Ok(report)
+}
+
+/// The checkpoint to resume from, if checkpoints are on and one exists for this schema.
+fn load_resume(cfg: &PipelineConfig, schema: &Schema) -> Result<Option<Checkpoint>> {
+    if !cfg.checkpoint.enabled {
+        return Ok(None);
+    }
+    let path = cfg.checkpoint_path();
+    let c = checkpoint::load(&path)?;
+    if let Some(c) = &c {
+        anyhow::ensure!(
+            c.schema == schema.name,
+            "{}: the checkpoint was written for schema `{}`, this pipeline reads `{}`",
+            path.display(),
+            c.schema,
+            schema.name
+        );
+        tracing::info!(checkpoint = %path.display(), samples = c.learner.seen(), positions = ?c.positions, "resuming from checkpoint");
+    }
+    Ok(c)
+}
+
+/// Starts the source on a blocking thread; its row total when known (for the progress bar).
+fn spawn_source(
+    cfg: &PipelineConfig,
+    schema: &Arc<Schema>,
+    shutdown: &Shutdown,
+    tx: mpsc::Sender<SourceEvent>,
+    ack_rx: std::sync::mpsc::Receiver<Ack>,
+    ckpt: &mut CheckpointCtl,
+    resume: Option<&Checkpoint>,
+) -> Result<(SourceTask, Option<u64>)> {
+    let (schema, shutdown) = (schema.clone(), shutdown.clone());
+    match cfg.source.clone() {
+        SourceConfig::Parquet(src) => {
+            let files = src.files(&schema)?;
+            ckpt.files = outputs::same_files_as_checkpoint(&files, resume, &cfg.checkpoint_path())?;
+            let total = src
+                .max_rows
+                .unwrap_or(u64::MAX)
+                .min(parquet::total_rows(&files));
+            tracing::info!(pipeline = %cfg.name, files = files.len(), rows = total, "replaying");
+            let h = tokio::task::spawn_blocking(move || {
+                parquet::replay(&src, &schema, &files, tx, &shutdown).map(|s| (s.rows, 0))
+            });
+            Ok((h, Some(total)))
+        }
+        SourceConfig::Kafka(src) => {
+            tracing::info!(pipeline = %cfg.name, brokers = %src.brokers, topics = ?src.topics, group = %src.group_id, "consuming");
+            let covered = ckpt.covered.clone();
+            let numeric = Decoder::new(schema.clone()).numeric_columns().to_vec();
+            let check = RowCheck::new(schema.clone(), &numeric, cfg.features.out_of_range);
+            let h = tokio::task::spawn_blocking(move || {
+                kafka::consume(&src, schema, tx, ack_rx, covered, &check, &shutdown)
+            });
+            Ok((h, None))
+        }
+    }
+}
+
+/// The sinks `[output]` asks for: the score file (segments when checkpoints are on), the
+/// output topic.
+fn sink_stage(
+    cfg: &PipelineConfig,
+    schema: &Schema,
+    out_dir: &std::path::Path,
+    resume: Option<&Checkpoint>,
+) -> Result<SinkStage> {
+    let timestamps = schema.time.kind == TimeKind::Timestamp;
+    let scores = if !cfg.output.scores {
+        None
+    } else if cfg.checkpoint.enabled {
+        let next = resume.map_or(1, |c| c.next_segment);
+        let dir = out_dir.join(outputs::SCORE_SEGMENTS);
+        Some(ScoreOut::Segments(ScoreSegments::open(
+            &dir, timestamps, next,
+        )?))
+    } else {
+        // Written under a temporary name, renamed when complete.
+        let path = out_dir.join(outputs::SCORES);
+        let sink = ScoreSink::create(&crate::durable::tmp_path(&path), timestamps)?;
+        Some(ScoreOut::File { sink, path })
+    };
+    let topic = match &cfg.output.topic {
+        Some(t) => {
+            let feed = match &cfg.source {
+                SourceConfig::Kafka(k) => Some(k.brokers.clone()),
+                SourceConfig::Parquet(_) => None,
+            };
+            let brokers = t.brokers.clone().or(feed).unwrap_or_default();
+            Some(SampleTopicSink::create(t, &brokers)?)
+        }
+        None => None,
+    };
+    Ok(SinkStage { scores, topic })
+}
+
+fn progress_bar(shown: bool, total: Option<u64>) -> ProgressBar {
+    if !shown {
+        return ProgressBar::hidden();
+    }
+    let pb = match total {
+        Some(t) => ProgressBar::new(t),
+        None => ProgressBar::no_length(),
+    };
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {bar:40} {pos}/{len} rows {per_sec} eta {eta} {msg}",
+        )
+        .expect("static template"),
+    );
+    pb
+}
+
+/// What the stages and the process report at the end of a run.
+struct Ends {
+    started: Instant,
+    cpu_s: f64,
+    interrupted: bool,
+    source_rows: u64,
+    redelivered: u64,
+    written: Option<u64>,
+    topic_records: Option<u64>,
+    energy: crate::energy::EnergyReading,
+}
+
+/// The run report, from the learner stage's state and the other stages' totals.
+fn build_report(
+    cfg: &PipelineConfig,
+    schema: &Schema,
+    out_dir: &std::path::Path,
+    t: &LearnerStage,
+    e: Ends,
+) -> RunReport {
+    let wall_s = e.started.elapsed().as_secs_f64();
+    let stats = t.learner.stats();
+    let buf = t.learner.buffer();
+    let mut files = BTreeMap::new();
+    files.insert(
+        "report".to_string(),
+        out_dir.join(outputs::REPORT).display().to_string(),
+    );
+    if e.written.is_some() {
+        let scores = if cfg.checkpoint.enabled {
+            outputs::SCORE_SEGMENTS
+        } else {
+            outputs::SCORES
+        };
+        files.insert(
+            "scores".to_string(),
+            out_dir.join(scores).display().to_string(),
+        );
+    }
+    if t.dead.letters > 0 || t.counters.dead_letters > 0 {
+        files.insert(
+            "dead_letters".to_string(),
+            t.dead.path().display().to_string(),
+        );
+    }
+    if let Some(topic) = &cfg.output.topic {
+        files.insert("topic".to_string(), topic.topic.clone());
+    }
+    let c = &t.counters;
+    let session_samples = stats.seen - t.seen_at_start;
+    RunReport {
+        pipeline: cfg.name.clone(),
+        pipeline_file: cfg.file.display().to_string(),
+        schema: schema.name.clone(),
+        attribution: schema.attribution.clone(),
+        importance: cfg.importance_name(),
+        keep: cfg.selection.keep,
+        unbiased_q: cfg.selection.unbiased_q,
+        backend: cfg.backend_name(),
+        hidden: cfg.model.hidden.clone(),
+        micro_batch: cfg.training.micro_batch,
+        interrupted: e.interrupted,
+        rows_read: c.rows_read.max(e.source_rows),
+        samples: stats.seen,
+        skipped: c.skipped.clone(),
+        skipped_total: c.skipped.values().sum(),
+        dead_lettered_rows: c.dead_rows,
+        keys_tracked: t.features.tracked_keys(),
+        keys_forgotten: t.features.keys_evicted,
+        values_clipped: t.features.clipped,
+        scored: stats.seen,
+        selected: stats.selected,
+        trained: stats.trained_fresh,
+        trained_fraction: stats.trained_fresh as f64 / stats.seen.max(1) as f64,
+        trained_fraction_after_warmup: c.trained_after_warmup as f64
+            / c.seen_after_warmup.max(1) as f64,
+        replayed: stats.trained_replay,
+        retained: buf.stats.admitted,
+        buffer: BufferReport {
+            policy: format!("{:?}", cfg.buffer.policy).to_lowercase(),
+            len: buf.len(),
+            bytes: buf.bytes(),
+            capacity: cfg.buffer.capacity,
+            max_bytes: cfg.buffer.max_bytes,
+            stats: buf.stats,
+        },
+        backpropagated: stats.backpropagated,
+        training_steps: stats.steps,
+        nonfinite_steps: stats.nonfinite_steps,
+        model_restores: stats.restores,
+        diverged: stats.nonfinite_steps > 0 || t.metrics.whole.nonfinite() > 0,
+        last_train_loss: c.last_loss,
+        metrics: t.metrics.whole.summary(),
+        periods: t.metrics.periods(),
+        compute: t
+            .learner
+            .compute()
+            .with_energy(cfg.energy.joules_per_cpu_second()),
+        selection_policy: cfg.selection.policy.name().to_string(),
+        replay_ratio: cfg.buffer.replay_ratio,
+        replay_sampling: format!("{:?}", cfg.buffer.replay_sampling).to_lowercase(),
+        wall_s,
+        cpu_s: e.cpu_s,
+        samples_per_s: session_samples as f64 / wall_s.max(1e-9),
+        active_s: t.first_rows_at.map_or(0.0, |t| t.elapsed().as_secs_f64()),
+        checkpoint: cfg.checkpoint.enabled.then(|| CheckpointReport {
+            path: cfg.checkpoint_path().display().to_string(),
+            written: t.ckpt.written,
+            last_bytes: t.ckpt.last_bytes,
+            seconds: t.ckpt.seconds,
+            resumed_at_samples: (c.resumes > 0 && t.seen_at_start > 0).then_some(t.seen_at_start),
+            resumes: c.resumes,
+            rows_already_covered: t.ckpt.already_covered + e.redelivered,
+        }),
+        topic_records: e.topic_records,
+        energy: e.energy,
+        outputs: files,
+    }
+}

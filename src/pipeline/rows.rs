@@ -1,0 +1,87 @@
+//! Rows that do not become samples: a batch is decoded and its rows turned into samples,
+//! and every row that is not one is handed on with its reason and origin (shared by the
+//! streaming learner stage and offline training, so both count and dead-letter alike).
+
+use anyhow::Result;
+
+use crate::decode::Decoder;
+use crate::features::{FeatureEngine, Samples};
+use crate::sink::dead_letter::DeadLetter;
+use crate::source::RowOrigin;
+
+/// A row (or a whole batch) that did not become a sample, and why.
+pub struct Skipped<'a> {
+    pub reason: String,
+    pub detail: &'a str,
+    /// Bad input (dead-lettered), not a skip by design such as `lag_warmup`.
+    pub bad_input: bool,
+    pub origin: &'a RowOrigin,
+    pub key: Option<&'a str>,
+    pub time: Option<i64>,
+}
+
+impl Skipped<'_> {
+    /// The dead letter of a skipped row.
+    pub fn letter(&self) -> DeadLetter<'_> {
+        DeadLetter {
+            reason: &self.reason,
+            detail: self.detail,
+            origin: &self.origin.source,
+            row: self.origin.index,
+            rows: 1,
+            key: self.key,
+            time: self.time,
+        }
+    }
+}
+
+/// Decodes a batch and turns its rows into samples appended to `pending`; every row that does
+/// not become one is handed to `skip` (a batch of the wrong shape: each of its rows).
+pub fn decode_rows(
+    decoder: &Decoder,
+    features: &mut FeatureEngine,
+    batch: &arrow::array::RecordBatch,
+    origins: &[RowOrigin],
+    pending: &mut Samples,
+    mut skip: impl FnMut(Skipped<'_>) -> Result<()>,
+) -> Result<()> {
+    let d = match decoder.decode(batch) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(origin = %origins[0].source, row = origins[0].index, error = %e, "batch rejected");
+            for origin in origins {
+                let (reason, detail) = (e.reason.clone(), e.detail.as_str());
+                skip(Skipped {
+                    reason,
+                    detail,
+                    bad_input: true,
+                    origin,
+                    key: None,
+                    time: None,
+                })?;
+            }
+            return Ok(());
+        }
+    };
+    let mut skipped: Vec<(usize, String, bool)> = Vec::new();
+    features.push_batch(&d, origins, pending, |i, reason| {
+        skipped.push((i, reason.label(), reason.is_bad_input()));
+    });
+    for (i, reason, bad_input) in skipped {
+        let key = (!arrow::array::Array::is_null(&d.key, i)).then(|| d.key.value(i));
+        let time = (!arrow::array::Array::is_null(&d.time, i)).then(|| d.time.value(i));
+        let origin = &origins[i];
+        if bad_input {
+            tracing::debug!(origin = %origin.source, row = origin.index, reason = %reason, "row dead-lettered");
+        }
+        skip(Skipped {
+            reason,
+            detail: "row skipped",
+            bad_input,
+            origin,
+            key,
+            time,
+        })?;
+    }
+    Ok(())
+}

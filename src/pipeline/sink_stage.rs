@@ -1,0 +1,109 @@
+//! The sink stage: a thread of its own that writes score rows to the score file (or its
+//! checkpoint-rolled segments) and the output topic. It takes rows from the learner through
+//! a bounded channel (the learner blocks when the sinks fall behind: backpressure) and, on a
+//! `Roll`, makes everything so far durable before the learner writes a checkpoint.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result};
+
+use crate::sink::scores::{ScoreRow, ScoreSegments, ScoreSink};
+use crate::sink::topic::SampleTopicSink;
+
+/// What the sink thread is told.
+pub(super) enum SinkMsg {
+    Rows(Vec<ScoreRow>),
+    /// Make everything sent so far durable; reply with the next score segment number.
+    Roll(SyncSender<Result<u64>>),
+}
+
+/// The per-sample score output: one file (written under its temporary name and renamed
+/// when complete), or segments rolled at each checkpoint.
+pub(super) enum ScoreOut {
+    File { sink: ScoreSink, path: PathBuf },
+    Segments(ScoreSegments),
+}
+
+/// The sinks one run writes to.
+pub(super) struct SinkStage {
+    pub scores: Option<ScoreOut>,
+    pub topic: Option<SampleTopicSink>,
+}
+
+/// Rows written to the score output and records sent to the topic.
+pub(super) type SinkTotals = (Option<u64>, Option<u64>);
+
+impl SinkStage {
+    pub fn is_on(&self) -> bool {
+        self.scores.is_some() || self.topic.is_some()
+    }
+
+    /// Runs the stage on its own thread until the learner drops its sender.
+    pub fn spawn(self, rx: Receiver<SinkMsg>) -> JoinHandle<Result<SinkTotals>> {
+        std::thread::spawn(move || self.run(rx))
+    }
+
+    fn run(mut self, rx: Receiver<SinkMsg>) -> Result<SinkTotals> {
+        for msg in rx {
+            match msg {
+                SinkMsg::Rows(rows) => self.write(&rows)?,
+                SinkMsg::Roll(reply) => {
+                    let done = self.roll();
+                    let failed = done.is_err();
+                    let _ = reply.send(done);
+                    if failed {
+                        anyhow::bail!("a sink could not make its output durable");
+                    }
+                }
+            }
+        }
+        self.finish()
+    }
+
+    fn write(&mut self, rows: &[ScoreRow]) -> Result<()> {
+        match &mut self.scores {
+            Some(ScoreOut::File { sink, .. }) => sink.write(rows)?,
+            Some(ScoreOut::Segments(s)) => s.write(rows)?,
+            None => {}
+        }
+        if let Some(t) = &mut self.topic {
+            t.send(rows)?;
+        }
+        Ok(())
+    }
+
+    fn roll(&mut self) -> Result<u64> {
+        if let Some(t) = &self.topic {
+            t.flush()?;
+        }
+        match &mut self.scores {
+            Some(ScoreOut::Segments(s)) => s.roll(),
+            _ => Ok(0),
+        }
+    }
+
+    fn finish(self) -> Result<SinkTotals> {
+        if let Some(t) = &self.topic {
+            t.flush()?;
+        }
+        let written = match self.scores {
+            Some(ScoreOut::File { sink, path }) => {
+                let rows = sink.finish()?;
+                let tmp = crate::durable::tmp_path(&path);
+                std::fs::rename(&tmp, &path).with_context(|| {
+                    format!("cannot rename {} to {}", tmp.display(), path.display())
+                })?;
+                crate::durable::sync_dir(&path);
+                Some(rows)
+            }
+            Some(ScoreOut::Segments(mut s)) => {
+                s.roll()?;
+                Some(s.rows)
+            }
+            None => None,
+        };
+        Ok((written, self.topic.map(|t| t.records)))
+    }
+}
