@@ -184,15 +184,9 @@ async fn load(
             } => {
                 *a.skipped.entry(reason.clone()).or_default() += rows;
                 a.dead_rows += rows;
-                dead.send(&DeadLetter {
-                    reason: &reason,
-                    detail: &detail,
-                    origin: &origin,
-                    row: first_row,
-                    rows,
-                    key: None,
-                    time: None,
-                })?;
+                dead.send(&DeadLetter::span(
+                    &reason, &detail, &origin, first_row, rows,
+                ))?;
             }
             SourceEvent::Batch { batch, origins, .. } => {
                 let (skipped, dead_rows) = (&mut a.skipped, &mut a.dead_rows);

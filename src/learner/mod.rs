@@ -698,28 +698,37 @@ fn scored_parts(s: &Scored) -> ScoredParts<'_> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn optimiser_steps_leave_parameters_untracked() {
-        let mut l = OnlineLearner::new(LearnerConfig {
+    /// A small regression learner with a FIFO buffer.
+    fn small(
+        importance: ImportanceMethod,
+        replay_ratio: f64,
+        training: TrainingConfig,
+    ) -> OnlineLearner {
+        OnlineLearner::new(LearnerConfig {
             inputs: 4,
             head: Head::Regression,
             model: ModelConfig::default(),
-            importance: ImportanceMethod::Exact,
+            importance,
             selection: SelectionConfig::default(),
             buffer: BufferConfig {
                 policy: buffer::EvictionPolicy::Fifo,
                 capacity: 64,
                 max_bytes: 100_000,
                 decay: 0.999,
-                replay_ratio: 1.0,
+                replay_ratio,
                 replay_sampling: buffer::ReplaySampling::Uniform,
                 rescore_every: 0,
                 rescore_slice: 16,
             },
-            reference_replay_ratio: 1.0,
+            reference_replay_ratio: replay_ratio,
             holdout_every: 10,
-            training: TrainingConfig::default(),
-        });
+            training,
+        })
+    }
+
+    #[test]
+    fn optimiser_steps_leave_parameters_untracked() {
+        let mut l = small(ImportanceMethod::Exact, 1.0, TrainingConfig::default());
         assert!(!l.model.tracks_gradients());
         let keys: Vec<Arc<str>> = (0..8).map(|_| Arc::from("k")).collect();
         let x: Vec<f32> = (0..32).map(|i| i as f32 / 32.0).collect();
@@ -749,31 +758,13 @@ mod tests {
 
     #[test]
     fn a_diverging_learner_skips_non_finite_steps_and_goes_back_to_good_weights() {
-        let mut l = OnlineLearner::new(LearnerConfig {
-            inputs: 4,
-            head: Head::Regression,
-            model: ModelConfig::default(),
-            importance: ImportanceMethod::Loss,
-            selection: SelectionConfig::default(),
-            buffer: BufferConfig {
-                policy: buffer::EvictionPolicy::Fifo,
-                capacity: 64,
-                max_bytes: 100_000,
-                decay: 0.999,
-                replay_ratio: 0.0,
-                replay_sampling: buffer::ReplaySampling::Uniform,
-                rescore_every: 0,
-                rescore_slice: 16,
-            },
-            reference_replay_ratio: 0.0,
-            holdout_every: 10,
-            training: TrainingConfig {
-                micro_batch: 8,
-                learning_rate: 1e30,
-                seed: 1,
-                max_nonfinite_steps: 4,
-            },
-        });
+        let training = TrainingConfig {
+            micro_batch: 8,
+            learning_rate: 1e30,
+            seed: 1,
+            max_nonfinite_steps: 4,
+        };
+        let mut l = small(ImportanceMethod::Loss, 0.0, training);
         let keys: Vec<Arc<str>> = (0..8).map(|_| Arc::from("k")).collect();
         let x: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) / 4.0).collect();
         let y: Vec<f32> = (0..8).map(|i| i as f32).collect();

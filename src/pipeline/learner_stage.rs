@@ -219,18 +219,9 @@ impl LearnerStage {
                 rows,
                 reason,
                 detail,
-            } => {
-                let letter = DeadLetter {
-                    reason: &reason,
-                    detail: &detail,
-                    origin: &origin,
-                    row: first_row,
-                    rows,
-                    key: None,
-                    time: None,
-                };
-                self.unreadable(&letter)
-            }
+            } => self.unreadable(&DeadLetter::span(
+                &reason, &detail, &origin, first_row, rows,
+            )),
             SourceEvent::Batch {
                 batch,
                 origins,

@@ -26,6 +26,22 @@ pub struct DeadLetter<'a> {
     pub time: Option<i64>,
 }
 
+impl<'a> DeadLetter<'a> {
+    /// A letter for rows `row..row + rows` of `origin` that have no single key or time: an
+    /// unreadable file or row group, or a rejected message.
+    pub fn span(reason: &'a str, detail: &'a str, origin: &'a str, row: u64, rows: u64) -> Self {
+        DeadLetter {
+            reason,
+            detail,
+            origin,
+            row,
+            rows,
+            key: None,
+            time: None,
+        }
+    }
+}
+
 /// JSON-lines dead-letter file, created on the first letter.
 pub struct DeadLetterSink {
     path: PathBuf,
