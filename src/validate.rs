@@ -176,3 +176,73 @@ impl RowCheck {
         Ok(Checked { class, clipped })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{
+        ArrayRef, FixedSizeListBuilder, Float32Builder, Float64Array, Int64Array, RecordBatch,
+    };
+
+    use super::*;
+    use crate::decode::Decoder;
+
+    /// Beam rows with these UE latitudes and best beams, under the shipped beam schema.
+    fn beam(ue_lat: &[f64], best: &[i64]) -> (RowCheck, DecodedBatch) {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/deepsense_beam.json");
+        let schema = Arc::new(Schema::load(&path).unwrap());
+        let n = ue_lat.len();
+        let int = |v: i64| Arc::new(Int64Array::from(vec![v; n])) as ArrayRef;
+        let float = |v: f64| Arc::new(Float64Array::from(vec![v; n])) as ArrayRef;
+        let mut power = FixedSizeListBuilder::new(Float32Builder::new(), 64);
+        for _ in 0..n {
+            power.values().append_slice(&[1.0; 64]);
+            power.append(true);
+        }
+        let cols: Vec<(&str, ArrayRef)> = vec![
+            ("scenario", int(1)),
+            ("seq_index", int(1)),
+            (
+                "sample_index",
+                Arc::new(Int64Array::from((0..n as i64).collect::<Vec<_>>())),
+            ),
+            ("bs_lat", float(33.42)),
+            ("bs_lon", float(-111.93)),
+            ("ue_lat", Arc::new(Float64Array::from(ue_lat.to_vec()))),
+            ("ue_lon", float(-111.93)),
+            ("best_beam", Arc::new(Int64Array::from(best.to_vec()))),
+            ("beam_power", Arc::new(power.finish())),
+        ];
+        let dec = Decoder::new(schema.clone());
+        let d = dec
+            .decode(&RecordBatch::try_from_iter(cols).unwrap())
+            .unwrap();
+        (
+            RowCheck::new(schema, dec.numeric_columns(), OutOfRange::DeadLetter),
+            d,
+        )
+    }
+
+    #[test]
+    fn a_latitude_off_the_globe_and_a_beam_past_the_codebook_are_refused() {
+        // Issue 10, defect 6: `ue_lat = 1e300` made the beam model NaN for good.
+        let (check, d) = beam(&[33.4201, 1e300, 33.4202], &[5, 7, 64]);
+        let mut vals = vec![0.0; 6];
+        let got: Vec<Result<Option<i64>, String>> = (0..3)
+            .map(|i| {
+                check
+                    .row(&d, i, &mut vals)
+                    .map(|c| c.class)
+                    .map_err(|r| r.label())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                Ok(Some(5)),
+                Err("out_of_range:ue_lat".into()),
+                Err("bad_class".into())
+            ]
+        );
+    }
+}
