@@ -138,3 +138,39 @@ pub fn load(path: &Path) -> Result<Option<Checkpoint>> {
     })?;
     Ok(Some(ckpt))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flipped_byte_a_cut_file_and_another_format_are_each_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        // Any payload will do for the frame: write one by hand as save() does.
+        let payload = b"not a real checkpoint, but a framed one".to_vec();
+        let frame = |magic: &[u8], payload: &[u8]| {
+            let mut b = magic.to_vec();
+            b.extend(crc32fast::hash(payload).to_le_bytes());
+            b.extend((payload.len() as u64).to_le_bytes());
+            b.extend(payload);
+            b
+        };
+        let err = |bytes: Vec<u8>| {
+            std::fs::write(&path, bytes).unwrap();
+            format!("{:#}", load(&path).err().expect("refused"))
+        };
+        let mut flipped = frame(MAGIC, &payload);
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x01;
+        assert!(err(flipped).contains("damaged"));
+        let mut cut = frame(MAGIC, &payload);
+        cut.truncate(cut.len() - 5);
+        assert!(err(cut).contains("damaged"));
+        assert!(err(frame(b"GSCKPT02", &payload)).contains("another gradsift version"));
+        assert!(err(b"hello".to_vec()).contains("not a gradsift checkpoint"));
+        // A sound frame around a payload of another shape: named, not a panic.
+        assert!(err(frame(MAGIC, &payload)).contains("another version"));
+        assert!(load(&dir.path().join("none.bin")).unwrap().is_none());
+    }
+}

@@ -465,3 +465,80 @@ impl JsonDecoder {
         (batch, good, bad)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::{PayloadFormat, avro_schema, encode_avro};
+
+    fn milan() -> Arc<Schema> {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/milan_internet.json");
+        Arc::new(Schema::load(&path).unwrap())
+    }
+
+    /// The reason each payload is rejected for ("" when it is accepted).
+    fn reasons(d: &JsonDecoder, payloads: &[&[u8]]) -> Vec<String> {
+        let (batch, good, bad) = d.decode(payloads);
+        assert_eq!(batch.num_rows(), good.len());
+        let mut out = vec![String::new(); payloads.len()];
+        for (i, e) in bad {
+            assert!(!e.detail.is_empty(), "every rejection says why");
+            out[i] = e.reason;
+        }
+        out
+    }
+
+    #[test]
+    fn json_rejections_name_their_reason_and_field() {
+        let d = JsonDecoder::new(milan(), 200);
+        let long = format!(
+            r#"{{"square_id": 1, "ts": 1, "internet": 1.0, "pad": "{}"}}"#,
+            "x".repeat(300)
+        );
+        let payloads: Vec<&[u8]> = vec![
+            br#"{"square_id": 1, "ts": 1383951600000000, "internet": 12.5}"#,
+            br#"{"square_id": 1, "ts": "#,
+            b"[1, 2, 3]",
+            br#"{"square_id": 1, "ts": 1}"#,
+            br#"{"square_id": 1, "ts": 1, "internet": "lots"}"#,
+            br#"{"square_id": 1, "ts": 1, "internet": "NaN"}"#,
+            br#"{"square_id": 1, "ts": 1, "internet": null}"#,
+            br#"{"square_id": 1.5, "ts": 1, "internet": 1.0}"#,
+            long.as_bytes(),
+        ];
+        assert_eq!(
+            reasons(&d, &payloads),
+            [
+                "",
+                "malformed_json",
+                "malformed_json",
+                "missing_field:internet",
+                "wrong_type:internet",
+                "non_finite:internet",
+                "null:internet",
+                "wrong_type:square_id",
+                "oversized",
+            ]
+        );
+    }
+
+    #[test]
+    fn avro_rejections_name_their_reason_and_field() {
+        let schema = milan();
+        let d = JsonDecoder::with_format(schema.clone(), 1 << 16, PayloadFormat::Avro);
+        let avro = avro_schema(&schema);
+        let row =
+            |v: serde_json::Value| encode_avro(&avro, &schema, v.as_object().unwrap()).unwrap();
+        let good = row(serde_json::json!({"square_id": 1, "ts": 1, "internet": 3.0}));
+        let null = row(serde_json::json!({"square_id": 1, "ts": 1, "internet": null}));
+        let mut trailing = good.clone();
+        trailing.push(7);
+        let payloads: Vec<&[u8]> = vec![&good, &null, b"{\"json\": true}", &trailing];
+        let got = reasons(&d, &payloads);
+        assert_eq!(got[0], "");
+        assert_eq!(got[1], "null:internet");
+        assert_eq!(got[2], "malformed_avro");
+        assert_eq!(got[3], "malformed_avro", "trailing bytes are refused");
+    }
+}
