@@ -228,3 +228,71 @@ fn a_mixed_folder_is_cast_per_file_and_only_losslessly() {
     assert_eq!(counts[0], 3000 - 144);
     assert!(counts[1] > 2000, "{py}");
 }
+
+#[test]
+fn sigkill_mid_replay_then_resume_writes_every_dead_letter_once_and_whole() {
+    // Issue 10, defect 5, with a real SIGKILL: a paced replay with a bad row every 5 is
+    // killed after its first checkpoints, then resumed to the end.
+    let data = tempfile::tempdir().unwrap();
+    let milan = common::repo().join("data/milan/internet_square5161.parquet");
+    common::python(&format!(
+        "import pyarrow as pa, pyarrow.parquet as pq\n\
+         t = pq.read_table('{m}')\n\
+         v = t['internet'].to_pylist()\n\
+         for i in range(200, len(v), 5): v[i] = float('nan')\n\
+         pq.write_table(t.set_column(2, 'internet', pa.array(v, pa.float64())), '{d}/every50.parquet')\n",
+        m = milan.display(),
+        d = data.path().display()
+    ));
+    let bad_rows = (200..8928).step_by(5).count() as u64;
+    let out = tempfile::tempdir().unwrap();
+    let src = format!("source.path=\"{}/every50.parquet\"", data.path().display());
+    let sets = vec![
+        src.clone(),
+        "checkpoint.enabled=true".to_string(),
+        "checkpoint.every_rows=500".to_string(),
+        "source.batch_size=100".to_string(),
+        "source.pace={ rows_per_second = 1500.0 }".to_string(),
+    ];
+    let (mut child, _log) = common::spawn_run("milan-replay.toml", out.path(), &sets);
+    let ckpt = out.path().join("checkpoint.bin");
+    common::wait_until("two checkpoints", 60, || {
+        checkpoint_positions(&ckpt).is_some_and(|p| p >= 1000)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let killed_at = checkpoint_positions(&ckpt).unwrap();
+    let on_disk =
+        std::fs::read_to_string(out.path().join("dead_letters.jsonl")).unwrap_or_default();
+    println!(
+        "killed with the checkpoint at row {killed_at}: {} bytes, {} lines of dead letters on disk",
+        on_disk.len(),
+        on_disk.lines().count()
+    );
+    assert!(
+        killed_at < 8928,
+        "killed mid-stream (checkpoint at row {killed_at})"
+    );
+    let r = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &[&src, "checkpoint.enabled=true", "checkpoint.every_rows=500"],
+    ));
+    assert_eq!(r.dead_lettered_rows, bad_rows);
+    let l = letters(out.path());
+    let mut rows: Vec<u64> = l.iter().map(|l| l["row"].as_u64().unwrap()).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    assert_eq!(
+        (l.len() as u64, rows.len() as u64),
+        (bad_rows, bad_rows),
+        "each bad row once, every line whole"
+    );
+}
+
+/// The file position a checkpoint on disk covers, if one is there and readable.
+fn checkpoint_positions(path: &std::path::Path) -> Option<u64> {
+    let c = gradsift::checkpoint::load(path).ok()??;
+    c.positions.values().copied().max()
+}
