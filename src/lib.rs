@@ -21,6 +21,7 @@ pub mod offline;
 pub mod payload;
 pub mod pipeline;
 pub mod produce;
+pub mod producer;
 pub mod report;
 pub mod schema;
 pub mod shutdown;

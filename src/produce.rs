@@ -11,15 +11,14 @@ use anyhow::{Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int64Type, TimeUnit};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
+use crate::producer::{DeliveryCount, KafkaProducer};
 use crate::schema::Schema;
 use crate::shutdown::Shutdown;
 use crate::source::SourceEvent;
@@ -35,24 +34,6 @@ pub struct ProduceArgs {
     pub max_rows: Option<u64>,
     pub options: Vec<(String, String)>,
     pub format: crate::payload::PayloadFormat,
-}
-
-/// Counts deliveries that failed after librdkafka's own retries.
-#[derive(Default)]
-pub struct DeliveryCount {
-    pub failed: AtomicU64,
-}
-
-impl ClientContext for DeliveryCount {}
-
-impl ProducerContext for DeliveryCount {
-    type DeliveryOpaque = ();
-    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = r {
-            tracing::error!(error = %e, "message not delivered");
-            self.failed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
 }
 
 /// One column as JSON values, row by row.
@@ -181,7 +162,7 @@ pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
     for (k, v) in &args.options {
         cfg.set(k, v);
     }
-    let producer: ThreadedProducer<DeliveryCount> = cfg
+    let producer: KafkaProducer = cfg
         .create_with_context(DeliveryCount::default())
         .context("cannot create the Kafka producer")?;
     let key_col = args.schema.key.clone();
@@ -203,17 +184,7 @@ pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
                 if let Some(k) = &key {
                     rec = rec.key(k);
                 }
-                loop {
-                    match producer.send(rec) {
-                        Ok(()) => break,
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                            // Backpressure from librdkafka's queue: wait for deliveries.
-                            rec = r;
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err((e, _)) => return Err(e).context("produce failed"),
-                    }
-                }
+                crate::producer::send(&producer, rec).context("produce failed")?;
                 sent += 1;
             }
         }

@@ -11,12 +11,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use serde::{Deserialize, Serialize};
 
 use super::scores::ScoreRow;
-use crate::produce::DeliveryCount;
+use crate::producer::DeliveryCount;
 
 /// `[output.topic]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,18 +84,8 @@ impl SampleTopicSink {
                 source: &r.source,
                 position: r.position,
             })?;
-            let mut rec = BaseRecord::to(&self.topic).key(&*r.key).payload(&value);
-            loop {
-                match self.producer.send(rec) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        // librdkafka's queue is full: wait for deliveries (backpressure).
-                        rec = back;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err((e, _)) => return Err(e).context("cannot queue an output record"),
-                }
-            }
+            let rec = BaseRecord::to(&self.topic).key(&*r.key).payload(&value);
+            crate::producer::send(&self.producer, rec).context("cannot queue an output record")?;
             self.records += 1;
         }
         Ok(())

@@ -23,9 +23,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::statistics::Statistics;
-use rdkafka::types::RDKafkaErrorCode;
 
-use crate::produce::DeliveryCount;
+use crate::producer::DeliveryCount;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -556,20 +555,9 @@ pub fn consume(
                 if let Some(k) = key {
                     rec = rec.key(k);
                 }
-                loop {
-                    match p.send(rec) {
-                        Ok(()) => break,
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                            // librdkafka's queue is full: wait for deliveries (backpressure).
-                            rec = back;
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err((err, _)) => {
-                            tracing::error!(error = %err, "cannot queue a dead letter");
-                            p.context().failed.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                    }
+                if let Err(err) = crate::producer::send(p, rec) {
+                    tracing::error!(error = %err, "cannot queue a dead letter");
+                    p.context().failed.fetch_add(1, Ordering::Relaxed);
                 }
             }
             let ev = SourceEvent::Unreadable {
