@@ -102,17 +102,11 @@ fn unreadable_files_and_row_groups_are_dead_lettered_and_the_replay_goes_on() {
 
 /// The Milan archive with NaN targets at rows 300..310 and 5000..5010, written by pyarrow.
 fn milan_with_nans(dir: &std::path::Path) -> String {
-    let milan = common::repo().join("data/milan/internet_square5161.parquet");
-    common::python(&format!(
-        "import pyarrow as pa, pyarrow.parquet as pq\n\
-         t = pq.read_table('{m}')\n\
-         v = t['internet'].to_pylist()\n\
-         for i in list(range(300, 310)) + list(range(5000, 5010)): v[i] = float('nan')\n\
-         pq.write_table(t.set_column(2, 'internet', pa.array(v, pa.float64())), '{d}/nans.parquet')\n",
-        m = milan.display(),
-        d = dir.display()
-    ));
-    format!("source.path=\"{}/nans.parquet\"", dir.display())
+    common::milan_edited(
+        dir,
+        "nans",
+        "for i in list(range(300, 310)) + list(range(5000, 5010)): v[i] = float('nan')",
+    )
 }
 
 #[test]
@@ -234,19 +228,13 @@ fn sigkill_mid_replay_then_resume_writes_every_dead_letter_once_and_whole() {
     // Issue 10, defect 5, with a real SIGKILL: a paced replay with a bad row every 5 is
     // killed after its first checkpoints, then resumed to the end.
     let data = tempfile::tempdir().unwrap();
-    let milan = common::repo().join("data/milan/internet_square5161.parquet");
-    common::python(&format!(
-        "import pyarrow as pa, pyarrow.parquet as pq\n\
-         t = pq.read_table('{m}')\n\
-         v = t['internet'].to_pylist()\n\
-         for i in range(200, len(v), 5): v[i] = float('nan')\n\
-         pq.write_table(t.set_column(2, 'internet', pa.array(v, pa.float64())), '{d}/every50.parquet')\n",
-        m = milan.display(),
-        d = data.path().display()
-    ));
+    let src = common::milan_edited(
+        data.path(),
+        "every5",
+        "for i in range(200, len(v), 5): v[i] = float('nan')",
+    );
     let bad_rows = (200..8928).step_by(5).count() as u64;
     let out = tempfile::tempdir().unwrap();
-    let src = format!("source.path=\"{}/every50.parquet\"", data.path().display());
     let sets = vec![
         src.clone(),
         "checkpoint.enabled=true".to_string(),

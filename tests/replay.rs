@@ -471,20 +471,9 @@ fn an_absurd_value_is_dead_lettered_and_does_not_ruin_the_model() {
     // Issue 10, defect 6: one `internet = 1.7e308` row took the last-window MAE from 66 to
     // 61 M for the rest of the stream. The schema declares internet in [0, 1e7].
     let dir = tempfile::tempdir().unwrap();
-    let milan = common::repo().join("data/milan/internet_square5161.parquet");
-    common::python(&format!(
-        "import pyarrow as pa, pyarrow.parquet as pq\n\
-         t = pq.read_table('{m}')\n\
-         v = t['internet'].to_pylist()\n\
-         v[3000] = 1.7e308\n\
-         v[3001] = -12.0\n\
-         pq.write_table(t.set_column(2, 'internet', pa.array(v, pa.float64())), '{d}/bad.parquet')\n",
-        m = milan.display(),
-        d = dir.path().display()
-    ));
+    let src = common::milan_edited(dir.path(), "bad", "v[3000] = 1.7e308\nv[3001] = -12.0");
     let (clean_out, bad_out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let clean = common::run(common::pipeline("milan-replay.toml", clean_out.path(), &[]));
-    let src = format!("source.path=\"{}/bad.parquet\"", dir.path().display());
     let bad = common::run(common::pipeline(
         "milan-replay.toml",
         bad_out.path(),

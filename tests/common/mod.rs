@@ -70,6 +70,22 @@ pub fn python(script: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The bundled Milan archive with its `internet` values edited by `edits` (Python lines on
+/// the list `v`), written by pyarrow to `dir/name.parquet`; returns the `source.path` override.
+pub fn milan_edited(dir: &Path, name: &str, edits: &str) -> String {
+    let milan = repo().join("data/milan/internet_square5161.parquet");
+    python(&format!(
+        "import pyarrow as pa, pyarrow.parquet as pq\n\
+         t = pq.read_table('{m}')\n\
+         v = t['internet'].to_pylist()\n\
+         {edits}\n\
+         pq.write_table(t.set_column(2, 'internet', pa.array(v, pa.float64())), '{d}/{name}.parquet')\n",
+        m = milan.display(),
+        d = dir.display()
+    ));
+    format!("source.path=\"{}/{name}.parquet\"", dir.display())
+}
+
 /// The first `n` feature rows of a Parquet file under a bundled schema.
 pub fn feature_rows(schema_name: &str, file: &Path, n: usize) -> (Samples, usize, Arc<Schema>) {
     let schema = Arc::new(
