@@ -88,8 +88,9 @@ impl CheckpointCtl {
 
 /// The stage's channels to the rest of the pipeline.
 pub(crate) struct StageIo {
-    /// To a feed source: batches processed, positions to commit.
-    pub ack_tx: Sender<Ack>,
+    /// To a feed source: batches processed, positions to commit. Dropped by `finish`: a
+    /// source drains acknowledgements until this hangs up.
+    pub ack_tx: Option<Sender<Ack>>,
     /// Unix ms of the last checkpoint, read by the upkeep ticker.
     pub last_checkpoint_ms: Arc<AtomicU64>,
     pub sink_tx: Option<SyncSender<SinkMsg>>,
@@ -293,10 +294,10 @@ impl LearnerStage {
             // A feed commits what it is acknowledged: nothing of this batch may wait in a
             // partial micro-batch, so train the remainder now.
             self.step_pending(self.pending.len())?;
-            let _ = self.io.ack_tx.send(Ack::Processed);
+            self.ack(Ack::Processed);
             if self.ckpt.path.is_none() {
                 // No checkpoints: processed is as durable as it gets.
-                let _ = self.io.ack_tx.send(Ack::Commit(self.commit_positions()));
+                self.ack(Ack::Commit(self.commit_positions()));
             }
         }
         if self.ckpt.due() {
@@ -432,7 +433,7 @@ impl LearnerStage {
             counters: self.counters.clone(),
         };
         let bytes = checkpoint::save(&path, &ckpt)?;
-        let _ = self.io.ack_tx.send(Ack::Commit(self.commit_positions()));
+        self.ack(Ack::Commit(self.commit_positions()));
         let seconds = t0.elapsed().as_secs_f64();
         self.io
             .last_checkpoint_ms
@@ -469,9 +470,18 @@ impl LearnerStage {
             );
         }
         self.publish_metrics();
-        // The sink stage ends when its last sender is gone: this stage outlives the run.
+        // The sink stage ends when its last sender is gone, and a feed source stops draining
+        // acknowledgements when this one is: this stage outlives the run, so hang up now.
         self.io.sink_tx = None;
+        self.io.ack_tx = None;
         self.dead.finish()
+    }
+
+    /// To the source; a source that is gone has nothing left to commit.
+    fn ack(&self, a: Ack) {
+        if let Some(tx) = &self.io.ack_tx {
+            let _ = tx.send(a);
+        }
     }
 
     fn commit_positions(&self) -> Vec<(Arc<str>, u64)> {
@@ -656,7 +666,7 @@ mod tests {
             }
         });
         let io = StageIo {
-            ack_tx,
+            ack_tx: Some(ack_tx),
             last_checkpoint_ms: Arc::new(AtomicU64::new(0)),
             sink_tx: Some(sink_tx),
             progress: ProgressBar::hidden(),
@@ -706,6 +716,29 @@ mod tests {
             log.last(),
             Some(&"roll"),
             "rows are sent before the roll that covers them"
+        );
+    }
+
+    /// A feed source drains acknowledgements until the stage hangs up: a stage that kept
+    /// its sender after `finish` held every Kafka run with `stop_at_end` for two minutes.
+    #[test]
+    fn finish_sends_the_last_commit_then_hangs_up() {
+        let mut d = driver(tempfile::tempdir().unwrap(), &CKPT);
+        for ev in milan_events().into_iter().take(3) {
+            d.stage.handle(ev).unwrap();
+        }
+        d.stage.finish().unwrap();
+        let acks: Vec<Ack> = std::iter::from_fn(|| d.acks.try_recv().ok()).collect();
+        assert!(
+            matches!(acks.last(), Some(Ack::Commit(p)) if p == &vec![(Arc::from("t[0]"), 3 * 1024)]),
+            "the final checkpoint's positions are committed last"
+        );
+        assert!(
+            matches!(
+                d.acks.try_recv(),
+                Err(std::sync::mpsc::TryRecvError::Disconnected)
+            ),
+            "the source sees the stage hang up while the stage itself lives on"
         );
     }
 

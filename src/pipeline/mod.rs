@@ -106,7 +106,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let progress = progress_bar(opts.progress, total);
     let learn = {
         let io = StageIo {
-            ack_tx,
+            ack_tx: Some(ack_tx),
             sink_tx: sinks_on.then_some(sink_tx),
             progress: progress.clone(),
             last_checkpoint_ms,
