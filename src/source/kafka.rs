@@ -68,6 +68,10 @@ pub struct KafkaSourceConfig {
     /// Stop once every assigned partition has reached its end (replays and tests).
     #[serde(default)]
     pub stop_at_end: bool,
+    /// A partition silent this long while the broker holds messages past its next offset is
+    /// reported and sought back (see `StallWatch`).
+    #[serde(default = "default_stall_after")]
+    pub stall_after_ms: u64,
     /// Passed to librdkafka as they are.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -78,6 +82,9 @@ fn default_batch() -> usize {
 }
 fn default_timeout() -> u64 {
     100
+}
+fn default_stall_after() -> u64 {
+    30_000
 }
 fn default_max_message() -> usize {
     64 * 1024
@@ -90,6 +97,13 @@ impl KafkaSourceConfig {
                 "source.topics".into(),
                 "at least one topic".into(),
                 "[]".into(),
+            ));
+        }
+        if self.stall_after_ms < 1000 {
+            return Err((
+                "source.stall_after_ms".into(),
+                "at least 1000 ms (a shorter silence is normal between fetches)".into(),
+                self.stall_after_ms.to_string(),
             ));
         }
         if self.batch_size == 0 {
@@ -148,6 +162,39 @@ struct Polled {
     topic: String,
     partition: i32,
     offset: i64,
+}
+
+impl Polled {
+    /// The message, copied out of librdkafka's buffer.
+    fn copy(
+        names: &mut HashMap<(String, i32), Arc<str>>,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Polled {
+        let source = names
+            .entry((m.topic().to_string(), m.partition()))
+            .or_insert_with(|| source_name(m.topic(), m.partition()))
+            .clone();
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Polled {
+            value: m.payload().unwrap_or_default().to_vec(),
+            key: m.key().map(<[u8]>::to_vec),
+            headers,
+            origin: RowOrigin {
+                source,
+                index: m.offset() as u64,
+            },
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+        }
+    }
 }
 
 /// Runs the row checks on the decoded messages (the same checks the feature stage runs on
@@ -211,6 +258,17 @@ pub struct GroupMember {
     start: std::sync::Mutex<HashMap<(String, i32), i64>>,
     /// Bumped at every assignment, so the consume loop re-checks each partition's start.
     generation: std::sync::atomic::AtomicU64,
+}
+
+impl GroupMember {
+    /// The partition's committed offset at its last assignment.
+    fn committed(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.start
+            .lock()
+            .expect("start offsets")
+            .get(&(topic.to_string(), partition))
+            .copied()
+    }
 }
 
 impl ClientContext for GroupMember {
@@ -318,7 +376,7 @@ impl StartCheck {
         consumer: &BaseConsumer<GroupMember>,
         handed: &mut HashMap<Arc<str>, u64>,
         source: &Arc<str>,
-        m: &rdkafka::message::BorrowedMessage<'_>,
+        m: &Polled,
     ) -> bool {
         let generation = consumer.context().generation.load(Ordering::Relaxed);
         if generation != self.generation {
@@ -329,38 +387,144 @@ impl StartCheck {
         if self.settled.contains(source) {
             return false;
         }
-        let start = consumer
-            .context()
-            .start
-            .lock()
-            .expect("start offsets")
-            .get(&(m.topic().to_string(), m.partition()))
-            .copied();
+        let start = consumer.context().committed(&m.topic, m.partition);
         let tries = self.tries.get(source).copied().unwrap_or(0);
         match start {
-            Some(start) if m.offset() > start && tries < MAX_SEEK_BACKS => {
+            Some(start) if m.offset > start && tries < MAX_SEEK_BACKS => {
                 let back = start - (BATCH_STEP << tries).min(start);
-                tracing::warn!(partition = %source, committed = start, got = m.offset(), seek_to = back, "fetch began past the committed offset; seeking back");
+                tracing::warn!(partition = %source, committed = start, got = m.offset, seek_to = back, "fetch began past the committed offset; seeking back");
                 let h = handed.entry(source.clone()).or_insert(0);
                 *h = (*h).max(start as u64);
-                if let Err(e) = consumer.seek(
-                    m.topic(),
-                    m.partition(),
-                    Offset::Offset(back),
-                    Duration::from_secs(10),
-                ) {
-                    tracing::warn!(error = %e, "seek failed");
-                }
+                seek(consumer, &m.topic, m.partition, back);
                 self.tries.insert(source.clone(), tries + 1);
                 return true;
             }
-            Some(start) if m.offset() > start => {
-                tracing::error!(partition = %source, committed = start, got = m.offset(), "offsets between the committed one and the first fetched are not on the broker");
+            Some(start) if m.offset > start => {
+                tracing::error!(partition = %source, committed = start, got = m.offset, "offsets between the committed one and the first fetched are not on the broker");
             }
             _ => {}
         }
         self.settled.insert(source.clone());
         false
+    }
+}
+
+fn seek(consumer: &BaseConsumer<GroupMember>, topic: &str, partition: i32, offset: i64) {
+    if let Err(e) = consumer.seek(
+        topic,
+        partition,
+        Offset::Offset(offset),
+        Duration::from_secs(10),
+    ) {
+        tracing::warn!(error = %e, topic, partition, offset, "seek failed");
+    }
+}
+
+/// Assigned partitions that make no progress while their next offset is not the broker's
+/// high watermark. Tansu 0.6 serves nothing to a fetch from inside the *last* stored record
+/// batch and reports a high watermark short of the partition's end (measured: group offset
+/// 8,900 of 8,928, high watermark 6,117, and the fetch idled for minutes with no error, while
+/// librdkafka's mock cluster served the 28 messages at once); `StartCheck` cannot help, as no
+/// message ever arrives. A partition silent for `stall_after_ms` whose high watermark is not
+/// its next offset is reported, and the source seeks back before both (further each time) so
+/// that the fetch begins at a batch boundary; what comes before the needed offset is skipped
+/// as already handed. A partition that is merely idle (next offset at the high watermark) is
+/// left alone.
+struct StallWatch {
+    after: Duration,
+    /// Per source: the last message, or when the watch first saw the partition silent.
+    heard: HashMap<Arc<str>, Instant>,
+    /// Seek-backs made per source since its last message.
+    tries: HashMap<Arc<str>, u32>,
+    last_look: Instant,
+    generation: u64,
+}
+
+impl StallWatch {
+    fn new(after: Duration) -> Self {
+        StallWatch {
+            after,
+            heard: HashMap::new(),
+            tries: HashMap::new(),
+            last_look: Instant::now(),
+            generation: 0,
+        }
+    }
+
+    fn progress(&mut self, source: &Arc<str>) {
+        self.heard.insert(source.clone(), Instant::now());
+        self.tries.remove(source);
+    }
+
+    /// Looks at the silent partitions (at most four times per `after`).
+    fn check(
+        &mut self,
+        consumer: &BaseConsumer<GroupMember>,
+        handed: &mut HashMap<Arc<str>, u64>,
+        names: &HashMap<(String, i32), Arc<str>>,
+        at_end: &HashMap<i32, bool>,
+    ) {
+        if self.last_look.elapsed() < (self.after / 4).max(Duration::from_millis(250)) {
+            return;
+        }
+        self.last_look = Instant::now();
+        let generation = consumer.context().generation.load(Ordering::Relaxed);
+        if generation != self.generation {
+            // A new assignment: every partition starts with a clean slate.
+            self.generation = generation;
+            self.heard.clear();
+            self.tries.clear();
+        }
+        let Ok(assigned) = consumer.assignment() else {
+            return;
+        };
+        for e in assigned.elements() {
+            let (topic, partition) = (e.topic(), e.partition());
+            if at_end.get(&partition) == Some(&true) {
+                continue;
+            }
+            let source = names
+                .get(&(topic.to_string(), partition))
+                .cloned()
+                .unwrap_or_else(|| source_name(topic, partition));
+            let heard = *self
+                .heard
+                .entry(source.clone())
+                .or_insert_with(Instant::now);
+            if heard.elapsed() < self.after {
+                continue;
+            }
+            self.heard.insert(source.clone(), Instant::now());
+            let Ok((low, high)) =
+                consumer.fetch_watermarks(topic, partition, Duration::from_secs(5))
+            else {
+                continue;
+            };
+            let next = handed
+                .get(&source)
+                .map(|&h| h as i64)
+                .or_else(|| consumer.context().committed(topic, partition))
+                .unwrap_or(low);
+            if high == next {
+                // Idle: nothing to fetch.
+                continue;
+            }
+            let tries = self.tries.get(&source).copied().unwrap_or(0);
+            let silent_s = heard.elapsed().as_secs();
+            if tries >= MAX_SEEK_BACKS {
+                tracing::warn!(partition = %source, next, high_watermark = high, silent_s, "partition makes no progress while its next offset is not the broker's high watermark, after {MAX_SEEK_BACKS} seek-backs");
+                continue;
+            }
+            // Below both: a high watermark under the next offset is as wrong as one above it
+            // (Tansu 0.6 reports one short of the end), and the fetch must begin before it.
+            let base = next.min(high);
+            let back = base - (BATCH_STEP << tries).min(base);
+            tracing::warn!(partition = %source, next, high_watermark = high, silent_s, seek_to = back, "partition makes no progress while its next offset is not the broker's high watermark; seeking back so that the fetch starts at a record-batch boundary (Tansu 0.6 serves nothing from inside the last record batch and reports a high watermark short of the partition's end)");
+            let h = handed.entry(source.clone()).or_insert(0);
+            *h = (*h).max(next as u64);
+            seek(consumer, topic, partition, back);
+            self.tries.insert(source, tries + 1);
+        }
     }
 }
 
@@ -377,245 +541,306 @@ pub fn consume(
     schema: Arc<Schema>,
     tx: mpsc::Sender<SourceEvent>,
     acks: std::sync::mpsc::Receiver<Ack>,
-    mut handed: HashMap<Arc<str>, u64>,
+    handed: HashMap<Arc<str>, u64>,
     check: &RowCheck,
     shutdown: &Shutdown,
 ) -> Result<(u64, u64)> {
-    let mut client = cfg.client();
-    if !cfg.options.contains_key("statistics.interval.ms") {
-        // Lag per partition comes from librdkafka's statistics.
-        client.set("statistics.interval.ms", "5000");
-    }
-    if let Some(id) = &cfg.instance_id {
-        client.set("group.instance.id", id);
-    }
-    let consumer: BaseConsumer<GroupMember> = client
-        .set("group.id", &cfg.group_id)
-        .set("enable.auto.commit", "false")
-        // Offsets are stored and committed by us, for processed messages only.
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .create_with_context(GroupMember::default())
-        .context("cannot create the Kafka consumer")?;
-    let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics).context("cannot subscribe")?;
-    let dlq: Option<ThreadedProducer<DeliveryCount>> = match &cfg.dead_letter_topic {
-        Some(_) => Some(
-            cfg.producer_client()
-                .create_with_context(DeliveryCount::default())
-                .context("cannot create the dead-letter producer")?,
-        ),
-        None => None,
-    };
-    let row_decoder = Decoder::new(schema.clone());
-    let decoder = JsonDecoder::with_format(schema, cfg.max_message_bytes, cfg.format);
-    let mut names: HashMap<(String, i32), Arc<str>> = HashMap::new();
-    // Partition → drained (end-of-partition seen after its last message). librdkafka's EOF
-    // names the partition only, so `stop_at_end` is meant for single-topic replays.
-    let mut at_end: HashMap<i32, bool> = HashMap::new();
-    let mut rows = 0u64;
-    let mut redelivered = 0u64;
-    let mut backoff = Duration::from_millis(100);
-    let mut in_flight = 0usize;
-    let mut done: Done = HashMap::new();
-    let mut starts = StartCheck::default();
-    while !shutdown.is_triggered() {
-        // Commit what the learner has made durable.
-        while let Ok(ack) = acks.try_recv() {
-            match ack {
-                Ack::Processed => in_flight -= 1,
-                Ack::Commit(p) => commit(&consumer, dlq.as_ref(), &mut done, &p, CommitMode::Async),
-            }
+    KafkaSource::connect(cfg, schema, handed)?.run(tx, acks, check, shutdown)
+}
+
+/// The consumer thread's state: the group member, the dead-letter producer, what was
+/// handed to the learner and what it has made durable.
+struct KafkaSource<'a> {
+    cfg: &'a KafkaSourceConfig,
+    consumer: BaseConsumer<GroupMember>,
+    dlq: Option<ThreadedProducer<DeliveryCount>>,
+    row_decoder: Decoder,
+    decoder: JsonDecoder,
+    names: HashMap<(String, i32), Arc<str>>,
+    /// Per source, the offset after the last message handed on (or skipped as covered).
+    handed: HashMap<Arc<str>, u64>,
+    /// Partition → drained (end-of-partition seen after its last message). librdkafka's EOF
+    /// names the partition only, so `stop_at_end` is meant for single-topic replays.
+    at_end: HashMap<i32, bool>,
+    rows: u64,
+    redelivered: u64,
+    backoff: Duration,
+    /// Batches handed to the learner and not yet acknowledged as processed.
+    in_flight: usize,
+    done: Done,
+    starts: StartCheck,
+    stalls: StallWatch,
+}
+
+impl<'a> KafkaSource<'a> {
+    fn connect(
+        cfg: &'a KafkaSourceConfig,
+        schema: Arc<Schema>,
+        handed: HashMap<Arc<str>, u64>,
+    ) -> Result<Self> {
+        let mut client = cfg.client();
+        if !cfg.options.contains_key("statistics.interval.ms") {
+            // Lag per partition comes from librdkafka's statistics.
+            client.set("statistics.interval.ms", "5000");
         }
-        let deadline = Instant::now() + Duration::from_millis(cfg.batch_timeout_ms);
-        let mut payloads: Vec<Polled> = Vec::new();
-        while payloads.len() < cfg.batch_size {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match consumer.poll(left.max(Duration::from_millis(1))) {
-                None => break,
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    at_end.insert(p, true);
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "Kafka consumer error; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+        if let Some(id) = &cfg.instance_id {
+            client.set("group.instance.id", id);
+        }
+        let consumer: BaseConsumer<GroupMember> = client
+            .set("group.id", &cfg.group_id)
+            .set("enable.auto.commit", "false")
+            // Offsets are stored and committed by us, for processed messages only.
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create_with_context(GroupMember::default())
+            .context("cannot create the Kafka consumer")?;
+        let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).context("cannot subscribe")?;
+        let dlq = match &cfg.dead_letter_topic {
+            Some(_) => Some(
+                cfg.producer_client()
+                    .create_with_context(DeliveryCount::default())
+                    .context("cannot create the dead-letter producer")?,
+            ),
+            None => None,
+        };
+        Ok(KafkaSource {
+            cfg,
+            consumer,
+            dlq,
+            row_decoder: Decoder::new(schema.clone()),
+            decoder: JsonDecoder::with_format(schema, cfg.max_message_bytes, cfg.format),
+            names: HashMap::new(),
+            handed,
+            at_end: HashMap::new(),
+            rows: 0,
+            redelivered: 0,
+            backoff: Duration::from_millis(100),
+            in_flight: 0,
+            done: HashMap::new(),
+            starts: StartCheck::default(),
+            stalls: StallWatch::new(Duration::from_millis(cfg.stall_after_ms)),
+        })
+    }
+
+    fn run(
+        mut self,
+        tx: mpsc::Sender<SourceEvent>,
+        acks: std::sync::mpsc::Receiver<Ack>,
+        check: &RowCheck,
+        shutdown: &Shutdown,
+    ) -> Result<(u64, u64)> {
+        while !shutdown.is_triggered() {
+            // Commit what the learner has made durable.
+            while let Ok(ack) = acks.try_recv() {
+                self.take(ack);
+            }
+            let payloads = self.poll_batch();
+            self.stalls
+                .check(&self.consumer, &mut self.handed, &self.names, &self.at_end);
+            if payloads.is_empty() {
+                if self.cfg.stop_at_end && self.in_flight == 0 && self.drained() {
                     break;
                 }
-                Some(Ok(m)) => {
-                    backoff = Duration::from_millis(100);
-                    let key = (m.topic().to_string(), m.partition());
-                    at_end.insert(m.partition(), false);
-                    let source = names
-                        .entry(key)
-                        .or_insert_with(|| source_name(m.topic(), m.partition()))
-                        .clone();
-                    if starts.sought_back(&consumer, &mut handed, &source, &m) {
-                        continue;
-                    }
-                    let next = handed.entry(source.clone()).or_insert(0);
-                    if (m.offset() as u64) < *next {
-                        // Already with this process: in the checkpoint it resumed from (whose
-                        // commit a crash cut short), or handed to the learner before a
-                        // rebalance or broker restart rewound the partition to its last
-                        // commit. The model must not learn it twice.
-                        redelivered += 1;
-                        telemetry::rows_already_covered("kafka", 1);
-                        continue;
-                    }
-                    *next = m.offset() as u64 + 1;
-                    let origin = RowOrigin {
-                        source,
-                        index: m.offset() as u64,
-                    };
-                    let headers = m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec)))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    payloads.push(Polled {
-                        value: m.payload().unwrap_or_default().to_vec(),
-                        key: m.key().map(<[u8]>::to_vec),
-                        headers,
-                        origin,
-                        topic: m.topic().to_string(),
-                        partition: m.partition(),
-                        offset: m.offset(),
-                    });
+                continue;
+            }
+            if !self.hand_over(payloads, &tx, check) {
+                break;
+            }
+        }
+        self.drain(tx, acks);
+        Ok((self.rows, self.redelivered))
+    }
+
+    fn take(&mut self, ack: Ack) {
+        match ack {
+            Ack::Processed => self.in_flight = self.in_flight.saturating_sub(1),
+            Ack::Commit(p) => commit(
+                &self.consumer,
+                self.dlq.as_ref(),
+                &mut self.done,
+                &p,
+                CommitMode::Async,
+            ),
+        }
+    }
+
+    /// Up to `batch_size` new messages, waiting at most `batch_timeout_ms`.
+    fn poll_batch(&mut self) -> Vec<Polled> {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.batch_timeout_ms);
+        let mut payloads: Vec<Polled> = Vec::new();
+        while payloads.len() < self.cfg.batch_size {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let polled = match self.consumer.poll(left.max(Duration::from_millis(1))) {
+                None => break,
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    self.at_end.insert(p, true);
+                    None
                 }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, backoff_ms = self.backoff.as_millis() as u64, "Kafka consumer error; retrying");
+                    std::thread::sleep(self.backoff);
+                    self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                    break;
+                }
+                Some(Ok(m)) => Some(Polled::copy(&mut self.names, &m)),
+            };
+            if let Some(p) = polled.and_then(|p| self.accept(p)) {
+                payloads.push(p);
             }
             if Instant::now() >= deadline {
                 break;
             }
         }
-        if payloads.is_empty() {
-            if cfg.stop_at_end && in_flight == 0 {
-                let assigned = consumer
-                    .assignment()
-                    .map(|a| {
-                        a.elements()
-                            .iter()
-                            .map(|e| e.partition())
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default();
-                if !assigned.is_empty() && assigned.iter().all(|p| at_end.get(p) == Some(&true)) {
-                    break;
-                }
-            }
-            continue;
+        payloads
+    }
+
+    /// The message if it is new to this process; None when it must be skipped.
+    fn accept(&mut self, p: Polled) -> Option<Polled> {
+        self.backoff = Duration::from_millis(100);
+        self.at_end.insert(p.partition, false);
+        self.stalls.progress(&p.origin.source);
+        let source = &p.origin.source;
+        if self
+            .starts
+            .sought_back(&self.consumer, &mut self.handed, source, &p)
+        {
+            return None;
         }
+        let next = self.handed.entry(source.clone()).or_insert(0);
+        if (p.offset as u64) < *next {
+            // Already with this process: in the checkpoint it resumed from (whose commit a
+            // crash cut short), or handed to the learner before a rebalance or broker restart
+            // rewound the partition to its last commit. The model must not learn it twice.
+            self.redelivered += 1;
+            telemetry::rows_already_covered("kafka", 1);
+            return None;
+        }
+        *next = p.offset as u64 + 1;
+        Some(p)
+    }
+
+    /// Every assigned partition has reported its end since its last message.
+    fn drained(&self) -> bool {
+        let assigned: Vec<i32> = self
+            .consumer
+            .assignment()
+            .map(|a| a.elements().iter().map(|e| e.partition()).collect())
+            .unwrap_or_default();
+        !assigned.is_empty() && assigned.iter().all(|p| self.at_end.get(p) == Some(&true))
+    }
+
+    /// Decodes and checks the messages, dead-letters the bad ones and hands the batch to the
+    /// learner. False when the learner is gone.
+    fn hand_over(
+        &mut self,
+        payloads: Vec<Polled>,
+        tx: &mpsc::Sender<SourceEvent>,
+        check: &RowCheck,
+    ) -> bool {
         let refs: Vec<&[u8]> = payloads.iter().map(|p| p.value.as_slice()).collect();
-        let (batch, good, bad) = decoder.decode(&refs);
-        let (batch, good, bad) = check_rows(&row_decoder, check, batch, good, bad);
+        let (batch, good, bad) = self.decoder.decode(&refs);
+        let (batch, good, bad) = check_rows(&self.row_decoder, check, batch, good, bad);
         for (i, e) in bad {
-            let Polled {
-                value,
-                key,
-                headers,
-                origin,
-                topic,
-                partition,
-                offset,
-            } = &payloads[i];
-            if let (Some(p), Some(t)) = (&dlq, &cfg.dead_letter_topic) {
-                let original = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
-                    h.insert(Header {
-                        key: k,
-                        value: v.as_deref(),
-                    })
-                });
-                let headers = original
-                    .insert(Header {
-                        key: "gradsift.reason",
-                        value: Some(e.reason.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "gradsift.detail",
-                        value: Some(e.detail.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "gradsift.source.topic",
-                        value: Some(topic.as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "gradsift.source.partition",
-                        value: Some(partition.to_string().as_bytes()),
-                    })
-                    .insert(Header {
-                        key: "gradsift.source.offset",
-                        value: Some(offset.to_string().as_bytes()),
-                    });
-                let mut rec: BaseRecord<'_, Vec<u8>, Vec<u8>> =
-                    BaseRecord::to(t).payload(value).headers(headers);
-                if let Some(k) = key {
-                    rec = rec.key(k);
-                }
-                if let Err(err) = crate::producer::send(p, rec) {
-                    tracing::error!(error = %err, "cannot queue a dead letter");
-                    p.context().failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            let p = &payloads[i];
+            self.dead_letter(p, &e);
             let ev = SourceEvent::Unreadable {
-                origin: origin.source.clone(),
-                first_row: origin.index,
+                origin: p.origin.source.clone(),
+                first_row: p.origin.index,
                 rows: 1,
                 reason: e.reason,
                 detail: e.detail,
             };
             if tx.blocking_send(ev).is_err() {
-                return Ok((rows, redelivered));
+                return false;
             }
         }
         // Bad messages are dealt with (queued as dead letters, delivered before any commit
         // that covers them): their offsets are committed like the good ones.
         let origins: Vec<RowOrigin> = good.iter().map(|&i| payloads[i].origin.clone()).collect();
         let all: Vec<RowOrigin> = payloads.iter().map(|p| p.origin.clone()).collect();
-        rows += payloads.len() as u64;
+        self.rows += payloads.len() as u64;
         // A batch goes to the learner even when no message in it was good: the learner owns
         // the positions a checkpoint covers.
-        in_flight += 1;
-        if tx
-            .blocking_send(SourceEvent::Batch {
-                batch,
-                origins,
-                ack: Some(all),
+        self.in_flight += 1;
+        tx.blocking_send(SourceEvent::Batch {
+            batch,
+            origins,
+            ack: Some(all),
+        })
+        .is_ok()
+    }
+
+    /// Queues the original message, with its own headers plus the reason and where it came
+    /// from, on the dead-letter topic (when there is one).
+    fn dead_letter(&self, p: &Polled, e: &BatchError) {
+        let (Some(producer), Some(topic)) = (&self.dlq, &self.cfg.dead_letter_topic) else {
+            return;
+        };
+        let original = p.headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: v.as_deref(),
             })
-            .is_err()
-        {
-            break;
+        });
+        let (partition, offset) = (p.partition.to_string(), p.offset.to_string());
+        let ours = [
+            ("gradsift.reason", e.reason.as_bytes()),
+            ("gradsift.detail", e.detail.as_bytes()),
+            ("gradsift.source.topic", p.topic.as_bytes()),
+            ("gradsift.source.partition", partition.as_bytes()),
+            ("gradsift.source.offset", offset.as_bytes()),
+        ];
+        let headers = ours.iter().fold(original, |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(*v),
+            })
+        });
+        let mut rec: BaseRecord<'_, Vec<u8>, Vec<u8>> =
+            BaseRecord::to(topic).payload(&p.value).headers(headers);
+        if let Some(k) = &p.key {
+            rec = rec.key(k);
+        }
+        if let Err(err) = crate::producer::send(producer, rec) {
+            tracing::error!(error = %err, "cannot queue a dead letter");
+            producer.context().failed.fetch_add(1, Ordering::Relaxed);
         }
     }
-    // Stop feeding, let the learner finish what it has (and write its last checkpoint), and
-    // commit what it reports durable until it hangs up; then one synchronous commit.
-    drop(tx);
-    let stop = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < stop {
-        match acks.recv_timeout(Duration::from_millis(200)) {
-            Ok(Ack::Processed) => in_flight = in_flight.saturating_sub(1),
-            Ok(Ack::Commit(p)) => commit(&consumer, dlq.as_ref(), &mut done, &p, CommitMode::Async),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+
+    /// Stops feeding, lets the learner finish what it has (and write its last checkpoint),
+    /// and commits what it reports durable until it hangs up; then one synchronous commit.
+    fn drain(&mut self, tx: mpsc::Sender<SourceEvent>, acks: std::sync::mpsc::Receiver<Ack>) {
+        drop(tx);
+        let stop = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < stop {
+            match acks.recv_timeout(Duration::from_millis(200)) {
+                Ok(ack) => self.take(ack),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
         }
-    }
-    if redelivered > 0 {
-        tracing::info!(
-            redelivered,
-            "messages redelivered from an older commit were skipped (already processed)"
+        if self.redelivered > 0 {
+            tracing::info!(
+                redelivered = self.redelivered,
+                "messages redelivered from an older commit were skipped (already processed)"
+            );
+        }
+        if self.in_flight > 0 {
+            tracing::warn!(
+                batches = self.in_flight,
+                "stopped without the learner finishing every batch; their offsets stay uncommitted"
+            );
+        }
+        commit(
+            &self.consumer,
+            self.dlq.as_ref(),
+            &mut self.done,
+            &[],
+            CommitMode::Sync,
         );
     }
-    if in_flight > 0 {
-        tracing::warn!(
-            batches = in_flight,
-            "stopped without the learner finishing every batch; their offsets stay uncommitted"
-        );
-    }
-    commit(&consumer, dlq.as_ref(), &mut done, &[], CommitMode::Sync);
-    Ok((rows, redelivered))
 }
 
 /// Offsets processed so far: per "topic[partition]", the offset after the highest one.

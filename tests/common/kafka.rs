@@ -66,3 +66,34 @@ pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     assert!(sent.success(), "kill -TERM {}", child.id());
     child.wait().unwrap()
 }
+
+/// Produces `n` malformed messages to `partition` of `topic`, one every `every`, on a thread.
+pub fn produce_bad(
+    broker: &Broker,
+    topic: &str,
+    partition: i32,
+    n: usize,
+    every: Duration,
+) -> std::thread::JoinHandle<()> {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let (address, topic) = (broker.address(), topic.to_string());
+    std::thread::spawn(move || {
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &address)
+            .set("linger.ms", "0")
+            .create()
+            .unwrap();
+        for i in 0..n {
+            let value = format!("{{\"not json {i}");
+            p.send(
+                BaseRecord::<(), String>::to(&topic)
+                    .partition(partition)
+                    .payload(&value),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+            std::thread::sleep(every);
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    })
+}

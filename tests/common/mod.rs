@@ -118,10 +118,29 @@ pub fn feature_rows(schema_name: &str, file: &Path, n: usize) -> (Samples, usize
     (s.take_front(n, w), w, schema)
 }
 
-/// A real Kafka-protocol broker (Tansu) on a free loopback port, stopped on drop.
+/// Which Kafka-protocol broker a test runs against. Both listen on loopback and are started
+/// by the harness: Tansu as a child process, and librdkafka's mock cluster inside the test
+/// process (it serves fetches from inside a record batch and expires dead group members the
+/// way Apache Kafka does, which tells a Tansu fault from a gradsift one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BrokerKind {
+    Tansu,
+    Mock,
+}
+
+/// A real Kafka-protocol broker on a free loopback port, stopped on drop.
 pub struct Broker {
+    backend: Backend,
+}
+
+enum Backend {
+    Tansu(Tansu),
+    Mock(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+}
+
+struct Tansu {
     child: Option<std::process::Child>,
-    pub port: u16,
+    port: u16,
     bin: PathBuf,
     storage: String,
     dir: tempfile::TempDir,
@@ -166,28 +185,109 @@ pub fn free_port() -> u16 {
 }
 
 impl Broker {
-    /// A broker keeping everything in memory.
+    /// A Tansu broker keeping everything in memory.
     pub fn start() -> Broker {
-        Self::with_storage("memory://tansu/")
+        Self::of(BrokerKind::Tansu)
     }
 
-    /// A broker keeping topics and group offsets in SQLite, so they survive [`Broker::restart`].
-    pub fn start_persistent() -> Broker {
-        Self::with_storage("sqlite://tansu.db")
+    /// A fresh broker of the given kind (Tansu in memory, or a one-broker mock cluster).
+    pub fn of(kind: BrokerKind) -> Broker {
+        match kind {
+            BrokerKind::Tansu => Self::tansu("memory://tansu/"),
+            BrokerKind::Mock => Broker {
+                backend: Backend::Mock(
+                    rdkafka::mocking::MockCluster::new(1).expect("librdkafka's mock cluster"),
+                ),
+            },
+        }
     }
 
-    fn with_storage(storage: &str) -> Broker {
-        let mut b = Broker {
+    /// A broker whose topics and group offsets survive [`Broker::restart`]: Tansu on SQLite,
+    /// or the mock cluster (its broker goes down and up, the cluster keeps its log).
+    pub fn start_persistent(kind: BrokerKind) -> Broker {
+        match kind {
+            BrokerKind::Tansu => Self::tansu("sqlite://tansu.db"),
+            BrokerKind::Mock => Self::of(kind),
+        }
+    }
+
+    pub fn kind(&self) -> BrokerKind {
+        match self.backend {
+            Backend::Tansu(_) => BrokerKind::Tansu,
+            Backend::Mock(_) => BrokerKind::Mock,
+        }
+    }
+
+    fn tansu(storage: &str) -> Broker {
+        let mut t = Tansu {
             child: None,
             port: free_port(),
             bin: tansu_bin(),
             storage: storage.to_string(),
             dir: tempfile::tempdir().unwrap(),
         };
-        b.spawn();
-        b
+        t.spawn();
+        Broker {
+            backend: Backend::Tansu(t),
+        }
     }
 
+    /// Stops the broker: SIGKILL for Tansu; the mock broker refuses and drops connections.
+    pub fn kill(&mut self) {
+        match &mut self.backend {
+            Backend::Tansu(t) => t.kill(),
+            Backend::Mock(m) => m.broker_down(1).expect("mock broker down"),
+        }
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        match &mut self.backend {
+            Backend::Tansu(t) => {
+                t.kill();
+                t.spawn();
+            }
+            Backend::Mock(m) => m.broker_up(1).expect("mock broker up"),
+        }
+    }
+
+    pub fn address(&self) -> String {
+        match &self.backend {
+            Backend::Tansu(t) => format!("127.0.0.1:{}", t.port),
+            Backend::Mock(m) => m.bootstrap_servers(),
+        }
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let t = match &self.backend {
+            Backend::Tansu(t) => t,
+            Backend::Mock(m) => {
+                m.create_topic(name, partitions as i32, 1)
+                    .unwrap_or_else(|e| panic!("mock topic {name}: {e}"));
+                return;
+            }
+        };
+        let out = Command::new(&t.bin)
+            .args([
+                "topic",
+                "create",
+                "--broker",
+                &format!("tcp://127.0.0.1:{}", t.port),
+                "--partitions",
+                &partitions.to_string(),
+                name,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "topic create {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Tansu {
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let child = Command::new(&self.bin)
@@ -223,46 +323,15 @@ impl Broker {
         }
     }
 
-    /// Kills the broker (SIGKILL).
-    pub fn kill(&mut self) {
+    fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
-
-    /// Starts it again on the same port and storage.
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn create_topic(&self, name: &str, partitions: u32) {
-        let out = Command::new(&self.bin)
-            .args([
-                "topic",
-                "create",
-                "--broker",
-                &format!("tcp://127.0.0.1:{}", self.port),
-                "--partitions",
-                &partitions.to_string(),
-                name,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "topic create {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
-impl Drop for Broker {
+impl Drop for Tansu {
     fn drop(&mut self) {
         self.kill();
     }
