@@ -224,6 +224,11 @@ fn kill_9_then_restart_without_static_membership_on_the_mock_cluster() {
 /// offsets: the producer and the pipeline ride it out, the outage is logged as a client
 /// error, and every sample is scored.
 fn broker_restart_mid_stream(kind: BrokerKind) {
+    // One outage at a time: run side by side with the Tansu outage, the paced producer on
+    // the mock cluster twice failed to deliver within its 30 s flush after the broker came
+    // back (PurgeInflight); alone it passed every time. Not understood yet.
+    static ONE_OUTAGE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_OUTAGE.lock().unwrap_or_else(|e| e.into_inner());
     let mut broker = common::Broker::start_persistent(kind);
     broker.create_topic("durable", 1);
     broker.create_topic("durable-dlq", 1);
@@ -231,8 +236,10 @@ fn broker_restart_mid_stream(kind: BrokerKind) {
     let mut sets = milan_sets(&broker, "durable", "g-durable");
     sets.push("checkpoint.every_rows=500".into());
 
+    let producer_log = out.path().join("producer.log");
     let mut producer = produce_command(&broker, "durable", &["--rate", "1000"])
         .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&producer_log).unwrap())
         .spawn()
         .unwrap();
     let (mut run, log) = spawn_run("milan-kafka.toml", out.path(), &sets);
@@ -244,13 +251,26 @@ fn broker_restart_mid_stream(kind: BrokerKind) {
     broker.kill();
     std::thread::sleep(Duration::from_secs(3));
     broker.restart();
+    let produced = producer.wait().unwrap();
+    let said = || std::fs::read_to_string(&producer_log).unwrap_or_default();
     assert!(
-        producer.wait().unwrap().success(),
-        "the producer rode out the restart"
+        produced.success(),
+        "the producer rode out the restart:\n{}",
+        said()
     );
-    wait_until("every offset committed after the restart", 120, || {
-        committed(&broker, "g-durable", "durable", 1).get(&0) == Some(&8928)
-    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let c = committed(&broker, "g-durable", "durable", 1);
+        if c.get(&0) == Some(&8928) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every offset committed within 120 s of the restart: {c:?}\n{}",
+            log_text(&log)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let status = terminate(&mut run);
     let text = log_text(&log);
     assert!(status.success(), "clean exit: {status:?}\n{text}");
