@@ -32,16 +32,14 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::PipelineConfig;
-use crate::decode::Decoder;
 use crate::energy::EnergyMeter;
 use crate::report::{BufferReport, CheckpointReport, RunReport};
 use crate::schema::{Schema, TimeKind};
 use crate::shutdown::Shutdown;
 use crate::sink::scores::{ScoreSegments, ScoreSink};
 use crate::sink::topic::SampleTopicSink;
-use crate::source::{Ack, SourceConfig, SourceEvent, kafka, parquet};
+use crate::source::{Ack, SourceConfig, SourceContext, SourceEvent};
 use crate::telemetry;
-use crate::validate::RowCheck;
 use learner_stage::{CheckpointCtl, LearnerStage, StageIo};
 use sink_stage::{ScoreOut, SinkMsg, SinkStage};
 
@@ -51,9 +49,6 @@ pub struct RunOptions {
     /// Draw a progress bar on stderr.
     pub progress: bool,
 }
-
-/// A running source: rows handed over and rows redelivered (already covered).
-type SourceTask = tokio::task::JoinHandle<Result<(u64, u64)>>;
 
 /// Runs a pipeline to the end of its source (or a shutdown signal) and returns its report,
 /// which is also written to `report.json` in the output folder.
@@ -88,15 +83,19 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     // ever unacknowledged.
     let (ack_tx, ack_rx) = std::sync::mpsc::channel::<Ack>();
     let mut ckpt = CheckpointCtl::new(&cfg, resume.as_ref());
-    let (source, total) = spawn_source(
-        &cfg,
-        &schema,
-        &shutdown,
+    let source = cfg.source.spawn(SourceContext {
+        pipeline: cfg.name.clone(),
+        schema: schema.clone(),
         tx,
-        ack_rx,
-        &mut ckpt,
-        resume.as_ref(),
-    )?;
+        acks: ack_rx,
+        covered: ckpt.covered.clone(),
+        checkpoint_files: resume.as_ref().map(|c| c.files.clone()).unwrap_or_default(),
+        checkpoint_path: cfg.checkpoint_path(),
+        out_of_range: cfg.features.out_of_range,
+        shutdown: shutdown.clone(),
+    })?;
+    ckpt.files = source.files;
+    let (source, total) = (source.task, source.total_rows);
 
     let stage = sink_stage(&cfg, &schema, &out_dir, resume.as_ref())?;
     let sinks_on = stage.is_on();
@@ -164,44 +163,6 @@ fn load_resume(cfg: &PipelineConfig, schema: &Schema) -> Result<Option<Checkpoin
         tracing::info!(checkpoint = %path.display(), samples = c.learner.seen(), positions = ?c.positions, "resuming from checkpoint");
     }
     Ok(c)
-}
-
-/// Starts the source on a blocking thread; its row total when known (for the progress bar).
-fn spawn_source(
-    cfg: &PipelineConfig,
-    schema: &Arc<Schema>,
-    shutdown: &Shutdown,
-    tx: mpsc::Sender<SourceEvent>,
-    ack_rx: std::sync::mpsc::Receiver<Ack>,
-    ckpt: &mut CheckpointCtl,
-    resume: Option<&Checkpoint>,
-) -> Result<(SourceTask, Option<u64>)> {
-    let (schema, shutdown) = (schema.clone(), shutdown.clone());
-    match cfg.source.clone() {
-        SourceConfig::Parquet(src) => {
-            let files = src.files(&schema)?;
-            ckpt.files = outputs::same_files_as_checkpoint(&files, resume, &cfg.checkpoint_path())?;
-            let total = src
-                .max_rows
-                .unwrap_or(u64::MAX)
-                .min(parquet::total_rows(&files));
-            tracing::info!(pipeline = %cfg.name, files = files.len(), rows = total, "replaying");
-            let h = tokio::task::spawn_blocking(move || {
-                parquet::replay(&src, &schema, &files, tx, &shutdown).map(|s| (s.rows, 0))
-            });
-            Ok((h, Some(total)))
-        }
-        SourceConfig::Kafka(src) => {
-            tracing::info!(pipeline = %cfg.name, brokers = %src.brokers, topics = ?src.topics, group = %src.group_id, "consuming");
-            let covered = ckpt.covered.clone();
-            let numeric = Decoder::new(schema.clone()).numeric_columns().to_vec();
-            let check = RowCheck::new(schema.clone(), &numeric, cfg.features.out_of_range);
-            let h = tokio::task::spawn_blocking(move || {
-                kafka::consume(&src, schema, tx, ack_rx, covered, &check, &shutdown)
-            });
-            Ok((h, None))
-        }
-    }
 }
 
 /// The sinks `[output]` asks for: the score file (segments when checkpoints are on), the

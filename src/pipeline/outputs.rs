@@ -2,13 +2,9 @@
 //! never leaves an earlier run's files beside its own, never fails after the replay for a
 //! reason it could see before, and never resumes into data that changed.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
-
-use crate::checkpoint::Checkpoint;
-use crate::source::parquet;
 
 pub(super) const REPORT: &str = "report.json";
 pub(super) const DEAD_LETTERS: &str = "dead_letters.jsonl";
@@ -32,31 +28,4 @@ pub(super) fn clear_stale(out_dir: &Path, resuming: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The fingerprints of `files`; an error naming the file when one the checkpoint covers has
-/// changed since (its positions would point into other data).
-pub(super) fn same_files_as_checkpoint(
-    files: &[PathBuf],
-    resume: Option<&Checkpoint>,
-    ckpt_path: &Path,
-) -> Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    for f in files {
-        let name = f.to_string_lossy().into_owned();
-        let Some(fp) = parquet::fingerprint(f) else {
-            continue;
-        };
-        if let Some(old) = resume.and_then(|c| c.files.get(&name))
-            && *old != fp
-        {
-            anyhow::bail!(
-                "{name} changed since the checkpoint {} was written (size:footer CRC {old}, now {fp}): \
-                 its covered rows would point into other data; delete the checkpoint, or restore the file",
-                ckpt_path.display()
-            );
-        }
-        out.insert(name, fp);
-    }
-    Ok(out)
 }

@@ -29,7 +29,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{Ack, RowOrigin, SourceEvent};
+use super::{Ack, RowOrigin, RunningSource, SourceContext, SourceEvent};
 use crate::decode::{BatchError, Decoder, JsonDecoder};
 use crate::schema::Schema;
 use crate::shutdown::Shutdown;
@@ -114,6 +114,29 @@ impl KafkaSourceConfig {
             ));
         }
         Ok(())
+    }
+
+    pub(super) fn spawn(&self, ctx: SourceContext) -> Result<RunningSource> {
+        tracing::info!(pipeline = %ctx.pipeline, brokers = %self.brokers, topics = ?self.topics, group = %self.group_id, "consuming");
+        let numeric = Decoder::new(ctx.schema.clone()).numeric_columns().to_vec();
+        let check = RowCheck::new(ctx.schema.clone(), &numeric, ctx.out_of_range);
+        let cfg = self.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            consume(
+                &cfg,
+                ctx.schema,
+                ctx.tx,
+                ctx.acks,
+                ctx.covered,
+                &check,
+                &ctx.shutdown,
+            )
+        });
+        Ok(RunningSource {
+            task,
+            total_rows: None,
+            files: Default::default(),
+        })
     }
 
     fn client(&self) -> ClientConfig {

@@ -8,11 +8,18 @@
 pub mod kafka;
 pub mod parquet;
 
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use anyhow::Result;
 use arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::schema::Schema;
+use crate::shutdown::Shutdown;
+use crate::validate::OutOfRange;
 
 /// `[source]`: which source and its settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +53,42 @@ impl SourceConfig {
             SourceConfig::Kafka(k) => k.validate(),
         }
     }
+
+    /// Starts the source on a blocking thread: the one way a source starts.
+    pub fn spawn(&self, ctx: SourceContext) -> Result<RunningSource> {
+        match self {
+            SourceConfig::Parquet(p) => p.spawn(ctx),
+            SourceConfig::Kafka(k) => k.spawn(ctx),
+        }
+    }
+}
+
+/// What a source is given to run (built by the pipeline's wiring).
+pub struct SourceContext {
+    pub pipeline: String,
+    pub schema: Arc<Schema>,
+    /// To the learner; bounded (backpressure).
+    pub tx: mpsc::Sender<SourceEvent>,
+    /// From the learner: batches processed, positions durable (feeds commit them).
+    pub acks: std::sync::mpsc::Receiver<Ack>,
+    /// Per source, the next position the checkpoint being resumed covers.
+    pub covered: HashMap<Arc<str>, u64>,
+    /// Per archive file, the fingerprint that checkpoint recorded, and where it is.
+    pub checkpoint_files: BTreeMap<String, String>,
+    pub checkpoint_path: PathBuf,
+    /// What the row checks do with a value outside its physical range.
+    pub out_of_range: OutOfRange,
+    pub shutdown: Shutdown,
+}
+
+/// A started source.
+pub struct RunningSource {
+    /// Ends with (rows read, redelivered rows skipped).
+    pub task: tokio::task::JoinHandle<Result<(u64, u64)>>,
+    /// Rows it will read, when known (for the progress bar).
+    pub total_rows: Option<u64>,
+    /// Fingerprints of the archive files it reads, kept in every checkpoint.
+    pub files: BTreeMap<String, String>,
 }
 
 /// What a source emits.

@@ -25,7 +25,7 @@ use parquet::arrow::arrow_reader::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::{RowOrigin, SourceEvent};
+use super::{RowOrigin, RunningSource, SourceContext, SourceEvent};
 use crate::schema::{Schema, TimeKind};
 use crate::shutdown::Shutdown;
 
@@ -161,6 +161,51 @@ fn first_time(file: &Path, schema: &Schema) -> Option<i64> {
         .first()
         .copied()
         .flatten()
+}
+
+impl ParquetSourceConfig {
+    pub(super) fn spawn(&self, ctx: SourceContext) -> Result<RunningSource> {
+        let files = self.files(&ctx.schema)?;
+        let fingerprints = same_files(&files, &ctx.checkpoint_files, &ctx.checkpoint_path)?;
+        let total = self.max_rows.unwrap_or(u64::MAX).min(total_rows(&files));
+        tracing::info!(pipeline = %ctx.pipeline, files = files.len(), rows = total, "replaying");
+        let cfg = self.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            replay(&cfg, &ctx.schema, &files, ctx.tx, &ctx.shutdown).map(|s| (s.rows, 0))
+        });
+        Ok(RunningSource {
+            task,
+            total_rows: Some(total),
+            files: fingerprints,
+        })
+    }
+}
+
+/// Each file's fingerprint, refusing a file that changed since the checkpoint being resumed
+/// recorded it (its covered rows would point into other data).
+fn same_files(
+    files: &[PathBuf],
+    recorded: &std::collections::BTreeMap<String, String>,
+    ckpt_path: &Path,
+) -> Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for f in files {
+        let name = f.to_string_lossy().into_owned();
+        let Some(fp) = fingerprint(f) else {
+            continue;
+        };
+        if let Some(old) = recorded.get(&name)
+            && *old != fp
+        {
+            bail!(
+                "{name} changed since the checkpoint {} was written (size:footer CRC {old}, now {fp}): \
+                 its covered rows would point into other data; delete the checkpoint, or restore the file",
+                ckpt_path.display()
+            );
+        }
+        out.insert(name, fp);
+    }
+    Ok(out)
 }
 
 /// What identifies a file's content for a resume: its size and a CRC-32 of its Parquet
