@@ -124,10 +124,19 @@ pub struct FeatureConfig {
     /// clamped to the range (`clip`).
     #[serde(default)]
     pub out_of_range: crate::features::OutOfRange,
+    /// A value further than this many running standard deviations from its column's running
+    /// mean (after 1,000 values) is dead-lettered as `out_of_range`, for columns with or
+    /// without a declared range: no real reading is that far out, and one that got into the
+    /// running scalers would ruin them for good. 0 turns the check off.
+    #[serde(default = "default_max_deviations")]
+    pub max_deviations: f64,
 }
 
 fn default_max_keys() -> usize {
     100_000
+}
+fn default_max_deviations() -> f64 {
+    1000.0
 }
 
 impl Default for FeatureConfig {
@@ -135,6 +144,7 @@ impl Default for FeatureConfig {
         FeatureConfig {
             max_keys: default_max_keys(),
             out_of_range: Default::default(),
+            max_deviations: default_max_deviations(),
         }
     }
 }
@@ -293,6 +303,14 @@ impl PipelineConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        let d = self.features.max_deviations;
+        if !(d == 0.0 || (d.is_finite() && d >= 10.0)) {
+            return Err(self.bad(
+                "features.max_deviations",
+                "0 (off) or at least 10 standard deviations",
+                &d.to_string(),
+            ));
+        }
         let s = &self.selection;
         if !(s.keep > 0.0 && s.keep <= 1.0) {
             return Err(self.bad("selection.keep", "a fraction in (0, 1]", s.keep));
@@ -533,6 +551,12 @@ max_bytes = 100000
         // Wrote outside runs/ before.
         refused("name=\"../x\"", "`name`", "plain name");
         refused("name=\"/tmp/x\"", "`name`", "plain name");
+        // A deviation bound that would refuse ordinary readings.
+        refused(
+            "features.max_deviations=3",
+            "features.max_deviations",
+            "at least 10",
+        );
         let cfg = PipelineConfig::load(&p, &["buffer.max_bytes=100".into()]).unwrap();
         let e = cfg.validate_with(16).unwrap_err().to_string();
         assert!(

@@ -107,6 +107,9 @@ impl Samples {
     }
 }
 
+/// Values a scaler must have seen before the deviation check trusts it.
+const DEVIATION_WARMUP: u64 = 1000;
+
 /// Running mean and variance (Welford).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Scaler {
@@ -183,6 +186,8 @@ pub struct FeatureEngine {
     width: usize,
     /// Keys forgotten because `max_keys` was reached.
     pub keys_evicted: u64,
+    /// See [`FeatureEngine::with_max_deviations`].
+    max_deviations: f64,
 }
 
 const EARTH_RADIUS_M: f64 = 6_371_000.0;
@@ -235,6 +240,7 @@ impl FeatureEngine {
             max_keys: max_keys.max(1),
             tick: 0,
             keys_evicted: 0,
+            max_deviations: 0.0,
             schema,
         }
     }
@@ -243,6 +249,34 @@ impl FeatureEngine {
     pub fn with_out_of_range(mut self, mode: OutOfRange) -> Self {
         self.check = RowCheck::new(self.schema.clone(), &self.numeric, mode);
         self
+    }
+
+    /// Dead-letters values this many running standard deviations from their column's running
+    /// mean (0: off; see `features.max_deviations`).
+    pub fn with_max_deviations(mut self, k: f64) -> Self {
+        self.max_deviations = k;
+        self
+    }
+
+    /// The first column (or `ue_distance`, for the position) whose value is absurdly far
+    /// from what the running scalers have seen: none until they have seen enough values.
+    fn far_out(&self, vals: &[f64]) -> Option<String> {
+        let k = self.max_deviations;
+        let far = |s: &Scaler, v: f64| {
+            let (mean, std) = s.params();
+            k > 0.0 && s.n >= DEVIATION_WARMUP && s.m2 > 0.0 && (v - mean).abs() > k * std
+        };
+        // Raw coordinates are judged by the distance they give: a base station's own
+        // coordinates are constant within a site and jump between sites.
+        let geo = self.geo.unwrap_or([usize::MAX; 4]);
+        if let Some(c) =
+            (0..vals.len()).find(|&c| !geo.contains(&c) && far(&self.scalers[c], vals[c]))
+        {
+            return Some(self.numeric[c].clone());
+        }
+        let [bl, bo, ul, uo] = self.geo?;
+        let (e, n) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
+        far(&self.geo_scalers[2], e.hypot(n)).then(|| "ue_distance".to_string())
     }
 
     /// Width of a feature row.
@@ -354,6 +388,10 @@ impl FeatureEngine {
                     continue;
                 }
             };
+            if let Some(col) = self.far_out(&vals) {
+                skip(i, SkipReason::OutOfRange(col));
+                continue;
+            }
             let key = self.key_state(d.key.value(i));
             self.tick += 1;
             let state = self.keys.get_mut(&key).expect("just inserted");
@@ -628,6 +666,56 @@ mod tests {
         assert_eq!(skips, want);
         let (mean, _) = fe.scalers[0].params();
         assert!(mean > 4.0 && mean < 5.0, "log1p of 90..120 only: {mean}");
+    }
+
+    /// A value inside the declared range but absurdly far from everything seen (Milan's
+    /// range is wide; a schema may declare none): dead-lettered once the scaler is warm,
+    /// never before, and the scaler never sees it.
+    #[test]
+    fn a_value_far_outside_the_running_distribution_is_dead_lettered() {
+        let mut fe = milan(10).with_max_deviations(10.0);
+        // log1p of 90..130: mean ≈ 4.7, std ≈ 0.1. 9e6 is in range, log1p ≈ 16: 100 std out.
+        let calm: Vec<f64> = (0..1200).map(|i| 90.0 + (i % 41) as f64).collect();
+        let mut v = vec![9e6];
+        v.extend(&calm);
+        v.push(9e6);
+        v.push(125.0);
+        let skips = bad_input(&feed_values(&mut fe, &vec![1; v.len()], &v, 0));
+        assert_eq!(
+            skips,
+            [(1201, "out_of_range:internet".to_string())],
+            "the first 9e6 came before the scaler was warm"
+        );
+        let mut off = milan(10).with_max_deviations(0.0);
+        assert!(bad_input(&feed_values(&mut off, &vec![1; v.len()], &v, 0)).is_empty());
+    }
+
+    /// A UE position inside the globe's range but 1,100 km from a base station whose UEs
+    /// have all been within ~100 m: judged by the distance it gives, and dead-lettered.
+    #[test]
+    fn a_position_far_from_every_position_seen_is_dead_lettered() {
+        let mut lat: Vec<f64> = (0..1100)
+            .map(|i| 33.4201 + (i % 10) as f64 * 1e-4)
+            .collect();
+        lat.push(43.42);
+        let (_, d) = crate::validate::tests::beam(&lat, &vec![3; lat.len()]);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/deepsense_beam.json");
+        let schema = Arc::new(Schema::load(&path).unwrap());
+        let numeric = crate::decode::Decoder::new(schema.clone())
+            .numeric_columns()
+            .to_vec();
+        let mut fe = FeatureEngine::new(schema, &numeric, 10).with_max_deviations(1000.0);
+        let origins: Vec<_> = (0..lat.len() as u64)
+            .map(|index| crate::source::RowOrigin {
+                source: Arc::from("t"),
+                index,
+            })
+            .collect();
+        let mut skips = Vec::new();
+        fe.push_batch(&d, &origins, &mut Samples::default(), |i, r| {
+            skips.push((i, r.label()))
+        });
+        assert_eq!(skips, [(1100, "out_of_range:ue_distance".to_string())]);
     }
 
     #[test]

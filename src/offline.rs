@@ -446,7 +446,8 @@ pub async fn train(
         decoder.numeric_columns(),
         cfg.features.max_keys,
     )
-    .with_out_of_range(cfg.features.out_of_range);
+    .with_out_of_range(cfg.features.out_of_range)
+    .with_max_deviations(cfg.features.max_deviations);
     let dead_path = out_dir.join("dead_letters.jsonl");
     let mut dead = DeadLetterSink::new(&dead_path, None);
     let archive = load(&cfg, &schema, &mut features, &mut dead, &shutdown).await?;

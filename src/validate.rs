@@ -178,7 +178,7 @@ impl RowCheck {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use arrow::array::{
         ArrayRef, FixedSizeListBuilder, Float32Builder, Float64Array, Int64Array, RecordBatch,
     };
@@ -187,7 +187,7 @@ mod tests {
     use crate::decode::Decoder;
 
     /// Beam rows with these UE latitudes and best beams, under the shipped beam schema.
-    fn beam(ue_lat: &[f64], best: &[i64]) -> (RowCheck, DecodedBatch) {
+    pub(crate) fn beam(ue_lat: &[f64], best: &[i64]) -> (RowCheck, DecodedBatch) {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/deepsense_beam.json");
         let schema = Arc::new(Schema::load(&path).unwrap());

@@ -136,7 +136,8 @@ impl LearnerStage {
             decoder.numeric_columns(),
             cfg.features.max_keys,
         )
-        .with_out_of_range(cfg.features.out_of_range);
+        .with_out_of_range(cfg.features.out_of_range)
+        .with_max_deviations(cfg.features.max_deviations);
         let head = schema.task.head();
         let width = features.width();
         let learner = OnlineLearner::new(LearnerConfig {

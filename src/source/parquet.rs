@@ -568,169 +568,238 @@ pub fn replay(
     tx: mpsc::Sender<SourceEvent>,
     shutdown: &Shutdown,
 ) -> Result<ReplayStats> {
-    let mut stats = ReplayStats::default();
-    let wanted = schema.read_columns();
-    let mut canon = Canonical::new(schema, wanted.clone());
-    let mut cursors: Vec<Cursor> = Vec::new();
-    // Dead-letters what a file or a row group lost; false when the pipeline has gone.
-    let unreadable = |stats: &mut ReplayStats, origin: &Arc<str>, lost: Lost| {
-        tracing::warn!(file = %origin, reason = %lost.reason, detail = %lost.detail, first_row = lost.first_row, rows = lost.rows, "input cannot be read as the schema says; its rows are dead-lettered");
-        stats.unreadable_rows += lost.rows;
-        tx.blocking_send(SourceEvent::Unreadable {
-            origin: origin.clone(),
-            first_row: lost.first_row,
-            rows: lost.rows,
-            reason: lost.reason,
-            detail: lost.detail,
-        })
-        .is_ok()
+    let mut r = Replay {
+        cfg,
+        schema,
+        wanted: schema.read_columns(),
+        canon: Canonical::new(schema, schema.read_columns()),
+        cursors: Vec::new(),
+        active: Vec::new(),
+        pacer: cfg.pace.clone().map(|pace| Pacer {
+            pace,
+            start: Instant::now(),
+            t0: None,
+        }),
+        tx,
+        stats: ReplayStats::default(),
     };
-    for file in files {
-        stats.files += 1;
-        let cursor = match Cursor::open(file, &wanted, cfg.batch_size) {
-            Ok(c) => c,
-            Err(e) => {
-                // No footer: the row count is unknown (0 in the letter).
-                let origin: Arc<str> = Arc::from(file.to_string_lossy().as_ref());
-                let detail = format!("{}: {e}", file.display());
-                let lost = Lost {
-                    first_row: 0,
-                    rows: 0,
-                    reason: "unreadable_file".into(),
-                    detail,
-                };
-                if !unreadable(&mut stats, &origin, lost) {
-                    return Ok(stats);
+    if r.open(files) && r.start() {
+        r.run(shutdown)?;
+    }
+    Ok(r.stats)
+}
+
+/// A replay's state: a cursor per readable file, the ones that still hold rows, the pacer.
+/// Every method that talks to the learner returns false once the learner has gone.
+struct Replay<'a> {
+    cfg: &'a ParquetSourceConfig,
+    schema: &'a Schema,
+    wanted: Vec<String>,
+    canon: Canonical,
+    cursors: Vec<Cursor>,
+    /// Indices of the cursors holding a non-empty batch.
+    active: Vec<usize>,
+    pacer: Option<Pacer>,
+    tx: mpsc::Sender<SourceEvent>,
+    stats: ReplayStats,
+}
+
+/// Rows picked for one emitted batch: (index into `active`, row) each, their origins, and
+/// the `active` slot whose batch ran out.
+struct Picks {
+    rows: Vec<(usize, usize)>,
+    origins: Vec<RowOrigin>,
+    exhausted: Option<usize>,
+}
+
+impl Replay<'_> {
+    /// Dead-letters what a file or a row group lost.
+    fn unreadable(&mut self, origin: &Arc<str>, lost: Lost) -> bool {
+        tracing::warn!(file = %origin, reason = %lost.reason, detail = %lost.detail, first_row = lost.first_row, rows = lost.rows, "input cannot be read as the schema says; its rows are dead-lettered");
+        self.stats.unreadable_rows += lost.rows;
+        self.tx
+            .blocking_send(SourceEvent::Unreadable {
+                origin: origin.clone(),
+                first_row: lost.first_row,
+                rows: lost.rows,
+                reason: lost.reason,
+                detail: lost.detail,
+            })
+            .is_ok()
+    }
+
+    /// Opens every file; one that cannot be read, or lacks a column or has it in the wrong
+    /// type, is dead-lettered whole and the others go on.
+    fn open(&mut self, files: &[PathBuf]) -> bool {
+        for file in files {
+            self.stats.files += 1;
+            let cursor = match Cursor::open(file, &self.wanted, self.cfg.batch_size) {
+                Ok(c) => c,
+                Err(e) => {
+                    // No footer: the row count is unknown (0 in the letter).
+                    let origin: Arc<str> = Arc::from(file.to_string_lossy().as_ref());
+                    let lost = Lost {
+                        first_row: 0,
+                        rows: 0,
+                        reason: "unreadable_file".into(),
+                        detail: format!("{}: {e}", file.display()),
+                    };
+                    if !self.unreadable(&origin, lost) {
+                        return false;
+                    }
+                    continue;
                 }
-                continue;
+            };
+            match self.column_problems(&cursor) {
+                Some(lost) => {
+                    if !self.unreadable(&cursor.origin, lost) {
+                        return false;
+                    }
+                }
+                None => self.cursors.push(cursor),
             }
-        };
-        let problems: Vec<(String, String)> = schema
+        }
+        true
+    }
+
+    /// The whole file's letter when a column it must have is missing or of the wrong type.
+    fn column_problems(&self, cursor: &Cursor) -> Option<Lost> {
+        let problems: Vec<(String, String)> = self
+            .schema
             .mismatches(cursor.meta.schema())
             .into_iter()
-            .filter(|(c, _)| wanted.contains(c))
+            .filter(|(c, _)| self.wanted.contains(c))
             .collect();
-        if let Some((col, what)) = problems.first() {
-            let reason = if what == "missing" {
-                format!("missing_column:{col}")
-            } else {
-                format!("wrong_type:{col}")
-            };
-            let detail = problems
-                .iter()
-                .map(|(c, w)| format!("{c}: {w}"))
-                .collect::<Vec<_>>()
-                .join("; ");
-            let lost = Lost {
-                first_row: 0,
-                rows: cursor.rows,
-                reason,
-                detail,
-            };
-            if !unreadable(&mut stats, &cursor.origin, lost) {
-                return Ok(stats);
-            }
-            continue;
-        }
-        cursors.push(cursor);
+        let (col, what) = problems.first()?;
+        let reason = if what == "missing" {
+            format!("missing_column:{col}")
+        } else {
+            format!("wrong_type:{col}")
+        };
+        let detail = problems
+            .iter()
+            .map(|(c, w)| format!("{c}: {w}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Some(Lost {
+            first_row: 0,
+            rows: cursor.rows,
+            reason,
+            detail,
+        })
     }
-    // Refills a cursor and dead-letters what it lost; (has rows, pipeline still there).
-    let refill = |c: &mut Cursor, canon: &mut Canonical, stats: &mut ReplayStats| {
-        let more = c.refill(canon);
-        for lost in std::mem::take(&mut c.lost) {
-            if !unreadable(stats, &c.origin, lost) {
+
+    /// Refills cursor `i` and dead-letters what it lost: (has rows, learner still there).
+    fn refill(&mut self, i: usize) -> (bool, bool) {
+        let more = self.cursors[i].refill(&mut self.canon);
+        let origin = self.cursors[i].origin.clone();
+        for lost in std::mem::take(&mut self.cursors[i].lost) {
+            if !self.unreadable(&origin, lost) {
                 return (more, false);
             }
         }
         (more, true)
-    };
-    // Files of an index-time schema play one after another: merge only within timestamps.
-    let sequential = schema.time.kind == TimeKind::Index;
-    let mut pacer = cfg.pace.clone().map(|pace| Pacer {
-        pace,
-        start: Instant::now(),
-        t0: None,
-    });
-    let mut active: Vec<usize> = Vec::new();
-    for (i, cursor) in cursors.iter_mut().enumerate() {
-        match refill(cursor, &mut canon, &mut stats) {
-            (_, false) => return Ok(stats),
-            (true, true) => active.push(i),
-            (false, true) => {}
-        }
     }
-    while !active.is_empty() && !shutdown.is_triggered() {
-        let want = match cfg.max_rows {
-            Some(max) if stats.rows >= max => break,
-            Some(max) => (max - stats.rows).min(cfg.batch_size as u64) as usize,
-            None => cfg.batch_size,
+
+    /// Loads every cursor's first batch.
+    fn start(&mut self) -> bool {
+        for i in 0..self.cursors.len() {
+            match self.refill(i) {
+                (_, false) => return false,
+                (true, true) => self.active.push(i),
+                (false, true) => {}
+            }
+        }
+        true
+    }
+
+    fn run(&mut self, shutdown: &Shutdown) -> Result<()> {
+        while !self.active.is_empty() && !shutdown.is_triggered() {
+            let want = match self.cfg.max_rows {
+                Some(max) if self.stats.rows >= max => break,
+                Some(max) => (max - self.stats.rows).min(self.cfg.batch_size as u64) as usize,
+                None => self.cfg.batch_size,
+            };
+            let Some(picks) = self.pick(want, shutdown) else {
+                return Ok(());
+            };
+            let refs: Vec<&RecordBatch> = self
+                .active
+                .iter()
+                .map(|&i| &self.cursors[i].batch)
+                .collect();
+            let batch = interleave_record_batch(&refs, &picks.rows)?;
+            self.stats.rows += batch.num_rows() as u64;
+            let ev = SourceEvent::Batch {
+                batch,
+                origins: picks.origins,
+                ack: None,
+            };
+            if self.tx.blocking_send(ev).is_err() {
+                return Ok(());
+            }
+            if let Some(slot) = picks.exhausted {
+                match self.refill(self.active[slot]) {
+                    (_, false) => return Ok(()),
+                    (true, true) => {}
+                    (false, true) => {
+                        self.active.remove(slot);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes up to `want` rows in event-time order: always the earliest current row among
+    /// the files (files of an index-time schema play one after another), until the batch is
+    /// full, a file's batch runs out (it is refilled after the emit), or, paced, the next row
+    /// is not due yet. None when a shutdown interrupted a pacing sleep.
+    fn pick(&mut self, want: usize, shutdown: &Shutdown) -> Option<Picks> {
+        let sequential = self.schema.time.kind == TimeKind::Index;
+        let mut p = Picks {
+            rows: Vec::with_capacity(want),
+            origins: Vec::with_capacity(want),
+            exhausted: None,
         };
-        // Take rows in event-time order: always the earliest current row among the files,
-        // until the batch is full or one file's batch runs out (it is refilled after the emit).
-        // Picks index `active`, whose cursors all hold a non-empty batch of the same layout.
-        let mut picks: Vec<(usize, usize)> = Vec::with_capacity(want);
-        let mut origins = Vec::with_capacity(want);
-        let mut exhausted = None;
-        while picks.len() < want {
+        while p.rows.len() < want {
             let slot = if sequential {
                 0
             } else {
-                (0..active.len())
+                (0..self.active.len())
                     .min_by_key(|&k| {
-                        let c = &cursors[active[k]];
+                        let c = &self.cursors[self.active[k]];
                         c.times[c.pos]
                     })
                     .expect("non-empty")
             };
-            if let Some(p) = pacer.as_mut() {
-                let c = &cursors[active[slot]];
-                let due = p.due(stats.rows + picks.len() as u64, c.times[c.pos]);
-                let now = p.start.elapsed();
+            if let Some(pacer) = self.pacer.as_mut() {
+                let c = &self.cursors[self.active[slot]];
+                let due = pacer.due(self.stats.rows + p.rows.len() as u64, c.times[c.pos]);
+                let now = pacer.start.elapsed();
                 if due > now {
-                    if !picks.is_empty() {
+                    if !p.rows.is_empty() {
                         break; // emit the rows already due
                     }
                     if !shutdown.sleep(due - now) {
-                        return Ok(stats);
+                        return None;
                     }
                 }
             }
-            let cur = &mut cursors[active[slot]];
-            picks.push((slot, cur.pos));
-            origins.push(RowOrigin {
+            let cur = &mut self.cursors[self.active[slot]];
+            p.rows.push((slot, cur.pos));
+            p.origins.push(RowOrigin {
                 source: cur.origin.clone(),
                 index: cur.base + cur.pos as u64,
             });
             cur.pos += 1;
             if cur.pos >= cur.batch.num_rows() {
-                exhausted = Some(slot);
+                p.exhausted = Some(slot);
                 break;
             }
         }
-        let refs: Vec<&RecordBatch> = active.iter().map(|&i| &cursors[i].batch).collect();
-        let batch = interleave_record_batch(&refs, &picks)?;
-        stats.rows += batch.num_rows() as u64;
-        if tx
-            .blocking_send(SourceEvent::Batch {
-                batch,
-                origins,
-                ack: None,
-            })
-            .is_err()
-        {
-            return Ok(stats);
-        }
-        if let Some(slot) = exhausted {
-            match refill(&mut cursors[active[slot]], &mut canon, &mut stats) {
-                (_, false) => return Ok(stats),
-                (true, true) => {}
-                (false, true) => {
-                    active.remove(slot);
-                }
-            }
-        }
+        Some(p)
     }
-    Ok(stats)
 }
 
 /// When each row is due under a [`Pace`]: row by row, so a slow pace releases rows one at a
