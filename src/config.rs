@@ -308,7 +308,7 @@ impl PipelineConfig {
             return Err(self.bad(
                 "features.max_deviations",
                 "0 (off) or at least 10 standard deviations",
-                &d.to_string(),
+                d.to_string(),
             ));
         }
         let s = &self.selection;
