@@ -162,5 +162,55 @@ fn learner_core(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, scoring, learner_core);
+/// The scoring-and-gradient work of one micro-batch (forward, per-sample output gradients,
+/// exact per-sample norms, weighted parameter gradient) through burn (flex) and through the
+/// fused CPU kernel, at the B = 256 and at the shipped micro-batch of 8 rows.
+fn fused_kernel(c: &mut Criterion) {
+    use gradsift::learner::fused::FusedMlp;
+    let head = Head::Regression;
+    let dev = Device::flex();
+    let params = Mlp::new(D, &[64, 64], head, &dev).dense_params();
+    for n in [8, B] {
+        let (x, y) = data(n, 2);
+        let w = vec![1.0f32; n];
+        let mut g = c.benchmark_group(format!("norms_and_grads_B{n}"));
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function("burn_flex", |b| {
+            b.iter(|| {
+                let tr = model::trace(&params, model::matrix(x.clone(), n, D, &dev));
+                let t = model::target_tensor(head, &y, &dev);
+                let deltas =
+                    model::backward_deltas(&params, &tr, model::output_grad(head, tr.output(), t));
+                let norms = model::to_vec(model::sq_norms(&tr.inputs, &deltas));
+                let grads = model::weighted_grads(
+                    &tr.inputs,
+                    &deltas,
+                    model::matrix(w.clone(), n, 1, &dev),
+                );
+                (
+                    norms,
+                    grads
+                        .into_iter()
+                        .map(|(gw, gb)| (model::to_vec(gw), model::to_vec(gb)))
+                        .collect::<Vec<_>>(),
+                )
+            })
+        });
+        let mut f = FusedMlp::from_dense(&params, head);
+        let mut norms = vec![0.0; n];
+        let mut grads = vec![(Vec::new(), Vec::new()); params.len()];
+        g.bench_function("fused_kernel", |b| {
+            b.iter(|| {
+                f.forward(&x, n);
+                f.backward(&y);
+                f.sq_norms(&mut norms);
+                f.weighted_grads(&w, &mut grads);
+                norms[0]
+            })
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, scoring, learner_core, fused_kernel);
 criterion_main!(benches);

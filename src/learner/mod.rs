@@ -13,6 +13,7 @@
 pub mod buffer;
 pub mod compute;
 pub mod eval;
+pub mod fused;
 pub mod importance;
 pub mod model;
 pub mod reducible;
