@@ -354,7 +354,11 @@ pub fn load_scores_py(out: &Path) -> String {
 /// `gradsift run pipelines/NAME` as a child process with `--set` overrides; its stderr lines
 /// are collected in the returned log. The metrics endpoint is off (several children run at
 /// once); a test that wants it sets `telemetry.enabled=true` and a free `telemetry.listen`.
-pub fn spawn_run(pipeline: &str, out: &Path, sets: &[String]) -> (Child, Arc<Mutex<Vec<String>>>) {
+pub fn spawn_run(
+    pipeline: &str,
+    out: &Path,
+    sets: &[String],
+) -> (RunChild, Arc<Mutex<Vec<String>>>) {
     let mut args: Vec<String> = vec![
         "run".into(),
         format!("pipelines/{pipeline}"),
@@ -391,7 +395,33 @@ pub fn spawn_run(pipeline: &str, out: &Path, sets: &[String]) -> (Child, Arc<Mut
             sink.lock().unwrap().push(line);
         }
     });
-    (child, log)
+    (RunChild(child), log)
+}
+
+/// A gradsift child process that is killed when dropped, so that a test which panics
+/// mid-run does not leave it running.
+pub struct RunChild(Child);
+
+impl std::ops::Deref for RunChild {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RunChild {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for RunChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Polls `cond` every 100 ms; panics naming `what` after `secs`.
