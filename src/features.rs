@@ -605,15 +605,19 @@ mod tests {
             RecordBatch::try_from_iter(["square_id", "ts", "internet"].into_iter().zip(cols))
                 .unwrap();
         let dec = crate::decode::Decoder::new(fe.schema.clone());
-        let d = dec.decode(&batch).unwrap();
-        let origins: Vec<_> = (0..n as u64)
+        push_all(fe, &dec.decode(&batch).unwrap())
+    }
+
+    /// Every row of a decoded batch through the engine; the (row, reason) of each skip.
+    fn push_all(fe: &mut FeatureEngine, d: &DecodedBatch) -> Vec<(usize, String)> {
+        let origins: Vec<_> = (0..d.len as u64)
             .map(|index| crate::source::RowOrigin {
                 source: Arc::from("t"),
                 index,
             })
             .collect();
         let mut skips = Vec::new();
-        fe.push_batch(&d, &origins, &mut Samples::default(), |i, r| {
+        fe.push_batch(d, &origins, &mut Samples::default(), |i, r| {
             skips.push((i, r.label()))
         });
         skips
@@ -705,17 +709,10 @@ mod tests {
             .numeric_columns()
             .to_vec();
         let mut fe = FeatureEngine::new(schema, &numeric, 10).with_max_deviations(1000.0);
-        let origins: Vec<_> = (0..lat.len() as u64)
-            .map(|index| crate::source::RowOrigin {
-                source: Arc::from("t"),
-                index,
-            })
-            .collect();
-        let mut skips = Vec::new();
-        fe.push_batch(&d, &origins, &mut Samples::default(), |i, r| {
-            skips.push((i, r.label()))
-        });
-        assert_eq!(skips, [(1100, "out_of_range:ue_distance".to_string())]);
+        assert_eq!(
+            push_all(&mut fe, &d),
+            [(1100, "out_of_range:ue_distance".to_string())]
+        );
     }
 
     #[test]

@@ -130,6 +130,10 @@ fn kill_9_then_restart(kind: BrokerKind, static_member: bool) {
     sets.push("source.stop_at_end=true".into());
     let restarted = Instant::now();
     let (mut second, log2) = spawn_run("milan-kafka.toml", out.path(), &sets);
+    // Bounded: a restart that never gets its partitions must fail here, not hang CI.
+    wait_until("the restarted run drains the topic and exits", 120, || {
+        second.try_wait().unwrap().is_some()
+    });
     let status = second.wait().unwrap();
     let restart_s = restarted.elapsed().as_secs_f64();
     assert!(status.success(), "restart: {status:?}\n{}", log_text(&log2));

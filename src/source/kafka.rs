@@ -414,11 +414,16 @@ impl StartCheck {
         let tries = self.tries.get(source).copied().unwrap_or(0);
         match start {
             Some(start) if m.offset > start && tries < MAX_SEEK_BACKS => {
-                let back = start - (BATCH_STEP << tries).min(start);
-                tracing::warn!(partition = %source, committed = start, got = m.offset, seek_to = back, "fetch began past the committed offset; seeking back");
-                let h = handed.entry(source.clone()).or_insert(0);
-                *h = (*h).max(start as u64);
-                seek(consumer, &m.topic, m.partition, back);
+                let back = seek_back(
+                    consumer,
+                    handed,
+                    source,
+                    (&m.topic, m.partition),
+                    start,
+                    start,
+                    tries,
+                );
+                tracing::warn!(partition = %source, committed = start, got = m.offset, seek_to = back, "fetch began past the committed offset; sought back");
                 self.tries.insert(source.clone(), tries + 1);
                 return true;
             }
@@ -432,15 +437,30 @@ impl StartCheck {
     }
 }
 
-fn seek(consumer: &BaseConsumer<GroupMember>, topic: &str, partition: i32, offset: i64) {
+/// The seek-back both broker workarounds make: to 512 × 2^`tries` messages before `below`,
+/// with everything before `needed` marked as already handed (skipped when it comes again).
+/// Returns the offset sought to.
+fn seek_back(
+    consumer: &BaseConsumer<GroupMember>,
+    handed: &mut HashMap<Arc<str>, u64>,
+    source: &Arc<str>,
+    (topic, partition): (&str, i32),
+    needed: i64,
+    below: i64,
+    tries: u32,
+) -> i64 {
+    let back = below - (BATCH_STEP << tries).min(below);
+    let h = handed.entry(source.clone()).or_insert(0);
+    *h = (*h).max(needed as u64);
     if let Err(e) = consumer.seek(
         topic,
         partition,
-        Offset::Offset(offset),
+        Offset::Offset(back),
         Duration::from_secs(10),
     ) {
-        tracing::warn!(error = %e, topic, partition, offset, "seek failed");
+        tracing::warn!(error = %e, topic, partition, offset = back, "seek failed");
     }
+    back
 }
 
 /// Assigned partitions that make no progress while their next offset is not the broker's
@@ -540,12 +560,17 @@ impl StallWatch {
             }
             // Below both: a high watermark under the next offset is as wrong as one above it
             // (Tansu 0.6 reports one short of the end), and the fetch must begin before it.
-            let base = next.min(high);
-            let back = base - (BATCH_STEP << tries).min(base);
-            tracing::warn!(partition = %source, next, high_watermark = high, silent_s, seek_to = back, "partition makes no progress while its next offset is not the broker's high watermark; seeking back so that the fetch starts at a record-batch boundary (Tansu 0.6 serves nothing from inside the last record batch and reports a high watermark short of the partition's end)");
-            let h = handed.entry(source.clone()).or_insert(0);
-            *h = (*h).max(next as u64);
-            seek(consumer, topic, partition, back);
+            let below = next.min(high);
+            let back = seek_back(
+                consumer,
+                handed,
+                &source,
+                (topic, partition),
+                next,
+                below,
+                tries,
+            );
+            tracing::warn!(partition = %source, next, high_watermark = high, silent_s, seek_to = back, "partition makes no progress while its next offset is not the broker's high watermark; sought back so that the fetch starts at a record-batch boundary (Tansu 0.6 serves nothing from inside the last record batch and reports a high watermark short of the partition's end)");
             self.tries.insert(source, tries + 1);
         }
     }
