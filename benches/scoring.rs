@@ -76,95 +76,206 @@ fn scoring(c: &mut Criterion) {
     g.finish();
 }
 
+/// The learner core (score + select + train + buffer) on in-memory micro-batches, at the
+/// issue's B = 256 and at the shipped micro-batch of 8; exact scores, keep 0.8, replay 3.
 fn learner_core(c: &mut Criterion) {
     let n_batches = 64;
-    let (x, y) = data(B * n_batches, 2);
-    let keys: Vec<Arc<str>> = (0..B)
-        .map(|i| Arc::from(format!("cell-{}", i % 32).as_str()))
-        .collect();
-    let times: Vec<i64> = (0..B as i64).collect();
-    let mut g = c.benchmark_group("learner_core_B256");
-    g.throughput(Throughput::Elements(B as u64));
-    for (name, method, keep, backend) in [
-        (
-            "exact_keep0.8_flex",
-            ImportanceMethod::Exact,
-            0.8,
-            Backend::Flex,
-        ),
-        (
-            "exact_keep1.0_flex",
-            ImportanceMethod::Exact,
-            1.0,
-            Backend::Flex,
-        ),
-        (
-            "last_layer_keep0.8_flex",
-            ImportanceMethod::LastLayer,
-            0.8,
-            Backend::Flex,
-        ),
-        (
-            "exact_keep0.8_ndarray",
-            ImportanceMethod::Exact,
-            0.8,
-            Backend::Ndarray,
-        ),
-    ] {
-        let mut learner = OnlineLearner::new(LearnerConfig {
-            inputs: D,
-            head: Head::Regression,
-            model: ModelConfig {
-                backend,
-                hidden: vec![64, 64],
-            },
-            importance: method,
-            selection: SelectionConfig {
-                keep,
-                warmup: 1024,
-                window: 4096,
-                unbiased_q: 0.0,
-                ..SelectionConfig::default()
-            },
-            buffer: BufferConfig {
-                policy: EvictionPolicy::Importance,
-                capacity: 8192,
-                max_bytes: 4 << 20,
-                decay: 0.9999,
-                replay_ratio: 0.25,
-                replay_sampling: ReplaySampling::Uniform,
-                rescore_every: 50,
-                rescore_slice: 512,
-            },
-            reference_replay_ratio: 1.0,
-            holdout_every: 10,
-            training: TrainingConfig {
-                micro_batch: B,
-                learning_rate: 1e-3,
-                seed: 3,
-                ..TrainingConfig::default()
-            },
-        });
-        let mut i = 0;
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                let k = i % n_batches;
-                i += 1;
-                learner.learn_batch(FreshBatch {
-                    x: &x[k * B * D..(k + 1) * B * D],
-                    y: &y[k * B..(k + 1) * B],
-                    keys: &keys,
-                    times: &times,
+    for n in [B, 8] {
+        let (x, y) = data(n * n_batches, 2);
+        let keys: Vec<Arc<str>> = (0..n)
+            .map(|i| Arc::from(format!("cell-{}", i % 32).as_str()))
+            .collect();
+        let times: Vec<i64> = (0..n as i64).collect();
+        let mut g = c.benchmark_group(format!("learner_core_B{n}"));
+        g.throughput(Throughput::Elements(n as u64));
+        // The shipped pipelines' FIFO buffer; and the importance buffer, whose ordered
+        // re-ranking of every replayed row is measured apart.
+        let runs = [
+            (
+                "exact_keep0.8_replay3_fused",
+                ImportanceMethod::Exact,
+                Backend::Fused,
+                EvictionPolicy::Fifo,
+            ),
+            (
+                "exact_keep0.8_replay3_flex",
+                ImportanceMethod::Exact,
+                Backend::Flex,
+                EvictionPolicy::Fifo,
+            ),
+            (
+                "el2n_keep0.8_replay3_fused",
+                ImportanceMethod::El2n,
+                Backend::Fused,
+                EvictionPolicy::Fifo,
+            ),
+            (
+                "exact_keep0.8_replay3_importance_buffer_fused",
+                ImportanceMethod::Exact,
+                Backend::Fused,
+                EvictionPolicy::Importance,
+            ),
+        ];
+        for (name, method, backend, policy) in runs {
+            let mut learner = core_learner(n, method, backend, policy);
+            let mut i = 0;
+            g.bench_function(name, |b| {
+                b.iter(|| {
+                    let k = i % n_batches;
+                    i += 1;
+                    learner.learn_batch(FreshBatch {
+                        x: &x[k * n * D..(k + 1) * n * D],
+                        y: &y[k * n..(k + 1) * n],
+                        keys: &keys,
+                        times: &times,
+                    })
                 })
-            })
-        });
+            });
+        }
+        g.finish();
     }
-    g.finish();
 }
 
-/// The scoring-and-gradient work of one micro-batch (forward, per-sample output gradients,
-/// exact per-sample norms, weighted parameter gradient) through burn (flex) and through the
-/// fused CPU kernel, at the B = 256 and at the shipped micro-batch of 8 rows.
+fn core_learner(
+    n: usize,
+    importance: ImportanceMethod,
+    backend: Backend,
+    policy: EvictionPolicy,
+) -> OnlineLearner {
+    OnlineLearner::new(LearnerConfig {
+        inputs: D,
+        head: Head::Regression,
+        model: ModelConfig {
+            backend,
+            hidden: vec![64, 64],
+        },
+        importance,
+        selection: SelectionConfig {
+            keep: 0.8,
+            warmup: 1024,
+            window: 4096,
+            unbiased_q: 0.0,
+            ..SelectionConfig::default()
+        },
+        buffer: BufferConfig {
+            policy,
+            capacity: 8192,
+            max_bytes: 4 << 20,
+            decay: 0.9999,
+            replay_ratio: 3.0,
+            replay_sampling: ReplaySampling::Uniform,
+            rescore_every: if policy == EvictionPolicy::Importance {
+                50
+            } else {
+                0
+            },
+            rescore_slice: 512,
+        },
+        reference_replay_ratio: 3.0,
+        holdout_every: 10,
+        training: TrainingConfig {
+            micro_batch: n,
+            learning_rate: 1e-3,
+            seed: 3,
+            ..TrainingConfig::default()
+        },
+    })
+}
+
+/// The work the peer scripts (`benches/peers/`) time in JAX and numpy, through the fused
+/// kernel: exact per-sample norms (forward + per-sample backward + ghost norms), a plain
+/// forward + backward (mean-loss gradient), and the same plus an Adam step.
+fn peers(c: &mut Criterion) {
+    use gradsift::learner::fused::{FusedAdam, FusedMlp};
+    let head = Head::Regression;
+    let params = Mlp::new(D, &[64, 64], head, &Device::flex()).dense_params();
+    for n in [B, 8] {
+        let (x, y) = data(n, 2);
+        let w = vec![1.0 / n as f32; n];
+        let mut g = c.benchmark_group(format!("peers_B{n}"));
+        g.throughput(Throughput::Elements(n as u64));
+        let mut f = FusedMlp::from_dense(&params, head);
+        let mut norms = vec![0.0; n];
+        g.bench_function("norms_exact", |b| {
+            b.iter(|| {
+                f.forward(&x, n);
+                f.backward(&y);
+                f.sq_norms(&mut norms);
+                norms[0]
+            })
+        });
+        let mut grads = vec![(Vec::new(), Vec::new()); params.len()];
+        g.bench_function("fwd_bwd", |b| {
+            b.iter(|| {
+                f.forward(&x, n);
+                f.backward(&y);
+                f.weighted_grads(&w, &mut grads);
+                grads[0].0[0]
+            })
+        });
+        let mut adam = FusedAdam::default();
+        g.bench_function("fwd_bwd_adam", |b| {
+            b.iter(|| {
+                f.forward(&x, n);
+                f.backward(&y);
+                f.weighted_grads(&w, &mut grads);
+                adam.step(&mut f, &grads, 1e-3);
+            })
+        });
+        g.finish();
+    }
+}
+
+/// This machine's one-core f32 FMA peak: 192 independent FMA chains (12 AVX-512 registers,
+/// enough to fill two FMA ports of 4-cycle latency), compiled for AVX-512, AVX2+FMA or baseline and
+/// picked at run time like the kernel. Writes the fastest call's rate to
+/// `$CARGO_TARGET_DIR/fma_peak.json` for `benches/peers/table.py`.
+fn fma_peak(c: &mut Criterion) {
+    const ITERS: usize = 100_000;
+    let flops = (ITERS * 192 * 2) as u64;
+    let mut acc = [1.0f32; 192];
+    // The fastest call seen, timed inside criterion's own loop so that nothing runs when
+    // the group is filtered out.
+    let best = std::cell::Cell::new(f64::INFINITY);
+    let mut g = c.benchmark_group("fma_peak");
+    g.throughput(Throughput::Elements(flops));
+    g.bench_function("one_core", |b| {
+        b.iter_custom(|iters| {
+            let start = std::time::Instant::now();
+            for _ in 0..iters {
+                let t = std::time::Instant::now();
+                fma_chains(std::hint::black_box(&mut acc), ITERS);
+                best.set(best.get().min(t.elapsed().as_secs_f64()));
+            }
+            start.elapsed()
+        })
+    });
+    g.finish();
+    if best.get().is_finite() {
+        let gflops = flops as f64 / best.get() / 1e9;
+        let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+        let path = std::path::Path::new(&dir).join("fma_peak.json");
+        let json = format!("{{\"gflops\": {gflops:.1}}}\n");
+        std::fs::write(&path, json).expect("write fma_peak.json");
+        println!(
+            "fma_peak: {gflops:.1} GFLOP/s on one core ({})",
+            path.display()
+        );
+    }
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn fma_chains(acc: &mut [f32; 192], iters: usize) {
+    let (a, b) = (0.999_999f32, 1e-6f32);
+    let mut regs = *acc;
+    for _ in 0..iters {
+        for v in regs.iter_mut() {
+            *v = v.mul_add(a, b);
+        }
+    }
+    *acc = regs;
+}
+
 fn fused_kernel(c: &mut Criterion) {
     use gradsift::learner::fused::FusedMlp;
     let head = Head::Regression;
@@ -212,5 +323,12 @@ fn fused_kernel(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, scoring, learner_core, fused_kernel);
+criterion_group!(
+    benches,
+    scoring,
+    learner_core,
+    fused_kernel,
+    peers,
+    fma_peak
+);
 criterion_main!(benches);

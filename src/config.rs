@@ -346,6 +346,11 @@ impl PipelineConfig {
                 format!("short {} long {}", sp.short, sp.long),
             ));
         }
+        if let Err(why) =
+            crate::learner::net::check_method(self.model.backend, self.importance.method)
+        {
+            return Err(self.bad("importance.method", &why, "exact_autodiff"));
+        }
         if self.importance.holdout_every < 2 {
             return Err(self.bad(
                 "importance.holdout_every",
@@ -603,6 +608,19 @@ max_bytes = 100000
         );
         let e = PipelineConfig::load(&p, &[]).unwrap_err().to_string();
         assert!(e.contains("buffer") && e.contains("capacty"), "{e}");
+
+        // burn's autodiff route needs a burn backend; the default is the fused kernel.
+        let p = write(
+            d.path(),
+            &GOOD.replace("method = \"exact\"", "method = \"exact_autodiff\""),
+        );
+        let e = PipelineConfig::load(&p, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("importance.method") && e.contains("model.backend = \"flex\""),
+            "{e}"
+        );
+        let with_flex = ["model.backend=\"flex\"".to_string()];
+        assert!(PipelineConfig::load(&p, &with_flex).is_ok());
 
         let p = write(
             d.path(),

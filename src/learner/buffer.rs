@@ -368,20 +368,25 @@ impl ReplayBuffer {
 
     /// Replaces an entry's score with one from the current model.
     pub fn rescore(&mut self, slot: usize, score: f32, version: u64) {
-        let Some(e) = self.slots[slot].take() else {
+        let Some(e) = self.slots[slot].as_mut() else {
             return;
         };
-        if self.cfg.policy != EvictionPolicy::Reservoir {
-            self.order.remove(&(self.rank(&e), slot));
+        // Only the importance order depends on the score (FIFO ranks by age alone, and the
+        // reservoir keeps no order): the other policies skip the two tree updates.
+        if self.cfg.policy != EvictionPolicy::Importance {
+            e.score = score;
+            e.version = version;
+            self.stats.rescored += 1;
+            return;
         }
+        let e = self.slots[slot].take().expect("live slot");
+        self.order.remove(&(self.rank(&e), slot));
         let e = Entry {
             score,
             version,
             ..e
         };
-        if self.cfg.policy != EvictionPolicy::Reservoir {
-            self.order.insert((self.rank(&e), slot));
-        }
+        self.order.insert((self.rank(&e), slot));
         self.slots[slot] = Some(e);
         self.stats.rescored += 1;
     }

@@ -1,25 +1,28 @@
-//! A fused CPU kernel for the learner's hot path (issue 11, first part): the MLP's forward
-//! pass, the per-sample output gradients, the exact per-sample gradient norms and the
-//! row-weighted parameter gradient, on contiguous f32 buffers that are reused from step to
-//! step (no allocation once the largest batch has been seen).
+//! A fused CPU kernel for the learner's hot path: the MLP's forward pass, the per-sample
+//! output gradients, the exact per-sample gradient norms, the row-weighted parameter
+//! gradient and the Adam update, on contiguous f32 buffers that are reused from step to step
+//! (no allocation once the largest batch has been seen). `model.backend = "fused"`.
 //!
 //! It computes what `model.rs` computes through burn ([`trace`](super::model::trace),
 //! [`backward_deltas`](super::model::backward_deltas), [`sq_norms`](super::model::sq_norms),
-//! [`weighted_grads`](super::model::weighted_grads)) and is checked against burn in the
-//! tests; burn stays the reference. Why: at the shipped micro-batch of 8 rows burn's
-//! per-operation overhead, not arithmetic, is the cost (issue 11's table).
+//! [`weighted_grads`](super::model::weighted_grads), burn's Adam) and the tests check it
+//! against burn; burn stays the reference and the way to other devices. Why: at the shipped
+//! micro-batch of 8 rows burn's per-operation overhead, not arithmetic, is the cost.
 //!
-//! Where it stands (`cargo bench --bench scoring -- norms_and_grads`, 16 → 64 → 64 → 1, one
-//! run, this 2-core machine): at B = 8 it takes 12.5 µs against burn-flex's 45.2 µs (3.6×
-//! faster); at B = 256, 409 µs against 249 µs (1.6× *slower*). The inner loops are plain
-//! safe Rust over contiguous rows, compiled for AVX-512, for AVX2+FMA and for baseline
-//! x86-64 and picked at run time (the `multiversion` crate: an attribute, no `unsafe` in this
-//! crate), but without register blocking they are bound by loads and stores of the output
-//! rows. So it is not yet selectable as a backend and the learner still trains through
-//! burn. Next: register-blocked inner products (or a GEMM crate), the Adam update, and the
-//! learner wiring (issue 11).
+//! The three matrix products per layer go to [`super::matmul`] (the `gemm` crate, AVX-512 /
+//! AVX2+FMA / portable, chosen at run time); the row-wise loops (ReLU masks, norms, output
+//! gradients) are plain safe Rust compiled for AVX-512, AVX2+FMA and baseline x86-64 by the
+//! `multiversion` attribute and picked at run time.
+//!
+//! Measured (`cargo bench --bench scoring -- "norms_and_grads|peers"`, one core, 16 → 64 →
+//! 64 → 1): forward + per-sample backward + ghost norms + weighted gradient 4.4 µs at B = 8
+//! and 89 µs at B = 256, against burn-flex's 30 and 183 µs; B = 8 costs 1.6× its 8/256 share
+//! of B = 256.
 
-use super::model::{DenseParams, Head, to_vec};
+use serde::{Deserialize, Serialize};
+
+use super::matmul::{Layout, matmul};
+use super::model::{DenseParams, Head, SavedLayer, to_vec};
 
 /// An MLP's weights as plain row-major buffers, with scratch space for one batch.
 pub struct FusedMlp {
@@ -37,22 +40,34 @@ pub struct FusedMlp {
     pre: Vec<Vec<f32>>,
     /// g_k = dℓ_i/dz_k, `[n, widths[k + 1]]`.
     deltas: Vec<Vec<f32>>,
+    /// w ⊙ g_k for the weight gradient.
+    scaled: Vec<f32>,
 }
 
 impl FusedMlp {
     /// The kernel's copy of burn parameters (one entry per layer, as `Mlp::dense_params`).
     pub fn from_dense(params: &[DenseParams], head: Head) -> Self {
-        let mut widths = Vec::with_capacity(params.len() + 1);
-        let mut weights = Vec::with_capacity(params.len());
-        let mut biases = Vec::with_capacity(params.len());
-        for p in params {
-            let [d_in, _] = p.weight.dims();
-            widths.push(d_in);
-            weights.push(to_vec(p.weight.clone()));
-            biases.push(to_vec(p.bias.clone()));
-        }
-        widths.push(biases.last().map_or(0, Vec::len));
-        let depth = params.len();
+        let layers = params
+            .iter()
+            .map(|p| (to_vec(p.weight.clone()), to_vec(p.bias.clone())))
+            .collect();
+        Self::from_layers(layers, head)
+    }
+
+    /// The weights of a checkpoint (or of a freshly initialised burn model).
+    pub fn from_saved(saved: &[SavedLayer], head: Head) -> Self {
+        let layers = saved
+            .iter()
+            .map(|s| (s.weight.clone(), s.bias.clone()))
+            .collect();
+        Self::from_layers(layers, head)
+    }
+
+    fn from_layers(layers: Vec<(Vec<f32>, Vec<f32>)>, head: Head) -> Self {
+        let depth = layers.len();
+        let mut widths: Vec<usize> = layers.iter().map(|(w, b)| w.len() / b.len()).collect();
+        widths.push(layers.last().map_or(0, |(_, b)| b.len()));
+        let (weights, biases) = layers.into_iter().unzip();
         FusedMlp {
             head,
             weights,
@@ -62,11 +77,34 @@ impl FusedMlp {
             acts: vec![Vec::new(); depth],
             pre: vec![Vec::new(); depth],
             deltas: vec![Vec::new(); depth],
+            scaled: Vec::new(),
         }
     }
 
-    fn depth(&self) -> usize {
+    /// Overwrites `saved`'s numbers with these weights (shapes and parameter ids kept).
+    pub fn save_into(&self, saved: &mut [SavedLayer]) {
+        for ((s, w), b) in saved.iter_mut().zip(&self.weights).zip(&self.biases) {
+            s.weight.copy_from_slice(w);
+            s.bias.copy_from_slice(b);
+        }
+    }
+
+    pub fn depth(&self) -> usize {
         self.weights.len()
+    }
+
+    pub fn head(&self) -> Head {
+        self.head
+    }
+
+    /// Layer widths, `inputs → … → outputs`.
+    pub fn widths(&self) -> &[usize] {
+        &self.widths
+    }
+
+    /// Rows of the last pass (fewer after [`Self::keep_rows`]).
+    pub fn rows(&self) -> usize {
+        self.n
     }
 
     /// Forward pass over `n` rows of `x` (`[n, inputs]` row-major), keeping what the backward
@@ -80,68 +118,126 @@ impl FusedMlp {
         for k in 0..=last {
             let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
             resize(&mut self.pre[k], n * d_out);
-            affine(
-                &self.acts[k],
-                &self.weights[k],
-                &self.biases[k],
-                d_in,
-                d_out,
-                &mut self.pre[k],
-            );
+            let z = &mut self.pre[k];
+            for row in z.chunks_exact_mut(d_out) {
+                row.copy_from_slice(&self.biases[k]);
+            }
+            let (a, w) = (&self.acts[k], &self.weights[k]);
+            matmul(z, a, Layout::Rows, w, Layout::Rows, (n, d_in, d_out), true);
             if k < last {
                 let (pre, acts) = (&self.pre[k], &mut self.acts[k + 1]);
                 resize(acts, pre.len());
-                for (a, &z) in acts.iter_mut().zip(pre) {
-                    *a = z.max(0.0);
-                }
+                relu(pre, acts);
             }
         }
         &self.pre[last]
     }
 
-    /// The per-sample output gradients of the last forward pass against targets `y` (values,
-    /// or class indices as f32), back-propagated through every layer.
-    pub fn backward(&mut self, y: &[f32]) {
+    /// The model output of the last forward pass, `[n, outputs]`.
+    pub fn output(&self) -> &[f32] {
+        &self.pre[self.depth() - 1][..self.n * self.widths[self.depth()]]
+    }
+
+    /// g_L = dℓ_i/dz_L of the last forward pass against targets `y` (values, or class
+    /// indices as f32).
+    pub fn output_grads(&mut self, y: &[f32]) {
         let (n, last) = (self.n, self.depth() - 1);
         let k_out = self.widths[last + 1];
         assert_eq!(y.len(), n, "one target per row");
         resize(&mut self.deltas[last], n * k_out);
         output_grad(self.head, &self.pre[last], y, k_out, &mut self.deltas[last]);
+    }
+
+    /// The last layer's g_L, `[n, outputs]` (after [`Self::output_grads`]).
+    pub fn output_deltas(&self) -> &[f32] {
+        &self.deltas[self.depth() - 1]
+    }
+
+    /// Back-propagates g_L through every hidden layer (after [`Self::output_grads`]).
+    pub fn backward_hidden(&mut self) {
+        let (n, last) = (self.n, self.depth() - 1);
         for k in (1..=last).rev() {
             let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
             let (lower, upper) = self.deltas.split_at_mut(k);
             let g_below = &mut lower[k - 1];
             resize(g_below, n * d_in);
-            back_through_relu(
-                &upper[0],
-                &self.weights[k],
-                &self.pre[k - 1],
-                d_in,
-                d_out,
+            // g_{k-1} = (g_k · W_kᵀ) ⊙ 1[z_{k-1} > 0]; Wᵀ is read in place.
+            let (g, w) = (&upper[0], &self.weights[k]);
+            matmul(
                 g_below,
+                g,
+                Layout::Rows,
+                w,
+                Layout::Transposed,
+                (n, d_out, d_in),
+                false,
             );
+            relu_mask(&self.pre[k - 1], g_below);
         }
+    }
+
+    /// The per-sample output gradients of the last forward pass against targets `y`,
+    /// back-propagated through every layer.
+    pub fn backward(&mut self, y: &[f32]) {
+        self.output_grads(y);
+        self.backward_hidden();
+    }
+
+    /// Restricts the last pass to some of its rows (ascending), compacting every buffer a
+    /// later backward or weight gradient reads; `with_hidden_deltas` when the hidden g_k are
+    /// already there (after [`Self::backward_hidden`]).
+    pub fn keep_rows(&mut self, rows: &[usize], with_hidden_deltas: bool) {
+        let last = self.depth() - 1;
+        for k in 0..=last {
+            let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
+            compact(&mut self.acts[k], d_in, rows);
+            compact(&mut self.pre[k], d_out, rows);
+            if k == last || with_hidden_deltas {
+                compact(&mut self.deltas[k], d_out, rows);
+            }
+        }
+        self.n = rows.len();
     }
 
     /// Squared per-sample gradient norm over all parameters, s_i² = Σ_k (‖a_k,i‖² + 1)·‖g_k,i‖²
     /// (the ghost norm), for the rows of the last backward pass.
     pub fn sq_norms(&self, out: &mut [f32]) {
-        let n = self.n;
-        assert_eq!(out.len(), n);
+        assert_eq!(out.len(), self.n);
         out.fill(0.0);
         for k in 0..self.depth() {
             let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
-            for (i, s) in out.iter_mut().enumerate() {
-                let a = &self.acts[k][i * d_in..(i + 1) * d_in];
-                let g = &self.deltas[k][i * d_out..(i + 1) * d_out];
-                *s += (dot(a, a) + 1.0) * dot(g, g);
-            }
+            add_ghost_norms(&self.acts[k], &self.deltas[k], d_in, d_out, out);
+        }
+    }
+
+    /// Squared norm of the last layer's per-sample gradient only (the `last_layer` proxy),
+    /// after [`Self::output_grads`].
+    pub fn last_layer_sq_norms(&self, out: &mut [f32]) {
+        assert_eq!(out.len(), self.n);
+        out.fill(0.0);
+        let k = self.depth() - 1;
+        let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
+        add_ghost_norms(&self.acts[k], &self.deltas[k], d_in, d_out, out);
+    }
+
+    /// Per-sample loss of the last forward pass: (ŷ − y)², or −log softmax(z)_y.
+    pub fn losses(&self, y: &[f32], out: &mut [f32]) {
+        let k = self.widths[self.depth()];
+        for ((l, z), &t) in out.iter_mut().zip(self.output().chunks_exact(k)).zip(y) {
+            *l = match self.head {
+                Head::Regression => (z[0] - t) * (z[0] - t),
+                Head::Classification { classes } => {
+                    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
+                    lse - z[(t as usize).min(classes - 1)]
+                }
+            };
         }
     }
 
     /// Gradient of Σ_i w_i ℓ_i for every layer, into `grads` (`[d_in·d_out]` weights and
     /// `[d_out]` biases per layer, overwritten): dW_k = a_kᵀ·(w ⊙ g_k), db_k = Σ_i w_i g_k,i.
-    pub fn weighted_grads(&self, w: &[f32], grads: &mut [(Vec<f32>, Vec<f32>)]) {
+    pub fn weighted_grads(&mut self, w: &[f32], grads: &mut [(Vec<f32>, Vec<f32>)]) {
         let n = self.n;
         assert_eq!(w.len(), n);
         assert_eq!(grads.len(), self.depth());
@@ -149,83 +245,163 @@ impl FusedMlp {
             let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
             resize(gw, d_in * d_out);
             resize(gb, d_out);
-            weighted_outer(&self.acts[k], &self.deltas[k], w, d_in, d_out, gw, gb);
+            resize(&mut self.scaled, n * d_out);
+            scale_rows(&self.deltas[k], w, d_out, &mut self.scaled, gb);
+            // aᵀ is read in place.
+            let (a, s) = (&self.acts[k], &self.scaled);
+            matmul(
+                gw,
+                a,
+                Layout::Transposed,
+                s,
+                Layout::Rows,
+                (d_in, n, d_out),
+                false,
+            );
+        }
+    }
+
+    /// The parameters as (weights, bias) slices per layer, for the optimiser.
+    fn params_mut(&mut self) -> impl Iterator<Item = (&mut Vec<f32>, &mut Vec<f32>)> {
+        self.weights.iter_mut().zip(self.biases.iter_mut())
+    }
+}
+
+/// burn's Adam (β₁ 0.9, β₂ 0.999, ε 1e-5, bias-corrected as burn does) on the kernel's
+/// buffers; its state is what a checkpoint keeps for the `fused` backend.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FusedAdam {
+    /// Steps taken.
+    pub time: u64,
+    /// Per layer: first and second moments of the weights, then of the bias.
+    pub moments: Vec<[Vec<f32>; 4]>,
+}
+
+const BETA_1: f32 = 0.9;
+const BETA_2: f32 = 0.999;
+const EPSILON: f32 = 1e-5;
+
+impl FusedAdam {
+    /// One update of `mlp` with the gradient `grads` (as [`FusedMlp::weighted_grads`] gives).
+    pub fn step(&mut self, mlp: &mut FusedMlp, grads: &[(Vec<f32>, Vec<f32>)], lr: f64) {
+        if self.moments.len() != grads.len() {
+            self.moments = grads
+                .iter()
+                .map(|(w, b)| {
+                    [
+                        vec![0.0; w.len()],
+                        vec![0.0; w.len()],
+                        vec![0.0; b.len()],
+                        vec![0.0; b.len()],
+                    ]
+                })
+                .collect();
+            self.time = 0;
+        }
+        self.time += 1;
+        let t = self.time.min(i32::MAX as u64) as i32;
+        let bc2 = (1.0 - BETA_2.powi(t)).sqrt();
+        let factor = bc2 / (1.0 - BETA_1.powi(t));
+        let (lr, eps) = (lr as f32, EPSILON * bc2);
+        for (((w, b), (gw, gb)), [mw, vw, mb, vb]) in
+            mlp.params_mut().zip(grads).zip(&mut self.moments)
+        {
+            adam(w, gw, mw, vw, lr, factor, eps);
+            adam(b, gb, mb, vb, lr, factor, eps);
         }
     }
 }
 
-/// g_{k-1} = (g_k · W_kᵀ) ⊙ 1[z_{k-1} > 0], row by row; branch-free, as after a ReLU about
-/// half the units are off, at random.
+/// θ −= lr · m̂ / (√v̂ + ε), in burn's arrangement of the bias corrections. Moments below
+/// f32's smallest normal are flushed to zero: a parameter whose gradient stays at zero (a
+/// dead ReLU unit) lets its moments decay geometrically into subnormals, and arithmetic on
+/// subnormals is two orders of magnitude slower on x86 (measured: this update took 44% of
+/// the learner's CPU time before the flush). Below 1.2e-38 a moment changes no update.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
-fn back_through_relu(
-    g_above: &[f32],
-    w: &[f32],
-    z: &[f32],
-    d_in: usize,
-    d_out: usize,
-    out: &mut [f32],
-) {
-    for ((g, zr), o) in g_above
-        .chunks_exact(d_out)
-        .zip(z.chunks_exact(d_in))
-        .zip(out.chunks_exact_mut(d_in))
+fn adam(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, factor: f32, eps: f32) {
+    let flush = |x: f32| if x.abs() < f32::MIN_POSITIVE { 0.0 } else { x };
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        *m = flush(BETA_1 * *m + (1.0 - BETA_1) * g);
+        *v = flush(BETA_2 * *v + (1.0 - BETA_2) * g * g);
+        *p -= lr * (*m * factor / (v.sqrt() + eps));
+    }
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn relu(z: &[f32], a: &mut [f32]) {
+    for (a, &z) in a.iter_mut().zip(z) {
+        *a = z.max(0.0);
+    }
+}
+
+/// g ⊙= 1[z > 0], branch-free (after a ReLU about half the units are off, at random).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn relu_mask(z: &[f32], g: &mut [f32]) {
+    for (g, &z) in g.iter_mut().zip(z) {
+        *g *= f32::from(u8::from(z > 0.0));
+    }
+}
+
+/// out_i += (‖a_i‖² + 1)·‖g_i‖² for one layer.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn add_ghost_norms(a: &[f32], g: &[f32], d_in: usize, d_out: usize, out: &mut [f32]) {
+    for ((s, ar), gr) in out
+        .iter_mut()
+        .zip(a.chunks_exact(d_in))
+        .zip(g.chunks_exact(d_out))
     {
-        for ((oi, &zp), wr) in o.iter_mut().zip(zr).zip(w.chunks_exact(d_out)) {
-            let on = f32::from(u8::from(zp > 0.0));
-            *oi = on * dot(g, wr);
+        *s += (dot(ar, ar) + 1.0) * dot(gr, gr);
+    }
+}
+
+/// s_i = w_i·g_i row by row, and their column sums into `colsum` (the bias gradient).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn scale_rows(g: &[f32], w: &[f32], d: usize, s: &mut [f32], colsum: &mut [f32]) {
+    colsum.fill(0.0);
+    for ((gr, sr), &wi) in g.chunks_exact(d).zip(s.chunks_exact_mut(d)).zip(w) {
+        for ((si, &gi), c) in sr.iter_mut().zip(gr).zip(colsum.iter_mut()) {
+            *si = wi * gi;
+            *c += *si;
         }
     }
 }
 
-/// dW = aᵀ·(w ⊙ g), db = Σ_i w_i g_i (overwritten).
+/// Whether every entry of a gradient is finite (a NaN or ±inf makes the sum non-finite);
+/// summed in 16 lanes so that it vectorises.
+pub fn all_finite(grads: &[(Vec<f32>, Vec<f32>)]) -> bool {
+    grads
+        .iter()
+        .map(|(w, b)| lane_sum(w) + lane_sum(b))
+        .sum::<f32>()
+        .is_finite()
+}
+
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
-fn weighted_outer(
-    a: &[f32],
-    g: &[f32],
-    w: &[f32],
-    d_in: usize,
-    d_out: usize,
-    gw: &mut [f32],
-    gb: &mut [f32],
-) {
-    gw.fill(0.0);
-    gb.fill(0.0);
-    for ((ar, gr), &wi) in a.chunks_exact(d_in).zip(g.chunks_exact(d_out)).zip(w) {
-        if wi == 0.0 {
-            continue; // an unselected row (weights are 0 or 1 mostly, so well predicted)
-        }
-        axpy(wi, gr, gb);
-        for (&ap, row) in ar.iter().zip(gw.chunks_exact_mut(d_out)) {
-            axpy(wi * ap, gr, row);
+fn lane_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for j in 0..16 {
+            acc[j] += c[j];
         }
     }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Keeps the listed rows (ascending) of a `[_, d]` row-major buffer, in place.
+fn compact(v: &mut Vec<f32>, d: usize, rows: &[usize]) {
+    for (to, &from) in rows.iter().enumerate() {
+        if to != from {
+            v.copy_within(from * d..(from + 1) * d, to * d);
+        }
+    }
+    v.truncate(rows.len() * d);
 }
 
 fn resize(v: &mut Vec<f32>, len: usize) {
     if v.len() != len {
         v.resize(len, 0.0);
-    }
-}
-
-/// z = a·W + b for `[n, d_in]` a and `[d_in, d_out]` W, row by row: each row is a sum of
-/// W's rows scaled by a's entries (contiguous, vectorisable).
-#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
-fn affine(a: &[f32], w: &[f32], b: &[f32], d_in: usize, d_out: usize, z: &mut [f32]) {
-    for (row, zr) in a.chunks_exact(d_in).zip(z.chunks_exact_mut(d_out)) {
-        zr.copy_from_slice(b);
-        // No skipping of zero inputs: after a ReLU they fall at random, and a mispredicted
-        // branch costs more than the row it would skip.
-        for (&ap, wr) in row.iter().zip(w.chunks_exact(d_out)) {
-            axpy(ap, wr, zr);
-        }
-    }
-}
-
-/// y += a·x
-#[inline(always)]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
     }
 }
 

@@ -11,6 +11,7 @@ use burn::tensor::{Device, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::fused::FusedMlp;
 use super::model::{self, DenseParams, Head, Trace};
 
 /// How a sample's importance is measured.
@@ -44,7 +45,7 @@ impl ImportanceMethod {
     }
 }
 
-/// A scored batch: outputs, scores, and what training needs next.
+/// A scored batch: predictions, scores and losses, row by row.
 pub struct Scored {
     /// Model outputs before any update on this batch, `[n, outputs]`, row-major.
     pub outputs: Vec<f32>,
@@ -52,12 +53,22 @@ pub struct Scored {
     pub scores: Vec<f32>,
     /// Per-sample loss per row.
     pub losses: Vec<f32>,
-    /// Layer inputs a_k for all rows.
-    pub inputs: Vec<Tensor<2>>,
-    /// g_k for all rows, when the method back-propagated every row.
-    pub deltas: Option<Vec<Tensor<2>>>,
+}
+
+/// What burn's pass keeps for training the batch next.
+#[allow(clippy::large_enum_variant)] // one per step, moved once
+pub enum BurnPass {
+    /// Layer inputs a_k and g_k for all rows, when the method back-propagated every row.
+    Full {
+        inputs: Vec<Tensor<2>>,
+        deltas: Vec<Tensor<2>>,
+    },
     /// Forward trace and output gradient, kept by forward-only methods for a later backward.
-    pub pending: Option<(Trace, Tensor<2>)>,
+    Pending {
+        params: Vec<DenseParams>,
+        trace: Trace,
+        g_out: Tensor<2>,
+    },
 }
 
 /// Scores batches with one [`ImportanceMethod`].
@@ -80,7 +91,7 @@ impl ImportanceScorer {
         y: &[f32],
         device: &Device,
         rng: &mut impl Rng,
-    ) -> Scored {
+    ) -> (Scored, BurnPass) {
         let n = y.len();
         let d = x.len() / n.max(1);
         let xt = model::matrix(x, n, d, device);
@@ -89,14 +100,12 @@ impl ImportanceScorer {
             let (inputs, deltas, losses, output) =
                 model::probe_trace(params, self.head, xt, target);
             let scores = sqrt_all(model::to_vec(model::sq_norms(&inputs, &deltas)));
-            return Scored {
+            let scored = Scored {
                 outputs: model::to_vec(output),
                 scores,
                 losses: model::to_vec(losses),
-                inputs,
-                deltas: Some(deltas),
-                pending: None,
             };
+            return (scored, BurnPass::Full { inputs, deltas });
         }
         let tr = model::trace(params, xt);
         let out = tr.output();
@@ -136,15 +145,95 @@ impl ImportanceScorer {
                 Some(g_out),
             ),
         };
-        let inputs = tr.inputs.clone();
-        Scored {
+        let pass = match (deltas, pending) {
+            (Some(deltas), _) => BurnPass::Full {
+                inputs: tr.inputs,
+                deltas,
+            },
+            (None, g_out) => BurnPass::Pending {
+                params: params.to_vec(),
+                trace: tr,
+                g_out: g_out.expect("forward-only methods keep the output gradient"),
+            },
+        };
+        let scored = Scored {
             outputs,
             scores,
             losses,
-            inputs,
-            deltas,
-            pending: pending.map(|g| (tr, g)),
-        }
+        };
+        (scored, pass)
+    }
+
+    /// The same scores from the fused kernel; returns whether every row was back-propagated
+    /// (the exact methods), which a following weight gradient then reuses.
+    pub fn score_fused(
+        &self,
+        mlp: &mut FusedMlp,
+        x: &[f32],
+        y: &[f32],
+        rng: &mut impl Rng,
+    ) -> (Scored, bool) {
+        let n = y.len();
+        let outputs = mlp.forward(x, n).to_vec();
+        let mut losses = vec![0.0; n];
+        mlp.losses(y, &mut losses);
+        mlp.output_grads(y);
+        let mut scores = vec![0.0; n];
+        let backward_done = match self.method {
+            ImportanceMethod::Exact | ImportanceMethod::ExactAutodiff => {
+                mlp.backward_hidden();
+                mlp.sq_norms(&mut scores);
+                true
+            }
+            ImportanceMethod::LastLayer => {
+                mlp.last_layer_sq_norms(&mut scores);
+                false
+            }
+            ImportanceMethod::El2n => {
+                let k = self.head.outputs();
+                let half = if self.head == Head::Regression {
+                    0.25
+                } else {
+                    1.0
+                };
+                for (s, g) in scores.iter_mut().zip(mlp.output_deltas().chunks_exact(k)) {
+                    *s = g.iter().map(|v| v * v).sum::<f32>() * half;
+                }
+                false
+            }
+            ImportanceMethod::Loss | ImportanceMethod::Reducible => {
+                scores.copy_from_slice(&losses);
+                return (
+                    Scored {
+                        outputs,
+                        scores,
+                        losses,
+                    },
+                    false,
+                );
+            }
+            ImportanceMethod::Random => {
+                scores.iter_mut().for_each(|s| *s = rng.random::<f32>());
+                return (
+                    Scored {
+                        outputs,
+                        scores,
+                        losses,
+                    },
+                    false,
+                );
+            }
+        };
+        // The first three are squared norms.
+        let scores = sqrt_all(scores);
+        (
+            Scored {
+                outputs,
+                scores,
+                losses,
+            },
+            backward_done,
+        )
     }
 }
 
