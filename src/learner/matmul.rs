@@ -9,7 +9,8 @@
 //! one `unsafe` call below is sound because every slice is checked to cover the span that
 //! `gemm` reads or writes for the given shape and strides, and `dst` is a unique borrow
 //! that cannot alias the inputs. The tests here compare it with a naive triple loop in
-//! every layout the kernel uses, on every dispatch path `gemm` picks on this machine.
+//! every layout the kernel uses, on the path `gemm` picks on the machine running them
+//! (AVX-512 on the development machine; the AVX2 and portable paths are not forced here).
 #![allow(unsafe_code)]
 
 /// How a matrix operand lies in its slice.
