@@ -27,5 +27,6 @@ pub mod schema;
 pub mod shutdown;
 pub mod sink;
 pub mod source;
+pub mod stage_time;
 pub mod telemetry;
 pub mod validate;

@@ -170,7 +170,10 @@ async fn load(
     let files = src.files(schema)?;
     let (tx, mut rx) = mpsc::channel::<SourceEvent>(cfg.channels.batches);
     let (sc, sd) = (schema.clone(), shutdown.clone());
-    let reader = tokio::task::spawn_blocking(move || parquet::replay(&src, &sc, &files, tx, &sd));
+    let reader = tokio::task::spawn_blocking(move || {
+        let tx = crate::source::EventSender::new(tx, Default::default());
+        parquet::replay(&src, &sc, &files, tx, &sd)
+    });
     let decoder = Decoder::new(schema.clone());
     let mut a = Archive::default();
     while let Some(ev) = rx.recv().await {

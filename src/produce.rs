@@ -154,8 +154,10 @@ pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
     let (tx, mut rx) = mpsc::channel::<SourceEvent>(4);
     let schema = args.schema.clone();
     let sd = shutdown.clone();
-    let reader =
-        tokio::task::spawn_blocking(move || parquet::replay(&src, &schema, &files, tx, &sd));
+    let reader = tokio::task::spawn_blocking(move || {
+        let tx = crate::source::EventSender::new(tx, Default::default());
+        parquet::replay(&src, &schema, &files, tx, &sd)
+    });
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &args.brokers)
         .set("linger.ms", "5");

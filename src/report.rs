@@ -74,6 +74,8 @@ pub struct RunReport {
     pub replay_sampling: String,
     pub wall_s: f64,
     pub cpu_s: f64,
+    /// CPU and channel-wait seconds of the source, learner and sink threads.
+    pub stages: crate::stage_time::StageReport,
     pub samples_per_s: f64,
     /// Seconds from the first rows to the end (excludes start-up, e.g. a consumer-group join).
     pub active_s: f64,

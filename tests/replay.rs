@@ -52,6 +52,18 @@ fn milan_pipeline_runs_from_the_cli_and_pyarrow_reads_its_scores() {
     assert!((e["co2_grams"].as_f64().unwrap() - joules / 3.6e6 * 475.0).abs() < 1e-9);
     assert!(e["model"].as_str().unwrap().contains("gCO2/kWh"), "{e}");
     assert!(stdout.contains("energy model:"), "{stdout}");
+    // Every stage's thread reports its CPU time, and none exceeds the process's.
+    let (st, total) = (&report["stages"], report["cpu_s"].as_f64().unwrap());
+    for stage in ["source", "learner", "sink"] {
+        let cpu = st[stage]["cpu_s"].as_f64().unwrap();
+        assert!(cpu >= 0.0 && cpu <= total, "{stage}: {st}");
+        assert!(
+            st[stage]["wait_s"].as_f64().unwrap() >= 0.0,
+            "{stage}: {st}"
+        );
+    }
+    assert!(st["source"]["cpu_s"].as_f64().unwrap() > 0.0, "{st}");
+    assert!(st["learner"]["cpu_s"].as_f64().unwrap() > 0.0, "{st}");
 
     let scores = out.path().join("scores.parquet");
     let py = common::python(&format!(

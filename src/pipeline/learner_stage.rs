@@ -17,6 +17,8 @@ use arrow::array::RecordBatch;
 use indicatif::ProgressBar;
 use tokio::sync::mpsc;
 
+use crate::stage_time::StageTime;
+
 use super::rows::decode_rows;
 use super::sink_stage::SinkMsg;
 use super::upkeep::unix_ms;
@@ -188,14 +190,14 @@ impl LearnerStage {
 
     /// Takes events until the source is done, then trains what is pending and takes the
     /// final checkpoint. Runs on a blocking thread inside a tokio runtime.
-    pub fn run(mut self, mut rx: mpsc::Receiver<SourceEvent>) -> Result<Self> {
+    pub fn run(mut self, mut rx: mpsc::Receiver<SourceEvent>, time: &StageTime) -> Result<Self> {
         let runtime = tokio::runtime::Handle::current();
         loop {
             // A quiet feed still gets its checkpoint (and so its commit) on time: wait for
             // the next event at most until the checkpoint is due.
             let ev = if self.ckpt.path.is_some() && self.ckpt.rows_since > 0 {
                 let left = self.ckpt.every.saturating_sub(self.ckpt.last.elapsed());
-                match runtime.block_on(tokio::time::timeout(left, rx.recv())) {
+                match time.waiting(|| runtime.block_on(tokio::time::timeout(left, rx.recv()))) {
                     Ok(ev) => ev,
                     Err(_) => {
                         self.checkpoint()?;
@@ -203,7 +205,7 @@ impl LearnerStage {
                     }
                 }
             } else {
-                rx.blocking_recv()
+                time.waiting(|| rx.blocking_recv())
             };
             let Some(ev) = ev else { break };
             self.handle(ev)?;

@@ -38,7 +38,8 @@ use crate::schema::{Schema, TimeKind};
 use crate::shutdown::Shutdown;
 use crate::sink::scores::{ScoreSegments, ScoreSink};
 use crate::sink::topic::SampleTopicSink;
-use crate::source::{Ack, SourceConfig, SourceContext, SourceEvent};
+use crate::source::{Ack, EventSender, SourceConfig, SourceContext, SourceEvent};
+use crate::stage_time::{StageReport, StageTimes};
 use crate::telemetry;
 use learner_stage::{CheckpointCtl, LearnerStage, StageIo};
 use sink_stage::{ScoreOut, SinkMsg, SinkStage};
@@ -83,10 +84,11 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     // ever unacknowledged.
     let (ack_tx, ack_rx) = std::sync::mpsc::channel::<Ack>();
     let mut ckpt = CheckpointCtl::new(&cfg, resume.as_ref());
+    let times = Arc::new(StageTimes::default());
     let source = cfg.source.spawn(SourceContext {
         pipeline: cfg.name.clone(),
         schema: schema.clone(),
-        tx,
+        tx: EventSender::new(tx, times.clone()),
         acks: ack_rx,
         covered: ckpt.covered.clone(),
         checkpoint_files: resume.as_ref().map(|c| c.files.clone()).unwrap_or_default(),
@@ -100,7 +102,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let stage = sink_stage(&cfg, &schema, &out_dir, resume.as_ref())?;
     let sinks_on = stage.is_on();
     let (sink_tx, sink_rx) = sync_channel::<SinkMsg>(4);
-    let sink = stage.spawn(sink_rx);
+    let sink = stage.spawn(sink_rx, times.clone());
 
     let progress = progress_bar(opts.progress, total);
     let learn = {
@@ -112,8 +114,12 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         };
         let (cfg, schema) = (cfg.clone(), schema.clone());
         let dead_path = out_dir.join(outputs::DEAD_LETTERS);
+        let times = times.clone();
         tokio::task::spawn_blocking(move || {
-            LearnerStage::new(&cfg, &schema, io, &dead_path, ckpt, resume)?.run(rx)
+            let time = &times.learner;
+            time.on_thread(|| {
+                LearnerStage::new(&cfg, &schema, io, &dead_path, ckpt, resume)?.run(rx, time)
+            })
         })
     };
     let learned = learn.await.context("learner thread panicked")?;
@@ -135,6 +141,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         written,
         topic_records,
         energy,
+        stages: times.report(),
     };
     let report = build_report(&cfg, &schema, &out_dir, &stage, ends);
     let report_path = out_dir.join(outputs::REPORT);
@@ -229,6 +236,7 @@ struct Ends {
     written: Option<u64>,
     topic_records: Option<u64>,
     energy: crate::energy::EnergyReading,
+    stages: StageReport,
 }
 
 /// The run report, from the learner stage's state and the other stages' totals.
@@ -322,6 +330,7 @@ fn build_report(
         replay_sampling: format!("{:?}", cfg.buffer.replay_sampling).to_lowercase(),
         wall_s,
         cpu_s: e.cpu_s,
+        stages: e.stages,
         samples_per_s: session_samples as f64 / wall_s.max(1e-9),
         active_s: t.first_rows_at.map_or(0.0, |t| t.elapsed().as_secs_f64()),
         checkpoint: cfg.checkpoint.enabled.then(|| CheckpointReport {

@@ -41,12 +41,20 @@ impl SinkStage {
     }
 
     /// Runs the stage on its own thread until the learner drops its sender.
-    pub fn spawn(self, rx: Receiver<SinkMsg>) -> JoinHandle<Result<SinkTotals>> {
-        std::thread::spawn(move || self.run(rx))
+    pub fn spawn(
+        self,
+        rx: Receiver<SinkMsg>,
+        times: std::sync::Arc<crate::stage_time::StageTimes>,
+    ) -> JoinHandle<Result<SinkTotals>> {
+        std::thread::spawn(move || times.sink.on_thread(|| self.run(rx, &times.sink)))
     }
 
-    fn run(mut self, rx: Receiver<SinkMsg>) -> Result<SinkTotals> {
-        for msg in rx {
+    fn run(
+        mut self,
+        rx: Receiver<SinkMsg>,
+        time: &crate::stage_time::StageTime,
+    ) -> Result<SinkTotals> {
+        while let Ok(msg) = time.waiting(|| rx.recv()) {
             match msg {
                 SinkMsg::Rows(rows) => self.write(&rows)?,
                 SinkMsg::Roll(reply) => {

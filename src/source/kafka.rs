@@ -27,7 +27,6 @@ use rdkafka::statistics::Statistics;
 use crate::producer::DeliveryCount;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use super::{Ack, RowOrigin, RunningSource, SourceContext, SourceEvent};
 use crate::decode::{BatchError, Decoder, JsonDecoder};
@@ -122,15 +121,18 @@ impl KafkaSourceConfig {
         let check = RowCheck::new(ctx.schema.clone(), &numeric, ctx.out_of_range);
         let cfg = self.clone();
         let task = tokio::task::spawn_blocking(move || {
-            consume(
-                &cfg,
-                ctx.schema,
-                ctx.tx,
-                ctx.acks,
-                ctx.covered,
-                &check,
-                &ctx.shutdown,
-            )
+            let tx = ctx.tx.clone();
+            tx.on_thread(|| {
+                consume(
+                    &cfg,
+                    ctx.schema,
+                    ctx.tx,
+                    ctx.acks,
+                    ctx.covered,
+                    &check,
+                    &ctx.shutdown,
+                )
+            })
         });
         Ok(RunningSource {
             task,
@@ -587,7 +589,7 @@ fn source_name(topic: &str, partition: i32) -> Arc<str> {
 pub fn consume(
     cfg: &KafkaSourceConfig,
     schema: Arc<Schema>,
-    tx: mpsc::Sender<SourceEvent>,
+    tx: super::EventSender,
     acks: std::sync::mpsc::Receiver<Ack>,
     handed: HashMap<Arc<str>, u64>,
     check: &RowCheck,
@@ -674,7 +676,7 @@ impl<'a> KafkaSource<'a> {
 
     fn run(
         mut self,
-        tx: mpsc::Sender<SourceEvent>,
+        tx: super::EventSender,
         acks: std::sync::mpsc::Receiver<Ack>,
         check: &RowCheck,
         shutdown: &Shutdown,
@@ -784,7 +786,7 @@ impl<'a> KafkaSource<'a> {
     fn hand_over(
         &mut self,
         payloads: Vec<Polled>,
-        tx: &mpsc::Sender<SourceEvent>,
+        tx: &super::EventSender,
         check: &RowCheck,
     ) -> bool {
         let refs: Vec<&[u8]> = payloads.iter().map(|p| p.value.as_slice()).collect();
@@ -859,7 +861,7 @@ impl<'a> KafkaSource<'a> {
 
     /// Stops feeding, lets the learner finish what it has (and write its last checkpoint),
     /// and commits what it reports durable until it hangs up; then one synchronous commit.
-    fn drain(&mut self, tx: mpsc::Sender<SourceEvent>, acks: std::sync::mpsc::Receiver<Ack>) {
+    fn drain(&mut self, tx: super::EventSender, acks: std::sync::mpsc::Receiver<Ack>) {
         drop(tx);
         let stop = Instant::now() + Duration::from_secs(120);
         while Instant::now() < stop {

@@ -68,7 +68,7 @@ pub struct SourceContext {
     pub pipeline: String,
     pub schema: Arc<Schema>,
     /// To the learner; bounded (backpressure).
-    pub tx: mpsc::Sender<SourceEvent>,
+    pub tx: EventSender,
     /// From the learner: batches processed, positions durable (feeds commit them).
     pub acks: std::sync::mpsc::Receiver<Ack>,
     /// Per source, the next position the checkpoint being resumed covers.
@@ -130,4 +130,34 @@ pub enum Ack {
 pub struct RowOrigin {
     pub source: Arc<str>,
     pub index: u64,
+}
+
+/// The source's end of the channel to the learner, timing how long each send waits (a full
+/// channel is the learner's backpressure) and the source thread's CPU time.
+#[derive(Clone)]
+pub struct EventSender {
+    tx: mpsc::Sender<SourceEvent>,
+    time: std::sync::Arc<crate::stage_time::StageTimes>,
+}
+
+impl EventSender {
+    pub fn new(
+        tx: mpsc::Sender<SourceEvent>,
+        time: std::sync::Arc<crate::stage_time::StageTimes>,
+    ) -> Self {
+        EventSender { tx, time }
+    }
+
+    /// Sends one event, waiting while the channel is full; `Err` when the learner is gone.
+    pub fn blocking_send(
+        &self,
+        ev: SourceEvent,
+    ) -> Result<(), mpsc::error::SendError<SourceEvent>> {
+        self.time.source.waiting(|| self.tx.blocking_send(ev))
+    }
+
+    /// Runs the source's body, counting its thread's CPU time.
+    pub fn on_thread<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.time.source.on_thread(f)
+    }
 }

@@ -23,7 +23,6 @@ use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use super::{RowOrigin, RunningSource, SourceContext, SourceEvent};
 use crate::schema::{Schema, TimeKind};
@@ -171,7 +170,9 @@ impl ParquetSourceConfig {
         tracing::info!(pipeline = %ctx.pipeline, files = files.len(), rows = total, "replaying");
         let cfg = self.clone();
         let task = tokio::task::spawn_blocking(move || {
-            replay(&cfg, &ctx.schema, &files, ctx.tx, &ctx.shutdown).map(|s| (s.rows, 0))
+            let tx = ctx.tx.clone();
+            tx.on_thread(|| replay(&cfg, &ctx.schema, &files, ctx.tx, &ctx.shutdown))
+                .map(|s| (s.rows, 0))
         });
         Ok(RunningSource {
             task,
@@ -565,7 +566,7 @@ pub fn replay(
     cfg: &ParquetSourceConfig,
     schema: &Schema,
     files: &[PathBuf],
-    tx: mpsc::Sender<SourceEvent>,
+    tx: super::EventSender,
     shutdown: &Shutdown,
 ) -> Result<ReplayStats> {
     let mut r = Replay {
@@ -600,7 +601,7 @@ struct Replay<'a> {
     /// Indices of the cursors holding a non-empty batch.
     active: Vec<usize>,
     pacer: Option<Pacer>,
-    tx: mpsc::Sender<SourceEvent>,
+    tx: super::EventSender,
     stats: ReplayStats,
 }
 
