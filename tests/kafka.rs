@@ -54,6 +54,13 @@ fn archive_through_kafka_every_offset_processed_and_committed() {
     let r = common::run(cfg);
     assert_eq!(r.rows_read, 8928);
     assert_eq!(r.topic_records, Some(8784));
+    // Not a speed check: a stage that keeps the source channel open makes the source wait
+    // out its 120 s drain limit before it commits and the run ends (a regression seen twice).
+    assert!(
+        r.active_s < 100.0,
+        "the run waited {:.0} s: the source's drain hit its limit",
+        r.active_s
+    );
     let ck = r
         .checkpoint
         .as_ref()

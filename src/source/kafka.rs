@@ -121,8 +121,8 @@ impl KafkaSourceConfig {
         let check = RowCheck::new(ctx.schema.clone(), &numeric, ctx.out_of_range);
         let cfg = self.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let tx = ctx.tx.clone();
-            tx.on_thread(|| {
+            let times = ctx.tx.times();
+            times.source.on_thread(|| {
                 consume(
                     &cfg,
                     ctx.schema,
@@ -484,6 +484,9 @@ struct StallWatch {
     last_look: Instant,
     generation: u64,
 }
+
+/// Longest wait, at the end, for the learner to acknowledge what it was sent.
+const DRAIN_LIMIT_S: u64 = 120;
 
 impl StallWatch {
     fn new(after: Duration) -> Self {
@@ -863,13 +866,23 @@ impl<'a> KafkaSource<'a> {
     /// and commits what it reports durable until it hangs up; then one synchronous commit.
     fn drain(&mut self, tx: super::EventSender, acks: std::sync::mpsc::Receiver<Ack>) {
         drop(tx);
-        let stop = Instant::now() + Duration::from_secs(120);
+        let stop = Instant::now() + Duration::from_secs(DRAIN_LIMIT_S);
+        let mut hung_up = false;
         while Instant::now() < stop {
             match acks.recv_timeout(Duration::from_millis(200)) {
                 Ok(ack) => self.take(ack),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    hung_up = true;
+                    break;
+                }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             }
+        }
+        if !hung_up {
+            tracing::warn!(
+                limit_s = DRAIN_LIMIT_S,
+                "the learner did not hang up within the drain limit (a stage still holds the channel?)"
+            );
         }
         if self.redelivered > 0 {
             tracing::info!(

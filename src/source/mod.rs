@@ -134,7 +134,7 @@ pub struct RowOrigin {
 
 /// The source's end of the channel to the learner, timing how long each send waits (a full
 /// channel is the learner's backpressure) and the source thread's CPU time.
-#[derive(Clone)]
+// Not `Clone` on purpose: see `times`.
 pub struct EventSender {
     tx: mpsc::Sender<SourceEvent>,
     time: std::sync::Arc<crate::stage_time::StageTimes>,
@@ -156,8 +156,11 @@ impl EventSender {
         self.time.source.waiting(|| self.tx.blocking_send(ev))
     }
 
-    /// Runs the source's body, counting its thread's CPU time.
-    pub fn on_thread<T>(&self, f: impl FnOnce() -> T) -> T {
-        self.time.source.on_thread(f)
+    /// The stage counters, for timing the source's thread. Not a clone of the sender: a
+    /// second sender alive while the source drains would keep the learner waiting for the
+    /// channel to close, and a Kafka source's drain waits for the learner (a deadlock that
+    /// only the drain's time limit ends).
+    pub fn times(&self) -> std::sync::Arc<crate::stage_time::StageTimes> {
+        self.time.clone()
     }
 }

@@ -170,8 +170,10 @@ impl ParquetSourceConfig {
         tracing::info!(pipeline = %ctx.pipeline, files = files.len(), rows = total, "replaying");
         let cfg = self.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let tx = ctx.tx.clone();
-            tx.on_thread(|| replay(&cfg, &ctx.schema, &files, ctx.tx, &ctx.shutdown))
+            let times = ctx.tx.times();
+            times
+                .source
+                .on_thread(|| replay(&cfg, &ctx.schema, &files, ctx.tx, &ctx.shutdown))
                 .map(|s| (s.rows, 0))
         });
         Ok(RunningSource {
