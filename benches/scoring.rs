@@ -264,6 +264,51 @@ fn fma_peak(c: &mut Criterion) {
     }
 }
 
+/// What the learner thread does to a record batch before the learner sees it: decode the
+/// columns, check every row, and build its features (lags, calendar, scaling), per row of
+/// the bundled Milan archive (8,928 rows, one key, batches of 1,024 as the replay reads).
+fn decode_features(c: &mut Criterion) {
+    use gradsift::decode::Decoder;
+    use gradsift::features::{FeatureEngine, Samples};
+    use gradsift::schema::Schema;
+    use gradsift::source::RowOrigin;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let schema = Arc::new(Schema::load(&repo.join("schemas/milan_internet.json")).unwrap());
+    let file = std::fs::File::open(repo.join("data/milan/internet_square5161.parquet")).unwrap();
+    let batches: Vec<_> = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .with_batch_size(1024)
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let source: Arc<str> = Arc::from("bench");
+    let origins: Vec<RowOrigin> = (0..1024)
+        .map(|i| RowOrigin {
+            source: source.clone(),
+            index: i,
+        })
+        .collect();
+    let decoder = Decoder::new(schema.clone());
+    let mut g = c.benchmark_group("decode_features");
+    g.throughput(Throughput::Elements(rows as u64));
+    g.bench_function("milan_archive", |b| {
+        b.iter(|| {
+            let mut features = FeatureEngine::new(schema.clone(), decoder.numeric_columns(), 1000);
+            let mut out = Samples::default();
+            for batch in &batches {
+                let d = decoder.decode(batch).unwrap();
+                features.push_batch(&d, &origins[..batch.num_rows()], &mut out, |_, _| {});
+            }
+            out.len()
+        })
+    });
+    g.finish();
+}
+
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
 fn fma_chains(acc: &mut [f32; 192], iters: usize) {
     let (a, b) = (0.999_999f32, 1e-6f32);
@@ -329,6 +374,7 @@ criterion_group!(
     learner_core,
     fused_kernel,
     peers,
-    fma_peak
+    fma_peak,
+    decode_features
 );
 criterion_main!(benches);
