@@ -298,8 +298,12 @@ impl LearnerStage {
             self.feed(&batch, &origins)?;
         }
         let mb = self.cfg.training.micro_batch;
-        while self.pending.len() >= mb {
-            self.step_pending(mb)?;
+        let full = self.pending.len() / mb * mb;
+        if full > 0 {
+            let ready = self.pending.take_front(full, self.width);
+            for chunk in ready.into_chunks(mb, self.width) {
+                self.step(chunk)?;
+            }
         }
         if ack.is_some() {
             // A feed commits what it is acknowledged: nothing of this batch may wait in a
