@@ -25,6 +25,8 @@ fi
 
 echo "== gradsift (criterion: $FILTER), CPU $CPU"
 cargo bench --bench scoring --no-run        # build on all cores, time on one
+# The table reads every result criterion keeps: start from none, so all come from this run.
+rm -rf "$CARGO_TARGET_DIR"/criterion/{peers_B256,peers_B8,fma_peak,learner_core_B256,learner_core_B8}
 taskset -c "$CPU" cargo bench --bench scoring -- "$FILTER"
 
 echo "== peers: JAX, numpy, River, CPU $CPU"
