@@ -213,6 +213,17 @@ fn peers(c: &mut Criterion) {
                 grads[0].0[0]
             })
         });
+        // The same step plus every row's exact gradient norm (ghost norm): what the norms
+        // of rows a step back-propagates anyway cost on top of it.
+        g.bench_function("fwd_bwd_norms", |b| {
+            b.iter(|| {
+                f.forward(&x, n);
+                f.backward(&y);
+                f.sq_norms(&mut norms);
+                f.weighted_grads(&w, &mut grads);
+                grads[0].0[0] + norms[0]
+            })
+        });
         let mut adam = FusedAdam::default();
         g.bench_function("fwd_bwd_adam", |b| {
             b.iter(|| {

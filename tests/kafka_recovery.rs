@@ -262,10 +262,14 @@ fn broker_restart_mid_stream(kind: BrokerKind) {
         "the producer rode out the restart:\n{}",
         said()
     );
+    // At least the 8,928 messages produced: a producer that retries across the outage may
+    // have written a few twice (seen once on Tansu: committed 8,934), and those offsets are
+    // processed and committed too; the scored pairs below must still be exactly the 8,784
+    // samples, each once.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let c = committed(&broker, "g-durable", "durable", 1);
-        if c.get(&0) == Some(&8928) {
+        if c.get(&0).is_some_and(|&o| o >= 8928) {
             break;
         }
         assert!(
