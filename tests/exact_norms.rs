@@ -1,5 +1,6 @@
-//! The exact per-sample gradient norms (fused backward and autodiff probes) must equal B
-//! separate single-sample backward passes, for both heads, on random and on real data.
+//! The exact per-sample gradient norms (burn's fused backward, burn's autodiff probes, and
+//! the fused CPU kernel of the default backend) must equal B separate single-sample backward
+//! passes, for both heads, on random and on real data.
 
 mod common;
 
@@ -23,6 +24,16 @@ fn probes(params: &[DenseParams], head: Head, x: &[f32], y: &[f32], dev: &Device
     let target = model::target_tensor(head, y, dev);
     let (inputs, deltas, _, _) = model::probe_trace(params, head, xt, target);
     model::to_vec(model::sq_norms(&inputs, &deltas))
+}
+
+/// The fused CPU kernel (`model.backend = "fused"`) on the same weights.
+fn kernel(params: &[DenseParams], head: Head, x: &[f32], y: &[f32]) -> Vec<f32> {
+    let mut k = gradsift::learner::fused::FusedMlp::from_dense(params, head);
+    k.forward(x, y.len());
+    k.backward(y);
+    let mut out = vec![0.0; y.len()];
+    k.sq_norms(&mut out);
+    out
 }
 
 /// Largest relative error of the norms (not the squares).
@@ -51,13 +62,19 @@ fn check(head: Head, x: &[f32], y: &[f32], d: usize, what: &str) {
         );
         let f = fused(&params, head, x, y, &dev);
         let p = probes(&params, head, x, y, &dev);
-        let (ef, ep) = (max_rel(&f, &naive), max_rel(&p, &naive));
+        let k = kernel(&params, head, x, y);
+        let (ef, ep, ek) = (
+            max_rel(&f, &naive),
+            max_rel(&p, &naive),
+            max_rel(&k, &naive),
+        );
         println!(
-            "{what} on {dev:?}: fused rel err {ef:.2e}, probes rel err {ep:.2e} over {} samples",
+            "{what} on {dev:?}: fused rel err {ef:.2e}, probes {ep:.2e}, kernel {ek:.2e} over {} samples",
             y.len()
         );
         assert!(ef < 1e-4, "{what}: fused exact norms off by {ef}");
         assert!(ep < 1e-4, "{what}: autodiff-probe norms off by {ep}");
+        assert!(ek < 1e-4, "{what}: the fused kernel's norms off by {ek}");
     }
 }
 
