@@ -112,40 +112,23 @@ impl Samples {
     /// thread's largest cost, `memmove`, in `perf`).
     pub fn into_chunks(self, n: usize, width: usize) -> Vec<Samples> {
         let n = n.max(1);
-        let len = self.len();
-        let mut out: Vec<Samples> = (0..len.div_ceil(n))
-            .map(|c| {
-                let m = n.min(len - c * n);
-                Samples {
-                    x: Vec::with_capacity(m * width),
-                    y: Vec::with_capacity(m),
-                    keys: Vec::with_capacity(m),
-                    times: Vec::with_capacity(m),
-                    eval: Vec::with_capacity(m),
-                    origins: Vec::with_capacity(m),
-                }
+        let chunks = self.len().div_ceil(n);
+        let mut x = self.x.into_iter();
+        let mut y = self.y.into_iter();
+        let mut keys = self.keys.into_iter();
+        let mut times = self.times.into_iter();
+        let mut eval = self.eval.into_iter();
+        let mut origins = self.origins.into_iter();
+        (0..chunks)
+            .map(|_| Samples {
+                x: x.by_ref().take(n * width).collect(),
+                y: y.by_ref().take(n).collect(),
+                keys: keys.by_ref().take(n).collect(),
+                times: times.by_ref().take(n).collect(),
+                eval: eval.by_ref().take(n).collect(),
+                origins: origins.by_ref().take(n).collect(),
             })
-            .collect();
-        for (c, x) in self.x.chunks(n * width.max(1)).enumerate() {
-            out[c].x.extend_from_slice(x);
-        }
-        let fill = |i: usize| i / n;
-        for (i, v) in self.y.into_iter().enumerate() {
-            out[fill(i)].y.push(v);
-        }
-        for (i, v) in self.keys.into_iter().enumerate() {
-            out[fill(i)].keys.push(v);
-        }
-        for (i, v) in self.times.into_iter().enumerate() {
-            out[fill(i)].times.push(v);
-        }
-        for (i, v) in self.eval.into_iter().enumerate() {
-            out[fill(i)].eval.push(v);
-        }
-        for (i, v) in self.origins.into_iter().enumerate() {
-            out[fill(i)].origins.push(v);
-        }
-        out
+            .collect()
     }
 }
 

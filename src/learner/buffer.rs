@@ -368,26 +368,22 @@ impl ReplayBuffer {
 
     /// Replaces an entry's score with one from the current model.
     pub fn rescore(&mut self, slot: usize, score: f32, version: u64) {
-        let Some(e) = self.slots[slot].as_mut() else {
+        let Some(e) = self.slots[slot].as_ref() else {
             return;
         };
         // Only the importance order depends on the score (FIFO ranks by age alone, and the
         // reservoir keeps no order): the other policies skip the two tree updates.
-        if self.cfg.policy != EvictionPolicy::Importance {
-            e.score = score;
-            e.version = version;
-            self.stats.rescored += 1;
-            return;
+        let reorder = self.cfg.policy == EvictionPolicy::Importance;
+        if reorder {
+            self.order.remove(&(self.rank(e), slot));
         }
-        let e = self.slots[slot].take().expect("live slot");
-        self.order.remove(&(self.rank(&e), slot));
-        let e = Entry {
-            score,
-            version,
-            ..e
-        };
-        self.order.insert((self.rank(&e), slot));
-        self.slots[slot] = Some(e);
+        let e = self.slots[slot].as_mut().expect("live slot");
+        e.score = score;
+        e.version = version;
+        if reorder {
+            let e = self.slots[slot].as_ref().expect("live slot");
+            self.order.insert((self.rank(e), slot));
+        }
         self.stats.rescored += 1;
     }
 

@@ -42,6 +42,8 @@ pub struct FusedMlp {
     deltas: Vec<Vec<f32>>,
     /// w ⊙ g_k for the weight gradient.
     scaled: Vec<f32>,
+    /// ℓ_i of the last output gradient.
+    losses: Vec<f32>,
 }
 
 impl FusedMlp {
@@ -78,6 +80,7 @@ impl FusedMlp {
             pre: vec![Vec::new(); depth],
             deltas: vec![Vec::new(); depth],
             scaled: Vec::new(),
+            losses: Vec::new(),
         }
     }
 
@@ -139,13 +142,20 @@ impl FusedMlp {
     }
 
     /// g_L = dℓ_i/dz_L of the last forward pass against targets `y` (values, or class
-    /// indices as f32).
+    /// indices as f32), and each row's loss ℓ_i ([`Self::losses`]), from the same softmax.
     pub fn output_grads(&mut self, y: &[f32]) {
         let (n, last) = (self.n, self.depth() - 1);
         let k_out = self.widths[last + 1];
         assert_eq!(y.len(), n, "one target per row");
         resize(&mut self.deltas[last], n * k_out);
-        output_grad(self.head, &self.pre[last], y, k_out, &mut self.deltas[last]);
+        resize(&mut self.losses, n);
+        let (out, g) = (&self.pre[last], &mut self.deltas[last]);
+        output_grad(self.head, out, y, k_out, g, &mut self.losses);
+    }
+
+    /// Per-sample losses of the last [`Self::output_grads`].
+    pub fn losses(&self) -> &[f32] {
+        &self.losses
     }
 
     /// The last layer's g_L, `[n, outputs]` (after [`Self::output_grads`]).
@@ -218,21 +228,6 @@ impl FusedMlp {
         let k = self.depth() - 1;
         let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
         add_ghost_norms(&self.acts[k], &self.deltas[k], d_in, d_out, out);
-    }
-
-    /// Per-sample loss of the last forward pass: (ŷ − y)², or −log softmax(z)_y.
-    pub fn losses(&self, y: &[f32], out: &mut [f32]) {
-        let k = self.widths[self.depth()];
-        for ((l, z), &t) in out.iter_mut().zip(self.output().chunks_exact(k)).zip(y) {
-            *l = match self.head {
-                Head::Regression => (z[0] - t) * (z[0] - t),
-                Head::Classification { classes } => {
-                    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f32>().ln();
-                    lse - z[(t as usize).min(classes - 1)]
-                }
-            };
-        }
     }
 
     /// Gradient of Σ_i w_i ℓ_i for every layer, into `grads` (`[d_in·d_out]` weights and
@@ -420,16 +415,19 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// g_L: 2(ŷ − y) for squared error, softmax(z) − onehot(y) for cross-entropy.
-fn output_grad(head: Head, out: &[f32], y: &[f32], k: usize, g: &mut [f32]) {
+/// g_L and ℓ: 2(ŷ − y) and (ŷ − y)² for squared error; softmax(z) − onehot(y) and
+/// −log softmax(z)_y for cross-entropy.
+fn output_grad(head: Head, out: &[f32], y: &[f32], k: usize, g: &mut [f32], loss: &mut [f32]) {
     match head {
         Head::Regression => {
-            for ((gi, &o), &t) in g.iter_mut().zip(out).zip(y) {
+            for (((gi, li), &o), &t) in g.iter_mut().zip(loss.iter_mut()).zip(out).zip(y) {
                 *gi = 2.0 * (o - t);
+                *li = (o - t) * (o - t);
             }
         }
         Head::Classification { classes } => {
-            for ((zr, gr), &t) in out.chunks_exact(k).zip(g.chunks_exact_mut(k)).zip(y) {
+            let rows = out.chunks_exact(k).zip(g.chunks_exact_mut(k));
+            for (((zr, gr), li), &t) in rows.zip(loss.iter_mut()).zip(y) {
                 let m = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0;
                 for (gi, &z) in gr.iter_mut().zip(zr) {
@@ -440,6 +438,7 @@ fn output_grad(head: Head, out: &[f32], y: &[f32], k: usize, g: &mut [f32]) {
                     *gi /= sum;
                 }
                 let c = (t as usize).min(classes - 1);
+                *li = m + sum.ln() - zr[c];
                 gr[c] -= 1.0;
             }
         }

@@ -175,65 +175,48 @@ impl ImportanceScorer {
     ) -> (Scored, bool) {
         let n = y.len();
         let outputs = mlp.forward(x, n).to_vec();
-        let mut losses = vec![0.0; n];
-        mlp.losses(y, &mut losses);
         mlp.output_grads(y);
+        let losses = mlp.losses().to_vec();
         let mut scores = vec![0.0; n];
-        let backward_done = match self.method {
+        // Squared norms first (square-rooted below); the loss and random scores are final.
+        let (squared, backward_done) = match self.method {
             ImportanceMethod::Exact | ImportanceMethod::ExactAutodiff => {
                 mlp.backward_hidden();
                 mlp.sq_norms(&mut scores);
-                true
+                (true, true)
             }
             ImportanceMethod::LastLayer => {
                 mlp.last_layer_sq_norms(&mut scores);
-                false
+                (true, false)
             }
             ImportanceMethod::El2n => {
-                let k = self.head.outputs();
-                let half = if self.head == Head::Regression {
-                    0.25
-                } else {
-                    1.0
+                // ‖g_L‖ is 2|ŷ − y| for squared error: EL2N is half of it.
+                let (k, half) = match self.head {
+                    Head::Regression => (1, 0.25),
+                    Head::Classification { classes } => (classes, 1.0),
                 };
                 for (s, g) in scores.iter_mut().zip(mlp.output_deltas().chunks_exact(k)) {
                     *s = g.iter().map(|v| v * v).sum::<f32>() * half;
                 }
-                false
+                (true, false)
             }
+            // The learner subtracts the held-out model's losses from `reducible` scores.
             ImportanceMethod::Loss | ImportanceMethod::Reducible => {
                 scores.copy_from_slice(&losses);
-                return (
-                    Scored {
-                        outputs,
-                        scores,
-                        losses,
-                    },
-                    false,
-                );
+                (false, false)
             }
             ImportanceMethod::Random => {
                 scores.iter_mut().for_each(|s| *s = rng.random::<f32>());
-                return (
-                    Scored {
-                        outputs,
-                        scores,
-                        losses,
-                    },
-                    false,
-                );
+                (false, false)
             }
         };
-        // The first three are squared norms.
-        let scores = sqrt_all(scores);
-        (
-            Scored {
-                outputs,
-                scores,
-                losses,
-            },
-            backward_done,
-        )
+        let scores = if squared { sqrt_all(scores) } else { scores };
+        let scored = Scored {
+            outputs,
+            scores,
+            losses,
+        };
+        (scored, backward_done)
     }
 }
 

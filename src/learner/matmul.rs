@@ -4,7 +4,7 @@
 //! Why `gemm`: it picks AVX-512, AVX2+FMA or a portable micro-kernel at run time, takes
 //! any row and column strides (so Wᵀ and aᵀ are read in place, never copied) and is
 //! already compiled for burn-flex. On the 16 → 64 → 64 → 1 MLP at B = 256 it made the fused
-//! kernel 4.2× faster than the hand loops it replaced (measured in `cargo bench --bench
+//! kernel 4.4× faster than the hand loops it replaced (measured in `cargo bench --bench
 //! scoring -- norms_and_grads`, see `fused.rs`). Its entry point takes raw pointers; the
 //! one `unsafe` call below is sound because every slice is checked to cover the span that
 //! `gemm` reads or writes for the given shape and strides, and `dst` is a unique borrow

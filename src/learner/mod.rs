@@ -762,26 +762,23 @@ mod tests {
 
     #[test]
     fn a_fused_checkpoint_resumes_exactly_and_a_burn_one_is_migrated() {
-        let training = TrainingConfig {
-            micro_batch: 8,
-            seed: 5,
-            ..TrainingConfig::default()
+        let fresh = |backend| {
+            let training = TrainingConfig {
+                micro_batch: 8,
+                seed: 5,
+                ..TrainingConfig::default()
+            };
+            small(backend, ImportanceMethod::Exact, 1.0, training)
         };
-        let mut a = small(
-            Backend::Fused,
-            ImportanceMethod::Exact,
-            1.0,
-            training.clone(),
-        );
-        for t in 0..10 {
-            feed(&mut a, 8, t);
-        }
-        let mut b = small(
-            Backend::Fused,
-            ImportanceMethod::Exact,
-            1.0,
-            training.clone(),
-        );
+        let trained = |backend| {
+            let mut l = fresh(backend);
+            for t in 0..10 {
+                feed(&mut l, 8, t);
+            }
+            l
+        };
+        let mut a = trained(Backend::Fused);
+        let mut b = fresh(Backend::Fused);
         b.restore(a.state().unwrap()).unwrap();
         // Same weights, same Adam moments: the next update is the same (the replay draws
         // differ after a restore on purpose, so compare with replay off).
@@ -795,16 +792,8 @@ mod tests {
         }
 
         // A checkpoint of the burn backend: weights, counters and buffer carry over.
-        let mut flex = small(
-            Backend::Flex,
-            ImportanceMethod::Exact,
-            1.0,
-            training.clone(),
-        );
-        for t in 0..10 {
-            feed(&mut flex, 8, t);
-        }
-        let mut fused = small(Backend::Fused, ImportanceMethod::Exact, 1.0, training);
+        let mut flex = trained(Backend::Flex);
+        let mut fused = fresh(Backend::Fused);
         fused.restore(flex.state().unwrap()).unwrap();
         assert_eq!(fused.stats().seen, 80);
         assert_eq!(fused.buffer().len(), flex.buffer().len());

@@ -164,7 +164,7 @@ impl Net {
         match self {
             Net::Burn(b) => b.model = Mlp::from_saved(saved, &b.device.clone().autodiff()),
             Net::Fused(f) => {
-                f.mlp = FusedMlp::from_saved(saved, f.mlp_head());
+                f.mlp = FusedMlp::from_saved(saved, f.mlp.head());
                 f.layout = saved.to_vec();
             }
         }
@@ -302,10 +302,6 @@ impl BurnNet {
 }
 
 impl FusedNet {
-    fn mlp_head(&self) -> Head {
-        self.mlp.head()
-    }
-
     fn gradient(&mut self, w: &[f32]) -> Gradient {
         self.rows.clear();
         self.row_weights.clear();

@@ -133,7 +133,8 @@ pub struct RowOrigin {
 }
 
 /// The source's end of the channel to the learner, timing how long each send waits (a full
-/// channel is the learner's backpressure) and the source thread's CPU time.
+/// channel is the learner's backpressure); it also carries the stage counters the source
+/// thread adds its CPU time to ([`EventSender::times`]).
 // Not `Clone` on purpose: see `times`.
 pub struct EventSender {
     tx: mpsc::Sender<SourceEvent>,
