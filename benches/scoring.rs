@@ -148,6 +148,7 @@ fn core_learner(
         model: ModelConfig {
             backend,
             hidden: vec![64, 64],
+            knn_blend: None,
         },
         importance,
         selection: SelectionConfig {
@@ -320,6 +321,32 @@ fn decode_features(c: &mut Criterion) {
     g.finish();
 }
 
+/// The neighbour memory of the classification baselines and the 5-NN blend: one query
+/// (5 nearest of 4,096 two-dimensional positions, as beam pipelines hold) per sample, to set
+/// beside `learner_core` per sample.
+fn knn_memory(c: &mut Criterion) {
+    use gradsift::learner::knn::KnnMemory;
+    let mut m = KnnMemory::new(2, 4096);
+    let (x, _) = data(4096 + 256, 9);
+    for (i, p) in x.chunks(16).take(4096).enumerate() {
+        m.insert(&p[..2], (i % 64) as u16, 0);
+    }
+    let queries: Vec<[f32; 2]> = x.chunks(16).skip(4096).map(|p| [p[0], p[1]]).collect();
+    let mut g = c.benchmark_group("knn_memory");
+    g.throughput(Throughput::Elements(queries.len() as u64));
+    g.bench_function("nearest5_of_4096", |b| {
+        let mut out = [(0f32, 0u16); 5];
+        b.iter(|| {
+            let mut found = 0;
+            for q in &queries {
+                found += m.nearest(q, 0, &mut out);
+            }
+            found
+        })
+    });
+    g.finish();
+}
+
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
 fn fma_chains(acc: &mut [f32; 192], iters: usize) {
     let (a, b) = (0.999_999f32, 1e-6f32);
@@ -386,6 +413,7 @@ criterion_group!(
     fused_kernel,
     peers,
     fma_peak,
-    decode_features
+    decode_features,
+    knn_memory
 );
 criterion_main!(benches);

@@ -375,6 +375,10 @@ impl PipelineConfig {
         if t.micro_batch == 0 {
             return Err(self.bad("training.micro_batch", "at least 1 sample", 0));
         }
+        if !(1..=64).contains(&t.steps_per_batch) {
+            let v = t.steps_per_batch;
+            return Err(self.bad("training.steps_per_batch", "1 to 64 steps", v));
+        }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
             return Err(self.bad(
                 "training.learning_rate",

@@ -4,7 +4,10 @@
 //! history of each lagged column (lag k = the k-th previous *valid* row of that key), the
 //! calendar as sin/cos of hour-of-day and day-of-week, the UE position in metres east/north
 //! of its base station, and a running standardisation of every numeric feature and of a
-//! regression target. State is bounded: histories are as long as the largest lag (or the
+//! regression target, or the fixed encoding the schema names (`Encoding`: a physical scale,
+//! Fourier features of a position, harmonics of an angle); for classification, the key's
+//! past labels as inputs (`label_lags`) and the report's two baselines (the key's last label,
+//! and a k-nearest-neighbour vote over the last raw positions of the key). State is bounded: histories are as long as the largest lag (or the
 //! seasonal baseline), and at most `max_keys` keys are tracked (the least recently seen is
 //! forgotten). A row that cannot yet have its lags, or carries a null or non-finite value in
 //! a column it needs, is skipped with a reason; it never stops the stream.
@@ -14,9 +17,10 @@ use std::f64::consts::TAU;
 use std::sync::Arc;
 
 use crate::decode::DecodedBatch;
-use crate::learner::eval::{Observation, RegressionRow};
+use crate::learner::eval::{ClassBaselines, KNN_K, Observation, RegressionRow};
+use crate::learner::knn::KnnMemory;
 use crate::learner::model::Head;
-use crate::schema::{Schema, TaskSpec};
+use crate::schema::{Encoding, LABEL_ANGLE_HARMONICS, LabelEncoding, Schema, TaskSpec};
 use crate::source::RowOrigin;
 use crate::validate::RowCheck;
 
@@ -39,6 +43,8 @@ pub struct RowEval {
     pub power: Option<Box<[f32]>>,
     /// The target is modelled as ln(1 + y): predictions go back through exp(·) − 1.
     pub log1p: bool,
+    /// Classification: the baselines' picks for this row.
+    pub baselines: ClassBaselines,
 }
 
 impl RowEval {
@@ -61,6 +67,7 @@ impl RowEval {
                     logits: out,
                     target: self.target as usize,
                     power: self.power.as_deref(),
+                    baselines: self.baselines,
                 };
                 (crate::learner::eval::argmax(out) as f64, obs)
             }
@@ -164,11 +171,57 @@ impl Scaler {
         let (m, s) = self.params();
         (v - m) / s
     }
+    /// Updates unless `freeze_after` values were seen.
+    fn update_until(&mut self, v: f64, freeze_after: Option<u64>) {
+        if freeze_after.is_none_or(|f| self.n < f) {
+            self.update(v);
+        }
+    }
+}
+
+/// Appends the model inputs of one feature value under its encoding.
+fn encode(enc: &Encoding, v: f64, scaler: &Scaler, normalise: bool, x: &mut Vec<f32>) {
+    match *enc {
+        Encoding::Standardise => x.push(if normalise { scaler.apply(v) } else { v } as f32),
+        Encoding::Scale { scale } => x.push((v / scale) as f32),
+        Encoding::Fourier { scale, octaves } => {
+            let u = v / scale;
+            x.push(u as f32);
+            for j in 0..octaves {
+                let (s, c) = (std::f64::consts::PI * f64::from(1u32 << j) * u).sin_cos();
+                x.extend([s as f32, c as f32]);
+            }
+        }
+        Encoding::Periodic { harmonics, period } => {
+            let a = period.map_or(v, |p| TAU * v / p);
+            for k in 1..=harmonics {
+                let (s, c) = (f64::from(k) * a).sin_cos();
+                x.extend([s as f32, c as f32]);
+            }
+        }
+    }
 }
 
 struct KeyState {
     /// One history per numeric column (empty for columns that are not lagged).
     hist: Vec<VecDeque<f64>>,
+    /// Classification: the key's last revealed labels, newest first.
+    labels: VecDeque<u16>,
+    /// A small number naming the key in the neighbour memory.
+    id: u32,
+    /// Labelled rows of the key so far.
+    labelled: u32,
+    last_seen: u64,
+}
+
+/// One key's state in a checkpoint.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedKey {
+    key: Arc<str>,
+    hist: Vec<VecDeque<f64>>,
+    labels: VecDeque<u16>,
+    id: u32,
+    labelled: u32,
     last_seen: u64,
 }
 
@@ -177,10 +230,15 @@ struct KeyState {
 pub struct FeatureState {
     scalers: Vec<Scaler>,
     geo_scalers: [Scaler; 3],
-    keys: Vec<(Arc<str>, Vec<VecDeque<f64>>, u64)>,
+    keys: Vec<SavedKey>,
     tick: u64,
     keys_evicted: u64,
+    next_key_id: u32,
+    knn: Option<KnnMemory>,
 }
+
+/// Points the neighbour baseline remembers.
+pub const KNN_MEMORY: usize = 4096;
 
 /// Builds samples from decoded batches (see the module doc).
 pub struct FeatureEngine {
@@ -213,6 +271,12 @@ pub struct FeatureEngine {
     pub keys_evicted: u64,
     /// See [`FeatureEngine::with_max_deviations`].
     max_deviations: f64,
+    /// Classification: classes, and labels kept per key (the longest label lag, at least 1).
+    classes: usize,
+    label_len: usize,
+    /// Classification: the neighbour baseline's memory of raw inputs and geo east/north.
+    knn: Option<KnnMemory>,
+    next_key_id: u32,
 }
 
 const EARTH_RADIUS_M: f64 = 6_371_000.0;
@@ -247,7 +311,21 @@ impl FeatureEngine {
                 idx(&g.ue_lon),
             ]
         });
+        let classes = match schema.task {
+            TaskSpec::Classification { classes } => classes,
+            TaskSpec::Regression => 0,
+        };
+        let label_len = match &schema.features.label_lags {
+            Some(l) => l.lags.iter().copied().max().unwrap_or(1),
+            None => usize::from(classes > 0),
+        };
+        let knn_dims = schema.features.inputs.len() + 2 * usize::from(geo.is_some());
+        let knn = (classes > 0 && knn_dims > 0).then(|| KnnMemory::new(knn_dims, KNN_MEMORY));
         FeatureEngine {
+            classes,
+            label_len,
+            knn,
+            next_key_id: 0,
             check: RowCheck::new(schema.clone(), numeric, OutOfRange::DeadLetter),
             clipped: 0,
             inputs: schema.features.inputs.iter().map(idx).collect(),
@@ -304,6 +382,35 @@ impl FeatureEngine {
         far(&self.geo_scalers[2], e.hypot(n)).then(|| "ue_distance".to_string())
     }
 
+    /// The raw point the neighbour memory compares: input columns and geo east/north.
+    fn knn_point(&self, vals: &[f64], point: &mut Vec<f32>) {
+        point.clear();
+        point.extend(self.inputs.iter().map(|&c| vals[c] as f32));
+        if let Some([bl, bo, ul, uo]) = self.geo {
+            let (e, n) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
+            point.extend([e as f32, n as f32]);
+        }
+    }
+
+    /// Persistence and the neighbours' vote for a row of `state`'s key.
+    fn baselines(&self, state: &KeyState, point: &[f32]) -> ClassBaselines {
+        let mut b = ClassBaselines {
+            persistence: state.labels.front().copied(),
+            key_seen: state.labelled,
+            ..Default::default()
+        };
+        if let Some(m) = &self.knn {
+            let mut near = [(0f32, 0u16); KNN_K];
+            let found = m.nearest(point, state.id, &mut near);
+            for (rank, &(_, class)) in near[..found].iter().enumerate() {
+                // One vote each; nearness only breaks ties.
+                b.knn[rank] = (class, 1.0 + 1e-3 * (KNN_K - rank) as f32);
+            }
+            b.knn_len = found as u8;
+        }
+        b
+    }
+
     /// Width of a feature row.
     pub fn width(&self) -> usize {
         self.width
@@ -326,19 +433,28 @@ impl FeatureEngine {
             keys: self
                 .keys
                 .iter()
-                .map(|(k, s)| (k.clone(), s.hist.clone(), s.last_seen))
+                .map(|(k, s)| SavedKey {
+                    key: k.clone(),
+                    hist: s.hist.clone(),
+                    labels: s.labels.clone(),
+                    id: s.id,
+                    labelled: s.labelled,
+                    last_seen: s.last_seen,
+                })
                 .collect(),
             tick: self.tick,
             keys_evicted: self.keys_evicted,
+            next_key_id: self.next_key_id,
+            knn: self.knn.clone(),
         }
     }
 
     /// Continues from a saved state; it must come from the same schema.
     pub fn restore(&mut self, s: FeatureState) -> Result<(), String> {
+        let knn_dims = |k: &Option<KnnMemory>| k.as_ref().map(KnnMemory::dims);
         if s.scalers.len() != self.scalers.len()
-            || s.keys
-                .iter()
-                .any(|(_, h, _)| h.len() != self.hist_len.len())
+            || s.keys.iter().any(|k| k.hist.len() != self.hist_len.len())
+            || knn_dims(&s.knn) != knn_dims(&self.knn)
         {
             return Err(format!(
                 "feature state has {} numeric columns; this schema has {}",
@@ -351,15 +467,26 @@ impl FeatureEngine {
         self.recency = s
             .keys
             .iter()
-            .map(|(k, _, last_seen)| (*last_seen, k.clone()))
+            .map(|k| (k.last_seen, k.key.clone()))
             .collect();
         self.keys = s
             .keys
             .into_iter()
-            .map(|(k, hist, last_seen)| (k, KeyState { hist, last_seen }))
+            .map(|k| {
+                let state = KeyState {
+                    hist: k.hist,
+                    labels: k.labels,
+                    id: k.id,
+                    labelled: k.labelled,
+                    last_seen: k.last_seen,
+                };
+                (k.key, state)
+            })
             .collect();
         self.tick = s.tick;
         self.keys_evicted = s.keys_evicted;
+        self.next_key_id = s.next_key_id;
+        self.knn = s.knn;
         Ok(())
     }
 
@@ -368,6 +495,22 @@ impl FeatureEngine {
             self.scalers[col].apply(v) as f32
         } else {
             v as f32
+        }
+    }
+
+    /// A label as inputs.
+    fn encode_label(&self, class: u16, enc: LabelEncoding, x: &mut Vec<f32>) {
+        match enc {
+            LabelEncoding::OneHot => {
+                x.extend((0..self.classes).map(|c| f32::from(u8::from(c == class as usize))))
+            }
+            LabelEncoding::Angle => {
+                let a = std::f64::consts::PI * f64::from(class) / self.classes as f64;
+                for h in 1..=LABEL_ANGLE_HARMONICS {
+                    let (s, c) = (h as f64 * a).sin_cos();
+                    x.extend([s as f32, c as f32]);
+                }
+            }
         }
     }
 
@@ -388,7 +531,15 @@ impl FeatureEngine {
             .iter()
             .map(|&n| VecDeque::with_capacity(n))
             .collect();
-        self.keys.insert(k.clone(), KeyState { hist, last_seen: 0 });
+        let state = KeyState {
+            hist,
+            labels: VecDeque::with_capacity(self.label_len),
+            id: self.next_key_id,
+            labelled: 0,
+            last_seen: 0,
+        };
+        self.next_key_id = self.next_key_id.wrapping_add(1);
+        self.keys.insert(k.clone(), state);
         k
     }
 
@@ -402,6 +553,13 @@ impl FeatureEngine {
         mut skip: impl FnMut(usize, SkipReason),
     ) {
         let mut vals = vec![0f64; self.numeric.len()];
+        let mut point = Vec::new();
+        let label_need = self
+            .schema
+            .features
+            .label_lags
+            .as_ref()
+            .map_or(0, |_| self.label_len);
         for (i, origin) in origins.iter().enumerate().take(d.len) {
             let class = match self.check.row(d, i, &mut vals) {
                 Ok(c) => {
@@ -428,18 +586,23 @@ impl FeatureEngine {
                 .need_len
                 .iter()
                 .zip(&state.hist)
-                .all(|(&need, h)| h.len() >= need);
+                .all(|(&need, h)| h.len() >= need)
+                && state.labels.len() >= label_need;
+            if self.knn.is_some() {
+                self.knn_point(&vals, &mut point);
+            }
             if !ready {
-                self.remember(&key, &vals);
+                self.remember(&key, &vals, class, &point);
                 skip(i, SkipReason::LagWarmup);
                 continue;
             }
-            self.emit(d, i, &key, &vals, class, out);
+            self.emit(d, i, &key, &vals, class, &point, out);
             out.origins.push(origin.clone());
-            self.remember(&key, &vals);
+            self.remember(&key, &vals, class, &point);
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // one row's parts, read where they are kept
     fn emit(
         &self,
         d: &DecodedBatch,
@@ -447,11 +610,14 @@ impl FeatureEngine {
         key: &Arc<str>,
         vals: &[f64],
         class: Option<i64>,
+        point: &[f32],
         out: &mut Samples,
     ) {
         let state = &self.keys[key];
-        for &c in &self.inputs {
-            out.x.push(self.norm(c, vals[c]));
+        let f = &self.schema.features;
+        for (&c, name) in self.inputs.iter().zip(&f.inputs) {
+            let (scaler, norm) = (&self.scalers[c], f.normalise);
+            encode(&f.encoding(name), vals[c], scaler, norm, &mut out.x);
         }
         for (c, lags) in &self.lags {
             for &k in lags {
@@ -476,30 +642,21 @@ impl FeatureEngine {
         }
         if let Some([bl, bo, ul, uo]) = self.geo {
             let (east, north) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
-            let n = self.schema.features.normalise;
             let range = east.hypot(north);
-            out.x.push(if n {
-                self.geo_scalers[0].apply(east) as f32
-            } else {
-                east as f32
-            });
-            out.x.push(if n {
-                self.geo_scalers[1].apply(north) as f32
-            } else {
-                north as f32
-            });
-            out.x.push(if n {
-                self.geo_scalers[2].apply(range) as f32
-            } else {
-                range as f32
-            });
-            let (s, c) = if range > 0.0 {
-                (east / range, north / range)
-            } else {
-                (0.0, 1.0)
-            };
-            out.x.push(s as f32);
-            out.x.push(c as f32);
+            // Clockwise from north: sin = east / range, cos = north / range.
+            let bearing = east.atan2(north);
+            let scaled = [(east, "east"), (north, "north"), (range, "range")];
+            for (g, (v, name)) in scaled.into_iter().enumerate() {
+                let s = &self.geo_scalers[g];
+                encode(&f.encoding(name), v, s, f.normalise, &mut out.x);
+            }
+            let unit = Scaler::default();
+            encode(&f.encoding("bearing"), bearing, &unit, false, &mut out.x);
+        }
+        if let Some(l) = &f.label_lags {
+            for &k in &l.lags {
+                self.encode_label(state.labels[k - 1], l.encoding, &mut out.x);
+            }
         }
         let eval = match (self.target, class) {
             (Some(t), _) => {
@@ -529,6 +686,7 @@ impl FeatureEngine {
                         .map(raw),
                     power: None,
                     log1p: log,
+                    baselines: ClassBaselines::default(),
                 }
             }
             (None, Some(c)) => {
@@ -537,10 +695,11 @@ impl FeatureEngine {
                     target: c as f64,
                     mean: 0.0,
                     std: 1.0,
-                    persistence: None,
+                    persistence: state.labels.front().map(|&l| f64::from(l)),
                     seasonal: None,
                     power: d.power_row(i),
                     log1p: false,
+                    baselines: self.baselines(state, point),
                 }
             }
             (None, None) => unreachable!("regression has a target column, classification a class"),
@@ -552,17 +711,30 @@ impl FeatureEngine {
 
     /// Adds a valid row to its key's history and to the scalers (after it was used: the
     /// scalers never see a target before it is predicted).
-    fn remember(&mut self, key: &Arc<str>, vals: &[f64]) {
+    fn remember(&mut self, key: &Arc<str>, vals: &[f64], class: Option<i64>, point: &[f32]) {
+        let freeze = self.schema.features.scaler.freeze_after;
         for (c, v) in vals.iter().enumerate() {
-            self.scalers[c].update(*v);
+            self.scalers[c].update_until(*v, freeze);
         }
         if let Some([bl, bo, ul, uo]) = self.geo {
             let (e, n) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
-            self.geo_scalers[0].update(e);
-            self.geo_scalers[1].update(n);
-            self.geo_scalers[2].update(e.hypot(n));
+            self.geo_scalers[0].update_until(e, freeze);
+            self.geo_scalers[1].update_until(n, freeze);
+            self.geo_scalers[2].update_until(e.hypot(n), freeze);
         }
         let state = self.keys.get_mut(key).expect("tracked key");
+        if let Some(c) = class {
+            // Checked against `classes` by `RowCheck`.
+            let c = c as u16;
+            if state.labels.len() == self.label_len {
+                state.labels.pop_back();
+            }
+            state.labels.push_front(c);
+            state.labelled = state.labelled.saturating_add(1);
+            if let Some(m) = &mut self.knn {
+                m.insert(point, c, state.id);
+            }
+        }
         for (c, h) in state.hist.iter_mut().enumerate() {
             let cap = self.hist_len[c];
             if cap == 0 {
@@ -605,6 +777,7 @@ mod tests {
                     seasonal: None,
                     power: None,
                     log1p: false,
+                    baselines: Default::default(),
                 })
                 .collect(),
             origins: (0..n as u64)
@@ -812,6 +985,106 @@ mod tests {
         back.restore(fe.state()).unwrap();
         feed(&mut back, &[4]);
         assert_eq!(tracked(&back), ["1", "3", "4"]);
+    }
+
+    /// The beam schema with these features changes, over rows 11.1 m apart due north.
+    fn beam_rows(edit: impl FnOnce(&mut Schema), best: &[i64]) -> (FeatureEngine, Samples) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/deepsense_beam.json");
+        let mut schema = Schema::load(&path).unwrap();
+        edit(&mut schema);
+        let schema = Arc::new(schema);
+        let lat: Vec<f64> = (1..=best.len()).map(|i| 33.42 + i as f64 * 1e-4).collect();
+        let (_, d) = crate::validate::tests::beam(&lat, best);
+        let numeric = crate::decode::Decoder::new(schema.clone())
+            .numeric_columns()
+            .to_vec();
+        let mut fe = FeatureEngine::new(schema, &numeric, 10);
+        let origins: Vec<_> = (0..d.len as u64)
+            .map(|index| RowOrigin {
+                source: Arc::from("t"),
+                index,
+            })
+            .collect();
+        let mut s = Samples::default();
+        fe.push_batch(&d, &origins, &mut s, |_, _| {});
+        (fe, s)
+    }
+
+    #[test]
+    fn fixed_encodings_give_the_named_features_and_the_same_row_whenever_it_arrives() {
+        let enc = |s: &mut Schema| {
+            let e = &mut s.features.encodings;
+            e.insert(
+                "north".into(),
+                Encoding::Fourier {
+                    scale: 100.0,
+                    octaves: 3,
+                },
+            );
+            e.insert("east".into(), Encoding::Scale { scale: 100.0 });
+            e.insert("range".into(), Encoding::Scale { scale: 100.0 });
+            let periodic = Encoding::Periodic {
+                harmonics: 4,
+                period: None,
+            };
+            e.insert("bearing".into(), periodic);
+        };
+        let (fe, s) = beam_rows(enc, &[1, 2, 3]);
+        let w = fe.width();
+        assert_eq!(w, 1 + 7 + 1 + 8, "{:?}", fe.schema.feature_names());
+        // Row 2 is 22.24 m due north: north/100, then sin/cos(π·2^j·north/100).
+        let r = &s.x[w..2 * w];
+        let u = 2.0 * 1e-4f64.to_radians() * EARTH_RADIUS_M / 100.0;
+        assert!((r[0] as f64).abs() < 1e-6, "east");
+        assert!((r[1] as f64 - u).abs() < 1e-6);
+        for j in 0..3 {
+            let a = std::f64::consts::PI * f64::from(1 << j) * u;
+            assert!((r[2 + 2 * j] as f64 - a.sin()).abs() < 1e-5);
+            assert!((r[3 + 2 * j] as f64 - a.cos()).abs() < 1e-5);
+        }
+        assert!((r[8] as f64 - u).abs() < 1e-6, "range");
+        // Bearing due north: sin(k·0) = 0, cos(k·0) = 1 at every harmonic.
+        assert_eq!(&r[9..], &[0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn label_lags_and_classification_baselines_come_from_the_keys_past() {
+        let lag = |s: &mut Schema| {
+            s.features.encodings.clear();
+            let spec = crate::schema::LabelLagSpec {
+                lags: vec![1, 2],
+                encoding: LabelEncoding::OneHot,
+            };
+            s.features.label_lags = Some(spec);
+        };
+        let (fe, s) = beam_rows(lag, &[4, 5, 6, 7]);
+        // Rows 0 and 1 wait for two past labels.
+        assert_eq!(s.len(), 2);
+        let w = fe.width();
+        assert_eq!(w, 5 + 2 * 64);
+        let row = &s.x[..w];
+        assert_eq!(
+            (row[5 + 5], row[5 + 64 + 4]),
+            (1.0, 1.0),
+            "lag 1 = 5, lag 2 = 4"
+        );
+        assert_eq!(row[5..].iter().sum::<f32>(), 2.0);
+        let b = s.eval[1].baselines;
+        assert_eq!(b.persistence, Some(6));
+        assert_eq!(b.knn_len, 3, "three points of this key before row 3");
+        assert_eq!(b.knn[0].0, 6, "the nearest point is the previous row");
+        assert!(b.knn[0].1 > b.knn[1].1, "nearness breaks ties");
+    }
+
+    #[test]
+    fn a_frozen_scaler_stops_and_the_state_survives_a_checkpoint() {
+        let freeze = |s: &mut Schema| s.features.scaler.freeze_after = Some(2);
+        let (fe, _) = beam_rows(freeze, &[1, 2, 3, 4]);
+        assert_eq!(fe.geo_scalers[1].n, 2);
+        let mut back = beam_rows(freeze, &[]).0;
+        back.restore(fe.state()).unwrap();
+        assert_eq!(back.knn.as_ref().map(KnnMemory::len), Some(4));
+        assert_eq!(back.keys.values().next().unwrap().labels, [4]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::learner::buffer::BufferStats;
 use crate::learner::compute::ComputeReport;
-use crate::learner::eval::{BeamMetrics, ErrorMetrics, EvalSummary, PeriodReport};
+use crate::learner::eval::{BeamMetrics, ErrorMetrics, EvalSummary, KNN_K, PeriodReport};
 
 /// Replay buffer state at the end of a run.
 #[derive(Debug, Clone, Serialize)]
@@ -136,16 +136,22 @@ fn err_row(t: &mut Table, name: &str, m: &ErrorMetrics) {
 
 fn beam_row(t: &mut Table, name: &str, m: &BeamMetrics) {
     let cells = match not_a_number(m.n, m.nonfinite) {
-        Some(why) => vec![why.clone(), why.clone(), why],
-        None => vec![
-            format!("{:.4}", m.top1),
-            format!("{:.4}", m.top3),
-            if m.power_loss_db.is_finite() {
-                format!("{:.3}", m.power_loss_db)
-            } else {
-                "n/a".into()
-            },
-        ],
+        Some(why) => vec![why.clone(), why.clone(), why.clone(), why],
+        None => {
+            let db = |v: f64| {
+                if v.is_finite() {
+                    format!("{v:.3}")
+                } else {
+                    "n/a".into()
+                }
+            };
+            vec![
+                format!("{:.4}", m.top1),
+                format!("{:.4}", m.top3),
+                db(m.power_loss_db),
+                db(m.power_loss_db_pooled),
+            ]
+        }
     };
     let mut row = vec![Cell::new(name), Cell::new(m.n)];
     row.extend(cells.into_iter().map(Cell::new));
@@ -363,9 +369,13 @@ impl RunReport {
                     "top-1",
                     "top-3",
                     "power loss dB",
+                    "pooled dB",
                 ]);
                 beam_row(&mut m, "model, whole stream", &c.model);
                 beam_row(&mut m, "model, last window", &c.model_last_window);
+                let knn = format!("online {}-NN (raw position, same key)", KNN_K);
+                beam_row(&mut m, "persistence (key's last label)", &c.persistence);
+                beam_row(&mut m, &knn, &c.knn);
             }
         }
         for p in &self.periods {

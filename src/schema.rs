@@ -140,6 +140,98 @@ pub struct GeoSpec {
     pub ue_lon: String,
 }
 
+/// How one feature enters the model. Running standardisation drifts as the stream goes on,
+/// so a replayed row stored under an early scaling is off under a later one; the fixed
+/// encodings below give every row the same input whenever it was stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Encoding {
+    /// (v − running mean) / running std (the default when `normalise` is on).
+    Standardise,
+    /// v / scale, a fixed physical scale (for example 100 m).
+    Scale { scale: f64 },
+    /// v / scale, then sin and cos of π·2^j·v / scale for j = 0..octaves: positions resolved
+    /// at every scale from `scale` down to scale / 2^(octaves−1).
+    Fourier { scale: f64, octaves: u32 },
+    /// An angle (radians, or a value of the given period): sin and cos of k·angle for
+    /// k = 1..harmonics, so neighbouring beams a degree apart get distinct inputs.
+    Periodic {
+        harmonics: u32,
+        #[serde(default)]
+        period: Option<f64>,
+    },
+}
+
+impl Encoding {
+    /// Output names for a feature called `name`.
+    pub fn names(&self, name: &str) -> Vec<String> {
+        match self {
+            Encoding::Standardise | Encoding::Scale { .. } => vec![name.to_string()],
+            Encoding::Fourier { octaves, .. } => {
+                let mut v = vec![name.to_string()];
+                for j in 0..*octaves {
+                    v.push(format!("{name}_sin{j}"));
+                    v.push(format!("{name}_cos{j}"));
+                }
+                v
+            }
+            Encoding::Periodic { harmonics, .. } => (1..=*harmonics)
+                .flat_map(|k| [format!("{name}_sin{k}"), format!("{name}_cos{k}")])
+                .collect(),
+        }
+    }
+
+    fn check(&self, name: &str) -> Result<()> {
+        let ok = match self {
+            Encoding::Standardise => true,
+            Encoding::Scale { scale } => scale.is_finite() && *scale > 0.0,
+            Encoding::Fourier { scale, octaves } => {
+                scale.is_finite() && *scale > 0.0 && (1..=20).contains(octaves)
+            }
+            Encoding::Periodic { harmonics, period } => {
+                (1..=64).contains(harmonics) && period.is_none_or(|p| p.is_finite() && p > 0.0)
+            }
+        };
+        if !ok {
+            bail!(
+                "encoding of `{name}`: scale and period must be positive, octaves 1-20, harmonics 1-64; is {self:?}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The running scalers' schedule.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalerSpec {
+    /// Stop updating after this many values: later rows, fresh or replayed, are scaled alike.
+    #[serde(default)]
+    pub freeze_after: Option<u64>,
+}
+
+/// Past labels of the same key as inputs (classification: the last revealed beam tracks the
+/// next one).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelLagSpec {
+    pub lags: Vec<usize>,
+    pub encoding: LabelEncoding,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelEncoding {
+    /// One input per class.
+    OneHot,
+    /// The class as an angle over a half turn, sin and cos at harmonics 1-4 (a codebook's
+    /// beams are ordered by steering angle, so neighbouring classes get close inputs).
+    Angle,
+}
+
+/// Harmonics of the `angle` label encoding.
+pub const LABEL_ANGLE_HARMONICS: usize = 4;
+
 /// Derived features, in the order they appear in the model input.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -164,6 +256,35 @@ pub struct FeatureSpec {
     /// its night differ by an order of magnitude). Metrics stay in the original units.
     #[serde(default)]
     pub log1p: Vec<String>,
+    /// Per feature (an input column, or `east`, `north`, `range`, `bearing` of `geo`): how it
+    /// enters the model. Unnamed features are standardised (bearing: sin/cos).
+    #[serde(default)]
+    pub encodings: BTreeMap<String, Encoding>,
+    #[serde(default)]
+    pub scaler: ScalerSpec,
+    /// Classification only.
+    #[serde(default)]
+    pub label_lags: Option<LabelLagSpec>,
+}
+
+/// The geo features' names, as `encodings` knows them.
+pub const GEO_FEATURES: [&str; 4] = ["east", "north", "range", "bearing"];
+
+impl FeatureSpec {
+    /// The encoding of a feature (`bearing` defaults to one sin/cos pair).
+    pub fn encoding(&self, name: &str) -> Encoding {
+        self.encodings
+            .get(name)
+            .cloned()
+            .unwrap_or(if name == "bearing" {
+                Encoding::Periodic {
+                    harmonics: 1,
+                    period: None,
+                }
+            } else {
+                Encoding::Standardise
+            })
+    }
 }
 
 /// Baselines reported beside a regression model, on the same rows.
@@ -296,6 +417,25 @@ impl Schema {
         if self.calendar_needs_timestamp() && self.time.kind != TimeKind::Timestamp {
             bail!("calendar features need a timestamp time column");
         }
+        for (name, e) in &self.features.encodings {
+            let known = self.features.inputs.contains(name)
+                || (self.features.geo.is_some() && GEO_FEATURES.contains(&name.as_str()));
+            if !known {
+                bail!(
+                    "encodings: `{name}` is neither an input column nor a geo feature ({})",
+                    GEO_FEATURES.join(", ")
+                );
+            }
+            e.check(name)?;
+        }
+        if let Some(l) = &self.features.label_lags {
+            if !matches!(self.task, TaskSpec::Classification { .. }) {
+                bail!("label_lags apply to classification only");
+            }
+            if l.lags.is_empty() || l.lags.contains(&0) {
+                bail!("label_lags.lags must be a non-empty list of integers ≥ 1");
+            }
+        }
         if self.input_width() == 0 {
             bail!("the schema derives no feature at all");
         }
@@ -347,7 +487,11 @@ impl Schema {
     /// Names of the model's input features, in order.
     pub fn feature_names(&self) -> Vec<String> {
         let f = &self.features;
-        let mut names: Vec<String> = f.inputs.clone();
+        let mut names: Vec<String> = f
+            .inputs
+            .iter()
+            .flat_map(|c| f.encoding(c).names(c))
+            .collect();
         for l in &f.lags {
             names.extend(l.lags.iter().map(|k| format!("{}_lag{k}", l.column)));
         }
@@ -360,13 +504,30 @@ impl Schema {
             }
         }
         if f.geo.is_some() {
-            names.extend([
-                "east_m".into(),
-                "north_m".into(),
-                "range_m".into(),
-                "bearing_sin".into(),
-                "bearing_cos".into(),
-            ]);
+            for g in GEO_FEATURES {
+                let name = match g {
+                    "bearing" => "bearing".to_string(),
+                    _ => format!("{g}_m"),
+                };
+                names.extend(f.encoding(g).names(&name));
+            }
+        }
+        if let (Some(l), TaskSpec::Classification { classes }) = (&f.label_lags, &self.task) {
+            for k in &l.lags {
+                match l.encoding {
+                    LabelEncoding::OneHot => {
+                        names.extend((0..*classes).map(|c| format!("label_lag{k}_c{c}")))
+                    }
+                    LabelEncoding::Angle => {
+                        names.extend((1..=LABEL_ANGLE_HARMONICS).flat_map(|h| {
+                            [
+                                format!("label_lag{k}_sin{h}"),
+                                format!("label_lag{k}_cos{h}"),
+                            ]
+                        }))
+                    }
+                }
+            }
         }
         names
     }

@@ -123,6 +123,40 @@ fn beam_pipeline_replays_all_scenarios() {
     assert!(m.model.power_loss_db.is_finite() && m.model.power_loss_db >= 0.0);
 }
 
+/// Issue 12: the site's last revealed beam as an input (`beam-tracking`), against the
+/// position alone, on the same four scenarios; both beside the report's own baselines.
+#[test]
+fn beam_tracking_uses_the_last_beam_and_the_baselines_score_the_same_rows() {
+    common::shared_data();
+    let run = |pipe: &str| {
+        let out = tempfile::tempdir().unwrap();
+        let r = common::run(common::pipeline(pipe, out.path(), &["output.scores=false"]));
+        let EvalSummary::Classification(m) = r.metrics.clone() else {
+            panic!("classification metrics")
+        };
+        (r, m)
+    };
+    let (pos, p) = run("beam-replay.toml");
+    let (track, t) = run("beam-tracking.toml");
+    assert_eq!(pos.samples, 8750);
+    assert_eq!(
+        track.samples,
+        8750 - 4,
+        "a site's first row has no past beam"
+    );
+    // Persistence and the 5-NN exist from each site's second row on.
+    assert_eq!((p.persistence.n, p.knn.n), (8746, 8746));
+    assert_eq!(p.model_on_baseline_rows.n, 8746);
+    assert!(p.knn.top3 > p.knn.top1 && p.persistence.top3 == p.persistence.top1);
+    assert!(
+        t.model.power_loss_db < 0.8 * p.model.power_loss_db,
+        "the last beam helps: {} dB vs {} dB",
+        t.model.power_loss_db,
+        p.model.power_loss_db
+    );
+    assert!(t.model.power_loss_db_pooled.is_finite() && t.model.power_loss_db_pooled > 0.0);
+}
+
 #[test]
 fn keep_one_trains_on_every_valid_sample() {
     // Every policy but `trim` (an outlier filter: it drops its top fraction whatever `keep`).

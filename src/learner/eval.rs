@@ -5,7 +5,12 @@
 //! measured on the same rows: persistence (the last value) and seasonal (the same slot one
 //! season earlier, where the history reaches that far; the model is then also scored on
 //! exactly those rows). Beam selection reports top-1 and top-3 accuracy and the power loss
-//! of the chosen beam against the best one, 10·log10(P_best / P_chosen) dB.
+//! of the chosen beam against the best one two ways: the mean of per-row
+//! 10·log10(P_best / P_chosen) dB, and pooled over the rows, 10·log10(Σ P_best / Σ P_chosen)
+//! (a few weak-link rows with huge per-row losses weigh less). A tie is never a hit: the
+//! target counts as top-k only if fewer than k other classes score at least as high, so a
+//! constant or NaN output scores nothing. Its baselines, on the same rows: persistence (the
+//! key's last revealed class) and an online k-nearest-neighbour vote (see `features`).
 
 use std::collections::VecDeque;
 
@@ -128,7 +133,10 @@ pub struct BeamMetrics {
     pub nonfinite: u64,
     pub top1: f64,
     pub top3: f64,
+    /// Mean over rows of the per-row loss in dB.
     pub power_loss_db: f64,
+    /// 10·log10(Σ P_best / Σ P_chosen) over the rows.
+    pub power_loss_db_pooled: f64,
 }
 
 /// The beam-selection scoreboard.
@@ -136,6 +144,12 @@ pub struct BeamMetrics {
 pub struct ClassificationSummary {
     pub model: BeamMetrics,
     pub model_last_window: BeamMetrics,
+    /// The key's last revealed class (from its second row on).
+    pub persistence: BeamMetrics,
+    /// The online k-nearest-neighbour vote (from the key's second row on).
+    pub knn: BeamMetrics,
+    /// The model on exactly the rows where both baselines exist.
+    pub model_on_baseline_rows: BeamMetrics,
 }
 
 /// Either scoreboard.
@@ -224,6 +238,8 @@ struct BeamSum {
     top3: u64,
     n_power: u64,
     loss_db: f64,
+    power_best: f64,
+    power_chosen: f64,
 }
 
 impl BeamSum {
@@ -242,6 +258,11 @@ impl BeamSum {
             } else {
                 f64::NAN
             },
+            power_loss_db_pooled: if ok && self.n_power > 0 {
+                10.0 * (self.power_best / self.power_chosen).log10()
+            } else {
+                f64::NAN
+            },
         }
     }
     fn add(&mut self, r: &BeamRow) {
@@ -252,9 +273,11 @@ impl BeamSum {
         }
         self.top1 += r.top1 as u64;
         self.top3 += r.top3 as u64;
-        if let Some(l) = r.loss_db {
+        if let Some((best, chosen)) = r.power {
             self.n_power += 1;
-            self.loss_db += l;
+            self.loss_db += 10.0 * (best / chosen).log10();
+            self.power_best += best;
+            self.power_chosen += chosen;
         }
     }
 }
@@ -272,7 +295,112 @@ struct BeamRow {
     finite: bool,
     top1: bool,
     top3: bool,
-    loss_db: Option<f64>,
+    /// Received power of the best and of the chosen beam (both positive).
+    power: Option<(f64, f64)>,
+}
+
+impl BeamRow {
+    /// Scores one row from per-class scores (logits or votes), the true class and,
+    /// optionally, per-class received power.
+    fn new(scores: &[f32], target: usize, power: Option<&[f32]>) -> BeamRow {
+        // NaN scores make every comparison false: beam 0 would look like a choice.
+        let finite = scores.iter().all(|l| l.is_finite());
+        let t = scores.get(target).copied().unwrap_or(f32::NAN);
+        // Other classes scoring at least as high as the target: a tie is not a hit.
+        let above = scores
+            .iter()
+            .enumerate()
+            .filter(|&(c, &l)| c != target && l >= t)
+            .count();
+        let hit = |k: usize| finite && t.is_finite() && above < k;
+        let best = argmax(scores);
+        let power = power.and_then(|p| {
+            let p_best = p.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let p_chosen = *p.get(best)? as f64;
+            (finite && p_best > 0.0 && p_chosen > 0.0).then_some((p_best, p_chosen))
+        });
+        BeamRow {
+            finite,
+            top1: hit(1),
+            top3: hit(3),
+            power,
+        }
+    }
+}
+
+/// The classification baselines of one row, computed where the per-key history is kept
+/// (`features`): the key's last revealed class, and up to [`KNN_K`] neighbours' votes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ClassBaselines {
+    pub persistence: Option<u16>,
+    /// (class, weight), the nearest first; `knn_len` of them are set.
+    pub knn: [(u16, f32); KNN_K],
+    pub knn_len: u8,
+    /// Labelled rows of this key before this one.
+    pub key_seen: u32,
+}
+
+/// Neighbours in the k-nearest-neighbour baseline vote.
+pub const KNN_K: usize = 5;
+
+/// `[model.knn_blend]`: the prediction is (1 − a)·softmax(logits) + a·vote with
+/// a = n0 / (n0 + labelled rows of the key so far): the neighbours carry a cold start (a new
+/// site, the first few hundred rows) and hand over to the MLP as it learns. Each neighbour
+/// votes 1 for its class and `spread` for the classes either side (a codebook's neighbouring
+/// beams point a few degrees apart). Training is not affected.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KnnBlend {
+    pub n0: f64,
+    #[serde(default)]
+    pub spread: f32,
+}
+
+impl ClassBaselines {
+    /// The blended prediction of the model's `logits` (see [`KnnBlend`]) in `out`.
+    pub fn blend(&self, logits: &[f32], b: &KnnBlend, out: &mut Vec<f32>) {
+        out.clear();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        out.extend(logits.iter().map(|l| (l - max).exp()));
+        let z: f32 = out.iter().sum();
+        let a = if self.knn_len > 0 && b.n0 > 0.0 {
+            (b.n0 / (b.n0 + f64::from(self.key_seen))) as f32
+        } else {
+            0.0
+        };
+        out.iter_mut().for_each(|p| *p *= (1.0 - a) / z);
+        let c = out.len();
+        for &(class, _) in &self.knn[..self.knn_len as usize] {
+            let class = class as usize;
+            let (left, right) = (class > 0, class + 1 < c);
+            // Each neighbour's vote sums to a / k, however many sides its class has.
+            let mass = 1.0 + b.spread * (f32::from(u8::from(left)) + f32::from(u8::from(right)));
+            let unit = a / (self.knn_len as f32 * mass);
+            let mut vote = |k: usize, v: f32| {
+                if let Some(p) = out.get_mut(k) {
+                    *p += unit * v;
+                }
+            };
+            vote(class, 1.0);
+            if left {
+                vote(class - 1, b.spread);
+            }
+            if right {
+                vote(class + 1, b.spread);
+            }
+        }
+    }
+
+    /// The vote as per-class scores in `out` (cleared first); false when there is no vote.
+    fn knn_scores(&self, out: &mut [f32]) -> bool {
+        out.fill(0.0);
+        for &(c, w) in &self.knn[..self.knn_len as usize] {
+            if let Some(v) = out.get_mut(c as usize) {
+                *v += w;
+            }
+        }
+        self.knn_len > 0
+    }
 }
 
 /// Prequential beam-selection metrics with a sliding window.
@@ -280,7 +408,13 @@ struct BeamRow {
 pub struct ClassificationEval {
     window: usize,
     all: BeamSum,
+    persistence: BeamSum,
+    knn: BeamSum,
+    model_on_baseline_rows: BeamSum,
     recent: VecDeque<BeamRow>,
+    /// Scratch per-class scores of a baseline.
+    #[serde(skip)]
+    scratch: Vec<f32>,
 }
 
 impl ClassificationEval {
@@ -288,34 +422,43 @@ impl ClassificationEval {
         ClassificationEval {
             window: window.max(1),
             all: BeamSum::default(),
+            persistence: BeamSum::default(),
+            knn: BeamSum::default(),
+            model_on_baseline_rows: BeamSum::default(),
             recent: VecDeque::with_capacity(window.max(1)),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Scores the row's baselines (where it has them) on the same target and power.
+    pub fn record_baselines(
+        &mut self,
+        b: &ClassBaselines,
+        logits: &[f32],
+        target: usize,
+        power: Option<&[f32]>,
+    ) {
+        self.scratch.resize(logits.len(), 0.0);
+        if let Some(c) = b.persistence {
+            self.scratch.fill(0.0);
+            if let Some(v) = self.scratch.get_mut(c as usize) {
+                *v = 1.0;
+            }
+            self.persistence
+                .add(&BeamRow::new(&self.scratch, target, power));
+        }
+        if b.knn_scores(&mut self.scratch) {
+            self.knn.add(&BeamRow::new(&self.scratch, target, power));
+        }
+        if b.persistence.is_some() && b.knn_len > 0 {
+            self.model_on_baseline_rows
+                .add(&BeamRow::new(logits, target, power));
         }
     }
 
     /// Scores one row from its logits, true class and (optionally) per-class received power.
     pub fn record(&mut self, logits: &[f32], target: usize, power: Option<&[f32]>) {
-        let best = argmax(logits);
-        let mut above = 0;
-        let t = logits.get(target).copied().unwrap_or(f32::NEG_INFINITY);
-        for &l in logits {
-            if l > t {
-                above += 1;
-            }
-        }
-        let top1 = best == target;
-        let top3 = above < 3;
-        let loss = power.and_then(|p| {
-            let p_best = p.iter().copied().fold(f32::MIN, f32::max) as f64;
-            let p_chosen = *p.get(best)? as f64;
-            (p_best > 0.0 && p_chosen > 0.0).then(|| 10.0 * (p_best / p_chosen).log10())
-        });
-        let row = BeamRow {
-            // NaN logits make every comparison false: beam 0 would look like a choice.
-            finite: logits.iter().all(|l| l.is_finite()),
-            top1,
-            top3,
-            loss_db: loss,
-        };
+        let row = BeamRow::new(logits, target, power);
         self.all.add(&row);
         if self.recent.len() == self.window {
             self.recent.pop_front();
@@ -337,6 +480,9 @@ impl ClassificationEval {
         ClassificationSummary {
             model: self.all.summary(),
             model_last_window: w.summary(),
+            persistence: self.persistence.summary(),
+            knn: self.knn.summary(),
+            model_on_baseline_rows: self.model_on_baseline_rows.summary(),
         }
     }
 }
@@ -349,6 +495,7 @@ pub enum Observation<'a> {
         logits: &'a [f32],
         target: usize,
         power: Option<&'a [f32]>,
+        baselines: ClassBaselines,
     },
 }
 
@@ -375,8 +522,12 @@ impl Metrics {
                     logits,
                     target,
                     power,
+                    baselines,
                 },
-            ) => c.record(logits, target, power),
+            ) => {
+                c.record(logits, target, power);
+                c.record_baselines(&baselines, logits, target, power);
+            }
             _ => unreachable!("an observation of the scoreboard's own task"),
         }
     }
@@ -610,5 +761,74 @@ mod tests {
         assert_eq!(s.n, 2);
         assert!((s.top1 - 0.5).abs() < 1e-12 && (s.top3 - 1.0).abs() < 1e-12);
         assert!((s.power_loss_db - 10.0 * 2f64.log10() / 2.0).abs() < 1e-9);
+        assert!((s.power_loss_db_pooled - 10.0 * (20.0f64 / 15.0).log10()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ties_and_constant_outputs_are_not_hits() {
+        let mut e = ClassificationEval::new(10);
+        e.record(&[0.5; 8], 3, None);
+        e.record(&[0.0, 2.0, 2.0, 1.0], 1, None); // tied with class 2: top-3, not top-1
+        let s = e.summary().model;
+        assert_eq!((s.top1, s.top3), (0.0, 0.5));
+    }
+
+    #[test]
+    fn baselines_are_scored_on_their_rows() {
+        let mut e = ClassificationEval::new(10);
+        let power = [1.0, 10.0, 0.1, 5.0];
+        let logits = [0.0, 3.0, 1.0, 2.0];
+        let none = ClassBaselines::default();
+        e.record_baselines(&none, &logits, 1, Some(&power));
+        let mut b = ClassBaselines {
+            persistence: Some(3),
+            knn_len: 3,
+            ..Default::default()
+        };
+        b.knn[..3].copy_from_slice(&[(2, 1.2), (1, 1.1), (1, 1.0)]);
+        e.record_baselines(&b, &logits, 1, Some(&power));
+        let s = e.summary();
+        assert_eq!(
+            (s.persistence.n, s.knn.n, s.model_on_baseline_rows.n),
+            (1, 1, 1)
+        );
+        assert_eq!((s.persistence.top1, s.persistence.top3), (0.0, 0.0));
+        assert!((s.persistence.power_loss_db - 10.0 * 2f64.log10()).abs() < 1e-9);
+        assert_eq!(
+            (s.knn.top1, s.knn.power_loss_db),
+            (1.0, 0.0),
+            "2.1 votes beat 1.2"
+        );
+    }
+
+    #[test]
+    fn the_blend_hands_over_from_the_neighbours_to_the_model() {
+        let mut b = ClassBaselines {
+            knn_len: 2,
+            ..Default::default()
+        };
+        b.knn[..2].copy_from_slice(&[(0, 1.0), (0, 1.0)]);
+        let logits = [0.0, 0.0, 5.0];
+        let cfg = KnnBlend {
+            n0: 100.0,
+            spread: 0.5,
+        };
+        let mut out = Vec::new();
+        b.blend(&logits, &cfg, &mut out);
+        assert_eq!(argmax(&out), 0, "a = 1: the vote alone");
+        assert!((out.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(
+            (out[1] / out[0] - 0.5).abs() < 1e-6,
+            "spread to the neighbouring class"
+        );
+        b.key_seen = 10_000;
+        b.blend(&logits, &cfg, &mut out);
+        assert_eq!(argmax(&out), 2, "a ≈ 0.01: the model");
+        b.knn_len = 0;
+        b.blend(&logits, &cfg, &mut out);
+        assert!(
+            (out[2] - 5f32.exp() / (2.0 + 5f32.exp())).abs() < 1e-6,
+            "no vote: softmax"
+        );
     }
 }

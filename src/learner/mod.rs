@@ -15,6 +15,7 @@ pub mod compute;
 pub mod eval;
 pub mod fused;
 pub mod importance;
+pub mod knn;
 pub mod matmul;
 pub mod model;
 pub mod net;
@@ -70,6 +71,10 @@ pub struct ModelConfig {
     /// Hidden layer widths.
     #[serde(default = "default_hidden")]
     pub hidden: Vec<usize>,
+    /// Classification: blend the neighbours' vote into the prediction while the model is
+    /// young (see [`eval::KnnBlend`]); absent: the MLP alone.
+    #[serde(default)]
+    pub knn_blend: Option<eval::KnnBlend>,
 }
 
 fn default_backend() -> Backend {
@@ -84,6 +89,7 @@ impl Default for ModelConfig {
         ModelConfig {
             backend: default_backend(),
             hidden: default_hidden(),
+            knn_blend: None,
         }
     }
 }
@@ -105,6 +111,15 @@ pub struct TrainingConfig {
     /// goes back to its last good weights with fresh Adam moments, and warns.
     #[serde(default = "default_max_nonfinite_steps")]
     pub max_nonfinite_steps: u32,
+    /// Optimiser steps per micro-batch: the first on the scored pass, each further one on the
+    /// trained fresh rows and a fresh draw of replayed rows (a small, slow stream learns more
+    /// from each row; every step is counted as training work, and in the every-row reference).
+    #[serde(default = "default_steps_per_batch")]
+    pub steps_per_batch: u32,
+}
+
+fn default_steps_per_batch() -> u32 {
+    1
 }
 
 fn default_max_nonfinite_steps() -> u32 {
@@ -125,6 +140,7 @@ impl Default for TrainingConfig {
             learning_rate: default_lr(),
             seed: 0,
             max_nonfinite_steps: default_max_nonfinite_steps(),
+            steps_per_batch: default_steps_per_batch(),
         }
     }
 }
@@ -211,6 +227,8 @@ pub struct OnlineLearner {
     cfg: LearnerConfig,
     net: Net,
     scorer: ImportanceScorer,
+    /// The forward-only scorer of the further steps of a micro-batch.
+    step_scorer: ImportanceScorer,
     selector: Selector,
     buffer: ReplayBuffer,
     rng: SmallRng,
@@ -259,6 +277,7 @@ impl OnlineLearner {
             net,
             irreducible,
             scorer: ImportanceScorer::new(method, cfg.head),
+            step_scorer: ImportanceScorer::new(ImportanceMethod::Loss, cfg.head),
             ledger: ComputeLedger::default(),
             flops: FlopModel::new(&widths),
             selector: Selector::new(cfg.selection.clone()),
@@ -368,11 +387,14 @@ impl OnlineLearner {
         }
         let train_loss = weighted_mean(&w, &scored.losses);
         self.account_pass(n, r, trained_fresh, pass_cpu + clock.lap());
+        // Every-row training: each further step forwards its rows again.
+        let steps = u64::from(self.cfg.training.steps_per_batch.max(1));
+        let rows = (n + reference_n) as u64;
         self.ledger.reference.add(&Work {
-            rows_forward: reference_n as u64,
-            rows_backward: (n + reference_n) as u64,
-            rows_weight_grad: (n + reference_n) as u64,
-            optimizer_steps: 1,
+            rows_forward: reference_n as u64 + (steps - 1) * rows,
+            rows_backward: steps * rows,
+            rows_weight_grad: steps * rows,
+            optimizer_steps: steps,
             cpu_s: 0.0,
         });
         if trained_rows > 0 {
@@ -386,6 +408,11 @@ impl OnlineLearner {
                 .rescore(slot, scored.scores[n + j], version_before);
         }
         let retained = self.retain(&b, &scored.scores[..n], &decision.selected, version_before);
+        if trained_rows > 0 {
+            for _ in 1..self.cfg.training.steps_per_batch {
+                self.further_step(b.x, b.y, &decision, replay_n, denom);
+            }
+        }
         let trained: Vec<bool> = decision.weights.iter().map(|w| *w > 0.0).collect();
         self.stats.seen += n as u64;
         self.stats.selected += decision.selected.iter().filter(|s| **s).count() as u64;
@@ -506,6 +533,37 @@ impl OnlineLearner {
         if self.good_run >= SNAPSHOT_EVERY && self.stats.steps.is_multiple_of(SNAPSHOT_EVERY) {
             self.last_good = self.net.weights();
         }
+    }
+
+    /// A further optimiser step of this micro-batch: its trained fresh rows with their
+    /// weights, and a new draw of `replay_n` replayed rows; losses over `denom` as in the
+    /// first step. Forward-only scoring: only the trained rows are back-propagated.
+    fn further_step(
+        &mut self,
+        fx: &[f32],
+        fy: &[f32],
+        d: &select::Decision,
+        replay_n: usize,
+        denom: f32,
+    ) {
+        let mut clock = Stopwatch::start();
+        let dim = self.cfg.inputs;
+        let (replay, replay_w) = self.buffer.sample(replay_n, &mut self.rng);
+        let (mut x, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, &wi) in d.weights.iter().enumerate() {
+            if wi > 0.0 {
+                x.extend_from_slice(&fx[i * dim..(i + 1) * dim]);
+                y.push(fy[i]);
+                w.push(wi / denom);
+            }
+        }
+        self.buffer.gather(&replay, &mut x, &mut y);
+        w.extend(replay_w.iter().map(|v| v / denom));
+        self.ledger.training.rows_forward += y.len() as u64;
+        self.net.score(&self.step_scorer, x, &y, &mut self.rng);
+        self.train(&w);
+        self.stats.trained_replay += replay.len() as u64;
+        self.ledger.training.cpu_s += clock.lap();
     }
 
     /// Whether an update with these gradients may go ahead. A non-finite gradient (NaN or
@@ -689,6 +747,7 @@ mod tests {
                 learning_rate: 1e30,
                 seed: 1,
                 max_nonfinite_steps: 4,
+                steps_per_batch: 1,
             };
             let mut l = small(backend, ImportanceMethod::Loss, 0.0, training);
             for _ in 0..40 {
@@ -720,6 +779,45 @@ mod tests {
             keys: &keys,
             times: &vec![0; n],
         })
+    }
+
+    #[test]
+    fn further_steps_per_micro_batch_train_fresh_and_new_replay_rows_and_are_counted() {
+        let run = |steps: u32| {
+            let training = TrainingConfig {
+                micro_batch: 8,
+                seed: 5,
+                steps_per_batch: steps,
+                ..TrainingConfig::default()
+            };
+            let mut l = small(Backend::Fused, ImportanceMethod::Loss, 2.0, training);
+            let mut late = 0.0;
+            for t in 0..60 {
+                let out = feed(&mut l, 8, t);
+                if t >= 50 {
+                    late += out.train_loss;
+                }
+            }
+            (l.stats(), l.compute(), late)
+        };
+        let (one, c1, loss1) = run(1);
+        let (three, c3, loss3) = run(3);
+        assert_eq!((one.steps, three.steps), (60, 180));
+        // Steps 2 and 3 of a batch forward and back-propagate 8 fresh + 16 replayed rows.
+        assert_eq!(
+            c3.training.work.rows_weight_grad,
+            3 * c1.training.work.rows_weight_grad
+        );
+        assert_eq!(c3.reference.work.optimizer_steps, 180);
+        assert!(
+            c3.saved_backward_fraction.abs() < 1e-9,
+            "every row, as its reference"
+        );
+        assert!(three.trained_replay > 2 * one.trained_replay);
+        assert!(
+            loss3 < loss1,
+            "more steps fit the stream better: {loss3} vs {loss1}"
+        );
     }
 
     fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {

@@ -115,6 +115,8 @@ pub(crate) struct LearnerStage {
     /// message per micro-batch of 8 cost a thread wake-up per 8 samples (12% of the learner
     /// thread's time in `perf`, in futex and task switches).
     sink_rows: Vec<ScoreRow>,
+    /// Scratch: a row's prediction blended with the neighbours' vote.
+    blended: Vec<f32>,
     pub learner: OnlineLearner,
     pub features: FeatureEngine,
     pub metrics: Scoreboard,
@@ -170,6 +172,7 @@ impl LearnerStage {
             width,
             pending: Samples::default(),
             sink_rows: Vec::new(),
+            blended: Vec::new(),
             learner,
             features,
             metrics,
@@ -383,8 +386,14 @@ impl LearnerStage {
         }
         let k = self.head.outputs();
         let sinks_on = self.io.sink_tx.is_some();
+        let blend = self.cfg.model.knn_blend;
         for (i, ev) in s.eval.iter().enumerate() {
-            let (prediction, obs) = ev.observe(self.head, &out.outputs[i * k..(i + 1) * k]);
+            let mut row = &out.outputs[i * k..(i + 1) * k];
+            if let (Some(b), Head::Classification { .. }) = (&blend, self.head) {
+                ev.baselines.blend(row, b, &mut self.blended);
+                row = &self.blended;
+            }
+            let (prediction, obs) = ev.observe(self.head, row);
             self.metrics.record(seen_before + i as u64, s.times[i], obs);
             if seen_before + i as u64 >= self.cfg.selection.warmup {
                 self.counters.seen_after_warmup += 1;
