@@ -148,7 +148,7 @@ fn core_learner(
         model: ModelConfig {
             backend,
             hidden: vec![64, 64],
-            knn_blend: None,
+            blend: None,
         },
         importance,
         selection: SelectionConfig {

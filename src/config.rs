@@ -375,6 +375,14 @@ impl PipelineConfig {
         if t.micro_batch == 0 {
             return Err(self.bad("training.micro_batch", "at least 1 sample", 0));
         }
+        if let Some(b) = &self.model.blend
+            && let Err(e) = b.check()
+        {
+            return Err(anyhow!(
+                "{}: key `model.blend`: expected {e}",
+                self.file.display()
+            ));
+        }
         if !(1..=64).contains(&t.steps_per_batch) {
             let v = t.steps_per_batch;
             return Err(self.bad("training.steps_per_batch", "1 to 64 steps", v));

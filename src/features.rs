@@ -17,6 +17,7 @@ use std::f64::consts::TAU;
 use std::sync::Arc;
 
 use crate::decode::DecodedBatch;
+use crate::learner::blend::ExpertWeights;
 use crate::learner::eval::{ClassBaselines, KNN_K, Observation, RegressionRow};
 use crate::learner::knn::KnnMemory;
 use crate::learner::model::Head;
@@ -68,6 +69,7 @@ impl RowEval {
                     target: self.target as usize,
                     power: self.power.as_deref(),
                     baselines: self.baselines,
+                    mlp_alone: None,
                 };
                 (crate::learner::eval::argmax(out) as f64, obs)
             }
@@ -211,6 +213,8 @@ struct KeyState {
     id: u32,
     /// Labelled rows of the key so far.
     labelled: u32,
+    /// The prediction blend's expert weights on this key.
+    experts: ExpertWeights,
     last_seen: u64,
 }
 
@@ -222,6 +226,7 @@ struct SavedKey {
     labels: VecDeque<u16>,
     id: u32,
     labelled: u32,
+    experts: ExpertWeights,
     last_seen: u64,
 }
 
@@ -420,6 +425,17 @@ impl FeatureEngine {
         &self.schema.name
     }
 
+    /// The prediction blend's expert weights on `key` (fresh ones for a key not tracked).
+    pub fn expert_weights(&self, key: &str) -> ExpertWeights {
+        self.keys.get(key).map(|s| s.experts).unwrap_or_default()
+    }
+
+    pub fn set_expert_weights(&mut self, key: &str, w: ExpertWeights) {
+        if let Some(s) = self.keys.get_mut(key) {
+            s.experts = w;
+        }
+    }
+
     /// Keys currently tracked.
     pub fn tracked_keys(&self) -> usize {
         self.keys.len()
@@ -439,6 +455,7 @@ impl FeatureEngine {
                     labels: s.labels.clone(),
                     id: s.id,
                     labelled: s.labelled,
+                    experts: s.experts,
                     last_seen: s.last_seen,
                 })
                 .collect(),
@@ -478,6 +495,7 @@ impl FeatureEngine {
                     labels: k.labels,
                     id: k.id,
                     labelled: k.labelled,
+                    experts: k.experts,
                     last_seen: k.last_seen,
                 };
                 (k.key, state)
@@ -536,6 +554,7 @@ impl FeatureEngine {
             labels: VecDeque::with_capacity(self.label_len),
             id: self.next_key_id,
             labelled: 0,
+            experts: ExpertWeights::default(),
             last_seen: 0,
         };
         self.next_key_id = self.next_key_id.wrapping_add(1);
@@ -652,6 +671,11 @@ impl FeatureEngine {
             }
             let unit = Scaler::default();
             encode(&f.encoding("bearing"), bearing, &unit, false, &mut out.x);
+        }
+        if let Some(k) = &f.key_embedding {
+            let slot = state.id as usize % k.slots;
+            out.x
+                .extend((0..k.slots).map(|i| f32::from(u8::from(i == slot))));
         }
         if let Some(l) = &f.label_lags {
             for &k in &l.lags {
@@ -991,6 +1015,7 @@ mod tests {
     fn beam_rows(edit: impl FnOnce(&mut Schema), best: &[i64]) -> (FeatureEngine, Samples) {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/deepsense_beam.json");
         let mut schema = Schema::load(&path).unwrap();
+        schema.features.key_embedding = None;
         edit(&mut schema);
         let schema = Arc::new(schema);
         let lat: Vec<f64> = (1..=best.len()).map(|i| 33.42 + i as f64 * 1e-4).collect();
@@ -1074,6 +1099,24 @@ mod tests {
         assert_eq!(b.knn_len, 3, "three points of this key before row 3");
         assert_eq!(b.knn[0].0, 6, "the nearest point is the previous row");
         assert!(b.knn[0].1 > b.knn[1].1, "nearness breaks ties");
+    }
+
+    #[test]
+    fn a_key_embedding_is_one_input_per_key_slot() {
+        let emb = |s: &mut Schema| {
+            s.features.key_embedding = Some(crate::schema::KeyEmbeddingSpec { slots: 3 });
+        };
+        let (fe, s) = beam_rows(emb, &[1, 2]);
+        let w = fe.width();
+        assert_eq!(
+            fe.schema.feature_names()[w - 3..],
+            ["key_slot0", "key_slot1", "key_slot2"]
+        );
+        assert_eq!(
+            &s.x[w - 3..w],
+            &[1.0, 0.0, 0.0],
+            "the first key takes slot 0"
+        );
     }
 
     #[test]

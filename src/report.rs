@@ -376,6 +376,9 @@ impl RunReport {
                 let knn = format!("online {}-NN (raw position, same key)", KNN_K);
                 beam_row(&mut m, "persistence (key's last label)", &c.persistence);
                 beam_row(&mut m, &knn, &c.knn);
+                if c.mlp_alone.n > 0 {
+                    beam_row(&mut m, "MLP alone (the model is a blend)", &c.mlp_alone);
+                }
             }
         }
         for p in &self.periods {

@@ -265,6 +265,18 @@ pub struct FeatureSpec {
     /// Classification only.
     #[serde(default)]
     pub label_lags: Option<LabelLagSpec>,
+    /// Keys that are different sites: one input per key, so the first layer learns a vector
+    /// per site (an embedding) and sites sharing a relative frame are told apart.
+    #[serde(default)]
+    pub key_embedding: Option<KeyEmbeddingSpec>,
+}
+
+/// One-hot key inputs: the first `slots` keys to arrive get a slot each; later keys share
+/// them (key number modulo `slots`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEmbeddingSpec {
+    pub slots: usize,
 }
 
 /// The geo features' names, as `encodings` knows them.
@@ -428,6 +440,11 @@ impl Schema {
             }
             e.check(name)?;
         }
+        if let Some(k) = &self.features.key_embedding
+            && !(1..=1024).contains(&k.slots)
+        {
+            bail!("key_embedding.slots must be 1 to 1024, is {}", k.slots);
+        }
         if let Some(l) = &self.features.label_lags {
             if !matches!(self.task, TaskSpec::Classification { .. }) {
                 bail!("label_lags apply to classification only");
@@ -511,6 +528,9 @@ impl Schema {
                 };
                 names.extend(f.encoding(g).names(&name));
             }
+        }
+        if let Some(k) = &f.key_embedding {
+            names.extend((0..k.slots).map(|i| format!("key_slot{i}")));
         }
         if let (Some(l), TaskSpec::Classification { classes }) = (&f.label_lags, &self.task) {
             for k in &l.lags {

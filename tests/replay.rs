@@ -148,6 +148,9 @@ fn beam_tracking_uses_the_last_beam_and_the_baselines_score_the_same_rows() {
     assert_eq!((p.persistence.n, p.knn.n), (8746, 8746));
     assert_eq!(p.model_on_baseline_rows.n, 8746);
     assert!(p.knn.top3 > p.knn.top1 && p.persistence.top3 == p.persistence.top1);
+    // The shipped prediction blends the MLP with the vote; the MLP alone is reported beside.
+    assert_eq!(p.mlp_alone.n, 8750);
+    assert!(p.model.power_loss_db < p.mlp_alone.power_loss_db);
     assert!(
         t.model.power_loss_db < 0.8 * p.model.power_loss_db,
         "the last beam helps: {} dB vs {} dB",

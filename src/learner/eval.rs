@@ -150,6 +150,9 @@ pub struct ClassificationSummary {
     pub knn: BeamMetrics,
     /// The model on exactly the rows where both baselines exist.
     pub model_on_baseline_rows: BeamMetrics,
+    /// The MLP alone when the model's prediction is a blend with the baselines (no rows
+    /// otherwise: then `model` is the MLP).
+    pub mlp_alone: BeamMetrics,
 }
 
 /// Either scoreboard.
@@ -343,54 +346,7 @@ pub struct ClassBaselines {
 /// Neighbours in the k-nearest-neighbour baseline vote.
 pub const KNN_K: usize = 5;
 
-/// `[model.knn_blend]`: the prediction is (1 − a)·softmax(logits) + a·vote with
-/// a = n0 / (n0 + labelled rows of the key so far): the neighbours carry a cold start (a new
-/// site, the first few hundred rows) and hand over to the MLP as it learns. Each neighbour
-/// votes 1 for its class and `spread` for the classes either side (a codebook's neighbouring
-/// beams point a few degrees apart). Training is not affected.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KnnBlend {
-    pub n0: f64,
-    #[serde(default)]
-    pub spread: f32,
-}
-
 impl ClassBaselines {
-    /// The blended prediction of the model's `logits` (see [`KnnBlend`]) in `out`.
-    pub fn blend(&self, logits: &[f32], b: &KnnBlend, out: &mut Vec<f32>) {
-        out.clear();
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        out.extend(logits.iter().map(|l| (l - max).exp()));
-        let z: f32 = out.iter().sum();
-        let a = if self.knn_len > 0 && b.n0 > 0.0 {
-            (b.n0 / (b.n0 + f64::from(self.key_seen))) as f32
-        } else {
-            0.0
-        };
-        out.iter_mut().for_each(|p| *p *= (1.0 - a) / z);
-        let c = out.len();
-        for &(class, _) in &self.knn[..self.knn_len as usize] {
-            let class = class as usize;
-            let (left, right) = (class > 0, class + 1 < c);
-            // Each neighbour's vote sums to a / k, however many sides its class has.
-            let mass = 1.0 + b.spread * (f32::from(u8::from(left)) + f32::from(u8::from(right)));
-            let unit = a / (self.knn_len as f32 * mass);
-            let mut vote = |k: usize, v: f32| {
-                if let Some(p) = out.get_mut(k) {
-                    *p += unit * v;
-                }
-            };
-            vote(class, 1.0);
-            if left {
-                vote(class - 1, b.spread);
-            }
-            if right {
-                vote(class + 1, b.spread);
-            }
-        }
-    }
-
     /// The vote as per-class scores in `out` (cleared first); false when there is no vote.
     fn knn_scores(&self, out: &mut [f32]) -> bool {
         out.fill(0.0);
@@ -411,6 +367,7 @@ pub struct ClassificationEval {
     persistence: BeamSum,
     knn: BeamSum,
     model_on_baseline_rows: BeamSum,
+    mlp_alone: BeamSum,
     recent: VecDeque<BeamRow>,
     /// Scratch per-class scores of a baseline.
     #[serde(skip)]
@@ -425,6 +382,7 @@ impl ClassificationEval {
             persistence: BeamSum::default(),
             knn: BeamSum::default(),
             model_on_baseline_rows: BeamSum::default(),
+            mlp_alone: BeamSum::default(),
             recent: VecDeque::with_capacity(window.max(1)),
             scratch: Vec::new(),
         }
@@ -483,6 +441,7 @@ impl ClassificationEval {
             persistence: self.persistence.summary(),
             knn: self.knn.summary(),
             model_on_baseline_rows: self.model_on_baseline_rows.summary(),
+            mlp_alone: self.mlp_alone.summary(),
         }
     }
 }
@@ -496,6 +455,8 @@ pub enum Observation<'a> {
         target: usize,
         power: Option<&'a [f32]>,
         baselines: ClassBaselines,
+        /// The MLP's own output, when `logits` is a blend (`model.blend`).
+        mlp_alone: Option<&'a [f32]>,
     },
 }
 
@@ -523,10 +484,14 @@ impl Metrics {
                     target,
                     power,
                     baselines,
+                    mlp_alone,
                 },
             ) => {
                 c.record(logits, target, power);
                 c.record_baselines(&baselines, logits, target, power);
+                if let Some(m) = mlp_alone {
+                    c.mlp_alone.add(&BeamRow::new(m, target, power));
+                }
             }
             _ => unreachable!("an observation of the scoreboard's own task"),
         }
@@ -798,37 +763,6 @@ mod tests {
             (s.knn.top1, s.knn.power_loss_db),
             (1.0, 0.0),
             "2.1 votes beat 1.2"
-        );
-    }
-
-    #[test]
-    fn the_blend_hands_over_from_the_neighbours_to_the_model() {
-        let mut b = ClassBaselines {
-            knn_len: 2,
-            ..Default::default()
-        };
-        b.knn[..2].copy_from_slice(&[(0, 1.0), (0, 1.0)]);
-        let logits = [0.0, 0.0, 5.0];
-        let cfg = KnnBlend {
-            n0: 100.0,
-            spread: 0.5,
-        };
-        let mut out = Vec::new();
-        b.blend(&logits, &cfg, &mut out);
-        assert_eq!(argmax(&out), 0, "a = 1: the vote alone");
-        assert!((out.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(
-            (out[1] / out[0] - 0.5).abs() < 1e-6,
-            "spread to the neighbouring class"
-        );
-        b.key_seen = 10_000;
-        b.blend(&logits, &cfg, &mut out);
-        assert_eq!(argmax(&out), 2, "a ≈ 0.01: the model");
-        b.knn_len = 0;
-        b.blend(&logits, &cfg, &mut out);
-        assert!(
-            (out[2] - 5f32.exp() / (2.0 + 5f32.exp())).abs() < 1e-6,
-            "no vote: softmax"
         );
     }
 }

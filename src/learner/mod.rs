@@ -10,6 +10,7 @@
 //! Nothing here knows about Kafka, Parquet or schemas: it sees matrices of features
 //! and targets, the keys and times it must remember for the buffer, and nothing else.
 
+pub mod blend;
 pub mod buffer;
 pub mod compute;
 pub mod eval;
@@ -71,10 +72,10 @@ pub struct ModelConfig {
     /// Hidden layer widths.
     #[serde(default = "default_hidden")]
     pub hidden: Vec<usize>,
-    /// Classification: blend the neighbours' vote into the prediction while the model is
-    /// young (see [`eval::KnnBlend`]); absent: the MLP alone.
+    /// Classification: the prediction blends the MLP with the neighbours' vote and
+    /// persistence (see [`blend`]); absent: the MLP alone.
     #[serde(default)]
-    pub knn_blend: Option<eval::KnnBlend>,
+    pub blend: Option<blend::BlendConfig>,
 }
 
 fn default_backend() -> Backend {
@@ -89,7 +90,7 @@ impl Default for ModelConfig {
         ModelConfig {
             backend: default_backend(),
             hidden: default_hidden(),
-            knn_blend: None,
+            blend: None,
         }
     }
 }

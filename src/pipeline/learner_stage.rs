@@ -26,7 +26,8 @@ use crate::checkpoint::{self, Checkpoint, RunCounters};
 use crate::config::PipelineConfig;
 use crate::decode::Decoder;
 use crate::features::{FeatureEngine, Samples};
-use crate::learner::eval::{EvalSummary, Scoreboard};
+use crate::learner::blend::{Blender, ExpertWeights};
+use crate::learner::eval::{EvalSummary, Observation, Scoreboard};
 use crate::learner::model::Head;
 use crate::learner::{FreshBatch, LearnerConfig, OnlineLearner};
 use crate::schema::Schema;
@@ -115,7 +116,8 @@ pub(crate) struct LearnerStage {
     /// message per micro-batch of 8 cost a thread wake-up per 8 samples (12% of the learner
     /// thread's time in `perf`, in futex and task switches).
     sink_rows: Vec<ScoreRow>,
-    /// Scratch: a row's prediction blended with the neighbours' vote.
+    /// A row's prediction blended with the baselines (`model.blend`), and its scratch.
+    blender: Blender,
     blended: Vec<f32>,
     pub learner: OnlineLearner,
     pub features: FeatureEngine,
@@ -172,6 +174,7 @@ impl LearnerStage {
             width,
             pending: Samples::default(),
             sink_rows: Vec::new(),
+            blender: Blender::default(),
             blended: Vec::new(),
             learner,
             features,
@@ -386,15 +389,31 @@ impl LearnerStage {
         }
         let k = self.head.outputs();
         let sinks_on = self.io.sink_tx.is_some();
-        let blend = self.cfg.model.knn_blend;
+        let blend = self
+            .cfg
+            .model
+            .blend
+            .filter(|_| self.head != Head::Regression);
         for (i, ev) in s.eval.iter().enumerate() {
-            let mut row = &out.outputs[i * k..(i + 1) * k];
-            if let (Some(b), Head::Classification { .. }) = (&blend, self.head) {
-                ev.baselines.blend(row, b, &mut self.blended);
-                row = &self.blended;
+            let mlp = &out.outputs[i * k..(i + 1) * k];
+            let mut w = ExpertWeights::default();
+            if let Some(b) = &blend {
+                w = self.features.expert_weights(&s.keys[i]);
+                self.blender
+                    .blend(b, &ev.baselines, mlp, &w, &mut self.blended);
             }
-            let (prediction, obs) = ev.observe(self.head, row);
+            let row = if blend.is_some() { &self.blended } else { mlp };
+            let (prediction, mut obs) = ev.observe(self.head, row);
+            if let Observation::Classification { mlp_alone, .. } = &mut obs
+                && blend.is_some()
+            {
+                *mlp_alone = Some(mlp);
+            }
             self.metrics.record(seen_before + i as u64, s.times[i], obs);
+            if let Some(b) = &blend {
+                self.blender.learn(b, ev.target as usize, &mut w);
+                self.features.set_expert_weights(&s.keys[i], w);
+            }
             if seen_before + i as u64 >= self.cfg.selection.warmup {
                 self.counters.seen_after_warmup += 1;
                 self.counters.trained_after_warmup += out.trained[i] as u64;

@@ -1,0 +1,297 @@
+//! A classification pipeline's prediction as a blend of the MLP and the report's baselines.
+//!
+//! An MLP starts knowing nothing, and a new site (a new key) starts it over in part, while
+//! the 5 nearest past positions of the same site already name a good beam and the site's last
+//! beam is often the next one. Two schedules hand over between them, per key:
+//! - `schedule`: (1 − a)·softmax(logits) + a·vote, a = n0 / (n0 + labelled rows of the key);
+//!   persistence is not used.
+//! - `bayes`: Bayesian model averaging with forgetting over three experts (the MLP, the
+//!   neighbours' vote, persistence): each expert's weight is the likelihood it gave the key's
+//!   past labels, discounted by `decay` per row, so the blend follows whichever has been
+//!   right on this key lately and moves when that changes.
+//!
+//! Each neighbour (or the last label) votes 1 for its class and `spread` for the classes
+//! either side (a codebook's neighbouring beams point a few degrees apart). Every expert is
+//! smoothed by 1% of uniform mass so that no label is impossible. Training is unaffected:
+//! the MLP learns from its own loss, and the report keeps its own metrics beside the blend's.
+
+use serde::{Deserialize, Serialize};
+
+use super::eval::{ClassBaselines, KNN_K};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlendMode {
+    Schedule,
+    Bayes,
+}
+
+/// `[model.blend]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlendConfig {
+    pub mode: BlendMode,
+    /// `schedule`: rows of a key at which the vote and the MLP weigh the same.
+    #[serde(default)]
+    pub n0: f64,
+    #[serde(default)]
+    pub spread: f32,
+    /// `bayes`: the factor each expert's log-likelihood is discounted by per row of the key.
+    #[serde(default = "default_decay")]
+    pub decay: f32,
+}
+
+fn default_decay() -> f32 {
+    0.99
+}
+
+impl BlendConfig {
+    /// What is wrong with these settings, if anything.
+    pub fn check(&self) -> Result<(), String> {
+        if self.mode == BlendMode::Schedule && !(self.n0 > 0.0 && self.n0.is_finite()) {
+            return Err(format!("n0 > 0 for mode \"schedule\", found {}", self.n0));
+        }
+        if !(0.0..=1.0).contains(&self.spread) {
+            return Err(format!("spread in [0, 1], found {}", self.spread));
+        }
+        if !(self.decay > 0.0 && self.decay <= 1.0) {
+            return Err(format!("decay in (0, 1], found {}", self.decay));
+        }
+        Ok(())
+    }
+}
+
+/// Each expert's discounted log-likelihood on one key: the MLP, the vote, persistence.
+pub type ExpertWeights = [f32; 3];
+
+const SMOOTHING: f32 = 0.01;
+
+/// Blends predictions; holds the experts' distributions of the row at hand.
+#[derive(Debug, Default)]
+pub struct Blender {
+    experts: [Vec<f32>; 3],
+    live: [bool; 3],
+}
+
+impl Blender {
+    /// The experts' distributions for one row.
+    fn experts(&mut self, cfg: &BlendConfig, b: &ClassBaselines, logits: &[f32]) {
+        let c = logits.len();
+        let [mlp, vote, last] = &mut self.experts;
+        mlp.clear();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        mlp.extend(logits.iter().map(|l| (l - max).exp()));
+        let z: f32 = mlp.iter().sum();
+        mlp.iter_mut().for_each(|p| *p /= z);
+        let mut classes = [0u16; KNN_K];
+        let n = b.knn_len as usize;
+        for (c, v) in classes.iter_mut().zip(&b.knn[..n]) {
+            *c = v.0;
+        }
+        let persistence = b.persistence.as_slice();
+        self.live = [
+            true,
+            spread_votes(vote, c, &classes[..n], cfg.spread),
+            cfg.mode == BlendMode::Bayes && spread_votes(last, c, persistence, cfg.spread),
+        ];
+        for (e, live) in self.experts.iter_mut().zip(self.live) {
+            if live {
+                e.iter_mut()
+                    .for_each(|p| *p = (1.0 - SMOOTHING) * *p + SMOOTHING / c as f32);
+            }
+        }
+    }
+
+    /// The blended distribution for a row of a key with expert weights `w` (zeros for a new
+    /// key), in `out`.
+    pub fn blend(
+        &mut self,
+        cfg: &BlendConfig,
+        b: &ClassBaselines,
+        logits: &[f32],
+        w: &ExpertWeights,
+        out: &mut Vec<f32>,
+    ) {
+        self.experts(cfg, b, logits);
+        let mix: [f32; 3] = match cfg.mode {
+            BlendMode::Schedule => {
+                let a = (cfg.n0 / (cfg.n0 + f64::from(b.key_seen))) as f32;
+                let a = if self.live[1] { a } else { 0.0 };
+                [1.0 - a, a, 0.0]
+            }
+            BlendMode::Bayes => {
+                let top = (0..3)
+                    .filter(|&e| self.live[e])
+                    .map(|e| w[e])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let raw = [0, 1, 2].map(|e| {
+                    if self.live[e] {
+                        (w[e] - top).exp()
+                    } else {
+                        0.0
+                    }
+                });
+                let z: f32 = raw.iter().sum();
+                raw.map(|v| v / z)
+            }
+        };
+        out.clear();
+        out.resize(logits.len(), 0.0);
+        for (e, m) in mix.iter().enumerate() {
+            if *m > 0.0 {
+                for (o, p) in out.iter_mut().zip(&self.experts[e]) {
+                    *o += m * p;
+                }
+            }
+        }
+    }
+
+    /// After the row's label is revealed: each live expert's weight is discounted and gains
+    /// the log-probability it gave the label (the experts of the last [`Blender::blend`]).
+    pub fn learn(&self, cfg: &BlendConfig, target: usize, w: &mut ExpertWeights) {
+        for ((w, e), live) in w.iter_mut().zip(&self.experts).zip(self.live) {
+            if live {
+                let p = e.get(target).copied().unwrap_or(SMOOTHING);
+                *w = cfg.decay * *w + p.ln();
+            }
+        }
+    }
+}
+
+/// One unit vote per class in `classes`, `spread` of it to each neighbouring class, as a
+/// distribution in `out`; false (and `out` zeros) when there is no vote.
+fn spread_votes(out: &mut Vec<f32>, c: usize, classes: &[u16], spread: f32) -> bool {
+    out.clear();
+    out.resize(c, 0.0);
+    for &class in classes {
+        let class = class as usize;
+        if class >= c {
+            continue;
+        }
+        let (left, right) = (class > 0, class + 1 < c);
+        let mass = 1.0 + spread * (f32::from(u8::from(left)) + f32::from(u8::from(right)));
+        let unit = 1.0 / (classes.len() as f32 * mass);
+        out[class] += unit;
+        if left {
+            out[class - 1] += unit * spread;
+        }
+        if right {
+            out[class + 1] += unit * spread;
+        }
+    }
+    let total: f32 = out.iter().sum();
+    if total > 0.0 {
+        out.iter_mut().for_each(|p| *p /= total);
+    }
+    total > 0.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::learner::eval::argmax;
+
+    fn baselines(knn: &[u16], persistence: Option<u16>, key_seen: u32) -> ClassBaselines {
+        let mut b = ClassBaselines {
+            persistence,
+            knn_len: knn.len() as u8,
+            key_seen,
+            ..Default::default()
+        };
+        for (i, &c) in knn.iter().enumerate() {
+            b.knn[i] = (c, 1.0);
+        }
+        b
+    }
+
+    #[test]
+    fn the_schedule_hands_over_from_the_neighbours_to_the_model() {
+        let cfg = BlendConfig {
+            mode: BlendMode::Schedule,
+            n0: 100.0,
+            spread: 0.5,
+            decay: 0.99,
+        };
+        let logits = [0.0, 0.0, 0.0, 5.0];
+        let (mut bl, mut out) = (Blender::default(), Vec::new());
+        bl.blend(
+            &cfg,
+            &baselines(&[0, 0], None, 0),
+            &logits,
+            &[0.0; 3],
+            &mut out,
+        );
+        assert_eq!(argmax(&out), 0, "a = 1: the vote alone");
+        assert!((out.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(out[1] > out[2] && out[2] > 0.0, "spread, then smoothing");
+        bl.blend(
+            &cfg,
+            &baselines(&[0, 0], None, 10_000),
+            &logits,
+            &[0.0; 3],
+            &mut out,
+        );
+        assert_eq!(argmax(&out), 3, "a ≈ 0.01: the model");
+        bl.blend(&cfg, &baselines(&[], None, 0), &logits, &[0.0; 3], &mut out);
+        assert!(
+            (out[3] - (0.99 * 5f32.exp() / (3.0 + 5f32.exp()) + 0.0025)).abs() < 1e-6,
+            "no vote: the smoothed softmax"
+        );
+    }
+
+    #[test]
+    fn bayes_follows_the_expert_that_has_been_right_on_the_key() {
+        let cfg = BlendConfig {
+            mode: BlendMode::Bayes,
+            n0: 0.0,
+            spread: 0.0,
+            decay: 0.9,
+        };
+        let logits = [3.0, 0.0, 0.0, 0.0];
+        let b = baselines(&[1], Some(2), 5);
+        let (mut bl, mut out, mut w) = (Blender::default(), Vec::new(), [0.0f32; 3]);
+        bl.blend(&cfg, &b, &logits, &w, &mut out);
+        assert!(
+            (out[1] - out[2]).abs() < 1e-6 && out[0] > 0.28,
+            "equal weights: {out:?}"
+        );
+        // Persistence is right five times in a row.
+        for _ in 0..5 {
+            bl.blend(&cfg, &b, &logits, &w, &mut out);
+            bl.learn(&cfg, 2, &mut w);
+        }
+        bl.blend(&cfg, &b, &logits, &w, &mut out);
+        assert_eq!(argmax(&out), 2, "{w:?}");
+        assert!(w[2] > w[0] && w[2] > w[1]);
+        // Then the MLP, long enough for the old evidence to fade.
+        for _ in 0..30 {
+            bl.blend(&cfg, &b, &logits, &w, &mut out);
+            bl.learn(&cfg, 0, &mut w);
+        }
+        bl.blend(&cfg, &b, &logits, &w, &mut out);
+        assert_eq!(argmax(&out), 0, "{w:?}");
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused() {
+        let ok = BlendConfig {
+            mode: BlendMode::Schedule,
+            n0: 300.0,
+            spread: 0.5,
+            decay: 0.99,
+        };
+        assert!(ok.check().is_ok());
+        assert!(
+            BlendConfig { n0: 0.0, ..ok }
+                .check()
+                .unwrap_err()
+                .contains("n0")
+        );
+        assert!(
+            BlendConfig { decay: 1.5, ..ok }
+                .check()
+                .unwrap_err()
+                .contains("decay")
+        );
+    }
+}
