@@ -275,11 +275,13 @@ pub fn run(args: Args) -> Result<()> {
         .or(exp.jobs)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let bin = std::env::current_exe().context("cannot find the gradsift binary")?;
+    let inputs = runner::inputs_crc(&bin, &exp.pipeline)?;
     let outcomes = runner::run_all(
         runner::Invocation {
             bin: &bin,
             mode: exp.mode,
             pipeline: &exp.pipeline,
+            inputs,
         },
         &configs,
         &runs,

@@ -2,7 +2,10 @@
 //! at once (plain threads over a shared counter), with a progress bar. Subprocesses rather
 //! than in-process pipelines because a run owns process-wide state (the metrics recorder,
 //! the CPU-time and energy meters) and a crash or divergence must cost one run, not the
-//! experiment. A run whose `report.json` already parses is reused (resumable) unless fresh.
+//! experiment. A run whose `report.json` already parses is reused (resumable) unless fresh,
+//! and only if it was made from the same inputs: the binary, the pipeline file and its schema
+//! file, and the run's arguments (their CRC-32 is kept beside the report in `inputs.crc`). A
+//! run of an older build or pipeline is run again, never mixed in.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -44,6 +47,29 @@ pub fn command_args(mode: Mode, pipeline: &Path, config: &Config, run: &Run) -> 
     args
 }
 
+/// The CRC-32 of everything a run's result depends on besides its arguments: the running
+/// binary, the pipeline file and the schema file it names (resolved as a run resolves it).
+pub fn inputs_crc(bin: &Path, pipeline: &Path) -> anyhow::Result<u32> {
+    use anyhow::Context;
+    let mut h = crc32fast::Hasher::new();
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    h.update(&read(bin)?);
+    h.update(&read(pipeline)?);
+    let cfg = crate::config::PipelineConfig::load(pipeline, &[])?;
+    h.update(&read(&cfg.schema)?);
+    Ok(h.finalize())
+}
+
+/// This run's inputs: the base CRC and its arguments.
+fn run_crc(inv: Invocation<'_>, config: &Config, run: &Run) -> String {
+    let mut h = crc32fast::Hasher::new_with_initial(inv.inputs);
+    for a in command_args(inv.mode, inv.pipeline, config, run) {
+        h.update(a.as_encoded_bytes());
+        h.update(&[0]);
+    }
+    format!("{:08x}\n", h.finalize())
+}
+
 /// A report left by an earlier invocation, if it parses.
 pub fn previous(dir: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join("report.json")).ok()?;
@@ -63,11 +89,18 @@ pub struct Invocation<'a> {
     pub bin: &'a Path,
     pub mode: Mode,
     pub pipeline: &'a Path,
+    /// [`inputs_crc`] of this binary and pipeline.
+    pub inputs: u32,
 }
 
 fn run_one(inv: Invocation<'_>, config: &Config, run: &Run, fresh: bool) -> Outcome {
     let bin = inv.bin;
-    if !fresh && let Some(report) = previous(&run.dir) {
+    let crc = run_crc(inv, config, run);
+    let same_inputs = std::fs::read_to_string(run.dir.join("inputs.crc")).is_ok_and(|c| c == crc);
+    if !fresh
+        && same_inputs
+        && let Some(report) = previous(&run.dir)
+    {
         return Outcome::Done {
             report,
             reused: true,
@@ -93,6 +126,9 @@ fn run_one(inv: Invocation<'_>, config: &Config, run: &Run, fresh: bool) -> Outc
     let _ = std::fs::write(run.dir.join("stderr.log"), &out.stderr);
     if !out.status.success() {
         return Outcome::Failed(format!("{}: {}", out.status, tail(&out.stderr, 12)));
+    }
+    if let Err(e) = std::fs::write(run.dir.join("inputs.crc"), &crc) {
+        return Outcome::Failed(format!("cannot write {}: {e}", run.dir.display()));
     }
     match previous(&run.dir) {
         Some(report) => Outcome::Done {
@@ -211,6 +247,43 @@ mod tests {
                 "--set",
                 "telemetry.enabled=false"
             ]
+        );
+    }
+
+    #[test]
+    fn a_run_is_reused_only_from_the_same_inputs() {
+        let config = Config {
+            family: "random".into(),
+            label: "random/selection.keep=0.5".into(),
+            slug: "random__selection.keep=0.5".into(),
+            axes: vec![("selection.keep".into(), "0.5".into())],
+            overrides: vec!["selection.keep=0.5".into()],
+        };
+        let run = |seed| Run {
+            config: 0,
+            seed,
+            dir: PathBuf::from("o/seed"),
+        };
+        let inv = |inputs| Invocation {
+            bin: Path::new("gradsift"),
+            mode: Mode::Online,
+            pipeline: Path::new("p.toml"),
+            inputs,
+        };
+        let base = run_crc(inv(7), &config, &run(1));
+        assert_eq!(base, run_crc(inv(7), &config, &run(1)));
+        assert_ne!(
+            base,
+            run_crc(inv(8), &config, &run(1)),
+            "another binary or pipeline"
+        );
+        assert_ne!(base, run_crc(inv(7), &config, &run(2)), "another seed");
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let pipeline = repo.join("pipelines/milan-replay.toml");
+        let bin = std::env::current_exe().unwrap();
+        assert_eq!(
+            inputs_crc(&bin, &pipeline).unwrap(),
+            inputs_crc(&bin, &pipeline).unwrap()
         );
     }
 
