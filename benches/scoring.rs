@@ -149,6 +149,8 @@ fn core_learner(
             backend,
             hidden: vec![64, 64],
             blend: None,
+            scope: Default::default(),
+            max_models: 1,
         },
         importance,
         selection: SelectionConfig {

@@ -16,8 +16,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::features::FeatureState;
-use crate::learner::LearnerState;
 use crate::learner::eval::Scoreboard;
+use crate::learner::per_key::LearnersState;
 
 /// Counters that span restarts (kept in checkpoints).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -84,7 +84,7 @@ pub struct Checkpoint {
     pub next_segment: u64,
     /// Length of the dead-letter file when this checkpoint was taken (a resume cuts it back).
     pub dead_letter_bytes: u64,
-    pub learner: LearnerState,
+    pub learner: LearnersState,
     pub features: FeatureState,
     pub metrics: Scoreboard,
     pub counters: RunCounters,
@@ -92,6 +92,7 @@ pub struct Checkpoint {
 
 /// 02: compute ledger, selection policies, evaluation periods.
 /// 03: non-finite predictions and steps counted (metrics, learner stats).
+/// 04: classification baselines and label history, encodings, per-key models.
 const MAGIC: &[u8; 8] = b"GSCKPT04";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.

@@ -435,6 +435,12 @@ pub async fn train(
             cfg.file.display()
         );
     }
+    if cfg.model.scope != crate::learner::per_key::ModelScope::Shared {
+        bail!(
+            "{}: key `model.scope`: `gradsift train` fits one model; expected \"shared\" (per_key is for `gradsift run`)",
+            cfg.file.display()
+        );
+    }
     let started = Instant::now();
     let cpu_start = cpu_time::ProcessTime::now();
     let mut meter = EnergyMeter::start(cfg.energy.clone());

@@ -45,6 +45,10 @@ pub struct RunReport {
     /// Keys with feature state at the end, and keys forgotten at `features.max_keys`.
     pub keys_tracked: usize,
     pub keys_forgotten: u64,
+    /// Models kept (1, or one per key under `model.scope = "per_key"`) and dropped at
+    /// `model.max_models`.
+    pub models: usize,
+    pub models_dropped: u64,
     /// Values clamped to their column's physical range (this process).
     pub values_clipped: u64,
     pub scored: u64,
@@ -219,6 +223,10 @@ impl RunReport {
             (
                 "keys tracked / forgotten".into(),
                 format!("{} / {}", self.keys_tracked, self.keys_forgotten),
+            ),
+            (
+                "models kept / dropped".into(),
+                format!("{} / {}", self.models, self.models_dropped),
             ),
             (
                 "values clipped to their range".into(),

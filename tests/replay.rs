@@ -144,6 +144,11 @@ fn beam_tracking_uses_the_last_beam_and_the_baselines_score_the_same_rows() {
         8750 - 4,
         "a site's first row has no past beam"
     );
+    assert_eq!(
+        (pos.models, track.models),
+        (4, 1),
+        "a model per site, and a shared one"
+    );
     // Persistence and the 5-NN exist from each site's second row on.
     assert_eq!((p.persistence.n, p.knn.n), (8746, 8746));
     assert_eq!(p.model_on_baseline_rows.n, 8746);

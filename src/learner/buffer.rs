@@ -116,6 +116,15 @@ pub struct BufferStats {
     pub rescored: u64,
 }
 
+impl BufferStats {
+    pub fn add(&mut self, o: &BufferStats) {
+        self.admitted += o.admitted;
+        self.rejected += o.rejected;
+        self.evicted += o.evicted;
+        self.rescored += o.rescored;
+    }
+}
+
 /// A bounded replay buffer with pluggable eviction.
 #[derive(Debug)]
 pub struct ReplayBuffer {

@@ -108,6 +108,13 @@ pub struct ComputeReport {
 }
 
 impl ComputeLedger {
+    pub fn add(&mut self, o: &ComputeLedger) {
+        self.inference.add(&o.inference);
+        self.scoring.add(&o.scoring);
+        self.training.add(&o.training);
+        self.reference.add(&o.reference);
+    }
+
     pub fn report(&self, model: &FlopModel, reference_replay_ratio: f64) -> ComputeReport {
         let r = |w: &Work| WorkReport {
             work: *w,

@@ -20,6 +20,7 @@ pub mod knn;
 pub mod matmul;
 pub mod model;
 pub mod net;
+pub mod per_key;
 pub mod reducible;
 pub mod select;
 
@@ -76,6 +77,16 @@ pub struct ModelConfig {
     /// persistence (see [`blend`]); absent: the MLP alone.
     #[serde(default)]
     pub blend: Option<blend::BlendConfig>,
+    /// One model for the stream, or one per key (see [`per_key`]).
+    #[serde(default)]
+    pub scope: per_key::ModelScope,
+    /// `per_key`: models kept at most (the least recently used key's is dropped).
+    #[serde(default = "default_max_models")]
+    pub max_models: usize,
+}
+
+fn default_max_models() -> usize {
+    16
 }
 
 fn default_backend() -> Backend {
@@ -91,6 +102,8 @@ impl Default for ModelConfig {
             backend: default_backend(),
             hidden: default_hidden(),
             blend: None,
+            scope: per_key::ModelScope::Shared,
+            max_models: default_max_models(),
         }
     }
 }
@@ -331,6 +344,11 @@ impl OnlineLearner {
     pub fn buffer(&self) -> &ReplayBuffer {
         &self.buffer
     }
+    /// The work counted so far, as counts.
+    pub fn ledger(&self) -> ComputeLedger {
+        self.ledger
+    }
+
     /// The work counted so far, with FLOPs and the saving against every-row training.
     pub fn compute(&self) -> ComputeReport {
         self.ledger

@@ -29,7 +29,8 @@ use crate::features::{FeatureEngine, Samples};
 use crate::learner::blend::{Blender, ExpertWeights};
 use crate::learner::eval::{EvalSummary, Observation, Scoreboard};
 use crate::learner::model::Head;
-use crate::learner::{FreshBatch, LearnerConfig, OnlineLearner};
+use crate::learner::per_key::Learners;
+use crate::learner::{FreshBatch, LearnerConfig};
 use crate::schema::Schema;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::sink::scores::ScoreRow;
@@ -119,7 +120,7 @@ pub(crate) struct LearnerStage {
     /// A row's prediction blended with the baselines (`model.blend`), and its scratch.
     blender: Blender,
     blended: Vec<f32>,
-    pub learner: OnlineLearner,
+    pub learner: Learners,
     pub features: FeatureEngine,
     pub metrics: Scoreboard,
     pub counters: RunCounters,
@@ -153,7 +154,7 @@ impl LearnerStage {
         .with_max_deviations(cfg.features.max_deviations);
         let head = schema.task.head();
         let width = features.width();
-        let learner = OnlineLearner::new(LearnerConfig {
+        let config = LearnerConfig {
             inputs: width,
             head,
             model: cfg.model.clone(),
@@ -163,7 +164,8 @@ impl LearnerStage {
             training: cfg.training.clone(),
             reference_replay_ratio: cfg.reference_replay_ratio(),
             holdout_every: cfg.importance.holdout_every,
-        });
+        };
+        let learner = Learners::new(config, cfg.model.scope, cfg.model.max_models);
         let metrics = Scoreboard::new(head, cfg.evaluation.window, &cfg.evaluation.boundaries());
         let dead = DeadLetterSink::new(dead_path, resume.as_ref().map(|c| c.dead_letter_bytes));
         let mut stage = LearnerStage {
@@ -581,7 +583,7 @@ impl LearnerStage {
     /// The learner's throttled gauges and counters: one place, called after steps and at the end.
     fn publish_metrics(&mut self) {
         let stats = self.learner.stats();
-        let buf = self.learner.buffer();
+        let buf = self.learner.buffers();
         self.telemetry.publish(LearnerView {
             selected: stats.selected,
             trained_fresh: stats.trained_fresh,
@@ -590,8 +592,8 @@ impl LearnerStage {
             steps: stats.steps,
             nonfinite_steps: stats.nonfinite_steps,
             restores: stats.restores,
-            buffer_len: buf.len(),
-            buffer_bytes: buf.bytes(),
+            buffer_len: buf.len,
+            buffer_bytes: buf.bytes,
             buffer_admitted: buf.stats.admitted,
             buffer_evicted: buf.stats.evicted,
             buffer_rescored: buf.stats.rescored,

@@ -249,7 +249,7 @@ fn build_report(
 ) -> RunReport {
     let wall_s = e.started.elapsed().as_secs_f64();
     let stats = t.learner.stats();
-    let buf = t.learner.buffer();
+    let buf = t.learner.buffers();
     let mut files = BTreeMap::new();
     files.insert(
         "report".to_string(),
@@ -296,6 +296,8 @@ fn build_report(
         dead_lettered_rows: c.dead_rows,
         keys_tracked: t.features.tracked_keys(),
         keys_forgotten: t.features.keys_evicted,
+        models: t.learner.models(),
+        models_dropped: t.learner.evicted,
         values_clipped: t.features.clipped,
         scored: stats.seen,
         selected: stats.selected,
@@ -307,8 +309,8 @@ fn build_report(
         retained: buf.stats.admitted,
         buffer: BufferReport {
             policy: format!("{:?}", cfg.buffer.policy).to_lowercase(),
-            len: buf.len(),
-            bytes: buf.bytes(),
+            len: buf.len,
+            bytes: buf.bytes,
             capacity: cfg.buffer.capacity,
             max_bytes: cfg.buffer.max_bytes,
             stats: buf.stats,
