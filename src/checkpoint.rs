@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::features::FeatureState;
+use crate::learner::drift::DriftMonitor;
 use crate::learner::eval::Scoreboard;
 use crate::learner::per_key::LearnersState;
 
@@ -88,6 +89,7 @@ pub struct Checkpoint {
     pub features: FeatureState,
     pub metrics: Scoreboard,
     pub counters: RunCounters,
+    pub drift: DriftMonitor,
 }
 
 /// 02: compute ledger, selection policies, evaluation periods.

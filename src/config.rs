@@ -233,6 +233,8 @@ pub struct PipelineConfig {
     /// `gradsift train` settings.
     #[serde(default)]
     pub offline: OfflineConfig,
+    #[serde(default)]
+    pub drift: crate::learner::drift::DriftConfig,
     /// The file this was read from (set by [`PipelineConfig::load`]).
     #[serde(skip)]
     pub file: PathBuf,
@@ -374,6 +376,12 @@ impl PipelineConfig {
         let t = &self.training;
         if t.micro_batch == 0 {
             return Err(self.bad("training.micro_batch", "at least 1 sample", 0));
+        }
+        if let Err((key, expected)) = self.drift.check() {
+            return Err(anyhow!(
+                "{}: key `{key}`: expected {expected}",
+                self.file.display()
+            ));
         }
         if let Some(b) = &self.model.blend
             && let Err(e) = b.check()
@@ -613,6 +621,20 @@ max_bytes = 100000
             e.contains("selection.keep") && e.contains("(0, 1]") && e.contains("1.5"),
             "{e}"
         );
+
+        for (set, key) in [
+            ("drift.adwin_delta=2.0", "drift.adwin_delta"),
+            ("training.steps_per_batch=0", "training.steps_per_batch"),
+            ("model.blend={mode=\"schedule\", n0=0.0}", "model.blend"),
+        ] {
+            let e = PipelineConfig::load(&write(d.path(), GOOD), &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("p.toml") && e.contains(key) && e.contains("expected"),
+                "{e}"
+            );
+        }
 
         let p = write(
             d.path(),

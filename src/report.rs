@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::learner::buffer::BufferStats;
 use crate::learner::compute::ComputeReport;
+use crate::learner::drift::{Detector, DriftEvent, DriftMonitor};
 use crate::learner::eval::{BeamMetrics, ErrorMetrics, EvalSummary, KNN_K, PeriodReport};
 
 /// Replay buffer state at the end of a run.
@@ -49,6 +50,8 @@ pub struct RunReport {
     /// `model.max_models`.
     pub models: usize,
     pub models_dropped: u64,
+    /// What the drift detectors found (none when `drift.enabled` is false).
+    pub drift: DriftReport,
     /// Values clamped to their column's physical range (this process).
     pub values_clipped: u64,
     pub scored: u64,
@@ -162,6 +165,52 @@ fn beam_row(t: &mut Table, name: &str, m: &BeamMetrics) {
     t.add_row(row);
 }
 
+/// The `drift` block of a report.
+#[derive(Debug, Clone, Serialize)]
+pub struct DriftReport {
+    pub enabled: bool,
+    /// Detections per detector.
+    pub counts: BTreeMap<String, u64>,
+    /// The first detections, in stream order.
+    pub events: Vec<DriftEvent>,
+}
+
+impl DriftReport {
+    pub fn new(enabled: bool, m: &DriftMonitor) -> Self {
+        let detectors = [Detector::Adwin, Detector::PageHinkley, Detector::ScoreShift];
+        DriftReport {
+            enabled,
+            counts: detectors
+                .iter()
+                .map(|d| (d.name().to_string(), m.counts[*d as usize]))
+                .collect(),
+            events: m.events.clone(),
+        }
+    }
+
+    fn text(&self) -> String {
+        if !self.enabled {
+            return "off".into();
+        }
+        let counts: Vec<String> = self
+            .counts
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        let first: Vec<String> = self
+            .events
+            .iter()
+            .take(6)
+            .map(|e| format!("{}@{}", e.detector.name(), e.sample))
+            .collect();
+        if first.is_empty() {
+            format!("none ({})", counts.join(", "))
+        } else {
+            format!("{}; first: {}", counts.join(", "), first.join(" "))
+        }
+    }
+}
+
 impl RunReport {
     /// The counted saving, in FLOPs and back-propagated rows, against every-row training.
     fn compute_saved(&self) -> String {
@@ -228,6 +277,7 @@ impl RunReport {
                 "models kept / dropped".into(),
                 format!("{} / {}", self.models, self.models_dropped),
             ),
+            ("drift detections".into(), self.drift.text()),
             (
                 "values clipped to their range".into(),
                 self.values_clipped.to_string(),

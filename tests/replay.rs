@@ -6,6 +6,7 @@ mod common;
 
 use std::process::Command;
 
+use gradsift::learner::drift::Detector;
 use gradsift::learner::eval::EvalSummary;
 
 #[test]
@@ -187,7 +188,8 @@ fn keep_point_seven_trains_seventy_percent_after_warmup() {
     for (pipe, extra) in [
         ("milan-replay.toml", None),
         ("lte-replay.toml", None),
-        ("beam-replay.toml", Some("importance.method=\"loss\"")),
+        // One model: per-site models each warm up on their own first rows.
+        ("beam-replay.toml", Some("model.scope=\"shared\"")),
     ] {
         let out = tempfile::tempdir().unwrap();
         let mut o = vec!["selection.keep=0.7", "output.scores=false"];
@@ -547,4 +549,35 @@ fn an_absurd_value_is_dead_lettered_and_does_not_ruin_the_model() {
     assert!(rel < 0.1, "{rel}");
     let letters = std::fs::read_to_string(bad_out.path().join("dead_letters.jsonl")).unwrap();
     assert!(letters.contains("\"out_of_range:internet\""));
+}
+
+/// Issue 13, first part: the detectors on real streams. The four-site beam stream changes
+/// site at sample 2,422 (scenario 2) and 5,396 (scenario 3): the loss detectors fire within
+/// 500 samples of each; on the bundled Milan square (no site change, no injected drift) the
+/// loss detectors stay quiet.
+#[test]
+fn the_drift_detectors_find_the_site_changes_and_keep_quiet_on_milan() {
+    common::shared_data();
+    let run = |pipe: &str| {
+        let out = tempfile::tempdir().unwrap();
+        common::run(common::pipeline(pipe, out.path(), &["output.scores=false"]))
+    };
+    let beam = run("beam-replay.toml");
+    for change in [2422u64, 5396] {
+        let found = beam.drift.events.iter().any(|e| {
+            e.detector != Detector::ScoreShift && (change..change + 500).contains(&e.sample)
+        });
+        assert!(
+            found,
+            "no loss detector fired within 500 samples of {change}: {:?}",
+            beam.drift.events
+        );
+    }
+    let milan = run("milan-replay.toml");
+    assert_eq!(milan.drift.counts["adwin"], 0, "{:?}", milan.drift.events);
+    assert_eq!(
+        milan.drift.counts["page_hinkley"], 0,
+        "{:?}",
+        milan.drift.events
+    );
 }

@@ -13,6 +13,7 @@
 pub mod blend;
 pub mod buffer;
 pub mod compute;
+pub mod drift;
 pub mod eval;
 pub mod fused;
 pub mod importance;
@@ -199,6 +200,8 @@ pub struct StepOutcome {
     pub retained: Vec<bool>,
     /// Weighted mean loss of the rows trained in this step (NaN when none).
     pub train_loss: f32,
+    /// Each fresh row's prequential loss (before the update).
+    pub losses: Vec<f32>,
 }
 
 /// Counters of a learner's life.
@@ -449,6 +452,7 @@ impl OnlineLearner {
         StepOutcome {
             outputs: scored.outputs[..n * self.cfg.head.outputs()].to_vec(),
             scores: scored.scores[..n].to_vec(),
+            losses: scored.losses[..n].to_vec(),
             threshold: decision.threshold,
             selected: decision.selected,
             trained,

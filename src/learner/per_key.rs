@@ -141,6 +141,7 @@ impl Learners {
         let mut out = StepOutcome {
             outputs: vec![0.0; n * k],
             scores: vec![0.0; n],
+            losses: vec![0.0; n],
             selected: vec![false; n],
             trained: vec![false; n],
             retained: vec![false; n],
@@ -164,6 +165,7 @@ impl Learners {
             for (j, &i) in rows.iter().enumerate() {
                 out.outputs[i * k..(i + 1) * k].copy_from_slice(&part.outputs[j * k..(j + 1) * k]);
                 out.scores[i] = part.scores[j];
+                out.losses[i] = part.losses[j];
                 out.selected[i] = part.selected[j];
                 out.trained[i] = part.trained[j];
                 out.retained[i] = part.retained[j];

@@ -27,6 +27,7 @@ use crate::config::PipelineConfig;
 use crate::decode::Decoder;
 use crate::features::{FeatureEngine, Samples};
 use crate::learner::blend::{Blender, ExpertWeights};
+use crate::learner::drift::DriftMonitor;
 use crate::learner::eval::{EvalSummary, Observation, Scoreboard};
 use crate::learner::model::Head;
 use crate::learner::per_key::Learners;
@@ -123,6 +124,8 @@ pub(crate) struct LearnerStage {
     pub learner: Learners,
     pub features: FeatureEngine,
     pub metrics: Scoreboard,
+    /// The drift detectors and their findings.
+    pub drift: DriftMonitor,
     pub counters: RunCounters,
     pub dead: DeadLetterSink,
     /// Per source: the position after the last row processed.
@@ -181,6 +184,7 @@ impl LearnerStage {
             learner,
             features,
             metrics,
+            drift: DriftMonitor::new(&cfg.drift),
             counters: RunCounters {
                 last_loss: f64::NAN,
                 ..RunCounters::default()
@@ -412,6 +416,11 @@ impl LearnerStage {
                 *mlp_alone = Some(mlp);
             }
             self.metrics.record(seen_before + i as u64, s.times[i], obs);
+            if self.cfg.drift.enabled {
+                let (loss, score) = (out.losses[i], out.scores[i]);
+                self.drift
+                    .update(seen_before + i as u64, s.times[i], loss, score);
+            }
             if let Some(b) = &blend {
                 self.blender.learn(b, ev.target as usize, &mut w);
                 self.features.set_expert_weights(&s.keys[i], w);
@@ -487,6 +496,7 @@ impl LearnerStage {
             features: self.features.state(),
             metrics: self.metrics.clone(),
             counters: self.counters.clone(),
+            drift: self.drift.clone(),
         };
         let bytes = checkpoint::save(&path, &ckpt)?;
         self.ack(Ack::Commit(self.commit_positions()));
@@ -570,6 +580,7 @@ impl LearnerStage {
         }
         self.metrics.whole = c.metrics.whole;
         self.counters = c.counters;
+        self.drift = c.drift;
         self.counters.resumes += 1;
         self.positions = c
             .positions

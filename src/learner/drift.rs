@@ -1,0 +1,556 @@
+//! Drift detectors: each takes one value per sample (`update`) and returns a [`Drift`] when
+//! the stream has changed, River's interface.
+//!
+//! - [`Adwin`] (Bifet & Gavaldà 2007, ADWIN2): an adaptive window of the prequential loss
+//!   kept as an exponential histogram (O(log W) buckets); every `clock` values it looks for
+//!   a split of the window into an older and a newer part whose means differ by more than a
+//!   Hoeffding-style bound at confidence `delta`, and drops the older part. It adapts to any
+//!   change but signals only a rise of the loss: a falling loss is the model learning.
+//! - [`PageHinkley`]: the cumulative deviation of the loss above its running mean, less a
+//!   tolerance `delta`; a drift when it rises more than `threshold` above its minimum. It
+//!   reacts to increases only, the direction that needs action.
+//! - [`ScoreShift`]: a one-sided two-sample Kolmogorov-Smirnov test between the last
+//!   `window` importance scores and the `window` before them. Gradient norms rise when the
+//!   model is surprised, often before a smoothed error moves, and their whole distribution
+//!   shifts up; a shift down is the model learning, and is not signalled.
+//!
+//! Each keeps a bounded amount of state whatever the stream's length. [`DriftMonitor`] runs
+//! the three on a pipeline's stream and keeps what they found for the report; nothing
+//! reacts to a detection yet.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+/// A detected change: the detector's statistic against its threshold when it fired.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Drift {
+    pub statistic: f64,
+    pub threshold: f64,
+}
+
+/// One bucket row of ADWIN's histogram: buckets of 2^row values each, oldest first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Row {
+    /// (sum, variance sum) per bucket.
+    buckets: VecDeque<(f64, f64)>,
+}
+
+/// ADWIN2 (see the module doc).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Adwin {
+    delta: f64,
+    clock: u64,
+    max_buckets: usize,
+    rows: Vec<Row>,
+    width: u64,
+    total: f64,
+    variance: f64,
+    ticks: u64,
+}
+
+/// Values before ADWIN looks for a change (River's grace period).
+const ADWIN_GRACE: u64 = 10;
+/// Smallest part of a split ADWIN tests.
+const ADWIN_MIN_PART: u64 = 5;
+
+impl Adwin {
+    pub fn new(delta: f64) -> Self {
+        Adwin {
+            delta,
+            clock: 32,
+            max_buckets: 5,
+            rows: Vec::new(),
+            width: 0,
+            total: 0.0,
+            variance: 0.0,
+            ticks: 0,
+        }
+    }
+
+    /// Values in the current window.
+    pub fn width(&self) -> u64 {
+        self.width
+    }
+
+    pub fn mean(&self) -> f64 {
+        if self.width == 0 {
+            0.0
+        } else {
+            self.total / self.width as f64
+        }
+    }
+
+    pub fn update(&mut self, x: f64) -> Option<Drift> {
+        if !x.is_finite() {
+            return None;
+        }
+        self.insert(x);
+        self.ticks += 1;
+        if !self.ticks.is_multiple_of(self.clock) || self.width <= ADWIN_GRACE {
+            return None;
+        }
+        let mut fired = None;
+        while let Some(d) = self.cut() {
+            if d.statistic > 0.0 {
+                fired = Some(d);
+            }
+        }
+        fired
+    }
+
+    fn insert(&mut self, x: f64) {
+        if self.width > 0 {
+            let mean = self.mean();
+            let n = self.width as f64;
+            self.variance += n * (x - mean) * (x - mean) / (n + 1.0);
+        }
+        self.width += 1;
+        self.total += x;
+        if self.rows.is_empty() {
+            self.rows.push(Row::default());
+        }
+        self.rows[0].buckets.push_back((x, 0.0));
+        // Compress: a row holding too many buckets merges its two oldest into the next row.
+        let mut i = 0;
+        while i < self.rows.len() && self.rows[i].buckets.len() > self.max_buckets {
+            let (s1, v1) = self.rows[i].buckets.pop_front().expect("full row");
+            let (s2, v2) = self.rows[i].buckets.pop_front().expect("full row");
+            let n = (1u64 << i) as f64;
+            let (m1, m2) = (s1 / n, s2 / n);
+            let merged = (s1 + s2, v1 + v2 + n * n * (m1 - m2) * (m1 - m2) / (2.0 * n));
+            if i + 1 == self.rows.len() {
+                self.rows.push(Row::default());
+            }
+            self.rows[i + 1].buckets.push_back(merged);
+            i += 1;
+        }
+    }
+
+    /// Drops the oldest bucket if some split of the window shows a change.
+    fn cut(&mut self) -> Option<Drift> {
+        let n = self.width as f64;
+        let var = self.variance / n;
+        let ln = (2.0 * n.ln().max(1.0) / self.delta).ln();
+        let (mut n0, mut s0) = (0u64, 0.0f64);
+        // Oldest buckets first: the highest row, front to back.
+        for row in (0..self.rows.len()).rev() {
+            let size = 1u64 << row;
+            for &(s, _) in &self.rows[row].buckets {
+                n0 += size;
+                s0 += s;
+                let n1 = self.width - n0;
+                if n0 < ADWIN_MIN_PART || n1 < ADWIN_MIN_PART {
+                    continue;
+                }
+                let (a, b) = (n0 as f64, n1 as f64);
+                let rise = (self.total - s0) / b - s0 / a;
+                let m = 1.0 / (1.0 / a + 1.0 / b);
+                let eps = (2.0 * var * ln / m).sqrt() + 2.0 * ln / (3.0 * m);
+                if rise.abs() > eps {
+                    self.drop_oldest();
+                    return Some(Drift {
+                        statistic: rise,
+                        threshold: eps,
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    fn drop_oldest(&mut self) {
+        let row = self.rows.len() - 1;
+        let (s, v) = self.rows[row].buckets.pop_front().expect("a bucket");
+        let size = 1u64 << row;
+        let n = size as f64;
+        let mean_old = s / n;
+        let rest = (self.width - size) as f64;
+        let mean_rest = (self.total - s) / rest;
+        self.variance -= v + n * rest / (n + rest) * (mean_old - mean_rest).powi(2);
+        self.variance = self.variance.max(0.0);
+        self.width -= size;
+        self.total -= s;
+        if self.rows[row].buckets.is_empty() {
+            self.rows.pop();
+        }
+    }
+}
+
+/// Page-Hinkley (see the module doc).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PageHinkley {
+    delta: f64,
+    threshold: f64,
+    min_samples: u64,
+    n: u64,
+    mean: f64,
+    sum: f64,
+    min_sum: f64,
+}
+
+impl PageHinkley {
+    /// `delta`: the tolerated rise, in units of the value; `threshold`: the detection level.
+    pub fn new(delta: f64, threshold: f64) -> Self {
+        PageHinkley {
+            delta,
+            threshold,
+            min_samples: 30,
+            n: 0,
+            mean: 0.0,
+            sum: 0.0,
+            min_sum: 0.0,
+        }
+    }
+
+    pub fn update(&mut self, x: f64) -> Option<Drift> {
+        if !x.is_finite() {
+            return None;
+        }
+        self.n += 1;
+        self.mean += (x - self.mean) / self.n as f64;
+        self.sum += x - self.mean - self.delta;
+        self.min_sum = self.min_sum.min(self.sum);
+        let stat = self.sum - self.min_sum;
+        if self.n >= self.min_samples && stat > self.threshold {
+            let d = Drift {
+                statistic: stat,
+                threshold: self.threshold,
+            };
+            // Start over on the new regime.
+            *self = PageHinkley::new(self.delta, self.threshold);
+            return Some(d);
+        }
+        None
+    }
+}
+
+/// The two-sample Kolmogorov-Smirnov test of the importance scores (see the module doc).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScoreShift {
+    window: usize,
+    /// Critical value of the KS statistic for two samples of `window` (α from `c_alpha`).
+    critical: f64,
+    recent: VecDeque<f32>,
+    reference: VecDeque<f32>,
+    since_check: usize,
+}
+
+impl ScoreShift {
+    /// `c_alpha` = sqrt(−ln(α) / 2) for the one-sided test: 1.22 for α = 0.05, 1.52 for
+    /// 0.01, 1.86 for 0.001.
+    pub fn new(window: usize, c_alpha: f64) -> Self {
+        let window = window.max(16);
+        ScoreShift {
+            window,
+            critical: c_alpha * (2.0 / window as f64).sqrt(),
+            recent: VecDeque::with_capacity(window),
+            reference: VecDeque::with_capacity(window),
+            since_check: 0,
+        }
+    }
+
+    pub fn update(&mut self, score: f32) -> Option<Drift> {
+        if !score.is_finite() {
+            return None;
+        }
+        if self.recent.len() == self.window {
+            let old = self.recent.pop_front().expect("full");
+            if self.reference.len() == self.window {
+                self.reference.pop_front();
+            }
+            self.reference.push_back(old);
+        }
+        self.recent.push_back(score);
+        self.since_check += 1;
+        // Tested every quarter window, once both windows are full.
+        if self.reference.len() < self.window || self.since_check < self.window / 4 {
+            return None;
+        }
+        self.since_check = 0;
+        let d = ks_statistic(&self.reference, &self.recent);
+        if d > self.critical {
+            // The new scores become the reference.
+            self.reference.clear();
+            return Some(Drift {
+                statistic: d,
+                threshold: self.critical,
+            });
+        }
+        None
+    }
+}
+
+/// sup (F_a − F_b) of two samples' empirical distributions: how far `b` lies above `a`.
+fn ks_statistic(a: &VecDeque<f32>, b: &VecDeque<f32>) -> f64 {
+    let mut x: Vec<f32> = a.iter().copied().collect();
+    let mut y: Vec<f32> = b.iter().copied().collect();
+    x.sort_by(f32::total_cmp);
+    y.sort_by(f32::total_cmp);
+    let (mut i, mut j, mut d) = (0, 0, 0f64);
+    while i < x.len() && j < y.len() {
+        let v = x[i].min(y[j]);
+        while i < x.len() && x[i] <= v {
+            i += 1;
+        }
+        while j < y.len() && y[j] <= v {
+            j += 1;
+        }
+        d = d.max(i as f64 / x.len() as f64 - j as f64 / y.len() as f64);
+    }
+    d
+}
+
+/// `[drift]`: the detectors every pipeline runs on its prequential loss (model units: the
+/// squared standardised error, or the cross-entropy) and on its importance scores.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftConfig {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// ADWIN's confidence (smaller: fewer false alarms, later detections).
+    #[serde(default = "default_adwin_delta")]
+    pub adwin_delta: f64,
+    /// Page-Hinkley's tolerated rise of the loss and its detection level.
+    #[serde(default = "default_ph_delta")]
+    pub page_hinkley_delta: f64,
+    #[serde(default = "default_ph_threshold")]
+    pub page_hinkley_threshold: f64,
+    /// Scores per window of the Kolmogorov-Smirnov test, and its c(α).
+    #[serde(default = "default_score_window")]
+    pub score_window: usize,
+    #[serde(default = "default_c_alpha")]
+    pub score_c_alpha: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_adwin_delta() -> f64 {
+    0.002
+}
+fn default_ph_delta() -> f64 {
+    0.005
+}
+fn default_ph_threshold() -> f64 {
+    50.0
+}
+fn default_score_window() -> usize {
+    256
+}
+fn default_c_alpha() -> f64 {
+    1.95
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        DriftConfig {
+            enabled: true,
+            adwin_delta: default_adwin_delta(),
+            page_hinkley_delta: default_ph_delta(),
+            page_hinkley_threshold: default_ph_threshold(),
+            score_window: default_score_window(),
+            score_c_alpha: default_c_alpha(),
+        }
+    }
+}
+
+impl DriftConfig {
+    /// What is wrong with these settings, as (key, expectation), if anything.
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        if !(self.adwin_delta > 0.0 && self.adwin_delta < 1.0) {
+            return Err(("drift.adwin_delta", "a confidence in (0, 1)"));
+        }
+        if !(self.page_hinkley_threshold > 0.0 && self.page_hinkley_delta >= 0.0) {
+            return Err((
+                "drift.page_hinkley_threshold",
+                "a positive level (delta ≥ 0)",
+            ));
+        }
+        if self.score_window < 16 || self.score_c_alpha.is_nan() || self.score_c_alpha <= 0.0 {
+            return Err((
+                "drift.score_window",
+                "at least 16 scores (score_c_alpha > 0)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Which detector fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Detector {
+    Adwin,
+    PageHinkley,
+    ScoreShift,
+}
+
+impl Detector {
+    pub fn name(self) -> &'static str {
+        match self {
+            Detector::Adwin => "adwin",
+            Detector::PageHinkley => "page_hinkley",
+            Detector::ScoreShift => "score_shift",
+        }
+    }
+}
+
+/// One detection, where in the stream it happened.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DriftEvent {
+    /// Sample number in the stream, and its event time.
+    pub sample: u64,
+    pub time: i64,
+    pub detector: Detector,
+    pub statistic: f64,
+    pub threshold: f64,
+}
+
+/// Events a report lists (the counts cover all of them).
+pub const EVENTS_KEPT: usize = 256;
+
+/// The stream-wide detectors and what they found.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DriftMonitor {
+    adwin: Adwin,
+    ph: PageHinkley,
+    scores: ScoreShift,
+    /// The first [`EVENTS_KEPT`] events.
+    pub events: Vec<DriftEvent>,
+    pub counts: [u64; 3],
+}
+
+impl DriftMonitor {
+    pub fn new(cfg: &DriftConfig) -> Self {
+        DriftMonitor {
+            adwin: Adwin::new(cfg.adwin_delta),
+            ph: PageHinkley::new(cfg.page_hinkley_delta, cfg.page_hinkley_threshold),
+            scores: ScoreShift::new(cfg.score_window, cfg.score_c_alpha),
+            events: Vec::new(),
+            counts: [0; 3],
+        }
+    }
+
+    /// One sample's prequential loss and importance score; the detections it caused.
+    pub fn update(&mut self, sample: u64, time: i64, loss: f32, score: f32) -> usize {
+        let found = [
+            (Detector::Adwin, self.adwin.update(loss as f64)),
+            (Detector::PageHinkley, self.ph.update(loss as f64)),
+            (Detector::ScoreShift, self.scores.update(score)),
+        ];
+        let mut n = 0;
+        for (detector, d) in found {
+            if let Some(d) = d {
+                n += 1;
+                self.counts[detector as usize] += 1;
+                if self.events.len() < EVENTS_KEPT {
+                    self.events.push(DriftEvent {
+                        sample,
+                        time,
+                        detector,
+                        statistic: d.statistic,
+                        threshold: d.threshold,
+                    });
+                }
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+    /// Noisy values around `before`, then around `after` from `change` on; the first
+    /// detection at or after `change`, and how many came before it (false alarms).
+    fn detect(
+        mut update: impl FnMut(f64) -> Option<Drift>,
+        change: usize,
+        n: usize,
+        (before, after): (f64, f64),
+        seed: u64,
+    ) -> (Option<usize>, usize) {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut false_alarms = 0;
+        for i in 0..n {
+            let mean = if i < change { before } else { after };
+            let x = mean + rng.random_range(-0.5..0.5);
+            if update(x).is_some() {
+                if i < change {
+                    false_alarms += 1;
+                } else {
+                    return (Some(i - change), false_alarms);
+                }
+            }
+        }
+        (None, false_alarms)
+    }
+
+    #[test]
+    fn adwin_finds_a_rise_in_the_loss_quickly_and_keeps_quiet_before() {
+        for seed in 0..5 {
+            let mut a = Adwin::new(0.002);
+            let (delay, false_alarms) = detect(|x| a.update(x), 20_000, 30_000, (1.0, 1.3), seed);
+            let delay = delay.expect("the change is found");
+            assert!(delay < 500, "seed {seed}: found after {delay}");
+            assert_eq!(false_alarms, 0, "seed {seed}");
+            // Later windows drop the rest of the old regime.
+            let mut rng = SmallRng::seed_from_u64(seed);
+            for _ in 0..3_000 {
+                a.update(1.3 + rng.random_range(-0.5..0.5));
+            }
+            assert!((a.mean() - 1.3).abs() < 0.03, "seed {seed}: {}", a.mean());
+        }
+    }
+
+    #[test]
+    fn adwin_keeps_a_bounded_histogram_on_a_long_stationary_stream() {
+        let mut a = Adwin::new(0.002);
+        let (found, false_alarms) = detect(|x| a.update(x), usize::MAX, 200_000, (1.0, 1.0), 3);
+        assert_eq!((found, false_alarms), (None, 0));
+        assert!((a.mean() - 1.0).abs() < 0.01);
+        assert!(a.rows.len() <= 18, "{} rows for 200 k values", a.rows.len());
+    }
+
+    #[test]
+    fn page_hinkley_finds_a_rise_and_ignores_a_fall() {
+        for seed in 0..5 {
+            let mut ph = PageHinkley::new(0.05, 20.0);
+            let (delay, false_alarms) = detect(|x| ph.update(x), 10_000, 20_000, (1.0, 1.5), seed);
+            assert!(
+                delay.expect("found") < 500 && false_alarms == 0,
+                "seed {seed}"
+            );
+            let mut ph = PageHinkley::new(0.05, 20.0);
+            let (fall, _) = detect(|x| ph.update(x), 10_000, 20_000, (1.0, 0.5), seed);
+            assert_eq!(fall, None, "a falling loss needs no reaction");
+            let mut a = Adwin::new(0.002);
+            let (fall, _) = detect(|x| a.update(x), 10_000, 20_000, (1.0, 0.5), seed);
+            assert_eq!(fall, None, "ADWIN adapts to a fall without a signal");
+            assert!((a.mean() - 0.5).abs() < 0.05, "{}", a.mean());
+        }
+    }
+
+    #[test]
+    fn the_score_test_finds_a_shifted_distribution_not_a_stable_one() {
+        for seed in 0..5 {
+            let mut s = ScoreShift::new(256, 1.95);
+            let (delay, false_alarms) =
+                detect(|x| s.update(x as f32), 10_000, 12_000, (1.0, 1.2), seed);
+            assert!(delay.expect("found") < 500, "seed {seed}");
+            assert_eq!(false_alarms, 0, "seed {seed}");
+        }
+        let (a, b): (VecDeque<f32>, VecDeque<f32>) = (
+            (0..10).map(|v| v as f32).collect(),
+            (5..15).map(|v| v as f32).collect(),
+        );
+        assert!((ks_statistic(&a, &b) - 0.5).abs() < 1e-12, "b lies above a");
+        assert_eq!(ks_statistic(&b, &a), 0.0, "a lies below b: no rise");
+        let mut s = ScoreShift::new(256, 1.95);
+        let (fall, _) = detect(|x| s.update(x as f32), 10_000, 12_000, (1.2, 1.0), 1);
+        assert_eq!(fall, None, "falling scores are the model learning");
+    }
+}
