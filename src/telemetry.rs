@@ -106,6 +106,7 @@ pub const TOP1: &str = "gradsift_prequential_top1_accuracy";
 pub const TOP3: &str = "gradsift_prequential_top3_accuracy";
 pub const WINDOW_SAMPLES: &str = "gradsift_prequential_window_samples";
 pub const KEYS: &str = "gradsift_keys_tracked";
+pub const DRIFT_EVENTS: &str = "gradsift_drift_events_total";
 pub const CHECKPOINTS: &str = "gradsift_checkpoints_total";
 pub const CHECKPOINT_SECONDS: &str = "gradsift_checkpoint_duration_seconds";
 pub const CHECKPOINT_BYTES: &str = "gradsift_checkpoint_bytes";
@@ -272,6 +273,12 @@ pub const METRICS: &[MetricDef] = &[
         Kind::Gauge,
         Unit::Count,
         "Keys (cells, squares, scenarios) with feature state (capped by features.max_keys).",
+    ),
+    def(
+        DRIFT_EVENTS,
+        Kind::Counter,
+        Unit::Count,
+        "Drift detections on the stream, by detector: adwin and page_hinkley on the prequential loss (rises only), score_shift on the importance scores.",
     ),
     def(
         CHECKPOINTS,
@@ -465,6 +472,8 @@ pub struct LearnerMetrics {
     buffer_evictions: Counter,
     buffer_rescored: Counter,
     keys: Gauge,
+    /// By [`crate::learner::drift::Detector`] order.
+    drift: [Counter; 3],
     checkpoints: Counter,
     checkpoint_seconds: Histogram,
     checkpoint_bytes: Gauge,
@@ -499,6 +508,8 @@ impl LearnerMetrics {
             buffer_evictions: counter!(BUFFER_EVICTIONS),
             buffer_rescored: counter!(BUFFER_RESCORED),
             keys: gauge!(KEYS),
+            drift: ["adwin", "page_hinkley", "score_shift"]
+                .map(|d| counter!(DRIFT_EVENTS, "detector" => d, "scope" => "global")),
             checkpoints: counter!(CHECKPOINTS),
             checkpoint_seconds: histogram!(CHECKPOINT_SECONDS),
             checkpoint_bytes: gauge!(CHECKPOINT_BYTES),
@@ -520,6 +531,15 @@ impl LearnerMetrics {
         };
         counter!(ROWS, "source" => self.source, "outcome" => outcome).increment(rows);
         counter!(by_reason, "reason" => reason.to_string()).increment(rows);
+    }
+
+    /// Detections of one sample, by detector.
+    pub fn drift(&self, fired: [bool; 3]) {
+        for (c, f) in self.drift.iter().zip(fired) {
+            if f {
+                c.increment(1);
+            }
+        }
     }
 
     /// Rows the checkpoint this run resumed from already covers.

@@ -432,17 +432,18 @@ impl DriftMonitor {
         }
     }
 
-    /// One sample's prequential loss and importance score; the detections it caused.
-    pub fn update(&mut self, sample: u64, time: i64, loss: f32, score: f32) -> usize {
+    /// One sample's prequential loss and importance score; which detectors fired, in
+    /// [`Detector`] order.
+    pub fn update(&mut self, sample: u64, time: i64, loss: f32, score: f32) -> [bool; 3] {
         let found = [
             (Detector::Adwin, self.adwin.update(loss as f64)),
             (Detector::PageHinkley, self.ph.update(loss as f64)),
             (Detector::ScoreShift, self.scores.update(score)),
         ];
-        let mut n = 0;
+        let mut fired = [false; 3];
         for (detector, d) in found {
             if let Some(d) = d {
-                n += 1;
+                fired[detector as usize] = true;
                 self.counts[detector as usize] += 1;
                 if self.events.len() < EVENTS_KEPT {
                     self.events.push(DriftEvent {
@@ -455,7 +456,7 @@ impl DriftMonitor {
                 }
             }
         }
-        n
+        fired
     }
 }
 

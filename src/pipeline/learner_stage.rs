@@ -418,8 +418,10 @@ impl LearnerStage {
             self.metrics.record(seen_before + i as u64, s.times[i], obs);
             if self.cfg.drift.enabled {
                 let (loss, score) = (out.losses[i], out.scores[i]);
-                self.drift
+                let fired = self
+                    .drift
                     .update(seen_before + i as u64, s.times[i], loss, score);
+                self.telemetry.drift(fired);
             }
             if let Some(b) = &blend {
                 self.blender.learn(b, ev.target as usize, &mut w);
