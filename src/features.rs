@@ -22,7 +22,7 @@ use crate::learner::eval::{ClassBaselines, KNN_K, Observation, RegressionRow};
 use crate::learner::knn::KnnMemory;
 use crate::learner::model::Head;
 use crate::schema::{Encoding, LABEL_ANGLE_HARMONICS, LabelEncoding, Schema, TaskSpec};
-use crate::source::RowOrigin;
+use crate::source::{Injection, RowOrigin};
 use crate::validate::RowCheck;
 
 pub use crate::validate::{OutOfRange, SkipReason};
@@ -240,6 +240,7 @@ pub struct FeatureState {
     keys_evicted: u64,
     next_key_id: u32,
     knn: Option<KnnMemory>,
+    rows: u64,
 }
 
 /// Points the neighbour baseline remembers.
@@ -282,6 +283,10 @@ pub struct FeatureEngine {
     /// Classification: the neighbour baseline's memory of raw inputs and geo east/north.
     knn: Option<KnnMemory>,
     next_key_id: u32,
+    /// Rows offered so far (the injection's clock), and the injection: (column, from_row,
+    /// scale, shift).
+    rows: u64,
+    inject: Option<(usize, u64, f64, f64)>,
 }
 
 const EARTH_RADIUS_M: f64 = 6_371_000.0;
@@ -331,6 +336,8 @@ impl FeatureEngine {
             label_len,
             knn,
             next_key_id: 0,
+            rows: 0,
+            inject: None,
             check: RowCheck::new(schema.clone(), numeric, OutOfRange::DeadLetter),
             clipped: 0,
             inputs: schema.features.inputs.iter().map(idx).collect(),
@@ -351,6 +358,22 @@ impl FeatureEngine {
             max_deviations: 0.0,
             schema,
         }
+    }
+
+    /// Injects a drift (see [`crate::source::Injection`]); the column must be one the
+    /// schema reads as a number.
+    pub fn with_injection(mut self, inj: Option<&Injection>) -> Result<Self, String> {
+        if let Some(inj) = inj {
+            let Some(c) = self.numeric.iter().position(|n| *n == inj.column) else {
+                return Err(format!(
+                    "`{}` is not a numeric column this schema reads ({})",
+                    inj.column,
+                    self.numeric.join(", ")
+                ));
+            };
+            self.inject = Some((c, inj.from_row, inj.scale, inj.shift));
+        }
+        Ok(self)
     }
 
     /// What to do with values outside their column's range (dead-letter by default).
@@ -463,6 +486,7 @@ impl FeatureEngine {
             keys_evicted: self.keys_evicted,
             next_key_id: self.next_key_id,
             knn: self.knn.clone(),
+            rows: self.rows,
         }
     }
 
@@ -505,6 +529,7 @@ impl FeatureEngine {
         self.keys_evicted = s.keys_evicted;
         self.next_key_id = s.next_key_id;
         self.knn = s.knn;
+        self.rows = s.rows;
         Ok(())
     }
 
@@ -580,6 +605,8 @@ impl FeatureEngine {
             .as_ref()
             .map_or(0, |_| self.label_len);
         for (i, origin) in origins.iter().enumerate().take(d.len) {
+            let row = self.rows;
+            self.rows += 1;
             let class = match self.check.row(d, i, &mut vals) {
                 Ok(c) => {
                     self.clipped += c.clipped as u64;
@@ -590,6 +617,11 @@ impl FeatureEngine {
                     continue;
                 }
             };
+            if let Some((c, from, scale, shift)) = self.inject
+                && row >= from
+            {
+                vals[c] = vals[c] * scale + shift;
+            }
             if let Some(col) = self.far_out(&vals) {
                 skip(i, SkipReason::OutOfRange(col));
                 continue;

@@ -145,6 +145,7 @@ pub fn encode_rows(
 /// Replays the archive into the topic; returns the number of messages produced.
 pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
     let src = ParquetSourceConfig {
+        inject: None,
         path: args.path.clone(),
         batch_size: 1024,
         pace: args.pace.clone(),

@@ -581,3 +581,36 @@ fn the_drift_detectors_find_the_site_changes_and_keep_quiet_on_milan() {
         milan.drift.events
     );
 }
+
+/// An injected change (`[source.inject]`: Milan's traffic 1.5× from row 5,000, which is
+/// sample 4,856 after the 144 rows of lag warm-up) is found within 500 samples, and no loss
+/// detector fires before it. A column the schema does not read is refused at start.
+#[test]
+fn an_injected_change_is_detected_within_500_samples() {
+    let out = tempfile::tempdir().unwrap();
+    let inject = "source.inject={column=\"internet\", from_row=5000, scale=1.5}";
+    let r = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &["output.scores=false", inject],
+    ));
+    let loss_events: Vec<u64> = (r.drift.events.iter())
+        .filter(|e| e.detector != Detector::ScoreShift)
+        .map(|e| e.sample)
+        .collect();
+    let first = loss_events.first().copied();
+    assert!(
+        first.is_some_and(|s| (4856..4856 + 500).contains(&s)),
+        "{loss_events:?}"
+    );
+    let bad = common::try_run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &["source.inject={column=\"nope\", from_row=5}"],
+    ));
+    let e = format!("{:#}", bad.unwrap_err());
+    assert!(
+        e.contains("source.inject.column") && e.contains("nope"),
+        "{e}"
+    );
+}

@@ -154,7 +154,9 @@ impl LearnerStage {
             cfg.features.max_keys,
         )
         .with_out_of_range(cfg.features.out_of_range)
-        .with_max_deviations(cfg.features.max_deviations);
+        .with_max_deviations(cfg.features.max_deviations)
+        .with_injection(cfg.source.injection())
+        .map_err(|e| anyhow::anyhow!("{}: key `source.inject.column`: {e}", cfg.file.display()))?;
         let head = schema.task.head();
         let width = features.width();
         let config = LearnerConfig {

@@ -41,6 +41,9 @@ use crate::validate::RowCheck;
 pub struct KafkaSourceConfig {
     /// bootstrap.servers
     pub brokers: String,
+    /// A drift injected into the rows read (tests and experiments).
+    #[serde(default)]
+    pub inject: Option<super::Injection>,
     pub topics: Vec<String>,
     /// The consumer group; instances sharing it split the partitions.
     pub group_id: String,

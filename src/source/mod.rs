@@ -21,6 +21,24 @@ use crate::schema::Schema;
 use crate::shutdown::Shutdown;
 use crate::validate::OutOfRange;
 
+/// `[source.inject]`: from the `from_row`-th row the pipeline reads (0-based, every row
+/// counted, good or bad), `column` reads as v·scale + shift: a known change point, so a test
+/// or an experiment can measure how fast drift is detected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Injection {
+    pub column: String,
+    pub from_row: u64,
+    #[serde(default = "one")]
+    pub scale: f64,
+    #[serde(default)]
+    pub shift: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
 /// `[source]`: which source and its settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -35,6 +53,14 @@ impl SourceConfig {
         match self {
             SourceConfig::Parquet(_) => "parquet",
             SourceConfig::Kafka(_) => "kafka",
+        }
+    }
+
+    /// The drift to inject, if any.
+    pub fn injection(&self) -> Option<&Injection> {
+        match self {
+            SourceConfig::Parquet(p) => p.inject.as_ref(),
+            SourceConfig::Kafka(k) => k.inject.as_ref(),
         }
     }
 

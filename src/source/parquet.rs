@@ -46,6 +46,9 @@ pub struct Pace {
 pub struct ParquetSourceConfig {
     /// A file, a folder of `*.parquet`, or a glob.
     pub path: String,
+    /// A drift injected into the rows read (tests and experiments).
+    #[serde(default)]
+    pub inject: Option<super::Injection>,
     /// Rows per record batch.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
