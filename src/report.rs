@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::learner::buffer::BufferStats;
 use crate::learner::compute::ComputeReport;
-use crate::learner::drift::{Detector, DriftEvent, DriftMonitor};
+use crate::learner::drift::{Detector, DriftConfig, DriftEvent, DriftMonitor, Reaction};
 use crate::learner::eval::{BeamMetrics, ErrorMetrics, EvalSummary, KNN_K, PeriodReport};
 
 /// Replay buffer state at the end of a run.
@@ -173,10 +173,15 @@ pub struct DriftReport {
     pub counts: BTreeMap<String, u64>,
     /// The first detections, in stream order.
     pub events: Vec<DriftEvent>,
+    /// Reactions configured, how often the learner reacted, and the first samples it did at.
+    pub reactions: Vec<Reaction>,
+    pub reacted: u64,
+    pub reacted_at: Vec<u64>,
 }
 
 impl DriftReport {
-    pub fn new(enabled: bool, m: &DriftMonitor) -> Self {
+    pub fn new(cfg: &DriftConfig, m: &DriftMonitor) -> Self {
+        let enabled = cfg.enabled;
         let detectors = [Detector::Adwin, Detector::PageHinkley, Detector::ScoreShift];
         DriftReport {
             enabled,
@@ -185,6 +190,9 @@ impl DriftReport {
                 .map(|d| (d.name().to_string(), m.counts[*d as usize]))
                 .collect(),
             events: m.events.clone(),
+            reactions: cfg.reactions.clone(),
+            reacted: m.reactions,
+            reacted_at: m.reacted_at.clone(),
         }
     }
 
@@ -203,10 +211,15 @@ impl DriftReport {
             .take(6)
             .map(|e| format!("{}@{}", e.detector.name(), e.sample))
             .collect();
-        if first.is_empty() {
-            format!("none ({})", counts.join(", "))
+        let reacted = if self.reactions.is_empty() {
+            String::new()
         } else {
-            format!("{}; first: {}", counts.join(", "), first.join(" "))
+            format!("; reacted {} times ({:?})", self.reacted, self.reactions)
+        };
+        if first.is_empty() {
+            format!("none ({}){reacted}", counts.join(", "))
+        } else {
+            format!("{}; first: {}{reacted}", counts.join(", "), first.join(" "))
         }
     }
 }

@@ -603,6 +603,27 @@ fn an_injected_change_is_detected_within_500_samples() {
         first.is_some_and(|s| (4856..4856 + 500).contains(&s)),
         "{loss_events:?}"
     );
+    // With a reaction configured, the learner reacts once, at the detection.
+    let react = common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &[
+            "output.scores=false",
+            inject,
+            "drift.reactions=[\"forget_buffer\"]",
+        ],
+    ));
+    assert_eq!(react.drift.reacted, 1);
+    assert_eq!(react.drift.reacted_at, [first.unwrap()]);
+    let mae = |r: &gradsift::report::RunReport| match &r.metrics {
+        EvalSummary::Regression(m) => m.model.mae,
+        _ => panic!("regression"),
+    };
+    assert_ne!(
+        mae(&react),
+        mae(&r),
+        "the reaction changed what the model learned"
+    );
     let bad = common::try_run(common::pipeline(
         "milan-replay.toml",
         out.path(),

@@ -268,6 +268,19 @@ impl ReplayBuffer {
         }
     }
 
+    /// Removes every entry born before sample `born`; returns how many.
+    pub fn forget_born_before(&mut self, born: u64) -> usize {
+        let old: Vec<usize> = (self.slots.iter().enumerate())
+            .filter(|(_, e)| e.as_ref().is_some_and(|e| e.born < born))
+            .map(|(s, _)| s)
+            .collect();
+        for &s in &old {
+            self.remove(s);
+        }
+        self.stats.evicted += old.len() as u64;
+        old.len()
+    }
+
     /// Offers a sample; returns whether it was retained. Both caps hold afterwards.
     pub fn offer(&mut self, e: Entry, rng: &mut impl Rng) -> bool {
         let need = e.bytes();
@@ -438,6 +451,26 @@ mod tests {
             score,
             version: 0,
             born,
+        }
+    }
+
+    #[test]
+    fn forgetting_the_old_regime_keeps_the_index_consistent() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
+        for policy in [EvictionPolicy::Fifo, EvictionPolicy::Importance] {
+            let mut b = ReplayBuffer::new(cfg(policy, 10, 1 << 20));
+            for i in 0..10 {
+                b.offer(entry(i as f32, i, "k"), &mut rng);
+            }
+            assert_eq!(b.forget_born_before(7), 7);
+            assert_eq!((b.len(), b.stats.evicted), (3, 7));
+            // The index still evicts correctly after the removal.
+            for i in 10..20 {
+                b.offer(entry(i as f32, i, "k"), &mut rng);
+            }
+            let mut born: Vec<u64> = b.entries().map(|e| e.born).collect();
+            born.sort();
+            assert_eq!(born, (10..20).collect::<Vec<_>>(), "{policy:?}");
         }
     }
 

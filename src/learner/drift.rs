@@ -321,6 +321,41 @@ pub struct DriftConfig {
     pub score_window: usize,
     #[serde(default = "default_c_alpha")]
     pub score_c_alpha: f64,
+    /// What the learner does when a loss detector (ADWIN, Page-Hinkley) fires; none by
+    /// default. At most one reaction per `recovery_samples`.
+    #[serde(default)]
+    pub reactions: Vec<Reaction>,
+    #[serde(default = "default_recovery")]
+    pub recovery_samples: u64,
+    /// `boost_learning_rate`: the factor, for `recovery_samples` samples.
+    #[serde(default = "default_lr_boost")]
+    pub lr_boost: f64,
+    /// `forget_buffer`: replayed rows younger than this many samples are kept.
+    #[serde(default = "default_keep_recent")]
+    pub keep_recent: u64,
+}
+
+/// A reaction to a detected change (see [`DriftConfig::reactions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reaction {
+    /// Adam's moments start afresh: its step sizes were tuned to the old regime.
+    ResetOptimizer,
+    /// The learning rate × `lr_boost` for `recovery_samples` samples.
+    BoostLearningRate,
+    /// Replayed rows older than `keep_recent` samples leave the buffer: they teach the old
+    /// regime.
+    ForgetBuffer,
+}
+
+fn default_recovery() -> u64 {
+    500
+}
+fn default_lr_boost() -> f64 {
+    3.0
+}
+fn default_keep_recent() -> u64 {
+    128
 }
 
 fn yes() -> bool {
@@ -351,6 +386,10 @@ impl Default for DriftConfig {
             page_hinkley_threshold: default_ph_threshold(),
             score_window: default_score_window(),
             score_c_alpha: default_c_alpha(),
+            reactions: Vec::new(),
+            recovery_samples: default_recovery(),
+            lr_boost: default_lr_boost(),
+            keep_recent: default_keep_recent(),
         }
     }
 }
@@ -366,6 +405,9 @@ impl DriftConfig {
                 "drift.page_hinkley_threshold",
                 "a positive level (delta ≥ 0)",
             ));
+        }
+        if !(self.lr_boost > 0.0 && self.lr_boost <= 100.0) {
+            return Err(("drift.lr_boost", "a factor in (0, 100]"));
         }
         if self.score_window < 16 || self.score_c_alpha.is_nan() || self.score_c_alpha <= 0.0 {
             return Err((
@@ -419,6 +461,9 @@ pub struct DriftMonitor {
     /// The first [`EVENTS_KEPT`] events.
     pub events: Vec<DriftEvent>,
     pub counts: [u64; 3],
+    /// Samples at which the learner reacted (the first [`EVENTS_KEPT`]), and how often.
+    pub reacted_at: Vec<u64>,
+    pub reactions: u64,
 }
 
 impl DriftMonitor {
@@ -429,7 +474,30 @@ impl DriftMonitor {
             scores: ScoreShift::new(cfg.score_window, cfg.score_c_alpha),
             events: Vec::new(),
             counts: [0; 3],
+            reacted_at: Vec::new(),
+            reactions: 0,
         }
+    }
+
+    /// Whether the learner should react at `sample` to what fired: a loss detector, with
+    /// reactions configured, and none in the last `recovery_samples`.
+    pub fn should_react(&mut self, cfg: &DriftConfig, sample: u64, fired: [bool; 3]) -> bool {
+        let loss = fired[Detector::Adwin as usize] || fired[Detector::PageHinkley as usize];
+        let rested = self
+            .reacted_at
+            .last()
+            .is_none_or(|&s| sample >= s + cfg.recovery_samples);
+        if !(loss && rested && !cfg.reactions.is_empty()) {
+            return false;
+        }
+        self.reactions += 1;
+        if self.reacted_at.len() < EVENTS_KEPT {
+            self.reacted_at.push(sample);
+        } else if let Some(last) = self.reacted_at.last_mut() {
+            // Keeps the cool-down right once the list is full.
+            *last = sample;
+        }
+        true
     }
 
     /// One sample's prequential loss and importance score; which detectors fired, in
@@ -514,6 +582,32 @@ mod tests {
         assert_eq!((found, false_alarms), (None, 0));
         assert!((a.mean() - 1.0).abs() < 0.01);
         assert!(a.rows.len() <= 18, "{} rows for 200 k values", a.rows.len());
+    }
+
+    #[test]
+    fn the_learner_reacts_to_loss_detectors_at_most_once_per_recovery() {
+        let cfg = DriftConfig {
+            reactions: vec![Reaction::ForgetBuffer],
+            recovery_samples: 100,
+            ..DriftConfig::default()
+        };
+        let mut m = DriftMonitor::new(&cfg);
+        assert!(
+            !m.should_react(&cfg, 10, [false, false, true]),
+            "scores alone: no"
+        );
+        assert!(m.should_react(&cfg, 20, [true, false, false]));
+        assert!(
+            !m.should_react(&cfg, 119, [false, true, false]),
+            "still recovering"
+        );
+        assert!(m.should_react(&cfg, 120, [false, true, false]));
+        assert_eq!((m.reactions, m.reacted_at.clone()), (2, vec![20, 120]));
+        let off = DriftConfig::default();
+        assert!(
+            !DriftMonitor::new(&off).should_react(&off, 5, [true; 3]),
+            "none configured"
+        );
     }
 
     #[test]

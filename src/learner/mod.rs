@@ -258,6 +258,9 @@ pub struct OnlineLearner {
     /// Non-finite steps in a row, and finite ones since the last non-finite one.
     bad_run: u32,
     good_run: u64,
+    /// A drift reaction's learning-rate factor, until `seen` reaches `boost_until`.
+    boost: f64,
+    boost_until: u64,
 }
 
 /// Good steps between snapshots of the weights a diverged learner goes back to.
@@ -291,6 +294,8 @@ impl OnlineLearner {
             last_good: net.weights(),
             bad_run: 0,
             good_run: 0,
+            boost: 1.0,
+            boost_until: 0,
             net,
             irreducible,
             scorer: ImportanceScorer::new(method, cfg.head),
@@ -549,7 +554,12 @@ impl OnlineLearner {
         if !self.guard(g.finite) {
             return;
         }
-        self.net.apply(self.cfg.training.learning_rate);
+        let boost = if self.stats.seen < self.boost_until {
+            self.boost
+        } else {
+            1.0
+        };
+        self.net.apply(self.cfg.training.learning_rate * boost);
         self.stats.steps += 1;
         self.ledger.training.optimizer_steps += 1;
         // Weights count as good after a long enough stretch without a non-finite step.
@@ -587,6 +597,26 @@ impl OnlineLearner {
         self.train(&w);
         self.stats.trained_replay += replay.len() as u64;
         self.ledger.training.cpu_s += clock.lap();
+    }
+
+    /// Reacts to a detected change (see [`drift::Reaction`]).
+    pub fn react(&mut self, cfg: &drift::DriftConfig) {
+        for r in &cfg.reactions {
+            match r {
+                drift::Reaction::ResetOptimizer => {
+                    let w = self.net.weights();
+                    self.net.reset(&w);
+                }
+                drift::Reaction::BoostLearningRate => {
+                    self.boost = cfg.lr_boost;
+                    self.boost_until = self.stats.seen + cfg.recovery_samples;
+                }
+                drift::Reaction::ForgetBuffer => {
+                    let keep_from = self.stats.seen.saturating_sub(cfg.keep_recent);
+                    self.buffer.forget_born_before(keep_from);
+                }
+            }
+        }
     }
 
     /// Whether an update with these gradients may go ahead. A non-finite gradient (NaN or

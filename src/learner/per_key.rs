@@ -212,6 +212,13 @@ impl Learners {
         t
     }
 
+    /// Every model reacts to a detected change.
+    pub fn react(&mut self, cfg: &super::drift::DriftConfig) {
+        for (m, _) in self.models.values_mut() {
+            m.react(cfg);
+        }
+    }
+
     /// Models currently kept.
     pub fn models(&self) -> usize {
         self.models.len()

@@ -424,6 +424,10 @@ impl LearnerStage {
                     .drift
                     .update(seen_before + i as u64, s.times[i], loss, score);
                 self.telemetry.drift(fired);
+                let sample = seen_before + i as u64;
+                if self.drift.should_react(&self.cfg.drift, sample, fired) {
+                    self.learner.react(&self.cfg.drift);
+                }
             }
             if let Some(b) = &blend {
                 self.blender.learn(b, ev.target as usize, &mut w);

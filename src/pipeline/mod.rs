@@ -298,7 +298,7 @@ fn build_report(
         keys_forgotten: t.features.keys_evicted,
         models: t.learner.models(),
         models_dropped: t.learner.evicted,
-        drift: crate::report::DriftReport::new(cfg.drift.enabled, &t.drift),
+        drift: crate::report::DriftReport::new(&cfg.drift, &t.drift),
         values_clipped: t.features.clipped,
         scored: stats.seen,
         selected: stats.selected,
