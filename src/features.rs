@@ -215,6 +215,9 @@ struct KeyState {
     labelled: u32,
     /// The prediction blend's expert weights on this key.
     experts: ExpertWeights,
+    /// This key's own scalers (numeric columns, geo east/north/range), with
+    /// `scaler.per_key`.
+    own: Option<(Vec<Scaler>, [Scaler; 3])>,
     last_seen: u64,
 }
 
@@ -227,6 +230,7 @@ struct SavedKey {
     id: u32,
     labelled: u32,
     experts: ExpertWeights,
+    own: Option<(Vec<Scaler>, [Scaler; 3])>,
     last_seen: u64,
 }
 
@@ -479,6 +483,7 @@ impl FeatureEngine {
                     id: s.id,
                     labelled: s.labelled,
                     experts: s.experts,
+                    own: s.own.clone(),
                     last_seen: s.last_seen,
                 })
                 .collect(),
@@ -520,6 +525,7 @@ impl FeatureEngine {
                     id: k.id,
                     labelled: k.labelled,
                     experts: k.experts,
+                    own: k.own,
                     last_seen: k.last_seen,
                 };
                 (k.key, state)
@@ -533,11 +539,19 @@ impl FeatureEngine {
         Ok(())
     }
 
-    fn norm(&self, col: usize, v: f64) -> f32 {
+    fn norm(&self, scalers: &[Scaler], col: usize, v: f64) -> f32 {
         if self.schema.features.normalise {
-            self.scalers[col].apply(v) as f32
+            scalers[col].apply(v) as f32
         } else {
             v as f32
+        }
+    }
+
+    /// The scalers a row of `state`'s key is scaled with: its own, or the stream's.
+    fn scalers_of<'a>(&'a self, state: &'a KeyState) -> (&'a [Scaler], &'a [Scaler; 3]) {
+        match &state.own {
+            Some((cols, geo)) => (cols, geo),
+            None => (&self.scalers, &self.geo_scalers),
         }
     }
 
@@ -580,6 +594,12 @@ impl FeatureEngine {
             id: self.next_key_id,
             labelled: 0,
             experts: ExpertWeights::default(),
+            own: (self.schema.features.scaler.per_key).then(|| {
+                (
+                    vec![Scaler::default(); self.numeric.len()],
+                    [Scaler::default(); 3],
+                )
+            }),
             last_seen: 0,
         };
         self.next_key_id = self.next_key_id.wrapping_add(1);
@@ -666,13 +686,14 @@ impl FeatureEngine {
     ) {
         let state = &self.keys[key];
         let f = &self.schema.features;
+        let (scalers, geo_scalers) = self.scalers_of(state);
         for (&c, name) in self.inputs.iter().zip(&f.inputs) {
-            let (scaler, norm) = (&self.scalers[c], f.normalise);
+            let (scaler, norm) = (&scalers[c], f.normalise);
             encode(&f.encoding(name), vals[c], scaler, norm, &mut out.x);
         }
         for (c, lags) in &self.lags {
             for &k in lags {
-                out.x.push(self.norm(*c, state.hist[*c][k - 1]));
+                out.x.push(self.norm(scalers, *c, state.hist[*c][k - 1]));
             }
         }
         let time = d.time.value(i);
@@ -698,7 +719,7 @@ impl FeatureEngine {
             let bearing = east.atan2(north);
             let scaled = [(east, "east"), (north, "north"), (range, "range")];
             for (g, (v, name)) in scaled.into_iter().enumerate() {
-                let s = &self.geo_scalers[g];
+                let s = &geo_scalers[g];
                 encode(&f.encoding(name), v, s, f.normalise, &mut out.x);
             }
             let unit = Scaler::default();
@@ -718,7 +739,7 @@ impl FeatureEngine {
             (Some(t), _) => {
                 let h = &state.hist[t];
                 let (mut mean, std) = if self.schema.features.normalise {
-                    self.scalers[t].params()
+                    scalers[t].params()
                 } else {
                     (0.0, 1.0)
                 };
@@ -779,6 +800,17 @@ impl FeatureEngine {
             self.geo_scalers[2].update_until(e.hypot(n), freeze);
         }
         let state = self.keys.get_mut(key).expect("tracked key");
+        if let Some((cols, geo)) = &mut state.own {
+            for (c, v) in vals.iter().enumerate() {
+                cols[c].update_until(*v, freeze);
+            }
+            if let Some([bl, bo, ul, uo]) = self.geo {
+                let (e, n) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
+                geo[0].update_until(e, freeze);
+                geo[1].update_until(n, freeze);
+                geo[2].update_until(e.hypot(n), freeze);
+            }
+        }
         if let Some(c) = class {
             // Checked against `classes` by `RowCheck`.
             let c = c as u16;
@@ -1149,6 +1181,40 @@ mod tests {
             &[1.0, 0.0, 0.0],
             "the first key takes slot 0"
         );
+    }
+
+    #[test]
+    fn per_key_scalers_standardise_each_key_on_its_own_values() {
+        // Two squares a hundredfold apart: per key, each one's latest value sits at the same
+        // place in its own distribution; stream-wide, both are squeezed into one.
+        let keys: Vec<i64> = (0..400).map(|i| 1 + i % 2).collect();
+        let v: Vec<f64> = (0..400)
+            .map(|i| if i % 2 == 0 { 10.0 } else { 1000.0 } * (1.0 + (i / 2 % 7) as f64 / 10.0))
+            .collect();
+        let schema_of = |per_key: bool| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/milan_internet.json");
+            let mut schema = Schema::load(&path).unwrap();
+            schema.features.scaler.per_key = per_key;
+            schema.features.log1p.clear();
+            schema.features.predict_change = false;
+            Arc::new(schema)
+        };
+        let lag1 = |per_key: bool| {
+            let schema = schema_of(per_key);
+            let numeric = schema.numeric_columns();
+            let mut fe = FeatureEngine::new(schema, &numeric, 10);
+            feed_values(&mut fe, &keys, &v, 0);
+            // The lag-1 input of each key's next row, as the engine scales it now.
+            ["1", "2"].map(|k| {
+                let st = &fe.keys[k];
+                let (sc, _) = fe.scalers_of(st);
+                fe.norm(sc, 0, st.hist[0][0])
+            })
+        };
+        let [a, b] = lag1(true);
+        assert!((a - b).abs() < 1e-3, "per key: {a} vs {b}");
+        let [a, b] = lag1(false);
+        assert!(b - a > 1.5, "stream-wide: {a} vs {b}");
     }
 
     #[test]

@@ -208,6 +208,10 @@ pub struct ScalerSpec {
     /// Stop updating after this many values: later rows, fresh or replayed, are scaled alike.
     #[serde(default)]
     pub freeze_after: Option<u64>,
+    /// One set of scalers per key (sites whose positions or volumes differ in scale); the
+    /// stream-wide ones still judge absurd values.
+    #[serde(default)]
+    pub per_key: bool,
 }
 
 /// Past labels of the same key as inputs (classification: the last revealed beam tracks the
