@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::decode::DecodedBatch;
 use crate::learner::blend::ExpertWeights;
+use crate::learner::drift::{DriftConfig, KeyDetectors};
 use crate::learner::eval::{ClassBaselines, KNN_K, Observation, RegressionRow};
 use crate::learner::knn::KnnMemory;
 use crate::learner::model::Head;
@@ -218,6 +219,8 @@ struct KeyState {
     /// This key's own scalers (numeric columns, geo east/north/range), with
     /// `scaler.per_key`.
     own: Option<(Vec<Scaler>, [Scaler; 3])>,
+    /// This key's loss detectors, with `drift.per_key` (made at its first sample).
+    drift: Option<Box<KeyDetectors>>,
     last_seen: u64,
 }
 
@@ -231,6 +234,7 @@ struct SavedKey {
     labelled: u32,
     experts: ExpertWeights,
     own: Option<(Vec<Scaler>, [Scaler; 3])>,
+    drift: Option<Box<KeyDetectors>>,
     last_seen: u64,
 }
 
@@ -457,6 +461,15 @@ impl FeatureEngine {
         self.keys.get(key).map(|s| s.experts).unwrap_or_default()
     }
 
+    /// The loss detectors of `key` (made on first use); none for a key not tracked.
+    pub fn key_detectors(&mut self, key: &str, cfg: &DriftConfig) -> Option<&mut KeyDetectors> {
+        let s = self.keys.get_mut(key)?;
+        Some(
+            s.drift
+                .get_or_insert_with(|| Box::new(KeyDetectors::new(cfg))),
+        )
+    }
+
     pub fn set_expert_weights(&mut self, key: &str, w: ExpertWeights) {
         if let Some(s) = self.keys.get_mut(key) {
             s.experts = w;
@@ -484,6 +497,7 @@ impl FeatureEngine {
                     labelled: s.labelled,
                     experts: s.experts,
                     own: s.own.clone(),
+                    drift: s.drift.clone(),
                     last_seen: s.last_seen,
                 })
                 .collect(),
@@ -526,6 +540,7 @@ impl FeatureEngine {
                     labelled: k.labelled,
                     experts: k.experts,
                     own: k.own,
+                    drift: k.drift,
                     last_seen: k.last_seen,
                 };
                 (k.key, state)
@@ -600,6 +615,7 @@ impl FeatureEngine {
                     [Scaler::default(); 3],
                 )
             }),
+            drift: None,
             last_seen: 0,
         };
         self.next_key_id = self.next_key_id.wrapping_add(1);

@@ -188,6 +188,10 @@ impl DriftReport {
             counts: detectors
                 .iter()
                 .map(|d| (d.name().to_string(), m.counts[*d as usize]))
+                .chain([
+                    ("adwin_per_key".to_string(), m.key_counts[0]),
+                    ("page_hinkley_per_key".to_string(), m.key_counts[1]),
+                ])
                 .collect(),
             events: m.events.clone(),
             reactions: cfg.reactions.clone(),

@@ -472,8 +472,9 @@ pub struct LearnerMetrics {
     buffer_evictions: Counter,
     buffer_rescored: Counter,
     keys: Gauge,
-    /// By [`crate::learner::drift::Detector`] order.
+    /// By [`crate::learner::drift::Detector`] order; per key: ADWIN, Page-Hinkley.
     drift: [Counter; 3],
+    drift_key: [Counter; 2],
     checkpoints: Counter,
     checkpoint_seconds: Histogram,
     checkpoint_bytes: Gauge,
@@ -510,6 +511,8 @@ impl LearnerMetrics {
             keys: gauge!(KEYS),
             drift: ["adwin", "page_hinkley", "score_shift"]
                 .map(|d| counter!(DRIFT_EVENTS, "detector" => d, "scope" => "global")),
+            drift_key: ["adwin", "page_hinkley"]
+                .map(|d| counter!(DRIFT_EVENTS, "detector" => d, "scope" => "key")),
             checkpoints: counter!(CHECKPOINTS),
             checkpoint_seconds: histogram!(CHECKPOINT_SECONDS),
             checkpoint_bytes: gauge!(CHECKPOINT_BYTES),
@@ -536,6 +539,15 @@ impl LearnerMetrics {
     /// Detections of one sample, by detector.
     pub fn drift(&self, fired: [bool; 3]) {
         for (c, f) in self.drift.iter().zip(fired) {
+            if f {
+                c.increment(1);
+            }
+        }
+    }
+
+    /// Per-key detections of one sample (ADWIN, Page-Hinkley).
+    pub fn drift_key(&self, fired: [bool; 2]) {
+        for (c, f) in self.drift_key.iter().zip(fired) {
             if f {
                 c.increment(1);
             }

@@ -333,6 +333,10 @@ pub struct DriftConfig {
     /// `forget_buffer`: replayed rows younger than this many samples are kept.
     #[serde(default = "default_keep_recent")]
     pub keep_recent: u64,
+    /// ADWIN and Page-Hinkley per key as well (a site that changes among stable ones), kept
+    /// with the key's features: at most `features.max_keys` sets.
+    #[serde(default)]
+    pub per_key: bool,
 }
 
 /// A reaction to a detected change (see [`DriftConfig::reactions`]).
@@ -390,6 +394,7 @@ impl Default for DriftConfig {
             recovery_samples: default_recovery(),
             lr_boost: default_lr_boost(),
             keep_recent: default_keep_recent(),
+            per_key: false,
         }
     }
 }
@@ -439,14 +444,37 @@ impl Detector {
 }
 
 /// One detection, where in the stream it happened.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriftEvent {
     /// Sample number in the stream, and its event time.
     pub sample: u64,
     pub time: i64,
     pub detector: Detector,
+    /// The key whose own detector fired; none for the stream-wide detectors.
+    pub key: Option<std::sync::Arc<str>>,
     pub statistic: f64,
     pub threshold: f64,
+}
+
+/// One key's loss detectors (`drift.per_key`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyDetectors {
+    adwin: Adwin,
+    ph: PageHinkley,
+}
+
+impl KeyDetectors {
+    pub fn new(cfg: &DriftConfig) -> Self {
+        KeyDetectors {
+            adwin: Adwin::new(cfg.adwin_delta),
+            ph: PageHinkley::new(cfg.page_hinkley_delta, cfg.page_hinkley_threshold),
+        }
+    }
+
+    /// What ADWIN and Page-Hinkley found on this loss.
+    pub fn update(&mut self, loss: f32) -> [Option<Drift>; 2] {
+        [self.adwin.update(loss as f64), self.ph.update(loss as f64)]
+    }
 }
 
 /// Events a report lists (the counts cover all of them).
@@ -461,6 +489,8 @@ pub struct DriftMonitor {
     /// The first [`EVENTS_KEPT`] events.
     pub events: Vec<DriftEvent>,
     pub counts: [u64; 3],
+    /// Per-key detections: ADWIN, Page-Hinkley.
+    pub key_counts: [u64; 2],
     /// Samples at which the learner reacted (the first [`EVENTS_KEPT`]), and how often.
     pub reacted_at: Vec<u64>,
     pub reactions: u64,
@@ -474,9 +504,38 @@ impl DriftMonitor {
             scores: ScoreShift::new(cfg.score_window, cfg.score_c_alpha),
             events: Vec::new(),
             counts: [0; 3],
+            key_counts: [0; 2],
             reacted_at: Vec::new(),
             reactions: 0,
         }
+    }
+
+    /// Records what one key's detectors found; which fired (ADWIN, Page-Hinkley).
+    pub fn record_key(
+        &mut self,
+        sample: u64,
+        time: i64,
+        key: &std::sync::Arc<str>,
+        found: [Option<Drift>; 2],
+    ) -> [bool; 2] {
+        let detectors = [Detector::Adwin, Detector::PageHinkley];
+        let mut fired = [false; 2];
+        for (i, d) in found.into_iter().enumerate() {
+            let Some(d) = d else { continue };
+            fired[i] = true;
+            self.key_counts[i] += 1;
+            if self.events.len() < EVENTS_KEPT {
+                self.events.push(DriftEvent {
+                    sample,
+                    time,
+                    detector: detectors[i],
+                    key: Some(key.clone()),
+                    statistic: d.statistic,
+                    threshold: d.threshold,
+                });
+            }
+        }
+        fired
     }
 
     /// Whether the learner should react at `sample` to what fired: a loss detector, with
@@ -518,6 +577,7 @@ impl DriftMonitor {
                         sample,
                         time,
                         detector,
+                        key: None,
                         statistic: d.statistic,
                         threshold: d.threshold,
                     });
@@ -608,6 +668,29 @@ mod tests {
             !DriftMonitor::new(&off).should_react(&off, 5, [true; 3]),
             "none configured"
         );
+    }
+
+    #[test]
+    fn a_key_s_own_detectors_find_its_change_and_name_it() {
+        let cfg = DriftConfig::default();
+        let mut m = DriftMonitor::new(&cfg);
+        let mut k = KeyDetectors::new(&cfg);
+        let key: std::sync::Arc<str> = std::sync::Arc::from("cell-7");
+        let mut rng = SmallRng::seed_from_u64(4);
+        let mut first = None;
+        for i in 0..6_000u64 {
+            let loss = if i < 5_000 { 1.0 } else { 1.5 } + rng.random_range(-0.5..0.5);
+            let fired = m.record_key(i, i as i64, &key, k.update(loss as f32));
+            if fired.iter().any(|f| *f) && first.is_none() {
+                first = Some(i);
+            }
+        }
+        assert!(
+            first.is_some_and(|i| (5_000..5_500).contains(&i)),
+            "{first:?}"
+        );
+        assert!(m.key_counts.iter().sum::<u64>() >= 1 && m.counts == [0; 3]);
+        assert_eq!(m.events[0].key.as_deref(), Some("cell-7"));
     }
 
     #[test]

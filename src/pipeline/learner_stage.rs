@@ -425,6 +425,13 @@ impl LearnerStage {
                     .update(seen_before + i as u64, s.times[i], loss, score);
                 self.telemetry.drift(fired);
                 let sample = seen_before + i as u64;
+                if self.cfg.drift.per_key
+                    && let Some(d) = self.features.key_detectors(&s.keys[i], &self.cfg.drift)
+                {
+                    let found = d.update(loss);
+                    let key_fired = self.drift.record_key(sample, s.times[i], &s.keys[i], found);
+                    self.telemetry.drift_key(key_fired);
+                }
                 if self.drift.should_react(&self.cfg.drift, sample, fired) {
                     self.learner.react(&self.cfg.drift);
                 }
