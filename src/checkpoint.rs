@@ -19,6 +19,7 @@ use crate::features::FeatureState;
 use crate::learner::drift::DriftMonitor;
 use crate::learner::eval::Scoreboard;
 use crate::learner::per_key::LearnersState;
+use crate::learner::trace::MetricTrace;
 
 /// Counters that span restarts (kept in checkpoints).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -90,6 +91,7 @@ pub struct Checkpoint {
     pub metrics: Scoreboard,
     pub counters: RunCounters,
     pub drift: DriftMonitor,
+    pub trace: MetricTrace,
 }
 
 /// 02: compute ledger, selection policies, evaluation periods.

@@ -39,6 +39,9 @@ pub struct PipelineArgs {
     /// Print the JSON report instead of the tables.
     #[arg(long)]
     pub json: bool,
+    /// Draw the windowed metric and the drift detections (`metric.png`/`.svg`).
+    #[arg(long)]
+    pub plot: bool,
 }
 
 impl PipelineArgs {
@@ -48,6 +51,7 @@ impl PipelineArgs {
         if let Some(o) = &self.output {
             cfg.output.dir = Some(o.clone());
         }
+        cfg.output.plot |= self.plot;
         Ok(cfg)
     }
 

@@ -162,6 +162,10 @@ pub struct OutputConfig {
     /// One record per sample to a Kafka topic.
     #[serde(default)]
     pub topic: Option<TopicSinkConfig>,
+    /// Draw the windowed metric over the stream with the drift detections
+    /// (`metric.png`/`.svg` beside the report; `gradsift run --plot`).
+    #[serde(default)]
+    pub plot: bool,
 }
 
 fn yes() -> bool {
@@ -174,6 +178,7 @@ impl Default for OutputConfig {
             dir: None,
             scores: true,
             topic: None,
+            plot: false,
         }
     }
 }

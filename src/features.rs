@@ -656,7 +656,12 @@ impl FeatureEngine {
             if let Some((c, from, scale, shift)) = self.inject
                 && row >= from
             {
-                vals[c] = vals[c] * scale + shift;
+                // In the column's own units: a log1p column is held as ln(1 + v) here.
+                vals[c] = if self.check.log1p[c] {
+                    (vals[c].exp_m1() * scale + shift).ln_1p()
+                } else {
+                    vals[c] * scale + shift
+                };
             }
             if let Some(col) = self.far_out(&vals) {
                 skip(i, SkipReason::OutOfRange(col));
@@ -1242,6 +1247,26 @@ mod tests {
         back.restore(fe.state()).unwrap();
         assert_eq!(back.knn.as_ref().map(KnnMemory::len), Some(4));
         assert_eq!(back.keys.values().next().unwrap().labels, [4]);
+    }
+
+    #[test]
+    fn an_injection_scales_the_column_in_its_own_units() {
+        let inj = Injection {
+            column: "internet".into(),
+            from_row: 3,
+            scale: 2.0,
+            shift: 0.0,
+        };
+        let mut fe = milan(10).with_injection(Some(&inj)).unwrap();
+        feed_values(&mut fe, &[1; 5], &[100.0; 5], 0);
+        // Milan models ln(1 + v): rows 3 and 4 read 200, not (1 + 100)² − 1.
+        let h = &fe.keys["1"].hist[0];
+        assert!((h[0] - 200f64.ln_1p()).abs() < 1e-12 && (h[2] - 100f64.ln_1p()).abs() < 1e-12);
+        let bad = Injection {
+            column: "nope".into(),
+            ..inj
+        };
+        assert!(milan(10).with_injection(Some(&bad)).is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod learner;
 pub mod offline;
 pub mod payload;
 pub mod pipeline;
+pub mod plotting;
 pub mod produce;
 pub mod producer;
 pub mod report;

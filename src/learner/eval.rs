@@ -502,6 +502,27 @@ impl Metrics {
             Metrics::Classification(c) => EvalSummary::Classification(c.summary()),
         }
     }
+    /// The model's windowed headline metric (MAE, or power loss dB where the data has beam
+    /// powers, else 1 − top-1) and persistence's, where the scoreboard keeps it.
+    pub fn window_point(&self) -> (f64, Option<f64>) {
+        match self {
+            Metrics::Regression(r) => {
+                let s = r.summary();
+                let p = s.persistence_last_window;
+                (s.model_last_window.mae, p.valid().then_some(p.mae))
+            }
+            Metrics::Classification(c) => {
+                let w = c.summary().model_last_window;
+                let v = if w.power_loss_db.is_finite() {
+                    w.power_loss_db
+                } else {
+                    1.0 - w.top1
+                };
+                (v, None)
+            }
+        }
+    }
+
     /// Rows of the whole stream whose prediction was not finite.
     pub fn nonfinite(&self) -> u64 {
         match self {

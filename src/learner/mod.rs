@@ -24,6 +24,7 @@ pub mod net;
 pub mod per_key;
 pub mod reducible;
 pub mod select;
+pub mod trace;
 
 use std::sync::Arc;
 

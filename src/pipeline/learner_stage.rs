@@ -31,6 +31,7 @@ use crate::learner::drift::DriftMonitor;
 use crate::learner::eval::{EvalSummary, Observation, Scoreboard};
 use crate::learner::model::Head;
 use crate::learner::per_key::Learners;
+use crate::learner::trace::{MetricTrace, TracePoint};
 use crate::learner::{FreshBatch, LearnerConfig};
 use crate::schema::Schema;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
@@ -126,6 +127,8 @@ pub(crate) struct LearnerStage {
     pub metrics: Scoreboard,
     /// The drift detectors and their findings.
     pub drift: DriftMonitor,
+    /// The windowed metric over the stream (the run plot).
+    pub trace: MetricTrace,
     pub counters: RunCounters,
     pub dead: DeadLetterSink,
     /// Per source: the position after the last row processed.
@@ -187,6 +190,7 @@ impl LearnerStage {
             features,
             metrics,
             drift: DriftMonitor::new(&cfg.drift),
+            trace: MetricTrace::default(),
             counters: RunCounters {
                 last_loss: f64::NAN,
                 ..RunCounters::default()
@@ -418,6 +422,15 @@ impl LearnerStage {
                 *mlp_alone = Some(mlp);
             }
             self.metrics.record(seen_before + i as u64, s.times[i], obs);
+            let sample = seen_before + i as u64 + 1;
+            if self.cfg.output.plot && self.trace.due(sample) {
+                let (model, baseline) = self.metrics.whole.window_point();
+                self.trace.record(TracePoint {
+                    sample,
+                    model,
+                    baseline,
+                });
+            }
             if self.cfg.drift.enabled {
                 let (loss, score) = (out.losses[i], out.scores[i]);
                 let fired = self
@@ -512,6 +525,7 @@ impl LearnerStage {
             metrics: self.metrics.clone(),
             counters: self.counters.clone(),
             drift: self.drift.clone(),
+            trace: self.trace.clone(),
         };
         let bytes = checkpoint::save(&path, &ckpt)?;
         self.ack(Ack::Commit(self.commit_positions()));
@@ -596,6 +610,7 @@ impl LearnerStage {
         self.metrics.whole = c.metrics.whole;
         self.counters = c.counters;
         self.drift = c.drift;
+        self.trace = c.trace;
         self.counters.resumes += 1;
         self.positions = c
             .positions

@@ -143,7 +143,27 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         energy,
         stages: times.report(),
     };
-    let report = build_report(&cfg, &schema, &out_dir, &stage, ends);
+    let mut report = build_report(&cfg, &schema, &out_dir, &stage, ends);
+    if cfg.output.plot {
+        let metric = match schema.task.head() {
+            crate::learner::model::Head::Regression => "MAE",
+            _ if schema.evaluation.beam_power.is_some() => "power loss (dB)",
+            _ => "1 - top-1",
+        };
+        let plot = crate::sink::metric_plot::MetricPlot {
+            title: format!(
+                "{}: prequential {metric} over the last {} samples, drift detections",
+                cfg.name, cfg.evaluation.window
+            ),
+            metric: metric.to_string(),
+            points: &stage.trace.points,
+            events: &stage.drift.events,
+        };
+        let png = crate::sink::metric_plot::write(&out_dir, &plot)?;
+        report
+            .outputs
+            .insert("plot".into(), png.display().to_string());
+    }
     let report_path = out_dir.join(outputs::REPORT);
     crate::durable::write_atomic(
         &report_path,

@@ -1,0 +1,85 @@
+//! The prequential metric over the stream, as a bounded series for the run plot.
+//!
+//! A drifting stream is read in a picture: the windowed error against time, the baseline
+//! beside it, and where the detectors fired. The series keeps at most `CAP` points: when
+//! full, every other point goes and the spacing doubles, so a run of any length draws with
+//! the same memory, its early part as coarse as its late one.
+
+use serde::{Deserialize, Serialize};
+
+/// Points kept at most.
+const CAP: usize = 1024;
+
+/// One point: the sample number, the model's windowed metric, and the baseline's.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TracePoint {
+    pub sample: u64,
+    pub model: f64,
+    pub baseline: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MetricTrace {
+    stride: u64,
+    pub points: Vec<TracePoint>,
+}
+
+impl Default for MetricTrace {
+    fn default() -> Self {
+        MetricTrace {
+            stride: 16,
+            points: Vec::new(),
+        }
+    }
+}
+
+impl MetricTrace {
+    /// Whether `sample` is one the trace records (so the caller computes its metric).
+    pub fn due(&self, sample: u64) -> bool {
+        sample > 0 && sample.is_multiple_of(self.stride)
+    }
+
+    pub fn record(&mut self, p: TracePoint) {
+        if !(p.model.is_finite()) {
+            return;
+        }
+        self.points.push(p);
+        if self.points.len() >= CAP {
+            self.stride *= 2;
+            let stride = self.stride;
+            self.points.retain(|q| q.sample.is_multiple_of(stride));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_stream_keeps_a_bounded_evenly_spaced_series() {
+        let mut t = MetricTrace::default();
+        for s in 0..1_000_000u64 {
+            if t.due(s) {
+                let baseline = Some(1.0);
+                t.record(TracePoint {
+                    sample: s,
+                    model: s as f64,
+                    baseline,
+                });
+            }
+        }
+        assert!(
+            t.points.len() < CAP && t.points.len() > CAP / 4,
+            "{}",
+            t.points.len()
+        );
+        let gaps: Vec<u64> = t
+            .points
+            .windows(2)
+            .map(|w| w[1].sample - w[0].sample)
+            .collect();
+        assert!(gaps.iter().all(|g| *g == gaps[0]), "even spacing");
+        assert!(t.points.last().unwrap().sample > 990_000, "reaches the end");
+    }
+}
