@@ -107,6 +107,9 @@ pub const TOP3: &str = "gradsift_prequential_top3_accuracy";
 pub const WINDOW_SAMPLES: &str = "gradsift_prequential_window_samples";
 pub const KEYS: &str = "gradsift_keys_tracked";
 pub const DRIFT_EVENTS: &str = "gradsift_drift_events_total";
+pub const DRIFT_RECOVERING: &str = "gradsift_drift_recovering";
+pub const DRIFT_ADWIN_WINDOW: &str = "gradsift_drift_adwin_window_samples";
+pub const DRIFT_PAGE_HINKLEY: &str = "gradsift_drift_page_hinkley_statistic";
 pub const CHECKPOINTS: &str = "gradsift_checkpoints_total";
 pub const CHECKPOINT_SECONDS: &str = "gradsift_checkpoint_duration_seconds";
 pub const CHECKPOINT_BYTES: &str = "gradsift_checkpoint_bytes";
@@ -281,6 +284,24 @@ pub const METRICS: &[MetricDef] = &[
         "Drift detections on the stream, by detector: adwin and page_hinkley on the prequential loss (rises only), score_shift on the importance scores.",
     ),
     def(
+        DRIFT_RECOVERING,
+        Kind::Gauge,
+        Unit::Count,
+        "1 while the learner is within drift.recovery_samples of its last reaction to a detected change, else 0.",
+    ),
+    def(
+        DRIFT_ADWIN_WINDOW,
+        Kind::Gauge,
+        Unit::Count,
+        "Samples in ADWIN's adaptive window of the prequential loss: it drops to the samples since a change when it detects one.",
+    ),
+    def(
+        DRIFT_PAGE_HINKLEY,
+        Kind::Gauge,
+        Unit::Count,
+        "Page-Hinkley's statistic on the prequential loss (cumulative rise above the running mean); a detection when it passes drift.page_hinkley_threshold.",
+    ),
+    def(
         CHECKPOINTS,
         Kind::Counter,
         Unit::Count,
@@ -449,6 +470,9 @@ pub struct LearnerView {
     pub buffer_evicted: u64,
     pub buffer_rescored: u64,
     pub keys: usize,
+    pub drift_recovering: bool,
+    pub adwin_window: u64,
+    pub page_hinkley: f64,
 }
 
 /// The learner thread's handles. Counters of learner work are published as deltas of the
@@ -475,6 +499,7 @@ pub struct LearnerMetrics {
     /// By [`crate::learner::drift::Detector`] order; per key: ADWIN, Page-Hinkley.
     drift: [Counter; 3],
     drift_key: [Counter; 2],
+    drift_gauges: [Gauge; 3],
     checkpoints: Counter,
     checkpoint_seconds: Histogram,
     checkpoint_bytes: Gauge,
@@ -513,6 +538,8 @@ impl LearnerMetrics {
                 .map(|d| counter!(DRIFT_EVENTS, "detector" => d, "scope" => "global")),
             drift_key: ["adwin", "page_hinkley"]
                 .map(|d| counter!(DRIFT_EVENTS, "detector" => d, "scope" => "key")),
+            drift_gauges: [DRIFT_RECOVERING, DRIFT_ADWIN_WINDOW, DRIFT_PAGE_HINKLEY]
+                .map(|n| gauge!(n)),
             checkpoints: counter!(CHECKPOINTS),
             checkpoint_seconds: histogram!(CHECKPOINT_SECONDS),
             checkpoint_bytes: gauge!(CHECKPOINT_BYTES),
@@ -608,6 +635,10 @@ impl LearnerMetrics {
         self.buffer_samples.set(v.buffer_len as f64);
         self.buffer_bytes.set(v.buffer_bytes as f64);
         self.keys.set(v.keys as f64);
+        let [recovering, adwin, ph] = &self.drift_gauges;
+        recovering.set(f64::from(u8::from(v.drift_recovering)));
+        adwin.set(v.adwin_window as f64);
+        ph.set(v.page_hinkley);
         self.last = Some(v);
         self.published = Some(Instant::now());
     }

@@ -510,6 +510,22 @@ impl DriftMonitor {
         }
     }
 
+    /// ADWIN's current window (samples since the last change it dropped).
+    pub fn adwin_width(&self) -> u64 {
+        self.adwin.width()
+    }
+
+    /// Page-Hinkley's statistic (fires above its threshold).
+    pub fn page_hinkley_statistic(&self) -> f64 {
+        self.ph.sum - self.ph.min_sum
+    }
+
+    /// Whether `sample` is within `recovery_samples` of the last reaction.
+    pub fn recovering(&self, cfg: &DriftConfig, sample: u64) -> bool {
+        let last = self.reacted_at.last();
+        last.is_some_and(|&s| sample < s + cfg.recovery_samples)
+    }
+
     /// Records what one key's detectors found; which fired (ADWIN, Page-Hinkley).
     pub fn record_key(
         &mut self,
@@ -663,6 +679,7 @@ mod tests {
         );
         assert!(m.should_react(&cfg, 120, [false, true, false]));
         assert_eq!((m.reactions, m.reacted_at.clone()), (2, vec![20, 120]));
+        assert!(m.recovering(&cfg, 219) && !m.recovering(&cfg, 220));
         let off = DriftConfig::default();
         assert!(
             !DriftMonitor::new(&off).should_react(&off, 5, [true; 3]),

@@ -639,6 +639,9 @@ impl LearnerStage {
             buffer_evicted: buf.stats.evicted,
             buffer_rescored: buf.stats.rescored,
             keys: self.features.tracked_keys(),
+            drift_recovering: self.drift.recovering(&self.cfg.drift, stats.seen),
+            adwin_window: self.drift.adwin_width(),
+            page_hinkley: self.drift.page_hinkley_statistic(),
         });
         // An empty window has no error to report (a resumed run's window is restored).
         match self.metrics.whole.summary() {
