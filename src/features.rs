@@ -205,6 +205,7 @@ fn encode(enc: &Encoding, v: f64, scaler: &Scaler, normalise: bool, x: &mut Vec<
     }
 }
 
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct KeyState {
     /// One history per numeric column (empty for columns that are not lagged).
     hist: Vec<VecDeque<f64>>,
@@ -224,26 +225,12 @@ struct KeyState {
     last_seen: u64,
 }
 
-/// One key's state in a checkpoint.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SavedKey {
-    key: Arc<str>,
-    hist: Vec<VecDeque<f64>>,
-    labels: VecDeque<u16>,
-    id: u32,
-    labelled: u32,
-    experts: ExpertWeights,
-    own: Option<(Vec<Scaler>, [Scaler; 3])>,
-    drift: Option<Box<KeyDetectors>>,
-    last_seen: u64,
-}
-
 /// The learned part of a [`FeatureEngine`], as a checkpoint stores it.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct FeatureState {
     scalers: Vec<Scaler>,
     geo_scalers: [Scaler; 3],
-    keys: Vec<SavedKey>,
+    keys: Vec<(Arc<str>, KeyState)>,
     tick: u64,
     keys_evicted: u64,
     next_key_id: u32,
@@ -399,7 +386,7 @@ impl FeatureEngine {
 
     /// The first column (or `ue_distance`, for the position) whose value is absurdly far
     /// from what the running scalers have seen: none until they have seen enough values.
-    fn far_out(&self, vals: &[f64]) -> Option<String> {
+    fn far_out(&self, vals: &[f64], en: Option<(f64, f64)>) -> Option<String> {
         let k = self.max_deviations;
         let far = |s: &Scaler, v: f64| {
             let (mean, std) = s.params();
@@ -413,17 +400,15 @@ impl FeatureEngine {
         {
             return Some(self.numeric[c].clone());
         }
-        let [bl, bo, ul, uo] = self.geo?;
-        let (e, n) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
+        let (e, n) = en?;
         far(&self.geo_scalers[2], e.hypot(n)).then(|| "ue_distance".to_string())
     }
 
     /// The raw point the neighbour memory compares: input columns and geo east/north.
-    fn knn_point(&self, vals: &[f64], point: &mut Vec<f32>) {
+    fn knn_point(&self, vals: &[f64], en: Option<(f64, f64)>, point: &mut Vec<f32>) {
         point.clear();
         point.extend(self.inputs.iter().map(|&c| vals[c] as f32));
-        if let Some([bl, bo, ul, uo]) = self.geo {
-            let (e, n) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
+        if let Some((e, n)) = en {
             point.extend([e as f32, n as f32]);
         }
     }
@@ -489,17 +474,7 @@ impl FeatureEngine {
             keys: self
                 .keys
                 .iter()
-                .map(|(k, s)| SavedKey {
-                    key: k.clone(),
-                    hist: s.hist.clone(),
-                    labels: s.labels.clone(),
-                    id: s.id,
-                    labelled: s.labelled,
-                    experts: s.experts,
-                    own: s.own.clone(),
-                    drift: s.drift.clone(),
-                    last_seen: s.last_seen,
-                })
+                .map(|(k, s)| (k.clone(), s.clone()))
                 .collect(),
             tick: self.tick,
             keys_evicted: self.keys_evicted,
@@ -513,7 +488,9 @@ impl FeatureEngine {
     pub fn restore(&mut self, s: FeatureState) -> Result<(), String> {
         let knn_dims = |k: &Option<KnnMemory>| k.as_ref().map(KnnMemory::dims);
         if s.scalers.len() != self.scalers.len()
-            || s.keys.iter().any(|k| k.hist.len() != self.hist_len.len())
+            || s.keys
+                .iter()
+                .any(|(_, k)| k.hist.len() != self.hist_len.len())
             || knn_dims(&s.knn) != knn_dims(&self.knn)
         {
             return Err(format!(
@@ -524,28 +501,10 @@ impl FeatureEngine {
         }
         self.scalers = s.scalers;
         self.geo_scalers = s.geo_scalers;
-        self.recency = s
-            .keys
-            .iter()
-            .map(|k| (k.last_seen, k.key.clone()))
+        self.recency = (s.keys.iter())
+            .map(|(k, state)| (state.last_seen, k.clone()))
             .collect();
-        self.keys = s
-            .keys
-            .into_iter()
-            .map(|k| {
-                let state = KeyState {
-                    hist: k.hist,
-                    labels: k.labels,
-                    id: k.id,
-                    labelled: k.labelled,
-                    experts: k.experts,
-                    own: k.own,
-                    drift: k.drift,
-                    last_seen: k.last_seen,
-                };
-                (k.key, state)
-            })
-            .collect();
+        self.keys = s.keys.into_iter().collect();
         self.tick = s.tick;
         self.keys_evicted = s.keys_evicted;
         self.next_key_id = s.next_key_id;
@@ -663,7 +622,10 @@ impl FeatureEngine {
                     vals[c] * scale + shift
                 };
             }
-            if let Some(col) = self.far_out(&vals) {
+            // The position relative to the base station, once per row.
+            let en = (self.geo)
+                .map(|[bl, bo, ul, uo]| east_north(vals[bl], vals[bo], vals[ul], vals[uo]));
+            if let Some(col) = self.far_out(&vals, en) {
                 skip(i, SkipReason::OutOfRange(col));
                 continue;
             }
@@ -681,16 +643,16 @@ impl FeatureEngine {
                 .all(|(&need, h)| h.len() >= need)
                 && state.labels.len() >= label_need;
             if self.knn.is_some() {
-                self.knn_point(&vals, &mut point);
+                self.knn_point(&vals, en, &mut point);
             }
             if !ready {
-                self.remember(&key, &vals, class, &point);
+                self.remember(&key, &vals, en, class, &point);
                 skip(i, SkipReason::LagWarmup);
                 continue;
             }
-            self.emit(d, i, &key, &vals, class, &point, out);
+            self.emit(d, i, &key, (&vals, en), class, &point, out);
             out.origins.push(origin.clone());
-            self.remember(&key, &vals, class, &point);
+            self.remember(&key, &vals, en, class, &point);
         }
     }
 
@@ -700,7 +662,7 @@ impl FeatureEngine {
         d: &DecodedBatch,
         i: usize,
         key: &Arc<str>,
-        vals: &[f64],
+        (vals, en): (&[f64], Option<(f64, f64)>),
         class: Option<i64>,
         point: &[f32],
         out: &mut Samples,
@@ -733,8 +695,7 @@ impl FeatureEngine {
                 out.x.push((TAU * dow / 7.0).cos() as f32);
             }
         }
-        if let Some([bl, bo, ul, uo]) = self.geo {
-            let (east, north) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
+        if let Some((east, north)) = en {
             let range = east.hypot(north);
             // Clockwise from north: sin = east / range, cos = north / range.
             let bearing = east.atan2(north);
@@ -809,28 +770,19 @@ impl FeatureEngine {
 
     /// Adds a valid row to its key's history and to the scalers (after it was used: the
     /// scalers never see a target before it is predicted).
-    fn remember(&mut self, key: &Arc<str>, vals: &[f64], class: Option<i64>, point: &[f32]) {
+    fn remember(
+        &mut self,
+        key: &Arc<str>,
+        vals: &[f64],
+        en: Option<(f64, f64)>,
+        class: Option<i64>,
+        point: &[f32],
+    ) {
         let freeze = self.schema.features.scaler.freeze_after;
-        for (c, v) in vals.iter().enumerate() {
-            self.scalers[c].update_until(*v, freeze);
-        }
-        if let Some([bl, bo, ul, uo]) = self.geo {
-            let (e, n) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
-            self.geo_scalers[0].update_until(e, freeze);
-            self.geo_scalers[1].update_until(n, freeze);
-            self.geo_scalers[2].update_until(e.hypot(n), freeze);
-        }
+        update_scalers(&mut self.scalers, &mut self.geo_scalers, vals, en, freeze);
         let state = self.keys.get_mut(key).expect("tracked key");
         if let Some((cols, geo)) = &mut state.own {
-            for (c, v) in vals.iter().enumerate() {
-                cols[c].update_until(*v, freeze);
-            }
-            if let Some([bl, bo, ul, uo]) = self.geo {
-                let (e, n) = east_north(vals[bl], vals[bo], vals[ul], vals[uo]);
-                geo[0].update_until(e, freeze);
-                geo[1].update_until(n, freeze);
-                geo[2].update_until(e.hypot(n), freeze);
-            }
+            update_scalers(cols, geo, vals, en, freeze);
         }
         if let Some(c) = class {
             // Checked against `classes` by `RowCheck`.
@@ -853,6 +805,24 @@ impl FeatureEngine {
                 h.pop_back();
             }
             h.push_front(vals[c]);
+        }
+    }
+}
+
+/// One row into a set of scalers: every numeric column, and east, north and range.
+fn update_scalers(
+    cols: &mut [Scaler],
+    geo: &mut [Scaler; 3],
+    vals: &[f64],
+    en: Option<(f64, f64)>,
+    freeze: Option<u64>,
+) {
+    for (s, v) in cols.iter_mut().zip(vals) {
+        s.update_until(*v, freeze);
+    }
+    if let Some((e, n)) = en {
+        for (s, v) in geo.iter_mut().zip([e, n, e.hypot(n)]) {
+            s.update_until(v, freeze);
         }
     }
 }

@@ -213,15 +213,20 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    #[test]
-    fn a_run_gets_its_overrides_then_seed_and_telemetry_off() {
-        let config = Config {
+    /// The random family at keep 0.5.
+    fn keep_half() -> Config {
+        Config {
             family: "random".into(),
             label: "random/selection.keep=0.5".into(),
             slug: "random__selection.keep=0.5".into(),
             axes: vec![("selection.keep".into(), "0.5".into())],
             overrides: vec!["selection.keep=0.5".into()],
-        };
+        }
+    }
+
+    #[test]
+    fn a_run_gets_its_overrides_then_seed_and_telemetry_off() {
+        let config = keep_half();
         let run = Run {
             config: 0,
             seed: 3,
@@ -252,13 +257,7 @@ mod tests {
 
     #[test]
     fn a_run_is_reused_only_from_the_same_inputs() {
-        let config = Config {
-            family: "random".into(),
-            label: "random/selection.keep=0.5".into(),
-            slug: "random__selection.keep=0.5".into(),
-            axes: vec![("selection.keep".into(), "0.5".into())],
-            overrides: vec!["selection.keep=0.5".into()],
-        };
+        let config = keep_half();
         let run = |seed| Run {
             config: 0,
             seed,

@@ -494,6 +494,8 @@ pub struct DriftMonitor {
     /// Samples at which the learner reacted (the first [`EVENTS_KEPT`]), and how often.
     pub reacted_at: Vec<u64>,
     pub reactions: u64,
+    /// The latest reaction (the cool-down runs from it, whether or not the list is full).
+    last_reaction: Option<u64>,
 }
 
 impl DriftMonitor {
@@ -507,6 +509,7 @@ impl DriftMonitor {
             key_counts: [0; 2],
             reacted_at: Vec::new(),
             reactions: 0,
+            last_reaction: None,
         }
     }
 
@@ -522,8 +525,7 @@ impl DriftMonitor {
 
     /// Whether `sample` is within `recovery_samples` of the last reaction.
     pub fn recovering(&self, cfg: &DriftConfig, sample: u64) -> bool {
-        let last = self.reacted_at.last();
-        last.is_some_and(|&s| sample < s + cfg.recovery_samples)
+        (self.last_reaction).is_some_and(|s| sample < s + cfg.recovery_samples)
     }
 
     /// Records what one key's detectors found; which fired (ADWIN, Page-Hinkley).
@@ -558,19 +560,13 @@ impl DriftMonitor {
     /// reactions configured, and none in the last `recovery_samples`.
     pub fn should_react(&mut self, cfg: &DriftConfig, sample: u64, fired: [bool; 3]) -> bool {
         let loss = fired[Detector::Adwin as usize] || fired[Detector::PageHinkley as usize];
-        let rested = self
-            .reacted_at
-            .last()
-            .is_none_or(|&s| sample >= s + cfg.recovery_samples);
-        if !(loss && rested && !cfg.reactions.is_empty()) {
+        if !loss || cfg.reactions.is_empty() || self.recovering(cfg, sample) {
             return false;
         }
         self.reactions += 1;
+        self.last_reaction = Some(sample);
         if self.reacted_at.len() < EVENTS_KEPT {
             self.reacted_at.push(sample);
-        } else if let Some(last) = self.reacted_at.last_mut() {
-            // Keeps the cool-down right once the list is full.
-            *last = sample;
         }
         true
     }

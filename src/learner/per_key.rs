@@ -55,6 +55,8 @@ pub struct BufferTotals {
 /// The stream's learners (see the module doc).
 pub struct Learners {
     cfg: LearnerConfig,
+    /// The one model's slot name under `shared` (made once: a step must not allocate it).
+    shared: Arc<str>,
     flops: FlopModel,
     scope: ModelScope,
     max_models: usize,
@@ -74,6 +76,7 @@ impl Learners {
         widths.extend(&cfg.model.hidden);
         widths.push(cfg.head.outputs());
         let mut l = Learners {
+            shared: Arc::from(""),
             flops: FlopModel::new(&widths),
             cfg,
             scope,
@@ -86,7 +89,7 @@ impl Learners {
         };
         if scope == ModelScope::Shared {
             let shared = OnlineLearner::new(l.cfg.clone());
-            l.models.insert(Arc::from(""), (shared, 0));
+            l.models.insert(l.shared.clone(), (shared, 0));
         }
         l
     }
@@ -95,7 +98,7 @@ impl Learners {
     fn model(&mut self, key: &Arc<str>) -> &mut OnlineLearner {
         self.tick += 1;
         let slot: Arc<str> = match self.scope {
-            ModelScope::Shared => Arc::from(""),
+            ModelScope::Shared => self.shared.clone(),
             ModelScope::PerKey => key.clone(),
         };
         if !self.models.contains_key(&slot) {
@@ -254,7 +257,7 @@ impl Learners {
         }
         if self.scope == ModelScope::Shared && self.models.is_empty() {
             let shared = OnlineLearner::new(self.cfg.clone());
-            self.models.insert(Arc::from(""), (shared, 0));
+            self.models.insert(self.shared.clone(), (shared, 0));
         }
         self.retired = s.retired;
         self.retired_ledger = s.retired_ledger;
