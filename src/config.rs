@@ -48,6 +48,10 @@ pub struct EvaluationConfig {
     /// and a later test period to report them on.
     #[serde(default)]
     pub periods: Vec<PeriodConfig>,
+    /// Known change points of the stream (a new site, a holiday): the report gives, for
+    /// each, the first drift detection after it and the samples the model took to recover.
+    #[serde(default)]
+    pub changes: Vec<PeriodConfig>,
 }
 
 /// One `[[evaluation.periods]]` entry: from a sample number or an RFC 3339 event time on.
@@ -79,11 +83,19 @@ impl PeriodStart {
 impl EvaluationConfig {
     /// The periods as the scoreboard takes them (validated at load).
     pub fn boundaries(&self) -> Vec<(String, Boundary)> {
-        self.periods
-            .iter()
-            .filter_map(|p| p.from.boundary().ok().map(|b| (p.name.clone(), b)))
-            .collect()
+        named_boundaries(&self.periods)
     }
+
+    /// The known change points (validated at load).
+    pub fn change_points(&self) -> Vec<(String, Boundary)> {
+        named_boundaries(&self.changes)
+    }
+}
+
+fn named_boundaries(v: &[PeriodConfig]) -> Vec<(String, Boundary)> {
+    v.iter()
+        .filter_map(|p| p.from.boundary().ok().map(|b| (p.name.clone(), b)))
+        .collect()
 }
 
 /// `[compute]`: what compute saved is measured against.
@@ -104,6 +116,7 @@ impl Default for EvaluationConfig {
         EvaluationConfig {
             window: default_eval_window(),
             periods: Vec::new(),
+            changes: Vec::new(),
         }
     }
 }
@@ -438,18 +451,27 @@ impl PipelineConfig {
         if self.evaluation.window == 0 {
             return Err(self.bad("evaluation.window", "at least 1 sample", 0));
         }
-        let mut names = std::collections::BTreeSet::new();
-        for (i, p) in self.evaluation.periods.iter().enumerate() {
-            let key = format!("evaluation.periods[{i}]");
-            if p.name.is_empty() || !names.insert(p.name.as_str()) {
-                return Err(self.bad(&format!("{key}.name"), "a unique, non-empty name", &p.name));
-            }
-            if let Err(found) = p.from.boundary() {
-                return Err(self.bad(
-                    &format!("{key}.from"),
-                    "a sample number or an RFC 3339 time such as \"2013-12-01T00:00:00Z\"",
-                    found,
-                ));
+        for (list, entries) in [
+            ("periods", &self.evaluation.periods),
+            ("changes", &self.evaluation.changes),
+        ] {
+            let mut names = std::collections::BTreeSet::new();
+            for (i, p) in entries.iter().enumerate() {
+                let key = format!("evaluation.{list}[{i}]");
+                if p.name.is_empty() || !names.insert(p.name.as_str()) {
+                    return Err(self.bad(
+                        &format!("{key}.name"),
+                        "a unique, non-empty name",
+                        &p.name,
+                    ));
+                }
+                if let Err(found) = p.from.boundary() {
+                    return Err(self.bad(
+                        &format!("{key}.from"),
+                        "a sample number or an RFC 3339 time such as \"2013-12-01T00:00:00Z\"",
+                        found,
+                    ));
+                }
             }
         }
         if let Some(r) = self.compute.reference_replay_ratio
@@ -689,6 +711,16 @@ max_bytes = 100000
         .to_string();
         assert!(
             e.contains("evaluation.periods[0].from") && e.contains("RFC 3339"),
+            "{e}"
+        );
+        let e = PipelineConfig::load(
+            &write(d.path(), GOOD),
+            &["evaluation.changes=[{name=\"test\", from=\"2013-13-01\"}]".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("evaluation.changes[0].from") && e.contains("RFC 3339"),
             "{e}"
         );
         let e = PipelineConfig::load(&write(d.path(), GOOD), &["selection.trim=1.0".into()])

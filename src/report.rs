@@ -11,6 +11,7 @@ use crate::learner::buffer::BufferStats;
 use crate::learner::compute::ComputeReport;
 use crate::learner::drift::{Detector, DriftConfig, DriftEvent, DriftMonitor, Reaction};
 use crate::learner::eval::{BeamMetrics, ErrorMetrics, EvalSummary, KNN_K, PeriodReport};
+use crate::learner::recovery::ChangeRecovery;
 
 /// Replay buffer state at the end of a run.
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +53,8 @@ pub struct RunReport {
     pub models_dropped: u64,
     /// What the drift detectors found (none when `drift.enabled` is false).
     pub drift: DriftReport,
+    /// The known change points (`evaluation.changes`): first detection, recovery samples.
+    pub changes: Vec<ChangeRecovery>,
     /// Values clamped to their column's physical range (this process).
     pub values_clipped: u64,
     pub scored: u64,
@@ -228,6 +231,29 @@ impl DriftReport {
     }
 }
 
+/// One line per known change: where, the first detection, the recovery.
+fn changes_text(changes: &[ChangeRecovery]) -> String {
+    if changes.is_empty() {
+        return "none declared (evaluation.changes)".into();
+    }
+    let one = |c: &ChangeRecovery| {
+        let Some(at) = c.at else {
+            return format!("{}: not reached", c.name);
+        };
+        let found = c
+            .first_detection
+            .as_ref()
+            .map_or("not detected".into(), |d| {
+                format!("{} after {} samples", d.detector, d.delay)
+            });
+        let back = c.recovery_samples.map_or("too short to tell".into(), |r| {
+            format!("back within 10% in {r} samples")
+        });
+        format!("{} @{at}: {found}, {back}", c.name)
+    };
+    changes.iter().map(one).collect::<Vec<_>>().join("; ")
+}
+
 impl RunReport {
     /// The counted saving, in FLOPs and back-propagated rows, against every-row training.
     fn compute_saved(&self) -> String {
@@ -295,6 +321,7 @@ impl RunReport {
                 format!("{} / {}", self.models, self.models_dropped),
             ),
             ("drift detections".into(), self.drift.text()),
+            ("known changes".into(), changes_text(&self.changes)),
             (
                 "values clipped to their range".into(),
                 self.values_clipped.to_string(),

@@ -318,7 +318,11 @@ fn broker_restart_mid_stream(kind: BrokerKind) {
     // is scored, and no offset beyond those produced.
     let end = committed(&broker, "g-durable", "durable", 1)[&0] as usize;
     let (rows, pairs) = scored_pairs(out.path());
-    assert_eq!(scored_samples(out.path()).len(), 8784, "every sample scored");
+    assert_eq!(
+        scored_samples(out.path()).len(),
+        8784,
+        "every sample scored"
+    );
     assert!(
         (8784..=8784 + (end - 8928)).contains(&pairs.len()),
         "scored offsets {} for {} produced beyond the 8,928",

@@ -573,6 +573,26 @@ fn the_drift_detectors_find_the_site_changes_and_keep_quiet_on_milan() {
             beam.drift.events
         );
     }
+    // The pipeline declares its site changes; the report finds each, with its first
+    // detection and a recovery read off the metric trace.
+    let at: Vec<Option<u64>> = beam.changes.iter().map(|c| c.at).collect();
+    assert_eq!(
+        at,
+        [Some(2422), Some(5396), Some(6883)],
+        "{:?}",
+        beam.changes
+    );
+    for c in &beam.changes[..2] {
+        let d = c.first_detection.as_ref().expect("detected");
+        assert!(d.delay < 500, "{c:?}");
+        let (settled, peak) = (c.settled.unwrap(), c.peak.unwrap());
+        assert!(peak > 1.1 * settled, "the new site is felt: {c:?}");
+        assert!(
+            c.recovery_samples
+                .is_some_and(|r| r > 0 && r < c.segment_samples),
+            "{c:?}"
+        );
+    }
     let milan = run("milan-replay.toml");
     assert_eq!(milan.drift.counts["adwin"], 0, "{:?}", milan.drift.events);
     assert_eq!(

@@ -22,6 +22,7 @@ pub mod matmul;
 pub mod model;
 pub mod net;
 pub mod per_key;
+pub mod recovery;
 pub mod reducible;
 pub mod select;
 pub mod trace;

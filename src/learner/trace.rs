@@ -3,9 +3,12 @@
 //! A drifting stream is read in a picture: the windowed error against time, the baseline
 //! beside it, and where the detectors fired. The series keeps at most `CAP` points: when
 //! full, every other point goes and the spacing doubles, so a run of any length draws with
-//! the same memory, its early part as coarse as its late one.
+//! the same memory, its early part as coarse as its late one. Known change points of the
+//! stream (`evaluation.changes`) are marked on it as the rows reach them.
 
 use serde::{Deserialize, Serialize};
+
+use super::eval::Boundary;
 
 /// Points kept at most.
 const CAP: usize = 1024;
@@ -18,10 +21,20 @@ pub struct TracePoint {
     pub baseline: Option<f64>,
 }
 
+/// A known change point and the sample at which the stream reached it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeMark {
+    pub name: String,
+    pub start: Boundary,
+    pub at: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MetricTrace {
     stride: u64,
     pub points: Vec<TracePoint>,
+    #[serde(default)]
+    pub changes: Vec<ChangeMark>,
 }
 
 impl Default for MetricTrace {
@@ -29,11 +42,36 @@ impl Default for MetricTrace {
         MetricTrace {
             stride: 16,
             points: Vec::new(),
+            changes: Vec::new(),
         }
     }
 }
 
 impl MetricTrace {
+    /// A trace that marks these change points.
+    pub fn with_changes(changes: &[(String, Boundary)]) -> Self {
+        MetricTrace {
+            changes: changes
+                .iter()
+                .map(|(name, start)| ChangeMark {
+                    name: name.clone(),
+                    start: *start,
+                    at: None,
+                })
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Marks the change points that the `sample`-th row (event time `time`) reaches first.
+    pub fn mark(&mut self, sample: u64, time: i64) {
+        for c in &mut self.changes {
+            if c.at.is_none() && c.start.reached(sample, time) {
+                c.at = Some(sample);
+            }
+        }
+    }
+
     /// Whether `sample` is one the trace records (so the caller computes its metric).
     pub fn due(&self, sample: u64) -> bool {
         sample > 0 && sample.is_multiple_of(self.stride)
@@ -55,6 +93,19 @@ impl MetricTrace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_is_marked_at_the_first_row_that_reaches_it() {
+        let mut t = MetricTrace::with_changes(&[
+            ("by time".into(), Boundary::Time(100)),
+            ("by sample".into(), Boundary::Sample(5)),
+        ]);
+        for (sample, time) in [(0, 10), (4, 120), (5, 90), (6, 130)] {
+            t.mark(sample, time);
+        }
+        let at: Vec<_> = t.changes.iter().map(|c| c.at).collect();
+        assert_eq!(at, [Some(4), Some(5)]);
+    }
 
     #[test]
     fn a_long_stream_keeps_a_bounded_evenly_spaced_series() {

@@ -190,7 +190,7 @@ impl LearnerStage {
             features,
             metrics,
             drift: DriftMonitor::new(&cfg.drift),
-            trace: MetricTrace::default(),
+            trace: MetricTrace::with_changes(&cfg.evaluation.change_points()),
             counters: RunCounters {
                 last_loss: f64::NAN,
                 ..RunCounters::default()
@@ -347,7 +347,10 @@ impl LearnerStage {
     fn feed(&mut self, batch: &RecordBatch, origins: &[RowOrigin]) -> Result<()> {
         let (counters, telemetry, dead) = (&mut self.counters, &self.telemetry, &mut self.dead);
         let mut letters = 0u64;
-        decode_rows(
+        // Skips are told to the metrics once per batch and reason: a counter lookup per row
+        // cost 5% of the learner thread while 1,000 keys warmed up their lags.
+        let mut skips: Vec<(String, bool, u64)> = Vec::new();
+        let decoded = decode_rows(
             &self.decoder,
             &mut self.features,
             batch,
@@ -355,14 +358,24 @@ impl LearnerStage {
             &mut self.pending,
             |s| {
                 *counters.skipped.entry(s.reason.clone()).or_default() += 1;
-                telemetry.rows_skipped(&s.reason, s.bad_input, 1);
+                match skips
+                    .iter_mut()
+                    .find(|(r, bad, _)| *r == s.reason && *bad == s.bad_input)
+                {
+                    Some(k) => k.2 += 1,
+                    None => skips.push((s.reason.clone(), s.bad_input, 1)),
+                }
                 if !s.bad_input {
                     return Ok(());
                 }
                 letters += 1;
                 dead.send(&s.letter())
             },
-        )?;
+        );
+        for (reason, bad, rows) in &skips {
+            telemetry.rows_skipped(reason, *bad, *rows);
+        }
+        decoded?;
         self.counters.dead_letters += letters;
         self.counters.dead_rows += letters;
         Ok(())
@@ -422,8 +435,10 @@ impl LearnerStage {
                 *mlp_alone = Some(mlp);
             }
             self.metrics.record(seen_before + i as u64, s.times[i], obs);
+            self.trace.mark(seen_before + i as u64, s.times[i]);
             let sample = seen_before + i as u64 + 1;
-            if self.cfg.output.plot && self.trace.due(sample) {
+            let traced = self.cfg.output.plot || !self.trace.changes.is_empty();
+            if traced && self.trace.due(sample) {
                 let (model, baseline) = self.metrics.whole.window_point();
                 self.trace.record(TracePoint {
                     sample,
@@ -610,7 +625,16 @@ impl LearnerStage {
         self.metrics.whole = c.metrics.whole;
         self.counters = c.counters;
         self.drift = c.drift;
+        // The change points come from this configuration; a saved one keeps where it was met.
+        let marks = std::mem::take(&mut self.trace.changes);
         self.trace = c.trace;
+        let saved = std::mem::replace(&mut self.trace.changes, marks);
+        for m in &mut self.trace.changes {
+            m.at = saved
+                .iter()
+                .find(|s| s.name == m.name && s.start == m.start)
+                .and_then(|s| s.at);
+        }
         self.counters.resumes += 1;
         self.positions = c
             .positions

@@ -158,6 +158,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             metric: metric.to_string(),
             points: &stage.trace.points,
             events: &stage.drift.events,
+            changes: &stage.trace.changes,
         };
         let png = crate::sink::metric_plot::write(&out_dir, &plot)?;
         report
@@ -319,6 +320,12 @@ fn build_report(
         models: t.learner.models(),
         models_dropped: t.learner.evicted,
         drift: crate::report::DriftReport::new(&cfg.drift, &t.drift),
+        changes: crate::learner::recovery::recoveries(
+            &t.trace.changes,
+            &t.trace.points,
+            &t.drift.events,
+            stats.seen,
+        ),
         values_clipped: t.features.clipped,
         scored: stats.seen,
         selected: stats.selected,

@@ -1,6 +1,7 @@
 //! The run plot (`gradsift run --plot`): the windowed prequential metric over the stream,
 //! persistence's beside it where the scoreboard keeps it, and a vertical line at every drift
-//! detection (loss detectors red, the score test blue), as `metric.png` and `metric.svg`
+//! detection (loss detectors red, the score test blue) and a black one at every known change
+//! point (`evaluation.changes`), as `metric.png` and `metric.svg`
 //! beside the report. How fast a change is seen and how fast the model recovers is a shape
 //! over time, which no single number in the report shows.
 
@@ -11,7 +12,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::learner::drift::{Detector, DriftEvent};
-use crate::learner::trace::TracePoint;
+use crate::learner::trace::{ChangeMark, TracePoint};
 use crate::plotting::{COLORS, FONT, SIZE, png_and_svg, register_font};
 
 /// What the plot draws.
@@ -20,6 +21,7 @@ pub struct MetricPlot<'a> {
     pub metric: String,
     pub points: &'a [TracePoint],
     pub events: &'a [DriftEvent],
+    pub changes: &'a [ChangeMark],
 }
 
 /// Writes `metric.png` and `metric.svg` into `out`; the PNG's path.
@@ -62,6 +64,13 @@ where
         };
         let x = e.sample as f64;
         chart.draw_series(LineSeries::new([(x, 0.0), (x, y_max)], color))?;
+    }
+    for x in p.changes.iter().filter_map(|c| c.at) {
+        let x = x as f64;
+        chart.draw_series(LineSeries::new(
+            [(x, 0.0), (x, y_max)],
+            BLACK.mix(0.8).stroke_width(2),
+        ))?;
     }
     let model = p.points.iter().map(|q| (q.sample as f64, q.model));
     chart
