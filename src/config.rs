@@ -179,6 +179,10 @@ pub struct OutputConfig {
     /// (`metric.png`/`.svg` beside the report; `gradsift run --plot`).
     #[serde(default)]
     pub plot: bool,
+    /// Add each sample's model inputs to the score file (a `features` list column), to run a
+    /// peer learner on exactly the same inputs.
+    #[serde(default)]
+    pub features: bool,
 }
 
 fn yes() -> bool {
@@ -192,6 +196,7 @@ impl Default for OutputConfig {
             scores: true,
             topic: None,
             plot: false,
+            features: false,
         }
     }
 }

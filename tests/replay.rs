@@ -84,6 +84,31 @@ fn milan_pipeline_runs_from_the_cli_and_pyarrow_reads_its_scores() {
     assert!(f[4].starts_with("timestamp[us"), "{}", f[4]);
 }
 
+/// `output.features`: each score row carries the model's input vector (Milan: lags 1-6 and
+/// 144, hour and weekday sin/cos, 11 inputs), in the checkpointed segments too, for a peer
+/// learner to run on the same inputs.
+#[test]
+fn the_score_file_carries_the_model_inputs_on_request() {
+    let out = tempfile::tempdir().unwrap();
+    common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &[
+            "output.features=true",
+            "checkpoint.enabled=true",
+            "checkpoint.every_rows=3000",
+        ],
+    ));
+    let py = common::python(&format!(
+        "{}import pyarrow.compute as pc, math\n\
+         w = pc.list_value_length(t['features'])\n\
+         flat = pc.list_flatten(t['features']).to_pylist()\n\
+         print(t.num_rows, pc.min(w).as_py(), pc.max(w).as_py(), all(math.isfinite(v) for v in flat), len(set(flat)) > 1000)",
+        common::load_scores_py(out.path())
+    ));
+    assert_eq!(py.trim(), "8784 11 11 True True");
+}
+
 #[test]
 fn lte_pipeline_replays_and_dead_letters_the_null_kpis() {
     common::shared_data();

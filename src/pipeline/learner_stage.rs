@@ -413,6 +413,7 @@ impl LearnerStage {
             self.counters.last_loss = out.train_loss as f64;
         }
         let k = self.head.outputs();
+        let width = s.x.len() / s.len().max(1);
         let sinks_on = self.io.sink_tx.is_some();
         let blend = self
             .cfg
@@ -485,6 +486,11 @@ impl LearnerStage {
                     retained: out.retained[i],
                     prediction,
                     target: ev.target,
+                    features: if self.cfg.output.features {
+                        s.x[i * width..(i + 1) * width].to_vec()
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
         }

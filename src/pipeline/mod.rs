@@ -36,7 +36,7 @@ use crate::energy::EnergyMeter;
 use crate::report::{BufferReport, CheckpointReport, RunReport};
 use crate::schema::{Schema, TimeKind};
 use crate::shutdown::Shutdown;
-use crate::sink::scores::{ScoreSegments, ScoreSink};
+use crate::sink::scores::{ScoreColumns, ScoreSegments, ScoreSink};
 use crate::sink::topic::SampleTopicSink;
 use crate::source::{Ack, EventSender, SourceConfig, SourceContext, SourceEvent};
 use crate::stage_time::{StageReport, StageTimes};
@@ -201,19 +201,22 @@ fn sink_stage(
     out_dir: &std::path::Path,
     resume: Option<&Checkpoint>,
 ) -> Result<SinkStage> {
-    let timestamps = schema.time.kind == TimeKind::Timestamp;
+    let columns = ScoreColumns {
+        timestamps: schema.time.kind == TimeKind::Timestamp,
+        features: cfg.output.features,
+    };
     let scores = if !cfg.output.scores {
         None
     } else if cfg.checkpoint.enabled {
         let next = resume.map_or(1, |c| c.next_segment);
         let dir = out_dir.join(outputs::SCORE_SEGMENTS);
         Some(ScoreOut::Segments(ScoreSegments::open(
-            &dir, timestamps, next,
+            &dir, columns, next,
         )?))
     } else {
         // Written under a temporary name, renamed when complete.
         let path = out_dir.join(outputs::SCORES);
-        let sink = ScoreSink::create(&crate::durable::tmp_path(&path), timestamps)?;
+        let sink = ScoreSink::create(&crate::durable::tmp_path(&path), columns)?;
         Some(ScoreOut::File { sink, path })
     };
     let topic = match &cfg.output.topic {

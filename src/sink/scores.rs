@@ -1,7 +1,9 @@
 //! The per-sample score file: for every sample, where it came from (file and row, or topic
 //! partition and offset), its key, event time, importance score, the
 //! threshold it was judged against, whether it was selected, trained and retained, and the
-//! prequential prediction next to the target. Parquet, snappy, written in row groups of a
+//! prequential prediction next to the target, and on request (`output.features`) the model's
+//! input vector, so that a peer learner can be run on exactly the same inputs. Parquet,
+//! snappy, written in row groups of a
 //! bounded size by a thread of its own behind a bounded channel, readable by pyarrow.
 
 use std::fs::File;
@@ -10,8 +12,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use arrow::array::{
-    ArrayRef, BooleanArray, Float32Array, Float64Array, Int64Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray, UInt64Array,
+    ArrayRef, BooleanArray, Float32Array, Float32Builder, Float64Array, Int64Array, ListBuilder,
+    RecordBatch, StringArray, TimestampMicrosecondArray, UInt64Array,
 };
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use parquet::arrow::ArrowWriter;
@@ -33,25 +35,35 @@ pub struct ScoreRow {
     pub retained: bool,
     pub prediction: f64,
     pub target: f64,
+    /// The model's inputs (empty unless `output.features`).
+    pub features: Vec<f32>,
+}
+
+/// Which optional columns a score file has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScoreColumns {
+    /// The time column is a UTC timestamp (else a plain integer index).
+    pub timestamps: bool,
+    /// A `features` column (list of float32): the model's input vector.
+    pub features: bool,
 }
 
 /// Writes [`ScoreRow`]s to a Parquet file.
 pub struct ScoreSink {
     writer: ArrowWriter<File>,
     schema: Arc<Schema>,
-    timestamps: bool,
+    columns: ScoreColumns,
     pub rows: u64,
 }
 
 impl ScoreSink {
-    /// `timestamps`: the time column is a UTC timestamp (else a plain integer index).
-    pub fn create(path: &Path, timestamps: bool) -> Result<Self> {
-        let time_type = if timestamps {
+    pub fn create(path: &Path, columns: ScoreColumns) -> Result<Self> {
+        let time_type = if columns.timestamps {
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
         } else {
             DataType::Int64
         };
-        let schema = Arc::new(Schema::new(vec![
+        let mut fields = vec![
             Field::new("source", DataType::Utf8, false),
             Field::new("position", DataType::UInt64, false),
             Field::new("key", DataType::Utf8, false),
@@ -63,7 +75,16 @@ impl ScoreSink {
             Field::new("retained", DataType::Boolean, false),
             Field::new("prediction", DataType::Float64, false),
             Field::new("target", DataType::Float64, false),
-        ]));
+        ];
+        if columns.features {
+            let item = Field::new("item", DataType::Float32, false);
+            fields.push(Field::new(
+                "features",
+                DataType::List(Arc::new(item)),
+                false,
+            ));
+        }
+        let schema = Arc::new(Schema::new(fields));
         let file =
             File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
         let props = WriterProperties::builder()
@@ -74,7 +95,7 @@ impl ScoreSink {
         Ok(ScoreSink {
             writer,
             schema,
-            timestamps,
+            columns,
             rows: 0,
         })
     }
@@ -83,7 +104,7 @@ impl ScoreSink {
         if rows.is_empty() {
             return Ok(());
         }
-        let times: ArrayRef = if self.timestamps {
+        let times: ArrayRef = if self.columns.timestamps {
             Arc::new(
                 TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.time))
                     .with_timezone("UTC"),
@@ -91,7 +112,7 @@ impl ScoreSink {
         } else {
             Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.time)))
         };
-        let cols: Vec<ArrayRef> = vec![
+        let mut cols: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| &*r.source),
             )),
@@ -120,6 +141,15 @@ impl ScoreSink {
                 rows.iter().map(|r| r.target),
             )),
         ];
+        if self.columns.features {
+            let item = Field::new("item", DataType::Float32, false);
+            let mut list = ListBuilder::new(Float32Builder::new()).with_field(item);
+            for r in rows {
+                list.values().append_slice(&r.features);
+                list.append(true);
+            }
+            cols.push(Arc::new(list.finish()));
+        }
         self.writer
             .write(&RecordBatch::try_new(self.schema.clone(), cols)?)?;
         self.rows += rows.len() as u64;
@@ -139,7 +169,7 @@ impl ScoreSink {
 /// restart, and their rows, whose offsets were not committed, are scored again.
 pub struct ScoreSegments {
     dir: std::path::PathBuf,
-    timestamps: bool,
+    columns: ScoreColumns,
     next: u64,
     current: Option<ScoreSink>,
     pub rows: u64,
@@ -147,7 +177,7 @@ pub struct ScoreSegments {
 
 impl ScoreSegments {
     /// Opens the folder, continuing at segment `next` (from the checkpoint, 1 when fresh).
-    pub fn open(dir: &Path, timestamps: bool, next: u64) -> Result<Self> {
+    pub fn open(dir: &Path, columns: ScoreColumns, next: u64) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         for entry in std::fs::read_dir(dir)? {
             let p = entry?.path();
@@ -160,7 +190,7 @@ impl ScoreSegments {
         }
         Ok(ScoreSegments {
             dir: dir.to_path_buf(),
-            timestamps,
+            columns,
             next,
             current: None,
             rows: 0,
@@ -184,7 +214,7 @@ impl ScoreSegments {
         }
         if self.current.is_none() {
             let tmp = self.path(self.next).with_extension("parquet.tmp");
-            self.current = Some(ScoreSink::create(&tmp, self.timestamps)?);
+            self.current = Some(ScoreSink::create(&tmp, self.columns)?);
         }
         self.current.as_mut().expect("just opened").write(rows)?;
         self.rows += rows.len() as u64;
