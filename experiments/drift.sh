@@ -4,7 +4,8 @@
 # each with the drift reactions off, with forget_buffer, and with all three, 3 seeds. Per
 # declared change (evaluation.changes): the first stream-wide detection and the samples
 # until the windowed metric is back within 10% of its settled level; per stream: the
-# whole-stream metric and the alarms before the first change, per 100 k samples.
+# whole-stream metric and the alarms before the first change, per 100 k samples; and one
+# figure per stream with the three windowed series (seed 1) in experiments/results/drift.
 # Not part of CI; about a minute.
 #   cargo build --release && bash experiments/drift.sh
 set -euo pipefail
@@ -22,9 +23,12 @@ for p in "${pipes[@]}"; do
     esac
     for seed in 1 2 3; do
       $B run "pipelines/$p.toml" --quiet --json --set telemetry.enabled=false --set output.scores=false \
-        --set "$react" --set training.seed=$seed --output "$OUT/run" > "$OUT/$p-$r-$seed.json"
+        --set "$react" --set training.seed=$seed --output "$OUT/$p-$r-$seed" > "$OUT/$p-$r-$seed.json"
     done
   done
+  $B plot none="$OUT/$p-none-1" forget_buffer="$OUT/$p-forget-1" all_three="$OUT/$p-all-1" \
+    --output experiments/results/drift --name "$p-reactions" \
+    --title "$p: windowed metric without and with drift reactions (seed 1)" > /dev/null
 done
 python3 - "$OUT" "${pipes[@]}" <<'PY'
 import json, statistics as st, sys

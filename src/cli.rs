@@ -127,6 +127,21 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "json")]
         format: crate::payload::PayloadFormat,
     },
+    /// Draw several runs' windowed metric in one figure (e.g. without and with drift
+    /// reactions), from their run folders' report.json: `gradsift plot none=runs/a
+    /// forget=runs/b --output DIR`.
+    Plot {
+        /// LABEL=RUN_FOLDER, one per run.
+        #[arg(required = true, value_name = "LABEL=DIR")]
+        runs: Vec<String>,
+        /// Folder for NAME.png and NAME.svg.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value = "compare")]
+        name: String,
+        #[arg(long, default_value = "prequential metric, windowed")]
+        title: String,
+    },
     /// Schema tools.
     Schema {
         #[command(subcommand)]
@@ -213,6 +228,25 @@ pub async fn main(cli: Cli) -> Result<()> {
             };
             let n = crate::produce::produce(args, shutdown).await?;
             println!("produced {n} messages to {topic}");
+            Ok(())
+        }
+        Command::Plot {
+            runs,
+            output,
+            name,
+            title,
+        } => {
+            let runs = runs
+                .iter()
+                .map(|r| {
+                    r.split_once('=')
+                        .map(|(l, d)| (l.to_string(), PathBuf::from(d)))
+                        .ok_or_else(|| anyhow::anyhow!("plot takes LABEL=RUN_FOLDER, got {r}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            std::fs::create_dir_all(&output)?;
+            let png = crate::sink::metric_plot::compare(&output, &name, &title, &runs)?;
+            println!("{}", png.display());
             Ok(())
         }
         Command::Schema {

@@ -55,6 +55,10 @@ pub struct RunReport {
     pub drift: DriftReport,
     /// The known change points (`evaluation.changes`): first detection, recovery samples.
     pub changes: Vec<ChangeRecovery>,
+    /// The windowed metric over the stream (kept with `output.plot` or known changes), for
+    /// `gradsift plot` to draw runs side by side.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceReport>,
     /// Values clamped to their column's physical range (this process).
     pub values_clipped: u64,
     pub scored: u64,
@@ -229,6 +233,15 @@ impl DriftReport {
             format!("{}; first: {}{reacted}", counts.join(", "), first.join(" "))
         }
     }
+}
+
+/// The run's windowed metric as a bounded series.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceReport {
+    pub metric: String,
+    /// Samples in the window.
+    pub window: usize,
+    pub points: Vec<crate::learner::trace::TracePoint>,
 }
 
 /// One line per known change: where, the first detection, the recovery.

@@ -667,3 +667,69 @@ fn an_injected_change_is_detected_within_500_samples() {
         "{e}"
     );
 }
+
+/// Issue 13's pictures: `--plot` draws the run's windowed metric (PNG and SVG); a run with
+/// declared changes keeps its trace in the report, and `gradsift plot` draws several runs
+/// in one figure; a run folder without a report, or a report without a trace, is refused by
+/// name.
+#[test]
+fn the_run_plot_and_runs_side_by_side_are_drawn() {
+    let (a, b, figs) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    common::run(common::pipeline(
+        "milan-replay.toml",
+        a.path(),
+        &["output.scores=false", "output.plot=true"],
+    ));
+    let png = std::fs::read(a.path().join("metric.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let svg = std::fs::read_to_string(a.path().join("metric.svg")).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("MAE"),
+        "{}",
+        &svg[..200]
+    );
+    let r = common::run(common::pipeline(
+        "milan-replay.toml",
+        b.path(),
+        &["output.scores=false", "drift.reactions=[\"forget_buffer\"]"],
+    ));
+    assert!(
+        r.trace.as_ref().is_some_and(|t| t.points.len() > 100),
+        "the changes keep a trace"
+    );
+    let plot = |runs: &[String]| {
+        Command::new(env!("CARGO_BIN_EXE_gradsift"))
+            .args(["plot", "--name", "side", "--output"])
+            .arg(figs.path())
+            .args(runs)
+            .output()
+            .unwrap()
+    };
+    let ok = plot(&[
+        format!("without={}", a.path().display()),
+        format!("forget_buffer={}", b.path().display()),
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let svg = std::fs::read_to_string(figs.path().join("side.svg")).unwrap();
+    assert!(svg.contains("without") && svg.contains("forget_buffer"));
+    assert!(figs.path().join("side.png").exists());
+    let missing = plot(&[format!("x={}", figs.path().join("nothing").display())]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read"));
+    let untraced = tempfile::tempdir().unwrap();
+    common::run(common::pipeline(
+        "milan-replay.toml",
+        untraced.path(),
+        &["output.scores=false", "evaluation.changes=[]"],
+    ));
+    let refused = plot(&[format!("x={}", untraced.path().display())]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("keeps no trace"));
+}

@@ -37,8 +37,8 @@ pub struct ChangeRecovery {
     pub settled: Option<f64>,
     /// The worst windowed metric in the segment's first half.
     pub peak: Option<f64>,
-    /// Samples from the change until the windowed metric is within [`BAND`] of `settled`
-    /// and stays there through the first half of the segment (0: it never left the band).
+    /// Samples from the change until the windowed metric, past its worst point in the first
+    /// half of the segment, is back within [`BAND`] of `settled` (0: it never left the band).
     /// None when the segment has too few trace points to tell.
     pub recovery_samples: Option<u64>,
 }
@@ -108,10 +108,19 @@ fn settle(seg: &[&TracePoint], at: u64, seg_end: u64) -> (Option<f64>, Option<f6
         .map(|p| p.model)
         .fold(f64::NEG_INFINITY, f64::max);
     let limit = settled * (1.0 + BAND);
-    let recovery = match first.iter().rposition(|p| p.model > limit) {
-        None => 0,
-        // The point after the last one outside the band (it may be the second half's first).
-        Some(i) => seg.get(i + 1).map_or(seg_end, |p| p.sample) - at,
+    // From the change to the first point after the first half's worst one that is back in
+    // the band (the segment's length if none is).
+    let worst = (first.iter().enumerate())
+        .max_by(|a, b| a.1.model.total_cmp(&b.1.model))
+        .map_or(0, |(i, _)| i);
+    let recovery = if peak <= limit {
+        0
+    } else {
+        seg[worst..]
+            .iter()
+            .find(|p| p.model <= limit)
+            .map_or(seg_end, |p| p.sample)
+            - at
     };
     (Some(settled), Some(peak), Some(recovery))
 }
@@ -168,6 +177,14 @@ mod tests {
             (1060, 60),
             "stream-wide, after the change"
         );
+        // A later wobble out of the band does not undo the recovery.
+        let wobbly = trace(|s| match s {
+            1000..1300 => 5.0,
+            1400..1420 => 1.5,
+            _ => 1.0,
+        });
+        let r = recoveries(&[mark(1000)], &wobbly, &[], 2000);
+        assert_eq!(r[0].recovery_samples, Some(300));
     }
 
     #[test]

@@ -144,22 +144,29 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         stages: times.report(),
     };
     let mut report = build_report(&cfg, &schema, &out_dir, &stage, ends);
+    let metric = match schema.task.head() {
+        crate::learner::model::Head::Regression => "MAE",
+        _ if schema.evaluation.beam_power.is_some() => "power loss (dB)",
+        _ => "1 - top-1",
+    };
+    if cfg.output.plot || !stage.trace.changes.is_empty() {
+        report.trace = Some(crate::report::TraceReport {
+            metric: metric.to_string(),
+            window: cfg.evaluation.window,
+            points: stage.trace.points.clone(),
+        });
+    }
     if cfg.output.plot {
-        let metric = match schema.task.head() {
-            crate::learner::model::Head::Regression => "MAE",
-            _ if schema.evaluation.beam_power.is_some() => "power loss (dB)",
-            _ => "1 - top-1",
-        };
-        let plot = crate::sink::metric_plot::MetricPlot {
-            title: format!(
+        let plot = crate::sink::metric_plot::MetricPlot::run(
+            format!(
                 "{}: prequential {metric} over the last {} samples, drift detections",
                 cfg.name, cfg.evaluation.window
             ),
-            metric: metric.to_string(),
-            points: &stage.trace.points,
-            events: &stage.drift.events,
-            changes: &stage.trace.changes,
-        };
+            metric.to_string(),
+            &stage.trace.points,
+            &stage.drift.events,
+            &stage.trace.changes,
+        );
         let png = crate::sink::metric_plot::write(&out_dir, &plot)?;
         report
             .outputs
@@ -323,6 +330,7 @@ fn build_report(
         models: t.learner.models(),
         models_dropped: t.learner.evicted,
         drift: crate::report::DriftReport::new(&cfg.drift, &t.drift),
+        trace: None,
         changes: crate::learner::recovery::recoveries(
             &t.trace.changes,
             &t.trace.points,
