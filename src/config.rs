@@ -708,26 +708,14 @@ max_bytes = 100000
             e.contains("telemetry.listen") && e.contains("socket address"),
             "{e}"
         );
-        let e = PipelineConfig::load(
-            &write(d.path(), GOOD),
-            &["evaluation.periods=[{name=\"test\", from=\"2013-13-01\"}]".into()],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("evaluation.periods[0].from") && e.contains("RFC 3339"),
-            "{e}"
-        );
-        let e = PipelineConfig::load(
-            &write(d.path(), GOOD),
-            &["evaluation.changes=[{name=\"test\", from=\"2013-13-01\"}]".into()],
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("evaluation.changes[0].from") && e.contains("RFC 3339"),
-            "{e}"
-        );
+        for list in ["periods", "changes"] {
+            let set = format!("evaluation.{list}=[{{name=\"test\", from=\"2013-13-01\"}}]");
+            let e = PipelineConfig::load(&write(d.path(), GOOD), &[set])
+                .unwrap_err()
+                .to_string();
+            let key = format!("evaluation.{list}[0].from");
+            assert!(e.contains(&key) && e.contains("RFC 3339"), "{e}");
+        }
         let e = PipelineConfig::load(&write(d.path(), GOOD), &["selection.trim=1.0".into()])
             .unwrap_err()
             .to_string();
