@@ -38,7 +38,8 @@ learn_one + metric), with --jobs River runs side by side.
 
 Runtime: ARF runs n_models=5 here (--n-models), not River's 10. On the beam streams (64
 classes, 71 and 79 features) ARFClassifier with 10 trees predicts and learns ~55 samples/s,
-which puts the whole comparison at ~15 min on 2 cores; with 5 it is ~10 min.
+which puts the whole comparison at ~15 min on 2 idle cores; with 5 it took 1240 CPU-s
+(~10.5 min on 2 idle cores; 18 min wall while a cargo build shared the machine).
 
 Run (not part of CI), from anywhere:
     bash benches/peers/drift_river.sh
