@@ -350,6 +350,14 @@ pub enum Reaction {
     /// Replayed rows older than `keep_recent` samples leave the buffer: they teach the old
     /// regime.
     ForgetBuffer,
+    /// Every fresh row trains for `recovery_samples` samples (keep → 1): the new regime is
+    /// what matters, and a selection tuned to the old one would drop it.
+    KeepAll,
+    /// The selection's score window starts afresh, so its threshold follows the new
+    /// regime's scores instead of the old one's.
+    ResetSelection,
+    /// Every buffered row is scored again by the current model (booked as scoring work).
+    RescoreBuffer,
 }
 
 fn default_recovery() -> u64 {

@@ -263,6 +263,8 @@ pub struct OnlineLearner {
     /// A drift reaction's learning-rate factor, until `seen` reaches `boost_until`.
     boost: f64,
     boost_until: u64,
+    /// A drift reaction's `keep_all`: every fresh row trains until `seen` reaches this.
+    keep_all_until: u64,
 }
 
 /// Good steps between snapshots of the weights a diverged learner goes back to.
@@ -298,6 +300,7 @@ impl OnlineLearner {
             good_run: 0,
             boost: 1.0,
             boost_until: 0,
+            keep_all_until: 0,
             net,
             irreducible,
             scorer: ImportanceScorer::new(method, cfg.head),
@@ -395,6 +398,9 @@ impl OnlineLearner {
             self.ledger.scoring.cpu_s += clock.lap();
         }
         let mut decision = self.selector.decide(&scored.scores[..n], &mut self.rng);
+        if self.stats.seen < self.keep_all_until {
+            decision.keep_all();
+        }
         if x_held.is_some() {
             self.hold_out(&b, &mut decision);
             self.ledger.scoring.cpu_s += clock.lap();
@@ -617,6 +623,11 @@ impl OnlineLearner {
                     let keep_from = self.stats.seen.saturating_sub(cfg.keep_recent);
                     self.buffer.forget_born_before(keep_from);
                 }
+                drift::Reaction::KeepAll => {
+                    self.keep_all_until = self.stats.seen + cfg.recovery_samples;
+                }
+                drift::Reaction::ResetSelection => self.selector.reset_window(),
+                drift::Reaction::RescoreBuffer => self.rescore_slots(self.buffer.len()),
             }
         }
     }
@@ -692,8 +703,13 @@ impl OnlineLearner {
 
     /// Re-scores the next slice of the buffer with the current model (scoring work).
     fn rescore_slice(&mut self) {
+        self.rescore_slots(self.cfg.buffer.rescore_slice);
+    }
+
+    /// Re-scores the next `n` buffered rows with the current model (scoring work).
+    fn rescore_slots(&mut self, n: usize) {
         let mut clock = Stopwatch::start();
-        let slots = self.buffer.rescore_slice(self.cfg.buffer.rescore_slice);
+        let slots = self.buffer.rescore_slice(n);
         if slots.is_empty() {
             return;
         }
@@ -834,6 +850,49 @@ mod tests {
             keys: &keys,
             times: &vec![0; n],
         })
+    }
+
+    /// The drift reactions on the learner: `keep_all` trains every fresh row for the
+    /// recovery window whatever the policy, then the policy again; `rescore_buffer` scores
+    /// every buffered row once, booked as scoring work; `reset_selection` forgets the window.
+    #[test]
+    fn keep_all_rescore_buffer_and_reset_selection_reactions() {
+        let mut l = small(
+            Backend::Fused,
+            ImportanceMethod::Exact,
+            1.0,
+            TrainingConfig::default(),
+        );
+        l.cfg.selection.warmup = 0;
+        l.cfg.selection.keep = 0.25;
+        l.cfg.selection.policy = select::PolicyKind::Random;
+        l.selector = Selector::new(l.cfg.selection.clone());
+        for t in 0..20 {
+            feed(&mut l, 8, t);
+        }
+        let trained = |o: &StepOutcome| o.trained.iter().filter(|t| **t).count();
+        let cfg = drift::DriftConfig {
+            reactions: vec![
+                drift::Reaction::KeepAll,
+                drift::Reaction::RescoreBuffer,
+                drift::Reaction::ResetSelection,
+            ],
+            recovery_samples: 80,
+            ..drift::DriftConfig::default()
+        };
+        let scoring_before = l.ledger.scoring.rows_forward;
+        let buffered = l.buffer.len() as u64;
+        assert!(buffered > 0);
+        l.react(&cfg);
+        assert_eq!(l.ledger.scoring.rows_forward - scoring_before, buffered);
+        assert_eq!(l.selector.scores_in_window(), 0, "the window starts afresh");
+        let during: usize = (0..10).map(|t| trained(&feed(&mut l, 8, 20 + t))).sum();
+        assert_eq!(during, 80, "every fresh row of the recovery window trains");
+        let after: usize = (0..10).map(|t| trained(&feed(&mut l, 8, 30 + t))).sum();
+        assert!(
+            after < 40,
+            "keep 0.25 again after the window: {after} of 80"
+        );
     }
 
     #[test]

@@ -149,6 +149,12 @@ impl Decision {
         self.selected.push(selected);
         self.weights.push(weight);
     }
+    /// Every row selected and trained with weight 1 (a drift reaction's recovery window).
+    pub fn keep_all(&mut self) {
+        self.selected.fill(true);
+        self.weights.fill(1.0);
+        self.unbiased = false;
+    }
 }
 
 /// The last `cap` scores, oldest overwritten first, with a sorted copy kept up to date so
@@ -319,6 +325,17 @@ impl Selector {
         if s.rule.kind() == self.cfg.policy {
             self.rule = s.rule;
         }
+    }
+
+    /// Scores the window holds.
+    pub fn scores_in_window(&self) -> usize {
+        self.window.len()
+    }
+
+    /// Forgets the score window (a drift reaction): the threshold re-forms from the scores
+    /// that arrive next.
+    pub fn reset_window(&mut self) {
+        self.window = ScoreWindow::new(self.cfg.window);
     }
 
     /// Multiplier of the replay ratio for the next step (`surprise` only; 1 otherwise).
