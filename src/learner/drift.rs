@@ -285,8 +285,8 @@ impl ScoreShift {
 fn ks_statistic(a: &VecDeque<f32>, b: &VecDeque<f32>) -> f64 {
     let mut x: Vec<f32> = a.iter().copied().collect();
     let mut y: Vec<f32> = b.iter().copied().collect();
-    x.sort_by(f32::total_cmp);
-    y.sort_by(f32::total_cmp);
+    x.sort_unstable_by(f32::total_cmp);
+    y.sort_unstable_by(f32::total_cmp);
     let (mut i, mut j, mut d) = (0, 0, 0f64);
     while i < x.len() && j < y.len() {
         let v = x[i].min(y[j]);

@@ -337,9 +337,12 @@ impl LearnerStage {
             self.checkpoint()?;
         }
         self.io.progress.inc(delivered);
-        self.io
-            .progress
-            .set_message(self.metrics.whole.window_text());
+        // The window's summary costs a pass over its rows: only for a bar that is drawn.
+        if !self.io.progress.is_hidden() {
+            self.io
+                .progress
+                .set_message(self.metrics.whole.window_text());
+        }
         Ok(())
     }
 
