@@ -731,5 +731,6 @@ fn the_run_plot_and_runs_side_by_side_are_drawn() {
         &["output.scores=false", "evaluation.changes=[]"],
     ));
     let refused = plot(&[format!("x={}", untraced.path().display())]);
+    assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("keeps no trace"));
 }

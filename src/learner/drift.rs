@@ -292,9 +292,7 @@ impl ScoreShift {
         }
         None
     }
-}
 
-impl ScoreShift {
     /// Rebuilds the sorted copies if they do not hold the windows (after a restore).
     fn resync(&mut self) {
         for (sorted, window) in self.sorted.iter_mut().zip([&self.recent, &self.reference]) {

@@ -416,7 +416,8 @@ impl LearnerStage {
             self.counters.last_loss = out.train_loss as f64;
         }
         let k = self.head.outputs();
-        let width = s.x.len() / s.len().max(1);
+        let width = self.features.width();
+        let traced = self.cfg.output.plot || !self.trace.changes.is_empty();
         let sinks_on = self.io.sink_tx.is_some();
         let blend = self
             .cfg
@@ -441,7 +442,6 @@ impl LearnerStage {
             self.metrics.record(seen_before + i as u64, s.times[i], obs);
             self.trace.mark(seen_before + i as u64, s.times[i]);
             let sample = seen_before + i as u64 + 1;
-            let traced = self.cfg.output.plot || !self.trace.changes.is_empty();
             if traced && self.trace.due(sample) {
                 let (model, baseline) = self.metrics.whole.window_point();
                 self.trace.record(TracePoint {
