@@ -15,12 +15,14 @@
 //!   shifts up; a shift down is the model learning, and is not signalled.
 //!
 //! Each keeps a bounded amount of state whatever the stream's length. [`DriftMonitor`] runs
-//! the three on a pipeline's stream and keeps what they found for the report; nothing
-//! reacts to a detection yet.
+//! the three on a pipeline's stream and keeps what they found for the report; the learner's
+//! reactions to a detection are [`Reaction`]s.
 
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
+
+use super::sorted;
 
 /// A detected change: the detector's statistic against its threshold when it fired.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -264,16 +266,18 @@ impl ScoreShift {
         let [sorted_recent, sorted_reference] = &mut self.sorted;
         if self.recent.len() == self.window {
             let old = self.recent.pop_front().expect("full");
-            remove_sorted(sorted_recent, old);
+            sorted::replace(sorted_recent, old, score);
             if self.reference.len() == self.window {
                 let gone = self.reference.pop_front().expect("full");
-                remove_sorted(sorted_reference, gone);
+                sorted::replace(sorted_reference, gone, old);
+            } else {
+                sorted::insert(sorted_reference, old);
             }
             self.reference.push_back(old);
-            insert_sorted(sorted_reference, old);
+        } else {
+            sorted::insert(sorted_recent, score);
         }
         self.recent.push_back(score);
-        insert_sorted(sorted_recent, score);
         self.since_check += 1;
         // Tested every quarter window, once both windows are full.
         if self.reference.len() < self.window || self.since_check < self.window / 4 {
@@ -303,17 +307,6 @@ impl ScoreShift {
             }
         }
     }
-}
-
-fn insert_sorted(v: &mut Vec<f32>, x: f32) {
-    let at = v.partition_point(|y| y.total_cmp(&x).is_lt());
-    v.insert(at, x);
-}
-
-fn remove_sorted(v: &mut Vec<f32>, x: f32) {
-    let at = v.partition_point(|y| y.total_cmp(&x).is_lt());
-    debug_assert!(v.get(at).is_some_and(|y| y.total_cmp(&x).is_eq()));
-    v.remove(at);
 }
 
 /// sup (F_a − F_b) of two samples' empirical distributions: how far `b` lies above `a`.

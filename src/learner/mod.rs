@@ -25,6 +25,7 @@ pub mod per_key;
 pub mod recovery;
 pub mod reducible;
 pub mod select;
+pub mod sorted;
 pub mod trace;
 
 use std::sync::Arc;

@@ -28,6 +28,8 @@ mod trim;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::sorted;
+
 pub use surprise::SurpriseConfig;
 
 /// The policies (see the module doc).
@@ -160,8 +162,8 @@ impl Decision {
 /// The last `cap` scores, oldest overwritten first, with a sorted copy kept up to date so
 /// that a quantile is one lookup. Why: at micro-batch 8 and a window of 2,048-4,096 a
 /// selection over a fresh copy every step was the learner's largest cost (14% of the learner
-/// core's time, `perf`); keeping the copy sorted costs two binary searches and two short
-/// memmoves per score.
+/// core's time, `perf`); keeping the copy sorted costs two binary searches and one short
+/// memmove per score ([`sorted::replace`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ScoreWindow {
     ring: Vec<f32>,
@@ -187,13 +189,11 @@ impl ScoreWindow {
         self.sync_sorted();
         if self.ring.len() < self.cap {
             self.ring.push(s);
+            sorted::insert(&mut self.sorted, s);
         } else {
             let old = std::mem::replace(&mut self.ring[self.next], s);
-            let at = self.sorted.partition_point(|v| v.total_cmp(&old).is_lt());
-            self.sorted.remove(at);
+            sorted::replace(&mut self.sorted, old, s);
         }
-        let at = self.sorted.partition_point(|v| v.total_cmp(&s).is_lt());
-        self.sorted.insert(at, s);
         self.next = (self.next + 1) % self.cap;
     }
     /// Rebuilds the sorted copy when it does not mirror the ring (after a restore).

@@ -1,0 +1,71 @@
+//! Sorted copies of sliding windows (in `f32::total_cmp` order), so that a quantile is one
+//! lookup and two windows compare in one merge. A full window replaces its oldest value by the
+//! newest in a single memmove over the span between their two positions (a third of the window
+//! on average), not a remove and an insert (the whole window): the selection and drift
+//! windows are updated once per sample.
+
+/// Inserts `x` at its place.
+pub fn insert(v: &mut Vec<f32>, x: f32) {
+    let at = position(v, x);
+    v.insert(at, x);
+}
+
+/// Replaces one occurrence of `old` (which must be there) by `new`, keeping the order.
+pub fn replace(v: &mut [f32], old: f32, new: f32) {
+    let from = position(v, old);
+    debug_assert!(v.get(from).is_some_and(|y| y.total_cmp(&old).is_eq()));
+    let to = position(v, new);
+    if to > from {
+        // Everything strictly between `old` and `new`'s place moves one step down.
+        v.copy_within(from + 1..to, from);
+        v[to - 1] = new;
+    } else {
+        v.copy_within(to..from, to + 1);
+        v[to] = new;
+    }
+}
+
+/// Removes one occurrence of `x` (which must be there).
+pub fn remove(v: &mut Vec<f32>, x: f32) {
+    let at = position(v, x);
+    debug_assert!(v.get(at).is_some_and(|y| y.total_cmp(&x).is_eq()));
+    v.remove(at);
+}
+
+/// The first index whose value is not below `x`.
+fn position(v: &[f32], x: f32) -> usize {
+    v.partition_point(|y| y.total_cmp(&x).is_lt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+    #[test]
+    fn a_sliding_window_stays_the_sorted_copy_of_its_values() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let mut ring = std::collections::VecDeque::new();
+        let mut sorted = Vec::new();
+        for i in 0..5000 {
+            // Few distinct values, so that duplicates and equal old/new values are exercised.
+            let x =
+                f32::from(rng.random_range(0u8..40)) * 0.5 - if i % 97 == 0 { 0.0 } else { 3.0 };
+            if ring.len() == 64 {
+                let old = ring.pop_front().unwrap();
+                replace(&mut sorted, old, x);
+            } else {
+                insert(&mut sorted, x);
+            }
+            ring.push_back(x);
+            let mut want: Vec<f32> = ring.iter().copied().collect();
+            want.sort_unstable_by(f32::total_cmp);
+            assert_eq!(sorted, want, "after {i} values");
+        }
+        let old = ring.pop_front().unwrap();
+        remove(&mut sorted, old);
+        let mut want: Vec<f32> = ring.iter().copied().collect();
+        want.sort_unstable_by(f32::total_cmp);
+        assert_eq!(sorted, want);
+    }
+}
