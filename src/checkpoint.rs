@@ -97,7 +97,8 @@ pub struct Checkpoint {
 /// 02: compute ledger, selection policies, evaluation periods.
 /// 03: non-finite predictions and steps counted (metrics, learner stats).
 /// 04: classification baselines and label history, encodings, per-key models.
-const MAGIC: &[u8; 8] = b"GSCKPT04";
+/// 05: the score-shift detector keeps one history (a seasonal reference).
+const MAGIC: &[u8; 8] = b"GSCKPT05";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {
@@ -172,7 +173,7 @@ mod tests {
         let mut cut = frame(MAGIC, &payload);
         cut.truncate(cut.len() - 5);
         assert!(err(cut).contains("damaged"));
-        assert!(err(frame(b"GSCKPT03", &payload)).contains("another gradsift version"));
+        assert!(err(frame(b"GSCKPT04", &payload)).contains("another gradsift version"));
         assert!(err(b"hello".to_vec()).contains("not a gradsift checkpoint"));
         // A sound frame around a payload of another shape: named, not a panic.
         assert!(err(frame(MAGIC, &payload)).contains("another version"));

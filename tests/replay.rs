@@ -581,7 +581,7 @@ fn an_absurd_value_is_dead_lettered_and_does_not_ruin_the_model() {
 /// 500 samples of each; on the bundled Milan square (no site change, no injected drift) the
 /// loss detectors stay quiet.
 #[test]
-fn the_drift_detectors_find_the_site_changes_and_keep_quiet_on_milan() {
+fn the_drift_detectors_find_the_site_changes_and_keep_quiet_on_milan_until_christmas() {
     common::shared_data();
     let run = |pipe: &str| {
         let out = tempfile::tempdir().unwrap();
@@ -625,6 +625,19 @@ fn the_drift_detectors_find_the_site_changes_and_keep_quiet_on_milan() {
         "{:?}",
         milan.drift.events
     );
+    // The score test against the same week one season earlier: no alarm from the weekly
+    // cycle before Christmas, and Christmas found.
+    let christmas = &milan.changes[0];
+    let at = christmas.at.expect("Christmas is in the archive");
+    let early: Vec<_> = milan
+        .drift
+        .events
+        .iter()
+        .filter(|e| e.sample < at)
+        .collect();
+    assert!(early.is_empty(), "alarms before Christmas: {early:?}");
+    let d = christmas.first_detection.as_ref().expect("Christmas found");
+    assert!(d.delay < 1008, "within a week: {christmas:?}");
 }
 
 /// An injected change (`[source.inject]`: DeepSense scenario 1 with the UE longitude

@@ -228,17 +228,23 @@ impl PageHinkley {
 }
 
 /// The two-sample Kolmogorov-Smirnov test of the importance scores (see the module doc).
+/// The reference is the `window` scores `lag` samples before the recent ones: the window just
+/// before (`lag = window`), or the same stretch one season earlier (`lag` = the season, such
+/// as a week of 10-minute slots), so that a stream's daily or weekly cycle is not a change.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScoreShift {
     window: usize,
+    lag: usize,
     /// Critical value of the KS statistic for two samples of `window` (α from `c_alpha`).
     critical: f64,
-    recent: VecDeque<f32>,
-    reference: VecDeque<f32>,
+    /// The last `lag + window` scores: the reference is the oldest `window`, the recent
+    /// window the newest.
+    history: VecDeque<f32>,
     since_check: usize,
     /// Both windows kept sorted as scores come and go, so a test is one merge instead of
     /// two sorts (the sorts were most of the detectors' cost, about 11% of a Milan run's
-    /// throughput). Not checkpointed: rebuilt from the windows when they disagree.
+    /// throughput). Not checkpointed: rebuilt from the history when it is full and they
+    /// are not.
     #[serde(skip)]
     sorted: [Vec<f32>; 2],
 }
@@ -246,13 +252,16 @@ pub struct ScoreShift {
 impl ScoreShift {
     /// `c_alpha` = sqrt(−ln(α) / 2) for the one-sided test: 1.22 for α = 0.05, 1.52 for
     /// 0.01, 1.86 for 0.001.
-    pub fn new(window: usize, c_alpha: f64) -> Self {
+    /// `season`: 0 for the window just before, else the lag of the reference (at least
+    /// `window`).
+    pub fn new(window: usize, c_alpha: f64, season: usize) -> Self {
         let window = window.max(16);
+        let lag = season.max(window);
         ScoreShift {
             window,
+            lag,
             critical: c_alpha * (2.0 / window as f64).sqrt(),
-            recent: VecDeque::with_capacity(window),
-            reference: VecDeque::with_capacity(window),
+            history: VecDeque::with_capacity(lag + window),
             since_check: 0,
             sorted: [Vec::with_capacity(window), Vec::with_capacity(window)],
         }
@@ -262,33 +271,30 @@ impl ScoreShift {
         if !score.is_finite() {
             return None;
         }
-        self.resync();
-        let [sorted_recent, sorted_reference] = &mut self.sorted;
-        if self.recent.len() == self.window {
-            let old = self.recent.pop_front().expect("full");
-            sorted::replace(sorted_recent, old, score);
-            if self.reference.len() == self.window {
-                let gone = self.reference.pop_front().expect("full");
-                sorted::replace(sorted_reference, gone, old);
-            } else {
-                sorted::insert(sorted_reference, old);
-            }
-            self.reference.push_back(old);
-        } else {
-            sorted::insert(sorted_recent, score);
+        let (w, full) = (self.window, self.lag + self.window);
+        if self.history.len() == full {
+            self.resync();
+            let [recent, reference] = &mut self.sorted;
+            // Leaving: the oldest score (the reference's) and the recent window's oldest;
+            // entering: the score after the reference's end, and the new one.
+            let gone = self.history.pop_front().expect("full");
+            sorted::replace(reference, gone, self.history[w - 1]);
+            sorted::replace(recent, self.history[self.lag - 1], score);
         }
-        self.recent.push_back(score);
+        self.history.push_back(score);
         self.since_check += 1;
-        // Tested every quarter window, once both windows are full.
-        if self.reference.len() < self.window || self.since_check < self.window / 4 {
+        // Tested every quarter window, once the history spans both windows.
+        if self.history.len() < full || self.since_check < w / 4 {
             return None;
         }
+        self.resync();
         self.since_check = 0;
         let d = ks_sorted(&self.sorted[1], &self.sorted[0]);
         if d > self.critical {
-            // The new scores become the reference.
-            self.reference.clear();
-            self.sorted[1].clear();
+            // The new scores start the next reference: the test waits until the history
+            // after them spans a lag again.
+            self.history.drain(..full - w);
+            self.sorted = [Vec::new(), Vec::new()];
             return Some(Drift {
                 statistic: d,
                 threshold: self.critical,
@@ -297,13 +303,25 @@ impl ScoreShift {
         None
     }
 
-    /// Rebuilds the sorted copies if they do not hold the windows (after a restore).
+    /// The recent window and the reference, as slices of the full history.
+    fn windows(&self) -> [Vec<f32>; 2] {
+        let n = self.history.len();
+        let part = |from: usize| {
+            self.history
+                .range(from..from + self.window)
+                .copied()
+                .collect()
+        };
+        [part(n - self.window), part(0)]
+    }
+
+    /// Builds the sorted copies if the full history has none (after a restore or a
+    /// detection).
     fn resync(&mut self) {
-        for (sorted, window) in self.sorted.iter_mut().zip([&self.recent, &self.reference]) {
-            if sorted.len() != window.len() {
-                sorted.clear();
-                sorted.extend(window.iter().copied());
-                sorted.sort_unstable_by(f32::total_cmp);
+        if self.sorted[0].len() != self.window {
+            self.sorted = self.windows();
+            for s in &mut self.sorted {
+                s.sort_unstable_by(f32::total_cmp);
             }
         }
     }
@@ -355,6 +373,11 @@ pub struct DriftConfig {
     pub score_window: usize,
     #[serde(default = "default_c_alpha")]
     pub score_c_alpha: f64,
+    /// The stream's season in samples (a week of 10-minute slots: 1,008): the score test
+    /// compares the recent window with the same stretch one season earlier, so the cycle
+    /// itself raises no alarm. 0 (default): with the window just before.
+    #[serde(default)]
+    pub score_season: usize,
     /// What the learner does when a loss detector (ADWIN, Page-Hinkley) fires; none by
     /// default. At most one reaction per `recovery_samples`.
     #[serde(default)]
@@ -432,6 +455,7 @@ impl Default for DriftConfig {
             page_hinkley_threshold: default_ph_threshold(),
             score_window: default_score_window(),
             score_c_alpha: default_c_alpha(),
+            score_season: 0,
             reactions: Vec::new(),
             recovery_samples: default_recovery(),
             lr_boost: default_lr_boost(),
@@ -460,6 +484,12 @@ impl DriftConfig {
             return Err((
                 "drift.score_window",
                 "at least 16 scores (score_c_alpha > 0)",
+            ));
+        }
+        if self.score_season != 0 && !(self.score_window..=1 << 20).contains(&self.score_season) {
+            return Err((
+                "drift.score_season",
+                "0, or a season of score_window to 1,048,576 samples",
             ));
         }
         Ok(())
@@ -545,7 +575,7 @@ impl DriftMonitor {
         DriftMonitor {
             adwin: Adwin::new(cfg.adwin_delta),
             ph: PageHinkley::new(cfg.page_hinkley_delta, cfg.page_hinkley_threshold),
-            scores: ScoreShift::new(cfg.score_window, cfg.score_c_alpha),
+            scores: ScoreShift::new(cfg.score_window, cfg.score_c_alpha, cfg.score_season),
             events: Vec::new(),
             counts: [0; 3],
             key_counts: [0; 2],
@@ -772,15 +802,16 @@ mod tests {
     #[test]
     fn the_score_test_keeps_its_windows_sorted_and_survives_a_restore() {
         let mut rng = SmallRng::seed_from_u64(9);
-        let mut s = ScoreShift::new(64, 1.95);
+        let mut s = ScoreShift::new(64, 1.95, 0);
         let mut fired = 0;
         for i in 0..3_000 {
             let shift = if i < 1_500 { 0.0 } else { 3.0 };
             fired += s.update(rng.random_range(0.0..1.0f32) + shift).is_some() as u32;
-            for (sorted, window) in s.sorted.iter().zip([&s.recent, &s.reference]) {
-                let mut want: Vec<f32> = window.iter().copied().collect();
-                want.sort_unstable_by(f32::total_cmp);
-                assert_eq!(sorted, &want, "sample {i}");
+            if s.history.len() == 64 + 64 && !s.sorted[0].is_empty() {
+                for (sorted, mut want) in s.sorted.iter().zip(s.windows()) {
+                    want.sort_unstable_by(f32::total_cmp);
+                    assert_eq!(sorted, &want, "sample {i}");
+                }
             }
         }
         assert!(fired >= 1);
@@ -798,10 +829,51 @@ mod tests {
         assert_eq!(s.sorted, back.sorted);
     }
 
+    /// A stream with a cycle (scores high for a quarter of each 400-sample period): compared
+    /// with the window just before, every rise of the cycle is an alarm; compared with the
+    /// same stretch one period earlier, none is, and a real rise is still found quickly.
+    #[test]
+    fn a_seasonal_reference_ignores_the_cycle_and_finds_a_change() {
+        let cycle = |i: usize, rng: &mut SmallRng| {
+            let busy = (i % 400) < 100;
+            rng.random_range(0.0..1.0f32) + if busy { 2.0 } else { 0.0 }
+        };
+        let run = |season: usize| {
+            let mut rng = SmallRng::seed_from_u64(3);
+            let mut s = ScoreShift::new(64, 1.95, season);
+            let (mut before, mut first_after) = (0, None);
+            for i in 0..12_000 {
+                let x = cycle(i, &mut rng) + if i >= 10_000 { 0.5 } else { 0.0 };
+                if s.update(x).is_some() {
+                    if i < 10_000 {
+                        before += 1;
+                    } else {
+                        first_after.get_or_insert(i - 10_000);
+                    }
+                }
+            }
+            (before, first_after)
+        };
+        let (adjacent, _) = run(0);
+        assert!(
+            adjacent >= 20,
+            "the cycle alarms the adjacent test: {adjacent}"
+        );
+        let (seasonal, found) = run(400);
+        assert_eq!(seasonal, 0, "no alarm from the cycle");
+        assert!(found.expect("the rise is found") < 500, "{found:?}");
+        let cfg = |season| DriftConfig {
+            score_season: season,
+            ..DriftConfig::default()
+        };
+        assert!(cfg(1008).check().is_ok() && cfg(0).check().is_ok());
+        assert_eq!(cfg(100).check().unwrap_err().0, "drift.score_season");
+    }
+
     #[test]
     fn the_score_test_finds_a_shifted_distribution_not_a_stable_one() {
         for seed in 0..5 {
-            let mut s = ScoreShift::new(256, 1.95);
+            let mut s = ScoreShift::new(256, 1.95, 0);
             let (delay, false_alarms) =
                 detect(|x| s.update(x as f32), 10_000, 12_000, (1.0, 1.2), seed);
             assert!(delay.expect("found") < 500, "seed {seed}");
@@ -813,7 +885,7 @@ mod tests {
         );
         assert!((ks_statistic(&a, &b) - 0.5).abs() < 1e-12, "b lies above a");
         assert_eq!(ks_statistic(&b, &a), 0.0, "a lies below b: no rise");
-        let mut s = ScoreShift::new(256, 1.95);
+        let mut s = ScoreShift::new(256, 1.95, 0);
         let (fall, _) = detect(|x| s.update(x as f32), 10_000, 12_000, (1.2, 1.0), 1);
         assert_eq!(fall, None, "falling scores are the model learning");
     }
