@@ -656,6 +656,8 @@ max_bytes = 100000
 
         for (set, key) in [
             ("drift.adwin_delta=2.0", "drift.adwin_delta"),
+            ("drift.recent_half_life=0.5", "drift.recent_half_life"),
+            ("drift.score_season=100", "drift.score_season"),
             ("training.steps_per_batch=0", "training.steps_per_batch"),
             ("model.blend={mode=\"schedule\", n0=0.0}", "model.blend"),
         ] {

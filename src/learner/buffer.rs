@@ -369,6 +369,38 @@ impl ReplayBuffer {
             .unzip()
     }
 
+    /// `n` slots drawn with weight 2^(−age / `half_life`), age = `now` − admission, and
+    /// loss weights of 1: a deliberate bias toward the rows admitted since a change (the
+    /// `replay_recent` drift reaction), which leaves the older rows in the buffer.
+    pub fn sample_recent(
+        &self,
+        n: usize,
+        half_life: f64,
+        now: u64,
+        rng: &mut impl Rng,
+    ) -> (Vec<usize>, Vec<f32>) {
+        if self.len == 0 || n == 0 {
+            return (Vec::new(), Vec::new());
+        }
+        let rate = std::f64::consts::LN_2 / half_life.max(1e-9);
+        let mut slots = Vec::with_capacity(self.len);
+        let mut cum = Vec::with_capacity(self.len);
+        let mut total = 0.0;
+        for (i, e) in self.slots.iter().enumerate() {
+            if let Some(e) = e {
+                // The youngest entry has age ≥ 0, so every weight is at most 1.
+                total += (-(now.saturating_sub(e.born) as f64) * rate).exp();
+                slots.push(i);
+                cum.push(total);
+            }
+        }
+        let draw = |rng: &mut _| {
+            let u = Rng::random::<f64>(rng) * total;
+            slots[cum.partition_point(|c| *c <= u).min(slots.len() - 1)]
+        };
+        ((0..n).map(|_| draw(rng)).collect(), vec![1.0; n])
+    }
+
     /// The next `n` live slots in a rotating sweep (for periodic re-scoring).
     pub fn rescore_slice(&mut self, n: usize) -> Vec<usize> {
         let mut out = Vec::with_capacity(n.min(self.len));
@@ -472,6 +504,29 @@ mod tests {
             born.sort();
             assert_eq!(born, (10..20).collect::<Vec<_>>(), "{policy:?}");
         }
+    }
+
+    /// Weight 2^(−age/h): with ages 0-999 and h = 100, half the draws are younger than 100
+    /// (the rest of the geometric tail beyond 1,000 is 2^-10), none is missing, and the
+    /// loss weights are 1.
+    #[test]
+    fn recent_replay_halves_the_weight_every_half_life() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 1000, 1 << 24));
+        for i in 0..1000 {
+            b.offer(entry(1.0, i, "k"), &mut rng);
+        }
+        let (slots, w) = b.sample_recent(20_000, 100.0, 1000, &mut rng);
+        let ages: Vec<u64> = slots
+            .iter()
+            .map(|s| 1000 - b.get(*s).unwrap().born)
+            .collect();
+        let young = ages.iter().filter(|a| **a <= 100).count() as f64 / ages.len() as f64;
+        assert!((young - 0.5).abs() < 0.02, "{young}");
+        let old = ages.iter().filter(|a| **a > 500).count() as f64 / ages.len() as f64;
+        assert!((old - 1.0 / 32.0).abs() < 0.01, "{old}");
+        assert!(w.iter().all(|v| *v == 1.0));
+        assert_eq!(b.len(), 1000, "nothing leaves the buffer");
     }
 
     #[test]

@@ -390,6 +390,9 @@ pub struct DriftConfig {
     /// `forget_buffer`: replayed rows younger than this many samples are kept.
     #[serde(default = "default_keep_recent")]
     pub keep_recent: u64,
+    /// `replay_recent`: the age, in samples, at which a row's replay weight halves.
+    #[serde(default = "default_recent_half_life")]
+    pub recent_half_life: f64,
     /// ADWIN and Page-Hinkley per key as well (a site that changes among stable ones), kept
     /// with the key's features: at most `features.max_keys` sets.
     #[serde(default)]
@@ -415,6 +418,10 @@ pub enum Reaction {
     ResetSelection,
     /// Every buffered row is scored again by the current model (booked as scoring work).
     RescoreBuffer,
+    /// For `recovery_samples` samples, replayed rows are drawn with weight
+    /// 2^(−age / `recent_half_life`): the new regime is replayed most, and the old rows stay
+    /// in the buffer (unlike `forget_buffer`) in case the change passes.
+    ReplayRecent,
 }
 
 fn default_recovery() -> u64 {
@@ -425,6 +432,9 @@ fn default_lr_boost() -> f64 {
 }
 fn default_keep_recent() -> u64 {
     128
+}
+fn default_recent_half_life() -> f64 {
+    128.0
 }
 
 fn yes() -> bool {
@@ -460,6 +470,7 @@ impl Default for DriftConfig {
             recovery_samples: default_recovery(),
             lr_boost: default_lr_boost(),
             keep_recent: default_keep_recent(),
+            recent_half_life: default_recent_half_life(),
             per_key: false,
         }
     }
@@ -476,6 +487,9 @@ impl DriftConfig {
                 "drift.page_hinkley_threshold",
                 "a positive level (delta ≥ 0)",
             ));
+        }
+        if !(self.recent_half_life >= 1.0 && self.recent_half_life <= 1e9) {
+            return Err(("drift.recent_half_life", "a half-life of 1 to 1e9 samples"));
         }
         if !(self.lr_boost > 0.0 && self.lr_boost <= 100.0) {
             return Err(("drift.lr_boost", "a factor in (0, 100]"));

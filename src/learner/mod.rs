@@ -266,6 +266,10 @@ pub struct OnlineLearner {
     boost_until: u64,
     /// A drift reaction's `keep_all`: every fresh row trains until `seen` reaches this.
     keep_all_until: u64,
+    /// A drift reaction's recency-weighted replay (half-life in samples), until `seen`
+    /// reaches `recent_until`.
+    recent_until: u64,
+    recent_half_life: f64,
 }
 
 /// Good steps between snapshots of the weights a diverged learner goes back to.
@@ -302,6 +306,8 @@ impl OnlineLearner {
             boost: 1.0,
             boost_until: 0,
             keep_all_until: 0,
+            recent_until: 0,
+            recent_half_life: 1.0,
             net,
             irreducible,
             scorer: ImportanceScorer::new(method, cfg.head),
@@ -383,7 +389,7 @@ impl OnlineLearner {
             let per = |r: f64| (r * n as f64).round() as usize;
             (per(ratio), per(self.cfg.reference_replay_ratio))
         };
-        let (replay, replay_w) = self.buffer.sample(replay_n, &mut self.rng);
+        let (replay, replay_w) = self.draw_replay(replay_n);
         let r = replay.len();
         let mut x = Vec::with_capacity((n + r) * self.cfg.inputs);
         x.extend_from_slice(b.x);
@@ -590,7 +596,7 @@ impl OnlineLearner {
     ) {
         let mut clock = Stopwatch::start();
         let dim = self.cfg.inputs;
-        let (replay, replay_w) = self.buffer.sample(replay_n, &mut self.rng);
+        let (replay, replay_w) = self.draw_replay(replay_n);
         let (mut x, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
         for (i, &wi) in d.weights.iter().enumerate() {
             if wi > 0.0 {
@@ -606,6 +612,18 @@ impl OnlineLearner {
         self.train(&w);
         self.stats.trained_replay += replay.len() as u64;
         self.ledger.training.cpu_s += clock.lap();
+    }
+
+    /// `n` replayed rows and their loss weights: as the buffer samples them, or, while a
+    /// `replay_recent` reaction lasts, favouring the rows admitted since the change.
+    fn draw_replay(&mut self, n: usize) -> (Vec<usize>, Vec<f32>) {
+        if self.stats.seen < self.recent_until {
+            let h = self.recent_half_life;
+            self.buffer
+                .sample_recent(n, h, self.stats.seen, &mut self.rng)
+        } else {
+            self.buffer.sample(n, &mut self.rng)
+        }
     }
 
     /// Reacts to a detected change (see [`drift::Reaction`]).
@@ -626,6 +644,10 @@ impl OnlineLearner {
                 }
                 drift::Reaction::KeepAll => {
                     self.keep_all_until = self.stats.seen + cfg.recovery_samples;
+                }
+                drift::Reaction::ReplayRecent => {
+                    self.recent_until = self.stats.seen + cfg.recovery_samples;
+                    self.recent_half_life = cfg.recent_half_life;
                 }
                 drift::Reaction::ResetSelection => self.selector.reset_window(),
                 drift::Reaction::RescoreBuffer => self.rescore_slots(self.buffer.len()),
@@ -894,6 +916,48 @@ mod tests {
             after < 40,
             "keep 0.25 again after the window: {after} of 80"
         );
+    }
+
+    /// `replay_recent`: for the recovery window the replayed rows are mostly the newest, then
+    /// uniform over the buffer again; no row left it.
+    #[test]
+    fn replay_recent_favours_the_rows_since_the_change_for_a_while() {
+        let mut l = small(
+            Backend::Fused,
+            ImportanceMethod::Loss,
+            1.0,
+            TrainingConfig::default(),
+        );
+        l.buffer = ReplayBuffer::new(BufferConfig {
+            capacity: 512,
+            ..l.cfg.buffer.clone()
+        });
+        for t in 0..64 {
+            feed(&mut l, 8, t);
+        }
+        let mean_age = |l: &mut OnlineLearner| {
+            let (slots, _) = l.draw_replay(4000);
+            let age = |s: &usize| (l.stats.seen - l.buffer.get(*s).unwrap().born) as f64;
+            slots.iter().map(age).sum::<f64>() / slots.len() as f64
+        };
+        let uniform = mean_age(&mut l);
+        assert!(uniform > 200.0, "{uniform}: ages 1-512");
+        let cfg = drift::DriftConfig {
+            reactions: vec![drift::Reaction::ReplayRecent],
+            recovery_samples: 80,
+            recent_half_life: 32.0,
+            ..drift::DriftConfig::default()
+        };
+        let len = l.buffer.len();
+        l.react(&cfg);
+        let recent = mean_age(&mut l);
+        assert!(recent < 60.0, "{recent}: half-life 32");
+        assert_eq!(l.buffer.len(), len);
+        for t in 64..74 {
+            feed(&mut l, 8, t);
+        }
+        let after = mean_age(&mut l);
+        assert!(after > 200.0, "uniform again after the window: {after}");
     }
 
     #[test]
