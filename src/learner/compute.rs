@@ -108,6 +108,15 @@ pub struct ComputeReport {
 }
 
 impl ComputeLedger {
+    /// CPU seconds of inference, scoring and training.
+    fn cpu_parts(&self) -> [f64; 3] {
+        [
+            self.inference.cpu_s,
+            self.scoring.cpu_s,
+            self.training.cpu_s,
+        ]
+    }
+
     pub fn add(&mut self, o: &ComputeLedger) {
         self.inference.add(&o.inference);
         self.scoring.add(&o.scoring);
@@ -157,26 +166,88 @@ fn saved(used: f64, reference: f64) -> f64 {
     }
 }
 
-/// Thread CPU time since the last call, in seconds: the learner's stopwatch for splitting
-/// a step's cost between buckets.
-pub struct Stopwatch(cpu_time::ThreadTime);
+/// A stretch of the learner's work whose thread CPU time is split between the ledger's
+/// buckets. The thread CPU clock is a system call (a few tenths of a microsecond in this VM;
+/// read at every lap it cost about as much as the Adam update of a micro-batch), so it is read
+/// twice: at [`Stopwatch::start`] and at [`Stopwatch::settle`]. Laps in between are timed
+/// with the monotonic clock (a vDSO read, tens of nanoseconds) and booked as they come; the
+/// settle scales this stretch's bookings so that they sum to its CPU time.
+pub struct Stopwatch {
+    cpu: cpu_time::ThreadTime,
+    last: std::time::Instant,
+    before: [f64; 3],
+}
 
 impl Stopwatch {
-    pub fn start() -> Self {
-        Stopwatch(cpu_time::ThreadTime::now())
+    pub fn start(ledger: &ComputeLedger) -> Self {
+        Stopwatch {
+            cpu: cpu_time::ThreadTime::now(),
+            last: std::time::Instant::now(),
+            before: ledger.cpu_parts(),
+        }
     }
-    /// Seconds since the start or the last lap.
+
+    /// Wall seconds since the start or the last lap, to book into a bucket.
     pub fn lap(&mut self) -> f64 {
-        let now = cpu_time::ThreadTime::now();
-        let d = now.duration_since(self.0).as_secs_f64();
-        self.0 = now;
+        let now = std::time::Instant::now();
+        let d = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
         d
+    }
+
+    /// Scales what was booked since the start to the stretch's thread CPU time.
+    pub fn settle(self, ledger: &mut ComputeLedger) {
+        let cpu = self.cpu.elapsed().as_secs_f64();
+        let now = ledger.cpu_parts();
+        let booked: f64 = now.iter().zip(&self.before).map(|(n, b)| n - b).sum();
+        if booked > 0.0 {
+            let f = cpu / booked;
+            let parts = [
+                &mut ledger.inference.cpu_s,
+                &mut ledger.scoring.cpu_s,
+                &mut ledger.training.cpu_s,
+            ];
+            for ((p, n), b) in parts.into_iter().zip(now).zip(self.before) {
+                *p = b + (n - b) * f;
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stretch's bookings are scaled to its thread CPU time: the laps keep their shares,
+    /// and time spent asleep (wall time without CPU) is not counted as work.
+    #[test]
+    fn a_stopwatch_books_its_thread_cpu_time_in_the_laps_shares() {
+        let spin = |d: std::time::Duration| {
+            let t = std::time::Instant::now();
+            let mut x = 0u64;
+            while t.elapsed() < d {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        };
+        let mut l = ComputeLedger::default();
+        l.training.cpu_s = 1.0;
+        let cpu0 = cpu_time::ThreadTime::now();
+        let mut clock = Stopwatch::start(&l);
+        spin(std::time::Duration::from_millis(20));
+        l.inference.cpu_s += clock.lap();
+        spin(std::time::Duration::from_millis(60));
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        l.training.cpu_s += clock.lap();
+        clock.settle(&mut l);
+        let cpu = cpu0.elapsed().as_secs_f64();
+        let booked = l.inference.cpu_s + l.training.cpu_s - 1.0;
+        assert!((booked - cpu).abs() < 0.002, "{booked} booked, {cpu} spent");
+        assert!(booked < 0.1, "the sleep is not work: {booked}");
+        // Shares of the wall laps (20 of 120 ms): preemption on a busy machine moves them.
+        let share = l.inference.cpu_s / booked;
+        assert!((0.05..0.4).contains(&share), "{share}: {l:?}");
+        assert_eq!(l.scoring.cpu_s, 0.0);
+    }
 
     #[test]
     fn flops_follow_the_layer_widths() {

@@ -381,7 +381,7 @@ impl OnlineLearner {
         if n == 0 {
             return StepOutcome::default();
         }
-        let mut clock = Stopwatch::start();
+        let mut clock = Stopwatch::start(&self.ledger);
         let ratio = self.cfg.buffer.replay_ratio * self.selector.replay_scale();
         let (replay_n, reference_n) = if self.buffer.is_empty() {
             (0, 0)
@@ -461,6 +461,7 @@ impl OnlineLearner {
         self.stats.trained_fresh += trained_fresh as u64;
         self.stats.trained_replay += r as u64 * (trained_rows > 0) as u64;
         self.ledger.training.cpu_s += clock.lap();
+        clock.settle(&mut self.ledger);
 
         let every = self.cfg.buffer.rescore_every;
         if every > 0 && trained_rows > 0 && self.stats.steps.is_multiple_of(every) {
@@ -585,7 +586,8 @@ impl OnlineLearner {
 
     /// A further optimiser step of this micro-batch: its trained fresh rows with their
     /// weights, and a new draw of `replay_n` replayed rows; losses over `denom` as in the
-    /// first step. Forward-only scoring: only the trained rows are back-propagated.
+    /// first step. Forward-only scoring: only the trained rows are back-propagated. Its CPU
+    /// time is in the micro-batch's last lap (training).
     fn further_step(
         &mut self,
         fx: &[f32],
@@ -594,7 +596,6 @@ impl OnlineLearner {
         replay_n: usize,
         denom: f32,
     ) {
-        let mut clock = Stopwatch::start();
         let dim = self.cfg.inputs;
         let (replay, replay_w) = self.draw_replay(replay_n);
         let (mut x, mut y, mut w) = (Vec::new(), Vec::new(), Vec::new());
@@ -611,7 +612,6 @@ impl OnlineLearner {
         self.net.score(&self.step_scorer, x, &y, &mut self.rng);
         self.train(&w);
         self.stats.trained_replay += replay.len() as u64;
-        self.ledger.training.cpu_s += clock.lap();
     }
 
     /// `n` replayed rows and their loss weights: as the buffer samples them, or, while a
@@ -686,7 +686,7 @@ impl OnlineLearner {
     /// normalised to sum to one. Returns each row's score from this very pass, which costs
     /// nothing extra: the ghost norm of the training backward, or the proxy of its forward.
     pub fn fit_rows(&mut self, x: Vec<f32>, y: &[f32], w: &[f32]) -> Vec<f32> {
-        let mut clock = Stopwatch::start();
+        let mut clock = Stopwatch::start(&self.ledger);
         let n = y.len() as u64;
         let scored = self.net.score(&self.scorer, x, y, &mut self.rng);
         let total = w.iter().map(|v| *v as f64).sum::<f64>().max(1e-30);
@@ -697,15 +697,17 @@ impl OnlineLearner {
         }
         self.train(&w);
         self.ledger.training.cpu_s += clock.lap();
+        clock.settle(&mut self.ledger);
         scored.scores
     }
 
     /// Model outputs of `n` rows, forward only (evaluation work, booked as inference).
     pub fn predict(&mut self, x: Vec<f32>, n: usize) -> Vec<f32> {
-        let mut clock = Stopwatch::start();
+        let mut clock = Stopwatch::start(&self.ledger);
         let out = self.net.predict(x, n);
         self.ledger.inference.rows_forward += n as u64;
         self.ledger.inference.cpu_s += clock.lap();
+        clock.settle(&mut self.ledger);
         out
     }
 
@@ -731,7 +733,7 @@ impl OnlineLearner {
 
     /// Re-scores the next `n` buffered rows with the current model (scoring work).
     fn rescore_slots(&mut self, n: usize) {
-        let mut clock = Stopwatch::start();
+        let mut clock = Stopwatch::start(&self.ledger);
         let slots = self.buffer.rescore_slice(n);
         if slots.is_empty() {
             return;
@@ -748,6 +750,7 @@ impl OnlineLearner {
             self.buffer.rescore(*slot, s, self.stats.steps);
         }
         self.ledger.scoring.cpu_s += clock.lap();
+        clock.settle(&mut self.ledger);
     }
 }
 
