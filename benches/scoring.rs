@@ -332,28 +332,55 @@ fn decode_features(c: &mut Criterion) {
 }
 
 /// The neighbour memory of the classification baselines and the 5-NN blend: one query
-/// (5 nearest of 4,096 two-dimensional positions, as beam pipelines hold) per sample, to set
-/// beside `learner_core` per sample.
+/// (5 nearest among 4,096 or 16,384 two-dimensional positions; beam pipelines hold 4,096)
+/// per sample, through the k-d trees and by the reference scan, to set beside
+/// `learner_core` per sample. The positions are the bench data's first two columns, a
+/// quarter of them snapped to a coarse lattice (many equal coordinates, as parked vehicles
+/// give).
 fn knn_memory(c: &mut Criterion) {
     use gradsift::learner::knn::KnnMemory;
-    let mut m = KnnMemory::new(2, 4096);
-    let (x, _) = data(4096 + 256, 9);
-    for (i, p) in x.chunks(16).take(4096).enumerate() {
-        m.insert(&p[..2], (i % 64) as u16, 0);
-    }
-    let queries: Vec<[f32; 2]> = x.chunks(16).skip(4096).map(|p| [p[0], p[1]]).collect();
     let mut g = c.benchmark_group("knn_memory");
-    g.throughput(Throughput::Elements(queries.len() as u64));
-    g.bench_function("nearest5_of_4096", |b| {
-        let mut out = [(0f32, 0u16); 5];
-        b.iter(|| {
-            let mut found = 0;
-            for q in &queries {
-                found += m.nearest(q, 0, &mut out);
-            }
-            found
-        })
-    });
+    for n in [4096usize, 16384] {
+        let mut m = KnnMemory::new(2, n);
+        let (x, _) = data(n + 256, 9);
+        let snap = |i: usize, v: f32| if i.is_multiple_of(4) { v.round() } else { v };
+        for (i, p) in x.chunks(16).take(n).enumerate() {
+            m.insert(&[snap(i, p[0]), snap(i, p[1])], (i % 64) as u16, 0);
+        }
+        let queries: Vec<[f32; 2]> = x.chunks(16).skip(n).map(|p| [p[0], p[1]]).collect();
+        g.throughput(Throughput::Elements(queries.len() as u64));
+        g.bench_function(format!("nearest5_of_{n}_tree"), |b| {
+            let mut out = [(0f32, 0u16); 5];
+            b.iter(|| {
+                queries
+                    .iter()
+                    .map(|q| m.nearest(q, 0, &mut out))
+                    .sum::<usize>()
+            })
+        });
+        g.bench_function(format!("nearest5_of_{n}_scan"), |b| {
+            let mut out = [(0f32, 0u16); 5];
+            b.iter(|| {
+                queries
+                    .iter()
+                    .map(|q| m.scan_nearest(q, 0, &mut out))
+                    .sum::<usize>()
+            })
+        });
+        // A sample's whole cost: its query, then its own point in (the ring overwrites the
+        // oldest; the trees are rebuilt as they wear).
+        g.bench_function(format!("query_and_insert_{n}_tree"), |b| {
+            let mut out = [(0f32, 0u16); 5];
+            b.iter(|| {
+                let mut found = 0;
+                for (i, q) in queries.iter().enumerate() {
+                    found += m.nearest(q, 0, &mut out);
+                    m.insert(&[snap(i, q[0]), snap(i, q[1])], (i % 64) as u16, 0);
+                }
+                found
+            })
+        });
+    }
     g.finish();
 }
 

@@ -2,16 +2,19 @@
 //!
 //! Beam selection is a map from position to beam: the classes of the nearest past positions
 //! are a strong vote, strongest at a cold start when the model has seen little. This memory
-//! backs the online k-nearest-neighbour baseline of the report. It holds the last
-//! `capacity` points (a ring: the oldest is overwritten), each with its class and a group
-//! (the key it came from: a neighbour of another site is not a neighbour). A query scans the
-//! points of its group, O(capacity · dims): at the 4,096 points and 2 dimensions it is used
-//! with, a few microseconds (`cargo bench --bench scoring -- knn_memory`), against about
-//! 28 µs of learner time per beam sample. Why not a k-d tree
-//! crate: points leave the ring as fast as they arrive, and the candidates (`kiddo`)
-//! rebuild or panic on many equal coordinates, which parked vehicles produce.
+//! backs the online k-nearest-neighbour baseline of the report and the 5-NN blend. It holds
+//! the last `capacity` points (a ring: the oldest is overwritten), each with its class and a
+//! group (the key it came from: a neighbour of another site is not a neighbour). Queries go
+//! through a k-d tree per group ([`super::kd_index`]), O(log n); the plain scan of the
+//! memory, O(capacity · dims), is the reference the tests hold the tree to, and answers
+//! until the first insert after a restore builds the trees (they are not checkpointed). Both
+//! give the same neighbours, ties to the lower slot. Why not a k-d tree crate: points leave
+//! the ring as fast as they arrive, and the candidates (`kiddo`) rebuild or panic on many
+//! equal coordinates, which parked vehicles produce.
 
 use serde::{Deserialize, Serialize};
+
+use super::kd_index::{KdIndex, Slots};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KnnMemory {
@@ -22,6 +25,12 @@ pub struct KnnMemory {
     groups: Vec<u32>,
     /// Slot the next point goes to once the ring is full.
     next: usize,
+    /// Per slot, how often it was written (an index entry of an older write is stale), and
+    /// the trees by group; `None` until built.
+    #[serde(skip)]
+    gens: Vec<u32>,
+    #[serde(skip)]
+    index: Option<foldhash::HashMap<u32, KdIndex>>,
 }
 
 impl KnnMemory {
@@ -33,6 +42,8 @@ impl KnnMemory {
             labels: Vec::new(),
             groups: Vec::new(),
             next: 0,
+            gens: Vec::new(),
+            index: None,
         }
     }
 
@@ -51,17 +62,92 @@ impl KnnMemory {
     /// Remembers a point (overwriting the oldest when full).
     pub fn insert(&mut self, point: &[f32], label: u16, group: u32) {
         debug_assert_eq!(point.len(), self.dims);
-        if self.labels.len() < self.capacity {
+        if self.index.is_none() {
+            self.build_index();
+        }
+        let slot = if self.labels.len() < self.capacity {
             self.points.extend_from_slice(point);
             self.labels.push(label);
             self.groups.push(group);
+            self.gens.push(0);
+            self.labels.len() - 1
+        } else {
+            let i = self.next;
+            let old = self.groups[i];
+            self.points[i * self.dims..(i + 1) * self.dims].copy_from_slice(point);
+            self.labels[i] = label;
+            self.groups[i] = group;
+            self.gens[i] = self.gens[i].wrapping_add(1);
+            self.next = (i + 1) % self.capacity;
+            let index = self.index.as_mut().expect("built");
+            if let Some(t) = index.get_mut(&old) {
+                t.mark_stale();
+            }
+            if old != group {
+                self.refresh(old);
+            }
+            i
+        };
+        let generation = self.gens[slot];
+        let index = self.index.as_mut().expect("built");
+        index
+            .entry(group)
+            .or_default()
+            .push(slot as u32, generation);
+        self.refresh(group);
+    }
+
+    /// Trees for every group from the memory as it is (after a restore, or at the start).
+    fn build_index(&mut self) {
+        self.gens = vec![0; self.labels.len()];
+        let mut by_group: foldhash::HashMap<u32, Vec<u32>> = Default::default();
+        for (s, g) in self.groups.iter().enumerate() {
+            by_group.entry(*g).or_default().push(s as u32);
+        }
+        let mem = self.slots();
+        let index = by_group
+            .into_iter()
+            .map(|(g, slots)| (g, KdIndex::build(&mem, slots)))
+            .collect();
+        self.index = Some(index);
+    }
+
+    /// Rebuilds a group's tree once it is worn; drops it once the group has no point left.
+    fn refresh(&mut self, group: u32) {
+        let worn = self
+            .index
+            .as_ref()
+            .and_then(|i| i.get(&group))
+            .is_some_and(KdIndex::worn);
+        if !worn {
             return;
         }
-        let i = self.next;
-        self.points[i * self.dims..(i + 1) * self.dims].copy_from_slice(point);
-        self.labels[i] = label;
-        self.groups[i] = group;
-        self.next = (i + 1) % self.capacity;
+        let slots: Vec<u32> = (0..self.groups.len() as u32)
+            .filter(|s| self.groups[*s as usize] == group)
+            .collect();
+        let tree = (!slots.is_empty()).then(|| KdIndex::build(&self.slots(), slots));
+        let index = self.index.as_mut().expect("built");
+        match tree {
+            Some(t) => index.insert(group, t),
+            None => index.remove(&group),
+        };
+    }
+
+    fn slots(&self) -> Slots<'_> {
+        Slots {
+            dims: self.dims,
+            points: &self.points,
+            labels: &self.labels,
+            gens: &self.gens,
+        }
+    }
+
+    /// Index entries held, stale ones included (bounded: each tree is rebuilt once its
+    /// stale entries outgrow half of it).
+    pub fn index_entries(&self) -> usize {
+        self.index
+            .as_ref()
+            .map_or(0, |i| i.values().map(KdIndex::entries).sum())
     }
 
     /// The `out.len()` nearest points of `group` to `q`, nearest first, as (squared
@@ -69,6 +155,20 @@ impl KnnMemory {
     /// lower slot of the ring wins (deterministic, not by age: a scan in storage order is
     /// 4× faster than one in age order, which needs a modulo per point).
     pub fn nearest(&self, q: &[f32], group: u32, out: &mut [(f32, u16)]) -> usize {
+        if out.is_empty() || self.dims == 0 {
+            return 0;
+        }
+        if let Some(index) = &self.index {
+            return match index.get(&group) {
+                Some(t) => t.nearest(&self.slots(), q, out),
+                None => 0,
+            };
+        }
+        self.scan_nearest(q, group, out)
+    }
+
+    /// [`Self::nearest`] by a scan of every point: the reference the trees are held to.
+    pub fn scan_nearest(&self, q: &[f32], group: u32, out: &mut [(f32, u16)]) -> usize {
         if out.is_empty() || self.dims == 0 {
             return 0;
         }
@@ -193,6 +293,65 @@ mod tests {
             let mut out = [(0.0, 0); 5];
             assert_eq!(m.nearest(&q, 0, &mut out), 5);
             assert_eq!(out.to_vec(), want[..5].to_vec(), "{dims} dimensions");
+        }
+    }
+
+    /// The trees answer exactly as the scan does, through ring wraps, groups that come and
+    /// go, many equal coordinates (ties go to the lower slot) and a restore, and their
+    /// entries stay bounded.
+    #[test]
+    fn the_trees_give_the_scans_neighbours() {
+        use rand::{Rng, SeedableRng, rngs::SmallRng};
+        for dims in [2usize, 3] {
+            let mut rng = SmallRng::seed_from_u64(dims as u64);
+            let mut m = KnnMemory::new(dims, 500);
+            let point = |rng: &mut SmallRng| -> Vec<f32> {
+                // A quarter of the points on a small lattice (parked vehicles, equal
+                // coordinates and equal distances), the rest anywhere.
+                (0..dims)
+                    .map(|_| {
+                        if rng.random_bool(0.25) {
+                            f32::from(rng.random_range(0u8..3))
+                        } else {
+                            rng.random_range(-50.0..50.0f32)
+                        }
+                    })
+                    .collect()
+            };
+            for i in 0..6000u32 {
+                // Groups drift: 0-2 early, 1-4 later, so whole groups leave the ring.
+                let group = if i < 3000 { i % 3 } else { 1 + i % 4 };
+                let p = point(&mut rng);
+                m.insert(&p, rng.random_range(0..64), group);
+                if i % 7 == 0 {
+                    let q = point(&mut rng);
+                    for g in 0..5 {
+                        let (mut a, mut b) = ([(0.0, 0); 5], [(0.0, 0); 5]);
+                        let (na, nb) = (m.nearest(&q, g, &mut a), m.scan_nearest(&q, g, &mut b));
+                        assert_eq!((na, a), (nb, b), "dims {dims}, insert {i}, group {g}");
+                    }
+                }
+                assert!(
+                    m.index_entries() <= 2 * 500 + 5 * 64,
+                    "{}",
+                    m.index_entries()
+                );
+            }
+            // A restored memory has no trees: it scans, then builds them at its next insert.
+            let bytes = postcard::to_stdvec(&m).unwrap();
+            let mut back: KnnMemory = postcard::from_bytes(&bytes).unwrap();
+            assert_eq!(back.index_entries(), 0);
+            for _ in 0..50 {
+                let p = point(&mut rng);
+                back.insert(&p, 1, 2);
+                let q = point(&mut rng);
+                let (mut a, mut b) = ([(0.0, 0); 5], [(0.0, 0); 5]);
+                assert_eq!(
+                    back.nearest(&q, 2, &mut a),
+                    back.scan_nearest(&q, 2, &mut b)
+                );
+                assert_eq!(a, b);
+            }
         }
     }
 }

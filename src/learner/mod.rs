@@ -17,6 +17,7 @@ pub mod drift;
 pub mod eval;
 pub mod fused;
 pub mod importance;
+pub mod kd_index;
 pub mod knn;
 pub mod matmul;
 pub mod model;
