@@ -349,24 +349,22 @@ fn knn_memory(c: &mut Criterion) {
         }
         let queries: Vec<[f32; 2]> = x.chunks(16).skip(n).map(|p| [p[0], p[1]]).collect();
         g.throughput(Throughput::Elements(queries.len() as u64));
-        g.bench_function(format!("nearest5_of_{n}_tree"), |b| {
-            let mut out = [(0f32, 0u16); 5];
-            b.iter(|| {
-                queries
-                    .iter()
-                    .map(|q| m.nearest(q, 0, &mut out))
-                    .sum::<usize>()
-            })
-        });
-        g.bench_function(format!("nearest5_of_{n}_scan"), |b| {
-            let mut out = [(0f32, 0u16); 5];
-            b.iter(|| {
-                queries
-                    .iter()
-                    .map(|q| m.scan_nearest(q, 0, &mut out))
-                    .sum::<usize>()
-            })
-        });
+        type Query = fn(&KnnMemory, &[f32], u32, &mut [(f32, u16)]) -> usize;
+        let ways: [(&str, Query); 2] = [
+            ("tree", KnnMemory::nearest),
+            ("scan", KnnMemory::scan_nearest),
+        ];
+        for (way, query) in ways {
+            g.bench_function(format!("nearest5_of_{n}_{way}"), |b| {
+                let mut out = [(0f32, 0u16); 5];
+                b.iter(|| {
+                    queries
+                        .iter()
+                        .map(|q| query(&m, q, 0, &mut out))
+                        .sum::<usize>()
+                })
+            });
+        }
         // A sample's whole cost: its query, then its own point in (the ring overwrites the
         // oldest; the trees are rebuilt as they wear).
         g.bench_function(format!("query_and_insert_{n}_tree"), |b| {
