@@ -5,8 +5,9 @@
 //! backs the online k-nearest-neighbour baseline of the report and the 5-NN blend. It holds
 //! the last `capacity` points (a ring: the oldest is overwritten), each with its class and a
 //! group (the key it came from: a neighbour of another site is not a neighbour). Queries go
-//! through a k-d tree per group ([`super::kd_index`]), O(log n); the plain scan of the
-//! memory, O(capacity · dims), is the reference the tests hold the tree to, and answers
+//! through a k-d tree per group ([`super::kd_index`]): O(log n) in the tree, plus a tail of
+//! at most 4·√n newer points; the plain scan of the memory, O(capacity · dims), is the
+//! reference the tests hold the trees to, and answers
 //! until the first insert after a restore builds the trees (they are not checkpointed). Both
 //! give the same neighbours, ties to the lower slot. Why not a k-d tree crate: points leave
 //! the ring as fast as they arrive, and the candidates (`kiddo`) rebuild or panic on many
