@@ -260,7 +260,8 @@ fn changes_text(changes: &[ChangeRecovery]) -> String {
                 format!("{} after {} samples", d.detector, d.delay)
             });
         let back = c.recovery_samples.map_or("too short to tell".into(), |r| {
-            format!("back within 10% in {r} samples")
+            let band = 100.0 * crate::learner::recovery::BAND;
+            format!("back within {band:.0}% in {r} samples")
         });
         format!("{} @{at}: {found}, {back}", c.name)
     };

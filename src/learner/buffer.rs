@@ -334,71 +334,58 @@ impl ReplayBuffer {
                 .collect();
             return (slots, vec![1.0; n]);
         }
-        // ln e_j up to a shared constant; relative to the largest, so exp cannot overflow.
-        let live: Vec<(usize, f64)> = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| {
-                e.as_ref().map(|e| {
-                    (
-                        i,
-                        (e.score.max(1e-30) as f64).ln() - e.born as f64 * self.ln_decay,
-                    )
-                })
-            })
-            .collect();
-        let top = live
-            .iter()
-            .map(|(_, l)| *l)
-            .fold(f64::NEG_INFINITY, f64::max);
-        let mut cum = Vec::with_capacity(live.len());
-        let mut total = 0.0;
-        for (_, l) in &live {
-            total += (l - top).exp();
-            cum.push(total);
-        }
-        let mean = total / live.len() as f64;
+        let ln_decay = self.ln_decay;
+        let w = self.weighted(|e| (e.score.max(1e-30) as f64).ln() - e.born as f64 * ln_decay);
+        let mean = w.total() / w.slots.len() as f64;
         (0..n)
             .map(|_| {
-                let u = rng.random::<f64>() * total;
-                let j = cum.partition_point(|c| *c <= u).min(live.len() - 1);
-                let e = (live[j].1 - top).exp();
-                (live[j].0, (mean / e).min(MAX_REPLAY_WEIGHT) as f32)
+                let j = w.draw(rng);
+                (
+                    w.slots[j],
+                    (mean / w.weights[j]).min(MAX_REPLAY_WEIGHT) as f32,
+                )
             })
             .unzip()
     }
 
-    /// `n` slots drawn with weight 2^(−age / `half_life`), age = `now` − admission, and
-    /// loss weights of 1: a deliberate bias toward the rows admitted since a change (the
+    /// `n` slots drawn with weight 2^(−age / `half_life`), age in samples since admission,
+    /// and loss weights of 1: a deliberate bias toward the rows admitted since a change (the
     /// `replay_recent` drift reaction), which leaves the older rows in the buffer.
     pub fn sample_recent(
         &self,
         n: usize,
         half_life: f64,
-        now: u64,
         rng: &mut impl Rng,
     ) -> (Vec<usize>, Vec<f32>) {
         if self.len == 0 || n == 0 {
             return (Vec::new(), Vec::new());
         }
+        // −age·rate is born·rate up to a constant shared by every entry.
         let rate = std::f64::consts::LN_2 / half_life.max(1e-9);
-        let mut slots = Vec::with_capacity(self.len);
-        let mut cum = Vec::with_capacity(self.len);
-        let mut total = 0.0;
-        for (i, e) in self.slots.iter().enumerate() {
-            if let Some(e) = e {
-                // The youngest entry has age ≥ 0, so every weight is at most 1.
-                total += (-(now.saturating_sub(e.born) as f64) * rate).exp();
-                slots.push(i);
-                cum.push(total);
-            }
+        let w = self.weighted(|e| e.born as f64 * rate);
+        ((0..n).map(|_| w.slots[w.draw(rng)]).collect(), vec![1.0; n])
+    }
+
+    /// The live slots with weights exp(l − max l) for a log-weight `l` per entry (relative to
+    /// the largest, so that exp cannot overflow), ready for draws ∝ weight.
+    fn weighted(&self, log_weight: impl Fn(&Entry) -> f64) -> Weighted {
+        let (slots, logs): (Vec<usize>, Vec<f64>) = (self.slots.iter().enumerate())
+            .filter_map(|(i, e)| e.as_ref().map(|e| (i, log_weight(e))))
+            .unzip();
+        let top = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = logs.iter().map(|l| (l - top).exp()).collect();
+        let cum = weights
+            .iter()
+            .scan(0.0, |t, w| {
+                *t += w;
+                Some(*t)
+            })
+            .collect();
+        Weighted {
+            slots,
+            weights,
+            cum,
         }
-        let draw = |rng: &mut _| {
-            let u = Rng::random::<f64>(rng) * total;
-            slots[cum.partition_point(|c| *c <= u).min(slots.len() - 1)]
-        };
-        ((0..n).map(|_| draw(rng)).collect(), vec![1.0; n])
     }
 
     /// The next `n` live slots in a rotating sweep (for periodic re-scoring).
@@ -453,6 +440,27 @@ impl ReplayBuffer {
     /// Iterates over the live entries.
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.slots.iter().flatten()
+    }
+}
+
+/// Live slots with draw weights and their running sums.
+struct Weighted {
+    slots: Vec<usize>,
+    weights: Vec<f64>,
+    cum: Vec<f64>,
+}
+
+impl Weighted {
+    fn total(&self) -> f64 {
+        self.cum.last().copied().unwrap_or(0.0)
+    }
+
+    /// An index into `slots`, with probability ∝ its weight.
+    fn draw(&self, rng: &mut impl Rng) -> usize {
+        let u = rng.random::<f64>() * self.total();
+        self.cum
+            .partition_point(|c| *c <= u)
+            .min(self.slots.len() - 1)
     }
 }
 
@@ -516,7 +524,7 @@ mod tests {
         for i in 0..1000 {
             b.offer(entry(1.0, i, "k"), &mut rng);
         }
-        let (slots, w) = b.sample_recent(20_000, 100.0, 1000, &mut rng);
+        let (slots, w) = b.sample_recent(20_000, 100.0, &mut rng);
         let ages: Vec<u64> = slots
             .iter()
             .map(|s| 1000 - b.get(*s).unwrap().born)

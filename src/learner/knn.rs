@@ -145,7 +145,8 @@ impl KnnMemory {
 
     /// Index entries held, stale ones included (bounded: each tree is rebuilt once its
     /// stale entries outgrow half of it).
-    pub fn index_entries(&self) -> usize {
+    #[cfg(test)]
+    fn index_entries(&self) -> usize {
         self.index
             .as_ref()
             .map_or(0, |i| i.values().map(KdIndex::entries).sum())

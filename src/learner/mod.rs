@@ -262,15 +262,29 @@ pub struct OnlineLearner {
     /// Non-finite steps in a row, and finite ones since the last non-finite one.
     bad_run: u32,
     good_run: u64,
-    /// A drift reaction's learning-rate factor, until `seen` reaches `boost_until`.
-    boost: f64,
-    boost_until: u64,
-    /// A drift reaction's `keep_all`: every fresh row trains until `seen` reaches this.
-    keep_all_until: u64,
-    /// A drift reaction's recency-weighted replay (half-life in samples), until `seen`
-    /// reaches `recent_until`.
-    recent_until: u64,
-    recent_half_life: f64,
+    /// What the last drift reaction changed for its recovery window.
+    recovery: Recovery,
+}
+
+/// The recovery window of the last drift reaction: until `seen` reaches `until`, the learning
+/// rate is scaled, every fresh row trains, or replay favours recent rows, as its reactions
+/// asked. Reactions run together at a detection, so one window serves them all; it is not
+/// checkpointed (a restart ends it).
+#[derive(Debug, Clone, Copy)]
+struct Recovery {
+    until: u64,
+    lr_factor: f64,
+    keep_all: bool,
+    recent_half_life: Option<f64>,
+}
+
+impl Recovery {
+    const NONE: Recovery = Recovery {
+        until: 0,
+        lr_factor: 1.0,
+        keep_all: false,
+        recent_half_life: None,
+    };
 }
 
 /// Good steps between snapshots of the weights a diverged learner goes back to.
@@ -304,11 +318,7 @@ impl OnlineLearner {
             last_good: net.weights(),
             bad_run: 0,
             good_run: 0,
-            boost: 1.0,
-            boost_until: 0,
-            keep_all_until: 0,
-            recent_until: 0,
-            recent_half_life: 1.0,
+            recovery: Recovery::NONE,
             net,
             irreducible,
             scorer: ImportanceScorer::new(method, cfg.head),
@@ -406,7 +416,7 @@ impl OnlineLearner {
             self.ledger.scoring.cpu_s += clock.lap();
         }
         let mut decision = self.selector.decide(&scored.scores[..n], &mut self.rng);
-        if self.stats.seen < self.keep_all_until {
+        if self.recovering().keep_all {
             decision.keep_all();
         }
         if x_held.is_some() {
@@ -571,12 +581,8 @@ impl OnlineLearner {
         if !self.guard(g.finite) {
             return;
         }
-        let boost = if self.stats.seen < self.boost_until {
-            self.boost
-        } else {
-            1.0
-        };
-        self.net.apply(self.cfg.training.learning_rate * boost);
+        let lr_factor = self.recovering().lr_factor;
+        self.net.apply(self.cfg.training.learning_rate * lr_factor);
         self.stats.steps += 1;
         self.ledger.training.optimizer_steps += 1;
         // Weights count as good after a long enough stretch without a non-finite step.
@@ -618,42 +624,47 @@ impl OnlineLearner {
     /// `n` replayed rows and their loss weights: as the buffer samples them, or, while a
     /// `replay_recent` reaction lasts, favouring the rows admitted since the change.
     fn draw_replay(&mut self, n: usize) -> (Vec<usize>, Vec<f32>) {
-        if self.stats.seen < self.recent_until {
-            let h = self.recent_half_life;
-            self.buffer
-                .sample_recent(n, h, self.stats.seen, &mut self.rng)
+        match self.recovering().recent_half_life {
+            Some(h) => self.buffer.sample_recent(n, h, &mut self.rng),
+            None => self.buffer.sample(n, &mut self.rng),
+        }
+    }
+
+    /// The reaction window in force now (none once it has run its samples).
+    fn recovering(&self) -> Recovery {
+        if self.stats.seen < self.recovery.until {
+            self.recovery
         } else {
-            self.buffer.sample(n, &mut self.rng)
+            Recovery::NONE
         }
     }
 
     /// Reacts to a detected change (see [`drift::Reaction`]).
     pub fn react(&mut self, cfg: &drift::DriftConfig) {
+        let mut window = Recovery {
+            until: self.stats.seen + cfg.recovery_samples,
+            ..Recovery::NONE
+        };
         for r in &cfg.reactions {
             match r {
                 drift::Reaction::ResetOptimizer => {
                     let w = self.net.weights();
                     self.net.reset(&w);
                 }
-                drift::Reaction::BoostLearningRate => {
-                    self.boost = cfg.lr_boost;
-                    self.boost_until = self.stats.seen + cfg.recovery_samples;
-                }
+                drift::Reaction::BoostLearningRate => window.lr_factor = cfg.lr_boost,
                 drift::Reaction::ForgetBuffer => {
                     let keep_from = self.stats.seen.saturating_sub(cfg.keep_recent);
                     self.buffer.forget_born_before(keep_from);
                 }
-                drift::Reaction::KeepAll => {
-                    self.keep_all_until = self.stats.seen + cfg.recovery_samples;
-                }
+                drift::Reaction::KeepAll => window.keep_all = true,
                 drift::Reaction::ReplayRecent => {
-                    self.recent_until = self.stats.seen + cfg.recovery_samples;
-                    self.recent_half_life = cfg.recent_half_life;
+                    window.recent_half_life = Some(cfg.recent_half_life);
                 }
                 drift::Reaction::ResetSelection => self.selector.reset_window(),
                 drift::Reaction::RescoreBuffer => self.rescore_slots(self.buffer.len()),
             }
         }
+        self.recovery = window;
     }
 
     /// Whether an update with these gradients may go ahead. A non-finite gradient (NaN or

@@ -25,13 +25,6 @@ pub fn replace(v: &mut [f32], old: f32, new: f32) {
     }
 }
 
-/// Removes one occurrence of `x` (which must be there).
-pub fn remove(v: &mut Vec<f32>, x: f32) {
-    let at = position(v, x);
-    debug_assert!(v.get(at).is_some_and(|y| y.total_cmp(&x).is_eq()));
-    v.remove(at);
-}
-
 /// The first index whose value is not below `x`.
 fn position(v: &[f32], x: f32) -> usize {
     v.partition_point(|y| y.total_cmp(&x).is_lt())
@@ -62,10 +55,5 @@ mod tests {
             want.sort_unstable_by(f32::total_cmp);
             assert_eq!(sorted, want, "after {i} values");
         }
-        let old = ring.pop_front().unwrap();
-        remove(&mut sorted, old);
-        let mut want: Vec<f32> = ring.iter().copied().collect();
-        want.sort_unstable_by(f32::total_cmp);
-        assert_eq!(sorted, want);
     }
 }

@@ -39,6 +39,11 @@ pub struct ScoreRow {
     pub features: Vec<f32>,
 }
 
+/// The element of the `features` list column: non-null float32.
+fn feature_item() -> Field {
+    Field::new("item", DataType::Float32, false)
+}
+
 /// Which optional columns a score file has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScoreColumns {
@@ -77,10 +82,9 @@ impl ScoreSink {
             Field::new("target", DataType::Float64, false),
         ];
         if columns.features {
-            let item = Field::new("item", DataType::Float32, false);
             fields.push(Field::new(
                 "features",
-                DataType::List(Arc::new(item)),
+                DataType::List(Arc::new(feature_item())),
                 false,
             ));
         }
@@ -142,8 +146,7 @@ impl ScoreSink {
             )),
         ];
         if self.columns.features {
-            let item = Field::new("item", DataType::Float32, false);
-            let mut list = ListBuilder::new(Float32Builder::new()).with_field(item);
+            let mut list = ListBuilder::new(Float32Builder::new()).with_field(feature_item());
             for r in rows {
                 list.values().append_slice(&r.features);
                 list.append(true);
