@@ -86,10 +86,16 @@ pub fn choose(
     best.map(|(i, _)| (*i, false))
 }
 
-const PAIRED_KEYS: [&str; 2] = ["selection.keep", "buffer.replay_ratio"];
+const PAIRED_KEYS: [&str; 4] = [
+    "selection.keep",
+    "buffer.replay_ratio",
+    "training.micro_batch",
+    "training.steps_per_batch",
+];
 
-/// Random at equal compute: the random configuration with the same `selection.keep` and
-/// `buffer.replay_ratio`, else the one with the nearest mean learning compute.
+/// Random at equal compute: the random configuration with the same keep, replay ratio,
+/// micro-batch and steps per micro-batch (a value a configuration leaves unset matches only
+/// an unset one), else the one with the nearest mean learning compute.
 pub fn random_for(configs: &[Config], stats: &[ConfigStats], chosen: usize) -> Option<usize> {
     let randoms: Vec<usize> = (0..configs.len())
         .filter(|&i| configs[i].family == grid::RANDOM && stats[i].test.n > 0)
@@ -528,6 +534,38 @@ axes = {{ "selection.keep" = [0.5, 0.7, 0.9] }}
         // Same per-seed noise: the paired difference is exactly 0 → tie.
         assert!(exact.delta_random.mean.abs() < 1e-12);
         assert_eq!(exact.verdict, "tie");
+    }
+
+    #[test]
+    fn random_at_equal_compute_also_has_the_same_micro_batch() {
+        let text = r#"
+name = "t"
+pipeline = "p.toml"
+metric = "mae"
+seeds = [1, 2, 3]
+[reference]
+set = ["selection.keep=1.0"]
+[[family]]
+name = "random"
+axes = { "training.micro_batch" = [8, 11], "selection.keep" = [0.7] }
+[[family]]
+name = "exact"
+axes = { "training.micro_batch" = [11], "selection.keep" = [0.7] }
+"#;
+        let e = crate::experiment::parse(text, Path::new("e.toml")).unwrap();
+        let c = expand(&e).unwrap();
+        // Configs: reference, random mb 8, random mb 11, exact mb 11; the mb-8 random one is
+        // nearer in compute, but only the mb-11 one has the same steps.
+        let mut r = runs(0, 100.0, 1000.0);
+        r.extend(runs(1, 100.0, 700.0));
+        r.extend(runs(2, 100.0, 500.0));
+        r.extend(runs(3, 100.0, 700.0));
+        let s = summarize(&e, &c, &r);
+        let exact = s.rows.iter().find(|r| r.family == "exact").unwrap();
+        assert_eq!(
+            c[exact.random.unwrap()].label,
+            "random/selection.keep=0.7,training.micro_batch=11"
+        );
     }
 
     #[test]
