@@ -1,34 +1,60 @@
 #!/usr/bin/env bash
-# Learning CPU of the shipped Milan setting vs every-row training (replay 3) and random at the
-# same keep/replay, on a 1 M-sample Milan-shaped stream (benches/soak.py's writer, 1,000 keys),
-# 5 seeds, paired. The bundled archive is too short for CPU figures (24 ms of learning CPU
-# per run: ± 18% between seeds). Not part of CI.
-#   cargo build --release && bash benches/cpu_saved.sh
+# Learning CPU of a shipped setting vs every-row training and random at the same keep/replay,
+# on a ~1 M-sample stream, 5 seeds, paired. The bundled archives are too short for CPU
+# figures (21-24 ms of learning CPU per run: ± 18% between seeds). Not part of CI.
+#   cargo build --release && bash benches/cpu_saved.sh          # Milan (default)
+#   cargo build --release && WORKLOAD=lte bash benches/cpu_saved.sh
+# Milan: a Milan-shaped stream of 1,000 keys (benches/soak.py's writer); reference replay 3,
+# shipped trim/EL2N keep 0.7 replay 2. LTE: the four LTE files (13,856 rows, both sites) played
+# 72 times in a row, each copy two years after the last (997,632 rows; pyarrow); reference
+# replay 1, shipped InfoBatch keep 0.9 replay 0.25.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${B:-${CARGO_TARGET_DIR:-target}/release/gradsift}
-S=${S:-/var/tmp/gradsift-cpu/k1000.parquet}
 OUT=${OUT:-/var/tmp/gradsift-cpu}
+WORKLOAD=${WORKLOAD:-milan}
 mkdir -p "$OUT"
-[ -f "$S" ] || python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benches'); import soak; soak.write_stream(Path('$S'), 1_150_000, 1_000)"
-common=(--quiet --json --set "source.path=\"$S\"" --set features.max_keys=10000 --set 'buffer.policy="fifo"' --set buffer.rescore_every=0 --set compute.reference_replay_ratio=3.0 --set output.scores=false)
+case $WORKLOAD in
+  milan)
+    S=${S:-$OUT/k1000.parquet}
+    [ -f "$S" ] || python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benches'); import soak; soak.write_stream(Path('$S'), 1_150_000, 1_000)"
+    pipeline=pipelines/milan-replay.toml; ref_replay=3.0; keep=0.7; replay=2.0
+    extra=(--set features.max_keys=10000);;
+  lte)
+    S=${S:-$OUT/lte-72x.parquet}
+    [ -f "$S" ] || python3 - "$S" <<'PY'
+import datetime, glob, sys
+import pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
+base = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob("../shared/data/lte/*.parquet"))])
+base = base.sort_by([("time", "ascending")])
+i = base.schema.get_field_index("time")
+step = pa.scalar(datetime.timedelta(days=730), pa.duration("us"))
+copies = [base.set_column(i, "time", pc.add(base["time"], pc.multiply(step, k)).cast(base.schema.field(i).type)) for k in range(72)]
+pq.write_table(pa.concat_tables(copies), sys.argv[1])
+PY
+    pipeline=pipelines/lte-replay.toml; ref_replay=1.0; keep=0.9; replay=0.25
+    extra=();;
+  *) echo "WORKLOAD is milan or lte" >&2; exit 2;;
+esac
+common=(--quiet --json --set "source.path=\"$S\"" "${extra[@]}" --set 'buffer.policy="fifo"' --set buffer.rescore_every=0 --set compute.reference_replay_ratio=$ref_replay --set output.scores=false --set telemetry.enabled=false)
 for seed in 1 2 3 4 5; do
   for cfg in reference shipped random; do
     case $cfg in
-      reference) sets=(--set 'selection.policy="random"' --set selection.keep=1.0 --set buffer.replay_ratio=3.0);;
+      reference) sets=(--set 'selection.policy="random"' --set selection.keep=1.0 --set buffer.replay_ratio=$ref_replay);;
       shipped) sets=();;
-      random) sets=(--set 'selection.policy="random"' --set selection.keep=0.7 --set buffer.replay_ratio=2.0);;
+      random) sets=(--set 'selection.policy="random"' --set selection.keep=$keep --set buffer.replay_ratio=$replay);;
     esac
-    $B run pipelines/milan-replay.toml "${common[@]}" "${sets[@]}" --set training.seed=$seed --output "$OUT/$cfg-$seed" > "$OUT/$cfg-$seed.json"
+    $B run $pipeline "${common[@]}" "${sets[@]}" --set training.seed=$seed --output "$OUT/$WORKLOAD-$cfg-$seed" > "$OUT/$WORKLOAD-$cfg-$seed.json"
   done
 done
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "$WORKLOAD" <<'PY'
 import json, statistics as st, sys
-out = sys.argv[1]
-runs = {c: [json.load(open(f"{out}/{c}-{s}.json")) for s in range(1, 6)] for c in ["reference", "shipped", "random"]}
+out, w = sys.argv[1:]
+runs = {c: [json.load(open(f"{out}/{w}-{c}-{s}.json")) for s in range(1, 6)] for c in ["reference", "shipped", "random"]}
 for c, rs in runs.items():
     cpu = [1 - r["compute"]["learn_cpu_s"] / f["compute"]["learn_cpu_s"] for r, f in zip(rs, runs["reference"])]
+    rows = [r["compute"]["saved_backward_fraction"] for r in rs]
     wall = [1 - r["wall_s"] / f["wall_s"] for r, f in zip(rs, runs["reference"])]
     mae = [r["metrics"]["model"]["mae"] / f["metrics"]["model"]["mae"] - 1 for r, f in zip(rs, runs["reference"])]
-    print(f"{c:9} learning CPU saved {100*st.mean(cpu):5.1f} ± {100*st.stdev(cpu):4.1f} %   wall saved {100*st.mean(wall):5.1f} ± {100*st.stdev(wall):4.1f} %   MAE {100*st.mean(mae):+.2f} ± {100*st.stdev(mae):.2f} %   (paired, 5 seeds)")
+    print(f"{w} {c:9} learning CPU saved {100*st.mean(cpu):5.1f} ± {100*st.stdev(cpu):4.1f} %   rows saved {100*st.mean(rows):5.1f} %   wall saved {100*st.mean(wall):5.1f} ± {100*st.stdev(wall):4.1f} %   MAE {100*st.mean(mae):+.2f} ± {100*st.stdev(mae):.2f} %   (paired, 5 seeds)")
 PY
