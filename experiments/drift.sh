@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 13's table: the drifting streams as shipped (four DeepSense sites in a row, position
 # only and with the last beam; the two LTE sites in a row; Milan into the Christmas weeks),
-# each with the drift reactions off, with forget_buffer, with replay_recent, and with all three
-# of reset_optimizer, boost_learning_rate and forget_buffer, 3 seeds. Per
+# each with the drift reactions off, with forget_buffer, with replay_recent, with extra_steps
+# (4 optimiser steps per micro-batch while recovering), and with all three of
+# reset_optimizer, boost_learning_rate and forget_buffer, 3 seeds. Per
 # declared change (evaluation.changes): the first stream-wide detection and the samples
 # until the windowed metric is back within 10% of its settled level; per stream: the
 # whole-stream metric and the alarms before the first change, per 100 k samples; and one
@@ -16,11 +17,12 @@ OUT=${OUT:-/var/tmp/gradsift-drift}
 rm -rf "$OUT" && mkdir -p "$OUT"
 pipes=(beam-replay beam-tracking lte-replay milan-replay)
 for p in "${pipes[@]}"; do
-  for r in none forget recent all; do
+  for r in none forget recent steps all; do
     case $r in
       none) react='drift.reactions=[]';;
       forget) react='drift.reactions=["forget_buffer"]';;
       recent) react='drift.reactions=["replay_recent"]';;
+      steps) react='drift.reactions=["extra_steps"]';;
       all) react='drift.reactions=["reset_optimizer","boost_learning_rate","forget_buffer"]';;
     esac
     for seed in 1 2 3; do
@@ -28,14 +30,14 @@ for p in "${pipes[@]}"; do
         --set "$react" --set training.seed=$seed --output "$OUT/$p-$r-$seed" > "$OUT/$p-$r-$seed.json"
     done
   done
-  $B plot none="$OUT/$p-none-1" forget_buffer="$OUT/$p-forget-1" replay_recent="$OUT/$p-recent-1" all_three="$OUT/$p-all-1" \
+  $B plot none="$OUT/$p-none-1" forget_buffer="$OUT/$p-forget-1" replay_recent="$OUT/$p-recent-1" extra_steps="$OUT/$p-steps-1" all_three="$OUT/$p-all-1" \
     --output experiments/results/drift --name "$p-reactions" \
     --title "$p: windowed metric without and with drift reactions (seed 1)" > /dev/null
 done
 python3 - "$OUT" "${pipes[@]}" <<'PY'
 import json, statistics as st, sys
 out, pipes = sys.argv[1], sys.argv[2:]
-reacts = ["none", "forget", "recent", "all"]
+reacts = ["none", "forget", "recent", "steps", "all"]
 def load(p, r):
     return [json.load(open(f"{out}/{p}-{r}-{s}.json")) for s in (1, 2, 3)]
 def metric(rep):
@@ -46,8 +48,8 @@ def ms(v):
     if not v:
         return "n/a"
     return f"{st.mean(v):.0f} ± {st.stdev(v):.0f}" if len(v) > 1 else f"{v[0]:.0f}"
-print("| stream | change | first detection (detector: samples after, 3 seeds) | recovery samples, no reaction | forget_buffer | replay_recent | all three |")
-print("|---|---|---|---|---|---|---|")
+print("| stream | change | first detection (detector: samples after, 3 seeds) | recovery samples, no reaction | forget_buffer | replay_recent | extra_steps | all three |")
+print("|---|---|---|---|---|---|---|---|")
 for p in pipes:
     runs = {r: load(p, r) for r in reacts}
     for i, c in enumerate(runs["none"][0]["changes"]):
@@ -56,8 +58,8 @@ for p in pipes:
         rec = [ms([x["changes"][i]["recovery_samples"] for x in runs[r]]) for r in reacts]
         print(f"| {p} | {c['name']} @{c['at']} | {det} | " + " | ".join(rec) + " |")
 print()
-print("| stream | metric | no reaction | forget_buffer | replay_recent | all three | loss alarms / score alarms before the first change, per 100 k samples |")
-print("|---|---|---|---|---|---|---|")
+print("| stream | metric | no reaction | forget_buffer | replay_recent | extra_steps | all three | loss alarms / score alarms before the first change, per 100 k samples |")
+print("|---|---|---|---|---|---|---|---|")
 for p in pipes:
     runs = {r: load(p, r) for r in reacts}
     name = metric(runs["none"][0])[0]

@@ -393,6 +393,9 @@ pub struct DriftConfig {
     /// `replay_recent`: the age, in samples, at which a row's replay weight halves.
     #[serde(default = "default_recent_half_life")]
     pub recent_half_life: f64,
+    /// `extra_steps`: optimiser steps per micro-batch while recovering.
+    #[serde(default = "default_recovery_steps")]
+    pub recovery_steps: u32,
     /// ADWIN and Page-Hinkley per key as well (a site that changes among stable ones), kept
     /// with the key's features: at most `features.max_keys` sets.
     #[serde(default)]
@@ -422,6 +425,11 @@ pub enum Reaction {
     /// 2^(−age / `recent_half_life`): the new regime is replayed most, and the old rows stay
     /// in the buffer (unlike `forget_buffer`) in case the change passes.
     ReplayRecent,
+    /// For `recovery_samples` samples, each micro-batch takes `recovery_steps` optimiser
+    /// steps (its usual number if that is more), each over fresh rows and a new replay draw:
+    /// the new regime is learnt in fewer samples, and the extra compute is spent only while
+    /// recovering (and counted).
+    ExtraSteps,
 }
 
 fn default_recovery() -> u64 {
@@ -435,6 +443,9 @@ fn default_keep_recent() -> u64 {
 }
 fn default_recent_half_life() -> f64 {
     128.0
+}
+fn default_recovery_steps() -> u32 {
+    4
 }
 
 fn yes() -> bool {
@@ -471,6 +482,7 @@ impl Default for DriftConfig {
             lr_boost: default_lr_boost(),
             keep_recent: default_keep_recent(),
             recent_half_life: default_recent_half_life(),
+            recovery_steps: default_recovery_steps(),
             per_key: false,
         }
     }
@@ -493,6 +505,12 @@ impl DriftConfig {
         }
         if !(self.lr_boost > 0.0 && self.lr_boost <= 100.0) {
             return Err(("drift.lr_boost", "a factor in (0, 100]"));
+        }
+        if !(1..=64).contains(&self.recovery_steps) {
+            return Err((
+                "drift.recovery_steps",
+                "1 to 64 optimiser steps per micro-batch",
+            ));
         }
         if self.score_window < 16 || self.score_c_alpha.is_nan() || self.score_c_alpha <= 0.0 {
             return Err((

@@ -276,6 +276,8 @@ struct Recovery {
     lr_factor: f64,
     keep_all: bool,
     recent_half_life: Option<f64>,
+    /// Optimiser steps per micro-batch (0: as configured).
+    steps: u32,
 }
 
 impl Recovery {
@@ -284,6 +286,7 @@ impl Recovery {
         lr_factor: 1.0,
         keep_all: false,
         recent_half_life: None,
+        steps: 0,
     };
 }
 
@@ -462,7 +465,12 @@ impl OnlineLearner {
         }
         let retained = self.retain(&b, &scored.scores[..n], &decision.selected, version_before);
         if trained_rows > 0 {
-            for _ in 1..self.cfg.training.steps_per_batch {
+            let steps = self
+                .cfg
+                .training
+                .steps_per_batch
+                .max(self.recovering().steps);
+            for _ in 1..steps {
                 self.further_step(b.x, b.y, &decision, replay_n, denom);
             }
         }
@@ -660,6 +668,7 @@ impl OnlineLearner {
                 drift::Reaction::ReplayRecent => {
                     window.recent_half_life = Some(cfg.recent_half_life);
                 }
+                drift::Reaction::ExtraSteps => window.steps = cfg.recovery_steps,
                 drift::Reaction::ResetSelection => self.selector.reset_window(),
                 drift::Reaction::RescoreBuffer => self.rescore_slots(self.buffer.len()),
             }
@@ -973,6 +982,51 @@ mod tests {
         }
         let after = mean_age(&mut l);
         assert!(after > 200.0, "uniform again after the window: {after}");
+    }
+
+    /// `extra_steps`: four optimiser steps per micro-batch for the recovery window, counted
+    /// as training work beyond the reference (which keeps the configured one), then one again.
+    #[test]
+    fn extra_steps_train_harder_while_recovering_and_are_counted() {
+        let mut l = small(
+            Backend::Fused,
+            ImportanceMethod::Loss,
+            1.0,
+            TrainingConfig::default(),
+        );
+        for t in 0..10 {
+            feed(&mut l, 8, t);
+        }
+        let cfg = drift::DriftConfig {
+            reactions: vec![drift::Reaction::ExtraSteps],
+            recovery_samples: 40,
+            recovery_steps: 4,
+            ..drift::DriftConfig::default()
+        };
+        l.react(&cfg);
+        let (steps, reference) = (l.stats.steps, l.ledger.reference.optimizer_steps);
+        for t in 10..15 {
+            feed(&mut l, 8, t);
+        }
+        assert_eq!(
+            l.stats.steps - steps,
+            5 * 4,
+            "4 steps per micro-batch for 40 samples"
+        );
+        assert_eq!(l.ledger.training.optimizer_steps, l.stats.steps);
+        assert_eq!(l.ledger.reference.optimizer_steps - reference, 5);
+        for t in 15..20 {
+            feed(&mut l, 8, t);
+        }
+        assert_eq!(
+            l.stats.steps - steps,
+            5 * 4 + 5,
+            "one step again after the window"
+        );
+        assert!(
+            l.compute().saved_backward_fraction < 0.0,
+            "more work than the reference"
+        );
     }
 
     #[test]
