@@ -4,6 +4,7 @@
 # figures (21-24 ms of learning CPU per run: ± 18% between seeds). Not part of CI.
 #   cargo build --release && bash benches/cpu_saved.sh          # Milan (default)
 #   cargo build --release && WORKLOAD=lte bash benches/cpu_saved.sh
+#   SHIPPED_SET=training.micro_batch=11 bash benches/cpu_saved.sh   # a variant of the shipped
 # Milan: a Milan-shaped stream of 1,000 keys (benches/soak.py's writer); reference replay 3,
 # shipped trim/EL2N keep 0.7 replay 2. LTE: the four LTE files (13,856 rows, both sites) played
 # 72 times in a row, each copy two years after the last (997,632 rows; pyarrow); reference
@@ -41,7 +42,7 @@ for seed in 1 2 3 4 5; do
   for cfg in reference shipped random; do
     case $cfg in
       reference) sets=(--set 'selection.policy="random"' --set selection.keep=1.0 --set buffer.replay_ratio=$ref_replay);;
-      shipped) sets=();;
+      shipped) sets=(); [ -z "${SHIPPED_SET:-}" ] || sets=(--set "$SHIPPED_SET");;
       random) sets=(--set 'selection.policy="random"' --set selection.keep=$keep --set buffer.replay_ratio=$replay);;
     esac
     $B run $pipeline "${common[@]}" "${sets[@]}" --set training.seed=$seed --output "$OUT/$WORKLOAD-$cfg-$seed" > "$OUT/$WORKLOAD-$cfg-$seed.json"
@@ -57,4 +58,24 @@ for c, rs in runs.items():
     wall = [1 - r["wall_s"] / f["wall_s"] for r, f in zip(rs, runs["reference"])]
     mae = [r["metrics"]["model"]["mae"] / f["metrics"]["model"]["mae"] - 1 for r, f in zip(rs, runs["reference"])]
     print(f"{w} {c:9} learning CPU saved {100*st.mean(cpu):5.1f} ± {100*st.stdev(cpu):4.1f} %   rows saved {100*st.mean(rows):5.1f} %   wall saved {100*st.mean(wall):5.1f} ± {100*st.stdev(wall):4.1f} %   MAE {100*st.mean(mae):+.2f} ± {100*st.stdev(mae):.2f} %   (paired, 5 seeds)")
+# Learning CPU per optimiser step against back-propagated rows per step: the line through
+# every-row training and the shipped setting (the same steps, fewer rows) splits a step's
+# cost into a fixed part and a part per row, per seed.
+def per_step(r):
+    t = r["compute"]["training"]
+    s = r["compute"]["scoring"]
+    steps = t["optimizer_steps"]
+    rows = (t["rows_backward"] + s["rows_backward"]) / steps
+    return rows, 1e6 * r["compute"]["learn_cpu_s"] / steps
+fits = []
+same_steps = all(f["compute"]["training"]["optimizer_steps"] == r["compute"]["training"]["optimizer_steps"]
+                 for f, r in zip(runs["reference"], runs["shipped"]))
+for f, r in (zip(runs["reference"], runs["shipped"]) if same_steps else []):
+    (x0, y0), (x1, y1) = per_step(f), per_step(r)
+    slope = (y0 - y1) / (x0 - x1)
+    fits.append((y0 - slope * x0, slope, x0, y0, x1, y1))
+m = lambda i: st.mean(f[i] for f in fits)
+if fits:
+    print(f"{w} per step: every-row {m(3):.1f} µs for {m(2):.1f} rows, shipped {m(5):.1f} µs for {m(4):.1f} rows: "
+          f"fixed {m(0):.1f} ± {st.stdev(f[0] for f in fits):.1f} µs + {m(1):.2f} ± {st.stdev(f[1] for f in fits):.2f} µs per back-propagated row (5 seeds)")
 PY
