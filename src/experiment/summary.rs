@@ -454,7 +454,8 @@ mod tests {
     use crate::experiment::grid::expand;
     use std::path::Path;
 
-    fn exp(random_keep: &str) -> Experiment {
+    /// An experiment of three seeds, reference keep 1.0, with these two families' axes.
+    fn exp_with(random_axes: &str, exact_axes: &str) -> Experiment {
         let text = format!(
             r#"
 name = "t"
@@ -465,13 +466,20 @@ seeds = [1, 2, 3]
 set = ["selection.keep=1.0"]
 [[family]]
 name = "random"
-axes = {{ "selection.keep" = {random_keep} }}
+axes = {{ {random_axes} }}
 [[family]]
 name = "exact"
-axes = {{ "selection.keep" = [0.5, 0.7, 0.9] }}
+axes = {{ {exact_axes} }}
 "#
         );
         crate::experiment::parse(&text, Path::new("e.toml")).unwrap()
+    }
+
+    fn exp(random_keep: &str) -> Experiment {
+        exp_with(
+            &format!(r#""selection.keep" = {random_keep}"#),
+            r#""selection.keep" = [0.5, 0.7, 0.9]"#,
+        )
     }
 
     /// Runs of configuration `config` with test = validation = metric + seed noise.
@@ -538,21 +546,10 @@ axes = {{ "selection.keep" = [0.5, 0.7, 0.9] }}
 
     #[test]
     fn random_at_equal_compute_also_has_the_same_micro_batch() {
-        let text = r#"
-name = "t"
-pipeline = "p.toml"
-metric = "mae"
-seeds = [1, 2, 3]
-[reference]
-set = ["selection.keep=1.0"]
-[[family]]
-name = "random"
-axes = { "training.micro_batch" = [8, 11], "selection.keep" = [0.7] }
-[[family]]
-name = "exact"
-axes = { "training.micro_batch" = [11], "selection.keep" = [0.7] }
-"#;
-        let e = crate::experiment::parse(text, Path::new("e.toml")).unwrap();
+        let e = exp_with(
+            r#""training.micro_batch" = [8, 11], "selection.keep" = [0.7]"#,
+            r#""training.micro_batch" = [11], "selection.keep" = [0.7]"#,
+        );
         let c = expand(&e).unwrap();
         // Configs: reference, random mb 8, random mb 11, exact mb 11; the mb-8 random one is
         // nearer in compute, but only the mb-11 one has the same steps.
