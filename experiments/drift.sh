@@ -6,7 +6,8 @@
 # reset_optimizer, boost_learning_rate and forget_buffer, 3 seeds. Per
 # declared change (evaluation.changes): the first stream-wide detection and the samples
 # until the windowed metric is back within 10% of its settled level; per stream: the
-# whole-stream metric and the alarms before the first change, per 100 k samples; and one
+# whole-stream metric and the alarms before the first change, per 100 k samples; the rows each
+# reaction back-propagates beside no reaction; and one
 # figure per stream with the four windowed series (seed 1) in experiments/results/drift.
 # Not part of CI; about a minute.
 #   cargo build --release && bash experiments/drift.sh
@@ -77,4 +78,14 @@ for p in pipes:
         alarms.append((1e5 * loss / first, 1e5 * (len(ev) - loss) / first))
     al = f"{st.mean(a for a, _ in alarms):.0f} / {st.mean(b for _, b in alarms):.0f} (over {first} samples)"
     print(f"| {p} | {name} | " + " | ".join(cells) + f" | {al} |")
+# What the reactions cost: back-propagated rows against no reaction (mean over the seeds).
+print()
+print("| stream | loss detections per run | back-propagated rows vs no reaction: forget_buffer | replay_recent | extra_steps | all three |")
+print("|---|---|---|---|---|---|")
+for p in pipes:
+    runs = {r: load(p, r) for r in reacts}
+    rows = {r: st.mean(x["backpropagated"] for x in runs[r]) for r in reacts}
+    det = st.mean(sum(e.get("key") is None and e["detector"] != "score_shift" for e in x["drift"]["events"]) for x in runs["none"])
+    cells = [f"{100 * (rows[r] / rows['none'] - 1):+.0f}%" for r in reacts[1:]]
+    print(f"| {p} | {det:.0f} | " + " | ".join(cells) + " |")
 PY
