@@ -945,7 +945,7 @@ mod tests {
             .collect();
         let mut skips = Vec::new();
         fe.push_batch(d, &origins, &mut Samples::default(), |i, r| {
-            skips.push((i, r.label()))
+            skips.push((i, r.label().into_owned()))
         });
         skips
     }

@@ -34,7 +34,7 @@ use crate::learner::importance::ImportanceMethod;
 use crate::learner::model::Head;
 use crate::learner::select::Selector;
 use crate::learner::{LearnerConfig, OnlineLearner};
-use crate::pipeline::{RunOptions, decode_rows};
+use crate::pipeline::{RunOptions, count_skip, decode_rows};
 use crate::schema::Schema;
 use crate::shutdown::Shutdown;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
@@ -185,7 +185,7 @@ async fn load(
                 reason,
                 detail,
             } => {
-                *a.skipped.entry(reason.clone()).or_default() += rows;
+                count_skip(&mut a.skipped, &reason, rows);
                 a.dead_rows += rows;
                 dead.send(&DeadLetter::span(
                     &reason, &detail, &origin, first_row, rows,
@@ -194,7 +194,7 @@ async fn load(
             SourceEvent::Batch { batch, origins, .. } => {
                 let (skipped, dead_rows) = (&mut a.skipped, &mut a.dead_rows);
                 decode_rows(&decoder, features, &batch, &origins, &mut a.samples, |s| {
-                    *skipped.entry(s.reason.clone()).or_default() += 1;
+                    count_skip(skipped, &s.reason, 1);
                     if !s.bad_input {
                         return Ok(());
                     }

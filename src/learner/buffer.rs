@@ -79,10 +79,10 @@ fn default_rescore_slice() -> usize {
     512
 }
 
-/// One retained sample.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One retained sample's record; its inputs live in the buffer's row slab, one row per slot,
+/// so admitting a sample allocates nothing once the slab has grown to the buffer's size.
+#[derive(Debug, Clone)]
 pub struct Entry {
-    pub x: Box<[f32]>,
     pub y: f32,
     pub key: Arc<str>,
     pub time: i64,
@@ -94,18 +94,35 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Bytes this entry is charged: its payload plus [`ENTRY_OVERHEAD`].
-    pub fn bytes(&self) -> usize {
-        self.x.len() * size_of::<f32>() + self.key.len() + ENTRY_OVERHEAD
+    /// Bytes this entry is charged with a row of `inputs` values: payload plus
+    /// [`ENTRY_OVERHEAD`].
+    pub fn bytes(&self, inputs: usize) -> usize {
+        inputs * size_of::<f32>() + self.key.len() + ENTRY_OVERHEAD
     }
+}
+
+/// An entry with its row, as a checkpoint keeps it (the layout of checkpoint format 05,
+/// when the row was boxed inside the entry).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedEntry {
+    x: Box<[f32]>,
+    y: f32,
+    key: Arc<str>,
+    time: i64,
+    score: f32,
+    version: u64,
+    born: u64,
 }
 
 /// Largest loss weight of a replayed row under importance sampling (bounds the variance that
 /// a near-zero score would otherwise bring).
 pub const MAX_REPLAY_WEIGHT: f64 = 20.0;
 
-/// Fixed bytes charged per entry: the slot, the ordering index node and the key's Arc header.
-pub const ENTRY_OVERHEAD: usize = size_of::<Option<Entry>>() + 2 * size_of::<(u64, usize)>() + 16;
+/// Fixed bytes charged per entry: the slot's record, the row's place in the slab (charged as
+/// the boxed row it replaced, so that a byte cap holds the rows it held before), the
+/// ordering index node and the key's Arc header.
+pub const ENTRY_OVERHEAD: usize =
+    size_of::<Option<Entry>>() + size_of::<Box<[f32]>>() + 2 * size_of::<(u64, usize)>() + 16;
 
 /// Counters a run reports.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -131,6 +148,10 @@ pub struct ReplayBuffer {
     cfg: BufferConfig,
     ln_decay: f64,
     slots: Vec<Option<Entry>>,
+    /// Slot i's inputs at `rows[i·inputs..(i + 1)·inputs]`.
+    rows: Vec<f32>,
+    /// Values per row (0 until the first admission).
+    inputs: usize,
     free: Vec<usize>,
     /// (ordering key as sortable bits, slot); min leaves first. Unused by `reservoir`.
     order: BTreeSet<(u64, usize)>,
@@ -157,7 +178,7 @@ fn unsortable(u: u64) -> f64 {
 /// rebuilt on load).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BufferState {
-    entries: Vec<Entry>,
+    entries: Vec<SavedEntry>,
     offered: u64,
     cursor: usize,
     stats: BufferStats,
@@ -166,7 +187,20 @@ pub struct BufferState {
 impl ReplayBuffer {
     pub fn state(&self) -> BufferState {
         BufferState {
-            entries: self.slots.iter().flatten().cloned().collect(),
+            entries: (self.slots.iter().enumerate())
+                .filter_map(|(i, e)| {
+                    let e = e.as_ref()?;
+                    Some(SavedEntry {
+                        x: self.row(i).into(),
+                        y: e.y,
+                        key: e.key.clone(),
+                        time: e.time,
+                        score: e.score,
+                        version: e.version,
+                        born: e.born,
+                    })
+                })
+                .collect(),
             offered: self.offered,
             cursor: self.cursor,
             stats: self.stats,
@@ -177,7 +211,15 @@ impl ReplayBuffer {
     pub fn restore(&mut self, s: BufferState) {
         *self = ReplayBuffer::new(self.cfg.clone());
         for e in s.entries {
-            self.insert(e);
+            let entry = Entry {
+                y: e.y,
+                key: e.key,
+                time: e.time,
+                score: e.score,
+                version: e.version,
+                born: e.born,
+            };
+            self.insert(&e.x, entry);
         }
         self.offered = s.offered;
         self.cursor = s.cursor;
@@ -188,6 +230,8 @@ impl ReplayBuffer {
         let ln_decay = cfg.decay.clamp(1e-12, 1.0).ln();
         ReplayBuffer {
             slots: Vec::with_capacity(cfg.capacity.min(1 << 20)),
+            rows: Vec::new(),
+            inputs: 0,
             cfg,
             ln_decay,
             free: Vec::new(),
@@ -231,15 +275,27 @@ impl ReplayBuffer {
         }
         self.free.push(slot);
         self.len -= 1;
-        self.bytes -= e.bytes();
+        self.bytes -= e.bytes(self.inputs);
         e
     }
 
-    fn insert(&mut self, e: Entry) {
+    fn insert(&mut self, x: &[f32], e: Entry) {
+        if self.slots.is_empty() {
+            self.inputs = x.len();
+        }
+        assert_eq!(
+            x.len(),
+            self.inputs,
+            "every buffered row has the same inputs"
+        );
         let slot = match self.free.pop() {
-            Some(s) => s,
+            Some(s) => {
+                self.rows[s * self.inputs..(s + 1) * self.inputs].copy_from_slice(x);
+                s
+            }
             None => {
                 self.slots.push(None);
+                self.rows.extend_from_slice(x);
                 self.slots.len() - 1
             }
         };
@@ -247,7 +303,7 @@ impl ReplayBuffer {
             self.order.insert((self.rank(&e), slot));
         }
         self.len += 1;
-        self.bytes += e.bytes();
+        self.bytes += e.bytes(self.inputs);
         self.slots[slot] = Some(e);
         self.stats.admitted += 1;
     }
@@ -281,9 +337,10 @@ impl ReplayBuffer {
         old.len()
     }
 
-    /// Offers a sample; returns whether it was retained. Both caps hold afterwards.
-    pub fn offer(&mut self, e: Entry, rng: &mut impl Rng) -> bool {
-        let need = e.bytes();
+    /// Offers a sample (its inputs `x` and record `e`); returns whether it was retained. Both
+    /// caps hold afterwards.
+    pub fn offer(&mut self, x: &[f32], e: Entry, rng: &mut impl Rng) -> bool {
+        let need = e.bytes(x.len());
         if need > self.cfg.max_bytes || self.cfg.capacity == 0 {
             self.stats.rejected += 1;
             return false;
@@ -317,7 +374,7 @@ impl ReplayBuffer {
                 }
             }
         }
-        self.insert(e);
+        self.insert(x, e);
         true
     }
 
@@ -407,6 +464,11 @@ impl ReplayBuffer {
         self.slots.get(slot).and_then(|s| s.as_ref())
     }
 
+    /// The inputs of `slot` (live or not: a freed slot keeps its last row until reused).
+    fn row(&self, slot: usize) -> &[f32] {
+        &self.rows[slot * self.inputs..(slot + 1) * self.inputs]
+    }
+
     /// Replaces an entry's score with one from the current model.
     pub fn rescore(&mut self, slot: usize, score: f32, version: u64) {
         let Some(e) = self.slots[slot].as_ref() else {
@@ -432,7 +494,7 @@ impl ReplayBuffer {
     pub fn gather(&self, slots: &[usize], x: &mut Vec<f32>, y: &mut Vec<f32>) {
         for &s in slots {
             let e = self.slots[s].as_ref().expect("live slot");
-            x.extend_from_slice(&e.x);
+            x.extend_from_slice(self.row(s));
             y.push(e.y);
         }
     }
@@ -482,9 +544,11 @@ mod tests {
         }
     }
 
+    /// The inputs every test entry is offered with.
+    const ROW: [f32; 8] = [0.0; 8];
+
     fn entry(score: f32, born: u64, key: &str) -> Entry {
         Entry {
-            x: vec![0.0; 8].into_boxed_slice(),
             y: 0.0,
             key: Arc::from(key),
             time: born as i64,
@@ -500,13 +564,13 @@ mod tests {
         for policy in [EvictionPolicy::Fifo, EvictionPolicy::Importance] {
             let mut b = ReplayBuffer::new(cfg(policy, 10, 1 << 20));
             for i in 0..10 {
-                b.offer(entry(i as f32, i, "k"), &mut rng);
+                b.offer(&ROW, entry(i as f32, i, "k"), &mut rng);
             }
             assert_eq!(b.forget_born_before(7), 7);
             assert_eq!((b.len(), b.stats.evicted), (3, 7));
             // The index still evicts correctly after the removal.
             for i in 10..20 {
-                b.offer(entry(i as f32, i, "k"), &mut rng);
+                b.offer(&ROW, entry(i as f32, i, "k"), &mut rng);
             }
             let mut born: Vec<u64> = b.entries().map(|e| e.born).collect();
             born.sort();
@@ -522,7 +586,7 @@ mod tests {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
         let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 1000, 1 << 24));
         for i in 0..1000 {
-            b.offer(entry(1.0, i, "k"), &mut rng);
+            b.offer(&ROW, entry(1.0, i, "k"), &mut rng);
         }
         let (slots, w) = b.sample_recent(20_000, 100.0, &mut rng);
         let ages: Vec<u64> = slots
@@ -542,7 +606,7 @@ mod tests {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
         let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Importance, 10, 1 << 20));
         for i in 0..100 {
-            b.offer(entry(i as f32, i, "k"), &mut rng);
+            b.offer(&ROW, entry(i as f32, i, "k"), &mut rng);
         }
         let mut kept: Vec<f32> = b.entries().map(|e| e.score).collect();
         kept.sort_by(f32::total_cmp);
@@ -556,10 +620,10 @@ mod tests {
         c.decay = 0.9;
         let mut b = ReplayBuffer::new(c);
         for i in 0..4 {
-            b.offer(entry(10.0, i, "old"), &mut rng);
+            b.offer(&ROW, entry(10.0, i, "old"), &mut rng);
         }
         // 10·0.9^100 ≪ 1: the old entries are worth less than fresh ones of score 1.
-        assert!(b.offer(entry(1.0, 100, "new"), &mut rng));
+        assert!(b.offer(&ROW, entry(1.0, 100, "new"), &mut rng));
         assert_eq!(b.entries().filter(|e| &*e.key == "new").count(), 1);
     }
 
@@ -571,14 +635,14 @@ mod tests {
             EvictionPolicy::Fifo,
             EvictionPolicy::Reservoir,
         ] {
-            let per = entry(0.0, 0, "key-0").bytes();
+            let per = entry(0.0, 0, "key-0").bytes(ROW.len());
             let mut b = ReplayBuffer::new(cfg(policy, 50, per * 30 + 7));
             for i in 0..5000u64 {
                 let key = format!("key-{}", i % 1000);
-                b.offer(entry(rng.random(), i, &key), &mut rng);
+                b.offer(&ROW, entry(rng.random(), i, &key), &mut rng);
                 assert!(b.len() <= 50 && b.bytes() <= per * 30 + 7, "{policy:?}");
             }
-            let live: usize = b.entries().map(Entry::bytes).sum();
+            let live: usize = b.entries().map(|e| e.bytes(ROW.len())).sum();
             assert_eq!(live, b.bytes());
             assert!(b.len() >= 25, "{policy:?} fills up: {}", b.len());
         }
@@ -589,7 +653,7 @@ mod tests {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
         let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 5, 1 << 20));
         for i in 0..20 {
-            b.offer(entry(100.0 - i as f32, i, "k"), &mut rng);
+            b.offer(&ROW, entry(100.0 - i as f32, i, "k"), &mut rng);
         }
         let mut born: Vec<u64> = b.entries().map(|e| e.born).collect();
         born.sort();
@@ -603,7 +667,7 @@ mod tests {
         c.replay_sampling = ReplaySampling::Importance;
         let mut b = ReplayBuffer::new(c);
         for i in 0..100 {
-            b.offer(entry(1.0 + (i % 2) as f32 * 3.0, i, "k"), &mut rng);
+            b.offer(&ROW, entry(1.0 + (i % 2) as f32 * 3.0, i, "k"), &mut rng);
         }
         let (slots, w) = b.sample(20_000, &mut rng);
         let high = slots
@@ -618,6 +682,37 @@ mod tests {
         let (slots, w) =
             ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 4, 1 << 20)).sample(3, &mut rng);
         assert!(slots.is_empty() && w.is_empty());
+    }
+
+    /// Each slot's row in the slab is the row its entry was offered with, through evictions
+    /// that reuse slots and through a checkpoint; the byte charge is the boxed-row one.
+    #[test]
+    fn rows_follow_their_entries_through_reuse_and_a_checkpoint() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+        let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 5, 1_000_000));
+        let row = |i: u64| -> Vec<f32> { (0..8).map(|j| (i * 10 + j) as f32).collect() };
+        for i in 0..12 {
+            let mut e = entry(1.0, i, "k");
+            e.y = i as f32;
+            assert!(b.offer(&row(i), e, &mut rng));
+        }
+        let check = |b: &ReplayBuffer| {
+            let slots: Vec<usize> = (0..b.slots.len()).filter(|&s| b.get(s).is_some()).collect();
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            b.gather(&slots, &mut x, &mut y);
+            let mut ys = y.clone();
+            ys.sort_by(f32::total_cmp);
+            assert_eq!(ys, [7.0, 8.0, 9.0, 10.0, 11.0], "FIFO keeps the newest 5");
+            for (k, &yv) in y.iter().enumerate() {
+                assert_eq!(&x[k * 8..(k + 1) * 8], row(yv as u64).as_slice());
+            }
+        };
+        check(&b);
+        let mut restored = ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 5, 1_000_000));
+        restored.restore(b.state());
+        check(&restored);
+        #[cfg(target_pointer_width = "64")]
+        assert_eq!(ENTRY_OVERHEAD, 112, "the charge of the boxed-row layout");
     }
 
     #[test]

@@ -567,7 +567,6 @@ impl OnlineLearner {
             .map(|i| {
                 selected[i] && {
                     let e = Entry {
-                        x: b.x[i * dim..(i + 1) * dim].into(),
                         y: b.y[i],
                         key: b.keys[i].clone(),
                         time: b.times[i],
@@ -575,7 +574,8 @@ impl OnlineLearner {
                         version,
                         born: self.stats.seen + i as u64,
                     };
-                    self.buffer.offer(e, &mut self.rng)
+                    let x = &b.x[i * dim..(i + 1) * dim];
+                    self.buffer.offer(x, e, &mut self.rng)
                 }
             })
             .collect()

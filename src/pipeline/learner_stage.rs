@@ -5,6 +5,7 @@
 //! in a fixed order: pending rows trained, sinks rolled, dead letters synced, checkpoint
 //! written atomically, and only then is a feed told to commit the positions it covers.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::stage_time::StageTime;
 
-use super::rows::decode_rows;
+use super::rows::{count_skip, decode_rows};
 use super::sink_stage::SinkMsg;
 use super::upkeep::unix_ms;
 use crate::checkpoint::{self, Checkpoint, RunCounters};
@@ -352,7 +353,7 @@ impl LearnerStage {
         let mut letters = 0u64;
         // Skips are told to the metrics once per batch and reason: a counter lookup per row
         // cost 5% of the learner thread while 1,000 keys warmed up their lags.
-        let mut skips: Vec<(String, bool, u64)> = Vec::new();
+        let mut skips: Vec<(Cow<'static, str>, bool, u64)> = Vec::new();
         let decoded = decode_rows(
             &self.decoder,
             &mut self.features,
@@ -360,7 +361,7 @@ impl LearnerStage {
             origins,
             &mut self.pending,
             |s| {
-                *counters.skipped.entry(s.reason.clone()).or_default() += 1;
+                count_skip(&mut counters.skipped, &s.reason, 1);
                 match skips
                     .iter_mut()
                     .find(|(r, bad, _)| *r == s.reason && *bad == s.bad_input)

@@ -18,7 +18,7 @@ mod rows;
 mod sink_stage;
 mod upkeep;
 
-pub use rows::{Skipped, decode_rows};
+pub use rows::{Skipped, count_skip, decode_rows};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;

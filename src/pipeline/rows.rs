@@ -2,6 +2,8 @@
 //! and every row that is not one is handed on with its reason and origin (shared by the
 //! streaming learner stage and offline training, so both count and dead-letter alike).
 
+use std::borrow::Cow;
+
 use anyhow::Result;
 
 use crate::decode::Decoder;
@@ -11,7 +13,7 @@ use crate::source::RowOrigin;
 
 /// A row (or a whole batch) that did not become a sample, and why.
 pub struct Skipped<'a> {
-    pub reason: String,
+    pub reason: Cow<'static, str>,
     pub detail: &'a str,
     /// Bad input (dead-lettered), not a skip by design such as `lag_warmup`.
     pub bad_input: bool,
@@ -35,6 +37,18 @@ impl Skipped<'_> {
     }
 }
 
+/// Adds `rows` skips of `reason` to a run's counters. The reason is copied only the first
+/// time it is seen: at the start of a stream every row of a thousand keys waiting for its lags
+/// is a skip.
+pub fn count_skip(skipped: &mut std::collections::BTreeMap<String, u64>, reason: &str, rows: u64) {
+    match skipped.get_mut(reason) {
+        Some(n) => *n += rows,
+        None => {
+            skipped.insert(reason.to_string(), rows);
+        }
+    }
+}
+
 /// Decodes a batch and turns its rows into samples appended to `pending`; every row that does
 /// not become one is handed to `skip` (a batch of the wrong shape: each of its rows).
 pub fn decode_rows(
@@ -50,7 +64,7 @@ pub fn decode_rows(
         Err(e) => {
             tracing::warn!(origin = %origins[0].source, row = origins[0].index, error = %e, "batch rejected");
             for origin in origins {
-                let (reason, detail) = (e.reason.clone(), e.detail.as_str());
+                let (reason, detail) = (e.reason.clone().into(), e.detail.as_str());
                 skip(Skipped {
                     reason,
                     detail,
@@ -63,7 +77,7 @@ pub fn decode_rows(
             return Ok(());
         }
     };
-    let mut skipped: Vec<(usize, String, bool)> = Vec::new();
+    let mut skipped: Vec<(usize, Cow<'static, str>, bool)> = Vec::new();
     features.push_batch(&d, origins, pending, |i, reason| {
         skipped.push((i, reason.label(), reason.is_bad_input()));
     });

@@ -250,7 +250,7 @@ fn check_rows(
         .map(|(j, &i)| match check.row(&d, j, &mut vals) {
             Ok(_) => true,
             Err(r) => {
-                let reason = r.label();
+                let reason = r.label().into_owned();
                 let detail = format!("the message fails the schema's row check: {reason}");
                 bad.push((i, BatchError { reason, detail }));
                 false
