@@ -238,10 +238,11 @@ fn peers(c: &mut Criterion) {
         });
         // The update alone, on a real gradient (the groups above may have been filtered out).
         // It reads four arrays of the parameters' size and writes three (85 kB of state for
-        // the 16-64-64-1 MLP, beyond L1): cache bandwidth bounds it, not the divider (a
-        // division-free variant, square root and division by Newton steps, measured slower;
-        // an AVX-512 one from the hardware's 14-bit rsqrt/rcp estimates refined by Newton
-        // steps, measured the same: 2.86 vs 2.91-2.98 µs, two alternating runs, 2026-11-30).
+        // the 16-64-64-1 MLP, beyond L1). Without its square root and division a standalone
+        // loop ran in 1.6-1.9 µs against 2.7-3.3 µs (2026-11-30), so about a third is the
+        // divider; neither a division-free variant (square root and division by Newton
+        // steps: slower) nor an AVX-512 one from the hardware's 14-bit rsqrt/rcp estimates
+        // refined by Newton steps (2.86 vs 2.91-2.98 µs, two alternating runs) recovered it.
         f.forward(&x, n);
         f.backward(&y);
         f.weighted_grads(&w, &mut grads);

@@ -81,7 +81,7 @@ fn default_rescore_slice() -> usize {
 
 /// One retained sample's record; its inputs live in the buffer's row slab, one row per slot,
 /// so admitting a sample allocates nothing once the slab has grown to the buffer's size.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
     pub y: f32,
     pub key: Arc<str>,
@@ -101,17 +101,13 @@ impl Entry {
     }
 }
 
-/// An entry with its row, as a checkpoint keeps it (the layout of checkpoint format 05,
-/// when the row was boxed inside the entry).
+/// An entry with its row, as a checkpoint keeps it. postcard writes a nested struct's fields
+/// in line, so this is byte for byte the layout of checkpoint format 05, when the row was the
+/// entry's first field (a test holds it to that).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SavedEntry {
     x: Box<[f32]>,
-    y: f32,
-    key: Arc<str>,
-    time: i64,
-    score: f32,
-    version: u64,
-    born: u64,
+    entry: Entry,
 }
 
 /// Largest loss weight of a replayed row under importance sampling (bounds the variance that
@@ -189,15 +185,9 @@ impl ReplayBuffer {
         BufferState {
             entries: (self.slots.iter().enumerate())
                 .filter_map(|(i, e)| {
-                    let e = e.as_ref()?;
-                    Some(SavedEntry {
+                    e.as_ref().map(|e| SavedEntry {
                         x: self.row(i).into(),
-                        y: e.y,
-                        key: e.key.clone(),
-                        time: e.time,
-                        score: e.score,
-                        version: e.version,
-                        born: e.born,
+                        entry: e.clone(),
                     })
                 })
                 .collect(),
@@ -211,15 +201,7 @@ impl ReplayBuffer {
     pub fn restore(&mut self, s: BufferState) {
         *self = ReplayBuffer::new(self.cfg.clone());
         for e in s.entries {
-            let entry = Entry {
-                y: e.y,
-                key: e.key,
-                time: e.time,
-                score: e.score,
-                version: e.version,
-                born: e.born,
-            };
-            self.insert(&e.x, entry);
+            self.insert(&e.x, e.entry);
         }
         self.offered = s.offered;
         self.cursor = s.cursor;
@@ -713,6 +695,38 @@ mod tests {
         check(&restored);
         #[cfg(target_pointer_width = "64")]
         assert_eq!(ENTRY_OVERHEAD, 112, "the charge of the boxed-row layout");
+    }
+
+    /// A buffer saved before the rows moved to the slab (each entry with its boxed row as the
+    /// first field) reads back into today's layout, and today's writes the same bytes.
+    #[test]
+    fn saved_entries_keep_the_boxed_row_layout() {
+        #[derive(Serialize)]
+        struct Format05 {
+            x: Box<[f32]>,
+            y: f32,
+            key: Arc<str>,
+            time: i64,
+            score: f32,
+            version: u64,
+            born: u64,
+        }
+        let old = Format05 {
+            x: vec![1.5, -2.0, 3.25].into(),
+            y: 4.0,
+            key: Arc::from("cell-7"),
+            time: -9,
+            score: 0.125,
+            version: 11,
+            born: 12,
+        };
+        let bytes = postcard::to_stdvec(&old).unwrap();
+        let now: SavedEntry = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(&*now.x, &[1.5, -2.0, 3.25]);
+        let e = &now.entry;
+        assert_eq!((e.y, &*e.key, e.time, e.score), (4.0, "cell-7", -9, 0.125));
+        assert_eq!((e.version, e.born), (11, 12));
+        assert_eq!(postcard::to_stdvec(&now).unwrap(), bytes);
     }
 
     #[test]

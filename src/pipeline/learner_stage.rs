@@ -279,11 +279,7 @@ impl LearnerStage {
             self.telemetry.rows_already_covered(rows);
             return Ok(());
         }
-        *self
-            .counters
-            .skipped
-            .entry(letter.reason.to_string())
-            .or_default() += rows;
+        count_skip(&mut self.counters.skipped, letter.reason, rows);
         self.counters.rows_read += rows;
         self.dead.send(letter)?;
         self.telemetry.rows_skipped(letter.reason, true, rows);

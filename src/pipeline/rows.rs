@@ -3,6 +3,7 @@
 //! streaming learner stage and offline training, so both count and dead-letter alike).
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use anyhow::Result;
 
@@ -40,7 +41,7 @@ impl Skipped<'_> {
 /// Adds `rows` skips of `reason` to a run's counters. The reason is copied only the first
 /// time it is seen: at the start of a stream every row of a thousand keys waiting for its lags
 /// is a skip.
-pub fn count_skip(skipped: &mut std::collections::BTreeMap<String, u64>, reason: &str, rows: u64) {
+pub fn count_skip(skipped: &mut BTreeMap<String, u64>, reason: &str, rows: u64) {
     match skipped.get_mut(reason) {
         Some(n) => *n += rows,
         None => {
