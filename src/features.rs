@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::decode::DecodedBatch;
 use crate::learner::blend::ExpertWeights;
-use crate::learner::drift::{DriftConfig, KeyDetectors};
+use crate::learner::drift::KeyDetectors;
 use crate::learner::eval::{ClassBaselines, KNN_K, Observation, RegressionRow};
 use crate::learner::knn::KnnMemory;
 use crate::learner::model::Head;
@@ -215,18 +215,33 @@ struct KeyState {
     id: u32,
     /// Labelled rows of the key so far.
     labelled: u32,
-    /// The prediction blend's expert weights on this key.
+    /// The prediction blend's expert weights and (with `drift.per_key`) the loss detectors
+    /// of this key are the learner stage's ([`KeyLearnerParts`]); they live here only inside
+    /// a checkpoint, which keeps them in this place (format unchanged).
     experts: ExpertWeights,
     /// This key's own scalers (numeric columns, geo east/north/range), with
     /// `scaler.per_key`.
     own: Option<(Vec<Scaler>, [Scaler; 3])>,
-    /// This key's loss detectors, with `drift.per_key` (made at its first sample).
     drift: Option<Box<KeyDetectors>>,
     last_seen: u64,
 }
 
+/// What the learner stage keeps per key (see [`KeyState`]).
+pub type KeyLearnerParts = (ExpertWeights, Option<Box<KeyDetectors>>);
+
+/// Every key's [`KeyLearnerParts`], as a checkpoint kept them.
+pub type SavedLearnerParts = Vec<(Arc<str>, KeyLearnerParts)>;
+
+/// A key the engine started or stopped tracking, told to the learner stage so that its
+/// per-key state follows the same keys (and the same `max_keys` bound).
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyChange {
+    Tracked(Arc<str>),
+    Forgotten(Arc<str>),
+}
+
 /// The learned part of a [`FeatureEngine`], as a checkpoint stores it.
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 pub struct FeatureState {
     scalers: Vec<Scaler>,
     geo_scalers: [Scaler; 3],
@@ -236,6 +251,25 @@ pub struct FeatureState {
     next_key_id: u32,
     knn: Option<KnnMemory>,
     rows: u64,
+}
+
+impl FeatureState {
+    /// Moves every key's learner-stage parts out (a resume hands them to that stage).
+    pub fn take_learner_parts(&mut self) -> SavedLearnerParts {
+        let take = |s: &mut KeyState| (std::mem::take(&mut s.experts), s.drift.take());
+        (self.keys.iter_mut())
+            .map(|(k, s)| (k.clone(), take(s)))
+            .collect()
+    }
+
+    /// Puts every key's learner-stage parts in, as `parts` gives them (a checkpoint).
+    pub fn put_learner_parts(&mut self, mut parts: impl FnMut(&str) -> Option<KeyLearnerParts>) {
+        for (k, s) in &mut self.keys {
+            if let Some((experts, drift)) = parts(k) {
+                (s.experts, s.drift) = (experts, drift);
+            }
+        }
+    }
 }
 
 /// Points the neighbour baseline remembers.
@@ -284,6 +318,9 @@ pub struct FeatureEngine {
     /// scale, shift).
     rows: u64,
     inject: Option<(usize, u64, f64, f64)>,
+    /// Keys started and forgotten since last taken, when asked for
+    /// ([`FeatureEngine::with_key_changes`]).
+    key_changes: Option<Vec<KeyChange>>,
 }
 
 const EARTH_RADIUS_M: f64 = 6_371_000.0;
@@ -335,6 +372,7 @@ impl FeatureEngine {
             next_key_id: 0,
             rows: 0,
             inject: None,
+            key_changes: None,
             check: RowCheck::new(schema.clone(), numeric, OutOfRange::DeadLetter),
             clipped: 0,
             inputs: schema.features.inputs.iter().map(idx).collect(),
@@ -443,24 +481,18 @@ impl FeatureEngine {
         &self.schema.name
     }
 
-    /// The prediction blend's expert weights on `key` (fresh ones for a key not tracked).
-    pub fn expert_weights(&self, key: &str) -> ExpertWeights {
-        self.keys.get(key).map(|s| s.experts).unwrap_or_default()
+    /// Records every key started and forgotten, for [`FeatureEngine::take_key_changes`].
+    pub fn with_key_changes(mut self) -> Self {
+        self.key_changes = Some(Vec::new());
+        self
     }
 
-    /// The loss detectors of `key` (made on first use); none for a key not tracked.
-    pub fn key_detectors(&mut self, key: &str, cfg: &DriftConfig) -> Option<&mut KeyDetectors> {
-        let s = self.keys.get_mut(key)?;
-        Some(
-            s.drift
-                .get_or_insert_with(|| Box::new(KeyDetectors::new(cfg))),
-        )
-    }
-
-    pub fn set_expert_weights(&mut self, key: &str, w: ExpertWeights) {
-        if let Some(s) = self.keys.get_mut(key) {
-            s.experts = w;
-        }
+    /// The keys started and forgotten since the last call, in order.
+    pub fn take_key_changes(&mut self) -> Vec<KeyChange> {
+        self.key_changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Keys currently tracked.
@@ -556,9 +588,15 @@ impl FeatureEngine {
             if let Some((_, old)) = self.recency.pop_first() {
                 self.keys.remove(&old);
                 self.keys_evicted += 1;
+                if let Some(c) = &mut self.key_changes {
+                    c.push(KeyChange::Forgotten(old));
+                }
             }
         }
         let k: Arc<str> = Arc::from(key);
+        if let Some(c) = &mut self.key_changes {
+            c.push(KeyChange::Tracked(k.clone()));
+        }
         let hist = self
             .hist_len
             .iter()
@@ -974,6 +1012,41 @@ mod tests {
         assert_eq!(tracked(&fe), ["3", "5", "6"]);
         assert_eq!(fe.keys_evicted, 3);
         assert_eq!(fe.recency.len(), 3);
+    }
+
+    #[test]
+    fn started_and_forgotten_keys_are_told_in_order_and_parts_ride_in_the_state() {
+        use KeyChange::{Forgotten, Tracked};
+        let mut fe = milan(2).with_key_changes();
+        feed(&mut fe, &[1, 2, 1, 3]);
+        let k = |s: &str| Arc::<str>::from(s);
+        assert_eq!(
+            fe.take_key_changes(),
+            [
+                Tracked(k("1")),
+                Tracked(k("2")),
+                Forgotten(k("2")),
+                Tracked(k("3"))
+            ]
+        );
+        assert!(fe.take_key_changes().is_empty(), "taken once");
+        // The learner stage's parts go into a checkpoint's state and come back out by key.
+        let mut state = fe.state();
+        state.put_learner_parts(|key| (key == "3").then_some(([0.5, 0.25, 0.25], None)));
+        let mut parts = state.take_learner_parts();
+        parts.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(parts[0].0, k("1"));
+        assert_eq!(parts[0].1.0, ExpertWeights::default());
+        assert_eq!(
+            (parts[1].0.clone(), parts[1].1.0),
+            (k("3"), [0.5, 0.25, 0.25])
+        );
+        assert!(
+            state
+                .take_learner_parts()
+                .iter()
+                .all(|(_, p)| p.0 == ExpertWeights::default())
+        );
     }
 
     fn bad_input(skips: &[(usize, String)]) -> Vec<(usize, String)> {

@@ -1,4 +1,4 @@
-//! CPU time and waiting time per pipeline stage (source, learner, sink): which stage is the
+//! CPU time and waiting time per pipeline stage (source, features, learner, sink): which stage is the
 //! bottleneck, and where each one waits. A stage's thread adds its own CPU time when it ends;
 //! waits are timed where they happen, at the bounded channels between stages (a source
 //! waiting to send is backpressure from the learner; a learner waiting to receive is starved
@@ -51,14 +51,15 @@ impl StageTime {
 pub struct StageSeconds {
     /// CPU time of the stage's thread.
     pub cpu_s: f64,
-    /// Time blocked on its channel: sending (source) or receiving (learner, sink).
+    /// Time blocked on its channel: sending (source) or receiving (learner, sink); the feature stage does both.
     pub wait_s: f64,
 }
 
-/// The three stages of a run.
+/// The four stages of a run.
 #[derive(Debug, Default)]
 pub struct StageTimes {
     pub source: StageTime,
+    pub features: StageTime,
     pub learner: StageTime,
     pub sink: StageTime,
 }
@@ -67,6 +68,8 @@ pub struct StageTimes {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct StageReport {
     pub source: StageSeconds,
+    #[serde(default)]
+    pub features: StageSeconds,
     pub learner: StageSeconds,
     pub sink: StageSeconds,
 }
@@ -75,6 +78,7 @@ impl StageTimes {
     pub fn report(&self) -> StageReport {
         StageReport {
             source: self.source.seconds(),
+            features: self.features.seconds(),
             learner: self.learner.seconds(),
             sink: self.sink.seconds(),
         }

@@ -55,7 +55,7 @@ fn milan_pipeline_runs_from_the_cli_and_pyarrow_reads_its_scores() {
     assert!(stdout.contains("energy model:"), "{stdout}");
     // Every stage's thread reports its CPU time, and none exceeds the process's.
     let (st, total) = (&report["stages"], report["cpu_s"].as_f64().unwrap());
-    for stage in ["source", "learner", "sink"] {
+    for stage in ["source", "features", "learner", "sink"] {
         let cpu = st[stage]["cpu_s"].as_f64().unwrap();
         assert!(cpu >= 0.0 && cpu <= total, "{stage}: {st}");
         assert!(
@@ -64,6 +64,7 @@ fn milan_pipeline_runs_from_the_cli_and_pyarrow_reads_its_scores() {
         );
     }
     assert!(st["source"]["cpu_s"].as_f64().unwrap() > 0.0, "{st}");
+    assert!(st["features"]["cpu_s"].as_f64().unwrap() > 0.0, "{st}");
     assert!(st["learner"]["cpu_s"].as_f64().unwrap() > 0.0, "{st}");
 
     let scores = out.path().join("scores.parquet");

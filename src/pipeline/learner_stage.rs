@@ -1,32 +1,32 @@
 //! The learner stage: one thread that owns all model state (so nothing on the hot path takes
-//! a lock). It takes [`SourceEvent`]s, decodes and featurises their rows, steps the learner
-//! one micro-batch at a time, records the prequential metrics, sends score rows to the sink
-//! stage, dead-letters bad input, and decides when a checkpoint is due. A checkpoint is taken
-//! in a fixed order: pending rows trained, sinks rolled, dead letters synced, checkpoint
-//! written atomically, and only then is a feed told to commit the positions it covers.
+//! a lock). It takes the feature stage's micro-batches, steps the learner on each, records the
+//! prequential metrics, sends score rows to the sink stage, dead-letters bad input, and
+//! checkpoints where the feature stage cut a marker into the stream. A checkpoint is taken in
+//! a fixed order: the partial micro-batch trained, sinks rolled, dead letters synced,
+//! checkpoint written atomically, and only then is a feed told to commit the positions it
+//! covers.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Sender, SyncSender, sync_channel};
-use std::time::{Duration, Instant};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
-use arrow::array::RecordBatch;
 use indicatif::ProgressBar;
-use tokio::sync::mpsc;
 
 use crate::stage_time::StageTime;
 
-use super::rows::{count_skip, decode_rows};
+use super::feature_stage::{FeatureTally, Featured, FeaturedBatch, Letter};
+use super::learner_keys::LearnerKeys;
+use super::rows::count_skip;
 use super::sink_stage::SinkMsg;
 use super::upkeep::unix_ms;
 use crate::checkpoint::{self, Checkpoint, RunCounters};
 use crate::config::PipelineConfig;
-use crate::decode::Decoder;
-use crate::features::{FeatureEngine, Samples};
+use crate::features::{FeatureState, Samples, SavedLearnerParts};
 use crate::learner::blend::{Blender, ExpertWeights};
 use crate::learner::drift::DriftMonitor;
 use crate::learner::eval::{EvalSummary, Observation, Scoreboard};
@@ -37,20 +37,16 @@ use crate::learner::{FreshBatch, LearnerConfig};
 use crate::schema::Schema;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::sink::scores::ScoreRow;
-use crate::source::{Ack, RowOrigin, SourceEvent};
+use crate::source::Ack;
 use crate::telemetry::{self, LearnerMetrics, LearnerView, StepView};
 
 /// Score rows per message to the sink thread.
 const SINK_BATCH: usize = 1024;
 
-/// When to checkpoint, and what the last one covered.
+/// Where checkpoints go, and what the last one covered (the feature stage says when).
 pub(crate) struct CheckpointCtl {
     /// None: checkpoints are off.
     pub path: Option<PathBuf>,
-    pub every_rows: u64,
-    pub every: Duration,
-    pub rows_since: u64,
-    pub last: Instant,
     pub written: u64,
     pub last_bytes: u64,
     /// Time spent closing segments, syncing and writing checkpoints (not the partial-batch train).
@@ -68,10 +64,6 @@ impl CheckpointCtl {
     pub fn new(cfg: &PipelineConfig, resume: Option<&Checkpoint>) -> Self {
         CheckpointCtl {
             path: cfg.checkpoint.enabled.then(|| cfg.checkpoint_path()),
-            every_rows: cfg.checkpoint.every_rows,
-            every: Duration::from_secs_f64(cfg.checkpoint.every_seconds),
-            rows_since: 0,
-            last: Instant::now(),
             written: 0,
             last_bytes: 0,
             seconds: 0.0,
@@ -87,12 +79,6 @@ impl CheckpointCtl {
             next_segment: resume.map_or(1, |c| c.next_segment),
             files: BTreeMap::new(),
         }
-    }
-
-    fn due(&self) -> bool {
-        self.path.is_some()
-            && self.rows_since > 0
-            && (self.rows_since >= self.every_rows || self.last.elapsed() >= self.every)
     }
 }
 
@@ -111,11 +97,9 @@ pub(crate) struct StageIo {
 pub(crate) struct LearnerStage {
     cfg: PipelineConfig,
     io: StageIo,
-    decoder: Decoder,
     head: Head,
     width: usize,
-    /// Samples waiting for a full micro-batch.
-    pending: Samples,
+    schema_name: String,
     /// Score rows not yet handed to the sink thread, sent in batches of [`SINK_BATCH`]: one
     /// message per micro-batch of 8 cost a thread wake-up per 8 samples (12% of the learner
     /// thread's time in `perf`, in futex and task switches).
@@ -124,7 +108,10 @@ pub(crate) struct LearnerStage {
     blender: Blender,
     blended: Vec<f32>,
     pub learner: Learners,
-    pub features: FeatureEngine,
+    /// Per key: the blend's weights and the loss detectors, for the feature stage's keys.
+    keys: LearnerKeys,
+    /// The feature engine's counters, as of the last batch.
+    pub tally: FeatureTally,
     pub metrics: Scoreboard,
     /// The drift detectors and their findings.
     pub drift: DriftMonitor,
@@ -142,27 +129,18 @@ pub(crate) struct LearnerStage {
 }
 
 impl LearnerStage {
-    /// A stage for `cfg`, continuing from `resume` when given.
+    /// A stage for `cfg` learning rows `width` features wide, continuing from `resume` when
+    /// given (whose features went to the feature stage, their per-key learner parts here).
     pub fn new(
         cfg: &PipelineConfig,
         schema: &Arc<Schema>,
+        width: usize,
         io: StageIo,
         dead_path: &std::path::Path,
         ckpt: CheckpointCtl,
-        resume: Option<Checkpoint>,
+        resume: Option<(Checkpoint, SavedLearnerParts)>,
     ) -> Result<Self> {
-        let decoder = Decoder::new(schema.clone());
-        let features = FeatureEngine::new(
-            schema.clone(),
-            decoder.numeric_columns(),
-            cfg.features.max_keys,
-        )
-        .with_out_of_range(cfg.features.out_of_range)
-        .with_max_deviations(cfg.features.max_deviations)
-        .with_injection(cfg.source.injection())
-        .map_err(|e| anyhow::anyhow!("{}: key `source.inject.column`: {e}", cfg.file.display()))?;
         let head = schema.task.head();
-        let width = features.width();
         let config = LearnerConfig {
             inputs: width,
             head,
@@ -176,19 +154,20 @@ impl LearnerStage {
         };
         let learner = Learners::new(config, cfg.model.scope, cfg.model.max_models);
         let metrics = Scoreboard::new(head, cfg.evaluation.window, &cfg.evaluation.boundaries());
-        let dead = DeadLetterSink::new(dead_path, resume.as_ref().map(|c| c.dead_letter_bytes));
+        let dead =
+            DeadLetterSink::new(dead_path, resume.as_ref().map(|(c, _)| c.dead_letter_bytes));
         let mut stage = LearnerStage {
             cfg: cfg.clone(),
             io,
-            decoder,
             head,
             width,
-            pending: Samples::default(),
+            schema_name: schema.name.clone(),
             sink_rows: Vec::new(),
             blender: Blender::default(),
             blended: Vec::new(),
             learner,
-            features,
+            keys: LearnerKeys::default(),
+            tally: FeatureTally::default(),
             metrics,
             drift: DriftMonitor::new(&cfg.drift),
             trace: MetricTrace::with_changes(&cfg.evaluation.change_points()),
@@ -207,44 +186,30 @@ impl LearnerStage {
                 cfg.telemetry.publish_ms,
             ),
         };
-        if let Some(c) = resume {
+        if let Some((c, parts)) = resume {
             stage.restore(c)?;
+            stage.keys = LearnerKeys::restored(parts);
         }
         // Baseline: learner work restored from a checkpoint is not this process's.
         stage.publish_metrics();
         Ok(stage)
     }
 
-    /// Takes events until the source is done, then trains what is pending and takes the
-    /// final checkpoint. Runs on a blocking thread inside a tokio runtime.
-    pub fn run(mut self, mut rx: mpsc::Receiver<SourceEvent>, time: &StageTime) -> Result<Self> {
-        let runtime = tokio::runtime::Handle::current();
-        loop {
-            // A quiet feed still gets its checkpoint (and so its commit) on time: wait for
-            // the next event at most until the checkpoint is due.
-            let ev = if self.ckpt.path.is_some() && self.ckpt.rows_since > 0 {
-                let left = self.ckpt.every.saturating_sub(self.ckpt.last.elapsed());
-                match time.waiting(|| runtime.block_on(tokio::time::timeout(left, rx.recv()))) {
-                    Ok(ev) => ev,
-                    Err(_) => {
-                        self.checkpoint()?;
-                        continue;
-                    }
-                }
-            } else {
-                time.waiting(|| rx.blocking_recv())
-            };
-            let Some(ev) = ev else { break };
-            self.handle(ev)?;
+    /// Takes the feature stage's output until its end, which trains what is left and takes
+    /// the final checkpoint. Runs on a blocking thread inside a tokio runtime.
+    pub fn run(mut self, rx: Receiver<Featured>, time: &StageTime) -> Result<Self> {
+        while let Ok(f) = time.waiting(|| rx.recv()) {
+            if self.handle(f)? {
+                return Ok(self);
+            }
         }
-        self.finish()?;
-        Ok(self)
+        anyhow::bail!("the feature stage stopped before the end of the stream")
     }
 
-    /// One event from the source.
-    pub fn handle(&mut self, ev: SourceEvent) -> Result<()> {
-        match ev {
-            SourceEvent::Unreadable {
+    /// One thing from the feature stage; true at the end of the stream.
+    pub fn handle(&mut self, f: Featured) -> Result<bool> {
+        match f {
+            Featured::Unreadable {
                 origin,
                 first_row,
                 rows,
@@ -252,13 +217,20 @@ impl LearnerStage {
                 detail,
             } => self.unreadable(&DeadLetter::span(
                 &reason, &detail, &origin, first_row, rows,
-            )),
-            SourceEvent::Batch {
-                batch,
-                origins,
-                ack,
-            } => self.batch(batch, origins, ack),
+            ))?,
+            Featured::Batch(b) => self.batch(*b)?,
+            Featured::Checkpoint { rest, state } => {
+                self.step_rest(rest)?;
+                self.checkpoint(*state)?;
+            }
+            Featured::End { rest, state, tally } => {
+                self.tally = tally;
+                self.step_rest(rest)?;
+                self.finish(*state)?;
+                return Ok(true);
+            }
         }
+        Ok(false)
     }
 
     /// Input that cannot be read: counted and dead-lettered once, also across a resume.
@@ -288,52 +260,31 @@ impl LearnerStage {
         Ok(())
     }
 
-    fn batch(
-        &mut self,
-        batch: RecordBatch,
-        origins: Vec<RowOrigin>,
-        ack: Option<Vec<RowOrigin>>,
-    ) -> Result<()> {
+    fn batch(&mut self, b: FeaturedBatch) -> Result<()> {
         self.first_rows_at.get_or_insert_with(Instant::now);
-        let delivered = batch.num_rows() as u64;
-        for o in ack.as_deref().unwrap_or(&origins) {
-            let p = self.positions.entry(o.source.clone()).or_insert(0);
-            *p = (*p).max(o.index + 1);
+        for (source, at) in b.positions {
+            let p = self.positions.entry(source).or_insert(0);
+            *p = (*p).max(at);
         }
-        let (batch, origins) = skip_covered(&mut self.ckpt, batch, origins)?;
-        let n = batch.num_rows() as u64;
-        if n < delivered {
-            self.telemetry.rows_already_covered(delivered - n);
+        if b.covered > 0 {
+            self.ckpt.already_covered += b.covered;
+            self.telemetry.rows_already_covered(b.covered);
         }
-        self.counters.rows_read += n;
-        // Every delivered message counts towards the next checkpoint, bad ones too: a feed
-        // of nothing but dead letters must still be committed.
-        self.ckpt.rows_since += ack.as_ref().map_or(n, |a| a.len() as u64);
-        if n > 0 {
-            self.feed(&batch, &origins)?;
+        self.counters.rows_read += b.delivered - b.covered;
+        self.skipped(&b.skips, &b.letters)?;
+        self.keys.apply(&b.keys);
+        self.tally = b.tally;
+        for chunk in b.chunks {
+            self.step(chunk)?;
         }
-        let mb = self.cfg.training.micro_batch;
-        let full = self.pending.len() / mb * mb;
-        if full > 0 {
-            let ready = self.pending.take_front(full, self.width);
-            for chunk in ready.into_chunks(mb, self.width) {
-                self.step(chunk)?;
-            }
-        }
-        if ack.is_some() {
-            // A feed commits what it is acknowledged: nothing of this batch may wait in a
-            // partial micro-batch, so train the remainder now.
-            self.step_pending(self.pending.len())?;
+        if b.ack {
             self.ack(Ack::Processed);
             if self.ckpt.path.is_none() {
                 // No checkpoints: processed is as durable as it gets.
                 self.ack(Ack::Commit(self.commit_positions()));
             }
         }
-        if self.ckpt.due() {
-            self.checkpoint()?;
-        }
-        self.io.progress.inc(delivered);
+        self.io.progress.inc(b.delivered);
         // The window's summary costs a pass over its rows: only for a bar that is drawn.
         if !self.io.progress.is_hidden() {
             self.io
@@ -343,51 +294,32 @@ impl LearnerStage {
         Ok(())
     }
 
-    /// Decodes a batch into samples; skips are counted, bad input dead-lettered.
-    fn feed(&mut self, batch: &RecordBatch, origins: &[RowOrigin]) -> Result<()> {
-        let (counters, telemetry, dead) = (&mut self.counters, &self.telemetry, &mut self.dead);
-        let mut letters = 0u64;
-        // Skips are told to the metrics once per batch and reason: a counter lookup per row
-        // cost 5% of the learner thread while 1,000 keys warmed up their lags.
-        let mut skips: Vec<(Cow<'static, str>, bool, u64)> = Vec::new();
-        let decoded = decode_rows(
-            &self.decoder,
-            &mut self.features,
-            batch,
-            origins,
-            &mut self.pending,
-            |s| {
-                count_skip(&mut counters.skipped, &s.reason, 1);
-                match skips
-                    .iter_mut()
-                    .find(|(r, bad, _)| *r == s.reason && *bad == s.bad_input)
-                {
-                    Some(k) => k.2 += 1,
-                    None => skips.push((s.reason.clone(), s.bad_input, 1)),
-                }
-                if !s.bad_input {
-                    return Ok(());
-                }
-                letters += 1;
-                dead.send(&s.letter())
-            },
-        );
-        for (reason, bad, rows) in &skips {
-            telemetry.rows_skipped(reason, *bad, *rows);
+    /// Rows that did not become samples: counted by reason, bad input dead-lettered. The
+    /// metrics are told once per batch and reason: a counter lookup per row cost 5% of the
+    /// learner thread while 1,000 keys warmed up their lags.
+    fn skipped(
+        &mut self,
+        skips: &[(Cow<'static, str>, bool, u64)],
+        letters: &[Letter],
+    ) -> Result<()> {
+        for (reason, bad, rows) in skips {
+            count_skip(&mut self.counters.skipped, reason, *rows);
+            self.telemetry.rows_skipped(reason, *bad, *rows);
         }
-        decoded?;
-        self.counters.dead_letters += letters;
-        self.counters.dead_rows += letters;
+        for letter in letters {
+            self.dead.send(&letter.dead_letter())?;
+        }
+        self.counters.dead_letters += letters.len() as u64;
+        self.counters.dead_rows += letters.len() as u64;
         Ok(())
     }
 
-    /// Steps the first `n` pending samples (nothing when `n` is 0).
-    fn step_pending(&mut self, n: usize) -> Result<()> {
-        if n == 0 {
+    /// Steps a partial micro-batch (nothing when it is empty).
+    fn step_rest(&mut self, rest: Samples) -> Result<()> {
+        if rest.is_empty() {
             return Ok(());
         }
-        let chunk = self.pending.take_front(n, self.width);
-        self.step(chunk)
+        self.step(rest)
     }
 
     /// One micro-batch through the learner, the metrics and the sinks.
@@ -413,7 +345,7 @@ impl LearnerStage {
             self.counters.last_loss = out.train_loss as f64;
         }
         let k = self.head.outputs();
-        let width = self.features.width();
+        let width = self.width;
         let traced = self.cfg.output.plot || !self.trace.changes.is_empty();
         let sinks_on = self.io.sink_tx.is_some();
         let blend = self
@@ -425,7 +357,7 @@ impl LearnerStage {
             let mlp = &out.outputs[i * k..(i + 1) * k];
             let mut w = ExpertWeights::default();
             if let Some(b) = &blend {
-                w = self.features.expert_weights(&s.keys[i]);
+                w = self.keys.expert_weights(&s.keys[i]);
                 self.blender
                     .blend(b, &ev.baselines, mlp, &w, &mut self.blended);
             }
@@ -455,7 +387,7 @@ impl LearnerStage {
                 self.telemetry.drift(fired);
                 let sample = seen_before + i as u64;
                 if self.cfg.drift.per_key
-                    && let Some(d) = self.features.key_detectors(&s.keys[i], &self.cfg.drift)
+                    && let Some(d) = self.keys.detectors(&s.keys[i], &self.cfg.drift)
                 {
                     let found = d.update(loss);
                     let key_fired = self.drift.record_key(sample, s.times[i], &s.keys[i], found);
@@ -467,7 +399,7 @@ impl LearnerStage {
             }
             if let Some(b) = &blend {
                 self.blender.learn(b, ev.target as usize, &mut w);
-                self.features.set_expert_weights(&s.keys[i], w);
+                self.keys.set_expert_weights(&s.keys[i], w);
             }
             if seen_before + i as u64 >= self.cfg.selection.warmup {
                 self.counters.seen_after_warmup += 1;
@@ -515,11 +447,10 @@ impl LearnerStage {
     /// Makes everything processed so far durable, in order: pending rows trained, sinks
     /// rolled, dead letters synced, checkpoint written (atomically), and then the feed told
     /// to commit.
-    pub fn checkpoint(&mut self) -> Result<()> {
+    pub fn checkpoint(&mut self, mut features: FeatureState) -> Result<()> {
         let Some(path) = self.ckpt.path.clone() else {
             return Ok(());
         };
-        self.step_pending(self.pending.len())?;
         self.flush_rows()?;
         let t0 = Instant::now();
         if let Some(sink) = &self.io.sink_tx {
@@ -529,9 +460,10 @@ impl LearnerStage {
             self.ckpt.next_segment = reply_rx.recv().context("sink thread stopped")??;
         }
         self.dead.sync()?;
+        self.keys.save_into(&mut features);
         let ckpt = Checkpoint {
             pipeline: self.cfg.name.clone(),
-            schema: self.features.schema_name().to_string(),
+            schema: self.schema_name.clone(),
             written_ms: unix_ms(),
             positions: self
                 .positions
@@ -542,7 +474,7 @@ impl LearnerStage {
             dead_letter_bytes: self.dead.len(),
             files: self.ckpt.files.clone(),
             learner: self.learner.state()?,
-            features: self.features.state(),
+            features,
             metrics: self.metrics.clone(),
             counters: self.counters.clone(),
             drift: self.drift.clone(),
@@ -559,8 +491,6 @@ impl LearnerStage {
         self.ckpt.written += 1;
         self.ckpt.last_bytes = bytes;
         self.ckpt.seconds += seconds;
-        self.ckpt.rows_since = 0;
-        self.ckpt.last = Instant::now();
         tracing::debug!(
             bytes,
             ms = t0.elapsed().as_millis() as u64,
@@ -571,17 +501,13 @@ impl LearnerStage {
         Ok(())
     }
 
-    /// The end of the source: the last partial micro-batch, the final checkpoint, the last
-    /// metrics, the dead-letter file flushed.
-    pub fn finish(&mut self) -> Result<()> {
-        self.step_pending(self.pending.len())?;
-        if self.ckpt.path.is_some() {
-            self.ckpt.rows_since = self.ckpt.rows_since.max(1);
-            self.checkpoint()?;
-        }
-        if self.features.keys_evicted > 0 {
+    /// The end of the source (its last partial micro-batch learnt): the final checkpoint,
+    /// the last metrics, the dead-letter file flushed.
+    fn finish(&mut self, features: FeatureState) -> Result<()> {
+        self.checkpoint(features)?;
+        if self.tally.keys_evicted > 0 {
             tracing::info!(
-                forgotten = self.features.keys_evicted,
+                forgotten = self.tally.keys_evicted,
                 "keys forgotten at features.max_keys"
             );
         }
@@ -611,9 +537,6 @@ impl LearnerStage {
     /// Restores the learner, features, metrics and counters from a checkpoint.
     fn restore(&mut self, c: Checkpoint) -> Result<()> {
         self.learner.restore(c.learner)?;
-        self.features
-            .restore(c.features)
-            .map_err(|e| anyhow::anyhow!("checkpoint does not fit this schema: {e}"))?;
         anyhow::ensure!(
             c.metrics.whole.same_task(&self.metrics.whole),
             "checkpoint was written for another task"
@@ -668,7 +591,7 @@ impl LearnerStage {
             buffer_admitted: buf.stats.admitted,
             buffer_evicted: buf.stats.evicted,
             buffer_rescored: buf.stats.rescored,
-            keys: self.features.tracked_keys(),
+            keys: self.tally.tracked_keys,
             drift_recovering: self.drift.recovering(&self.cfg.drift, stats.seen),
             adwin_window: self.drift.adwin_width(),
             page_hinkley: self.drift.page_hinkley_statistic(),
@@ -694,35 +617,6 @@ impl LearnerStage {
     }
 }
 
-/// Drops the rows a resumed-from checkpoint already covers (a feed redelivers from its last
-/// commit, which can trail the checkpoint by the commit that a crash cut short).
-fn skip_covered(
-    ckpt: &mut CheckpointCtl,
-    batch: RecordBatch,
-    origins: Vec<RowOrigin>,
-) -> Result<(RecordBatch, Vec<RowOrigin>)> {
-    if ckpt.covered.is_empty() {
-        return Ok((batch, origins));
-    }
-    let keep: Vec<bool> = origins
-        .iter()
-        .map(|o| ckpt.covered.get(&o.source).is_none_or(|&p| o.index >= p))
-        .collect();
-    let dropped = keep.iter().filter(|k| !**k).count();
-    if dropped == 0 {
-        return Ok((batch, origins));
-    }
-    ckpt.already_covered += dropped as u64;
-    let mask = arrow::array::BooleanArray::from(keep.clone());
-    let batch = arrow::compute::filter_record_batch(&batch, &mask)?;
-    let origins = origins
-        .into_iter()
-        .zip(keep)
-        .filter_map(|(o, k)| k.then_some(o))
-        .collect();
-    Ok((batch, origins))
-}
-
 /// The stage driven in-process, as a component test driver would: a list of source events
 /// in, the acknowledgements, sink messages and files it produces captured. No broker, no
 /// Python: the bundled Milan archive is read with the parquet crate.
@@ -731,7 +625,9 @@ mod tests {
     use std::sync::mpsc::{Receiver, channel};
     use std::sync::{Arc, Mutex};
 
+    use super::super::feature_stage::FeatureStage;
     use super::*;
+    use crate::source::{RowOrigin, SourceEvent};
 
     /// The bundled archive as feed-like batches of 1,024 messages of partition `t[0]`.
     fn milan_events() -> Vec<SourceEvent> {
@@ -764,7 +660,9 @@ mod tests {
             .collect()
     }
 
+    /// The feature and learner stages, driven in turn on the test's thread.
     struct Driver {
+        features: FeatureStage,
         stage: LearnerStage,
         acks: Receiver<Ack>,
         /// What the sink stage was told, in order: "rows" or "roll".
@@ -802,15 +700,32 @@ mod tests {
             sink_tx: Some(sink_tx),
             progress: ProgressBar::hidden(),
         };
-        let resume = checkpoint::load(&cfg.checkpoint_path()).unwrap();
+        let mut resume = checkpoint::load(&cfg.checkpoint_path()).unwrap();
         let ckpt = CheckpointCtl::new(&cfg, resume.as_ref());
+        let mut state = resume.as_mut().map(|c| std::mem::take(&mut c.features));
+        let parts = state.as_mut().map(|s| s.take_learner_parts());
+        let features = FeatureStage::new(&cfg, &schema, ckpt.covered.clone(), state).unwrap();
         let dead = out.path().join("dead_letters.jsonl");
-        let stage = LearnerStage::new(&cfg, &schema, io, &dead, ckpt, resume).unwrap();
+        let (width, resume) = (features.width(), resume.zip(parts));
+        let stage = LearnerStage::new(&cfg, &schema, width, io, &dead, ckpt, resume).unwrap();
         Driver {
+            features,
             stage,
             acks,
             sink_log,
             out,
+        }
+    }
+
+    impl Driver {
+        fn handle(&mut self, ev: SourceEvent) {
+            for f in self.features.handle(ev).unwrap() {
+                assert!(!self.stage.handle(f).unwrap(), "not the end yet");
+            }
+        }
+
+        fn finish(&mut self) {
+            assert!(self.stage.handle(self.features.end()).unwrap());
         }
     }
 
@@ -822,7 +737,7 @@ mod tests {
         let path = d.out.path().join("checkpoint.bin");
         let mut commits = 0;
         for (k, ev) in milan_events().into_iter().take(4).enumerate() {
-            d.stage.handle(ev).unwrap();
+            d.handle(ev);
             // Every batch is acknowledged as processed; a commit follows a checkpoint only.
             assert!(matches!(d.acks.try_recv(), Ok(Ack::Processed)));
             match d.acks.try_recv() {
@@ -856,9 +771,9 @@ mod tests {
     fn finish_sends_the_last_commit_then_hangs_up() {
         let mut d = driver(tempfile::tempdir().unwrap(), &CKPT);
         for ev in milan_events().into_iter().take(3) {
-            d.stage.handle(ev).unwrap();
+            d.handle(ev);
         }
-        d.stage.finish().unwrap();
+        d.finish();
         let acks: Vec<Ack> = std::iter::from_fn(|| d.acks.try_recv().ok()).collect();
         assert!(
             matches!(acks.last(), Some(Ack::Commit(p)) if p == &vec![(Arc::from("t[0]"), 3 * 1024)]),
@@ -884,21 +799,21 @@ mod tests {
             reason: "malformed_json".into(),
             detail: "test".into(),
         };
-        a.stage.handle(bad()).unwrap();
+        a.handle(bad());
         for ev in events().into_iter().take(3) {
-            a.stage.handle(ev).unwrap();
+            a.handle(ev);
         }
-        a.stage.finish().unwrap();
+        a.finish();
         let seen = a.stage.learner.stats().seen;
         assert_eq!(a.stage.counters.dead_letters, 1);
 
         let mut b = driver(a.out, &CKPT);
         assert_eq!(b.stage.learner.stats().seen, seen, "the learner resumed");
-        b.stage.handle(bad()).unwrap();
+        b.handle(bad());
         for ev in events() {
-            b.stage.handle(ev).unwrap();
+            b.handle(ev);
         }
-        b.stage.finish().unwrap();
+        b.finish();
         assert_eq!(b.stage.ckpt.already_covered, 3 * 1024 + 1);
         assert_eq!(
             b.stage.counters.rows_read,
@@ -923,7 +838,7 @@ mod tests {
             ],
         );
         for ev in milan_events().into_iter().take(2) {
-            d.stage.handle(ev).unwrap();
+            d.handle(ev);
         }
         let s = d.stage.learner.stats();
         assert!(s.nonfinite_steps > 0 && s.restores > 0, "{s:?}");
@@ -931,5 +846,28 @@ mod tests {
             d.stage.metrics.whole.nonfinite() > 0,
             "the metrics know it diverged"
         );
+    }
+
+    /// The per-key detectors live in the learner stage while running; a checkpoint keeps
+    /// them inside the features' per-key state, and a resume hands them back.
+    #[test]
+    fn a_checkpoint_keeps_the_per_key_detectors_and_a_resume_hands_them_back() {
+        let sets = [CKPT[0], CKPT[1], "drift.per_key=true"];
+        let mut a = driver(tempfile::tempdir().unwrap(), &sets);
+        for ev in milan_events().into_iter().take(3) {
+            a.handle(ev);
+        }
+        a.finish();
+        let path = a.out.path().join("checkpoint.bin");
+        let mut saved = checkpoint::load(&path).unwrap().unwrap();
+        let parts = saved.features.take_learner_parts();
+        assert_eq!(parts.len(), 1, "one key, square 5161");
+        let (key, (_, drift)) = &parts[0];
+        let json = serde_json::to_string(drift.as_deref().expect("detectors saved")).unwrap();
+
+        let cfg = a.stage.cfg.drift.clone();
+        let mut b = driver(a.out, &sets);
+        let restored = b.stage.keys.detectors(key, &cfg).unwrap();
+        assert_eq!(serde_json::to_string(restored).unwrap(), json);
     }
 }

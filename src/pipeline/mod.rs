@@ -1,10 +1,13 @@
 //! The wiring, in one place: source → decode → features → learner → sinks.
 //!
 //! ```text
-//!  source thread ──(bounded: channels.batches)──▶ learner stage ──(bounded: 4)──▶ sink stage
-//!   Parquet replay    ◀──── acks (feeds commit) ──  decode, features,              score file,
-//!   or Kafka group                                  score/select/train/buffer,     output topic
-//!                                                   prequential metrics,
+//!  source thread ──(bounded: channels.batches)──▶ feature stage ──(bounded: channels.batches)──▶
+//!   Parquet replay                                  decode, row checks, features,
+//!   or Kafka group                                  micro-batches, checkpoint clock
+//!        ▲
+//!        └──── acks (feeds commit) ─────────────── learner stage ──(bounded: 4)──▶ sink stage
+//!                                                   score/select/train/buffer,      score file,
+//!                                                   prequential metrics,            output topic
 //!                                                   dead letters, checkpoints
 //!  upkeep ticker: process gauges (energy, memory, checkpoint age) on a timer
 //! ```
@@ -12,6 +15,8 @@
 //! instead of queueing without limit. [`run`] starts the stages, joins them and hands their
 //! parts to the report; each stage lives in a file of its own.
 
+mod feature_stage;
+mod learner_keys;
 mod learner_stage;
 mod outputs;
 mod rows;
@@ -41,6 +46,7 @@ use crate::sink::topic::SampleTopicSink;
 use crate::source::{Ack, EventSender, SourceConfig, SourceContext, SourceEvent};
 use crate::stage_time::{StageReport, StageTimes};
 use crate::telemetry;
+use feature_stage::{FeatureStage, Featured};
 use learner_stage::{CheckpointCtl, LearnerStage, StageIo};
 use sink_stage::{ScoreOut, SinkMsg, SinkStage};
 
@@ -75,7 +81,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let out_dir = cfg.output_dir();
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let resume = load_resume(&cfg, &schema)?;
+    let mut resume = load_resume(&cfg, &schema)?;
     outputs::clear_stale(&out_dir, resume.is_some())?;
 
     let (tx, rx) = mpsc::channel::<SourceEvent>(cfg.channels.batches);
@@ -104,6 +110,22 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let (sink_tx, sink_rx) = sync_channel::<SinkMsg>(4);
     let sink = stage.spawn(sink_rx, times.clone());
 
+    // A resumed checkpoint's features go to the feature stage, its per-key learner parts
+    // (blend weights, detectors) and the rest to the learner stage.
+    let mut feature_state = resume.as_mut().map(|c| std::mem::take(&mut c.features));
+    let key_parts = feature_state.as_mut().map(|s| s.take_learner_parts());
+    let resume = resume.zip(key_parts);
+    let featurize = FeatureStage::new(&cfg, &schema, ckpt.covered.clone(), feature_state)?;
+    let width = featurize.width();
+    let (featured_tx, featured_rx) = sync_channel::<Featured>(cfg.channels.batches);
+    let featurize = {
+        let times = times.clone();
+        tokio::task::spawn_blocking(move || {
+            let time = &times.features;
+            time.on_thread(|| featurize.run(rx, featured_tx, time))
+        })
+    };
+
     let progress = progress_bar(opts.progress, total);
     let learn = {
         let io = StageIo {
@@ -118,11 +140,14 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         tokio::task::spawn_blocking(move || {
             let time = &times.learner;
             time.on_thread(|| {
-                LearnerStage::new(&cfg, &schema, io, &dead_path, ckpt, resume)?.run(rx, time)
+                LearnerStage::new(&cfg, &schema, width, io, &dead_path, ckpt, resume)?
+                    .run(featured_rx, time)
             })
         })
     };
     let learned = learn.await.context("learner thread panicked")?;
+    // The feature stage's own error explains a learner that found its stream cut short.
+    featurize.await.context("feature thread panicked")??;
     let (source_rows, redelivered) = source.await.context("source thread panicked")??;
     let (written, topic_records) = sink
         .join()
@@ -325,8 +350,8 @@ fn build_report(
         skipped: c.skipped.clone(),
         skipped_total: c.skipped.values().sum(),
         dead_lettered_rows: c.dead_rows,
-        keys_tracked: t.features.tracked_keys(),
-        keys_forgotten: t.features.keys_evicted,
+        keys_tracked: t.tally.tracked_keys,
+        keys_forgotten: t.tally.keys_evicted,
         models: t.learner.models(),
         models_dropped: t.learner.evicted,
         drift: crate::report::DriftReport::new(&cfg.drift, &t.drift),
@@ -337,7 +362,7 @@ fn build_report(
             &t.drift.events,
             stats.seen,
         ),
-        values_clipped: t.features.clipped,
+        values_clipped: t.tally.clipped,
         scored: stats.seen,
         selected: stats.selected,
         trained: stats.trained_fresh,

@@ -1,0 +1,547 @@
+//! The feature stage: one thread that decodes the source's batches, checks their rows, turns
+//! them into samples (lags, encodings, scalers, the neighbour memory) and cuts those into
+//! micro-batches, so that the learner's thread only learns (decode and features were a fifth
+//! of its CPU time). It also keeps the checkpoint clock: when a checkpoint is due it hands on
+//! the partial micro-batch and its own state as one marker, cut into the stream after the
+//! rows it covers, so the learner stage writes a checkpoint of exactly those rows.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use arrow::array::RecordBatch;
+use tokio::sync::mpsc;
+
+use super::rows::decode_rows;
+use crate::config::PipelineConfig;
+use crate::decode::Decoder;
+use crate::features::{FeatureEngine, FeatureState, KeyChange, Samples};
+use crate::schema::Schema;
+use crate::sink::dead_letter::DeadLetter;
+use crate::source::{RowOrigin, SourceEvent};
+use crate::stage_time::StageTime;
+
+/// What the feature stage hands the learner stage, in stream order.
+pub(crate) enum Featured {
+    /// Input the source could not read, as it reported it (see [`SourceEvent::Unreadable`]).
+    Unreadable {
+        origin: Arc<str>,
+        first_row: u64,
+        rows: u64,
+        reason: String,
+        detail: String,
+    },
+    Batch(Box<FeaturedBatch>),
+    /// A checkpoint is due: learn `rest` (the partial micro-batch), then save with `state`,
+    /// the features after every row before this marker.
+    Checkpoint {
+        rest: Samples,
+        state: Box<FeatureState>,
+    },
+    /// The source is done: learn `rest`; `state` is for the final checkpoint.
+    End {
+        rest: Samples,
+        state: Box<FeatureState>,
+        tally: FeatureTally,
+    },
+}
+
+/// One source batch, featurised.
+pub(crate) struct FeaturedBatch {
+    /// Full micro-batches ready to learn, in order (a feed's batch: all of its rows).
+    pub chunks: Vec<Samples>,
+    /// Rows the source delivered, and those among them a resumed checkpoint already covers.
+    pub delivered: u64,
+    pub covered: u64,
+    /// Per source: the position after the last message delivered.
+    pub positions: Vec<(Arc<str>, u64)>,
+    /// A feed's batch: acknowledge it once `chunks` are learnt.
+    pub ack: bool,
+    /// Rows that did not become samples, by reason and whether they are bad input.
+    pub skips: Vec<(Cow<'static, str>, bool, u64)>,
+    /// The dead letters of the bad rows.
+    pub letters: Vec<Letter>,
+    /// Keys started and forgotten while featurising this batch, in order.
+    pub keys: Vec<KeyChange>,
+    pub tally: FeatureTally,
+}
+
+/// A dead letter of one row, owned, on its way to the learner stage's dead-letter file.
+pub(crate) struct Letter {
+    pub reason: Cow<'static, str>,
+    pub detail: String,
+    pub origin: RowOrigin,
+    pub key: Option<String>,
+    pub time: Option<i64>,
+}
+
+impl Letter {
+    pub fn dead_letter(&self) -> DeadLetter<'_> {
+        DeadLetter {
+            reason: &self.reason,
+            detail: &self.detail,
+            origin: &self.origin.source,
+            row: self.origin.index,
+            rows: 1,
+            key: self.key.as_deref(),
+            time: self.time,
+        }
+    }
+}
+
+/// The feature engine's counters the report and the metrics show.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct FeatureTally {
+    pub tracked_keys: usize,
+    pub keys_evicted: u64,
+    pub clipped: u64,
+}
+
+/// When the next checkpoint is due: every `every_rows` delivered messages or `every`.
+struct CheckpointClock {
+    enabled: bool,
+    every_rows: u64,
+    every: Duration,
+    rows_since: u64,
+    last: Instant,
+}
+
+impl CheckpointClock {
+    fn due(&self) -> bool {
+        self.enabled
+            && self.rows_since > 0
+            && (self.rows_since >= self.every_rows || self.last.elapsed() >= self.every)
+    }
+
+    /// How long to wait for input before a checkpoint falls due (none: no limit).
+    fn wait_limit(&self) -> Option<Duration> {
+        (self.enabled && self.rows_since > 0)
+            .then(|| self.every.saturating_sub(self.last.elapsed()))
+    }
+}
+
+/// The feature stage's state (see the module doc).
+pub(crate) struct FeatureStage {
+    decoder: Decoder,
+    features: FeatureEngine,
+    width: usize,
+    micro_batch: usize,
+    /// Samples waiting for a full micro-batch.
+    pending: Samples,
+    /// Positions a resumed checkpoint covers: rows before them are not featurised again.
+    covered: HashMap<Arc<str>, u64>,
+    clock: CheckpointClock,
+}
+
+impl FeatureStage {
+    /// A stage for `cfg`, its features continuing from `resume` when given.
+    pub fn new(
+        cfg: &PipelineConfig,
+        schema: &Arc<Schema>,
+        covered: HashMap<Arc<str>, u64>,
+        resume: Option<FeatureState>,
+    ) -> Result<Self> {
+        let decoder = Decoder::new(schema.clone());
+        let mut features = FeatureEngine::new(
+            schema.clone(),
+            decoder.numeric_columns(),
+            cfg.features.max_keys,
+        )
+        .with_out_of_range(cfg.features.out_of_range)
+        .with_max_deviations(cfg.features.max_deviations)
+        .with_key_changes()
+        .with_injection(cfg.source.injection())
+        .map_err(|e| anyhow::anyhow!("{}: key `source.inject.column`: {e}", cfg.file.display()))?;
+        if let Some(s) = resume {
+            features
+                .restore(s)
+                .map_err(|e| anyhow::anyhow!("checkpoint does not fit this schema: {e}"))?;
+        }
+        Ok(FeatureStage {
+            decoder,
+            width: features.width(),
+            features,
+            micro_batch: cfg.training.micro_batch.max(1),
+            pending: Samples::default(),
+            covered,
+            clock: CheckpointClock {
+                enabled: cfg.checkpoint.enabled,
+                every_rows: cfg.checkpoint.every_rows,
+                every: Duration::from_secs_f64(cfg.checkpoint.every_seconds),
+                rows_since: 0,
+                last: Instant::now(),
+            },
+        })
+    }
+
+    /// Width of a sample's feature row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Takes events until the source is done and hands on what they become, then the end.
+    /// A learner stage that hung up ends this one quietly: its own error is the one to show.
+    pub fn run(
+        mut self,
+        mut rx: mpsc::Receiver<SourceEvent>,
+        tx: SyncSender<Featured>,
+        time: &StageTime,
+    ) -> Result<()> {
+        let runtime = tokio::runtime::Handle::current();
+        // Backpressure: a full channel blocks here until the learner takes a batch.
+        let send = |f: Featured| time.waiting(|| tx.send(f).is_ok());
+        loop {
+            // A quiet feed still gets its checkpoint (and so its commit) on time.
+            let ev = match self.clock.wait_limit() {
+                Some(left) => {
+                    let next = runtime.block_on(tokio::time::timeout(left, rx.recv()));
+                    match time.waiting(|| next) {
+                        Ok(ev) => ev,
+                        Err(_) => {
+                            if !send(self.checkpoint()) {
+                                return Ok(());
+                            }
+                            continue;
+                        }
+                    }
+                }
+                None => time.waiting(|| rx.blocking_recv()),
+            };
+            let Some(ev) = ev else { break };
+            for f in self.handle(ev)? {
+                if !send(f) {
+                    return Ok(());
+                }
+            }
+        }
+        send(self.end());
+        Ok(())
+    }
+
+    /// One source event, as one or two things for the learner stage.
+    pub fn handle(&mut self, ev: SourceEvent) -> Result<Vec<Featured>> {
+        let (batch, origins, ack) = match ev {
+            SourceEvent::Batch {
+                batch,
+                origins,
+                ack,
+            } => (batch, origins, ack),
+            SourceEvent::Unreadable {
+                origin,
+                first_row,
+                rows,
+                reason,
+                detail,
+            } => {
+                return Ok(vec![Featured::Unreadable {
+                    origin,
+                    first_row,
+                    rows,
+                    reason,
+                    detail,
+                }]);
+            }
+        };
+        let batch = self.batch(batch, origins, ack)?;
+        let mut out = vec![Featured::Batch(Box::new(batch))];
+        if self.clock.due() {
+            out.push(self.checkpoint());
+        }
+        Ok(out)
+    }
+
+    fn batch(
+        &mut self,
+        batch: RecordBatch,
+        origins: Vec<RowOrigin>,
+        ack: Option<Vec<RowOrigin>>,
+    ) -> Result<FeaturedBatch> {
+        let delivered = batch.num_rows() as u64;
+        let mut positions: Vec<(Arc<str>, u64)> = Vec::new();
+        for o in ack.as_deref().unwrap_or(&origins) {
+            match positions.iter_mut().find(|(s, _)| *s == o.source) {
+                Some((_, p)) => *p = (*p).max(o.index + 1),
+                None => positions.push((o.source.clone(), o.index + 1)),
+            }
+        }
+        let mut b = FeaturedBatch {
+            chunks: Vec::new(),
+            delivered,
+            covered: 0,
+            positions,
+            ack: ack.is_some(),
+            skips: Vec::new(),
+            letters: Vec::new(),
+            keys: Vec::new(),
+            tally: FeatureTally::default(),
+        };
+        let (batch, origins) = skip_covered(&self.covered, batch, origins)?;
+        let n = batch.num_rows() as u64;
+        b.covered = delivered - n;
+        // Every delivered message counts towards the next checkpoint, bad ones too: a feed
+        // of nothing but dead letters must still be committed.
+        self.clock.rows_since += ack.as_ref().map_or(n, |a| a.len() as u64);
+        if n > 0 {
+            self.feed(&batch, &origins, &mut b)?;
+        }
+        let full = if b.ack {
+            // A feed commits what it is acknowledged: nothing of this batch may wait in a
+            // partial micro-batch.
+            self.pending.len()
+        } else {
+            self.pending.len() / self.micro_batch * self.micro_batch
+        };
+        if full > 0 {
+            let ready = self.pending.take_front(full, self.width);
+            b.chunks = ready.into_chunks(self.micro_batch, self.width);
+        }
+        b.keys = self.features.take_key_changes();
+        b.tally = self.tally();
+        Ok(b)
+    }
+
+    /// Decodes a batch into samples; skips are counted by reason, bad rows dead-lettered.
+    fn feed(
+        &mut self,
+        batch: &RecordBatch,
+        origins: &[RowOrigin],
+        b: &mut FeaturedBatch,
+    ) -> Result<()> {
+        let (skips, letters) = (&mut b.skips, &mut b.letters);
+        decode_rows(
+            &self.decoder,
+            &mut self.features,
+            batch,
+            origins,
+            &mut self.pending,
+            |s| {
+                match skips
+                    .iter_mut()
+                    .find(|(r, bad, _)| *r == s.reason && *bad == s.bad_input)
+                {
+                    Some(k) => k.2 += 1,
+                    None => skips.push((s.reason.clone(), s.bad_input, 1)),
+                }
+                if s.bad_input {
+                    letters.push(Letter {
+                        reason: s.reason.clone(),
+                        detail: s.detail.to_string(),
+                        origin: s.origin.clone(),
+                        key: s.key.map(str::to_string),
+                        time: s.time,
+                    });
+                }
+                Ok(())
+            },
+        )
+    }
+
+    fn tally(&self) -> FeatureTally {
+        FeatureTally {
+            tracked_keys: self.features.tracked_keys(),
+            keys_evicted: self.features.keys_evicted,
+            clipped: self.features.clipped,
+        }
+    }
+
+    /// The checkpoint marker: the partial micro-batch and the features' state.
+    pub fn checkpoint(&mut self) -> Featured {
+        self.clock.rows_since = 0;
+        self.clock.last = Instant::now();
+        Featured::Checkpoint {
+            rest: std::mem::take(&mut self.pending),
+            state: Box::new(self.features.state()),
+        }
+    }
+
+    /// The end of the stream.
+    pub fn end(&mut self) -> Featured {
+        Featured::End {
+            rest: std::mem::take(&mut self.pending),
+            state: Box::new(self.features.state()),
+            tally: self.tally(),
+        }
+    }
+}
+
+/// Drops the rows a resumed-from checkpoint already covers (a feed redelivers from its last
+/// commit, which can trail the checkpoint by the commit that a crash cut short).
+fn skip_covered(
+    covered: &HashMap<Arc<str>, u64>,
+    batch: RecordBatch,
+    origins: Vec<RowOrigin>,
+) -> Result<(RecordBatch, Vec<RowOrigin>)> {
+    if covered.is_empty() {
+        return Ok((batch, origins));
+    }
+    let keep: Vec<bool> = origins
+        .iter()
+        .map(|o| covered.get(&o.source).is_none_or(|&p| o.index >= p))
+        .collect();
+    if keep.iter().all(|k| *k) {
+        return Ok((batch, origins));
+    }
+    let mask = arrow::array::BooleanArray::from(keep.clone());
+    let batch = arrow::compute::filter_record_batch(&batch, &mask)?;
+    let origins = origins
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(o, k)| k.then_some(o))
+        .collect();
+    Ok((batch, origins))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bundled archive as batches of 1,024 rows of one source, acknowledged (a feed) or
+    /// not (a file).
+    fn milan_events(feed: bool) -> Vec<SourceEvent> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("data/milan/internet_square5161.parquet");
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(path).unwrap(),
+        )
+        .unwrap()
+        .with_batch_size(1024)
+        .build()
+        .unwrap();
+        let mut at = 0u64;
+        (reader.map(|b| {
+            let batch = b.unwrap();
+            let n = batch.num_rows() as u64;
+            let origins: Vec<RowOrigin> = (at..at + n)
+                .map(|index| RowOrigin {
+                    source: Arc::from("s"),
+                    index,
+                })
+                .collect();
+            at += n;
+            SourceEvent::Batch {
+                batch,
+                ack: feed.then(|| origins.clone()),
+                origins,
+            }
+        }))
+        .collect()
+    }
+
+    fn stage(sets: &[&str], resume: Option<FeatureState>) -> FeatureStage {
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/milan-replay.toml");
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let cfg = PipelineConfig::load(&file, &sets).unwrap();
+        let schema = Arc::new(Schema::load(&cfg.schema).unwrap());
+        FeatureStage::new(&cfg, &schema, HashMap::new(), resume).unwrap()
+    }
+
+    const CKPT: [&str; 3] = [
+        "checkpoint.enabled=true",
+        "checkpoint.every_rows=2048",
+        "training.micro_batch=8",
+    ];
+
+    /// Each batch's samples, in order: the micro-batches, then a marker's partial one.
+    fn samples(out: &[Featured]) -> Vec<Vec<f32>> {
+        let mut all = Vec::new();
+        for f in out {
+            match f {
+                Featured::Batch(b) => all.extend(b.chunks.iter().map(|c| c.x.clone())),
+                Featured::Checkpoint { rest, .. } | Featured::End { rest, .. } => {
+                    all.push(rest.x.clone())
+                }
+                Featured::Unreadable { .. } => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn a_marker_follows_every_2048_rows_with_the_partial_micro_batch_and_a_state_to_resume() {
+        let mut a = stage(&CKPT, None);
+        let mut out = Vec::new();
+        let mut markers = Vec::new();
+        for (i, ev) in milan_events(false).into_iter().take(4).enumerate() {
+            for f in a.handle(ev).unwrap() {
+                if let Featured::Checkpoint { rest, .. } = &f {
+                    assert!(rest.len() < 8, "only a partial micro-batch waits");
+                    markers.push(i);
+                }
+                out.push((i, f));
+            }
+        }
+        assert_eq!(markers, [1, 3], "after 2,048 and 4,096 rows");
+        for (_, f) in &out {
+            if let Featured::Batch(b) = f {
+                assert!(
+                    b.chunks.iter().all(|c| c.len() == 8),
+                    "full micro-batches only"
+                );
+            }
+        }
+        // A stage resumed from the first marker's state makes the same samples of what follows.
+        let first = (out.iter())
+            .position(|(i, f)| *i == 1 && matches!(f, Featured::Checkpoint { .. }))
+            .unwrap();
+        let Featured::Checkpoint { state, .. } = out.remove(first).1 else {
+            unreachable!()
+        };
+        let later: Vec<Featured> = (out.into_iter())
+            .filter(|(i, _)| *i >= 2)
+            .map(|(_, f)| f)
+            .collect();
+        let mut b = stage(&CKPT, Some(*state));
+        let mut again = Vec::new();
+        for ev in milan_events(false).into_iter().skip(2).take(2) {
+            again.extend(b.handle(ev).unwrap());
+        }
+        assert!(!samples(&later).is_empty());
+        assert_eq!(samples(&again), samples(&later));
+    }
+
+    #[test]
+    fn a_feed_batch_is_handed_on_whole_and_the_end_carries_nothing_left() {
+        let mut a = stage(&["training.micro_batch=8"], None);
+        let mut rows = 0;
+        for ev in milan_events(true).into_iter().take(3) {
+            let out = a.handle(ev).unwrap();
+            assert_eq!(out.len(), 1, "no checkpoints: no markers");
+            let Featured::Batch(b) = &out[0] else {
+                panic!("a batch")
+            };
+            assert!(b.ack && b.delivered == 1024 && b.covered == 0);
+            assert_eq!(b.positions, [(Arc::from("s"), rows + 1024)]);
+            // All of its samples: full micro-batches and the partial one last.
+            let (last, full) = b.chunks.split_last().unwrap();
+            assert!(full.iter().all(|c| c.len() == 8) && last.len() <= 8);
+            rows += 1024;
+        }
+        let Featured::End { rest, tally, .. } = a.end() else {
+            panic!("the end")
+        };
+        assert!(rest.is_empty(), "a feed leaves nothing waiting");
+        assert_eq!(tally.tracked_keys, 1);
+    }
+
+    #[test]
+    fn rows_a_resumed_checkpoint_covers_are_dropped_before_the_features_see_them() {
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/milan-replay.toml");
+        let cfg = PipelineConfig::load(&file, &[]).unwrap();
+        let schema = Arc::new(Schema::load(&cfg.schema).unwrap());
+        let covered = HashMap::from([(Arc::from("s"), 1500u64)]);
+        let mut a = FeatureStage::new(&cfg, &schema, covered, None).unwrap();
+        let mut seen = Vec::new();
+        for ev in milan_events(false).into_iter().take(2) {
+            let Featured::Batch(b) = a.handle(ev).unwrap().remove(0) else {
+                panic!("a batch")
+            };
+            seen.push((b.delivered, b.covered));
+        }
+        assert_eq!(seen, [(1024, 1024), (1024, 476)]);
+    }
+}

@@ -1,0 +1,105 @@
+//! What the learner stage keeps per key: the prediction blend's expert weights and the key's
+//! loss detectors (`drift.per_key`). The keys are the feature stage's: it tells every key it
+//! starts or forgets tracking in-band, with the batch that did it, so this map holds the same
+//! keys at every micro-batch as the features do and is bounded by `features.max_keys` like
+//! them. A checkpoint stores these parts inside the features' per-key state (format
+//! unchanged).
+
+use std::sync::Arc;
+
+use crate::features::{FeatureState, KeyChange, SavedLearnerParts};
+use crate::learner::blend::ExpertWeights;
+use crate::learner::drift::{DriftConfig, KeyDetectors};
+
+#[derive(Default)]
+struct Parts {
+    experts: ExpertWeights,
+    /// Made at the key's first sample that needs them.
+    drift: Option<Box<KeyDetectors>>,
+}
+
+/// Per-key learner state, by key (see the module doc).
+#[derive(Default)]
+pub(crate) struct LearnerKeys {
+    keys: foldhash::HashMap<Arc<str>, Parts>,
+}
+
+impl LearnerKeys {
+    /// The parts a resumed checkpoint kept.
+    pub fn restored(parts: SavedLearnerParts) -> Self {
+        let keys = (parts.into_iter())
+            .map(|(k, (experts, drift))| (k, Parts { experts, drift }))
+            .collect();
+        LearnerKeys { keys }
+    }
+
+    /// Follows the feature stage's keys.
+    pub fn apply(&mut self, changes: &[KeyChange]) {
+        for c in changes {
+            match c {
+                KeyChange::Tracked(k) => {
+                    self.keys.insert(k.clone(), Parts::default());
+                }
+                KeyChange::Forgotten(k) => {
+                    self.keys.remove(k);
+                }
+            }
+        }
+    }
+
+    /// The blend's expert weights on `key` (fresh ones for a key not tracked).
+    pub fn expert_weights(&self, key: &str) -> ExpertWeights {
+        self.keys.get(key).map(|p| p.experts).unwrap_or_default()
+    }
+
+    pub fn set_expert_weights(&mut self, key: &str, w: ExpertWeights) {
+        if let Some(p) = self.keys.get_mut(key) {
+            p.experts = w;
+        }
+    }
+
+    /// The loss detectors of `key` (made on first use); none for a key not tracked.
+    pub fn detectors(&mut self, key: &str, cfg: &DriftConfig) -> Option<&mut KeyDetectors> {
+        let p = self.keys.get_mut(key)?;
+        Some(
+            p.drift
+                .get_or_insert_with(|| Box::new(KeyDetectors::new(cfg))),
+        )
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Writes every key's parts into the features' state a checkpoint stores.
+    pub fn save_into(&self, state: &mut FeatureState) {
+        state.put_learner_parts(|k| (self.keys.get(k)).map(|p| (p.experts, p.drift.clone())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_keys_follow_the_feature_stage_and_start_fresh() {
+        let cfg = DriftConfig::default();
+        let mut keys = LearnerKeys::default();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        keys.apply(&[KeyChange::Tracked(a.clone()), KeyChange::Tracked(b.clone())]);
+        keys.set_expert_weights("a", [1.0, 2.0, 3.0]);
+        assert!(keys.detectors("b", &cfg).is_some());
+        assert!(
+            keys.detectors("c", &cfg).is_none(),
+            "an untracked key has none"
+        );
+        keys.set_expert_weights("c", [9.0; 3]);
+        assert_eq!(keys.len(), 2, "an untracked key is not added");
+        // Forgotten and seen again: it starts over, as the features' key does.
+        keys.apply(&[KeyChange::Forgotten(a.clone()), KeyChange::Tracked(a)]);
+        assert_eq!(keys.expert_weights("a"), ExpertWeights::default());
+        keys.apply(&[KeyChange::Forgotten(b)]);
+        assert_eq!(keys.len(), 1);
+    }
+}
