@@ -14,6 +14,7 @@ checkpoints (from gradsift_checkpoint_duration_seconds). Writes the curve as CSV
 Needs pyarrow (the stream is written by pyarrow, as the tests' files are).
 """
 import argparse
+import json
 import csv
 import os
 import re
@@ -159,6 +160,13 @@ def main():
     if cs is not None and cn:
         print(f"checkpoints: {cn:.0f} written, {cs:.2f} s in all = {cs / wall * 100:.1f}% of wall time; "
               f"last {last.get('gradsift_checkpoint_bytes', 0) / 1e6:.1f} MB")
+    # Since checkpoints are encoded and written on a thread of their own, the learner's thread
+    # pays only its part (segment roll, dead-letter sync, state copy): the report says how much.
+    report = work / "run" / "report.json"
+    if report.exists():
+        ck = json.loads(report.read_text()).get("checkpoint") or {}
+        if "write_seconds" in ck:
+            print(f"  on the learner's thread: {ck['seconds']:.2f} s = {ck['seconds'] / wall * 100:.1f}% of wall time")
 
 
 if __name__ == "__main__":

@@ -109,8 +109,13 @@ pub struct CheckpointReport {
     /// Checkpoints written by this process.
     pub written: u64,
     pub last_bytes: u64,
-    /// Wall time spent writing them (segment roll, fsyncs, state encoding, rename).
+    /// Wall time the learner's thread spent on them (segment roll, dead-letter sync, state
+    /// copy); encoding, writing and syncing run on the checkpoint writer's thread.
     pub seconds: f64,
+    /// Wall time of the whole checkpoints, the writer's encoding, writing and syncing
+    /// included.
+    #[serde(default)]
+    pub write_seconds: f64,
     /// Samples the model had seen when this process resumed (none: started fresh).
     pub resumed_at_samples: Option<u64>,
     /// Restarts from a checkpoint over the pipeline's life.

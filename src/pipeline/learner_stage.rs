@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc::{Receiver, Sender, SyncSender, sync_channel};
 use std::time::Instant;
 
@@ -19,12 +19,13 @@ use indicatif::ProgressBar;
 
 use crate::stage_time::StageTime;
 
+use super::checkpoint_writer::{CheckpointWriter, Written};
 use super::feature_stage::{FeatureTally, Featured, FeaturedBatch, Letter};
 use super::learner_keys::LearnerKeys;
 use super::rows::count_skip;
 use super::sink_stage::SinkMsg;
 use super::upkeep::unix_ms;
-use crate::checkpoint::{self, Checkpoint, RunCounters};
+use crate::checkpoint::{Checkpoint, RunCounters};
 use crate::config::PipelineConfig;
 use crate::features::{FeatureState, Samples, SavedLearnerParts};
 use crate::learner::blend::{Blender, ExpertWeights};
@@ -49,8 +50,11 @@ pub(crate) struct CheckpointCtl {
     pub path: Option<PathBuf>,
     pub written: u64,
     pub last_bytes: u64,
-    /// Time spent closing segments, syncing and writing checkpoints (not the partial-batch train).
+    /// Time the learner's thread spent on checkpoints: closing segments, syncing dead
+    /// letters, copying its state (not the partial-batch train).
     pub seconds: f64,
+    /// Whole checkpoints, the writer thread's encoding, writing and syncing included.
+    pub write_seconds: f64,
     /// Positions the checkpoint we resumed from covers: rows before them are skipped.
     pub covered: HashMap<Arc<str>, u64>,
     pub already_covered: u64,
@@ -67,6 +71,7 @@ impl CheckpointCtl {
             written: 0,
             last_bytes: 0,
             seconds: 0.0,
+            write_seconds: 0.0,
             covered: resume
                 .map(|c| {
                     c.positions
@@ -122,6 +127,8 @@ pub(crate) struct LearnerStage {
     /// Per source: the position after the last row processed.
     pub positions: BTreeMap<Arc<str>, u64>,
     pub ckpt: CheckpointCtl,
+    /// Writes checkpoints on its own thread (none: checkpoints are off).
+    writer: Option<CheckpointWriter>,
     pub seen_at_start: u64,
     /// When the first rows arrived (throughput without start-up and group-join time).
     pub first_rows_at: Option<Instant>,
@@ -156,6 +163,10 @@ impl LearnerStage {
         let metrics = Scoreboard::new(head, cfg.evaluation.window, &cfg.evaluation.boundaries());
         let dead =
             DeadLetterSink::new(dead_path, resume.as_ref().map(|(c, _)| c.dead_letter_bytes));
+        let writer = ckpt
+            .path
+            .clone()
+            .map(|p| CheckpointWriter::start(p, io.ack_tx.clone(), io.last_checkpoint_ms.clone()));
         let mut stage = LearnerStage {
             cfg: cfg.clone(),
             io,
@@ -178,6 +189,7 @@ impl LearnerStage {
             dead,
             positions: BTreeMap::new(),
             ckpt,
+            writer,
             seen_at_start: 0,
             first_rows_at: None,
             telemetry: LearnerMetrics::new(
@@ -448,9 +460,9 @@ impl LearnerStage {
     /// rolled, dead letters synced, checkpoint written (atomically), and then the feed told
     /// to commit.
     pub fn checkpoint(&mut self, mut features: FeatureState) -> Result<()> {
-        let Some(path) = self.ckpt.path.clone() else {
+        if self.writer.is_none() {
             return Ok(());
-        };
+        }
         self.flush_rows()?;
         let t0 = Instant::now();
         if let Some(sink) = &self.io.sink_tx {
@@ -480,31 +492,42 @@ impl LearnerStage {
             drift: self.drift.clone(),
             trace: self.trace.clone(),
         };
-        let bytes = checkpoint::save(&path, &ckpt)?;
-        self.ack(Ack::Commit(self.commit_positions()));
-        let seconds = t0.elapsed().as_secs_f64();
-        self.io
-            .last_checkpoint_ms
-            .store(ckpt.written_ms, Ordering::Relaxed);
-        self.telemetry
-            .checkpoint(seconds, bytes, ckpt.written_ms as f64 / 1000.0);
-        self.ckpt.written += 1;
-        self.ckpt.last_bytes = bytes;
-        self.ckpt.seconds += seconds;
+        let commit = self.commit_positions();
+        let before_s = t0.elapsed().as_secs_f64();
+        let writer = self.writer.as_mut().expect("checkpoints on");
+        // Encoded, written and synced on the writer's thread, which commits it when on disk.
+        writer.write(ckpt, commit, before_s)?;
+        self.ckpt.seconds += t0.elapsed().as_secs_f64();
+        let written = writer.written()?;
+        self.checkpoints_written(&written);
         tracing::debug!(
-            bytes,
             ms = t0.elapsed().as_millis() as u64,
             samples = self.learner.stats().seen,
             positions = ?self.positions,
-            "checkpoint written"
+            "checkpoint handed to the writer"
         );
         Ok(())
+    }
+
+    /// Counts checkpoints now on disk, and tells the metrics.
+    fn checkpoints_written(&mut self, written: &[Written]) {
+        for w in written {
+            self.telemetry
+                .checkpoint(w.seconds, w.bytes, w.written_ms as f64 / 1000.0);
+            self.ckpt.written += 1;
+            self.ckpt.last_bytes = w.bytes;
+            self.ckpt.write_seconds += w.seconds;
+        }
     }
 
     /// The end of the source (its last partial micro-batch learnt): the final checkpoint,
     /// the last metrics, the dead-letter file flushed.
     fn finish(&mut self, features: FeatureState) -> Result<()> {
         self.checkpoint(features)?;
+        if let Some(w) = &mut self.writer {
+            let written = w.finish()?;
+            self.checkpoints_written(&written);
+        }
         if self.tally.keys_evicted > 0 {
             tracing::info!(
                 forgotten = self.tally.keys_evicted,
@@ -627,6 +650,7 @@ mod tests {
 
     use super::super::feature_stage::FeatureStage;
     use super::*;
+    use crate::checkpoint;
     use crate::source::{RowOrigin, SourceEvent};
 
     /// The bundled archive as feed-like batches of 1,024 messages of partition `t[0]`.
@@ -718,9 +742,14 @@ mod tests {
     }
 
     impl Driver {
+        /// One event through both stages, and every checkpoint it caused on disk.
         fn handle(&mut self, ev: SourceEvent) {
             for f in self.features.handle(ev).unwrap() {
                 assert!(!self.stage.handle(f).unwrap(), "not the end yet");
+            }
+            if let Some(w) = &mut self.stage.writer {
+                let written = w.wait().unwrap();
+                self.stage.checkpoints_written(&written);
             }
         }
 
@@ -869,5 +898,36 @@ mod tests {
         let mut b = driver(a.out, &sets);
         let restored = b.stage.keys.detectors(key, &cfg).unwrap();
         assert_eq!(serde_json::to_string(restored).unwrap(), json);
+    }
+
+    /// Checkpoints are written on their own thread; one that fails is an error of the run,
+    /// and no position is committed without a checkpoint on disk.
+    #[test]
+    fn a_failed_checkpoint_write_is_an_error_and_nothing_is_committed() {
+        let out = tempfile::tempdir().unwrap();
+        let missing = out.path().join("no-such-folder/checkpoint.bin");
+        let at = format!("checkpoint.path=\"{}\"", missing.display());
+        let mut d = driver(out, &[CKPT[0], CKPT[1], &at]);
+        let mut failed = None;
+        'events: for ev in milan_events().into_iter().take(4) {
+            for f in d.features.handle(ev).unwrap() {
+                if let Err(e) = d.stage.handle(f) {
+                    failed = Some(e);
+                    break 'events;
+                }
+            }
+            if let Err(e) = d.stage.writer.as_mut().unwrap().wait() {
+                failed = Some(e);
+                break;
+            }
+        }
+        let err = format!("{:#}", failed.expect("the failed write is reported"));
+        assert!(err.contains("no-such-folder"), "{err}");
+        let acks: Vec<Ack> = std::iter::from_fn(|| d.acks.try_recv().ok()).collect();
+        assert!(!acks.is_empty());
+        assert!(
+            acks.iter().all(|a| matches!(a, Ack::Processed)),
+            "nothing committed: {acks:?}"
+        );
     }
 }

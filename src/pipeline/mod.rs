@@ -15,6 +15,7 @@
 //! instead of queueing without limit. [`run`] starts the stages, joins them and hands their
 //! parts to the report; each stage lives in a file of its own.
 
+mod checkpoint_writer;
 mod feature_stage;
 mod learner_keys;
 mod learner_stage;
@@ -404,6 +405,7 @@ fn build_report(
             written: t.ckpt.written,
             last_bytes: t.ckpt.last_bytes,
             seconds: t.ckpt.seconds,
+            write_seconds: t.ckpt.write_seconds,
             resumed_at_samples: (c.resumes > 0 && t.seen_at_start > 0).then_some(t.seen_at_start),
             resumes: c.resumes,
             rows_already_covered: t.ckpt.already_covered + e.redelivered,
