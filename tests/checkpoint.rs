@@ -218,3 +218,20 @@ fn a_resume_refuses_a_file_that_changed_under_its_name() {
         "{msg}"
     );
 }
+
+/// A checkpoint that cannot be written is an error of the run, naming the file (written on
+/// the checkpoint writer's thread, it still stops the run).
+#[test]
+fn a_checkpoint_that_cannot_be_written_is_an_error_naming_the_file() {
+    let out = tempfile::tempdir().unwrap();
+    let missing = out.path().join("no-such-folder/checkpoint.bin");
+    let at = format!("checkpoint.path=\"{}\"", missing.display());
+    let sets = ["checkpoint.enabled=true", "checkpoint.every_rows=200", &at];
+    let cfg = common::pipeline("milan-replay.toml", out.path(), &sets);
+    let Err(err) = common::try_run(cfg) else {
+        panic!("the run must fail")
+    };
+    let err = format!("{err:#}");
+    assert!(err.contains("no-such-folder"), "{err}");
+    assert!(!missing.exists());
+}

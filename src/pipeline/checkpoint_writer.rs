@@ -7,8 +7,9 @@
 //! being written while the learner prepares the next, and a disk slower than the checkpoint
 //! interval slows the learner instead of queueing copies (a queue of one cost 20 MB of RSS
 //! in the soak run and was not faster).
-//! A failed write stops the writer; the learner stage reports it at its next checkpoint, its
-//! next metrics publication or its end, and nothing after it is committed.
+//! A failed write stops the writer and the source (a quiet feed would otherwise wait for a
+//! next checkpoint that never comes); the learner stage reports the error at its next
+//! checkpoint or its end, and nothing after it is committed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 
 use crate::checkpoint::{self, Checkpoint};
+use crate::shutdown::Shutdown;
 use crate::source::Ack;
 
 /// A checkpoint to write, and the positions to commit once it is on disk.
@@ -50,14 +52,20 @@ pub(crate) struct CheckpointWriter {
 }
 
 impl CheckpointWriter {
-    /// A writer of `path` that sends commits on `acks` (none: a file source) and the time of
-    /// the last checkpoint on disk to `last_ms` (the checkpoint-age gauge).
-    pub fn start(path: PathBuf, acks: Option<Sender<Ack>>, last_ms: Arc<AtomicU64>) -> Self {
+    /// A writer of `path` that sends commits on `acks` (none: a file source), the time of the
+    /// last checkpoint on disk to `last_ms` (the checkpoint-age gauge), and triggers `stop`
+    /// when a write fails.
+    pub fn start(
+        path: PathBuf,
+        acks: Option<Sender<Ack>>,
+        last_ms: Arc<AtomicU64>,
+        stop: Shutdown,
+    ) -> Self {
         let (jobs, rx) = sync_channel::<Job>(0);
         let (done_tx, done) = channel();
         let thread = std::thread::Builder::new()
             .name("gradsift-checkpoint".into())
-            .spawn(move || write_all(&path, rx, acks, &last_ms, &done_tx))
+            .spawn(move || write_all(&path, rx, acks, &last_ms, &done_tx, &stop))
             .expect("a thread for the checkpoint writer");
         CheckpointWriter {
             jobs: Some(jobs),
@@ -136,6 +144,7 @@ fn write_all(
     acks: Option<Sender<Ack>>,
     last_ms: &AtomicU64,
     done: &Sender<Result<Written>>,
+    stop: &Shutdown,
 ) {
     for job in jobs {
         let t0 = Instant::now();
@@ -154,6 +163,8 @@ fn write_all(
                 let _ = done.send(Ok(w));
             }
             Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "checkpoint not written: stopping");
+                stop.trigger();
                 let _ = done.send(Err(e));
                 return;
             }

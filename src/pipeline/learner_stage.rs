@@ -17,6 +17,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 
+use crate::shutdown::Shutdown;
 use crate::stage_time::StageTime;
 
 use super::checkpoint_writer::{CheckpointWriter, Written};
@@ -96,6 +97,8 @@ pub(crate) struct StageIo {
     pub last_checkpoint_ms: Arc<AtomicU64>,
     pub sink_tx: Option<SyncSender<SinkMsg>>,
     pub progress: ProgressBar,
+    /// Triggered by a failed checkpoint write, so that a quiet feed stops too.
+    pub shutdown: Shutdown,
 }
 
 /// The learner stage's state (see the module doc).
@@ -163,10 +166,10 @@ impl LearnerStage {
         let metrics = Scoreboard::new(head, cfg.evaluation.window, &cfg.evaluation.boundaries());
         let dead =
             DeadLetterSink::new(dead_path, resume.as_ref().map(|(c, _)| c.dead_letter_bytes));
-        let writer = ckpt
-            .path
-            .clone()
-            .map(|p| CheckpointWriter::start(p, io.ack_tx.clone(), io.last_checkpoint_ms.clone()));
+        let writer = ckpt.path.clone().map(|p| {
+            let (acks, last_ms) = (io.ack_tx.clone(), io.last_checkpoint_ms.clone());
+            CheckpointWriter::start(p, acks, last_ms, io.shutdown.clone())
+        });
         let mut stage = LearnerStage {
             cfg: cfg.clone(),
             io,
@@ -723,6 +726,7 @@ mod tests {
             last_checkpoint_ms: Arc::new(AtomicU64::new(0)),
             sink_tx: Some(sink_tx),
             progress: ProgressBar::hidden(),
+            shutdown: Shutdown::new(),
         };
         let mut resume = checkpoint::load(&cfg.checkpoint_path()).unwrap();
         let ckpt = CheckpointCtl::new(&cfg, resume.as_ref());

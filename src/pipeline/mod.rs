@@ -134,6 +134,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             sink_tx: sinks_on.then_some(sink_tx),
             progress: progress.clone(),
             last_checkpoint_ms,
+            shutdown: shutdown.clone(),
         };
         let (cfg, schema) = (cfg.clone(), schema.clone());
         let dead_path = out_dir.join(outputs::DEAD_LETTERS);
@@ -147,6 +148,11 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         })
     };
     let learned = learn.await.context("learner thread panicked")?;
+    if learned.is_err() {
+        // Stop the source: an idle feed would otherwise wait for messages for ever, and the
+        // feature stage only finds a stopped learner when it next hands on a batch.
+        shutdown.trigger();
+    }
     // The feature stage's own error explains a learner that found its stream cut short.
     featurize.await.context("feature thread panicked")??;
     let (source_rows, redelivered) = source.await.context("source thread panicked")??;
