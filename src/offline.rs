@@ -34,7 +34,7 @@ use crate::learner::importance::ImportanceMethod;
 use crate::learner::model::Head;
 use crate::learner::select::Selector;
 use crate::learner::{LearnerConfig, OnlineLearner};
-use crate::pipeline::{RunOptions, count_skip, decode_rows};
+use crate::pipeline::{RunOptions, count_skip, decode_rows, feature_engine};
 use crate::schema::Schema;
 use crate::shutdown::Shutdown;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
@@ -178,18 +178,10 @@ async fn load(
     let mut a = Archive::default();
     while let Some(ev) = rx.recv().await {
         match ev {
-            SourceEvent::Unreadable {
-                origin,
-                first_row,
-                rows,
-                reason,
-                detail,
-            } => {
-                count_skip(&mut a.skipped, &reason, rows);
-                a.dead_rows += rows;
-                dead.send(&DeadLetter::span(
-                    &reason, &detail, &origin, first_row, rows,
-                ))?;
+            SourceEvent::Unreadable(u) => {
+                count_skip(&mut a.skipped, &u.reason, u.rows);
+                a.dead_rows += u.rows;
+                dead.send(&DeadLetter::unreadable(&u))?;
             }
             SourceEvent::Batch { batch, origins, .. } => {
                 let (skipped, dead_rows) = (&mut a.skipped, &mut a.dead_rows);
@@ -450,13 +442,7 @@ pub async fn train(
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let decoder = Decoder::new(schema.clone());
-    let mut features = FeatureEngine::new(
-        schema.clone(),
-        decoder.numeric_columns(),
-        cfg.features.max_keys,
-    )
-    .with_out_of_range(cfg.features.out_of_range)
-    .with_max_deviations(cfg.features.max_deviations);
+    let mut features = feature_engine(&cfg, &schema, &decoder);
     let dead_path = out_dir.join("dead_letters.jsonl");
     let mut dead = DeadLetterSink::new(&dead_path, None);
     let archive = load(&cfg, &schema, &mut features, &mut dead, &shutdown).await?;

@@ -450,17 +450,23 @@ fn two_instances_in_one_group_split_the_partitions() {
     );
 }
 
-/// The archive produced unpaced (large record batches) to a fresh topic, and the group's
-/// offset set to `offset`.
-fn topic_with_group_offset(kind: BrokerKind, offset: i64) -> common::Broker {
-    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+/// A broker with the bundled archive produced unpaced (large record batches) to a fresh
+/// one-partition topic `name` (and `name-dlq`).
+fn milan_topic(kind: BrokerKind, name: &str) -> common::Broker {
     let broker = common::Broker::of(kind);
-    broker.create_topic("mid", 1);
-    broker.create_topic("mid-dlq", 1);
-    produce_command(&broker, "mid", &[])
+    broker.create_topic(name, 1);
+    broker.create_topic(&format!("{name}-dlq"), 1);
+    produce_command(&broker, name, &[])
         .stdout(Stdio::null())
         .status()
         .unwrap();
+    broker
+}
+
+/// [`milan_topic`] "mid", and the group's offset set to `offset`.
+fn topic_with_group_offset(kind: BrokerKind, offset: i64) -> common::Broker {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let broker = milan_topic(kind, "mid");
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", broker.address())
         .set("group.id", "g-mid")
@@ -579,13 +585,7 @@ fn resume_in_the_last_record_batch_reads_the_tail_on_the_mock_cluster() {
 /// nothing is committed.
 #[test]
 fn a_failed_checkpoint_write_ends_the_run_on_a_quiet_feed_and_commits_nothing() {
-    let broker = common::Broker::of(BrokerKind::Mock);
-    broker.create_topic("quiet", 1);
-    broker.create_topic("quiet-dlq", 1);
-    produce_command(&broker, "quiet", &[])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
+    let broker = milan_topic(BrokerKind::Mock, "quiet");
     let out = tempfile::tempdir().unwrap();
     let missing = out.path().join("no-such-folder/checkpoint.bin");
     let mut sets = milan_sets(&broker, "quiet", "g-quiet");

@@ -15,25 +15,19 @@ use anyhow::Result;
 use arrow::array::RecordBatch;
 use tokio::sync::mpsc;
 
-use super::rows::decode_rows;
+use super::rows::{decode_rows, feature_engine};
 use crate::config::PipelineConfig;
 use crate::decode::Decoder;
 use crate::features::{FeatureEngine, FeatureState, KeyChange, Samples};
 use crate::schema::Schema;
 use crate::sink::dead_letter::DeadLetter;
-use crate::source::{RowOrigin, SourceEvent};
+use crate::source::{RowOrigin, SourceEvent, Unreadable};
 use crate::stage_time::StageTime;
 
 /// What the feature stage hands the learner stage, in stream order.
 pub(crate) enum Featured {
-    /// Input the source could not read, as it reported it (see [`SourceEvent::Unreadable`]).
-    Unreadable {
-        origin: Arc<str>,
-        first_row: u64,
-        rows: u64,
-        reason: String,
-        detail: String,
-    },
+    /// Input the source could not read, as it reported it.
+    Unreadable(Unreadable),
     Batch(Box<FeaturedBatch>),
     /// A checkpoint is due: learn `rest` (the partial micro-batch), then save with `state`,
     /// the features after every row before this marker.
@@ -145,16 +139,12 @@ impl FeatureStage {
         resume: Option<FeatureState>,
     ) -> Result<Self> {
         let decoder = Decoder::new(schema.clone());
-        let mut features = FeatureEngine::new(
-            schema.clone(),
-            decoder.numeric_columns(),
-            cfg.features.max_keys,
-        )
-        .with_out_of_range(cfg.features.out_of_range)
-        .with_max_deviations(cfg.features.max_deviations)
-        .with_key_changes()
-        .with_injection(cfg.source.injection())
-        .map_err(|e| anyhow::anyhow!("{}: key `source.inject.column`: {e}", cfg.file.display()))?;
+        let mut features = feature_engine(cfg, schema, &decoder)
+            .with_key_changes()
+            .with_injection(cfg.source.injection())
+            .map_err(|e| {
+                anyhow::anyhow!("{}: key `source.inject.column`: {e}", cfg.file.display())
+            })?;
         if let Some(s) = resume {
             features
                 .restore(s)
@@ -229,21 +219,7 @@ impl FeatureStage {
                 origins,
                 ack,
             } => (batch, origins, ack),
-            SourceEvent::Unreadable {
-                origin,
-                first_row,
-                rows,
-                reason,
-                detail,
-            } => {
-                return Ok(vec![Featured::Unreadable {
-                    origin,
-                    first_row,
-                    rows,
-                    reason,
-                    detail,
-                }]);
-            }
+            SourceEvent::Unreadable(u) => return Ok(vec![Featured::Unreadable(u)]),
         };
         let batch = self.batch(batch, origins, ack)?;
         let mut out = vec![Featured::Batch(Box::new(batch))];
@@ -398,36 +374,8 @@ fn skip_covered(
 mod tests {
     use super::*;
 
-    /// The bundled archive as batches of 1,024 rows of one source, acknowledged (a feed) or
-    /// not (a file).
     fn milan_events(feed: bool) -> Vec<SourceEvent> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("data/milan/internet_square5161.parquet");
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-            std::fs::File::open(path).unwrap(),
-        )
-        .unwrap()
-        .with_batch_size(1024)
-        .build()
-        .unwrap();
-        let mut at = 0u64;
-        (reader.map(|b| {
-            let batch = b.unwrap();
-            let n = batch.num_rows() as u64;
-            let origins: Vec<RowOrigin> = (at..at + n)
-                .map(|index| RowOrigin {
-                    source: Arc::from("s"),
-                    index,
-                })
-                .collect();
-            at += n;
-            SourceEvent::Batch {
-                batch,
-                ack: feed.then(|| origins.clone()),
-                origins,
-            }
-        }))
-        .collect()
+        super::super::test_events::milan_events("s", feed)
     }
 
     fn stage(sets: &[&str], resume: Option<FeatureState>) -> FeatureStage {
@@ -454,7 +402,7 @@ mod tests {
                 Featured::Checkpoint { rest, .. } | Featured::End { rest, .. } => {
                     all.push(rest.x.clone())
                 }
-                Featured::Unreadable { .. } => {}
+                Featured::Unreadable(_) => {}
             }
         }
         all

@@ -224,15 +224,7 @@ impl LearnerStage {
     /// One thing from the feature stage; true at the end of the stream.
     pub fn handle(&mut self, f: Featured) -> Result<bool> {
         match f {
-            Featured::Unreadable {
-                origin,
-                first_row,
-                rows,
-                reason,
-                detail,
-            } => self.unreadable(&DeadLetter::span(
-                &reason, &detail, &origin, first_row, rows,
-            ))?,
+            Featured::Unreadable(u) => self.unreadable(&DeadLetter::unreadable(&u))?,
             Featured::Batch(b) => self.batch(*b)?,
             Featured::Checkpoint { rest, state } => {
                 self.step_rest(rest)?;
@@ -654,37 +646,11 @@ mod tests {
     use super::super::feature_stage::FeatureStage;
     use super::*;
     use crate::checkpoint;
-    use crate::source::{RowOrigin, SourceEvent};
+    use crate::source::{SourceEvent, Unreadable};
 
     /// The bundled archive as feed-like batches of 1,024 messages of partition `t[0]`.
     fn milan_events() -> Vec<SourceEvent> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("data/milan/internet_square5161.parquet");
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-            std::fs::File::open(path).unwrap(),
-        )
-        .unwrap()
-        .with_batch_size(1024)
-        .build()
-        .unwrap();
-        let mut at = 0u64;
-        reader
-            .map(|b| {
-                let batch = b.unwrap();
-                let origins: Vec<RowOrigin> = (at..at + batch.num_rows() as u64)
-                    .map(|index| RowOrigin {
-                        source: Arc::from("t[0]"),
-                        index,
-                    })
-                    .collect();
-                at += batch.num_rows() as u64;
-                SourceEvent::Batch {
-                    batch,
-                    ack: Some(origins.clone()),
-                    origins,
-                }
-            })
-            .collect()
+        super::super::test_events::milan_events("t[0]", true)
     }
 
     /// The feature and learner stages, driven in turn on the test's thread.
@@ -825,12 +791,14 @@ mod tests {
     fn a_resumed_stage_skips_covered_rows_and_letters_and_counts_them_once() {
         let events = milan_events;
         let mut a = driver(tempfile::tempdir().unwrap(), &CKPT);
-        let bad = || SourceEvent::Unreadable {
-            origin: Arc::from("t[0]"),
-            first_row: 100,
-            rows: 1,
-            reason: "malformed_json".into(),
-            detail: "test".into(),
+        let bad = || {
+            SourceEvent::Unreadable(Unreadable {
+                origin: Arc::from("t[0]"),
+                first_row: 100,
+                rows: 1,
+                reason: "malformed_json".into(),
+                detail: "test".into(),
+            })
         };
         a.handle(bad());
         for ev in events().into_iter().take(3) {

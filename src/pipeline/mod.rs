@@ -5,10 +5,12 @@
 //!   Parquet replay                                  decode, row checks, features,
 //!   or Kafka group                                  micro-batches, checkpoint clock
 //!        ▲
-//!        └──── acks (feeds commit) ─────────────── learner stage ──(bounded: 4)──▶ sink stage
-//!                                                   score/select/train/buffer,      score file,
-//!                                                   prequential metrics,            output topic
-//!                                                   dead letters, checkpoints
+//!        │                                          learner stage ──(bounded: 4)──▶ sink stage
+//!        ├──── acks: batch processed ────────────── score/select/train/buffer,     score file,
+//!        │                                          prequential metrics,           output topic
+//!        │                                          dead letters, checkpoint copy
+//!        │                                                │ (rendezvous)
+//!        └──── acks: commit ──────────────────────── checkpoint writer: encode, write, fsync
 //!  upkeep ticker: process gauges (energy, memory, checkpoint age) on a timer
 //! ```
 //! Each arrow is a bounded channel: a slow stage blocks the one before it (backpressure)
@@ -22,9 +24,11 @@ mod learner_stage;
 mod outputs;
 mod rows;
 mod sink_stage;
+#[cfg(test)]
+mod test_events;
 mod upkeep;
 
-pub use rows::{Skipped, count_skip, decode_rows};
+pub use rows::{Skipped, count_skip, decode_rows, feature_engine};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;

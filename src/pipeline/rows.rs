@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 
+use crate::config::PipelineConfig;
 use crate::decode::Decoder;
 use crate::features::{FeatureEngine, Samples};
+use crate::schema::Schema;
 use crate::sink::dead_letter::DeadLetter;
 use crate::source::RowOrigin;
 
@@ -48,6 +50,21 @@ pub fn count_skip(skipped: &mut BTreeMap<String, u64>, reason: &str, rows: u64) 
             skipped.insert(reason.to_string(), rows);
         }
     }
+}
+
+/// The feature engine `cfg`'s `[features]` asks for, over `decoder`'s columns.
+pub fn feature_engine(
+    cfg: &PipelineConfig,
+    schema: &std::sync::Arc<Schema>,
+    decoder: &Decoder,
+) -> FeatureEngine {
+    FeatureEngine::new(
+        schema.clone(),
+        decoder.numeric_columns(),
+        cfg.features.max_keys,
+    )
+    .with_out_of_range(cfg.features.out_of_range)
+    .with_max_deviations(cfg.features.max_deviations)
 }
 
 /// Decodes a batch and turns its rows into samples appended to `pending`; every row that does

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::source::Unreadable;
+
 /// One dead letter.
 #[derive(Debug, Serialize)]
 pub struct DeadLetter<'a> {
@@ -39,6 +41,11 @@ impl<'a> DeadLetter<'a> {
             key: None,
             time: None,
         }
+    }
+
+    /// The letter of input a source could not read.
+    pub fn unreadable(u: &'a Unreadable) -> Self {
+        Self::span(&u.reason, &u.detail, &u.origin, u.first_row, u.rows)
     }
 }
 

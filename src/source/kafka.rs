@@ -28,7 +28,7 @@ use crate::producer::DeliveryCount;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use super::{Ack, RowOrigin, RunningSource, SourceContext, SourceEvent};
+use super::{Ack, RowOrigin, RunningSource, SourceContext, SourceEvent, Unreadable};
 use crate::decode::{BatchError, Decoder, JsonDecoder};
 use crate::schema::Schema;
 use crate::shutdown::Shutdown;
@@ -801,13 +801,13 @@ impl<'a> KafkaSource<'a> {
         for (i, e) in bad {
             let p = &payloads[i];
             self.dead_letter(p, &e);
-            let ev = SourceEvent::Unreadable {
+            let ev = SourceEvent::Unreadable(Unreadable {
                 origin: p.origin.source.clone(),
                 first_row: p.origin.index,
                 rows: 1,
                 reason: e.reason,
                 detail: e.detail,
-            };
+            });
             if tx.blocking_send(ev).is_err() {
                 return false;
             }

@@ -127,17 +127,19 @@ pub enum SourceEvent {
         origins: Vec<RowOrigin>,
         ack: Option<Vec<RowOrigin>>,
     },
-    /// Input that cannot be read as the schema says (a file, a row group, a message): its
-    /// rows, `first_row..first_row + rows` of `origin` (`rows` 0: a file without a readable
-    /// footer, count unknown), are counted and dead-lettered under `reason`, and the source
-    /// goes on with the next.
-    Unreadable {
-        origin: Arc<str>,
-        first_row: u64,
-        rows: u64,
-        reason: String,
-        detail: String,
-    },
+    Unreadable(Unreadable),
+}
+
+/// Input that cannot be read as the schema says (a file, a row group, a message): its rows,
+/// `first_row..first_row + rows` of `origin` (`rows` 0: a file without a readable footer, count
+/// unknown), are counted and dead-lettered under `reason`, and the source goes on with the next.
+#[derive(Debug)]
+pub struct Unreadable {
+    pub origin: Arc<str>,
+    pub first_row: u64,
+    pub rows: u64,
+    pub reason: String,
+    pub detail: String,
 }
 
 /// What the learner tells a feed source.

@@ -24,7 +24,7 @@ use parquet::arrow::arrow_reader::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{RowOrigin, RunningSource, SourceContext, SourceEvent};
+use super::{RowOrigin, RunningSource, SourceContext, SourceEvent, Unreadable};
 use crate::schema::{Schema, TimeKind};
 use crate::shutdown::Shutdown;
 
@@ -624,13 +624,13 @@ impl Replay<'_> {
         tracing::warn!(file = %origin, reason = %lost.reason, detail = %lost.detail, first_row = lost.first_row, rows = lost.rows, "input cannot be read as the schema says; its rows are dead-lettered");
         self.stats.unreadable_rows += lost.rows;
         self.tx
-            .blocking_send(SourceEvent::Unreadable {
+            .blocking_send(SourceEvent::Unreadable(Unreadable {
                 origin: origin.clone(),
                 first_row: lost.first_row,
                 rows: lost.rows,
                 reason: lost.reason,
                 detail: lost.detail,
-            })
+            }))
             .is_ok()
     }
 
