@@ -187,8 +187,9 @@ impl FeatureStage {
             // A quiet feed still gets its checkpoint (and so its commit) on time.
             let ev = match self.clock.wait_limit() {
                 Some(left) => {
-                    let next = runtime.block_on(tokio::time::timeout(left, rx.recv()));
-                    match time.waiting(|| next) {
+                    let next =
+                        time.waiting(|| runtime.block_on(tokio::time::timeout(left, rx.recv())));
+                    match next {
                         Ok(ev) => ev,
                         Err(_) => {
                             if !send(self.checkpoint()) {
