@@ -1,4 +1,5 @@
-//! CPU time and waiting time per pipeline stage (source, features, learner, sink): which stage is the
+//! CPU time and waiting time per pipeline stage (source, features, learner, sink, checkpoint
+//! writer): which stage is the
 //! bottleneck, and where each one waits. A stage's thread adds its own CPU time when it ends;
 //! waits are timed where they happen, at the bounded channels between stages (a source
 //! waiting to send is backpressure from the learner; a learner waiting to receive is starved
@@ -55,13 +56,15 @@ pub struct StageSeconds {
     pub wait_s: f64,
 }
 
-/// The four stages of a run.
+/// The stages of a run.
 #[derive(Debug, Default)]
 pub struct StageTimes {
     pub source: StageTime,
     pub features: StageTime,
     pub learner: StageTime,
     pub sink: StageTime,
+    /// The checkpoint writer (its wait is for the next checkpoint).
+    pub checkpoint: StageTime,
 }
 
 /// [`StageTimes`] as the report shows them.
@@ -72,6 +75,8 @@ pub struct StageReport {
     pub features: StageSeconds,
     pub learner: StageSeconds,
     pub sink: StageSeconds,
+    #[serde(default)]
+    pub checkpoint: StageSeconds,
 }
 
 impl StageTimes {
@@ -81,6 +86,7 @@ impl StageTimes {
             features: self.features.seconds(),
             learner: self.learner.seconds(),
             sink: self.sink.seconds(),
+            checkpoint: self.checkpoint.seconds(),
         }
     }
 }

@@ -94,6 +94,9 @@ fn a_replay_stopped_half_way_resumes_from_its_checkpoint() {
     let sets = ["checkpoint.enabled=true", "checkpoint.every_rows=1000"];
     let whole = tempfile::tempdir().unwrap();
     let a = common::run(common::pipeline("milan-replay.toml", whole.path(), &sets));
+    // Checkpoints are encoded and written on the writer's thread, whose time is reported.
+    let w = a.stages.checkpoint;
+    assert!(w.cpu_s > 0.0 && w.wait_s >= 0.0, "{w:?}");
 
     let halves = tempfile::tempdir().unwrap();
     let mut first = sets.to_vec();

@@ -23,6 +23,7 @@ use anyhow::{Context, Result};
 use crate::checkpoint::{self, Checkpoint};
 use crate::shutdown::Shutdown;
 use crate::source::Ack;
+use crate::stage_time::{StageTime, StageTimes};
 
 /// A checkpoint to write, and the positions to commit once it is on disk.
 struct Job {
@@ -53,19 +54,23 @@ pub(crate) struct CheckpointWriter {
 
 impl CheckpointWriter {
     /// A writer of `path` that sends commits on `acks` (none: a file source), the time of the
-    /// last checkpoint on disk to `last_ms` (the checkpoint-age gauge), and triggers `stop`
-    /// when a write fails.
+    /// last checkpoint on disk to `last_ms` (the checkpoint-age gauge), triggers `stop` when a
+    /// write fails, and books its thread's time in `times.checkpoint`.
     pub fn start(
         path: PathBuf,
         acks: Option<Sender<Ack>>,
         last_ms: Arc<AtomicU64>,
         stop: Shutdown,
+        times: Arc<StageTimes>,
     ) -> Self {
         let (jobs, rx) = sync_channel::<Job>(0);
         let (done_tx, done) = channel();
         let thread = std::thread::Builder::new()
             .name("gradsift-checkpoint".into())
-            .spawn(move || write_all(&path, rx, acks, &last_ms, &done_tx, &stop))
+            .spawn(move || {
+                let time = &times.checkpoint;
+                time.on_thread(|| write_all(&path, rx, acks, &last_ms, &done_tx, &stop, time))
+            })
             .expect("a thread for the checkpoint writer");
         CheckpointWriter {
             jobs: Some(jobs),
@@ -145,8 +150,9 @@ fn write_all(
     last_ms: &AtomicU64,
     done: &Sender<Result<Written>>,
     stop: &Shutdown,
+    time: &StageTime,
 ) {
-    for job in jobs {
+    while let Ok(job) = time.waiting(|| jobs.recv()) {
         let t0 = Instant::now();
         match checkpoint::save(path, &job.ckpt) {
             Ok(bytes) => {

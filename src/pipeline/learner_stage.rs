@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 
 use crate::shutdown::Shutdown;
-use crate::stage_time::StageTime;
+use crate::stage_time::{StageTime, StageTimes};
 
 use super::checkpoint_writer::{CheckpointWriter, Written};
 use super::feature_stage::{FeatureTally, Featured, FeaturedBatch, Letter};
@@ -99,6 +99,8 @@ pub(crate) struct StageIo {
     pub progress: ProgressBar,
     /// Triggered by a failed checkpoint write, so that a quiet feed stops too.
     pub shutdown: Shutdown,
+    /// Where the checkpoint writer's thread books its CPU and waiting time.
+    pub writer_time: Arc<StageTimes>,
 }
 
 /// The learner stage's state (see the module doc).
@@ -168,7 +170,8 @@ impl LearnerStage {
             DeadLetterSink::new(dead_path, resume.as_ref().map(|(c, _)| c.dead_letter_bytes));
         let writer = ckpt.path.clone().map(|p| {
             let (acks, last_ms) = (io.ack_tx.clone(), io.last_checkpoint_ms.clone());
-            CheckpointWriter::start(p, acks, last_ms, io.shutdown.clone())
+            let (stop, times) = (io.shutdown.clone(), io.writer_time.clone());
+            CheckpointWriter::start(p, acks, last_ms, stop, times)
         });
         let mut stage = LearnerStage {
             cfg: cfg.clone(),
@@ -693,6 +696,7 @@ mod tests {
             sink_tx: Some(sink_tx),
             progress: ProgressBar::hidden(),
             shutdown: Shutdown::new(),
+            writer_time: Arc::default(),
         };
         let mut resume = checkpoint::load(&cfg.checkpoint_path()).unwrap();
         let ckpt = CheckpointCtl::new(&cfg, resume.as_ref());

@@ -139,6 +139,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             progress: progress.clone(),
             last_checkpoint_ms,
             shutdown: shutdown.clone(),
+            writer_time: times.clone(),
         };
         let (cfg, schema) = (cfg.clone(), schema.clone());
         let dead_path = out_dir.join(outputs::DEAD_LETTERS);
