@@ -99,9 +99,8 @@ impl CheckpointWriter {
         };
         if jobs.send(job).is_err() {
             // The writer stopped at a failed write: its error says why.
-            return self
-                .wait()
-                .and(Err(anyhow::anyhow!("the checkpoint writer stopped")));
+            let stopped = self.wait().err();
+            return Err(stopped.unwrap_or_else(|| anyhow::anyhow!("the checkpoint writer stopped")));
         }
         self.in_flight += 1;
         Ok(())

@@ -121,7 +121,6 @@ impl CheckpointClock {
 pub(crate) struct FeatureStage {
     decoder: Decoder,
     features: FeatureEngine,
-    width: usize,
     micro_batch: usize,
     /// Samples waiting for a full micro-batch.
     pending: Samples,
@@ -152,7 +151,6 @@ impl FeatureStage {
         }
         Ok(FeatureStage {
             decoder,
-            width: features.width(),
             features,
             micro_batch: cfg.training.micro_batch.max(1),
             pending: Samples::default(),
@@ -169,7 +167,7 @@ impl FeatureStage {
 
     /// Width of a sample's feature row.
     pub fn width(&self) -> usize {
-        self.width
+        self.features.width()
     }
 
     /// Takes events until the source is done and hands on what they become, then the end.
@@ -272,8 +270,9 @@ impl FeatureStage {
             self.pending.len() / self.micro_batch * self.micro_batch
         };
         if full > 0 {
-            let ready = self.pending.take_front(full, self.width);
-            b.chunks = ready.into_chunks(self.micro_batch, self.width);
+            let width = self.features.width();
+            let ready = self.pending.take_front(full, width);
+            b.chunks = ready.into_chunks(self.micro_batch, width);
         }
         b.keys = self.features.take_key_changes();
         b.tally = self.tally();

@@ -698,13 +698,12 @@ mod tests {
             shutdown: Shutdown::new(),
             writer_time: Arc::default(),
         };
-        let mut resume = checkpoint::load(&cfg.checkpoint_path()).unwrap();
+        let resume = checkpoint::load(&cfg.checkpoint_path()).unwrap();
         let ckpt = CheckpointCtl::new(&cfg, resume.as_ref());
-        let mut state = resume.as_mut().map(|c| std::mem::take(&mut c.features));
-        let parts = state.as_mut().map(|s| s.take_learner_parts());
+        let (state, resume) = super::super::split_resume(resume);
         let features = FeatureStage::new(&cfg, &schema, ckpt.covered.clone(), state).unwrap();
         let dead = out.path().join("dead_letters.jsonl");
-        let (width, resume) = (features.width(), resume.zip(parts));
+        let width = features.width();
         let stage = LearnerStage::new(&cfg, &schema, width, io, &dead, ckpt, resume).unwrap();
         Driver {
             features,

@@ -43,6 +43,7 @@ use tokio::sync::mpsc;
 use crate::checkpoint::{self, Checkpoint};
 use crate::config::PipelineConfig;
 use crate::energy::EnergyMeter;
+use crate::features::{FeatureState, SavedLearnerParts};
 use crate::report::{BufferReport, CheckpointReport, RunReport};
 use crate::schema::{Schema, TimeKind};
 use crate::shutdown::Shutdown;
@@ -86,7 +87,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let out_dir = cfg.output_dir();
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let mut resume = load_resume(&cfg, &schema)?;
+    let resume = load_resume(&cfg, &schema)?;
     outputs::clear_stale(&out_dir, resume.is_some())?;
 
     let (tx, rx) = mpsc::channel::<SourceEvent>(cfg.channels.batches);
@@ -115,11 +116,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let (sink_tx, sink_rx) = sync_channel::<SinkMsg>(4);
     let sink = stage.spawn(sink_rx, times.clone());
 
-    // A resumed checkpoint's features go to the feature stage, its per-key learner parts
-    // (blend weights, detectors) and the rest to the learner stage.
-    let mut feature_state = resume.as_mut().map(|c| std::mem::take(&mut c.features));
-    let key_parts = feature_state.as_mut().map(|s| s.take_learner_parts());
-    let resume = resume.zip(key_parts);
+    let (feature_state, resume) = split_resume(resume);
     let featurize = FeatureStage::new(&cfg, &schema, ckpt.covered.clone(), feature_state)?;
     let width = featurize.width();
     let (featured_tx, featured_rx) = sync_channel::<Featured>(cfg.channels.batches);
@@ -215,6 +212,22 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         &[serde_json::to_string_pretty(&report)?.as_bytes()],
     )?;
     Ok(report)
+}
+
+/// A resumed checkpoint's features, for the feature stage; the rest, and the per-key parts
+/// the learner stage keeps (blend weights, detectors), for the learner stage.
+fn split_resume(
+    resume: Option<Checkpoint>,
+) -> (
+    Option<FeatureState>,
+    Option<(Checkpoint, SavedLearnerParts)>,
+) {
+    let Some(mut c) = resume else {
+        return (None, None);
+    };
+    let mut features = std::mem::take(&mut c.features);
+    let parts = features.take_learner_parts();
+    (Some(features), Some((c, parts)))
 }
 
 /// The checkpoint to resume from, if checkpoints are on and one exists for this schema.
