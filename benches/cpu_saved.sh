@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Learning CPU of a shipped setting vs every-row training and random at the same keep/replay,
-# on a ~1 M-sample stream, 5 seeds, paired. The bundled archives are too short for CPU
-# figures (21-24 ms of learning CPU per run: ± 18% between seeds). Not part of CI.
+# Learning CPU of a shipped setting vs every-row training, with random rows at a fixed keep and
+# replay beside it, on a ~1 M-sample stream, 5 seeds, paired. The bundled archives are too
+# short for CPU figures (21-24 ms of learning CPU per run: ± 18% between seeds). Not in CI.
 #   cargo build --release && bash benches/cpu_saved.sh          # Milan (default)
 #   cargo build --release && WORKLOAD=lte bash benches/cpu_saved.sh
 #   SHIPPED_SET=training.micro_batch=11 bash benches/cpu_saved.sh   # a variant of the shipped
-# Milan: a Milan-shaped stream of 1,000 keys (benches/soak.py's writer); reference replay 3,
-# shipped trim/EL2N keep 0.7 replay 2. LTE: the four LTE files (13,856 rows, both sites) played
-# 72 times in a row, each copy two years after the last (997,632 rows; pyarrow); reference
-# replay 1, shipped InfoBatch keep 0.9 replay 0.25.
+#     (several settings: space-separated, e.g. 'selection.unit="micro_batch" selection.keep=0.9')
+# Milan: a Milan-shaped stream of 1,000 keys (benches/soak.py's writer); reference replay 3;
+# random rows at keep 0.9, replay 2 (the shipped setting's keep and replay, row by row).
+# LTE: the four LTE files (13,856 rows, both sites) played 72 times in a row, each copy two
+# years after the last (997,632 rows; pyarrow); reference replay 1; random rows at keep 0.9,
+# replay 0.25 (the earlier shipped setting's). The per-step line goes through every-row
+# training and the random rows (the same steps, fewer rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${B:-${CARGO_TARGET_DIR:-target}/release/gradsift}
@@ -19,7 +22,7 @@ case $WORKLOAD in
   milan)
     S=${S:-$OUT/k1000.parquet}
     [ -f "$S" ] || python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benches'); import soak; soak.write_stream(Path('$S'), 1_150_000, 1_000)"
-    pipeline=pipelines/milan-replay.toml; ref_replay=3.0; keep=0.7; replay=2.0
+    pipeline=pipelines/milan-replay.toml; ref_replay=3.0; keep=0.9; replay=2.0
     extra=(--set features.max_keys=10000);;
   lte)
     S=${S:-$OUT/lte-72x.parquet}
@@ -42,8 +45,8 @@ for seed in 1 2 3 4 5; do
   for cfg in reference shipped random; do
     case $cfg in
       reference) sets=(--set 'selection.policy="random"' --set selection.keep=1.0 --set buffer.replay_ratio=$ref_replay);;
-      shipped) sets=(); [ -z "${SHIPPED_SET:-}" ] || sets=(--set "$SHIPPED_SET");;
-      random) sets=(--set 'selection.policy="random"' --set selection.keep=$keep --set buffer.replay_ratio=$replay);;
+      shipped) sets=(); for s in ${SHIPPED_SET:-}; do sets+=(--set "$s"); done;;
+      random) sets=(--set 'selection.policy="random"' --set 'selection.unit="row"' --set selection.keep=$keep --set buffer.replay_ratio=$replay);;
     esac
     $B run $pipeline "${common[@]}" "${sets[@]}" --set training.seed=$seed --output "$OUT/$WORKLOAD-$cfg-$seed" > "$OUT/$WORKLOAD-$cfg-$seed.json"
   done
@@ -59,7 +62,7 @@ for c, rs in runs.items():
     mae = [r["metrics"]["model"]["mae"] / f["metrics"]["model"]["mae"] - 1 for r, f in zip(rs, runs["reference"])]
     print(f"{w} {c:9} learning CPU saved {100*st.mean(cpu):5.1f} ± {100*st.stdev(cpu):4.1f} %   rows saved {100*st.mean(rows):5.1f} %   wall saved {100*st.mean(wall):5.1f} ± {100*st.stdev(wall):4.1f} %   MAE {100*st.mean(mae):+.2f} ± {100*st.stdev(mae):.2f} %   (paired, 5 seeds)")
 # Learning CPU per optimiser step against back-propagated rows per step: the line through
-# every-row training and the shipped setting (the same steps, fewer rows) splits a step's
+# every-row training and random rows (the same steps, fewer rows) splits a step's
 # cost into a fixed part and a part per row, per seed.
 def per_step(r):
     t = r["compute"]["training"]
@@ -69,13 +72,13 @@ def per_step(r):
     return rows, 1e6 * r["compute"]["learn_cpu_s"] / steps
 fits = []
 same_steps = all(f["compute"]["training"]["optimizer_steps"] == r["compute"]["training"]["optimizer_steps"]
-                 for f, r in zip(runs["reference"], runs["shipped"]))
-for f, r in (zip(runs["reference"], runs["shipped"]) if same_steps else []):
+                 for f, r in zip(runs["reference"], runs["random"]))
+for f, r in (zip(runs["reference"], runs["random"]) if same_steps else []):
     (x0, y0), (x1, y1) = per_step(f), per_step(r)
     slope = (y0 - y1) / (x0 - x1)
     fits.append((y0 - slope * x0, slope, x0, y0, x1, y1))
 m = lambda i: st.mean(f[i] for f in fits)
 if fits:
-    print(f"{w} per step: every-row {m(3):.1f} µs for {m(2):.1f} rows, shipped {m(5):.1f} µs for {m(4):.1f} rows: "
+    print(f"{w} per step: every-row {m(3):.1f} µs for {m(2):.1f} rows, random rows {m(5):.1f} µs for {m(4):.1f} rows: "
           f"fixed {m(0):.1f} ± {st.stdev(f[0] for f in fits):.1f} µs + {m(1):.2f} ± {st.stdev(f[1] for f in fits):.2f} µs per back-propagated row (5 seeds)")
 PY

@@ -376,6 +376,15 @@ impl PipelineConfig {
         {
             return Err(self.bad("importance.method", &why, "exact_autodiff"));
         }
+        if s.unit == crate::learner::select::SelectionUnit::MicroBatch
+            && self.importance.method == ImportanceMethod::Reducible
+        {
+            return Err(self.bad(
+                "selection.unit",
+                "\"row\" with importance.method = \"reducible\" (its held-out rows are chosen row by row)",
+                "micro_batch",
+            ));
+        }
         if self.importance.holdout_every < 2 {
             return Err(self.bad(
                 "importance.holdout_every",
@@ -726,5 +735,20 @@ max_bytes = 100000
             .unwrap_err()
             .to_string();
         assert!(e.contains("energy.pue") && e.contains("≥ 1"), "{e}");
+        let sets = [
+            r#"selection.unit="micro_batch""#.into(),
+            r#"importance.method="reducible""#.into(),
+        ];
+        let e = PipelineConfig::load(&write(d.path(), GOOD), &sets)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("selection.unit") && e.contains("reducible"),
+            "{e}"
+        );
+        let e = PipelineConfig::load(&write(d.path(), GOOD), &[r#"selection.unit="rows""#.into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("selection") && e.contains("micro_batch"), "{e}");
     }
 }

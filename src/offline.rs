@@ -297,6 +297,8 @@ impl Epochs<'_> {
         let mut sel_cfg = self.cfg.selection.clone();
         sel_cfg.window = self.train.len();
         sel_cfg.warmup = 0;
+        // An epoch's selection is of rows: micro-batch selection is about online steps.
+        sel_cfg.unit = crate::learner::select::SelectionUnit::Row;
         let mut sel = Selector::new(sel_cfg);
         let d = sel.decide(&self.scores, &mut self.rng);
         d.weights

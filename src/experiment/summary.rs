@@ -86,15 +86,16 @@ pub fn choose(
     best.map(|(i, _)| (*i, false))
 }
 
-const PAIRED_KEYS: [&str; 4] = [
+const PAIRED_KEYS: [&str; 5] = [
     "selection.keep",
+    "selection.unit",
     "buffer.replay_ratio",
     "training.micro_batch",
     "training.steps_per_batch",
 ];
 
-/// Random at equal compute: the random configuration with the same keep, replay ratio,
-/// micro-batch and steps per micro-batch (a value a configuration leaves unset matches only
+/// Random at equal compute: the random configuration with the same keep, selection unit,
+/// replay ratio, micro-batch and steps per micro-batch (a value a configuration leaves unset matches only
 /// an unset one), else the one with the nearest mean learning compute.
 pub fn random_for(configs: &[Config], stats: &[ConfigStats], chosen: usize) -> Option<usize> {
     let randoms: Vec<usize> = (0..configs.len())

@@ -189,6 +189,18 @@ pub struct FreshBatch<'a> {
     pub times: &'a [i64],
 }
 
+/// A micro-batch's forward pass and selection, before its training step.
+struct Pass {
+    /// Replayed rows' buffer slots and loss weights (before normalisation).
+    replay: Vec<usize>,
+    replay_w: Vec<f32>,
+    /// Fresh rows then replayed rows.
+    scored: importance::Scored,
+    decision: select::Decision,
+    /// Whether the replayed rows' scores are of the pipeline's method (stored back).
+    refresh_replay: bool,
+}
+
 /// What happened to each fresh row of a micro-batch.
 #[derive(Debug, Clone, Default)]
 pub struct StepOutcome {
@@ -328,7 +340,10 @@ impl OnlineLearner {
             step_scorer: ImportanceScorer::new(ImportanceMethod::Loss, cfg.head),
             ledger: ComputeLedger::default(),
             flops: FlopModel::new(&widths),
-            selector: Selector::new(cfg.selection.clone()),
+            selector: Selector::new(select::window_in_units(
+                cfg.selection.clone(),
+                cfg.training.micro_batch,
+            )),
             buffer: ReplayBuffer::new(cfg.buffer.clone()),
             rng: SmallRng::seed_from_u64(cfg.training.seed),
             stats: LearnerStats::default(),
@@ -403,29 +418,18 @@ impl OnlineLearner {
             let per = |r: f64| (r * n as f64).round() as usize;
             (per(ratio), per(self.cfg.reference_replay_ratio))
         };
-        let (replay, replay_w) = self.draw_replay(replay_n);
+        let Pass {
+            replay,
+            replay_w,
+            scored,
+            decision,
+            refresh_replay,
+        } = if self.selector.per_micro_batch() {
+            self.pass_micro_batch(&b, replay_n, &mut clock)
+        } else {
+            self.pass_rows(&b, replay_n, &mut clock, None)
+        };
         let r = replay.len();
-        let mut x = Vec::with_capacity((n + r) * self.cfg.inputs);
-        x.extend_from_slice(b.x);
-        let mut y = Vec::with_capacity(n + r);
-        y.extend_from_slice(b.y);
-        self.buffer.gather(&replay, &mut x, &mut y);
-
-        let x_held = self.irreducible.is_some().then(|| x.clone());
-        let mut scored = self.net.score(&self.scorer, x, &y, &mut self.rng);
-        let pass_cpu = clock.lap();
-        if let Some(x) = &x_held {
-            self.reducible_scores(x, &y, &mut scored.scores);
-            self.ledger.scoring.cpu_s += clock.lap();
-        }
-        let mut decision = self.selector.decide(&scored.scores[..n], &mut self.rng);
-        if self.recovering().keep_all {
-            decision.keep_all();
-        }
-        if x_held.is_some() {
-            self.hold_out(&b, &mut decision);
-            self.ledger.scoring.cpu_s += clock.lap();
-        }
 
         // Loss weights: fresh rows as decided, replayed rows as drawn; a mean over the rows
         // trained, or over all rows considered when the weights are inverse probabilities.
@@ -442,7 +446,6 @@ impl OnlineLearner {
             *v /= denom;
         }
         let train_loss = weighted_mean(&w, &scored.losses);
-        self.account_pass(n, r, trained_fresh, pass_cpu + clock.lap());
         // Every-row training: each further step forwards its rows again.
         let steps = u64::from(self.cfg.training.steps_per_batch.max(1));
         let rows = (n + reference_n) as u64;
@@ -459,9 +462,11 @@ impl OnlineLearner {
 
         // Replayed rows were scored by this pass for free: refresh their stored scores.
         let version_before = self.stats.steps.saturating_sub(1);
-        for (j, &slot) in replay.iter().enumerate() {
-            self.buffer
-                .rescore(slot, scored.scores[n + j], version_before);
+        if refresh_replay {
+            for (j, &slot) in replay.iter().enumerate() {
+                self.buffer
+                    .rescore(slot, scored.scores[n + j], version_before);
+            }
         }
         let retained = self.retain(&b, &scored.scores[..n], &decision.selected, version_before);
         if trained_rows > 0 {
@@ -498,6 +503,110 @@ impl OnlineLearner {
             trained,
             retained,
             train_loss,
+        }
+    }
+
+    /// Row selection: one pass over [fresh ‖ replayed] rows, then the decision (unless it
+    /// was `decided` before the pass, as a policy that reads no scores can).
+    fn pass_rows(
+        &mut self,
+        b: &FreshBatch<'_>,
+        replay_n: usize,
+        clock: &mut Stopwatch,
+        decided: Option<select::Decision>,
+    ) -> Pass {
+        let n = b.y.len();
+        let (replay, replay_w) = self.draw_replay(replay_n);
+        let r = replay.len();
+        let mut x = Vec::with_capacity((n + r) * self.cfg.inputs);
+        x.extend_from_slice(b.x);
+        let mut y = Vec::with_capacity(n + r);
+        y.extend_from_slice(b.y);
+        self.buffer.gather(&replay, &mut x, &mut y);
+
+        let x_held = self.irreducible.is_some().then(|| x.clone());
+        let mut scored = self.net.score(&self.scorer, x, &y, &mut self.rng);
+        let pass_cpu = clock.lap();
+        if let Some(x) = &x_held {
+            self.reducible_scores(x, &y, &mut scored.scores);
+            self.ledger.scoring.cpu_s += clock.lap();
+        }
+        let mut decision = match decided {
+            Some(d) => d,
+            None => self.selector.decide(&scored.scores[..n], &mut self.rng),
+        };
+        if self.recovering().keep_all {
+            decision.keep_all();
+        }
+        if x_held.is_some() {
+            self.hold_out(b, &mut decision);
+            self.ledger.scoring.cpu_s += clock.lap();
+        }
+        self.account_pass(n, r, decision.trained(), pass_cpu + clock.lap());
+        Pass {
+            replay,
+            replay_w,
+            scored,
+            decision,
+            refresh_replay: true,
+        }
+    }
+
+    /// Micro-batch selection. A policy that reads no scores (`random`) decides first, and a
+    /// dropped micro-batch's pass forwards its fresh rows alone (the predictions). Otherwise
+    /// the fresh rows' pass decides, and only a kept micro-batch draws replayed rows and
+    /// forwards them with its fresh rows again (forward-only: an exact method's backward of
+    /// the fresh rows was scoring, and the step back-propagates its rows itself).
+    fn pass_micro_batch(
+        &mut self,
+        b: &FreshBatch<'_>,
+        replay_n: usize,
+        clock: &mut Stopwatch,
+    ) -> Pass {
+        let n = b.y.len();
+        if !self.selector.needs_scores() {
+            let mut d = self.selector.decide(&vec![0.0; n], &mut self.rng);
+            if self.recovering().keep_all {
+                d.keep_all();
+            }
+            let replay_n = if d.trained() > 0 { replay_n } else { 0 };
+            return self.pass_rows(b, replay_n, clock, Some(d));
+        }
+        let mut scored = self
+            .net
+            .score(&self.scorer, b.x.to_vec(), b.y, &mut self.rng);
+        let pass_cpu = clock.lap();
+        let mut decision = self.selector.decide(&scored.scores, &mut self.rng);
+        if self.recovering().keep_all {
+            decision.keep_all();
+        }
+        // Every backward of this pass was scoring: the step repeats it on the rows it trains.
+        self.account_pass(n, 0, 0, pass_cpu + clock.lap());
+        let kept = decision.trained() > 0;
+        let (replay, replay_w) = self.draw_replay(if kept { replay_n } else { 0 });
+        let exact = self.scorer.method.backward_on_all_rows();
+        if kept && (exact || !replay.is_empty()) {
+            let mut x = Vec::with_capacity((n + replay.len()) * self.cfg.inputs);
+            x.extend_from_slice(b.x);
+            let mut y = b.y.to_vec();
+            self.buffer.gather(&replay, &mut x, &mut y);
+            self.ledger.training.rows_forward += y.len() as u64;
+            let scorer = if exact {
+                &self.step_scorer
+            } else {
+                &self.scorer
+            };
+            let again = self.net.score(scorer, x, &y, &mut self.rng);
+            // The model has not changed: the fresh rows' outputs and losses are the same.
+            scored.scores.extend_from_slice(&again.scores[n..]);
+            scored.losses = again.losses;
+        }
+        Pass {
+            replay,
+            replay_w,
+            scored,
+            decision,
+            refresh_replay: !exact,
         }
     }
 
@@ -797,6 +906,17 @@ mod tests {
         replay_ratio: f64,
         training: TrainingConfig,
     ) -> OnlineLearner {
+        let selection = SelectionConfig::default();
+        small_selecting(backend, importance, replay_ratio, training, selection)
+    }
+
+    fn small_selecting(
+        backend: Backend,
+        importance: ImportanceMethod,
+        replay_ratio: f64,
+        training: TrainingConfig,
+        selection: SelectionConfig,
+    ) -> OnlineLearner {
         OnlineLearner::new(LearnerConfig {
             inputs: 4,
             head: Head::Regression,
@@ -805,7 +925,7 @@ mod tests {
                 ..ModelConfig::default()
             },
             importance,
-            selection: SelectionConfig::default(),
+            selection,
             buffer: BufferConfig {
                 policy: buffer::EvictionPolicy::Fifo,
                 capacity: 64,
@@ -1066,6 +1186,83 @@ mod tests {
             loss3 < loss1,
             "more steps fit the stream better: {loss3} vs {loss1}"
         );
+    }
+
+    /// `unit = "micro_batch"`: a micro-batch trains whole or not at all, a dropped one takes
+    /// no step and replays nothing, and the work is booked as done: an exact method's
+    /// backward of every fresh row is scoring, the step's own backward is training.
+    #[test]
+    fn micro_batch_selection_drops_whole_steps_and_books_their_work() {
+        use select::{PolicyKind, SelectionUnit};
+        for (policy, method) in [
+            (PolicyKind::Random, ImportanceMethod::Loss),
+            (PolicyKind::TopK, ImportanceMethod::El2n),
+            (PolicyKind::TopK, ImportanceMethod::Exact),
+        ] {
+            let selection = SelectionConfig {
+                policy,
+                unit: SelectionUnit::MicroBatch,
+                keep: 0.5,
+                warmup: 80,
+                window: 256,
+                ..SelectionConfig::default()
+            };
+            let training = TrainingConfig {
+                micro_batch: 8,
+                seed: 3,
+                ..TrainingConfig::default()
+            };
+            let mut l = small_selecting(Backend::Fused, method, 2.0, training, selection);
+            let mut kept_late = 0;
+            let mut kept = 0;
+            for t in 0..400 {
+                let out = feed(&mut l, 8, t);
+                assert!(
+                    out.trained.iter().all(|&k| k == out.trained[0]),
+                    "{policy:?}: a micro-batch trains whole or not at all"
+                );
+                assert_eq!(out.outputs.len(), 8, "every row is predicted");
+                kept += usize::from(out.trained[0]);
+                if t < 10 {
+                    assert!(out.trained[0], "warm-up trains every micro-batch");
+                } else {
+                    kept_late += usize::from(out.trained[0]);
+                }
+            }
+            let (stats, c) = (l.stats(), l.compute());
+            let f = kept_late as f64 / 390.0;
+            assert!(
+                (0.35..0.65).contains(&f),
+                "{policy:?}: kept {f} of micro-batches"
+            );
+            assert_eq!(
+                stats.steps, kept as u64,
+                "{policy:?}: a dropped batch takes no step"
+            );
+            assert_eq!(c.training.work.optimizer_steps, kept as u64);
+            assert_eq!(c.reference.work.optimizer_steps, 400);
+            assert!(stats.trained_replay <= 16 * kept as u64);
+            assert!(stats.trained_replay >= 16 * (kept as u64 - 2));
+            assert_eq!(
+                c.training.work.rows_weight_grad,
+                8 * kept as u64 + stats.trained_replay,
+                "{policy:?}: the kept batches' fresh and replayed rows"
+            );
+            let scoring_backward = if method == ImportanceMethod::Exact {
+                3200
+            } else {
+                0
+            };
+            assert_eq!(c.scoring.work.rows_backward, scoring_backward);
+            assert_eq!(c.inference.work.rows_forward, 3200);
+            if method != ImportanceMethod::Exact {
+                assert!(
+                    c.saved_backward_fraction > 0.4,
+                    "{policy:?}: {}",
+                    c.saved_backward_fraction
+                );
+            }
+        }
     }
 
     fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {

@@ -18,6 +18,13 @@
 //! A policy with inverse-probability weights marks its decision `unbiased`: the learner then
 //! normalises the loss by the rows considered, not the rows kept, so the expected gradient is
 //! the full-data gradient.
+//!
+//! `unit = "micro_batch"` applies the same policies to whole micro-batches, each scored by the
+//! mean of its rows' scores (its window holds micro-batch means). Why: a training step has a
+//! cost that does not shrink with its rows (the optimiser update of every parameter, the
+//! products' fixed cost; about 10 µs of a 15-17 µs step at micro-batches of 8 on Milan), so
+//! dropping rows saves far less CPU than rows. A dropped micro-batch takes no step at all:
+//! nothing is replayed for it and the optimiser does not run.
 
 mod infobatch;
 mod sample;
@@ -64,18 +71,33 @@ impl PolicyKind {
     }
 }
 
+/// What a policy decides on (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectionUnit {
+    /// Each fresh row.
+    #[default]
+    Row,
+    /// Each micro-batch as a whole, by its mean score; a dropped one takes no step.
+    MicroBatch,
+}
+
 /// Selection settings (the `[selection]` table of a pipeline).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SelectionConfig {
     #[serde(default)]
     pub policy: PolicyKind,
+    /// Whether the policy decides rows or whole micro-batches.
+    #[serde(default)]
+    pub unit: SelectionUnit,
     /// Fraction of samples to train on after warm-up, in (0, 1].
     pub keep: f64,
     /// Number of samples that train unconditionally at the start.
     #[serde(default = "default_warmup")]
     pub warmup: u64,
-    /// Number of recent scores the policies look at.
+    /// Number of recent scores the policies look at (with `unit = "micro_batch"`, the means
+    /// of the micro-batches over as many rows: see [`window_in_units`]).
     #[serde(default = "default_window")]
     pub window: usize,
     /// `top_k`: probability of training a below-threshold sample (0 disables it).
@@ -94,6 +116,7 @@ impl Default for SelectionConfig {
     fn default() -> Self {
         SelectionConfig {
             policy: PolicyKind::TopK,
+            unit: SelectionUnit::Row,
             keep: 1.0,
             warmup: default_warmup(),
             window: default_window(),
@@ -112,6 +135,16 @@ fn default_window() -> usize {
 }
 fn default_trim() -> f64 {
     0.03
+}
+
+/// The settings a [`Selector`] runs with: with `unit = "micro_batch"` its window holds
+/// micro-batch means, `window / micro_batch` of them, so that it spans the same stretch of
+/// the stream as a row window would.
+pub fn window_in_units(mut cfg: SelectionConfig, micro_batch: usize) -> SelectionConfig {
+    if cfg.unit == SelectionUnit::MicroBatch {
+        cfg.window = (cfg.window / micro_batch.max(1)).max(1);
+    }
+    cfg
 }
 
 /// The decision for one micro-batch.
@@ -346,9 +379,35 @@ impl Selector {
         }
     }
 
-    /// Decides a micro-batch. Its own scores join the window first, so a batch is judged
-    /// against a window that includes it (the kept fraction then holds even in small windows).
+    /// Whether decisions read the scores (`random` does not: it can decide before the pass).
+    pub fn needs_scores(&self) -> bool {
+        self.cfg.policy.needs_scores()
+    }
+
+    /// Whether whole micro-batches are selected (a dropped one takes no step).
+    pub fn per_micro_batch(&self) -> bool {
+        self.cfg.unit == SelectionUnit::MicroBatch
+    }
+
+    /// Decides a micro-batch: row by row, or as a whole by its mean score.
     pub fn decide(&mut self, scores: &[f32], rng: &mut impl Rng) -> Decision {
+        if !self.per_micro_batch() || scores.is_empty() {
+            return self.decide_rows(scores, rng);
+        }
+        let n = scores.len();
+        let mean = scores.iter().map(|&s| f64::from(s)).sum::<f64>() / n as f64;
+        // Warm-up counts rows: the batch is warm when its first row is.
+        let mut d = self.decide_rows(&[mean as f32], rng);
+        self.seen += n as u64 - 1;
+        let (selected, weight) = (d.selected[0], d.weights[0]);
+        d.selected = vec![selected; n];
+        d.weights = vec![weight; n];
+        d
+    }
+
+    /// Decides each row. Its own scores join the window first, so a batch is judged
+    /// against a window that includes it (the kept fraction then holds even in small windows).
+    fn decide_rows(&mut self, scores: &[f32], rng: &mut impl Rng) -> Decision {
         for &s in scores {
             self.window.push(s);
         }
@@ -397,6 +456,7 @@ mod tests {
     pub(super) fn cfg(policy: PolicyKind, keep: f64, warmup: u64) -> SelectionConfig {
         SelectionConfig {
             policy,
+            unit: SelectionUnit::Row,
             keep,
             warmup,
             window: 2048,
