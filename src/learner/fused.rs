@@ -136,6 +136,37 @@ impl FusedMlp {
         &self.pre[last]
     }
 
+    /// Appends `m` rows (`x`, `[m, inputs]`) to the last forward pass, as if it had been over
+    /// all of them: a row's activations do not depend on the other rows, so the rows already
+    /// there are not forwarded again. Why: a micro-batch selected whole is decided on its
+    /// fresh rows' pass, and only a kept one goes on to its replayed rows.
+    pub fn forward_more(&mut self, x: &[f32], m: usize) {
+        assert_eq!(x.len(), m * self.widths[0], "x is [m, inputs]");
+        let (n0, last) = (self.n, self.depth() - 1);
+        self.n = n0 + m;
+        let extend = |v: &mut Vec<f32>, d: usize| {
+            v.truncate(n0 * d);
+            v.resize((n0 + m) * d, 0.0);
+        };
+        extend(&mut self.acts[0], self.widths[0]);
+        self.acts[0][n0 * self.widths[0]..].copy_from_slice(x);
+        for k in 0..=last {
+            let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
+            extend(&mut self.pre[k], d_out);
+            let z = &mut self.pre[k][n0 * d_out..];
+            for row in z.chunks_exact_mut(d_out) {
+                row.copy_from_slice(&self.biases[k]);
+            }
+            let (a, w) = (&self.acts[k][n0 * d_in..], &self.weights[k]);
+            matmul(z, a, Layout::Rows, w, Layout::Rows, (m, d_in, d_out), true);
+            if k < last {
+                extend(&mut self.acts[k + 1], d_out);
+                let (pre, acts) = (&self.pre[k], &mut self.acts[k + 1]);
+                relu(&pre[n0 * d_out..], &mut acts[n0 * d_out..]);
+            }
+        }
+    }
+
     /// The model output of the last forward pass, `[n, outputs]`.
     pub fn output(&self) -> &[f32] {
         &self.pre[self.depth() - 1][..self.n * self.widths[self.depth()]]
@@ -529,6 +560,43 @@ mod tests {
     fn matches_burn_on_a_classification_mlp() {
         check(Head::Classification { classes: 64 }, 5, &[64, 64], 256);
         check(Head::Classification { classes: 7 }, 9, &[17, 5], 8);
+    }
+
+    /// Rows appended to a pass give the outputs, losses and gradient of one pass over all.
+    #[test]
+    fn rows_appended_to_a_pass_are_as_one_pass_over_all() {
+        for head in [Head::Regression, Head::Classification { classes: 5 }] {
+            let params = Mlp::new(6, &[16, 8], head, &Device::default()).dense_params();
+            let (mut one, mut two) = (
+                FusedMlp::from_dense(&params, head),
+                FusedMlp::from_dense(&params, head),
+            );
+            let (x, n0, m) = (values(11 * 6, 3), 4, 7);
+            let y: Vec<f32> = match head {
+                Head::Regression => values(11, 4),
+                Head::Classification { .. } => (0..11).map(|i| (i % 5) as f32).collect(),
+            };
+            one.forward(&x, n0 + m);
+            one.output_grads(&y);
+            two.forward(&x[..n0 * 6], n0);
+            two.output_grads(&y[..n0]);
+            two.backward_hidden();
+            two.forward_more(&x[n0 * 6..], m);
+            two.output_grads(&y);
+            close(two.output(), one.output(), "outputs");
+            close(two.losses(), one.losses(), "losses");
+            let w = vec![0.5; n0 + m];
+            let mut g1 = vec![(Vec::new(), Vec::new()); params.len()];
+            let mut g2 = g1.clone();
+            one.backward_hidden();
+            one.weighted_grads(&w, &mut g1);
+            two.backward_hidden();
+            two.weighted_grads(&w, &mut g2);
+            for ((a, b), (c, d)) in g2.iter().zip(&g1) {
+                close(a, c, "weight gradient");
+                close(b, d, "bias gradient");
+            }
+        }
     }
 
     #[test]

@@ -173,8 +173,27 @@ impl ImportanceScorer {
         y: &[f32],
         rng: &mut impl Rng,
     ) -> (Scored, bool) {
+        mlp.forward(x, y.len());
+        self.finish_fused(mlp, y, rng)
+    }
+
+    /// Scores the rows of the last fused pass with `x_more` appended to it (see
+    /// [`FusedMlp::forward_more`]); `y` holds every row's target.
+    pub fn score_fused_more(
+        &self,
+        mlp: &mut FusedMlp,
+        x_more: &[f32],
+        y: &[f32],
+        rng: &mut impl Rng,
+    ) -> (Scored, bool) {
+        mlp.forward_more(x_more, y.len() - mlp.rows());
+        self.finish_fused(mlp, y, rng)
+    }
+
+    /// Output gradients, losses and scores of the fused pass over all of `y`'s rows.
+    fn finish_fused(&self, mlp: &mut FusedMlp, y: &[f32], rng: &mut impl Rng) -> (Scored, bool) {
         let n = y.len();
-        let outputs = mlp.forward(x, n).to_vec();
+        let outputs = mlp.output().to_vec();
         mlp.output_grads(y);
         let losses = mlp.losses().to_vec();
         let mut scores = vec![0.0; n];

@@ -554,9 +554,10 @@ impl OnlineLearner {
 
     /// Micro-batch selection. A policy that reads no scores (`random`) decides first, and a
     /// dropped micro-batch's pass forwards its fresh rows alone (the predictions). Otherwise
-    /// the fresh rows' pass decides, and only a kept micro-batch draws replayed rows and
-    /// forwards them with its fresh rows again (forward-only: an exact method's backward of
-    /// the fresh rows was scoring, and the step back-propagates its rows itself).
+    /// the fresh rows' pass decides, and only a kept micro-batch draws replayed rows and adds
+    /// them to the pass (the fused kernel forwards only them; burn forwards all again).
+    /// Forward-only: an exact method's backward of the fresh rows was scoring, and the step
+    /// back-propagates its rows itself.
     fn pass_micro_batch(
         &mut self,
         b: &FreshBatch<'_>,
@@ -590,13 +591,13 @@ impl OnlineLearner {
             x.extend_from_slice(b.x);
             let mut y = b.y.to_vec();
             self.buffer.gather(&replay, &mut x, &mut y);
-            self.ledger.training.rows_forward += y.len() as u64;
             let scorer = if exact {
                 &self.step_scorer
             } else {
                 &self.scorer
             };
-            let again = self.net.score(scorer, x, &y, &mut self.rng);
+            let (again, forwarded) = self.net.score_more(scorer, x, n, &y, &mut self.rng);
+            self.ledger.training.rows_forward += forwarded as u64;
             // The model has not changed: the fresh rows' outputs and losses are the same.
             scored.scores.extend_from_slice(&again.scores[n..]);
             scored.losses = again.losses;
@@ -1247,6 +1248,10 @@ mod tests {
                 c.training.work.rows_weight_grad,
                 8 * kept as u64 + stats.trained_replay,
                 "{policy:?}: the kept batches' fresh and replayed rows"
+            );
+            assert_eq!(
+                c.training.work.rows_forward, stats.trained_replay,
+                "{policy:?}: a kept batch forwards its replayed rows, its fresh ones once"
             );
             let scoring_backward = if method == ImportanceMethod::Exact {
                 3200

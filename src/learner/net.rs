@@ -123,6 +123,29 @@ impl Net {
         }
     }
 
+    /// Scores `x` (`[n, inputs]`) whose first `first` rows were the last scored batch: the
+    /// fused kernel forwards only the rows after them; burn forwards all again. Returns the
+    /// scored rows and how many rows were forwarded.
+    pub fn score_more(
+        &mut self,
+        scorer: &ImportanceScorer,
+        x: Vec<f32>,
+        first: usize,
+        y: &[f32],
+        rng: &mut impl Rng,
+    ) -> (Scored, usize) {
+        match self {
+            Net::Burn(_) => (self.score(scorer, x, y, rng), y.len()),
+            Net::Fused(f) => {
+                let d = x.len() / y.len().max(1);
+                let (scored, backward_done) =
+                    scorer.score_fused_more(&mut f.mlp, &x[first * d..], y, rng);
+                f.backward_done = backward_done;
+                (scored, y.len() - first)
+            }
+        }
+    }
+
     /// The gradient of Σ_i w_i ℓ_i over the last scored batch, rows with w_i = 0 left out.
     pub fn gradient(&mut self, w: &[f32]) -> Gradient {
         match self {
