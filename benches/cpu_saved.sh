@@ -10,8 +10,11 @@
 # random rows at keep 0.9, replay 2 (the shipped setting's keep and replay, row by row).
 # LTE: the four LTE files (13,856 rows, both sites) played 72 times in a row, each copy two
 # years after the last (997,632 rows; pyarrow); reference replay 1; random rows at keep 0.9,
-# replay 0.25 (the earlier shipped setting's). The per-step line goes through every-row
-# training and the random rows (the same steps, fewer rows).
+# replay 0.25 (the earlier shipped setting's). Beam: the four DeepSense files played 32 times
+# in a row (300,000 rows, read in place from ../shared, written to $OUT only); reference every
+# row at micro-batches of 8, replay 3; random rows at keep 0.9, replay 2, micro-batches of 16.
+# These repeated streams are CPU tests, not held-out data. The per-step line goes through
+# every-row training and the random rows when they take the same steps (fewer rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${B:-${CARGO_TARGET_DIR:-target}/release/gradsift}
@@ -38,13 +41,27 @@ pq.write_table(pa.concat_tables(copies), sys.argv[1])
 PY
     pipeline=pipelines/lte-replay.toml; ref_replay=1.0; keep=0.9; replay=0.25
     extra=();;
-  *) echo "WORKLOAD is milan or lte" >&2; exit 2;;
+  beam)
+    S=${S:-$OUT/beam-32x.parquet}
+    [ -f "$S" ] || python3 - "$S" <<'PY'
+import glob, sys
+import pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
+base = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob("../shared/data/beam/*.parquet"))])
+i = base.schema.get_field_index("sample_index")
+idx = base["sample_index"].cast(pa.int64())
+copies = [base.set_column(i, "sample_index", pc.add(idx, 1_000_000 * k)) for k in range(32)]
+pq.write_table(pa.concat_tables(copies), sys.argv[1])
+PY
+    pipeline=pipelines/beam-replay.toml; ref_replay=3.0; keep=0.9; replay=2.0
+    extra=(--set 'evaluation.periods=[]' --set 'evaluation.changes=[]');;
+  *) echo "WORKLOAD is milan, lte or beam" >&2; exit 2;;
 esac
 common=(--quiet --json --set "source.path=\"$S\"" "${extra[@]}" --set 'buffer.policy="fifo"' --set buffer.rescore_every=0 --set compute.reference_replay_ratio=$ref_replay --set output.scores=false --set telemetry.enabled=false)
 for seed in 1 2 3 4 5; do
   for cfg in reference shipped random; do
     case $cfg in
-      reference) sets=(--set 'selection.policy="random"' --set selection.keep=1.0 --set buffer.replay_ratio=$ref_replay);;
+      reference) sets=(--set 'selection.policy="random"' --set 'selection.unit="row"' --set selection.keep=1.0 --set buffer.replay_ratio=$ref_replay)
+        [ "$WORKLOAD" != beam ] || sets+=(--set training.micro_batch=8);;
       shipped) sets=(); for s in ${SHIPPED_SET:-}; do sets+=(--set "$s"); done;;
       random) sets=(--set 'selection.policy="random"' --set 'selection.unit="row"' --set selection.keep=$keep --set buffer.replay_ratio=$replay);;
     esac
@@ -59,8 +76,9 @@ for c, rs in runs.items():
     cpu = [1 - r["compute"]["learn_cpu_s"] / f["compute"]["learn_cpu_s"] for r, f in zip(rs, runs["reference"])]
     rows = [r["compute"]["saved_backward_fraction"] for r in rs]
     wall = [1 - r["wall_s"] / f["wall_s"] for r, f in zip(rs, runs["reference"])]
-    mae = [r["metrics"]["model"]["mae"] / f["metrics"]["model"]["mae"] - 1 for r, f in zip(rs, runs["reference"])]
-    print(f"{w} {c:9} learning CPU saved {100*st.mean(cpu):5.1f} ± {100*st.stdev(cpu):4.1f} %   rows saved {100*st.mean(rows):5.1f} %   wall saved {100*st.mean(wall):5.1f} ± {100*st.stdev(wall):4.1f} %   MAE {100*st.mean(mae):+.2f} ± {100*st.stdev(mae):.2f} %   (paired, 5 seeds)")
+    k = "power_loss_db" if w == "beam" else "mae"
+    mae = [r["metrics"]["model"][k] / f["metrics"]["model"][k] - 1 for r, f in zip(rs, runs["reference"])]
+    print(f"{w} {c:9} learning CPU saved {100*st.mean(cpu):5.1f} ± {100*st.stdev(cpu):4.1f} %   rows saved {100*st.mean(rows):5.1f} %   wall saved {100*st.mean(wall):5.1f} ± {100*st.stdev(wall):4.1f} %   {k} {100*st.mean(mae):+.2f} ± {100*st.stdev(mae):.2f} %   (paired, 5 seeds)")
 # Learning CPU per optimiser step against back-propagated rows per step: the line through
 # every-row training and random rows (the same steps, fewer rows) splits a step's
 # cost into a fixed part and a part per row, per seed.
