@@ -12,7 +12,7 @@
 # years after the last (997,632 rows; pyarrow); reference replay 1; random rows at keep 0.9,
 # replay 0.25 (the earlier shipped setting's). Beam: the four DeepSense files played 32 times
 # in a row (300,000 rows, read in place from ../shared, written to $OUT only); reference every
-# row at micro-batches of 8, replay 3; random rows at keep 0.9, replay 2, micro-batches of 16.
+# row at micro-batches of 8, replay 3; random rows at keep 0.9, replay 2.
 # These repeated streams are CPU tests, not held-out data. The per-step line goes through
 # every-row training and the random rows when they take the same steps (fewer rows).
 set -euo pipefail

@@ -95,8 +95,8 @@ const PAIRED_KEYS: [&str; 5] = [
 ];
 
 /// Random at equal compute: the random configuration with the same keep, selection unit,
-/// replay ratio, micro-batch and steps per micro-batch (a value a configuration leaves unset matches only
-/// an unset one), else the one with the nearest mean learning compute.
+/// replay ratio, micro-batch and steps per micro-batch (a value a configuration leaves unset
+/// matches only an unset one), else the one with the nearest mean learning compute.
 pub fn random_for(configs: &[Config], stats: &[ConfigStats], chosen: usize) -> Option<usize> {
     let randoms: Vec<usize> = (0..configs.len())
         .filter(|&i| configs[i].family == grid::RANDOM && stats[i].test.n > 0)

@@ -5,8 +5,11 @@
 //! on these rows: prequential), and, for the exact methods, one backward pass gives every
 //! row's per-sample gradient norm *and* the parameter gradient of the selected subset, so
 //! scoring and training share their work. Replayed rows are re-scored by the same pass for
-//! free. Every unit of this work is booked in a [`compute::ComputeLedger`] (inference, scoring,
-//! training) beside what every-row training would have done, so a run can say what it saved.
+//! free. With `selection.unit = "micro_batch"` the fresh rows' pass comes first and only a
+//! kept micro-batch goes on to its replayed rows and a step (a step's fixed cost is what
+//! dropping rows cannot save). Every unit of this work is booked in a
+//! [`compute::ComputeLedger`] (inference, scoring, training) beside what every-row training
+//! would have done, so a run can say what it saved.
 //! Nothing here knows about Kafka, Parquet or schemas: it sees matrices of features
 //! and targets, the keys and times it must remember for the buffer, and nothing else.
 
