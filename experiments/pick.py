@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""The shipped-default rule over one or more experiments of one workload (same reference):
-the configuration with the least learning FLOPs whose mean validation metric is within
-MARGIN (0.5%) of every-row training's, with its test figures. Reads each experiment's
-`frontier.csv`; prints the candidates in order of compute.
+"""The first stage of the shipped-default rule over one or more experiments of one workload
+(same reference): the configurations whose mean validation metric on their 5 seeds is within
+MARGIN (0.5%) of every-row training's, least learning FLOPs first, with their test figures.
+Reads each experiment's `frontier.csv`. The second stage, `experiments/confirm.py`, runs these
+candidates on fresh seeds: on 5 seeds the cheapest candidate is mostly the luckiest.
 
     python3 experiments/pick.py experiments/results/milan experiments/results/milan-batches
 """

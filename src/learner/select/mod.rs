@@ -24,7 +24,8 @@
 //! cost that does not shrink with its rows (the optimiser update of every parameter, the
 //! products' fixed cost; about 10 µs of a 15-17 µs step at micro-batches of 8 on Milan), so
 //! dropping rows saves far less CPU than rows. A dropped micro-batch takes no step at all:
-//! nothing is replayed for it and the optimiser does not run.
+//! nothing is replayed for it, the optimiser does not run, and its rows do not enter the
+//! replay buffer (as dropped rows never do).
 
 mod infobatch;
 mod sample;
