@@ -536,11 +536,8 @@ impl OnlineLearner {
         }
         let mut decision = match decided {
             Some(d) => d,
-            None => self.selector.decide(&scored.scores[..n], &mut self.rng),
+            None => self.decide(Some(&scored.scores[..n]), n),
         };
-        if self.recovering().keep_all {
-            decision.keep_all();
-        }
         if x_held.is_some() {
             self.hold_out(b, &mut decision);
             self.ledger.scoring.cpu_s += clock.lap();
@@ -569,10 +566,7 @@ impl OnlineLearner {
     ) -> Pass {
         let n = b.y.len();
         if !self.selector.needs_scores() {
-            let mut d = self.selector.decide(&vec![0.0; n], &mut self.rng);
-            if self.recovering().keep_all {
-                d.keep_all();
-            }
+            let d = self.decide(None, n);
             let replay_n = if d.trained() > 0 { replay_n } else { 0 };
             return self.pass_rows(b, replay_n, clock, Some(d));
         }
@@ -580,26 +574,24 @@ impl OnlineLearner {
             .net
             .score(&self.scorer, b.x.to_vec(), b.y, &mut self.rng);
         let pass_cpu = clock.lap();
-        let mut decision = self.selector.decide(&scored.scores, &mut self.rng);
-        if self.recovering().keep_all {
-            decision.keep_all();
-        }
+        let decision = self.decide(Some(&scored.scores), n);
         // Every backward of this pass was scoring: the step repeats it on the rows it trains.
         self.account_pass(n, 0, 0, pass_cpu + clock.lap());
         let kept = decision.trained() > 0;
         let (replay, replay_w) = self.draw_replay(if kept { replay_n } else { 0 });
         let exact = self.scorer.method.backward_on_all_rows();
         if kept && (exact || !replay.is_empty()) {
-            let mut x = Vec::with_capacity((n + replay.len()) * self.cfg.inputs);
-            x.extend_from_slice(b.x);
-            let mut y = b.y.to_vec();
-            self.buffer.gather(&replay, &mut x, &mut y);
+            let mut more = Vec::with_capacity(replay.len() * self.cfg.inputs);
+            let mut y = Vec::with_capacity(n + replay.len());
+            y.extend_from_slice(b.y);
+            self.buffer.gather(&replay, &mut more, &mut y);
             let scorer = if exact {
                 &self.step_scorer
             } else {
                 &self.scorer
             };
-            let (again, forwarded) = self.net.score_more(scorer, x, n, &y, &mut self.rng);
+            let (again, fresh_again) = self.net.score_more(scorer, b.x, &more, &y, &mut self.rng);
+            let forwarded = replay.len() + if fresh_again { n } else { 0 };
             self.ledger.training.rows_forward += forwarded as u64;
             // The model has not changed: the fresh rows' outputs and losses are the same.
             scored.scores.extend_from_slice(&again.scores[n..]);
@@ -740,6 +732,19 @@ impl OnlineLearner {
         self.net.score(&self.step_scorer, x, &y, &mut self.rng);
         self.train(&w);
         self.stats.trained_replay += replay.len() as u64;
+    }
+
+    /// The policy's decision on the fresh rows' scores (`None`: before any score, for a policy
+    /// that reads none), with a recovery window's `keep_all` applied.
+    fn decide(&mut self, scores: Option<&[f32]>, n: usize) -> select::Decision {
+        let mut d = match scores {
+            Some(s) => self.selector.decide(s, &mut self.rng),
+            None => self.selector.decide_unscored(n, &mut self.rng),
+        };
+        if self.recovering().keep_all {
+            d.keep_all();
+        }
+        d
     }
 
     /// `n` replayed rows and their loss weights: as the buffer samples them, or, while a

@@ -123,25 +123,23 @@ impl Net {
         }
     }
 
-    /// Scores `x` (`[n, inputs]`) whose first `first` rows were the last scored batch: the
-    /// fused kernel forwards only the rows after them; burn forwards all again. Returns the
-    /// scored rows and how many rows were forwarded.
+    /// Scores the last scored batch (`fresh`, its inputs) with the rows `more` added, against
+    /// every row's target `y`: the fused kernel forwards only the added rows, burn forwards
+    /// all again. Returns the scored rows and whether the fresh rows were forwarded again.
     pub fn score_more(
         &mut self,
         scorer: &ImportanceScorer,
-        x: Vec<f32>,
-        first: usize,
+        fresh: &[f32],
+        more: &[f32],
         y: &[f32],
         rng: &mut impl Rng,
-    ) -> (Scored, usize) {
+    ) -> (Scored, bool) {
         match self {
-            Net::Burn(_) => (self.score(scorer, x, y, rng), y.len()),
+            Net::Burn(_) => (self.score(scorer, [fresh, more].concat(), y, rng), true),
             Net::Fused(f) => {
-                let d = x.len() / y.len().max(1);
-                let (scored, backward_done) =
-                    scorer.score_fused_more(&mut f.mlp, &x[first * d..], y, rng);
+                let (scored, backward_done) = scorer.score_fused_more(&mut f.mlp, more, y, rng);
                 f.backward_done = backward_done;
-                (scored, y.len() - first)
+                (scored, false)
             }
         }
     }

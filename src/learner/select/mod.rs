@@ -395,15 +395,27 @@ impl Selector {
         if !self.per_micro_batch() || scores.is_empty() {
             return self.decide_rows(scores, rng);
         }
-        let n = scores.len();
-        let mean = scores.iter().map(|&s| f64::from(s)).sum::<f64>() / n as f64;
+        let mean = scores.iter().map(|&s| f64::from(s)).sum::<f64>() / scores.len() as f64;
+        self.decide_whole(mean as f32, scores.len(), rng)
+    }
+
+    /// Decides a micro-batch of `n` rows before any score exists, as a policy that reads none
+    /// (`random`, see [`Self::needs_scores`]) can with `unit = "micro_batch"`.
+    pub fn decide_unscored(&mut self, n: usize, rng: &mut impl Rng) -> Decision {
+        debug_assert!(self.per_micro_batch() && !self.needs_scores());
+        self.decide_whole(0.0, n, rng)
+    }
+
+    /// One decision for a whole micro-batch of `n` rows with this score, given to each row.
+    fn decide_whole(&mut self, score: f32, n: usize, rng: &mut impl Rng) -> Decision {
         // Warm-up counts rows: the batch is warm when its first row is.
-        let mut d = self.decide_rows(&[mean as f32], rng);
+        let d = self.decide_rows(&[score], rng);
         self.seen += n as u64 - 1;
-        let (selected, weight) = (d.selected[0], d.weights[0]);
-        d.selected = vec![selected; n];
-        d.weights = vec![weight; n];
-        d
+        Decision {
+            selected: vec![d.selected[0]; n],
+            weights: vec![d.weights[0]; n],
+            ..d
+        }
     }
 
     /// Decides each row. Its own scores join the window first, so a batch is judged
