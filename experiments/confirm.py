@@ -11,6 +11,7 @@ never read by the rule. Why: with about a hundred configurations on 5 seeds, the
 inside a 0.5% margin is mostly the luckiest (the margin is below the seed spread of these
 streams' validation periods).
 
+    python3 experiments/confirm.py screen milan  # the 5-seed candidates, cheapest first
     python3 experiments/confirm.py write milan   # writes experiments/milan-confirm.toml
     cargo run --release -- experiment experiments/milan-confirm.toml
     python3 experiments/confirm.py pick milan    # the 15-seed table and the pick
@@ -68,6 +69,12 @@ def candidates(w):
             seen.add(c[3])
             unique.append(c)
     return unique
+
+
+def screen(w):
+    print(f"{w}: within {100 * MARGIN:.1f}% of every-row training on 5 seeds' validation, cheapest first")
+    for c, v, name, label in candidates(w):
+        print(f"  FLOPs {c:.3f}  validation {100 * v:+.2f}%  {label}  [{name}]")
 
 
 def toml_value(v):
@@ -161,6 +168,7 @@ def pick(w):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("write", "pick"):
+    commands = {"screen": screen, "write": write, "pick": pick}
+    if len(sys.argv) != 3 or sys.argv[1] not in commands:
         sys.exit(__doc__)
-    {"write": write, "pick": pick}[sys.argv[1]](sys.argv[2])
+    commands[sys.argv[1]](sys.argv[2])
