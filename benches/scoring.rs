@@ -227,6 +227,15 @@ fn peers(c: &mut Criterion) {
                 grads[0].0[0] + norms[0]
             })
         });
+        // The norms alone, on the rows of a finished backward pass.
+        f.forward(&x, n);
+        f.backward(&y);
+        g.bench_function("ghost_norms", |b| {
+            b.iter(|| {
+                f.sq_norms(&mut norms);
+                norms[0]
+            })
+        });
         let mut adam = FusedAdam::default();
         g.bench_function("fwd_bwd_adam", |b| {
             b.iter(|| {

@@ -385,6 +385,23 @@ impl PipelineConfig {
                 "micro_batch",
             ));
         }
+        if !(0.0..1.0).contains(&s.clip) {
+            return Err(self.bad("selection.clip", "a quantile in (0, 1), or 0 (off)", s.clip));
+        }
+        if s.clip > 0.0
+            && !matches!(
+                self.importance.method,
+                ImportanceMethod::El2n | ImportanceMethod::LastLayer
+            )
+        {
+            return Err(self.bad(
+                "importance.method",
+                "\"el2n\" or \"last_layer\" with selection.clip (it reads the free gradient norms of every row a step trains)",
+                serde_json::to_value(self.importance.method)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+            ));
+        }
         if self.importance.holdout_every < 2 {
             return Err(self.bad(
                 "importance.holdout_every",
@@ -746,6 +763,21 @@ max_bytes = 100000
             e.contains("selection.unit") && e.contains("reducible"),
             "{e}"
         );
+        let sets = [
+            "selection.clip=0.9".into(),
+            r#"importance.method="exact""#.into(),
+        ];
+        let e = PipelineConfig::load(&write(d.path(), GOOD), &sets)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("importance.method") && e.contains("selection.clip") && e.contains("exact"),
+            "{e}"
+        );
+        let e = PipelineConfig::load(&write(d.path(), GOOD), &["selection.clip=1.0".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("selection.clip") && e.contains("(0, 1)"), "{e}");
         let e = PipelineConfig::load(&write(d.path(), GOOD), &[r#"selection.unit="rows""#.into()])
             .unwrap_err()
             .to_string();

@@ -71,6 +71,8 @@ pub struct RunReport {
     pub buffer: BufferReport,
     pub backpropagated: u64,
     pub training_steps: u64,
+    /// Trained rows whose loss weight `selection.clip` cut (this process).
+    pub rows_clipped: u64,
     /// Updates skipped for a non-finite gradient, and returns to the last good weights.
     pub nonfinite_steps: u64,
     pub model_restores: u64,
@@ -380,6 +382,10 @@ impl RunReport {
                 self.backpropagated.to_string(),
             ),
             ("training steps".into(), self.training_steps.to_string()),
+            (
+                "rows clipped (selection.clip)".into(),
+                self.rows_clipped.to_string(),
+            ),
             (
                 "non-finite steps skipped / restores".into(),
                 if self.diverged {

@@ -45,6 +45,7 @@ use importance::{ImportanceMethod, ImportanceScorer};
 use model::{Head, SavedLayer};
 use net::Net;
 use reducible::IrreducibleLoss;
+use select::NormClip;
 use select::{SelectionConfig, Selector, SelectorState};
 
 /// What runs the model (see [`net`]).
@@ -237,6 +238,10 @@ pub struct LearnerStats {
     pub nonfinite_steps: u64,
     /// Times the learner went back to its last good weights after non-finite steps in a row.
     pub restores: u64,
+    /// Trained rows whose weight `selection.clip` cut (this process: not in checkpoints,
+    /// whose layout it would change).
+    #[serde(skip)]
+    pub clipped: u64,
 }
 
 /// What a checkpoint keeps of an [`OnlineLearner`].
@@ -266,6 +271,8 @@ pub struct OnlineLearner {
     /// The forward-only scorer of the further steps of a micro-batch.
     step_scorer: ImportanceScorer,
     selector: Selector,
+    /// `selection.clip`: the running norm threshold every trained row's weight is cut to.
+    clip: Option<NormClip>,
     buffer: ReplayBuffer,
     rng: SmallRng,
     stats: LearnerStats,
@@ -319,8 +326,10 @@ impl OnlineLearner {
             cfg.head,
             cfg.training.seed,
         );
-        // A policy that ignores scores gets the free ones (the loss, from the forward pass).
-        let method = if cfg.selection.policy.needs_scores() {
+        // A policy that ignores scores gets the free ones (the loss, from the forward pass),
+        // unless clipping reads the method's norms.
+        let clipping = cfg.selection.clip > 0.0;
+        let method = if cfg.selection.policy.needs_scores() || clipping {
             cfg.importance
         } else {
             ImportanceMethod::Loss
@@ -340,7 +349,16 @@ impl OnlineLearner {
             net,
             irreducible,
             scorer: ImportanceScorer::new(method, cfg.head),
-            step_scorer: ImportanceScorer::new(ImportanceMethod::Loss, cfg.head),
+            // Further steps forward only: the loss, or the free norms clipping reads.
+            step_scorer: ImportanceScorer::new(
+                if clipping {
+                    method
+                } else {
+                    ImportanceMethod::Loss
+                },
+                cfg.head,
+            ),
+            clip: clipping.then(|| NormClip::new(cfg.selection.clip, cfg.selection.window)),
             ledger: ComputeLedger::default(),
             flops: FlopModel::new(&widths),
             selector: Selector::new(select::window_in_units(
@@ -449,6 +467,9 @@ impl OnlineLearner {
             *v /= denom;
         }
         let train_loss = weighted_mean(&w, &scored.losses);
+        if let Some(c) = &mut self.clip {
+            self.stats.clipped += c.apply(&scored.scores[..n], &scored.scores, &mut w) as u64;
+        }
         // Every-row training: each further step forwards its rows again.
         let steps = u64::from(self.cfg.training.steps_per_batch.max(1));
         let rows = (n + reference_n) as u64;
@@ -729,7 +750,10 @@ impl OnlineLearner {
         self.buffer.gather(&replay, &mut x, &mut y);
         w.extend(replay_w.iter().map(|v| v / denom));
         self.ledger.training.rows_forward += y.len() as u64;
-        self.net.score(&self.step_scorer, x, &y, &mut self.rng);
+        let scored = self.net.score(&self.step_scorer, x, &y, &mut self.rng);
+        if let Some(c) = &mut self.clip {
+            self.stats.clipped += c.apply(&[], &scored.scores, &mut w) as u64;
+        }
         self.train(&w);
         self.stats.trained_replay += replay.len() as u64;
     }
@@ -1026,6 +1050,62 @@ mod tests {
             keys: &keys,
             times: &vec![0; n],
         })
+    }
+
+    /// `selection.clip` trains exactly the rows training without it would (same draws, same
+    /// work counted), cuts the weight of the rows above its running norm quantile, and so
+    /// learns differently; on one and on two steps per micro-batch, fused and burn.
+    #[test]
+    fn norm_clipping_cuts_weights_at_equal_compute() {
+        for backend in [Backend::Fused, Backend::Flex] {
+            for steps in [1, 2] {
+                let run = |clip: f64| {
+                    let training = TrainingConfig {
+                        micro_batch: 8,
+                        steps_per_batch: steps,
+                        ..TrainingConfig::default()
+                    };
+                    let selection = SelectionConfig {
+                        policy: select::PolicyKind::Random,
+                        keep: 0.7,
+                        warmup: 0,
+                        window: 512,
+                        clip,
+                        ..SelectionConfig::default()
+                    };
+                    let mut l =
+                        small_selecting(backend, ImportanceMethod::El2n, 2.0, training, selection);
+                    for t in 0..120 {
+                        feed(&mut l, 8, t);
+                    }
+                    l
+                };
+                let (plain, clipped) = (run(0.0), run(0.5));
+                let what = format!("{backend:?}, {steps} steps");
+                let (a, b) = (plain.ledger(), clipped.ledger());
+                for (x, y) in [(&a.training, &b.training), (&a.scoring, &b.scoring)] {
+                    assert_eq!(x.rows_forward, y.rows_forward, "{what}");
+                    assert_eq!(x.rows_backward, y.rows_backward, "{what}");
+                    assert_eq!(x.rows_weight_grad, y.rows_weight_grad, "{what}");
+                    assert_eq!(x.optimizer_steps, y.optimizer_steps, "{what}");
+                }
+                assert_eq!(plain.stats().clipped, 0, "{what}");
+                // After 256 fresh norms, rows above the fresh rows' median are cut: up to half
+                // of a step's fresh rows, fewer of the replayed ones (already learnt) and of
+                // a second step's (just learnt).
+                let trained = b.training.rows_weight_grad as f64;
+                let cut = clipped.stats().clipped as f64;
+                assert!(
+                    cut > 0.1 * trained && cut < 0.6 * trained,
+                    "{what}: {cut} of {trained}"
+                );
+                assert_ne!(
+                    plain.weights()[0].weight,
+                    clipped.weights()[0].weight,
+                    "{what}: clipping changes what is learnt"
+                );
+            }
+        }
     }
 
     /// The drift reactions on the learner: `keep_all` trains every fresh row for the

@@ -275,6 +275,7 @@ fn add_stats(a: &mut LearnerStats, b: &LearnerStats) {
     a.steps += b.steps;
     a.nonfinite_steps += b.nonfinite_steps;
     a.restores += b.restores;
+    a.clipped += b.clipped;
 }
 
 #[cfg(test)]

@@ -19,6 +19,9 @@
 //! normalises the loss by the rows considered, not the rows kept, so the expected gradient is
 //! the full-data gradient.
 //!
+//! `clip = q` bounds, rather than selects: every trained row's weight is cut to the `q`
+//! quantile of recent gradient norms over its own norm, where that is below 1 (`clip.rs`).
+//!
 //! `unit = "micro_batch"` applies the same policies to whole micro-batches, each scored by the
 //! mean of its rows' scores (its window holds micro-batch means). Why: a training step has a
 //! cost that does not shrink with its rows (the optimiser update of every parameter, the
@@ -27,6 +30,7 @@
 //! nothing is replayed for it, the optimiser does not run, and its rows do not enter the
 //! replay buffer (as dropped rows never do).
 
+mod clip;
 mod infobatch;
 mod sample;
 mod surprise;
@@ -38,6 +42,7 @@ use serde::{Deserialize, Serialize};
 
 use super::sorted;
 
+pub use clip::NormClip;
 pub use surprise::SurpriseConfig;
 
 /// The policies (see the module doc).
@@ -110,6 +115,10 @@ pub struct SelectionConfig {
     /// `surprise`: how the keep fraction follows the score level.
     #[serde(default)]
     pub surprise: SurpriseConfig,
+    /// Norm clipping: each trained row's weight times min(1, τ/‖g_i‖), τ this quantile of
+    /// the last `window` fresh rows' norms, in (0, 1); 0 is off (see [`NormClip`]).
+    #[serde(default)]
+    pub clip: f64,
 }
 
 impl Default for SelectionConfig {
@@ -124,6 +133,7 @@ impl Default for SelectionConfig {
             unbiased_q: 0.0,
             trim: default_trim(),
             surprise: SurpriseConfig::default(),
+            clip: 0.0,
         }
     }
 }
@@ -239,6 +249,9 @@ impl ScoreWindow {
     }
     pub fn len(&self) -> usize {
         self.ring.len()
+    }
+    pub fn capacity(&self) -> usize {
+        self.cap
     }
     pub fn is_empty(&self) -> bool {
         self.ring.is_empty()
@@ -480,6 +493,7 @@ mod tests {
             unbiased_q: 0.0,
             trim: 0.05,
             surprise: SurpriseConfig::default(),
+            clip: 0.0,
         }
     }
 

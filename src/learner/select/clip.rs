@@ -1,0 +1,97 @@
+//! Norm clipping (`selection.clip = q`): every row of a training step keeps its loss weight
+//! times min(1, τ/s_i), where s_i is its gradient norm under the current model and τ the `q`
+//! quantile of the norms of the last `window` fresh rows. A row's pull on the step is then
+//! at most τ: per-sample gradient clipping, with the threshold following the stream.
+//!
+//! Why: on our streams the highest-norm rows are mostly noise (traffic spikes, weak-link
+//! beams), yet ranking rows by norm to *select* them never beat random at equal compute.
+//! `trim` drops the top few percent outright; clipping keeps those rows' direction and bounds
+//! their weight, and costs nothing: it reads the free norms (`el2n`, `last_layer`) of rows
+//! the step forwards anyway, and trains exactly the rows it would train without it. With
+//! `el2n` on a squared-error head (‖g‖ = 2|ŷ − y|) it is a Huber loss whose threshold is the
+//! residuals' running quantile; on a softmax head it down-weights the rows the model gets
+//! most wrong. Its window is not checkpointed: after a restart it refills for
+//! [`MIN_SCORES`] fresh rows before clipping again.
+
+use super::ScoreWindow;
+
+/// Fresh rows' norms needed before the first clip (a quantile of fewer means little).
+pub const MIN_SCORES: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct NormClip {
+    level: f64,
+    window: ScoreWindow,
+}
+
+impl NormClip {
+    /// Clips at the `level` quantile of a window of `window` fresh rows' norms.
+    pub fn new(level: f64, window: usize) -> Self {
+        NormClip {
+            level,
+            window: ScoreWindow::new(window),
+        }
+    }
+
+    /// Scales each weight `w[i]` by min(1, τ/norms[i]) with τ from the window as it was
+    /// before this step, then adds the step's `fresh` norms to it. Returns the rows whose
+    /// weight was cut (rows with weight 0 are left alone).
+    pub fn apply(&mut self, fresh: &[f32], norms: &[f32], w: &mut [f32]) -> usize {
+        debug_assert_eq!(norms.len(), w.len(), "one norm per weighted row");
+        let mut cut = 0;
+        if self.window.len() >= MIN_SCORES.min(self.window.capacity()) {
+            let tau = self.window.quantile(self.level);
+            for (wi, &s) in w.iter_mut().zip(norms) {
+                if *wi > 0.0 && s > tau && tau > 0.0 {
+                    *wi *= tau / s;
+                    cut += 1;
+                }
+            }
+        }
+        for &s in fresh {
+            self.window.push(s);
+        }
+        cut
+    }
+
+    /// The current threshold τ (−∞ before any norm).
+    pub fn threshold(&mut self) -> f32 {
+        self.window.quantile(self.level)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_above_the_running_quantile_are_cut_to_it_and_the_rest_keep_their_weight() {
+        let mut c = NormClip::new(0.9, 1000);
+        // Before MIN_SCORES norms nothing is cut, whatever the norm.
+        let mut w = vec![0.5; 2];
+        assert_eq!(c.apply(&[1.0; 2], &[1e6, 1.0], &mut w), 0);
+        assert_eq!(w, [0.5, 0.5]);
+        // Norms 1..=1000 (the window keeps the last 1000): τ = the 0.9 quantile = 901.
+        let norms: Vec<f32> = (1..=1000).map(|v| v as f32).collect();
+        let mut w = vec![0.0; norms.len()];
+        c.apply(&norms, &norms, &mut w);
+        assert_eq!(c.threshold(), 901.0);
+        let mut w = vec![0.25, 0.25, 0.25, 0.0];
+        let cut = c.apply(&[], &[100.0, 901.0, 1802.0, 1e9], &mut w);
+        assert_eq!(cut, 1, "only the trained row above τ");
+        assert_eq!(w, [0.25, 0.25, 0.125, 0.0]);
+    }
+
+    #[test]
+    fn the_threshold_follows_the_stream() {
+        let mut c = NormClip::new(0.5, 300);
+        let mut none = [];
+        c.apply(&[1.0; 300], &[], &mut none);
+        assert_eq!(c.threshold(), 1.0);
+        c.apply(&[10.0; 300], &[], &mut none);
+        assert_eq!(c.threshold(), 10.0, "the old regime has left the window");
+        let mut w = [1.0];
+        c.apply(&[], &[20.0], &mut w);
+        assert_eq!(w, [0.5]);
+    }
+}
