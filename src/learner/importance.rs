@@ -36,6 +36,15 @@ pub enum ImportanceMethod {
 }
 
 impl ImportanceMethod {
+    /// Whether the scores come from the forward pass and the output gradient alone, at no
+    /// cost beyond the prediction (`random` draws from the learner's RNG, so it is not).
+    pub fn is_free(self) -> bool {
+        matches!(
+            self,
+            ImportanceMethod::El2n | ImportanceMethod::LastLayer | ImportanceMethod::Loss
+        )
+    }
+
     /// Whether the scores come with every row's backward pass already done.
     pub fn backward_on_all_rows(self) -> bool {
         matches!(

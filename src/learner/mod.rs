@@ -326,10 +326,11 @@ impl OnlineLearner {
             cfg.head,
             cfg.training.seed,
         );
-        // A policy that ignores scores gets the free ones (the loss, from the forward pass),
-        // unless clipping reads the method's norms.
+        // A policy that ignores scores still scores every row for the score file, the drift
+        // score test and clipping: with the configured method where that is free (read off
+        // the forward pass), with the loss otherwise.
         let clipping = cfg.selection.clip > 0.0;
-        let method = if cfg.selection.policy.needs_scores() || clipping {
+        let method = if cfg.selection.policy.needs_scores() || cfg.importance.is_free() {
             cfg.importance
         } else {
             ImportanceMethod::Loss
