@@ -64,11 +64,23 @@ def candidates(w):
                 out.append((float(r["compute_fraction_mean"]), v, name, r["label"]))
     out.sort()
     seen, unique = set(), []
-    for c in out:  # a label in both files (the row families) is one configuration
-        if c[3] not in seen:
-            seen.add(c[3])
+    for c in out:
+        # One configuration may sit in both files under two labels (the row families):
+        # it is the same settings, so it runs once, under its first label.
+        key = settings(family_sets(load_exp(c[2]), c[3]))
+        if key not in seen:
+            seen.add(key)
             unique.append(c)
     return unique
+
+
+def settings(sets):
+    """`--set` strings as one comparable value: the last assignment of each key wins."""
+    out = {}
+    for s in sets:
+        k, _, v = s.partition("=")
+        out[k.strip()] = v.strip().strip('"')
+    return tuple(sorted(out.items()))
 
 
 def screen(w):
