@@ -330,6 +330,14 @@ impl OnlineLearner {
         // score test and clipping: with the configured method where that is free (read off
         // the forward pass), with the loss otherwise.
         let clipping = cfg.selection.clip > 0.0;
+        debug_assert!(
+            !clipping
+                || matches!(
+                    cfg.importance,
+                    ImportanceMethod::El2n | ImportanceMethod::LastLayer
+                ),
+            "selection.clip reads free norms (the configuration checks this)"
+        );
         let method = if cfg.selection.policy.needs_scores() || cfg.importance.is_free() {
             cfg.importance
         } else {
@@ -854,7 +862,10 @@ impl OnlineLearner {
         let n = y.len() as u64;
         let scored = self.net.score(&self.scorer, x, y, &mut self.rng);
         let total = w.iter().map(|v| *v as f64).sum::<f64>().max(1e-30);
-        let w: Vec<f32> = w.iter().map(|v| (*v as f64 / total) as f32).collect();
+        let mut w: Vec<f32> = w.iter().map(|v| (*v as f64 / total) as f32).collect();
+        if let Some(c) = &mut self.clip {
+            self.stats.clipped += c.apply(&scored.scores, &scored.scores, &mut w) as u64;
+        }
         self.ledger.training.rows_forward += n;
         if self.scorer.method.backward_on_all_rows() {
             self.ledger.training.rows_backward += n;
@@ -1105,6 +1116,12 @@ mod tests {
                     clipped.weights()[0].weight,
                     "{what}: clipping changes what is learnt"
                 );
+                // Offline epochs (`fit_rows`) clip too: a row far off the stream's residuals.
+                let mut clipped = clipped;
+                let before = clipped.stats().clipped;
+                let x = vec![0.5, -0.25, 1.0, 2.0];
+                clipped.fit_rows(x, &[1e4], &[1.0]);
+                assert_eq!(clipped.stats().clipped, before + 1, "{what}: offline");
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Norm clipping (`selection.clip = q`): every row of a training step keeps its loss weight
 //! times min(1, τ/s_i), where s_i is its gradient norm under the current model and τ the `q`
-//! quantile of the norms of the last `window` fresh rows. A row's pull on the step is then
+//! quantile of the norms of the last `window` fresh rows (recomputed every `window / 8`
+//! fresh rows). A row's pull on the step is then
 //! at most τ: per-sample gradient clipping, with the threshold following the stream.
 //!
 //! Why: on our streams the highest-norm rows are mostly noise (traffic spikes, weak-link
@@ -13,50 +14,89 @@
 //! most wrong. Its window is not checkpointed: after a restart it refills for
 //! [`MIN_SCORES`] fresh rows before clipping again.
 
-use super::ScoreWindow;
-
 /// Fresh rows' norms needed before the first clip (a quantile of fewer means little).
 pub const MIN_SCORES: usize = 256;
+
+/// τ is recomputed every `window / REFRESHES` fresh rows. Why: keeping a sorted copy of the
+/// window up to date (one memmove per row, as the selection window does) cost 7 points of
+/// learning CPU saved at micro-batches of 8 (`benches/cpu_saved.sh`); a selection over a copy
+/// every so often costs a few tens of ns per row, and τ moves slowly anyway.
+const REFRESHES: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct NormClip {
     level: f64,
-    window: ScoreWindow,
+    /// The last `cap` fresh norms, oldest overwritten first.
+    ring: Vec<f32>,
+    next: usize,
+    cap: usize,
+    /// Rows since τ was last computed, and τ (0 before [`MIN_SCORES`] norms: no clipping).
+    since: usize,
+    tau: f32,
+    scratch: Vec<f32>,
 }
 
 impl NormClip {
     /// Clips at the `level` quantile of a window of `window` fresh rows' norms.
     pub fn new(level: f64, window: usize) -> Self {
+        let cap = window.max(1);
         NormClip {
             level,
-            window: ScoreWindow::new(window),
+            ring: Vec::with_capacity(cap),
+            next: 0,
+            cap,
+            since: 0,
+            tau: 0.0,
+            scratch: Vec::with_capacity(cap),
         }
     }
 
-    /// Scales each weight `w[i]` by min(1, τ/norms[i]) with τ from the window as it was
-    /// before this step, then adds the step's `fresh` norms to it. Returns the rows whose
-    /// weight was cut (rows with weight 0 are left alone).
+    /// Scales each weight `w[i]` by min(1, τ/norms[i]) with τ as it was before this step,
+    /// then adds the step's `fresh` norms to the window. Returns the rows whose weight was
+    /// cut (rows with weight 0 are left alone).
     pub fn apply(&mut self, fresh: &[f32], norms: &[f32], w: &mut [f32]) -> usize {
         debug_assert_eq!(norms.len(), w.len(), "one norm per weighted row");
+        let tau = self.tau;
         let mut cut = 0;
-        if self.window.len() >= MIN_SCORES.min(self.window.capacity()) {
-            let tau = self.window.quantile(self.level);
+        if tau > 0.0 {
             for (wi, &s) in w.iter_mut().zip(norms) {
-                if *wi > 0.0 && s > tau && tau > 0.0 {
+                if *wi > 0.0 && s > tau {
                     *wi *= tau / s;
                     cut += 1;
                 }
             }
         }
         for &s in fresh {
-            self.window.push(s);
+            let s = if s.is_finite() { s } else { f32::MAX };
+            if self.ring.len() < self.cap {
+                self.ring.push(s);
+            } else {
+                self.ring[self.next] = s;
+            }
+            self.next = (self.next + 1) % self.cap;
+        }
+        self.since += fresh.len();
+        let warm = self.ring.len() >= MIN_SCORES.min(self.cap);
+        if warm && (self.tau == 0.0 || self.since >= (self.cap / REFRESHES).max(1)) {
+            self.tau = self.quantile();
+            self.since = 0;
         }
         cut
     }
 
-    /// The current threshold τ (−∞ before any norm).
-    pub fn threshold(&mut self) -> f32 {
-        self.window.quantile(self.level)
+    /// The `level` quantile of the window now (the k-th smallest, k = ⌊level·len⌋).
+    fn quantile(&mut self) -> f32 {
+        if self.ring.is_empty() {
+            return 0.0;
+        }
+        self.scratch.clone_from(&self.ring);
+        let k = ((self.level * self.scratch.len() as f64) as usize).min(self.scratch.len() - 1);
+        *self.scratch.select_nth_unstable_by(k, f32::total_cmp).1
+    }
+
+    /// The threshold in force (0 before [`MIN_SCORES`] norms: nothing is cut).
+    pub fn threshold(&self) -> f32 {
+        self.tau
     }
 }
 
@@ -75,7 +115,11 @@ mod tests {
         let norms: Vec<f32> = (1..=1000).map(|v| v as f32).collect();
         let mut w = vec![0.0; norms.len()];
         c.apply(&norms, &norms, &mut w);
-        assert_eq!(c.threshold(), 901.0);
+        assert_eq!(
+            c.threshold(),
+            901.0,
+            "τ is computed once the window holds 256 norms"
+        );
         let mut w = vec![0.25, 0.25, 0.25, 0.0];
         let cut = c.apply(&[], &[100.0, 901.0, 1802.0, 1e9], &mut w);
         assert_eq!(cut, 1, "only the trained row above τ");

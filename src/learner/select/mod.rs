@@ -250,9 +250,6 @@ impl ScoreWindow {
     pub fn len(&self) -> usize {
         self.ring.len()
     }
-    pub fn capacity(&self) -> usize {
-        self.cap
-    }
     pub fn is_empty(&self) -> bool {
         self.ring.is_empty()
     }
