@@ -148,9 +148,8 @@ fn core_learner(
         model: ModelConfig {
             backend,
             hidden: vec![64, 64],
-            blend: None,
-            scope: Default::default(),
             max_models: 1,
+            ..Default::default()
         },
         importance,
         selection: SelectionConfig {

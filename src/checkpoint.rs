@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::features::FeatureState;
+use crate::learner::decision::LossTable;
 use crate::learner::drift::DriftMonitor;
 use crate::learner::eval::Scoreboard;
 use crate::learner::per_key::LearnersState;
@@ -92,13 +93,16 @@ pub struct Checkpoint {
     pub counters: RunCounters,
     pub drift: DriftMonitor,
     pub trace: MetricTrace,
+    /// `model.decision = "min_expected_loss"`: the learnt loss table.
+    pub decision: Option<LossTable>,
 }
 
 /// 02: compute ledger, selection policies, evaluation periods.
 /// 03: non-finite predictions and steps counted (metrics, learner stats).
 /// 04: classification baselines and label history, encodings, per-key models.
 /// 05: the score-shift detector keeps one history (a seasonal reference).
-const MAGIC: &[u8; 8] = b"GSCKPT05";
+/// 06: the decision's loss table.
+const MAGIC: &[u8; 8] = b"GSCKPT06";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {
@@ -173,7 +177,7 @@ mod tests {
         let mut cut = frame(MAGIC, &payload);
         cut.truncate(cut.len() - 5);
         assert!(err(cut).contains("damaged"));
-        assert!(err(frame(b"GSCKPT04", &payload)).contains("another gradsift version"));
+        assert!(err(frame(b"GSCKPT05", &payload)).contains("another gradsift version"));
         assert!(err(b"hello".to_vec()).contains("not a gradsift checkpoint"));
         // A sound frame around a payload of another shape: named, not a panic.
         assert!(err(frame(MAGIC, &payload)).contains("another version"));

@@ -314,8 +314,18 @@ impl PipelineConfig {
         )
     }
 
-    /// Checks that need the schema: a replay-buffer byte cap must hold one sample.
-    pub fn validate_with(&self, input_width: usize) -> Result<()> {
+    /// Checks that need the schema: a replay-buffer byte cap must hold one sample; a decision
+    /// by expected loss needs per-class losses (`class_losses`: the schema's
+    /// `evaluation.beam_power`).
+    pub fn validate_with(&self, input_width: usize, class_losses: bool) -> Result<()> {
+        use crate::learner::decision::Decision;
+        if self.model.decision == Decision::MinExpectedLoss && !class_losses {
+            return Err(self.bad(
+                "model.decision",
+                "\"argmax\" for a schema without per-class losses (`evaluation.beam_power`)",
+                "\"min_expected_loss\"",
+            ));
+        }
         let one = input_width * 4 + 1 + crate::learner::buffer::ENTRY_OVERHEAD;
         if self.buffer.max_bytes < one {
             return Err(self.bad(
@@ -641,17 +651,25 @@ max_bytes = 100000
             "at least 10",
         );
         let cfg = PipelineConfig::load(&p, &["buffer.max_bytes=100".into()]).unwrap();
-        let e = cfg.validate_with(16).unwrap_err().to_string();
+        let e = cfg.validate_with(16, false).unwrap_err().to_string();
         assert!(
             e.contains("buffer.max_bytes") && e.contains("one sample"),
             "{e}"
         );
+        let cfg = PipelineConfig::load(&p, &[]).unwrap();
+        assert!(cfg.validate_with(16, false).is_ok());
+        let cfg = PipelineConfig::load(&p, &["model.decision=\"min_expected_loss\"".into()]);
+        let e = cfg
+            .unwrap()
+            .validate_with(16, false)
+            .unwrap_err()
+            .to_string();
         assert!(
-            PipelineConfig::load(&p, &[])
-                .unwrap()
-                .validate_with(16)
-                .is_ok()
+            e.contains("model.decision") && e.contains("beam_power"),
+            "{e}"
         );
+        let cfg = PipelineConfig::load(&p, &["model.decision=\"min_expected_loss\"".into()]);
+        assert!(cfg.unwrap().validate_with(16, true).is_ok());
     }
 
     #[test]

@@ -71,6 +71,7 @@ impl RowEval {
                     power: self.power.as_deref(),
                     baselines: self.baselines,
                     mlp_alone: None,
+                    choice: None,
                 };
                 (crate::learner::eval::argmax(out) as f64, obs)
             }

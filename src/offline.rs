@@ -29,7 +29,8 @@ use crate::decode::Decoder;
 use crate::energy::{EnergyMeter, EnergyReading};
 use crate::features::{FeatureEngine, Samples};
 use crate::learner::compute::{ComputeReport, Work};
-use crate::learner::eval::{Boundary, EvalSummary, PeriodReport, Scoreboard};
+use crate::learner::decision::{Decision, LossTable};
+use crate::learner::eval::{Boundary, EvalSummary, Observation, PeriodReport, Scoreboard};
 use crate::learner::importance::ImportanceMethod;
 use crate::learner::model::Head;
 use crate::learner::select::Selector;
@@ -249,10 +250,12 @@ fn evaluate(
     head: Head,
     cfg: &PipelineConfig,
     periods: &[(String, Boundary)],
+    mut table: Option<&mut LossTable>,
 ) -> Scoreboard {
     let width = s.x.len() / s.len().max(1);
     let k = head.outputs();
     let mut board = Scoreboard::new(head, cfg.evaluation.window, periods);
+    let mut decided = Vec::new();
     for chunk in rows.chunks(4096) {
         let x: Vec<f32> = chunk
             .iter()
@@ -260,11 +263,31 @@ fn evaluate(
             .collect();
         let out = learner.predict(x, chunk.len());
         for (j, &i) in chunk.iter().enumerate() {
-            let (_, obs) = s.eval[i].observe(head, &out[j * k..(j + 1) * k]);
+            let row = &out[j * k..(j + 1) * k];
+            let (_, mut obs) = s.eval[i].observe(head, row);
+            if let (Some(t), Observation::Classification { choice, .. }) = (&mut table, &mut obs) {
+                t.decide(row, true, &mut decided);
+                *choice = Some(&decided);
+            }
             board.record(i as u64, s.times[i], obs);
         }
     }
     board
+}
+
+/// `model.decision = "min_expected_loss"`: the loss table learnt from the training rows.
+fn loss_table(cfg: &PipelineConfig, head: Head, s: &Samples, train: &[usize]) -> Option<LossTable> {
+    let Head::Classification { classes } = head else {
+        return None;
+    };
+    if cfg.model.decision != Decision::MinExpectedLoss {
+        return None;
+    }
+    let mut t = LossTable::new(classes);
+    for p in train.iter().filter_map(|&i| s.eval[i].power.as_deref()) {
+        t.learn(p);
+    }
+    Some(t)
 }
 
 /// The validation figure of a scoreboard.
@@ -286,6 +309,8 @@ struct Epochs<'a> {
     scores: Vec<f32>,
     rng: SmallRng,
     width: usize,
+    /// `model.decision`'s loss table, learnt once from the training rows.
+    losses: Option<LossTable>,
 }
 
 impl Epochs<'_> {
@@ -393,7 +418,16 @@ impl Epochs<'_> {
                 fit.policy_epochs += 1;
             }
             self.pass(rows);
-            let board = evaluate(&mut self.learner, self.samples, held, head, cfg, periods);
+            let table = self.losses.as_mut();
+            let board = evaluate(
+                &mut self.learner,
+                self.samples,
+                held,
+                head,
+                cfg,
+                periods,
+                table,
+            );
             let v = validation(&board);
             fit.history.push(EpochReport {
                 epoch: e + 1,
@@ -439,7 +473,7 @@ pub async fn train(
     let cpu_start = cpu_time::ProcessTime::now();
     let mut meter = EnergyMeter::start(cfg.energy.clone());
     let schema = Arc::new(Schema::load(&cfg.schema)?);
-    cfg.validate_with(schema.input_width())?;
+    cfg.validate_with(schema.input_width(), schema.evaluation.beam_power.is_some())?;
     let out_dir = cfg.output_dir();
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
@@ -463,6 +497,7 @@ pub async fn train(
         holdout_every: cfg.importance.holdout_every,
     });
     let o = &cfg.offline;
+    let losses = loss_table(&cfg, head, &archive.samples, &train_rows);
     let mut ep = Epochs {
         cfg: &cfg,
         learner,
@@ -471,6 +506,7 @@ pub async fn train(
         train: train_rows,
         rng: SmallRng::seed_from_u64(cfg.training.seed ^ 0x0ff1),
         width: features.width(),
+        losses,
     };
     let fit = ep.run(
         &held,
@@ -486,6 +522,7 @@ pub async fn train(
         head,
         &cfg,
         &periods,
+        ep.losses.as_mut(),
     );
     let energy = meter.read();
     let report = OfflineReport {

@@ -192,6 +192,40 @@ fn beam_tracking_uses_the_last_beam_and_the_baselines_score_the_same_rows() {
     assert!(t.model.power_loss_db_pooled.is_finite() && t.model.power_loss_db_pooled > 0.0);
 }
 
+/// Issue 12: acting on the beam of least expected power loss instead of the most probable
+/// one. Training is the same, so the ranking (top-3) is the same to the last row; the power
+/// lost is less.
+#[test]
+fn the_expected_loss_decision_loses_less_power_with_the_same_ranking() {
+    common::shared_data();
+    let run = |decision: &str| {
+        let out = tempfile::tempdir().unwrap();
+        let set = format!("model.decision=\"{decision}\"");
+        let r = common::run(common::pipeline(
+            "beam-replay.toml",
+            out.path(),
+            &["output.scores=false", &set],
+        ));
+        let EvalSummary::Classification(m) = r.metrics else {
+            panic!("classification metrics")
+        };
+        m
+    };
+    let (argmax, decided) = (run("argmax"), run("min_expected_loss"));
+    assert_eq!(argmax.model.top3, decided.model.top3);
+    assert_eq!(
+        argmax.mlp_alone.top1, decided.mlp_alone.top1,
+        "same training"
+    );
+    assert!(
+        decided.model.power_loss_db < 0.97 * argmax.model.power_loss_db,
+        "{} vs {} dB",
+        decided.model.power_loss_db,
+        argmax.model.power_loss_db
+    );
+    assert!(decided.model.power_loss_db_pooled < argmax.model.power_loss_db_pooled);
+}
+
 #[test]
 fn keep_one_trains_on_every_valid_sample() {
     // Every policy but `trim` (an outlier filter: it drops its top fraction whatever `keep`).

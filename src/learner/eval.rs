@@ -306,17 +306,25 @@ impl BeamRow {
     /// Scores one row from per-class scores (logits or votes), the true class and,
     /// optionally, per-class received power.
     fn new(scores: &[f32], target: usize, power: Option<&[f32]>) -> BeamRow {
+        Self::ranked(scores, scores, target, power)
+    }
+
+    /// Top-3 from the ranking `rank` (the predicted distribution), top-1 and power loss from
+    /// the class `choice` scores highest (the decision: see [`super::decision`]).
+    fn ranked(rank: &[f32], choice: &[f32], target: usize, power: Option<&[f32]>) -> BeamRow {
         // NaN scores make every comparison false: beam 0 would look like a choice.
-        let finite = scores.iter().all(|l| l.is_finite());
-        let t = scores.get(target).copied().unwrap_or(f32::NAN);
+        let finite = rank.iter().chain(choice).all(|l| l.is_finite());
         // Other classes scoring at least as high as the target: a tie is not a hit.
-        let above = scores
-            .iter()
-            .enumerate()
-            .filter(|&(c, &l)| c != target && l >= t)
-            .count();
-        let hit = |k: usize| finite && t.is_finite() && above < k;
-        let best = argmax(scores);
+        let above = |scores: &[f32]| {
+            let t = scores.get(target).copied().unwrap_or(f32::NAN);
+            let n = scores
+                .iter()
+                .enumerate()
+                .filter(|&(c, &l)| c != target && l >= t)
+                .count();
+            if t.is_finite() { n } else { usize::MAX }
+        };
+        let best = argmax(choice);
         let power = power.and_then(|p| {
             let p_best = p.iter().copied().fold(f32::MIN, f32::max) as f64;
             let p_chosen = *p.get(best)? as f64;
@@ -324,8 +332,8 @@ impl BeamRow {
         });
         BeamRow {
             finite,
-            top1: hit(1),
-            top3: hit(3),
+            top1: finite && above(choice) < 1,
+            top3: finite && above(rank) < 3,
             power,
         }
     }
@@ -389,14 +397,15 @@ impl ClassificationEval {
     }
 
     /// Scores the row's baselines (where it has them) on the same target and power.
-    pub fn record_baselines(
+    fn record_baselines(
         &mut self,
         b: &ClassBaselines,
-        logits: &[f32],
+        model: &BeamRow,
+        classes: usize,
         target: usize,
         power: Option<&[f32]>,
     ) {
-        self.scratch.resize(logits.len(), 0.0);
+        self.scratch.resize(classes, 0.0);
         if let Some(c) = b.persistence {
             self.scratch.fill(0.0);
             if let Some(v) = self.scratch.get_mut(c as usize) {
@@ -409,14 +418,16 @@ impl ClassificationEval {
             self.knn.add(&BeamRow::new(&self.scratch, target, power));
         }
         if b.persistence.is_some() && b.knn_len > 0 {
-            self.model_on_baseline_rows
-                .add(&BeamRow::new(logits, target, power));
+            self.model_on_baseline_rows.add(model);
         }
     }
 
     /// Scores one row from its logits, true class and (optionally) per-class received power.
     pub fn record(&mut self, logits: &[f32], target: usize, power: Option<&[f32]>) {
-        let row = BeamRow::new(logits, target, power);
+        self.record_row(BeamRow::new(logits, target, power));
+    }
+
+    fn record_row(&mut self, row: BeamRow) {
         self.all.add(&row);
         if self.recent.len() == self.window {
             self.recent.pop_front();
@@ -457,6 +468,9 @@ pub enum Observation<'a> {
         baselines: ClassBaselines,
         /// The MLP's own output, when `logits` is a blend (`model.blend`).
         mlp_alone: Option<&'a [f32]>,
+        /// Decision scores, when the class acted on is not the most probable one
+        /// (`model.decision`); `logits` still ranks the classes for top-3.
+        choice: Option<&'a [f32]>,
     },
 }
 
@@ -485,10 +499,12 @@ impl Metrics {
                     power,
                     baselines,
                     mlp_alone,
+                    choice,
                 },
             ) => {
-                c.record(logits, target, power);
-                c.record_baselines(&baselines, logits, target, power);
+                let row = BeamRow::ranked(logits, choice.unwrap_or(logits), target, power);
+                c.record_row(row);
+                c.record_baselines(&baselines, &row, logits.len(), target, power);
                 if let Some(m) = mlp_alone {
                     c.mlp_alone.add(&BeamRow::new(m, target, power));
                 }
@@ -760,19 +776,44 @@ mod tests {
     }
 
     #[test]
+    fn a_decision_sets_top1_and_power_and_the_ranking_sets_top3() {
+        let power = [1.0, 10.0, 0.1, 5.0];
+        let rank = [0.0, 1.0, 3.0, 2.0]; // beam 1 third
+        let choice = [0.0, 0.0, 0.0, 1.0]; // acts on beam 3
+        let r = BeamRow::ranked(&rank, &choice, 1, Some(&power));
+        assert!(!r.top1 && r.top3);
+        assert_eq!(r.power, Some((10.0, 5.0)));
+        let r = BeamRow::ranked(&rank, &[0.0, 1.0, 0.0, 0.0], 1, Some(&power));
+        assert!(r.top1 && r.top3 && r.power == Some((10.0, 10.0)));
+        assert!(!BeamRow::ranked(&rank, &[f32::NAN; 4], 1, None).finite);
+    }
+
+    #[test]
     fn baselines_are_scored_on_their_rows() {
         let mut e = ClassificationEval::new(10);
         let power = [1.0, 10.0, 0.1, 5.0];
         let logits = [0.0, 3.0, 1.0, 2.0];
         let none = ClassBaselines::default();
-        e.record_baselines(&none, &logits, 1, Some(&power));
+        e.record_baselines(
+            &none,
+            &BeamRow::new(&logits, 1, Some(&power)),
+            4,
+            1,
+            Some(&power),
+        );
         let mut b = ClassBaselines {
             persistence: Some(3),
             knn_len: 3,
             ..Default::default()
         };
         b.knn[..3].copy_from_slice(&[(2, 1.2), (1, 1.1), (1, 1.0)]);
-        e.record_baselines(&b, &logits, 1, Some(&power));
+        e.record_baselines(
+            &b,
+            &BeamRow::new(&logits, 1, Some(&power)),
+            4,
+            1,
+            Some(&power),
+        );
         let s = e.summary();
         assert_eq!(
             (s.persistence.n, s.knn.n, s.model_on_baseline_rows.n),

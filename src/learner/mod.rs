@@ -16,6 +16,7 @@
 pub mod blend;
 pub mod buffer;
 pub mod compute;
+pub mod decision;
 pub mod drift;
 pub mod eval;
 pub mod fused;
@@ -86,6 +87,9 @@ pub struct ModelConfig {
     /// persistence (see [`blend`]); absent: the MLP alone.
     #[serde(default)]
     pub blend: Option<blend::BlendConfig>,
+    /// Classification: the class acted on (and ranked for top-k), see [`decision`].
+    #[serde(default)]
+    pub decision: decision::Decision,
     /// One model for the stream, or one per key (see [`per_key`]).
     #[serde(default)]
     pub scope: per_key::ModelScope,
@@ -111,6 +115,7 @@ impl Default for ModelConfig {
             backend: default_backend(),
             hidden: default_hidden(),
             blend: None,
+            decision: decision::Decision::Argmax,
             scope: per_key::ModelScope::Shared,
             max_models: default_max_models(),
         }

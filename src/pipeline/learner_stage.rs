@@ -30,8 +30,9 @@ use crate::checkpoint::{Checkpoint, RunCounters};
 use crate::config::PipelineConfig;
 use crate::features::{FeatureState, Samples, SavedLearnerParts};
 use crate::learner::blend::{Blender, ExpertWeights};
+use crate::learner::decision::{Decision, LossTable};
 use crate::learner::drift::DriftMonitor;
-use crate::learner::eval::{EvalSummary, Observation, Scoreboard};
+use crate::learner::eval::{EvalSummary, Observation, Scoreboard, argmax};
 use crate::learner::model::Head;
 use crate::learner::per_key::Learners;
 use crate::learner::trace::{MetricTrace, TracePoint};
@@ -117,6 +118,9 @@ pub(crate) struct LearnerStage {
     /// A row's prediction blended with the baselines (`model.blend`), and its scratch.
     blender: Blender,
     blended: Vec<f32>,
+    /// `model.decision = "min_expected_loss"`: the learnt loss table, and its scores.
+    losses: Option<LossTable>,
+    decided: Vec<f32>,
     pub learner: Learners,
     /// Per key: the blend's weights and the loss detectors, for the feature stage's keys.
     keys: LearnerKeys,
@@ -182,6 +186,13 @@ impl LearnerStage {
             sink_rows: Vec::new(),
             blender: Blender::default(),
             blended: Vec::new(),
+            losses: match (cfg.model.decision, head) {
+                (Decision::MinExpectedLoss, Head::Classification { classes }) => {
+                    Some(LossTable::new(classes))
+                }
+                _ => None,
+            },
+            decided: Vec::new(),
             learner,
             keys: LearnerKeys::default(),
             tally: FeatureTally::default(),
@@ -372,13 +383,24 @@ impl LearnerStage {
                     .blend(b, &ev.baselines, mlp, &w, &mut self.blended);
             }
             let row = if blend.is_some() { &self.blended } else { mlp };
-            let (prediction, mut obs) = ev.observe(self.head, row);
-            if let Observation::Classification { mlp_alone, .. } = &mut obs
-                && blend.is_some()
+            let (mut prediction, mut obs) = ev.observe(self.head, row);
+            if let Observation::Classification {
+                mlp_alone, choice, ..
+            } = &mut obs
             {
-                *mlp_alone = Some(mlp);
+                if blend.is_some() {
+                    *mlp_alone = Some(mlp);
+                }
+                if let Some(t) = &mut self.losses {
+                    t.decide(row, blend.is_none(), &mut self.decided);
+                    *choice = Some(&self.decided);
+                    prediction = argmax(&self.decided) as f64;
+                }
             }
             self.metrics.record(seen_before + i as u64, s.times[i], obs);
+            if let (Some(t), Some(p)) = (&mut self.losses, &ev.power) {
+                t.learn(p);
+            }
             self.trace.mark(seen_before + i as u64, s.times[i]);
             let sample = seen_before + i as u64 + 1;
             if traced && self.trace.due(sample) {
@@ -489,6 +511,7 @@ impl LearnerStage {
             counters: self.counters.clone(),
             drift: self.drift.clone(),
             trace: self.trace.clone(),
+            decision: self.losses.clone(),
         };
         let commit = self.commit_positions();
         let before_s = t0.elapsed().as_secs_f64();
@@ -584,6 +607,11 @@ impl LearnerStage {
                 .iter()
                 .find(|s| s.name == m.name && s.start == m.start)
                 .and_then(|s| s.at);
+        }
+        if let (Some(t), Some(saved)) = (&mut self.losses, c.decision)
+            && saved.classes() == t.classes()
+        {
+            *t = saved;
         }
         self.counters.resumes += 1;
         self.positions = c

@@ -69,7 +69,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let started = Instant::now();
     let cpu_start = cpu_time::ProcessTime::now();
     let schema = Arc::new(Schema::load(&cfg.schema)?);
-    cfg.validate_with(schema.input_width())?;
+    cfg.validate_with(schema.input_width(), schema.evaluation.beam_power.is_some())?;
     let meter = Arc::new(Mutex::new(EnergyMeter::start(cfg.energy.clone())));
     telemetry::build_info(&cfg.name, &cfg.backend_name(), &cfg.importance_name());
     {

@@ -1,0 +1,193 @@
+//! Which class to act on, given the predicted distribution: the most probable one
+//! (`argmax`), or the one whose expected loss is least (`min_expected_loss`).
+//!
+//! Why: in beam selection the label is the best beam, but the cost of a wrong choice is the
+//! power lost against it, and that is not the same for every wrong beam: a neighbour of the
+//! best beam loses a fraction of a dB, a beam pointing elsewhere 10-20 dB. When the
+//! prediction is split between two far-apart beams, the beam between them can lose less on
+//! average than either. The losses are learnt, not assumed: every labelled row reveals the
+//! loss of every class against its best one (the per-class power the evaluation already
+//! reads), and `L[c][b]` is the running mean loss of choosing `b` when `c` was best. The
+//! choice is argmin_b Σ_c p(c)·L[c][b], and the ranking behind top-3 is by the same
+//! expected loss. Before a class has been seen as best, its row of `L` is 0 on the diagonal
+//! and the mean off-best loss elsewhere, which makes the rule the argmax; one table is kept
+//! for the stream (a codebook's geometry does not change with the site); checkpoints keep it.
+
+use serde::{Deserialize, Serialize};
+
+/// `model.decision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    #[default]
+    Argmax,
+    MinExpectedLoss,
+}
+
+/// Rows of a class after which its losses are a running mean over that many (drift).
+const MEMORY: f32 = 1000.0;
+/// Classes below this probability are left out of the expected loss (they change it by
+/// less than 1e-4 of a typical loss, and skipping them keeps the sum sparse).
+const MIN_PROB: f32 = 1e-4;
+
+/// The learnt loss table and the scratch of one decision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LossTable {
+    classes: usize,
+    /// `L[c][b]`, row-major by the best class `c`.
+    mean: Vec<f32>,
+    /// Rows seen with each class best (capped at [`MEMORY`]).
+    seen: Vec<f32>,
+    /// Mean loss of a non-best class over all rows, the prior of unseen rows.
+    off_best: f32,
+    rows: f32,
+    #[serde(skip)]
+    probs: Vec<f32>,
+}
+
+impl LossTable {
+    pub fn new(classes: usize) -> Self {
+        LossTable {
+            classes,
+            mean: vec![0.0; classes * classes],
+            seen: vec![0.0; classes],
+            off_best: 1.0,
+            rows: 0.0,
+            probs: Vec::new(),
+        }
+    }
+
+    /// Classes the table is for.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Decision scores (higher is better: minus the expected loss) from a distribution,
+    /// given as probabilities or, when `logits`, as logits.
+    pub fn decide(&mut self, dist: &[f32], logits: bool, out: &mut Vec<f32>) {
+        let c = self.classes;
+        debug_assert_eq!(dist.len(), c);
+        self.probs.clear();
+        self.probs.extend_from_slice(dist);
+        if logits {
+            softmax(&mut self.probs);
+        } else {
+            let s: f32 = self.probs.iter().sum();
+            if s > 0.0 && s.is_finite() {
+                self.probs.iter_mut().for_each(|p| *p /= s);
+            }
+        }
+        out.clear();
+        out.resize(c, 0.0);
+        if !self.probs.iter().all(|p| p.is_finite()) {
+            // A non-finite prediction stays one: the scoreboard counts it as such.
+            out.fill(f32::NAN);
+            return;
+        }
+        for (k, &p) in self.probs.iter().enumerate() {
+            if p < MIN_PROB {
+                continue;
+            }
+            if self.seen[k] > 0.0 {
+                let row = &self.mean[k * c..(k + 1) * c];
+                out.iter_mut().zip(row).for_each(|(o, &l)| *o -= p * l);
+            } else {
+                // Prior row: 0 for k itself, the mean off-best loss elsewhere.
+                out.iter_mut().for_each(|o| *o -= p * self.off_best);
+                out[k] += p * self.off_best;
+            }
+        }
+    }
+
+    /// Learns from a labelled row's per-class power (positive, linear units).
+    pub fn learn(&mut self, power: &[f32]) {
+        let c = self.classes;
+        if power.len() != c || !power.iter().all(|p| p.is_finite() && *p > 0.0) {
+            return;
+        }
+        let (best, p_best) = power
+            .iter()
+            .copied()
+            .enumerate()
+            .fold((0, f32::MIN), |a, (i, p)| if p > a.1 { (i, p) } else { a });
+        let n = (self.seen[best] + 1.0).min(MEMORY);
+        self.seen[best] = n;
+        let row = &mut self.mean[best * c..(best + 1) * c];
+        let mut off = 0.0;
+        for (m, &p) in row.iter_mut().zip(power) {
+            let loss = 10.0 * (p_best / p).log10();
+            *m += (loss - *m) / n;
+            off += loss;
+        }
+        self.rows = (self.rows + 1.0).min(MEMORY);
+        self.off_best += (off / (c - 1).max(1) as f32 - self.off_best) / self.rows;
+    }
+}
+
+fn softmax(v: &mut [f32]) {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut s = 0.0;
+    for x in v.iter_mut() {
+        *x = (*x - m).exp();
+        s += *x;
+    }
+    v.iter_mut().for_each(|x| *x /= s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unlearnt_table_is_the_argmax() {
+        let mut t = LossTable::new(4);
+        let mut out = Vec::new();
+        t.decide(&[0.1, 0.5, 0.3, 0.1], false, &mut out);
+        assert_eq!(crate::learner::eval::argmax(&out), 1);
+        t.decide(&[0.0, 1.0, 3.0, 2.0], true, &mut out);
+        assert_eq!(crate::learner::eval::argmax(&out), 2);
+    }
+
+    #[test]
+    fn a_split_prediction_chooses_the_beam_that_loses_least() {
+        // Beams 0 and 2 are each best half the time; beam 1 loses 1 dB to either, while
+        // 0 and 2 lose 20 dB to each other.
+        let mut t = LossTable::new(3);
+        for _ in 0..10 {
+            t.learn(&[100.0, 79.4, 1.0]);
+            t.learn(&[1.0, 79.4, 100.0]);
+        }
+        let mut out = Vec::new();
+        t.decide(&[0.45, 0.1, 0.45], false, &mut out);
+        assert_eq!(crate::learner::eval::argmax(&out), 1, "{out:?}");
+        // A confident prediction keeps its class (at 0.9 beam 1 would still lose less).
+        t.decide(&[0.98, 0.01, 0.01], false, &mut out);
+        assert_eq!(crate::learner::eval::argmax(&out), 0, "{out:?}");
+        // The expected loss of beam 1 is about 1 dB.
+        t.decide(&[0.5, 0.0, 0.5], false, &mut out);
+        assert!((out[1] + 1.0).abs() < 0.01, "{out:?}");
+    }
+
+    #[test]
+    fn a_checkpointed_table_decides_the_same() {
+        let mut t = LossTable::new(3);
+        t.learn(&[100.0, 79.4, 1.0]);
+        t.learn(&[1.0, 50.0, 100.0]);
+        let mut back: LossTable = postcard::from_bytes(&postcard::to_stdvec(&t).unwrap()).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        t.decide(&[0.2, 0.3, 1.0], true, &mut a);
+        back.decide(&[0.2, 0.3, 1.0], true, &mut b);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn non_finite_predictions_and_powers_are_not_learnt_or_chosen() {
+        let mut t = LossTable::new(3);
+        t.learn(&[1.0, f32::NAN, 2.0]);
+        t.learn(&[1.0, 0.0, 2.0]);
+        assert!(t.seen.iter().all(|&n| n == 0.0));
+        let mut out = Vec::new();
+        t.decide(&[f32::NAN, 0.0, 1.0], true, &mut out);
+        assert!(out.iter().all(|o| o.is_nan()));
+    }
+}
