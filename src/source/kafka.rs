@@ -624,9 +624,15 @@ struct KafkaSource<'a> {
     /// Batches handed to the learner and not yet acknowledged as processed.
     in_flight: usize,
     done: Done,
+    /// When `done` was last committed: it is committed again every [`RECOMMIT_EVERY`], so
+    /// that a commit that failed (a broker or coordinator away, a member fenced during a
+    /// rebalance) is made good even when no new message comes to trigger the next one.
+    last_commit: Instant,
     starts: StartCheck,
     stalls: StallWatch,
 }
+
+const RECOMMIT_EVERY: Duration = Duration::from_secs(5);
 
 impl<'a> KafkaSource<'a> {
     fn connect(
@@ -675,6 +681,7 @@ impl<'a> KafkaSource<'a> {
             backoff: Duration::from_millis(100),
             in_flight: 0,
             done: HashMap::new(),
+            last_commit: Instant::now(),
             starts: StartCheck::default(),
             stalls: StallWatch::new(Duration::from_millis(cfg.stall_after_ms)),
         })
@@ -691,6 +698,9 @@ impl<'a> KafkaSource<'a> {
             // Commit what the learner has made durable.
             while let Ok(ack) = acks.try_recv() {
                 self.take(ack);
+            }
+            if self.last_commit.elapsed() >= RECOMMIT_EVERY && !self.done.is_empty() {
+                self.take(Ack::Commit(Vec::new()));
             }
             let payloads = self.poll_batch();
             self.stalls
@@ -712,13 +722,16 @@ impl<'a> KafkaSource<'a> {
     fn take(&mut self, ack: Ack) {
         match ack {
             Ack::Processed => self.in_flight = self.in_flight.saturating_sub(1),
-            Ack::Commit(p) => commit(
-                &self.consumer,
-                self.dlq.as_ref(),
-                &mut self.done,
-                &p,
-                CommitMode::Async,
-            ),
+            Ack::Commit(p) => {
+                self.last_commit = Instant::now();
+                commit(
+                    &self.consumer,
+                    self.dlq.as_ref(),
+                    &mut self.done,
+                    &p,
+                    CommitMode::Async,
+                )
+            }
         }
     }
 
@@ -961,6 +974,15 @@ fn commit(
             continue;
         };
         if !owned.iter().any(|(t, p)| t == topic && *p == partition) {
+            continue;
+        }
+        // Not behind what the group had committed when this member was (re)assigned the
+        // partition: another member may have taken it further in between.
+        if consumer
+            .context()
+            .committed(topic, partition)
+            .is_some_and(|c| c >= *off)
+        {
             continue;
         }
         let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(*off));
