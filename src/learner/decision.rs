@@ -26,6 +26,9 @@ pub enum Decision {
 
 /// Rows of a class after which its losses are a running mean over that many (drift).
 const MEMORY: f32 = 1000.0;
+/// The loss of a class that received no power at all, and the most any class is charged: a
+/// beam 40 dB below the best is off either way.
+const MAX_LOSS_DB: f32 = 40.0;
 /// Classes below this probability are left out of the expected loss (they change it by
 /// less than 1e-4 of a typical loss, and skipping them keeps the sum sparse).
 const MIN_PROB: f32 = 1e-4;
@@ -84,25 +87,17 @@ impl LossTable {
             out.fill(f32::NAN);
             return;
         }
-        for (k, &p) in self.probs.iter().enumerate() {
-            if p < MIN_PROB {
-                continue;
-            }
-            if self.seen[k] > 0.0 {
-                let row = &self.mean[k * c..(k + 1) * c];
-                out.iter_mut().zip(row).for_each(|(o, &l)| *o -= p * l);
-            } else {
-                // Prior row: 0 for k itself, the mean off-best loss elsewhere.
-                out.iter_mut().for_each(|o| *o -= p * self.off_best);
-                out[k] += p * self.off_best;
-            }
-        }
+        // Unseen classes' prior rows (0 for the class itself, the mean off-best loss
+        // elsewhere) add up to one constant row plus a correction on their own classes.
+        expected_losses(out, &self.probs, &self.seen, &self.mean, self.off_best);
     }
 
-    /// Learns from a labelled row's per-class power (positive, linear units).
+    /// Learns from a labelled row's per-class power (linear units; a class with none is
+    /// charged [`MAX_LOSS_DB`]). A row with a non-finite power, or none above zero, is not
+    /// learnt from.
     pub fn learn(&mut self, power: &[f32]) {
         let c = self.classes;
-        if power.len() != c || !power.iter().all(|p| p.is_finite() && *p > 0.0) {
+        if power.len() != c || !power.iter().all(|p| p.is_finite()) {
             return;
         }
         let (best, p_best) = power
@@ -110,17 +105,50 @@ impl LossTable {
             .copied()
             .enumerate()
             .fold((0, f32::MIN), |a, (i, p)| if p > a.1 { (i, p) } else { a });
+        if p_best <= 0.0 {
+            return;
+        }
         let n = (self.seen[best] + 1.0).min(MEMORY);
         self.seen[best] = n;
         let row = &mut self.mean[best * c..(best + 1) * c];
         let mut off = 0.0;
         for (m, &p) in row.iter_mut().zip(power) {
-            let loss = 10.0 * (p_best / p).log10();
+            let loss = if p > 0.0 {
+                (10.0 * (p_best / p).log10()).min(MAX_LOSS_DB)
+            } else {
+                MAX_LOSS_DB
+            };
             *m += (loss - *m) / n;
             off += loss;
         }
         self.rows = (self.rows + 1.0).min(MEMORY);
         self.off_best += (off / (c - 1).max(1) as f32 - self.off_best) / self.rows;
+    }
+}
+
+/// `out[b] -= Σ_k p_k · L[k][b]` (`out` zeroed by the caller), vectorised where the CPU
+/// allows: a 64-class decision is a 64 × 64 product per row. Unseen classes' prior rows (0
+/// for the class itself, the mean off-best loss elsewhere) add up to one constant row plus
+/// a correction on their own classes.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn expected_losses(out: &mut [f32], probs: &[f32], seen: &[f32], mean: &[f32], off_best: f32) {
+    let c = out.len();
+    let mut unseen = 0.0;
+    for (k, (&p, &n)) in probs.iter().zip(seen).enumerate() {
+        if p < MIN_PROB {
+            continue;
+        }
+        if n > 0.0 {
+            for (o, &l) in out.iter_mut().zip(&mean[k * c..(k + 1) * c]) {
+                *o -= p * l;
+            }
+        } else {
+            unseen += p;
+            out[k] += p * off_best;
+        }
+    }
+    if unseen > 0.0 {
+        out.iter_mut().for_each(|o| *o -= unseen * off_best);
     }
 }
 
@@ -181,11 +209,15 @@ mod tests {
     }
 
     #[test]
-    fn non_finite_predictions_and_powers_are_not_learnt_or_chosen() {
+    fn non_finite_predictions_and_powers_are_not_learnt_or_chosen_and_no_power_is_capped() {
         let mut t = LossTable::new(3);
         t.learn(&[1.0, f32::NAN, 2.0]);
-        t.learn(&[1.0, 0.0, 2.0]);
+        t.learn(&[0.0, 0.0, 0.0]);
         assert!(t.seen.iter().all(|&n| n == 0.0));
+        // A beam with no power is charged the cap, not an infinite loss.
+        t.learn(&[1.0, 0.0, 2.0]);
+        assert_eq!(t.seen[2], 1.0);
+        assert_eq!(t.mean[2 * 3 + 1], MAX_LOSS_DB);
         let mut out = Vec::new();
         t.decide(&[f32::NAN, 0.0, 1.0], true, &mut out);
         assert!(out.iter().all(|o| o.is_nan()));

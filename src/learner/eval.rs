@@ -312,18 +312,22 @@ impl BeamRow {
     /// Top-3 from the ranking `rank` (the predicted distribution), top-1 and power loss from
     /// the class `choice` scores highest (the decision: see [`super::decision`]).
     fn ranked(rank: &[f32], choice: &[f32], target: usize, power: Option<&[f32]>) -> BeamRow {
+        // One pass over both (a row is scored several times: model, baselines, MLP alone).
         // NaN scores make every comparison false: beam 0 would look like a choice.
-        let finite = rank.iter().chain(choice).all(|l| l.is_finite());
-        // Other classes scoring at least as high as the target: a tie is not a hit.
-        let above = |scores: &[f32]| {
-            let t = scores.get(target).copied().unwrap_or(f32::NAN);
-            let n = scores
-                .iter()
-                .enumerate()
-                .filter(|&(c, &l)| c != target && l >= t)
-                .count();
-            if t.is_finite() { n } else { usize::MAX }
-        };
+        let (tr, tc) = (rank.get(target), choice.get(target));
+        let (tr, tc) = (
+            tr.copied().unwrap_or(f32::NAN),
+            tc.copied().unwrap_or(f32::NAN),
+        );
+        let (mut finite, mut above_rank, mut above_choice) = (true, 0, 0);
+        for (c, (&r, &h)) in rank.iter().zip(choice).enumerate() {
+            finite &= r.is_finite() && h.is_finite();
+            // Other classes scoring at least as high as the target: a tie is not a hit.
+            if c != target {
+                above_rank += usize::from(r >= tr);
+                above_choice += usize::from(h >= tc);
+            }
+        }
         let best = argmax(choice);
         let power = power.and_then(|p| {
             let p_best = p.iter().copied().fold(f32::MIN, f32::max) as f64;
@@ -332,8 +336,8 @@ impl BeamRow {
         });
         BeamRow {
             finite,
-            top1: finite && above(choice) < 1,
-            top3: finite && above(rank) < 3,
+            top1: finite && tc.is_finite() && above_choice < 1,
+            top3: finite && tr.is_finite() && above_rank < 3,
             power,
         }
     }
