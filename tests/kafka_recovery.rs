@@ -77,6 +77,62 @@ fn dead_letters(out: &Path) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// A commit refused while the feed is quiet is made good without a new message: the mock
+/// cluster refuses every offset commit while the run reads and checkpoints the whole topic;
+/// once it accepts them again, the group's offset reaches the end within seconds although
+/// nothing new arrives. (CI once saw the offset stay where a broker outage left it, 1,536 of
+/// 8,928, for two minutes: commits were only made after checkpoints, and a quiet feed takes
+/// none.) The mock cluster only: Tansu cannot be told to refuse a request.
+#[test]
+fn a_commit_refused_while_the_feed_is_quiet_is_made_good() {
+    let broker = common::Broker::of(BrokerKind::Mock);
+    broker.create_topic("quiet", 1);
+    broker.create_topic("quiet-dlq", 1);
+    common::kafka::produce_archive(&broker, "quiet", &[]);
+    broker.refuse_commits(true);
+    let out = tempfile::tempdir().unwrap();
+    let mut sets = milan_sets(&broker, "quiet", "g-quiet");
+    sets.push("checkpoint.every_rows=500".into());
+    let (mut run, log) = spawn_run("milan-kafka.toml", out.path(), &sets);
+    let covered = || {
+        gradsift::checkpoint::load(&out.path().join("checkpoint.bin"))
+            .ok()
+            .flatten()
+            .and_then(|c| c.positions.get("quiet[0]").copied())
+    };
+    wait_until("a checkpoint covering the whole topic", 120, || {
+        covered() == Some(8928)
+    });
+    // The commit after that checkpoint was refused too (librdkafka logs the failure).
+    wait_until("the last commit refused", 30, || {
+        log_text(&log)
+            .lines()
+            .any(|l| l.contains("COMMITFAIL") && l.contains("[0]@8928"))
+    });
+    let before = committed(&broker, "g-quiet", "quiet", 1);
+    assert!(
+        before.get(&0).is_none_or(|&o| o < 8928),
+        "every commit was refused: {before:?}"
+    );
+    broker.refuse_commits(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while committed(&broker, "g-quiet", "quiet", 1).get(&0) != Some(&8928) {
+        assert!(
+            Instant::now() < deadline,
+            "the offset committed within 30 s with no new message: {:?}\n{}",
+            committed(&broker, "g-quiet", "quiet", 1),
+            log_text(&log)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = terminate(&mut run);
+    assert!(
+        status.success(),
+        "clean exit: {status:?}\n{}",
+        log_text(&log)
+    );
+}
+
 /// SIGKILL of a consuming gradsift mid-stream, then a restart on the same output folder:
 /// every produced offset scored, duplicates within one checkpoint interval, every malformed
 /// message dead-lettered once and whole. `static_member`: with `source.instance_id` (the

@@ -251,6 +251,21 @@ impl Broker {
         }
     }
 
+    /// The mock cluster refuses every offset commit (a non-retriable error) until called
+    /// again with `false`. Tansu cannot inject errors: a test calling this on Tansu fails.
+    pub fn refuse_commits(&self, refuse: bool) {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let Backend::Mock(m) = &self.backend else {
+            panic!("only the mock cluster refuses commits on request");
+        };
+        if refuse {
+            let err = RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE;
+            m.request_errors(RDKafkaApiKey::OffsetCommit, &vec![err; 100_000]);
+        } else {
+            m.clear_request_errors(RDKafkaApiKey::OffsetCommit);
+        }
+    }
+
     pub fn address(&self) -> String {
         match &self.backend {
             Backend::Tansu(t) => format!("127.0.0.1:{}", t.port),
