@@ -28,8 +28,8 @@ use super::sink_stage::SinkMsg;
 use super::upkeep::unix_ms;
 use crate::checkpoint::{Checkpoint, RunCounters};
 use crate::config::PipelineConfig;
-use crate::features::{FeatureState, Samples, SavedLearnerParts};
-use crate::learner::blend::{Blender, ExpertWeights};
+use crate::features::{FeatureState, RowEval, Samples, SavedLearnerParts};
+use crate::learner::blend::{BlendConfig, Blender, ExpertWeights};
 use crate::learner::decision::{Decision, LossTable};
 use crate::learner::drift::DriftMonitor;
 use crate::learner::eval::{EvalSummary, Observation, Scoreboard, argmax};
@@ -343,6 +343,43 @@ impl LearnerStage {
         self.step(rest)
     }
 
+    /// The prediction of one row (the MLP, blended with the baselines where configured; the
+    /// class acted on by `model.decision`), scored on the scoreboard at `(sample, time)`;
+    /// returns it in the target's units (the class for classification).
+    fn score_row(
+        &mut self,
+        ev: &RowEval,
+        mlp: &[f32],
+        blend: Option<&BlendConfig>,
+        w: &ExpertWeights,
+        (sample, time): (u64, i64),
+    ) -> f64 {
+        if let Some(b) = blend {
+            self.blender
+                .blend(b, &ev.baselines, mlp, w, &mut self.blended);
+        }
+        let row = if blend.is_some() { &self.blended } else { mlp };
+        let (mut prediction, mut obs) = ev.observe(self.head, row);
+        if let Observation::Classification {
+            mlp_alone, choice, ..
+        } = &mut obs
+        {
+            if blend.is_some() {
+                *mlp_alone = Some(mlp);
+            }
+            if let Some(t) = &mut self.losses {
+                t.decide(row, blend.is_none(), &mut self.decided);
+                *choice = Some(&self.decided);
+                prediction = argmax(&self.decided) as f64;
+            }
+        }
+        self.metrics.record(sample, time, obs);
+        if let (Some(t), Some(p)) = (&mut self.losses, &ev.power) {
+            t.learn(p);
+        }
+        prediction
+    }
+
     /// One micro-batch through the learner, the metrics and the sinks.
     pub fn step(&mut self, s: Samples) -> Result<()> {
         let seen_before = self.learner.stats().seen;
@@ -377,30 +414,11 @@ impl LearnerStage {
         for (i, ev) in s.eval.iter().enumerate() {
             let mlp = &out.outputs[i * k..(i + 1) * k];
             let mut w = ExpertWeights::default();
-            if let Some(b) = &blend {
+            if blend.is_some() {
                 w = self.keys.expert_weights(&s.keys[i]);
-                self.blender
-                    .blend(b, &ev.baselines, mlp, &w, &mut self.blended);
             }
-            let row = if blend.is_some() { &self.blended } else { mlp };
-            let (mut prediction, mut obs) = ev.observe(self.head, row);
-            if let Observation::Classification {
-                mlp_alone, choice, ..
-            } = &mut obs
-            {
-                if blend.is_some() {
-                    *mlp_alone = Some(mlp);
-                }
-                if let Some(t) = &mut self.losses {
-                    t.decide(row, blend.is_none(), &mut self.decided);
-                    *choice = Some(&self.decided);
-                    prediction = argmax(&self.decided) as f64;
-                }
-            }
-            self.metrics.record(seen_before + i as u64, s.times[i], obs);
-            if let (Some(t), Some(p)) = (&mut self.losses, &ev.power) {
-                t.learn(p);
-            }
+            let at = (seen_before + i as u64, s.times[i]);
+            let prediction = self.score_row(ev, mlp, blend.as_ref(), &w, at);
             self.trace.mark(seen_before + i as u64, s.times[i]);
             let sample = seen_before + i as u64 + 1;
             if traced && self.trace.due(sample) {
