@@ -8,8 +8,8 @@
 //! average than either. The losses are learnt, not assumed: every labelled row reveals the
 //! loss of every class against its best one (the per-class power the evaluation already
 //! reads), and `L[c][b]` is the running mean loss of choosing `b` when `c` was best. The
-//! choice is argmin_b Σ_c p(c)·L[c][b], and the ranking behind top-3 is by the same
-//! expected loss. Before a class has been seen as best, its row of `L` is 0 on the diagonal
+//! choice is argmin_b Σ_c p(c)·L[c][b]; it sets top-1 and the power loss, while top-3 still
+//! ranks the classes by probability (the candidates a beam sweep would measure). Before a class has been seen as best, its row of `L` is 0 on the diagonal
 //! and the mean off-best loss elsewhere, which makes the rule the argmax; one table is kept
 //! for the stream (a codebook's geometry does not change with the site); checkpoints keep it.
 
@@ -29,8 +29,9 @@ const MEMORY: f32 = 1000.0;
 /// The loss of a class that received no power at all, and the most any class is charged: a
 /// beam 40 dB below the best is off either way.
 const MAX_LOSS_DB: f32 = 40.0;
-/// Classes below this probability are left out of the expected loss (they change it by
-/// less than 1e-4 of a typical loss, and skipping them keeps the sum sparse).
+/// Classes below this probability are left out of the expected loss: each changes it by
+/// less than 1e-4 of its loss row (a raw softmax is mostly below it; a blend's 1% smoothing
+/// is not).
 const MIN_PROB: f32 = 1e-4;
 
 /// The learnt loss table and the scratch of one decision.
