@@ -224,6 +224,20 @@ fn the_expected_loss_decision_loses_less_power_with_the_same_ranking() {
         argmax.model.power_loss_db
     );
     assert!(decided.model.power_loss_db_pooled < argmax.model.power_loss_db_pooled);
+
+    // Checkpoints keep the learnt table (a resume acts on it at once).
+    let out = tempfile::tempdir().unwrap();
+    let sets = [
+        "output.scores=false",
+        "checkpoint.enabled=true",
+        "source.max_rows=3000",
+    ];
+    common::run(common::pipeline("beam-replay.toml", out.path(), &sets));
+    let c = gradsift::checkpoint::load(&out.path().join("checkpoint.bin"))
+        .unwrap()
+        .expect("a checkpoint");
+    let table = c.decision.expect("the loss table in the checkpoint");
+    assert_eq!((table.classes(), table.rows()), (64, 1000.0));
 }
 
 #[test]

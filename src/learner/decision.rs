@@ -66,6 +66,11 @@ impl LossTable {
         self.classes
     }
 
+    /// Rows learnt from (capped at the table's memory, 1,000).
+    pub fn rows(&self) -> f32 {
+        self.rows
+    }
+
     /// Decision scores (higher is better: minus the expected loss) from a distribution,
     /// given as probabilities or, when `logits`, as logits.
     pub fn decide(&mut self, dist: &[f32], logits: bool, out: &mut Vec<f32>) {
