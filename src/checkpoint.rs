@@ -101,7 +101,7 @@ pub struct Checkpoint {
 /// 03: non-finite predictions and steps counted (metrics, learner stats).
 /// 04: classification baselines and label history, encodings, per-key models.
 /// 05: the score-shift detector keeps one history (a seasonal reference).
-/// 06: the decision's loss table.
+/// 06: the decision's loss table; norm clipping's window (and its count of rows cut).
 const MAGIC: &[u8; 8] = b"GSCKPT06";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.

@@ -1,5 +1,5 @@
 //! Checkpoints: a learner restored from its saved state continues bit for bit (weights and
-//! Adam's moments both come back); a replay stopped half-way and restarted resumes where its
+//! Adam's moments both come back, and norm clipping's window); a replay stopped half-way and restarted resumes where its
 //! checkpoint left off, skips what it covers and ends where an uninterrupted run ends; a
 //! damaged checkpoint is refused with a clear error.
 
@@ -13,16 +13,21 @@ use gradsift::learner::select::SelectionConfig;
 use gradsift::learner::{FreshBatch, LearnerConfig, ModelConfig, OnlineLearner, TrainingConfig};
 
 fn learner(d: usize) -> OnlineLearner {
+    learner_with(d, ImportanceMethod::Exact, 0.0)
+}
+
+fn learner_with(d: usize, importance: ImportanceMethod, clip: f64) -> OnlineLearner {
     OnlineLearner::new(LearnerConfig {
         inputs: d,
         head: Head::Regression,
         model: ModelConfig::default(),
-        importance: ImportanceMethod::Exact,
+        importance,
         selection: SelectionConfig {
             keep: 0.8,
             warmup: 64,
             window: 512,
             unbiased_q: 0.0,
+            clip,
             ..SelectionConfig::default()
         },
         buffer: BufferConfig {
@@ -87,6 +92,57 @@ fn a_restored_learner_continues_bit_for_bit() {
     c.learn_batch(batch(40));
     let (oa, oc) = (a.learn_batch(batch(41)), c.learn_batch(batch(41)));
     assert_ne!(oa.outputs, oc.outputs, "the optimiser state matters");
+}
+
+/// Norm clipping's window and threshold come back too: the restored learner cuts the same
+/// rows from its first step (without them it would not clip for 256 fresh rows).
+#[test]
+fn a_restored_learner_clips_as_before() {
+    let milan = common::repo().join("data/milan/internet_square5161.parquet");
+    let (s, d, _) = common::feature_rows("milan_internet", &milan, 2048);
+    let batch = |k: usize| {
+        let r = k * 32..(k + 1) * 32;
+        FreshBatch {
+            x: &s.x[r.start * d..r.end * d],
+            y: &s.y[r.clone()],
+            keys: &s.keys[r.clone()],
+            times: &s.times[r],
+        }
+    };
+    let clipping = || learner_with(d, ImportanceMethod::El2n, 0.7);
+    let mut a = clipping();
+    for k in 0..20 {
+        a.learn_batch(batch(k));
+    }
+    let state = a.state().unwrap();
+    let bytes = postcard::to_stdvec(&state).unwrap();
+    let mut b = clipping();
+    b.restore(postcard::from_bytes(&bytes).unwrap()).unwrap();
+    let mut c = clipping();
+    let mut no_clip = postcard::from_bytes::<gradsift::learner::LearnerState>(&bytes).unwrap();
+    no_clip.clip = None;
+    c.restore(no_clip).unwrap();
+    let cut = a.stats().clipped;
+    assert!(
+        cut > 0 && b.stats().clipped == cut,
+        "{cut} rows cut before the save"
+    );
+    let (oa, ob) = (a.learn_batch(batch(20)), b.learn_batch(batch(20)));
+    c.learn_batch(batch(20));
+    assert_eq!(oa.outputs, ob.outputs);
+    assert!(a.stats().clipped > cut, "the step after the save clips");
+    assert_eq!(a.stats().clipped, b.stats().clipped);
+    assert_eq!(c.stats().clipped, cut, "without the window nothing is cut");
+    let (oa, ob, oc) = (
+        a.learn_batch(batch(21)),
+        b.learn_batch(batch(21)),
+        c.learn_batch(batch(21)),
+    );
+    assert_eq!(
+        oa.outputs, ob.outputs,
+        "the same weights after a clipped step"
+    );
+    assert_ne!(oa.outputs, oc.outputs);
 }
 
 #[test]

@@ -243,9 +243,7 @@ pub struct LearnerStats {
     pub nonfinite_steps: u64,
     /// Times the learner went back to its last good weights after non-finite steps in a row.
     pub restores: u64,
-    /// Trained rows whose weight `selection.clip` cut (this process: not in checkpoints,
-    /// whose layout it would change).
-    #[serde(skip)]
+    /// Trained rows whose weight `selection.clip` cut.
     pub clipped: u64,
 }
 
@@ -259,6 +257,8 @@ pub struct LearnerState {
     pub buffer: BufferState,
     pub stats: LearnerStats,
     pub ledger: ComputeLedger,
+    /// `selection.clip`'s window of fresh norms and its threshold.
+    pub clip: Option<NormClip>,
 }
 
 impl LearnerState {
@@ -396,6 +396,7 @@ impl OnlineLearner {
             buffer: self.buffer.state(),
             stats: self.stats,
             ledger: self.ledger,
+            clip: self.clip.clone(),
         })
     }
 
@@ -417,6 +418,9 @@ impl OnlineLearner {
         self.buffer.restore(s.buffer);
         self.stats = s.stats;
         self.ledger = s.ledger;
+        if let (Some(c), Some(saved)) = (&mut self.clip, s.clip) {
+            c.restore(saved);
+        }
         // A fresh stream of random draws, different from the one before the restart.
         self.rng = SmallRng::seed_from_u64(self.cfg.training.seed ^ s.stats.seen);
         Ok(())

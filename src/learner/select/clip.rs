@@ -11,8 +11,8 @@
 //! the step forwards anyway, and trains exactly the rows it would train without it. With
 //! `el2n` on a squared-error head (‖g‖ = 2|ŷ − y|) it is a Huber loss whose threshold is the
 //! residuals' running quantile; on a softmax head it down-weights the rows the model gets
-//! most wrong. Its window is not checkpointed: after a restart it refills for
-//! [`MIN_SCORES`] fresh rows before clipping again.
+//! most wrong. Checkpoints keep its window and threshold, so a restart clips from its first
+//! row as the uninterrupted run would.
 
 /// Fresh rows' norms needed before the first clip (a quantile of fewer means little).
 pub const MIN_SCORES: usize = 256;
@@ -23,7 +23,7 @@ pub const MIN_SCORES: usize = 256;
 /// every so often costs a few tens of ns per row, and τ moves slowly anyway.
 const REFRESHES: usize = 8;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NormClip {
     level: f64,
     /// The last `cap` fresh norms, oldest overwritten first.
@@ -33,6 +33,7 @@ pub struct NormClip {
     /// Rows since τ was last computed, and τ (0 before [`MIN_SCORES`] norms: no clipping).
     since: usize,
     tau: f32,
+    #[serde(skip)]
     scratch: Vec<f32>,
 }
 
@@ -98,6 +99,19 @@ impl NormClip {
     pub fn threshold(&self) -> f32 {
         self.tau
     }
+
+    /// Continues from a checkpoint's window. A window of another length is not taken (the
+    /// configuration changed: it refills); at another level, τ is recomputed from it.
+    pub fn restore(&mut self, saved: NormClip) {
+        if saved.cap != self.cap {
+            return;
+        }
+        let level = self.level;
+        *self = NormClip { level, ..saved };
+        if saved.level != level && self.tau > 0.0 {
+            self.tau = self.quantile();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -124,6 +138,28 @@ mod tests {
         let cut = c.apply(&[], &[100.0, 901.0, 1802.0, 1e9], &mut w);
         assert_eq!(cut, 1, "only the trained row above τ");
         assert_eq!(w, [0.25, 0.25, 0.125, 0.0]);
+    }
+
+    #[test]
+    fn a_restored_window_clips_as_the_uninterrupted_one() {
+        let norms: Vec<f32> = (1..=500).map(|v| v as f32).collect();
+        let mut a = NormClip::new(0.5, 400);
+        a.apply(&norms, &[], &mut []);
+        let bytes = postcard::to_stdvec(&a).unwrap();
+        let mut b = NormClip::new(0.5, 400);
+        b.restore(postcard::from_bytes(&bytes).unwrap());
+        let (mut wa, mut wb) = ([1.0; 3], [1.0; 3]);
+        a.apply(&[7.0; 60], &[10.0, 400.0, 1e4], &mut wa);
+        b.apply(&[7.0; 60], &[10.0, 400.0, 1e4], &mut wb);
+        assert_eq!((wa, a.threshold()), (wb, b.threshold()));
+        assert!(a.threshold() > 0.0 && wa[2] < 1.0);
+        // Another level recomputes τ from the saved window; another window length refills.
+        let mut c = NormClip::new(0.9, 400);
+        c.restore(postcard::from_bytes(&bytes).unwrap());
+        assert!(c.threshold() > a.threshold());
+        let mut d = NormClip::new(0.5, 300);
+        d.restore(postcard::from_bytes(&bytes).unwrap());
+        assert_eq!(d.threshold(), 0.0);
     }
 
     #[test]
