@@ -5,6 +5,7 @@
 
 mod common;
 
+use gradsift::features::Samples;
 use gradsift::learner::buffer::{BufferConfig, EvictionPolicy, ReplaySampling};
 use gradsift::learner::eval::EvalSummary;
 use gradsift::learner::importance::ImportanceMethod;
@@ -52,19 +53,28 @@ fn learner_with(d: usize, importance: ImportanceMethod, clip: f64) -> OnlineLear
     })
 }
 
-#[test]
-fn a_restored_learner_continues_bit_for_bit() {
+/// The bundled Milan file's first 2,048 samples and their width.
+fn milan_rows() -> (Samples, usize) {
     let milan = common::repo().join("data/milan/internet_square5161.parquet");
     let (s, d, _) = common::feature_rows("milan_internet", &milan, 2048);
-    let batch = |k: usize| {
-        let r = k * 32..(k + 1) * 32;
-        FreshBatch {
-            x: &s.x[r.start * d..r.end * d],
-            y: &s.y[r.clone()],
-            keys: &s.keys[r.clone()],
-            times: &s.times[r],
-        }
-    };
+    (s, d)
+}
+
+/// The `k`-th micro-batch of 32 samples.
+fn micro_batch(s: &Samples, d: usize, k: usize) -> FreshBatch<'_> {
+    let r = k * 32..(k + 1) * 32;
+    FreshBatch {
+        x: &s.x[r.start * d..r.end * d],
+        y: &s.y[r.clone()],
+        keys: &s.keys[r.clone()],
+        times: &s.times[r],
+    }
+}
+
+#[test]
+fn a_restored_learner_continues_bit_for_bit() {
+    let (s, d) = milan_rows();
+    let batch = |k: usize| micro_batch(&s, d, k);
     let mut a = learner(d);
     for k in 0..20 {
         a.learn_batch(batch(k));
@@ -98,17 +108,8 @@ fn a_restored_learner_continues_bit_for_bit() {
 /// rows from its first step (without them it would not clip for 256 fresh rows).
 #[test]
 fn a_restored_learner_clips_as_before() {
-    let milan = common::repo().join("data/milan/internet_square5161.parquet");
-    let (s, d, _) = common::feature_rows("milan_internet", &milan, 2048);
-    let batch = |k: usize| {
-        let r = k * 32..(k + 1) * 32;
-        FreshBatch {
-            x: &s.x[r.start * d..r.end * d],
-            y: &s.y[r.clone()],
-            keys: &s.keys[r.clone()],
-            times: &s.times[r],
-        }
-    };
+    let (s, d) = milan_rows();
+    let batch = |k: usize| micro_batch(&s, d, k);
     let clipping = || learner_with(d, ImportanceMethod::El2n, 0.7);
     let mut a = clipping();
     for k in 0..20 {
