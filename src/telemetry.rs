@@ -89,6 +89,7 @@ pub const THRESHOLD: &str = "gradsift_selection_threshold";
 pub const SELECTED: &str = "gradsift_samples_selected_total";
 pub const TRAINED: &str = "gradsift_samples_trained_total";
 pub const BACKPROPAGATED: &str = "gradsift_samples_backpropagated_total";
+pub const CLIPPED: &str = "gradsift_samples_clipped_total";
 pub const BUFFER_SAMPLES: &str = "gradsift_buffer_samples";
 pub const BUFFER_BYTES: &str = "gradsift_buffer_bytes";
 pub const BUFFER_CAPACITY: &str = "gradsift_buffer_capacity_samples";
@@ -173,6 +174,12 @@ pub const METRICS: &[MetricDef] = &[
         Kind::Counter,
         Unit::Count,
         "Samples that entered an optimiser step, by origin: fresh or replay (from the buffer).",
+    ),
+    def(
+        CLIPPED,
+        Kind::Counter,
+        Unit::Count,
+        "Trained samples whose loss weight norm clipping (selection.clip) cut to the running threshold.",
     ),
     def(
         BACKPROPAGATED,
@@ -461,6 +468,7 @@ pub struct LearnerView {
     pub trained_fresh: u64,
     pub trained_replay: u64,
     pub backpropagated: u64,
+    pub clipped: u64,
     pub steps: u64,
     pub nonfinite_steps: u64,
     pub restores: u64,
@@ -487,6 +495,7 @@ pub struct LearnerMetrics {
     trained_fresh: Counter,
     trained_replay: Counter,
     backpropagated: Counter,
+    clipped: Counter,
     steps: Counter,
     nonfinite_steps: Counter,
     restores: Counter,
@@ -525,6 +534,7 @@ impl LearnerMetrics {
             trained_fresh: counter!(TRAINED, "origin" => "fresh"),
             trained_replay: counter!(TRAINED, "origin" => "replay"),
             backpropagated: counter!(BACKPROPAGATED),
+            clipped: counter!(CLIPPED),
             steps: counter!(STEPS),
             nonfinite_steps: counter!(NONFINITE_STEPS),
             restores: counter!(MODEL_RESTORES),
@@ -621,6 +631,7 @@ impl LearnerMetrics {
             .increment(d(v.trained_replay, p.map(|p| p.trained_replay)));
         self.backpropagated
             .increment(d(v.backpropagated, p.map(|p| p.backpropagated)));
+        self.clipped.increment(d(v.clipped, p.map(|p| p.clipped)));
         self.steps.increment(d(v.steps, p.map(|p| p.steps)));
         self.nonfinite_steps
             .increment(d(v.nonfinite_steps, p.map(|p| p.nonfinite_steps)));

@@ -650,6 +650,7 @@ impl LearnerStage {
             trained_fresh: stats.trained_fresh,
             trained_replay: stats.trained_replay,
             backpropagated: stats.backpropagated,
+            clipped: stats.clipped,
             steps: stats.steps,
             nonfinite_steps: stats.nonfinite_steps,
             restores: stats.restores,
