@@ -398,12 +398,7 @@ impl PipelineConfig {
         if !(0.0..1.0).contains(&s.clip) {
             return Err(self.bad("selection.clip", "a quantile in (0, 1), or 0 (off)", s.clip));
         }
-        if s.clip > 0.0
-            && !matches!(
-                self.importance.method,
-                ImportanceMethod::El2n | ImportanceMethod::LastLayer
-            )
-        {
+        if s.clip > 0.0 && !self.importance.method.free_norms() {
             return Err(self.bad(
                 "importance.method",
                 "\"el2n\" or \"last_layer\" with selection.clip (it reads the free gradient norms of every row a step trains)",

@@ -17,7 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::eval::{ClassBaselines, KNN_K};
+use super::eval::{ClassBaselines, KNN_K, softmax};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -79,10 +79,8 @@ impl Blender {
         let c = logits.len();
         let [mlp, vote, last] = &mut self.experts;
         mlp.clear();
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        mlp.extend(logits.iter().map(|l| (l - max).exp()));
-        let z: f32 = mlp.iter().sum();
-        mlp.iter_mut().for_each(|p| *p /= z);
+        mlp.extend_from_slice(logits);
+        softmax(mlp);
         let mut classes = [0u16; KNN_K];
         let n = b.knn_len as usize;
         for (c, v) in classes.iter_mut().zip(&b.knn[..n]) {

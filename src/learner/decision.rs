@@ -15,6 +15,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::eval::softmax;
+
 /// `model.decision`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -156,16 +158,6 @@ fn expected_losses(out: &mut [f32], probs: &[f32], seen: &[f32], mean: &[f32], o
     if unseen > 0.0 {
         out.iter_mut().for_each(|o| *o -= unseen * off_best);
     }
-}
-
-fn softmax(v: &mut [f32]) {
-    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut s = 0.0;
-    for x in v.iter_mut() {
-        *x = (*x - m).exp();
-        s += *x;
-    }
-    v.iter_mut().for_each(|x| *x /= s);
 }
 
 #[cfg(test)]

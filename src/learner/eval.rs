@@ -651,6 +651,14 @@ impl Scoreboard {
     }
 }
 
+/// Logits to probabilities in place (shifted by the largest for range).
+pub fn softmax(v: &mut [f32]) {
+    let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    v.iter_mut().for_each(|x| *x = (*x - m).exp());
+    let s: f32 = v.iter().sum();
+    v.iter_mut().for_each(|x| *x /= s);
+}
+
 pub fn argmax(v: &[f32]) -> usize {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {

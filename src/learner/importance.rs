@@ -45,6 +45,12 @@ impl ImportanceMethod {
         )
     }
 
+    /// Whether the scores are gradient norms read off the forward pass (what
+    /// `selection.clip` needs for every row a step trains).
+    pub fn free_norms(self) -> bool {
+        matches!(self, ImportanceMethod::El2n | ImportanceMethod::LastLayer)
+    }
+
     /// Whether the scores come with every row's backward pass already done.
     pub fn backward_on_all_rows(self) -> bool {
         matches!(

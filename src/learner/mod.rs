@@ -46,8 +46,7 @@ use importance::{ImportanceMethod, ImportanceScorer};
 use model::{Head, SavedLayer};
 use net::Net;
 use reducible::IrreducibleLoss;
-use select::NormClip;
-use select::{SelectionConfig, Selector, SelectorState};
+use select::{NormClip, SelectionConfig, Selector, SelectorState};
 
 /// What runs the model (see [`net`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,7 +86,8 @@ pub struct ModelConfig {
     /// persistence (see [`blend`]); absent: the MLP alone.
     #[serde(default)]
     pub blend: Option<blend::BlendConfig>,
-    /// Classification: the class acted on (and ranked for top-k), see [`decision`].
+    /// Classification: the class acted on (top-1, power loss; top-k still ranks by
+    /// probability), see [`decision`].
     #[serde(default)]
     pub decision: decision::Decision,
     /// One model for the stream, or one per key (see [`per_key`]).
@@ -336,11 +336,7 @@ impl OnlineLearner {
         // the forward pass), with the loss otherwise.
         let clipping = cfg.selection.clip > 0.0;
         debug_assert!(
-            !clipping
-                || matches!(
-                    cfg.importance,
-                    ImportanceMethod::El2n | ImportanceMethod::LastLayer
-                ),
+            !clipping || cfg.importance.free_norms(),
             "selection.clip reads free norms (the configuration checks this)"
         );
         let method = if cfg.selection.policy.needs_scores() || cfg.importance.is_free() {
