@@ -167,21 +167,67 @@ fn saved(used: f64, reference: f64) -> f64 {
 }
 
 /// A stretch of the learner's work whose thread CPU time is split between the ledger's
-/// buckets. The thread CPU clock is a system call (a few tenths of a microsecond in this VM;
-/// read at every lap it cost about as much as the Adam update of a micro-batch), so it is read
-/// twice: at [`Stopwatch::start`] and at [`Stopwatch::settle`]. Laps in between are timed
-/// with the monotonic clock (a vDSO read, tens of nanoseconds) and booked as they come; the
-/// settle scales this stretch's bookings so that they sum to its CPU time.
+/// buckets. Laps are timed with the monotonic clock (a vDSO read, tens of nanoseconds) and
+/// booked as they come; the settle scales the stretch's bookings to its CPU time. The thread
+/// CPU clock is a system call (a few tenths of a microsecond in this VM): read at the start
+/// and the settle of every stretch, it was 8% of a Milan run's CPU at micro-batches of 8
+/// (`perf`), and it was booked as learning work. So only one stretch in
+/// [`CpuSampler::EVERY`] reads it; the others are scaled by the sampled stretches' recent
+/// CPU-to-wall ratio (1 on an idle core; below 1 when the thread was preempted or asleep).
 pub struct Stopwatch {
-    cpu: cpu_time::ThreadTime,
+    cpu: Option<cpu_time::ThreadTime>,
     last: std::time::Instant,
     before: [f64; 3],
 }
 
+/// The CPU-to-wall ratio of the learner's sampled stretches, decayed so that it follows the
+/// machine's load. Not checkpointed: a restarted learner samples its first stretch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuSampler {
+    stretches: u64,
+    cpu: f64,
+    wall: f64,
+}
+
+impl CpuSampler {
+    /// One stretch in this many reads the thread CPU clock.
+    pub const EVERY: u64 = 16;
+    /// Weight of the past at each sampled stretch (a memory of about 20 samples).
+    const DECAY: f64 = 0.95;
+
+    fn ratio(&self) -> f64 {
+        if self.wall > 0.0 {
+            self.cpu / self.wall
+        } else {
+            1.0
+        }
+    }
+
+    fn record(&mut self, cpu: f64, wall: f64) {
+        self.cpu = self.cpu * Self::DECAY + cpu;
+        self.wall = self.wall * Self::DECAY + wall;
+    }
+}
+
+/// The thread CPU time one read of the thread CPU clock adds between two readings (the
+/// least of a few back-to-back pairs, measured once): a sampled stretch's CPU time spans the
+/// return from its first read and the entry into its last, which its wall laps do not.
+/// Without it, every stretch would be booked that much too long in proportion.
+fn clock_read_cost() -> f64 {
+    static COST: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *COST.get_or_init(|| {
+        (0..16)
+            .map(|_| cpu_time::ThreadTime::now().elapsed().as_secs_f64())
+            .fold(f64::INFINITY, f64::min)
+    })
+}
+
 impl Stopwatch {
-    pub fn start(ledger: &ComputeLedger) -> Self {
+    pub fn start(ledger: &ComputeLedger, sampler: &mut CpuSampler) -> Self {
+        let sampled = sampler.stretches.is_multiple_of(CpuSampler::EVERY);
+        sampler.stretches += 1;
         Stopwatch {
-            cpu: cpu_time::ThreadTime::now(),
+            cpu: sampled.then(cpu_time::ThreadTime::now),
             last: std::time::Instant::now(),
             before: ledger.cpu_parts(),
         }
@@ -195,21 +241,29 @@ impl Stopwatch {
         d
     }
 
-    /// Scales what was booked since the start to the stretch's thread CPU time.
-    pub fn settle(self, ledger: &mut ComputeLedger) {
-        let cpu = self.cpu.elapsed().as_secs_f64();
+    /// Scales what was booked since the start to the stretch's thread CPU time, measured or
+    /// (unsampled) estimated from the sampler's ratio.
+    pub fn settle(self, ledger: &mut ComputeLedger, sampler: &mut CpuSampler) {
         let now = ledger.cpu_parts();
         let booked: f64 = now.iter().zip(&self.before).map(|(n, b)| n - b).sum();
-        if booked > 0.0 {
-            let f = cpu / booked;
-            let parts = [
-                &mut ledger.inference.cpu_s,
-                &mut ledger.scoring.cpu_s,
-                &mut ledger.training.cpu_s,
-            ];
-            for ((p, n), b) in parts.into_iter().zip(now).zip(self.before) {
-                *p = b + (n - b) * f;
+        if booked <= 0.0 {
+            return;
+        }
+        let f = match self.cpu {
+            Some(t) => {
+                let cpu = (t.elapsed().as_secs_f64() - clock_read_cost()).max(0.0);
+                sampler.record(cpu, booked);
+                cpu / booked
             }
+            None => sampler.ratio(),
+        };
+        let parts = [
+            &mut ledger.inference.cpu_s,
+            &mut ledger.scoring.cpu_s,
+            &mut ledger.training.cpu_s,
+        ];
+        for ((p, n), b) in parts.into_iter().zip(now).zip(self.before) {
+            *p = b + (n - b) * f;
         }
     }
 }
@@ -232,13 +286,14 @@ mod tests {
         let mut l = ComputeLedger::default();
         l.training.cpu_s = 1.0;
         let cpu0 = cpu_time::ThreadTime::now();
-        let mut clock = Stopwatch::start(&l);
+        let mut sampler = CpuSampler::default();
+        let mut clock = Stopwatch::start(&l, &mut sampler);
         spin(std::time::Duration::from_millis(20));
         l.inference.cpu_s += clock.lap();
         spin(std::time::Duration::from_millis(60));
         std::thread::sleep(std::time::Duration::from_millis(40));
         l.training.cpu_s += clock.lap();
-        clock.settle(&mut l);
+        clock.settle(&mut l, &mut sampler);
         let cpu = cpu0.elapsed().as_secs_f64();
         let booked = l.inference.cpu_s + l.training.cpu_s - 1.0;
         assert!((booked - cpu).abs() < 0.002, "{booked} booked, {cpu} spent");
@@ -247,6 +302,21 @@ mod tests {
         let share = l.inference.cpu_s / booked;
         assert!((0.05..0.4).contains(&share), "{share}: {l:?}");
         assert_eq!(l.scoring.cpu_s, 0.0);
+        // The next stretches do not read the CPU clock: they are booked at the sampled
+        // ratio (a third of the first stretch was asleep), until the next sampled one.
+        let ratio = sampler.ratio();
+        assert!((0.5..0.8).contains(&ratio), "{ratio}");
+        for i in 1..CpuSampler::EVERY {
+            let before = l.scoring.cpu_s;
+            let mut clock = Stopwatch::start(&l, &mut sampler);
+            assert!(clock.cpu.is_none(), "stretch {i} is not sampled");
+            spin(std::time::Duration::from_millis(1));
+            l.scoring.cpu_s += clock.lap();
+            clock.settle(&mut l, &mut sampler);
+            let booked = l.scoring.cpu_s - before;
+            assert!((booked / ratio - 0.001).abs() < 0.0005, "{booked}");
+        }
+        assert!(Stopwatch::start(&l, &mut sampler).cpu.is_some());
     }
 
     #[test]

@@ -41,7 +41,7 @@ use rand::rngs::SmallRng;
 use serde::{Deserialize, Serialize};
 
 use buffer::{BufferConfig, BufferState, Entry, ReplayBuffer};
-use compute::{ComputeLedger, ComputeReport, FlopModel, Stopwatch, Work};
+use compute::{ComputeLedger, ComputeReport, CpuSampler, FlopModel, Stopwatch, Work};
 use importance::{ImportanceMethod, ImportanceScorer};
 use model::{Head, SavedLayer};
 use net::Net;
@@ -282,6 +282,8 @@ pub struct OnlineLearner {
     rng: SmallRng,
     stats: LearnerStats,
     ledger: ComputeLedger,
+    /// Which stretches read the thread CPU clock, and the ratio the others are booked at.
+    cpu_clock: CpuSampler,
     flops: FlopModel,
     irreducible: Option<IrreducibleLoss>,
     /// The weights after the last good stretch of steps (see [`OnlineLearner::guard`]).
@@ -370,6 +372,7 @@ impl OnlineLearner {
             ),
             clip: clipping.then(|| NormClip::new(cfg.selection.clip, cfg.selection.window)),
             ledger: ComputeLedger::default(),
+            cpu_clock: CpuSampler::default(),
             flops: FlopModel::new(&widths),
             selector: Selector::new(select::window_in_units(
                 cfg.selection.clone(),
@@ -445,7 +448,7 @@ impl OnlineLearner {
         if n == 0 {
             return StepOutcome::default();
         }
-        let mut clock = Stopwatch::start(&self.ledger);
+        let mut clock = Stopwatch::start(&self.ledger, &mut self.cpu_clock);
         let ratio = self.cfg.buffer.replay_ratio * self.selector.replay_scale();
         let (replay_n, reference_n) = if self.buffer.is_empty() {
             (0, 0)
@@ -523,7 +526,7 @@ impl OnlineLearner {
         self.stats.trained_fresh += trained_fresh as u64;
         self.stats.trained_replay += r as u64 * (trained_rows > 0) as u64;
         self.ledger.training.cpu_s += clock.lap();
-        clock.settle(&mut self.ledger);
+        clock.settle(&mut self.ledger, &mut self.cpu_clock);
 
         let every = self.cfg.buffer.rescore_every;
         if every > 0 && trained_rows > 0 && self.stats.steps.is_multiple_of(every) {
@@ -863,7 +866,7 @@ impl OnlineLearner {
     /// normalised to sum to one. Returns each row's score from this very pass, which costs
     /// nothing extra: the ghost norm of the training backward, or the proxy of its forward.
     pub fn fit_rows(&mut self, x: Vec<f32>, y: &[f32], w: &[f32]) -> Vec<f32> {
-        let mut clock = Stopwatch::start(&self.ledger);
+        let mut clock = Stopwatch::start(&self.ledger, &mut self.cpu_clock);
         let n = y.len() as u64;
         let scored = self.net.score(&self.scorer, x, y, &mut self.rng);
         let total = w.iter().map(|v| *v as f64).sum::<f64>().max(1e-30);
@@ -877,17 +880,17 @@ impl OnlineLearner {
         }
         self.train(&w);
         self.ledger.training.cpu_s += clock.lap();
-        clock.settle(&mut self.ledger);
+        clock.settle(&mut self.ledger, &mut self.cpu_clock);
         scored.scores
     }
 
     /// Model outputs of `n` rows, forward only (evaluation work, booked as inference).
     pub fn predict(&mut self, x: Vec<f32>, n: usize) -> Vec<f32> {
-        let mut clock = Stopwatch::start(&self.ledger);
+        let mut clock = Stopwatch::start(&self.ledger, &mut self.cpu_clock);
         let out = self.net.predict(x, n);
         self.ledger.inference.rows_forward += n as u64;
         self.ledger.inference.cpu_s += clock.lap();
-        clock.settle(&mut self.ledger);
+        clock.settle(&mut self.ledger, &mut self.cpu_clock);
         out
     }
 
@@ -913,7 +916,7 @@ impl OnlineLearner {
 
     /// Re-scores the next `n` buffered rows with the current model (scoring work).
     fn rescore_slots(&mut self, n: usize) {
-        let mut clock = Stopwatch::start(&self.ledger);
+        let mut clock = Stopwatch::start(&self.ledger, &mut self.cpu_clock);
         let slots = self.buffer.rescore_slice(n);
         if slots.is_empty() {
             return;
@@ -930,7 +933,7 @@ impl OnlineLearner {
             self.buffer.rescore(*slot, s, self.stats.steps);
         }
         self.ledger.scoring.cpu_s += clock.lap();
-        clock.settle(&mut self.ledger);
+        clock.settle(&mut self.ledger, &mut self.cpu_clock);
     }
 }
 
