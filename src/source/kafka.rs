@@ -632,6 +632,10 @@ struct KafkaSource<'a> {
     stalls: StallWatch,
 }
 
+/// Consumer fetch settings unless the pipeline's `[source.options]` names them.
+const FETCH_DEFAULTS: &[(&str, &str)] =
+    &[("fetch.min.bytes", "1000000"), ("fetch.wait.max.ms", "100")];
+
 const RECOMMIT_EVERY: Duration = Duration::from_secs(5);
 
 impl<'a> KafkaSource<'a> {
@@ -644,6 +648,15 @@ impl<'a> KafkaSource<'a> {
         if !cfg.options.contains_key("statistics.interval.ms") {
             // Lag per partition comes from librdkafka's statistics.
             client.set("statistics.interval.ms", "5000");
+        }
+        // Fewer, fuller fetches: the broker answers once it has 1 MB for us or after 100 ms.
+        // Against a Tansu broker on the same 2 cores (`cargo bench --bench kafka`), 246-327 k
+        // samples/s against 170-193 k with librdkafka's defaults (1 byte, 500 ms). A quiet
+        // feed's rows wait at most those 100 ms more. Options set in the pipeline win.
+        for (key, value) in FETCH_DEFAULTS {
+            if !cfg.options.contains_key(*key) {
+                client.set(*key, *value);
+            }
         }
         if let Some(id) = &cfg.instance_id {
             client.set("group.instance.id", id);
