@@ -100,6 +100,18 @@ fn main() {
         kafka.cpu_s,
         kafka.wall_s - kafka.active_s
     );
+    let st = &kafka.stages;
+    println!(
+        "per stage (Kafka run)        CPU / waiting s: source {:.2} / {:.2}, features {:.2} / {:.2}, learner {:.2} / {:.2}, checkpoint writer {:.2} / {:.2}",
+        st.source.cpu_s,
+        st.source.wait_s,
+        st.features.cpu_s,
+        st.features.wait_s,
+        st.learner.cpu_s,
+        st.learner.wait_s,
+        st.checkpoint.cpu_s,
+        st.checkpoint.wait_s
+    );
     if let Some(c) = &kafka.checkpoint {
         println!(
             "checkpoints (Kafka run)      {} written, {:.3} s in all ({:.1} % of active time), last {} bytes",
