@@ -460,11 +460,13 @@ fn output_grad(head: Head, out: &[f32], y: &[f32], k: usize, g: &mut [f32], loss
             let rows = out.chunks_exact(k).zip(g.chunks_exact_mut(k));
             for (((zr, gr), li), &t) in rows.zip(loss.iter_mut()).zip(y) {
                 let m = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
+                // The exponentials first, then their sum in the same order: summed as they
+                // came, the running sum waited on every `exp` call (kept on the stack across
+                // it). Same numbers to the bit; 1-2% less learning CPU on beam (3 runs).
                 for (gi, &z) in gr.iter_mut().zip(zr) {
                     *gi = (z - m).exp();
-                    sum += *gi;
                 }
+                let sum = gr.iter().fold(0.0f32, |a, &e| a + e);
                 for gi in gr.iter_mut() {
                     *gi /= sum;
                 }
