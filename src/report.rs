@@ -298,8 +298,35 @@ impl RunReport {
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED);
         t.set_header(vec!["stream", "value"]);
-        let pct = |a: u64, b: u64| format!("{a} ({:.1}%)", 100.0 * a as f64 / b.max(1) as f64);
-        let rows: Vec<(String, String)> = vec![
+        let rows = self
+            .input_rows()
+            .into_iter()
+            .chain(self.learning_rows())
+            .chain(self.cost_rows());
+        for (k, v) in rows {
+            t.add_row(vec![k, v]);
+        }
+        if self.interrupted {
+            t.add_row(vec![
+                "interrupted".to_string(),
+                "yes (shutdown signal)".to_string(),
+            ]);
+        }
+        let m = self.metrics_table();
+        let mut out = format!("{t}\n{m}\n");
+        out.push_str(&format!("energy model: {}\n", self.energy.model));
+        if !self.attribution.is_empty() {
+            out.push_str(&format!("data: {}\n", self.attribution));
+        }
+        for (k, v) in &self.outputs {
+            out.push_str(&format!("{k}: {v}\n"));
+        }
+        out
+    }
+
+    /// What the run read and skipped, its keys, models and drift.
+    fn input_rows(&self) -> Vec<(String, String)> {
+        vec![
             (
                 "pipeline".into(),
                 format!(
@@ -343,6 +370,14 @@ impl RunReport {
             ),
             ("drift detections".into(), self.drift.text()),
             ("known changes".into(), changes_text(&self.changes)),
+        ])
+        .collect()
+    }
+
+    /// Selection, training and the buffer.
+    fn learning_rows(&self) -> Vec<(String, String)> {
+        let pct = |a: u64, b: u64| format!("{a} ({:.1}%)", 100.0 * a as f64 / b.max(1) as f64);
+        vec![
             (
                 "values clipped to their range".into(),
                 self.values_clipped.to_string(),
@@ -397,6 +432,12 @@ impl RunReport {
                     format!("{} / {}", self.nonfinite_steps, self.model_restores)
                 },
             ),
+        ]
+    }
+
+    /// Compute, time, energy and what was written.
+    fn cost_rows(&self) -> Vec<(String, String)> {
+        [
             (
                 "compute saved vs every-row training".into(),
                 self.compute_saved(),
@@ -428,7 +469,8 @@ impl RunReport {
                     self.energy.source
                 ),
             ),
-        ])
+        ]
+        .into_iter()
         .chain(self.checkpoint.iter().map(|c| {
             (
                 "checkpoints written".into(),
@@ -451,16 +493,11 @@ impl RunReport {
             self.topic_records
                 .map(|n| ("output topic records".into(), n.to_string())),
         )
-        .collect();
-        for (k, v) in rows {
-            t.add_row(vec![k, v]);
-        }
-        if self.interrupted {
-            t.add_row(vec![
-                "interrupted".to_string(),
-                "yes (shutdown signal)".to_string(),
-            ]);
-        }
+        .collect()
+    }
+
+    /// The prequential metrics: whole stream, last window, baselines and periods.
+    fn metrics_table(&self) -> Table {
         let mut m = Table::new();
         m.load_preset(UTF8_FULL_CONDENSED);
         match &self.metrics {
@@ -515,14 +552,6 @@ impl RunReport {
                 EvalSummary::Classification(c) => beam_row(&mut m, &name, &c.model),
             }
         }
-        let mut out = format!("{t}\n{m}\n");
-        out.push_str(&format!("energy model: {}\n", self.energy.model));
-        if !self.attribution.is_empty() {
-            out.push_str(&format!("data: {}\n", self.attribution));
-        }
-        for (k, v) in &self.outputs {
-            out.push_str(&format!("{k}: {v}\n"));
-        }
-        out
+        m
     }
 }
