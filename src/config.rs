@@ -337,7 +337,16 @@ impl PipelineConfig {
         Ok(())
     }
 
+    /// Every key's range and the keys' consistency; the first problem found is the error.
     fn validate(&self) -> Result<()> {
+        self.validate_selection()?;
+        self.validate_learning()?;
+        self.validate_evaluation()?;
+        self.validate_runtime()
+    }
+
+    /// `features.max_deviations`, `[selection]` and `[importance]`.
+    fn validate_selection(&self) -> Result<()> {
         let d = self.features.max_deviations;
         if !(d == 0.0 || (d.is_finite() && d >= 10.0)) {
             return Err(self.bad(
@@ -414,6 +423,11 @@ impl PipelineConfig {
                 self.importance.holdout_every,
             ));
         }
+        Ok(())
+    }
+
+    /// `[buffer]`, `[training]`, `[drift]` and `[model]`.
+    fn validate_learning(&self) -> Result<()> {
         let b = &self.buffer;
         if b.capacity == 0 {
             return Err(self.bad("buffer.capacity", "at least 1 sample", 0));
@@ -476,6 +490,11 @@ impl PipelineConfig {
                 format!("{:?} ({weights} weights)", self.model.hidden),
             ));
         }
+        Ok(())
+    }
+
+    /// The pipeline's name, `[evaluation]` and `[compute]`.
+    fn validate_evaluation(&self) -> Result<()> {
         let plain = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
         if self.name.is_empty() || !self.name.chars().all(plain) || self.name.starts_with('.') {
             return Err(self.bad(
@@ -515,6 +534,11 @@ impl PipelineConfig {
         {
             return Err(self.bad("compute.reference_replay_ratio", "a ratio in [0, 16]", r));
         }
+        Ok(())
+    }
+
+    /// Channels, checkpoints, telemetry, the offline mode, energy, outputs and the source.
+    fn validate_runtime(&self) -> Result<()> {
         if self.channels.batches == 0 {
             return Err(self.bad("channels.batches", "at least 1 batch", 0));
         }
