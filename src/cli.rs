@@ -89,7 +89,20 @@ pub enum Command {
     /// full data and with random selection at equal compute (tables, CSV/Parquet, plots).
     Experiment {
         /// The experiment file (experiments/*.toml).
-        file: PathBuf,
+        #[arg(required_unless_present = "pipeline")]
+        file: Option<PathBuf>,
+        /// Instead of a file: the default grid on this pipeline (random rows and micro-batches,
+        /// top-k by exact norm, trim, InfoBatch, clipping, at keep 0.5-1 and the pipeline's
+        /// replay ratio, ⅔ and ⅓ of it), written to OUTPUT/experiment.toml and run. The
+        /// pipeline needs `validation` and `test` periods.
+        #[arg(long, conflicts_with = "file")]
+        pipeline: Option<PathBuf>,
+        /// Seeds of the default grid.
+        #[arg(long, default_value_t = 5, requires = "pipeline")]
+        seeds: u64,
+        /// Override a pipeline key in every run: --set a.b=value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
         /// Output folder (default: experiments/results/NAME).
         #[arg(long)]
         output: Option<PathBuf>,
@@ -176,12 +189,18 @@ pub async fn main(cli: Cli) -> Result<()> {
         }
         Command::Experiment {
             file,
+            pipeline,
+            seeds,
+            sets,
             output,
             fresh,
             jobs,
         } => {
             let args = crate::experiment::Args {
                 file,
+                pipeline,
+                seeds,
+                sets,
                 output,
                 fresh,
                 jobs,

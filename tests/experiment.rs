@@ -167,3 +167,87 @@ fn a_tiny_experiment_writes_results_summary_frontier_and_plots() {
         "{stderr}"
     );
 }
+
+/// `gradsift experiment --pipeline`: the default grid of any pipeline, written into the output
+/// folder and run, every family compared with random at equal compute; the written file runs
+/// again as it is.
+#[test]
+fn the_default_grid_runs_on_a_pipeline_without_an_experiment_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let args = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gradsift"));
+        c.arg("experiment").args(extra).arg("--output").arg(&out);
+        c.output().expect("gradsift starts")
+    };
+    let pipeline = common::repo().join("pipelines/milan-replay.toml");
+    let o = args(&[
+        "--pipeline",
+        pipeline.to_str().unwrap(),
+        "--seeds",
+        "2",
+        "--set",
+        "source.max_rows=2500",
+        "--set",
+        "selection.warmup=300",
+        "--set",
+        "evaluation.periods=[{name=\"validation\",from=1200},{name=\"test\",from=1800}]",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "experiment failed:\n{stdout}\n{stderr}");
+    let (h, rows) = csv(&out.join("results.csv"));
+    assert_eq!(
+        rows.len(),
+        55 * 2,
+        "54 configurations and the reference, 2 seeds"
+    );
+    assert!(rows.iter().all(|r| r[col(&h, "status")] == "ok"));
+    let (h, rows) = csv(&out.join("summary.csv"));
+    let families: Vec<&str> = rows.iter().map(|r| r[col(&h, "family")].as_str()).collect();
+    assert_eq!(
+        families,
+        [
+            "reference",
+            "random",
+            "random-batches",
+            "top_k-exact",
+            "trim-el2n",
+            "infobatch-loss",
+            "clip-el2n"
+        ]
+    );
+    for r in &rows[2..] {
+        assert!(
+            r[col(&h, "random_at_equal_compute")].starts_with("random/"),
+            "{r:?}"
+        );
+    }
+    assert_plots(&out);
+    // The written file is an experiment file like any other, with the overrides in it.
+    let file = out.join("experiment.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("source.max_rows=2500"), "{text}");
+    let o = experiment(&file, &out);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && stderr.contains("0 run now, 110 reused"),
+        "{stderr}"
+    );
+    // Without validation and test periods there is nothing to choose on: refused at start.
+    let o = args(&[
+        "--pipeline",
+        pipeline.to_str().unwrap(),
+        "--set",
+        "evaluation.periods=[]",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && stderr.contains("key `evaluation.periods`")
+            && stderr.contains("\"validation\" and \"test\""),
+        "{stderr}"
+    );
+}

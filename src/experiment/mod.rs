@@ -10,6 +10,7 @@
 //! Like `src/config.rs`, a bad file fails at start with the file, the key and what was
 //! expected: an experiment is hours of runs, a typo should cost seconds.
 
+pub mod default_grid;
 pub mod grid;
 pub mod plot;
 pub mod results;
@@ -252,7 +253,14 @@ impl Experiment {
 /// What `gradsift experiment` was asked.
 #[derive(Debug, Clone)]
 pub struct Args {
-    pub file: PathBuf,
+    /// The experiment file, or `None` with `pipeline`.
+    pub file: Option<PathBuf>,
+    /// Run the default grid ([`default_grid`]) of this pipeline instead of a file.
+    pub pipeline: Option<PathBuf>,
+    /// Seeds of the default grid (1, 2, …).
+    pub seeds: u64,
+    /// Overrides for every run, after the file's own `set`.
+    pub sets: Vec<String>,
     /// Default `experiments/results/NAME` (relative to the working directory).
     pub output: Option<PathBuf>,
     /// Re-run runs whose report already exists.
@@ -261,9 +269,36 @@ pub struct Args {
     pub jobs: Option<usize>,
 }
 
+/// The experiment file to run: the one given, or the default grid of the pipeline given,
+/// written as `experiment.toml` into its output folder (with the overrides in it).
+fn experiment_file(args: &Args) -> Result<(PathBuf, Vec<String>)> {
+    match (&args.file, &args.pipeline) {
+        (Some(f), None) => Ok((f.clone(), args.sets.clone())),
+        (None, Some(p)) => {
+            let text = default_grid::experiment_text(p, args.seeds, &args.sets)?;
+            let name = parse(&text, Path::new("experiment.toml"))?.name;
+            let out = args
+                .output
+                .clone()
+                .unwrap_or_else(|| Path::new("experiments/results").join(name));
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            let file = out.join("experiment.toml");
+            std::fs::write(&file, text)
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            println!("the default grid of {}: {}", p.display(), file.display());
+            Ok((file, Vec::new()))
+        }
+        _ => bail!("give an experiment file or --pipeline PIPELINE.toml, not both"),
+    }
+}
+
 /// Runs an experiment end to end: runs, results tables, summary, plots.
 pub fn run(args: Args) -> Result<()> {
-    let exp = load(&args.file)?;
+    let (file, sets) = experiment_file(&args)?;
+    let mut exp = load(&file)?;
+    exp.set.extend(sets);
+    exp.check_sets("--set", &exp.set)?;
     let out = args
         .output
         .unwrap_or_else(|| Path::new("experiments/results").join(&exp.name));
