@@ -6,7 +6,9 @@
 //! random rows at several keep fractions and replay ratios, random whole micro-batches, and at
 //! the same points the published rule (top-k by exact gradient norm), an outlier trim (the
 //! top 3% by EL2N dropped, then random), InfoBatch, and random rows with norm clipping; the
-//! reference is every row trained at the pipeline's own replay ratio. The file is written
+//! reference is every row trained at the replay ratio `gradsift run` counts savings against
+//! (`compute.reference_replay_ratio`, else the pipeline's own), and the replay axis is that
+//! ratio, two thirds and a third of it. The file is written
 //! into the output folder before it runs, so the run can be repeated or edited
 //! (`gradsift experiment OUTPUT/experiment.toml`).
 
@@ -51,7 +53,9 @@ pub fn experiment_text(pipeline: &Path, seeds: u64, sets: &[String]) -> Result<S
     };
     let path = std::fs::canonicalize(pipeline)
         .with_context(|| format!("cannot resolve {}", pipeline.display()))?;
-    let r = cfg.buffer.replay_ratio;
+    // Savings are counted against every-row training at the replay ratio `gradsift run`
+    // counts them against: the pipeline's `compute.reference_replay_ratio`, else its own.
+    let r = cfg.reference_replay_ratio();
     let quote = |s: &str| format!("'{}'", s.replace('\'', "\""));
     let common: Vec<String> = [
         "selection.unit = \"row\"".to_string(),
@@ -157,14 +161,15 @@ mod tests {
                 "clip-el2n"
             ]
         );
-        // Milan replays 2 rows per fresh row: the reference and the replay axis follow.
+        // Milan counts savings against every row at replay 3 (`compute.reference_replay_ratio`;
+        // it replays 2): the reference and the replay axis follow.
         let replay = &e.families[0].axes["buffer.replay_ratio"];
-        assert_eq!(replay, &[2.0, 1.33, 0.67].map(toml::Value::from).to_vec());
+        assert_eq!(replay, &[3.0, 2.0, 1.0].map(toml::Value::from).to_vec());
         assert!(
             e.reference
                 .set
                 .iter()
-                .any(|s| s.contains("replay_ratio = 2"))
+                .any(|s| s.contains("replay_ratio = 3"))
         );
         let text = experiment_text(&repo("pipelines/beam-replay.toml"), 1, &[]).unwrap();
         let e = parse(&text, Path::new("experiment.toml")).unwrap();
