@@ -103,6 +103,10 @@ pub enum Command {
         /// Override a pipeline key in every run: --set a.b=value (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// Then run each family's pick, random at equal compute beside it and the reference
+        /// on this many fresh seeds, and compare them over all seeds (confirm.csv).
+        #[arg(long, default_value_t = 0)]
+        confirm: u64,
         /// Output folder (default: experiments/results/NAME).
         #[arg(long)]
         output: Option<PathBuf>,
@@ -192,6 +196,7 @@ pub async fn main(cli: Cli) -> Result<()> {
             pipeline,
             seeds,
             sets,
+            confirm,
             output,
             fresh,
             jobs,
@@ -204,6 +209,7 @@ pub async fn main(cli: Cli) -> Result<()> {
                 output,
                 fresh,
                 jobs,
+                confirm,
             };
             // Blocking: threads waiting on subprocesses, off the async runtime.
             tokio::task::spawn_blocking(move || crate::experiment::run(args)).await?

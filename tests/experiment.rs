@@ -186,6 +186,8 @@ fn the_default_grid_runs_on_a_pipeline_without_an_experiment_file() {
         pipeline.to_str().unwrap(),
         "--seeds",
         "2",
+        "--confirm",
+        "1",
         "--set",
         "source.max_rows=2500",
         "--set",
@@ -223,6 +225,22 @@ fn the_default_grid_runs_on_a_pipeline_without_an_experiment_file() {
         );
     }
     assert_plots(&out);
+    // The confirmation ran each pick, its random partner and the reference on seed 3 too,
+    // and compares them over seeds 1-3.
+    let (h, confirmed) = csv(&out.join("confirm.csv"));
+    assert_eq!(confirmed.len(), 6, "one row per family");
+    for r in &confirmed {
+        assert_eq!(r[col(&h, "seeds")], "3", "{r:?}");
+        if r[col(&h, "family")] != "random" {
+            let v: f64 = r[col(&h, "delta_random_test_pct_mean")].parse().unwrap();
+            assert!(v.is_finite(), "{r:?}");
+            assert!(
+                ["beats random", "tie", "loses"].contains(&r[col(&h, "verdict_test")].as_str()),
+                "{r:?}"
+            );
+        }
+    }
+    assert!(stdout.contains("confirmation: the picks"), "{stdout}");
     // The written file is an experiment file like any other, with the overrides in it.
     assert!(text.contains("source.max_rows=2500"), "{text}");
     let o = experiment(&file, &out);

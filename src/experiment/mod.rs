@@ -10,6 +10,7 @@
 //! Like `src/config.rs`, a bad file fails at start with the file, the key and what was
 //! expected: an experiment is hours of runs, a typo should cost seconds.
 
+pub mod confirm;
 pub mod default_grid;
 pub mod grid;
 pub mod plot;
@@ -267,6 +268,8 @@ pub struct Args {
     pub fresh: bool,
     /// Overrides the file's `jobs`.
     pub jobs: Option<usize>,
+    /// Fresh seeds to run each family's pick and its random partner on again ([`confirm`]).
+    pub confirm: u64,
 }
 
 /// The experiment file to run: the one given, or the default grid of the pipeline given,
@@ -311,25 +314,37 @@ pub fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let bin = std::env::current_exe().context("cannot find the gradsift binary")?;
     let inputs = runner::inputs_crc(&bin, &exp.pipeline)?;
-    let outcomes = runner::run_all(
-        runner::Invocation {
-            bin: &bin,
-            mode: exp.mode,
-            pipeline: &exp.pipeline,
-            inputs,
-        },
-        &configs,
-        &runs,
-        jobs,
-        args.fresh,
-    );
-    let records = results::records(exp.metric, &runs, outcomes);
+    let inv = runner::Invocation {
+        bin: &bin,
+        mode: exp.mode,
+        pipeline: &exp.pipeline,
+        inputs,
+    };
+    let outcomes = runner::run_all(inv, &configs, &runs, jobs, args.fresh);
+    let mut records = results::records(exp.metric, &runs, outcomes);
     results::write(&out, &exp, &configs, &records)?;
     let summary = summary::summarize(&exp, &configs, &records);
     print!("{}", summary.render(&configs));
     summary.write(&out, &configs)?;
     plot::all(&out, &exp, &configs, &summary)?;
     println!("results, summary, frontier and plots in {}", out.display());
+    if args.confirm > 0 {
+        let seeds = confirm::fresh_seeds(&exp.seeds, args.confirm);
+        let set = confirm::configs(&summary);
+        let more = confirm::runs_of(&set, grid::runs(&configs, &seeds, &out));
+        let outcomes = runner::run_all(inv, &configs, &more, jobs, args.fresh);
+        records.extend(results::records(exp.metric, &more, outcomes));
+        let mut all = exp.clone();
+        all.seeds.extend(&seeds);
+        let by_config = summary::summarize(&all, &configs, &records).by_config;
+        let rows = confirm::rows(&summary, &by_config);
+        print!(
+            "{}",
+            confirm::render(exp.metric, &rows, &configs, &all.seeds)
+        );
+        confirm::write(&out, exp.metric, &rows, &configs)?;
+        println!("confirmation in {}", out.join("confirm.csv").display());
+    }
     let failed: Vec<_> = records
         .iter()
         .filter(|r| r.status == results::Status::Failed)
