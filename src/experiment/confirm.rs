@@ -94,11 +94,12 @@ fn cell(m: &MeanSd) -> String {
     }
 }
 
-/// The verdict on a paired Δ (see [`verdict`]), or "baseline" for random itself.
+/// The verdict on a paired Δ (see [`verdict`]); "baseline" for random itself.
 fn judged(metric: Metric, row: &ConfirmRow, d: &MeanSd) -> String {
     match row.random {
         Some(_) => verdict(metric, d).to_string(),
-        None => "baseline".into(),
+        None if row.family == grid::RANDOM => "baseline".into(),
+        None => "no random family".into(),
     }
 }
 
