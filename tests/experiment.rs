@@ -203,24 +203,27 @@ fn the_default_grid_runs_on_a_pipeline_without_an_experiment_file() {
     let (h, rows) = csv(&out.join("results.csv"));
     assert_eq!(
         rows.len(),
-        55 * 2,
-        "54 configurations and the reference, 2 seeds"
+        61 * 2,
+        "60 configurations and the reference, 2 seeds"
     );
     assert!(rows.iter().all(|r| r[col(&h, "status")] == "ok"));
     // The summary has the reference and every family of the written file, in its order.
     let file = out.join("experiment.toml");
     let text = std::fs::read_to_string(&file).unwrap();
     let written = gradsift::experiment::parse(&text, &file).unwrap();
-    assert_eq!(written.families.len(), 6);
+    assert_eq!(written.families.len(), 5);
     let (h, rows) = csv(&out.join("summary.csv"));
     let families: Vec<&str> = rows.iter().map(|r| r[col(&h, "family")].as_str()).collect();
     let expected: Vec<&str> = std::iter::once("reference")
         .chain(written.families.iter().map(|f| f.name.as_str()))
         .collect();
     assert_eq!(families, expected);
+    // Random rows or micro-batches are the baseline; the other families select rows and
+    // are paired with random rows.
     for r in &rows[2..] {
         assert!(
-            r[col(&h, "random_at_equal_compute")].starts_with("random/"),
+            r[col(&h, "random_at_equal_compute")].starts_with("random/")
+                && r[col(&h, "random_at_equal_compute")].contains("selection.unit=row"),
             "{r:?}"
         );
     }
@@ -228,7 +231,7 @@ fn the_default_grid_runs_on_a_pipeline_without_an_experiment_file() {
     // The confirmation ran each pick, its random partner and the reference on seed 3 too,
     // and compares them over seeds 1-3.
     let (h, confirmed) = csv(&out.join("confirm.csv"));
-    assert_eq!(confirmed.len(), 6, "one row per family");
+    assert_eq!(confirmed.len(), 5, "one row per family");
     for r in &confirmed {
         assert_eq!(r[col(&h, "seeds")], "3", "{r:?}");
         if r[col(&h, "family")] != "random" {
@@ -246,7 +249,7 @@ fn the_default_grid_runs_on_a_pipeline_without_an_experiment_file() {
     let o = experiment(&file, &out);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
-        o.status.success() && stderr.contains("0 run now, 110 reused"),
+        o.status.success() && stderr.contains("0 run now, 122 reused"),
         "{stderr}"
     );
     // Without validation and test periods there is nothing to choose on: refused at start.
