@@ -29,7 +29,7 @@ use crate::decode::Decoder;
 use crate::energy::{EnergyMeter, EnergyReading};
 use crate::features::{FeatureEngine, Samples};
 use crate::learner::compute::{ComputeReport, Work};
-use crate::learner::decision::{Decision, LossTable};
+use crate::learner::decision::LossTable;
 use crate::learner::eval::{Boundary, EvalSummary, Observation, PeriodReport, Scoreboard};
 use crate::learner::importance::ImportanceMethod;
 use crate::learner::model::Head;
@@ -277,13 +277,7 @@ fn evaluate(
 
 /// `model.decision = "min_expected_loss"`: the loss table learnt from the training rows.
 fn loss_table(cfg: &PipelineConfig, head: Head, s: &Samples, train: &[usize]) -> Option<LossTable> {
-    let Head::Classification { classes } = head else {
-        return None;
-    };
-    if cfg.model.decision != Decision::MinExpectedLoss {
-        return None;
-    }
-    let mut t = LossTable::new(classes);
+    let mut t = LossTable::for_model(cfg.model.decision, head)?;
     for p in train.iter().filter_map(|&i| s.eval[i].power.as_deref()) {
         t.learn(p);
     }

@@ -13,8 +13,8 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
 use super::Metric;
 use super::grid::{self, Config};
-use super::results::{RunRecord, csv_field};
-use super::summary::{BySeed, MeanSd, Summary, paired, verdict};
+use super::results::csv_field;
+use super::summary::{BySeed, MeanSd, Summary, num, paired, pct, relative, verdict};
 
 /// The configurations a confirmation runs: the reference, each family's pick and its random
 /// partner.
@@ -48,11 +48,6 @@ pub struct ConfirmRow {
     pub reference: MeanSd,
 }
 
-/// `field` of the first run against the second's, %.
-fn pct(field: fn(&RunRecord) -> f64) -> impl Fn(&RunRecord, &RunRecord) -> f64 {
-    move |p, r| 100.0 * (field(p) - field(r)) / field(r).abs()
-}
-
 /// The first stage's picks, compared over every seed in `by_config` (all runs, both stages).
 pub fn rows(first: &Summary, by_config: &[BySeed]) -> Vec<ConfirmRow> {
     let m = first.metric;
@@ -64,7 +59,7 @@ pub fn rows(first: &Summary, by_config: &[BySeed]) -> Vec<ConfirmRow> {
             let (runs, reference) = (&by_config[r.chosen], &by_config[0]);
             let none = BySeed::new();
             let partner = r.random.map_or(&none, |i| &by_config[i]);
-            let test = paired(runs, partner, pct(|x| x.test));
+            let test = paired(runs, partner, relative(|x| x.test));
             let better = runs
                 .iter()
                 .filter(|(s, p)| {
@@ -77,21 +72,13 @@ pub fn rows(first: &Summary, by_config: &[BySeed]) -> Vec<ConfirmRow> {
                 family: r.family.clone(),
                 chosen: r.chosen,
                 random: r.random,
-                validation: paired(runs, partner, pct(|x| x.validation)),
+                validation: paired(runs, partner, relative(|x| x.validation)),
                 test,
                 better,
-                reference: paired(runs, reference, pct(|x| x.test)),
+                reference: paired(runs, reference, relative(|x| x.test)),
             }
         })
         .collect()
-}
-
-fn cell(m: &MeanSd) -> String {
-    match (m.n, m.sd.is_finite()) {
-        (0, _) => "n/a".into(),
-        (_, true) => format!("{:+.2} ± {:.2}", m.mean, m.sd),
-        (_, false) => format!("{:+.2}", m.mean),
-    }
 }
 
 /// The verdict on a paired Δ (see [`verdict`]); "baseline" for random itself.
@@ -120,9 +107,9 @@ pub fn render(metric: Metric, rows: &[ConfirmRow], configs: &[Config], seeds: &[
         t.add_row(vec![
             r.family.clone(),
             configs[r.chosen].label.clone(),
-            cell(&r.reference),
-            cell(&r.validation),
-            cell(&r.test),
+            pct(&r.reference),
+            pct(&r.validation),
+            pct(&r.test),
             if r.random.is_some() {
                 format!("{} of {}", r.better, r.test.n)
             } else {
@@ -145,13 +132,6 @@ pub fn write(out: &Path, metric: Metric, rows: &[ConfirmRow], configs: &[Config]
     let mut text = String::from(
         "family,chosen_label,random_at_equal_compute,seeds,delta_reference_pct_mean,delta_reference_pct_sd,delta_random_validation_pct_mean,delta_random_validation_pct_sd,delta_random_test_pct_mean,delta_random_test_pct_sd,seeds_better_on_test,verdict_validation,verdict_test\n",
     );
-    let num = |x: f64| {
-        if x.is_finite() {
-            x.to_string()
-        } else {
-            String::new()
-        }
-    };
     for r in rows {
         let random = r.random.map_or(String::new(), |i| configs[i].label.clone());
         let line = [

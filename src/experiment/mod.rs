@@ -300,8 +300,8 @@ fn experiment_file(args: &Args) -> Result<(PathBuf, Vec<String>)> {
 pub fn run(args: Args) -> Result<()> {
     let (file, sets) = experiment_file(&args)?;
     let mut exp = load(&file)?;
+    exp.check_sets("--set", &sets)?;
     exp.set.extend(sets);
-    exp.check_sets("--set", &exp.set)?;
     let out = args
         .output
         .unwrap_or_else(|| Path::new("experiments/results").join(&exp.name));

@@ -173,8 +173,13 @@ fn saving(f: impl Fn(&RunRecord) -> Option<f64>) -> impl Fn(&RunRecord, &RunReco
     move |p, r| 1.0 - f(p).unwrap_or(f64::NAN) / f(r).unwrap_or(f64::NAN)
 }
 
+/// `field` of the first run against the second's, in percent.
+pub fn relative(field: fn(&RunRecord) -> f64) -> impl Fn(&RunRecord, &RunRecord) -> f64 {
+    move |p, r| 100.0 * (field(p) - field(r)) / field(r).abs()
+}
+
 fn relative_pct(p: &RunRecord, r: &RunRecord) -> f64 {
-    100.0 * (p.test - r.test) / r.test.abs()
+    relative(|x| x.test)(p, r)
 }
 
 fn family_row(
@@ -260,7 +265,8 @@ pub fn summarize(exp: &Experiment, configs: &[Config], records: &[RunRecord]) ->
     s
 }
 
-fn pct(m: &MeanSd) -> String {
+/// `+m ± sd` (a paired Δ in percent), `n/a` without values.
+pub fn pct(m: &MeanSd) -> String {
     match (m.n, m.sd.is_finite()) {
         (0, _) => "n/a".into(),
         (_, true) => format!("{:+.2} ± {:.2}", m.mean, m.sd),
@@ -437,7 +443,7 @@ impl Summary {
     }
 }
 
-fn num(x: f64) -> String {
+pub fn num(x: f64) -> String {
     if x.is_finite() {
         x.to_string()
     } else {

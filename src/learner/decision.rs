@@ -15,7 +15,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::eval::softmax;
+use super::eval::{argmax, softmax};
+use super::model::Head;
 
 /// `model.decision`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -52,6 +53,17 @@ pub struct LossTable {
 }
 
 impl LossTable {
+    /// The table `model.decision` asks for: one for a classification head deciding by
+    /// expected loss, none otherwise (the online stage and `gradsift train` both build it so).
+    pub fn for_model(decision: Decision, head: Head) -> Option<Self> {
+        match (decision, head) {
+            (Decision::MinExpectedLoss, Head::Classification { classes }) => {
+                Some(LossTable::new(classes))
+            }
+            _ => None,
+        }
+    }
+
     pub fn new(classes: usize) -> Self {
         LossTable {
             classes,
@@ -108,11 +120,8 @@ impl LossTable {
         if power.len() != c || !power.iter().all(|p| p.is_finite()) {
             return;
         }
-        let (best, p_best) = power
-            .iter()
-            .copied()
-            .enumerate()
-            .fold((0, f32::MIN), |a, (i, p)| if p > a.1 { (i, p) } else { a });
+        let best = argmax(power);
+        let p_best = power[best];
         if p_best <= 0.0 {
             return;
         }

@@ -30,7 +30,7 @@ use crate::checkpoint::{Checkpoint, RunCounters};
 use crate::config::PipelineConfig;
 use crate::features::{FeatureState, RowEval, Samples, SavedLearnerParts};
 use crate::learner::blend::{BlendConfig, Blender, ExpertWeights};
-use crate::learner::decision::{Decision, LossTable};
+use crate::learner::decision::LossTable;
 use crate::learner::drift::DriftMonitor;
 use crate::learner::eval::{EvalSummary, Observation, Scoreboard, argmax};
 use crate::learner::model::Head;
@@ -186,12 +186,7 @@ impl LearnerStage {
             sink_rows: Vec::new(),
             blender: Blender::default(),
             blended: Vec::new(),
-            losses: match (cfg.model.decision, head) {
-                (Decision::MinExpectedLoss, Head::Classification { classes }) => {
-                    Some(LossTable::new(classes))
-                }
-                _ => None,
-            },
+            losses: LossTable::for_model(cfg.model.decision, head),
             decided: Vec::new(),
             learner,
             keys: LearnerKeys::default(),
