@@ -7,7 +7,8 @@
 //! side, in the same run, the same learner settings replay the archive from Parquet: the
 //! ratio of the two says what Kafka + JSON cost.
 //!
-//! `cargo bench --bench kafka` (needs `tansu` on the PATH, see the README, or TANSU=path).
+//! `cargo bench --bench kafka` (needs `tansu` on the PATH, see the README, or TANSU=path);
+//! `GRADSIFT_BENCH_SET='source.options."fetch.min.bytes"="1"'` adds settings to its Kafka runs.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -70,6 +71,15 @@ fn main() {
         "source.stop_at_end=true".into(),
         "source.batch_size=4096".into(),
     ]);
+    // More settings for every Kafka run, to try consumer options: GRADSIFT_BENCH_SET='k=v;k=v'.
+    if let Ok(extra) = std::env::var("GRADSIFT_BENCH_SET") {
+        o.extend(
+            extra
+                .split(';')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        );
+    }
     let o2: Vec<&str> = o.iter().map(String::as_str).collect();
     let kafka = common::run(common::pipeline("milan-kafka.toml", out.path(), &o2));
     assert_eq!(kafka.rows_read, produced, "every message consumed");

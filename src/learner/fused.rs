@@ -17,11 +17,13 @@
 //! Measured (`cargo bench --bench scoring -- "norms_and_grads|peers"`, one core, 16 → 64 →
 //! 64 → 1): forward + per-sample backward + ghost norms + weighted gradient 4.4 µs at B = 8
 //! and 89 µs at B = 256, against burn-flex's 30 and 183 µs; B = 8 costs 1.6× its 8/256 share
-//! of B = 256.
+//! of B = 256. At small batches the backward pass reads a copy of Wᵀ made once per optimiser
+//! step instead of letting gemm repack W on every call: 3.6 against 4.8 µs at B = 8
+//! (2026-12-01, criterion's paired change −24%), 1.2× its 8/256 share.
 
 use serde::{Deserialize, Serialize};
 
-use super::matmul::{Layout, matmul};
+use super::matmul::{Layout, fast_transpose, matmul, transpose};
 use super::model::{DenseParams, Head, SavedLayer, to_vec};
 
 /// An MLP's weights as plain row-major buffers, with scratch space for one batch.
@@ -29,6 +31,11 @@ pub struct FusedMlp {
     head: Head,
     /// Per layer, W as `[d_in, d_out]` row-major (burn's layout: z = a·W + b).
     weights: Vec<Vec<f32>>,
+    /// Per layer, Wᵀ as `[d_out, d_in]` for the backward pass, where [`fast_transpose`]
+    /// applies (empty elsewhere); rebuilt after the weights change.
+    transposed: Vec<Vec<f32>>,
+    /// Whether `transposed` is the transpose of the weights as they are now.
+    transposed_fresh: bool,
     biases: Vec<Vec<f32>>,
     /// `widths[k]` is the input width of layer k; the last entry is the output width.
     widths: Vec<usize>,
@@ -73,6 +80,8 @@ impl FusedMlp {
         FusedMlp {
             head,
             weights,
+            transposed: vec![Vec::new(); depth],
+            transposed_fresh: false,
             biases,
             widths,
             n: 0,
@@ -197,22 +206,35 @@ impl FusedMlp {
     /// Back-propagates g_L through every hidden layer (after [`Self::output_grads`]).
     pub fn backward_hidden(&mut self) {
         let (n, last) = (self.n, self.depth() - 1);
+        // Past a few dozen rows gemm's repacking of W is paid back by the product's length
+        // (at 256 rows the copy of Wᵀ measured 2-4% slower: `cargo bench --bench scoring --
+        // learner_core`).
+        let use_transposed = n <= TRANSPOSED_ROWS;
+        if use_transposed {
+            self.refresh_transposed();
+        }
         for k in (1..=last).rev() {
             let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
             let (lower, upper) = self.deltas.split_at_mut(k);
             let g_below = &mut lower[k - 1];
             resize(g_below, n * d_in);
-            // g_{k-1} = (g_k · W_kᵀ) ⊙ 1[z_{k-1} > 0]; Wᵀ is read in place.
-            let (g, w) = (&upper[0], &self.weights[k]);
-            matmul(
-                g_below,
-                g,
-                Layout::Rows,
-                w,
-                Layout::Transposed,
-                (n, d_out, d_in),
-                false,
-            );
+            // g_{k-1} = (g_k · W_kᵀ) ⊙ 1[z_{k-1} > 0], from the copy of Wᵀ where there is one,
+            // else with Wᵀ read in place (gemm repacks it).
+            let (g, w, wt) = (&upper[0], &self.weights[k], &self.transposed[k]);
+            if wt.is_empty() || !use_transposed {
+                let dims = (n, d_out, d_in);
+                matmul(g_below, g, Layout::Rows, w, Layout::Transposed, dims, false);
+            } else {
+                matmul(
+                    g_below,
+                    g,
+                    Layout::Rows,
+                    wt,
+                    Layout::Rows,
+                    (n, d_out, d_in),
+                    false,
+                );
+            }
             relu_mask(&self.pre[k - 1], g_below);
         }
     }
@@ -289,9 +311,29 @@ impl FusedMlp {
 
     /// The parameters as (weights, bias) slices per layer, for the optimiser.
     fn params_mut(&mut self) -> impl Iterator<Item = (&mut Vec<f32>, &mut Vec<f32>)> {
+        self.transposed_fresh = false;
         self.weights.iter_mut().zip(self.biases.iter_mut())
     }
+
+    /// Makes `transposed` the transpose of the current weights, for the layers a backward
+    /// pass goes through (not the first) where the fast transpose applies.
+    fn refresh_transposed(&mut self) {
+        if self.transposed_fresh {
+            return;
+        }
+        for k in 1..self.depth() {
+            let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
+            if fast_transpose(d_in, d_out) {
+                resize(&mut self.transposed[k], d_in * d_out);
+                transpose(&self.weights[k], (d_in, d_out), &mut self.transposed[k]);
+            }
+        }
+        self.transposed_fresh = true;
+    }
 }
+
+/// Largest batch whose backward pass reads the copy of Wᵀ rather than W in place.
+const TRANSPOSED_ROWS: usize = 64;
 
 /// burn's Adam (β₁ 0.9, β₂ 0.999, ε 1e-5, bias-corrected as burn does) on the kernel's
 /// buffers; its state is what a checkpoint keeps for the `fused` backend.
