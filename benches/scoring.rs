@@ -452,6 +452,29 @@ fn fused_kernel(c: &mut Criterion) {
     }
 }
 
+/// The importance-score drift test (two-sample KS against the same stretch one week of
+/// 10-minute slots earlier, window 256, as the Milan pipeline runs it), per score.
+fn drift_score_test(c: &mut Criterion) {
+    use gradsift::learner::drift::ScoreShift;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+    let scores: Vec<f32> = (0..1 << 16).map(|_| rng.random_range(0.0..1.0)).collect();
+    let mut s = ScoreShift::new(256, 1.95, 1008);
+    let mut g = c.benchmark_group("drift_score_test");
+    g.throughput(Throughput::Elements(1024));
+    let mut i = 0;
+    g.bench_function("window256_season1008", |b| {
+        b.iter(|| {
+            let mut fired = 0;
+            for _ in 0..1024 {
+                fired += u32::from(s.update(scores[i % scores.len()]).is_some());
+                i += 1;
+            }
+            fired
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     scoring,
@@ -460,6 +483,7 @@ criterion_group!(
     peers,
     fma_peak,
     decode_features,
-    knn_memory
+    knn_memory,
+    drift_score_test
 );
 criterion_main!(benches);
