@@ -153,6 +153,36 @@ impl KafkaSourceConfig {
         c
     }
 
+    /// The consumer's settings: the pipeline's options, our defaults where it sets none, and
+    /// the group and offset settings the source's at-least-once delivery depends on.
+    fn consumer_client(&self) -> ClientConfig {
+        let mut client = self.client();
+        if !self.options.contains_key("statistics.interval.ms") {
+            // Lag per partition comes from librdkafka's statistics.
+            client.set("statistics.interval.ms", "5000");
+        }
+        // Fewer, fuller fetches: the broker answers once it has 1 MB for us or after 100 ms.
+        // Against a Tansu broker on the same 2 cores (`cargo bench --bench kafka`), 246-327 k
+        // samples/s against 170-193 k with librdkafka's defaults (1 byte, 500 ms). A quiet
+        // feed's rows wait at most those 100 ms more. Options set in the pipeline win.
+        for (key, value) in FETCH_DEFAULTS {
+            if !self.options.contains_key(*key) {
+                client.set(*key, *value);
+            }
+        }
+        if let Some(id) = &self.instance_id {
+            client.set("group.instance.id", id);
+        }
+        client
+            .set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            // Offsets are stored and committed by us, for processed messages only.
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest");
+        client
+    }
+
     /// The dead-letter producer's settings: the same options minus the consumer-only ones
     /// (librdkafka warns about those on a producer).
     fn producer_client(&self) -> ClientConfig {
@@ -644,30 +674,8 @@ impl<'a> KafkaSource<'a> {
         schema: Arc<Schema>,
         handed: HashMap<Arc<str>, u64>,
     ) -> Result<Self> {
-        let mut client = cfg.client();
-        if !cfg.options.contains_key("statistics.interval.ms") {
-            // Lag per partition comes from librdkafka's statistics.
-            client.set("statistics.interval.ms", "5000");
-        }
-        // Fewer, fuller fetches: the broker answers once it has 1 MB for us or after 100 ms.
-        // Against a Tansu broker on the same 2 cores (`cargo bench --bench kafka`), 246-327 k
-        // samples/s against 170-193 k with librdkafka's defaults (1 byte, 500 ms). A quiet
-        // feed's rows wait at most those 100 ms more. Options set in the pipeline win.
-        for (key, value) in FETCH_DEFAULTS {
-            if !cfg.options.contains_key(*key) {
-                client.set(*key, *value);
-            }
-        }
-        if let Some(id) = &cfg.instance_id {
-            client.set("group.instance.id", id);
-        }
-        let consumer: BaseConsumer<GroupMember> = client
-            .set("group.id", &cfg.group_id)
-            .set("enable.auto.commit", "false")
-            // Offsets are stored and committed by us, for processed messages only.
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "earliest")
+        let consumer: BaseConsumer<GroupMember> = cfg
+            .consumer_client()
             .create_with_context(GroupMember::default())
             .context("cannot create the Kafka consumer")?;
         let topics: Vec<&str> = cfg.topics.iter().map(String::as_str).collect();
@@ -1006,5 +1014,43 @@ fn commit(
     tracing::debug!(offsets = ?done, "committing");
     if let Err(e) = consumer.commit(&tpl, mode) {
         tracing::warn!(error = %e, "offset commit failed; it is retried with the next batch");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(options: &str) -> KafkaSourceConfig {
+        toml::from_str(&format!(
+            "brokers = \"127.0.0.1:9\"\ntopics = [\"t\"]\ngroup_id = \"g\"\n{options}"
+        ))
+        .expect("a source config")
+    }
+
+    /// The consumer asks for fuller fetches unless the pipeline says otherwise, and the
+    /// settings at-least-once delivery rests on cannot be overridden by an option.
+    #[test]
+    fn the_consumer_takes_the_fetch_defaults_unless_the_pipeline_sets_them() {
+        let plain = config("").consumer_client();
+        assert_eq!(plain.get("fetch.min.bytes"), Some("1000000"));
+        assert_eq!(plain.get("fetch.wait.max.ms"), Some("100"));
+        assert_eq!(plain.get("statistics.interval.ms"), Some("5000"));
+        let set =
+            config("[options]\n\"fetch.min.bytes\" = \"1\"\n\"enable.auto.commit\" = \"true\"")
+                .consumer_client();
+        assert_eq!(
+            set.get("fetch.min.bytes"),
+            Some("1"),
+            "the pipeline's option wins"
+        );
+        assert_eq!(set.get("fetch.wait.max.ms"), Some("100"));
+        assert_eq!(
+            set.get("enable.auto.commit"),
+            Some("false"),
+            "commits stay ours"
+        );
+        assert_eq!(set.get("group.id"), Some("g"));
+        assert_eq!(config("").producer_client().get("fetch.min.bytes"), None);
     }
 }
