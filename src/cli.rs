@@ -1,7 +1,7 @@
 //! The command line: `run` a pipeline, `train` one offline, `experiment` over a grid of runs,
 //! `produce` an archive into a topic, `schema check` a file against a schema.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
@@ -231,90 +231,99 @@ pub async fn main(cli: Cli) -> Result<()> {
                     rows_per_second: rate,
                     speedup,
                 });
-            let options = options
-                .iter()
-                .map(|o| {
-                    o.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                })
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| anyhow::anyhow!("-X takes KEY=VALUE"))?;
-            let shutdown = Shutdown::new();
-            shutdown.listen_for_signals();
             let args = crate::produce::ProduceArgs {
                 path,
                 schema,
                 brokers,
-                topic: topic.clone(),
+                topic,
                 pace,
                 max_rows,
-                options,
+                options: key_values(&options)?,
                 format,
             };
-            let n = crate::produce::produce(args, shutdown).await?;
-            println!("produced {n} messages to {topic}");
-            Ok(())
+            produce(args).await
         }
         Command::Plot {
             runs,
             output,
             name,
             title,
-        } => {
-            let runs = runs
-                .iter()
-                .map(|r| {
-                    r.split_once('=')
-                        .map(|(l, d)| (l.to_string(), PathBuf::from(d)))
-                        .ok_or_else(|| anyhow::anyhow!("plot takes LABEL=RUN_FOLDER, got {r}"))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            std::fs::create_dir_all(&output)?;
-            let png = crate::sink::metric_plot::compare(&output, &name, &title, &runs)?;
-            println!("{}", png.display());
-            Ok(())
-        }
+        } => plot(&runs, &output, &name, &title),
         Command::Schema {
             command: SchemaCommand::Check { schema, files },
-        } => {
-            let schema = Schema::load(&schema)?;
-            let mut bad = 0;
-            for f in &files {
-                let file =
-                    std::fs::File::open(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
-                let builder =
-                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-                        .map_err(|e| anyhow::anyhow!("{}: not a Parquet file: {e}", f.display()))?;
-                let rows = builder.metadata().file_metadata().num_rows();
-                let problems = schema.mismatches(builder.schema());
-                if problems.is_empty() {
-                    println!(
-                        "{}: ok ({} rows, schema {})",
-                        f.display(),
-                        rows,
-                        schema.name
-                    );
-                } else {
-                    bad += 1;
-                    println!(
-                        "{}: {} mismatch(es) against schema {}",
-                        f.display(),
-                        problems.len(),
-                        schema.name
-                    );
-                    for (col, what) in problems {
-                        println!("  column `{col}`: {what}");
-                    }
-                }
-            }
-            if bad > 0 {
-                bail!(
-                    "{bad} of {} file(s) do not match schema {}",
-                    files.len(),
-                    schema.name
-                );
-            }
-            Ok(())
+        } => check_schema(&schema, &files),
+    }
+}
+
+/// `-X KEY=VALUE` options as pairs.
+fn key_values(options: &[String]) -> Result<Vec<(String, String)>> {
+    options
+        .iter()
+        .map(|o| {
+            o.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| anyhow::anyhow!("-X takes KEY=VALUE"))
+}
+
+/// `gradsift produce`: an archive into a topic, until done or interrupted.
+async fn produce(args: crate::produce::ProduceArgs) -> Result<()> {
+    let shutdown = Shutdown::new();
+    shutdown.listen_for_signals();
+    let topic = args.topic.clone();
+    let n = crate::produce::produce(args, shutdown).await?;
+    println!("produced {n} messages to {topic}");
+    Ok(())
+}
+
+/// `gradsift plot`: several runs' windowed metric on one chart.
+fn plot(runs: &[String], output: &Path, name: &str, title: &str) -> Result<()> {
+    let runs = runs
+        .iter()
+        .map(|r| {
+            r.split_once('=')
+                .map(|(l, d)| (l.to_string(), PathBuf::from(d)))
+                .ok_or_else(|| anyhow::anyhow!("plot takes LABEL=RUN_FOLDER, got {r}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    std::fs::create_dir_all(output)?;
+    let png = crate::sink::metric_plot::compare(output, name, title, &runs)?;
+    println!("{}", png.display());
+    Ok(())
+}
+
+/// `gradsift schema check`: each file's columns against the schema, every mismatch named.
+fn check_schema(schema: &Path, files: &[PathBuf]) -> Result<()> {
+    let schema = Schema::load(schema)?;
+    let mut bad = 0;
+    for f in files {
+        let file = std::fs::File::open(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| anyhow::anyhow!("{}: not a Parquet file: {e}", f.display()))?;
+        let rows = builder.metadata().file_metadata().num_rows();
+        let problems = schema.mismatches(builder.schema());
+        if problems.is_empty() {
+            println!("{}: ok ({rows} rows, schema {})", f.display(), schema.name);
+            continue;
+        }
+        bad += 1;
+        println!(
+            "{}: {} mismatch(es) against schema {}",
+            f.display(),
+            problems.len(),
+            schema.name
+        );
+        for (col, what) in problems {
+            println!("  column `{col}`: {what}");
         }
     }
+    if bad > 0 {
+        bail!(
+            "{bad} of {} file(s) do not match schema {}",
+            files.len(),
+            schema.name
+        );
+    }
+    Ok(())
 }

@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 
 use buffer::{BufferConfig, BufferState, Entry, ReplayBuffer};
 use compute::{ComputeLedger, ComputeReport, CpuSampler, FlopModel, Stopwatch, Work};
-use importance::{ImportanceMethod, ImportanceScorer};
+use importance::{ImportanceMethod, ImportanceScorer, Scored};
 use model::{Head, SavedLayer};
 use net::Net;
 use reducible::IrreducibleLoss;
@@ -204,7 +204,7 @@ struct Pass {
     replay: Vec<usize>,
     replay_w: Vec<f32>,
     /// Fresh rows then replayed rows.
-    scored: importance::Scored,
+    scored: Scored,
     decision: select::Decision,
     /// Whether the replayed rows' scores are of the pipeline's method (stored back).
     refresh_replay: bool,
@@ -535,10 +535,19 @@ impl OnlineLearner {
         self.stats.backpropagated =
             self.ledger.scoring.rows_backward + self.ledger.training.rows_backward;
 
+        // The pass's own buffers, cut to the fresh rows (moved, not copied).
+        let Scored {
+            mut outputs,
+            mut scores,
+            mut losses,
+        } = scored;
+        outputs.truncate(n * self.cfg.head.outputs());
+        scores.truncate(n);
+        losses.truncate(n);
         StepOutcome {
-            outputs: scored.outputs[..n * self.cfg.head.outputs()].to_vec(),
-            scores: scored.scores[..n].to_vec(),
-            losses: scored.losses[..n].to_vec(),
+            outputs,
+            scores,
+            losses,
             threshold: decision.threshold,
             selected: decision.selected,
             trained,

@@ -70,20 +70,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let cpu_start = cpu_time::ProcessTime::now();
     let schema = Arc::new(Schema::load(&cfg.schema)?);
     cfg.validate_with(schema.input_width(), schema.evaluation.beam_power.is_some())?;
-    let meter = Arc::new(Mutex::new(EnergyMeter::start(cfg.energy.clone())));
-    telemetry::build_info(&cfg.name, &cfg.backend_name(), &cfg.importance_name());
-    {
-        let m = meter.lock().expect("meter");
-        telemetry::energy_model(m.source(), &m.parameters());
-    }
-    // Unix ms of the last checkpoint (0: none yet), for the checkpoint-age gauge.
-    let last_checkpoint_ms = Arc::new(AtomicU64::new(0));
-    let ticker = tokio::spawn(upkeep::tick_process_metrics(
-        meter.clone(),
-        cfg.checkpoint.enabled.then(|| last_checkpoint_ms.clone()),
-        started,
-        Duration::from_millis(cfg.telemetry.publish_ms),
-    ));
+    let (meter, last_checkpoint_ms, ticker) = start_process_metrics(&cfg, started);
     let out_dir = cfg.output_dir();
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
@@ -177,7 +164,19 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         energy,
         stages: times.report(),
     };
-    let mut report = build_report(&cfg, &schema, &out_dir, &stage, ends);
+    let report = build_report(&cfg, &schema, &out_dir, &stage, ends);
+    finish_report(&cfg, &schema, &out_dir, &stage, report)
+}
+
+/// Adds the windowed metric's trace and plot (when asked for, or when the pipeline declares
+/// known changes) to the report, and writes it to `report.json`.
+fn finish_report(
+    cfg: &PipelineConfig,
+    schema: &Schema,
+    out_dir: &std::path::Path,
+    stage: &LearnerStage,
+    mut report: RunReport,
+) -> Result<RunReport> {
     let metric = match schema.task.head() {
         crate::learner::model::Head::Regression => "MAE",
         _ if schema.evaluation.beam_power.is_some() => "power loss (dB)",
@@ -201,7 +200,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             &stage.drift.events,
             &stage.trace.changes,
         );
-        let png = crate::sink::metric_plot::write(&out_dir, &plot)?;
+        let png = crate::sink::metric_plot::write(out_dir, &plot)?;
         report
             .outputs
             .insert("plot".into(), png.display().to_string());
@@ -212,6 +211,32 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
         &[serde_json::to_string_pretty(&report)?.as_bytes()],
     )?;
     Ok(report)
+}
+
+/// The energy meter, the checkpoint-age clock (Unix ms of the last checkpoint, 0: none yet)
+/// and the task that publishes the process's metrics from them every `telemetry.publish_ms`.
+fn start_process_metrics(
+    cfg: &PipelineConfig,
+    started: Instant,
+) -> (
+    Arc<Mutex<EnergyMeter>>,
+    Arc<AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
+    let meter = Arc::new(Mutex::new(EnergyMeter::start(cfg.energy.clone())));
+    telemetry::build_info(&cfg.name, &cfg.backend_name(), &cfg.importance_name());
+    {
+        let m = meter.lock().expect("meter");
+        telemetry::energy_model(m.source(), &m.parameters());
+    }
+    let last_checkpoint_ms = Arc::new(AtomicU64::new(0));
+    let ticker = tokio::spawn(upkeep::tick_process_metrics(
+        meter.clone(),
+        cfg.checkpoint.enabled.then(|| last_checkpoint_ms.clone()),
+        started,
+        Duration::from_millis(cfg.telemetry.publish_ms),
+    ));
+    (meter, last_checkpoint_ms, ticker)
 }
 
 /// A resumed checkpoint's features, for the feature stage; the rest, and the per-key parts
@@ -320,6 +345,35 @@ struct Ends {
     stages: StageReport,
 }
 
+/// Where the run's outputs went, by kind.
+fn output_files(
+    cfg: &PipelineConfig,
+    out_dir: &std::path::Path,
+    t: &LearnerStage,
+    scores_written: bool,
+) -> BTreeMap<String, String> {
+    let mut files = BTreeMap::new();
+    let mut add = |kind: &str, path: std::path::PathBuf| {
+        files.insert(kind.to_string(), path.display().to_string());
+    };
+    add("report", out_dir.join(outputs::REPORT));
+    if scores_written {
+        let scores = if cfg.checkpoint.enabled {
+            outputs::SCORE_SEGMENTS
+        } else {
+            outputs::SCORES
+        };
+        add("scores", out_dir.join(scores));
+    }
+    if t.dead.letters > 0 || t.counters.dead_letters > 0 {
+        add("dead_letters", t.dead.path().to_path_buf());
+    }
+    if let Some(topic) = &cfg.output.topic {
+        files.insert("topic".to_string(), topic.topic.clone());
+    }
+    files
+}
+
 /// The run report, from the learner stage's state and the other stages' totals.
 fn build_report(
     cfg: &PipelineConfig,
@@ -331,31 +385,7 @@ fn build_report(
     let wall_s = e.started.elapsed().as_secs_f64();
     let stats = t.learner.stats();
     let buf = t.learner.buffers();
-    let mut files = BTreeMap::new();
-    files.insert(
-        "report".to_string(),
-        out_dir.join(outputs::REPORT).display().to_string(),
-    );
-    if e.written.is_some() {
-        let scores = if cfg.checkpoint.enabled {
-            outputs::SCORE_SEGMENTS
-        } else {
-            outputs::SCORES
-        };
-        files.insert(
-            "scores".to_string(),
-            out_dir.join(scores).display().to_string(),
-        );
-    }
-    if t.dead.letters > 0 || t.counters.dead_letters > 0 {
-        files.insert(
-            "dead_letters".to_string(),
-            t.dead.path().display().to_string(),
-        );
-    }
-    if let Some(topic) = &cfg.output.topic {
-        files.insert("topic".to_string(), topic.topic.clone());
-    }
+    let files = output_files(cfg, out_dir, t, e.written.is_some());
     let c = &t.counters;
     let session_samples = stats.seen - t.seen_at_start;
     RunReport {
