@@ -206,9 +206,10 @@ impl FusedMlp {
     /// Back-propagates g_L through every hidden layer (after [`Self::output_grads`]).
     pub fn backward_hidden(&mut self) {
         let (n, last) = (self.n, self.depth() - 1);
-        // Past a few dozen rows gemm's repacking of W is paid back by the product's length
-        // (at 256 rows the copy of Wᵀ measured 2-4% slower: `cargo bench --bench scoring --
-        // learner_core`).
+        // Past a few dozen rows gemm's repacking of W is paid back by the product's length:
+        // at 256 rows the two ways differed by less than this machine's run-to-run spread
+        // (three alternating criterion runs of `learner_core_B256` and `peers_B256`, ±10%),
+        // so the copy is kept to the small batches where it measured −24%.
         let use_transposed = n <= TRANSPOSED_ROWS;
         if use_transposed {
             self.refresh_transposed();
