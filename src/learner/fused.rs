@@ -221,21 +221,14 @@ impl FusedMlp {
             resize(g_below, n * d_in);
             // g_{k-1} = (g_k · W_kᵀ) ⊙ 1[z_{k-1} > 0], from the copy of Wᵀ where there is one,
             // else with Wᵀ read in place (gemm repacks it).
-            let (g, w, wt) = (&upper[0], &self.weights[k], &self.transposed[k]);
-            if wt.is_empty() || !use_transposed {
-                let dims = (n, d_out, d_in);
-                matmul(g_below, g, Layout::Rows, w, Layout::Transposed, dims, false);
+            let wt = &self.transposed[k];
+            let (rhs, layout) = if use_transposed && !wt.is_empty() {
+                (wt, Layout::Rows)
             } else {
-                matmul(
-                    g_below,
-                    g,
-                    Layout::Rows,
-                    wt,
-                    Layout::Rows,
-                    (n, d_out, d_in),
-                    false,
-                );
-            }
+                (&self.weights[k], Layout::Transposed)
+            };
+            let dims = (n, d_out, d_in);
+            matmul(g_below, &upper[0], Layout::Rows, rhs, layout, dims, false);
             relu_mask(&self.pre[k - 1], g_below);
         }
     }
