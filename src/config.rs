@@ -272,17 +272,37 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
         Ok(mut t) => t.remove("v").expect("parsed key"),
         Err(_) => toml::Value::String(raw.to_string()),
     };
-    let parts: Vec<&str> = key.trim().split('.').collect();
+    let parts = key_path(key).ok_or_else(|| {
+        anyhow!(
+            "--set {spec}: `{}` is not a TOML key (a.b.c, or a.\"b.c\" for a dotted name)",
+            key.trim()
+        )
+    })?;
     let mut cur = table;
     for p in &parts[..parts.len() - 1] {
         cur = cur
-            .entry(p.to_string())
+            .entry(p.clone())
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
             .ok_or_else(|| anyhow!("--set {spec}: `{p}` is not a table"))?;
     }
-    cur.insert(parts[parts.len() - 1].to_string(), value);
+    cur.insert(parts[parts.len() - 1].clone(), value);
     Ok(())
+}
+
+/// The segments of a dotted TOML key, read by the TOML parser itself, so that a quoted
+/// segment keeps its dots (`source.options."fetch.min.bytes"`, a librdkafka option).
+fn key_path(key: &str) -> Option<Vec<String>> {
+    let mut table: toml::Table = format!("{} = 0", key.trim()).parse().ok()?;
+    let mut path = Vec::new();
+    loop {
+        let (k, v) = table.into_iter().next()?;
+        path.push(k);
+        match v {
+            toml::Value::Table(inner) => table = inner,
+            _ => return Some(path),
+        }
+    }
 }
 
 impl PipelineConfig {
@@ -689,6 +709,20 @@ max_bytes = 100000
         );
         let cfg = PipelineConfig::load(&p, &["model.decision=\"min_expected_loss\"".into()]);
         assert!(cfg.unwrap().validate_with(16, true).is_ok());
+    }
+
+    /// `--set` keys are TOML keys: a quoted segment keeps its dots (librdkafka's options
+    /// are named so), and a key that is not TOML is refused by name.
+    #[test]
+    fn set_keys_are_read_as_toml_keys() {
+        let mut t = toml::Table::new();
+        apply_override(&mut t, "source.options.\"fetch.min.bytes\"=\"1\"").unwrap();
+        apply_override(&mut t, "training.seed=3").unwrap();
+        let options = t["source"]["options"].as_table().unwrap();
+        assert_eq!(options["fetch.min.bytes"].as_str(), Some("1"));
+        assert_eq!(t["training"]["seed"].as_integer(), Some(3));
+        let err = apply_override(&mut t, "a..b=1").unwrap_err().to_string();
+        assert!(err.contains("`a..b` is not a TOML key"), "{err}");
     }
 
     #[test]

@@ -34,6 +34,14 @@ impl TaskSpec {
     }
 }
 
+/// See [`Schema::headline`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Headline {
+    Mae,
+    PowerLossDb,
+    Top1,
+}
+
 /// Declared column types; each accepts the Arrow types a writer may reasonably use for it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -554,6 +562,19 @@ impl Schema {
             }
         }
         names
+    }
+
+    /// The figure a run on this schema is judged by: MAE for regression; for classification
+    /// the beam power loss where rows carry per-beam power (top-1 is capped there by
+    /// near-tied beams), else top-1. The run plot and `gradsift experiment --pipeline` use it.
+    pub fn headline(&self) -> Headline {
+        match self.task {
+            TaskSpec::Regression => Headline::Mae,
+            TaskSpec::Classification { .. } if self.evaluation.beam_power.is_some() => {
+                Headline::PowerLossDb
+            }
+            TaskSpec::Classification { .. } => Headline::Top1,
+        }
     }
 
     /// Width of the model input.

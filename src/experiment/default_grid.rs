@@ -18,7 +18,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use crate::config::PipelineConfig;
-use crate::schema::{Schema, TaskSpec};
+use crate::schema::{Headline, Schema};
 
 /// Keep fractions of the random family (the others leave out 1.0: at keep 1 they are random).
 const KEEPS: [f64; 4] = [0.5, 0.7, 0.9, 1.0];
@@ -44,12 +44,10 @@ pub fn experiment_text(pipeline: &Path, seeds: u64, sets: &[String]) -> Result<S
         bail!("--seeds: expected at least 1 seed, found 0");
     }
     let schema = Schema::load(&cfg.schema)?;
-    let metric = match schema.task {
-        TaskSpec::Regression => "mae",
-        TaskSpec::Classification { .. } if schema.evaluation.beam_power.is_some() => {
-            "power_loss_db"
-        }
-        TaskSpec::Classification { .. } => "top1",
+    let metric = match schema.headline() {
+        Headline::Mae => "mae",
+        Headline::PowerLossDb => "power_loss_db",
+        Headline::Top1 => "top1",
     };
     let path = std::fs::canonicalize(pipeline)
         .with_context(|| format!("cannot resolve {}", pipeline.display()))?;

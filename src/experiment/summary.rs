@@ -178,10 +178,6 @@ pub fn relative(field: fn(&RunRecord) -> f64) -> impl Fn(&RunRecord, &RunRecord)
     move |p, r| 100.0 * (field(p) - field(r)) / field(r).abs()
 }
 
-fn relative_pct(p: &RunRecord, r: &RunRecord) -> f64 {
-    relative(|x| x.test)(p, r)
-}
-
 fn family_row(
     s: &Summary,
     configs: &[Config],
@@ -194,7 +190,7 @@ fn family_row(
         .then(|| random_for(configs, &s.stats, chosen))
         .flatten();
     let delta_random = random.map_or(MeanSd::of([]), |r| {
-        paired(runs, &s.by_config[r], relative_pct)
+        paired(runs, &s.by_config[r], relative(|x| x.test))
     });
     let verdict = match random {
         Some(_) => verdict(s.metric, &delta_random).to_string(),
@@ -208,7 +204,7 @@ fn family_row(
         saved_flops: paired(runs, reference, saving(|r| r.learn_flops)),
         saved_backward: paired(runs, reference, saving(|r| r.rows_backward)),
         saved_cpu: paired(runs, reference, saving(|r| r.learn_cpu_s)),
-        delta_reference: paired(runs, reference, relative_pct),
+        delta_reference: paired(runs, reference, relative(|x| x.test)),
         random,
         delta_random,
         verdict,

@@ -45,7 +45,7 @@ use crate::config::PipelineConfig;
 use crate::energy::EnergyMeter;
 use crate::features::{FeatureState, SavedLearnerParts};
 use crate::report::{BufferReport, CheckpointReport, RunReport};
-use crate::schema::{Schema, TimeKind};
+use crate::schema::{Headline, Schema, TimeKind};
 use crate::shutdown::Shutdown;
 use crate::sink::scores::{ScoreColumns, ScoreSegments, ScoreSink};
 use crate::sink::topic::SampleTopicSink;
@@ -177,10 +177,10 @@ fn finish_report(
     stage: &LearnerStage,
     mut report: RunReport,
 ) -> Result<RunReport> {
-    let metric = match schema.task.head() {
-        crate::learner::model::Head::Regression => "MAE",
-        _ if schema.evaluation.beam_power.is_some() => "power loss (dB)",
-        _ => "1 - top-1",
+    let metric = match schema.headline() {
+        Headline::Mae => "MAE",
+        Headline::PowerLossDb => "power loss (dB)",
+        Headline::Top1 => "1 - top-1",
     };
     if cfg.output.plot || !stage.trace.changes.is_empty() {
         report.trace = Some(crate::report::TraceReport {
