@@ -198,7 +198,19 @@ fn peers(c: &mut Criterion) {
         g.throughput(Throughput::Elements(n as u64));
         let mut f = FusedMlp::from_dense(&params, head);
         let mut norms = vec![0.0; n];
+        // The passes that end in norms take their parts as they go (as the learner's exact
+        // scoring does); the plain step does not.
+        f.track_norms(true);
         g.bench_function("norms_exact", |b| {
+            b.iter(|| {
+                f.forward(&x, n);
+                f.backward(&y);
+                f.sq_norms(&mut norms);
+                norms[0]
+            })
+        });
+        f.track_norms(false);
+        g.bench_function("norms_exact_untracked", |b| {
             b.iter(|| {
                 f.forward(&x, n);
                 f.backward(&y);
@@ -217,6 +229,7 @@ fn peers(c: &mut Criterion) {
         });
         // The same step plus every row's exact gradient norm (ghost norm): what the norms
         // of rows a step back-propagates anyway cost on top of it.
+        f.track_norms(true);
         g.bench_function("fwd_bwd_norms", |b| {
             b.iter(|| {
                 f.forward(&x, n);
@@ -226,7 +239,9 @@ fn peers(c: &mut Criterion) {
                 grads[0].0[0] + norms[0]
             })
         });
-        // The norms alone, on the rows of a finished backward pass.
+        // The norms alone, on the rows of a finished backward pass that did not take
+        // their parts: one pass over the activations and gradients.
+        f.track_norms(false);
         f.forward(&x, n);
         f.backward(&y);
         g.bench_function("ghost_norms", |b| {
@@ -437,6 +452,8 @@ fn fused_kernel(c: &mut Criterion) {
             })
         });
         let mut f = FusedMlp::from_dense(&params, head);
+        // As the learner runs it for exact scores: the passes take the norms' parts.
+        f.track_norms(true);
         let mut norms = vec![0.0; n];
         let mut grads = vec![(Vec::new(), Vec::new()); params.len()];
         g.bench_function("fused_kernel", |b| {

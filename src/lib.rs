@@ -6,7 +6,7 @@
 //! [`learner`] (score → select → train → buffer → evaluate) → [`sink`]; [`pipeline`] wires
 //! them with bounded channels, [`config`] and [`schema`] say what to wire, [`report`] sums up, [`telemetry`]
 //! and [`energy`] tell operators how it goes.
-#![deny(unsafe_code)] // one exception, `learner::matmul` (a checked call into the gemm crate)
+#![deny(unsafe_code)] // two exceptions, the kernel modules `learner::matmul` (gemm, a transpose) and `learner::row_ops`
 
 pub mod checkpoint;
 pub mod cli;

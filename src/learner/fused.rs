@@ -10,8 +10,10 @@
 //! micro-batch of 8 rows burn's per-operation overhead, not arithmetic, is the cost.
 //!
 //! The three matrix products per layer go to [`super::matmul`] (the `gemm` crate, AVX-512 /
-//! AVX2+FMA / portable, chosen at run time); the row-wise loops (ReLU masks, norms, output
-//! gradients) are plain safe Rust compiled for AVX-512, AVX2+FMA and baseline x86-64 by the
+//! AVX2+FMA / portable, chosen at run time); the ReLU, its mask and the rows' squared norms
+//! to [`super::row_ops`] (which takes the ghost norm's parts inside the ReLU passes when
+//! [`FusedMlp::track_norms`] asks for them); the other row-wise loops (output gradients,
+//! Adam) are plain safe Rust compiled for AVX-512, AVX2+FMA and baseline x86-64 by the
 //! `multiversion` attribute and picked at run time.
 //!
 //! Measured (`cargo bench --bench scoring -- "norms_and_grads|peers"`, one core, 16 → 64 →
@@ -25,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::matmul::{Layout, fast_transpose, matmul, transpose};
 use super::model::{DenseParams, Head, SavedLayer, to_vec};
+use super::row_ops::{relu, relu_mask, sq_rows};
 
 /// An MLP's weights as plain row-major buffers, with scratch space for one batch.
 pub struct FusedMlp {
@@ -51,6 +54,16 @@ pub struct FusedMlp {
     scaled: Vec<f32>,
     /// ℓ_i of the last output gradient.
     losses: Vec<f32>,
+    /// Whether the next forward pass and those that follow it take each row's ‖a_k‖² and
+    /// ‖g_k‖² (see [`Self::track_norms`]).
+    track_next: bool,
+    /// Whether the current pass takes them (fixed by its forward pass, so that rows appended
+    /// by [`Self::forward_more`] are treated as the rows already there).
+    tracked: bool,
+    /// ‖a_k,i‖² per layer, `[n]`, taken by the forward pass when norms are tracked.
+    act_sq: Vec<Vec<f32>>,
+    /// ‖g_k,i‖² per layer, `[n]`, taken by the backward pass when norms are tracked.
+    delta_sq: Vec<Vec<f32>>,
 }
 
 impl FusedMlp {
@@ -90,6 +103,10 @@ impl FusedMlp {
             deltas: vec![Vec::new(); depth],
             scaled: Vec::new(),
             losses: Vec::new(),
+            track_next: false,
+            tracked: false,
+            act_sq: vec![Vec::new(); depth],
+            delta_sq: vec![Vec::new(); depth],
         }
     }
 
@@ -119,14 +136,27 @@ impl FusedMlp {
         self.n
     }
 
+    /// Whether the following passes also take each row's squared activation and gradient
+    /// norms, the parts of [`Self::sq_norms`], from the next forward pass on. Why: taken inside the ReLU passes while the
+    /// values are in registers they cost a fraction of a separate pass over the batch (see
+    /// [`super::row_ops`]). Off, [`Self::sq_norms`] still works, by that separate pass.
+    pub fn track_norms(&mut self, on: bool) {
+        self.track_next = on;
+    }
+
     /// Forward pass over `n` rows of `x` (`[n, inputs]` row-major), keeping what the backward
     /// pass needs. Returns the model output, `[n, outputs]`.
     pub fn forward(&mut self, x: &[f32], n: usize) -> &[f32] {
         assert_eq!(x.len(), n * self.widths[0], "x is [n, inputs]");
         self.n = n;
+        self.tracked = self.track_next;
         let last = self.depth() - 1;
         resize(&mut self.acts[0], x.len());
         self.acts[0].copy_from_slice(x);
+        if self.tracked {
+            resize(&mut self.act_sq[0], n);
+            sq_rows(x, self.widths[0], &mut self.act_sq[0]);
+        }
         for k in 0..=last {
             let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
             resize(&mut self.pre[k], n * d_out);
@@ -139,7 +169,11 @@ impl FusedMlp {
             if k < last {
                 let (pre, acts) = (&self.pre[k], &mut self.acts[k + 1]);
                 resize(acts, pre.len());
-                relu(pre, acts);
+                let sq = self.tracked.then(|| {
+                    resize(&mut self.act_sq[k + 1], n);
+                    &mut self.act_sq[k + 1][..]
+                });
+                relu(pre, acts, d_out, sq);
             }
         }
         &self.pre[last]
@@ -159,6 +193,10 @@ impl FusedMlp {
         };
         extend(&mut self.acts[0], self.widths[0]);
         self.acts[0][n0 * self.widths[0]..].copy_from_slice(x);
+        if self.tracked {
+            extend(&mut self.act_sq[0], 1);
+            sq_rows(x, self.widths[0], &mut self.act_sq[0][n0..]);
+        }
         for k in 0..=last {
             let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
             extend(&mut self.pre[k], d_out);
@@ -171,7 +209,11 @@ impl FusedMlp {
             if k < last {
                 extend(&mut self.acts[k + 1], d_out);
                 let (pre, acts) = (&self.pre[k], &mut self.acts[k + 1]);
-                relu(&pre[n0 * d_out..], &mut acts[n0 * d_out..]);
+                let sq = self.tracked.then(|| {
+                    extend(&mut self.act_sq[k + 1], 1);
+                    &mut self.act_sq[k + 1][n0..]
+                });
+                relu(&pre[n0 * d_out..], &mut acts[n0 * d_out..], d_out, sq);
             }
         }
     }
@@ -191,6 +233,10 @@ impl FusedMlp {
         resize(&mut self.losses, n);
         let (out, g) = (&self.pre[last], &mut self.deltas[last]);
         output_grad(self.head, out, y, k_out, g, &mut self.losses);
+        if self.tracked {
+            resize(&mut self.delta_sq[last], n);
+            sq_rows(&self.deltas[last], k_out, &mut self.delta_sq[last]);
+        }
     }
 
     /// Per-sample losses of the last [`Self::output_grads`].
@@ -229,7 +275,11 @@ impl FusedMlp {
             };
             let dims = (n, d_out, d_in);
             matmul(g_below, &upper[0], Layout::Rows, rhs, layout, dims, false);
-            relu_mask(&self.pre[k - 1], g_below);
+            let sq = self.tracked.then(|| {
+                resize(&mut self.delta_sq[k - 1], n);
+                &mut self.delta_sq[k - 1][..]
+            });
+            relu_mask(&self.pre[k - 1], g_below, d_in, sq);
         }
     }
 
@@ -252,29 +302,44 @@ impl FusedMlp {
             if k == last || with_hidden_deltas {
                 compact(&mut self.deltas[k], d_out, rows);
             }
+            if self.tracked {
+                compact(&mut self.act_sq[k], 1, rows);
+                if k == last || with_hidden_deltas {
+                    compact(&mut self.delta_sq[k], 1, rows);
+                }
+            }
         }
         self.n = rows.len();
     }
 
     /// Squared per-sample gradient norm over all parameters, s_i² = Σ_k (‖a_k,i‖² + 1)·‖g_k,i‖²
     /// (the ghost norm), for the rows of the last backward pass.
-    pub fn sq_norms(&self, out: &mut [f32]) {
-        assert_eq!(out.len(), self.n);
-        out.fill(0.0);
-        for k in 0..self.depth() {
-            let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
-            add_ghost_norms(&self.acts[k], &self.deltas[k], d_in, d_out, out);
-        }
+    pub fn sq_norms(&mut self, out: &mut [f32]) {
+        self.ghost_norms(0, out);
     }
 
     /// Squared norm of the last layer's per-sample gradient only (the `last_layer` proxy),
     /// after [`Self::output_grads`].
-    pub fn last_layer_sq_norms(&self, out: &mut [f32]) {
-        assert_eq!(out.len(), self.n);
+    pub fn last_layer_sq_norms(&mut self, out: &mut [f32]) {
+        self.ghost_norms(self.depth() - 1, out);
+    }
+
+    /// Σ over layers `from..` of (‖a_k,i‖² + 1)·‖g_k,i‖², from the norms the passes took
+    /// when tracked, else from a pass over the activations and gradients now.
+    fn ghost_norms(&mut self, from: usize, out: &mut [f32]) {
+        let n = self.n;
+        assert_eq!(out.len(), n);
         out.fill(0.0);
-        let k = self.depth() - 1;
-        let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
-        add_ghost_norms(&self.acts[k], &self.deltas[k], d_in, d_out, out);
+        for k in from..self.depth() {
+            let (d_in, d_out) = (self.widths[k], self.widths[k + 1]);
+            if !self.tracked {
+                resize(&mut self.act_sq[k], n);
+                sq_rows(&self.acts[k][..n * d_in], d_in, &mut self.act_sq[k]);
+                resize(&mut self.delta_sq[k], n);
+                sq_rows(&self.deltas[k][..n * d_out], d_out, &mut self.delta_sq[k]);
+            }
+            add_ghost_norms(&self.act_sq[k][..n], &self.delta_sq[k][..n], out);
+        }
     }
 
     /// Gradient of Σ_i w_i ℓ_i for every layer, into `grads` (`[d_in·d_out]` weights and
@@ -389,30 +454,11 @@ fn adam(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], lr: f32, factor:
     }
 }
 
+/// out_i += (‖a_i‖² + 1)·‖g_i‖² for one layer, from the rows' squared norms.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
-fn relu(z: &[f32], a: &mut [f32]) {
-    for (a, &z) in a.iter_mut().zip(z) {
-        *a = z.max(0.0);
-    }
-}
-
-/// g ⊙= 1[z > 0], branch-free (after a ReLU about half the units are off, at random).
-#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
-fn relu_mask(z: &[f32], g: &mut [f32]) {
-    for (g, &z) in g.iter_mut().zip(z) {
-        *g *= f32::from(u8::from(z > 0.0));
-    }
-}
-
-/// out_i += (‖a_i‖² + 1)·‖g_i‖² for one layer.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
-fn add_ghost_norms(a: &[f32], g: &[f32], d_in: usize, d_out: usize, out: &mut [f32]) {
-    for ((s, ar), gr) in out
-        .iter_mut()
-        .zip(a.chunks_exact(d_in))
-        .zip(g.chunks_exact(d_out))
-    {
-        *s += (dot(ar, ar) + 1.0) * dot(gr, gr);
+fn add_ghost_norms(a_sq: &[f32], g_sq: &[f32], out: &mut [f32]) {
+    for ((s, &a), &g) in out.iter_mut().zip(a_sq).zip(g_sq) {
+        *s += (a + 1.0) * g;
     }
 }
 
@@ -465,21 +511,6 @@ fn resize(v: &mut Vec<f32>, len: usize) {
     if v.len() != len {
         v.resize(len, 0.0);
     }
-}
-
-/// Σ x_i y_i, in 8 partial sums (vectorisable without reassociation).
-#[inline(always)]
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
-    let (xr, yr) = (xc.remainder(), yc.remainder());
-    for (a, b) in xc.zip(yc) {
-        for j in 0..8 {
-            acc[j] += a[j] * b[j];
-        }
-    }
-    let tail: f32 = xr.iter().zip(yr).map(|(a, b)| a * b).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 /// g_L and ℓ: 2(ŷ − y) and (ŷ − y)² for squared error; softmax(z) − onehot(y) and
@@ -574,6 +605,14 @@ mod tests {
         let mut norms = vec![0.0; n];
         f.sq_norms(&mut norms);
         close(&norms, &want_norms, "sq_norms");
+        // The same norms from the parts the passes take when asked to.
+        f.track_norms(true);
+        f.forward(&x, n);
+        f.backward(&y);
+        let mut tracked = vec![0.0; n];
+        f.sq_norms(&mut tracked);
+        close(&tracked, &want_norms, "sq_norms taken by the passes");
+        f.track_norms(false);
         if n <= 8 {
             // And against one burn autodiff backward per sample.
             let naive = naive_sq_norms(&params, head, &x, &y);
@@ -616,6 +655,8 @@ mod tests {
             };
             one.forward(&x, n0 + m);
             one.output_grads(&y);
+            // `two` takes the norms' parts as it goes; `one` computes them afterwards.
+            two.track_norms(true);
             two.forward(&x[..n0 * 6], n0);
             two.output_grads(&y[..n0]);
             two.backward_hidden();
@@ -627,13 +668,31 @@ mod tests {
             let mut g1 = vec![(Vec::new(), Vec::new()); params.len()];
             let mut g2 = g1.clone();
             one.backward_hidden();
-            one.weighted_grads(&w, &mut g1);
             two.backward_hidden();
+            let (mut s1, mut s2) = (vec![0.0; n0 + m], vec![0.0; n0 + m]);
+            one.sq_norms(&mut s1);
+            two.sq_norms(&mut s2);
+            close(&s2, &s1, "norms");
+            one.last_layer_sq_norms(&mut s1);
+            two.last_layer_sq_norms(&mut s2);
+            close(&s2, &s1, "last-layer norms");
+            one.weighted_grads(&w, &mut g1);
             two.weighted_grads(&w, &mut g2);
             for ((a, b), (c, d)) in g2.iter().zip(&g1) {
                 close(a, c, "weight gradient");
                 close(b, d, "bias gradient");
             }
+            // Kept rows keep their norms.
+            let rows = [0, 2, 3, 6, 10];
+            one.keep_rows(&rows, true);
+            two.keep_rows(&rows, true);
+            let (mut k1, mut k2) = (vec![0.0; rows.len()], vec![0.0; rows.len()]);
+            one.sq_norms(&mut k1);
+            two.sq_norms(&mut k2);
+            close(&k2, &k1, "norms of kept rows");
+            let before: Vec<f32> = rows.iter().map(|&r| s1[r]).collect();
+            two.last_layer_sq_norms(&mut k2);
+            close(&k2, &before, "last-layer norms of kept rows");
         }
     }
 

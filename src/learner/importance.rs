@@ -188,6 +188,7 @@ impl ImportanceScorer {
         y: &[f32],
         rng: &mut impl Rng,
     ) -> (Scored, bool) {
+        mlp.track_norms(self.norms_from_passes());
         mlp.forward(x, y.len());
         self.finish_fused(mlp, y, rng)
     }
@@ -203,6 +204,15 @@ impl ImportanceScorer {
     ) -> (Scored, bool) {
         mlp.forward_more(x_more, y.len() - mlp.rows());
         self.finish_fused(mlp, y, rng)
+    }
+
+    /// Whether the scores read the ghost norm's parts, which the fused passes then take as
+    /// they go (`FusedMlp::track_norms`).
+    fn norms_from_passes(&self) -> bool {
+        matches!(
+            self.method,
+            ImportanceMethod::Exact | ImportanceMethod::ExactAutodiff | ImportanceMethod::LastLayer
+        )
     }
 
     /// Output gradients, losses and scores of the fused pass over all of `y`'s rows.

@@ -29,6 +29,7 @@ pub mod net;
 pub mod per_key;
 pub mod recovery;
 pub mod reducible;
+pub mod row_ops;
 pub mod select;
 pub mod sorted;
 pub mod trace;
