@@ -469,35 +469,13 @@ impl OnlineLearner {
             self.pass_rows(&b, replay_n, &mut clock, None)
         };
         let r = replay.len();
-
-        // Loss weights: fresh rows as decided, replayed rows as drawn; a mean over the rows
-        // trained, or over all rows considered when the weights are inverse probabilities.
-        let mut w: Vec<f32> = decision.weights.clone();
-        w.extend_from_slice(&replay_w);
-        let trained_fresh = decision.trained();
-        let trained_rows = trained_fresh + r;
-        let denom = if decision.unbiased {
-            (n + r) as f32
-        } else {
-            trained_rows.max(1) as f32
-        };
-        for v in &mut w {
-            *v /= denom;
-        }
+        let trained_rows = decision.trained() + r;
+        let (mut w, denom) = loss_weights(&decision, &replay_w);
         let train_loss = weighted_mean(&w, &scored.losses);
         if let Some(c) = &mut self.clip {
             self.stats.clipped += c.apply(&scored.scores[..n], &scored.scores, &mut w) as u64;
         }
-        // Every-row training: each further step forwards its rows again.
-        let steps = u64::from(self.cfg.training.steps_per_batch.max(1));
-        let rows = (n + reference_n) as u64;
-        self.ledger.reference.add(&Work {
-            rows_forward: reference_n as u64 + (steps - 1) * rows,
-            rows_backward: steps * rows,
-            rows_weight_grad: steps * rows,
-            optimizer_steps: steps,
-            cpu_s: 0.0,
-        });
+        self.book_every_row(n, reference_n);
         if trained_rows > 0 {
             self.train(&w);
         }
@@ -505,9 +483,8 @@ impl OnlineLearner {
         // Replayed rows were scored by this pass for free: refresh their stored scores.
         let version_before = self.stats.steps.saturating_sub(1);
         if refresh_replay {
-            for (j, &slot) in replay.iter().enumerate() {
-                self.buffer
-                    .rescore(slot, scored.scores[n + j], version_before);
+            for (&slot, &score) in replay.iter().zip(&scored.scores[n..]) {
+                self.buffer.rescore(slot, score, version_before);
             }
         }
         let retained = self.retain(&b, &scored.scores[..n], &decision.selected, version_before);
@@ -521,40 +498,45 @@ impl OnlineLearner {
                 self.further_step(b.x, b.y, &decision, replay_n, denom);
             }
         }
-        let trained: Vec<bool> = decision.weights.iter().map(|w| *w > 0.0).collect();
-        self.stats.seen += n as u64;
-        self.stats.selected += decision.selected.iter().filter(|s| **s).count() as u64;
-        self.stats.trained_fresh += trained_fresh as u64;
-        self.stats.trained_replay += r as u64 * (trained_rows > 0) as u64;
+        self.count_step(n, r, &decision);
         self.ledger.training.cpu_s += clock.lap();
         clock.settle(&mut self.ledger, &mut self.cpu_clock);
-
         let every = self.cfg.buffer.rescore_every;
         if every > 0 && trained_rows > 0 && self.stats.steps.is_multiple_of(every) {
             self.rescore_slice();
         }
         self.stats.backpropagated =
             self.ledger.scoring.rows_backward + self.ledger.training.rows_backward;
-
-        // The pass's own buffers, cut to the fresh rows (moved, not copied).
-        let Scored {
-            mut outputs,
-            mut scores,
-            mut losses,
-        } = scored;
-        outputs.truncate(n * self.cfg.head.outputs());
-        scores.truncate(n);
-        losses.truncate(n);
-        StepOutcome {
-            outputs,
-            scores,
-            losses,
-            threshold: decision.threshold,
-            selected: decision.selected,
-            trained,
+        outcome(
+            scored,
+            decision,
             retained,
             train_loss,
-        }
+            self.cfg.head.outputs(),
+        )
+    }
+
+    /// Books what every-row training would have done with this micro-batch of `n` fresh rows
+    /// and `reference_n` replayed ones: each further step forwards its rows again.
+    fn book_every_row(&mut self, n: usize, reference_n: usize) {
+        let steps = u64::from(self.cfg.training.steps_per_batch.max(1));
+        let rows = (n + reference_n) as u64;
+        self.ledger.reference.add(&Work {
+            rows_forward: reference_n as u64 + (steps - 1) * rows,
+            rows_backward: steps * rows,
+            rows_weight_grad: steps * rows,
+            optimizer_steps: steps,
+            cpu_s: 0.0,
+        });
+    }
+
+    /// The step's counts of rows seen, selected and trained (`r` replayed rows drawn).
+    fn count_step(&mut self, n: usize, r: usize, decision: &select::Decision) {
+        let trained_fresh = decision.trained();
+        self.stats.seen += n as u64;
+        self.stats.selected += decision.selected.iter().filter(|s| **s).count() as u64;
+        self.stats.trained_fresh += trained_fresh as u64;
+        self.stats.trained_replay += r as u64 * (trained_fresh + r > 0) as u64;
     }
 
     /// Row selection: one pass over [fresh ‖ replayed] rows, then the decision (unless it
@@ -955,6 +937,54 @@ fn weighted_mean(w: &[f32], v: &[f32]) -> f32 {
         (num / den) as f32
     } else {
         f32::NAN
+    }
+}
+
+/// Loss weights of a pass over [fresh ‖ replayed] rows: fresh rows as decided, replayed rows
+/// as drawn, over the rows trained (or over all rows considered when the weights are inverse
+/// probabilities); and that denominator, which further steps reuse.
+fn loss_weights(decision: &select::Decision, replay_w: &[f32]) -> (Vec<f32>, f32) {
+    let (n, r) = (decision.weights.len(), replay_w.len());
+    let mut w = Vec::with_capacity(n + r);
+    w.extend_from_slice(&decision.weights);
+    w.extend_from_slice(replay_w);
+    let denom = if decision.unbiased {
+        (n + r) as f32
+    } else {
+        (decision.trained() + r).max(1) as f32
+    };
+    for v in &mut w {
+        *v /= denom;
+    }
+    (w, denom)
+}
+
+/// What a step returns: the pass's own buffers cut to the fresh rows (moved, not copied).
+fn outcome(
+    scored: Scored,
+    decision: select::Decision,
+    retained: Vec<bool>,
+    train_loss: f32,
+    outputs_per_row: usize,
+) -> StepOutcome {
+    let n = decision.weights.len();
+    let Scored {
+        mut outputs,
+        mut scores,
+        mut losses,
+    } = scored;
+    outputs.truncate(n * outputs_per_row);
+    scores.truncate(n);
+    losses.truncate(n);
+    StepOutcome {
+        outputs,
+        scores,
+        losses,
+        threshold: decision.threshold,
+        trained: decision.weights.iter().map(|w| *w > 0.0).collect(),
+        selected: decision.selected,
+        retained,
+        train_loss,
     }
 }
 
