@@ -22,7 +22,9 @@ use crate::learner::drift::KeyDetectors;
 use crate::learner::eval::{ClassBaselines, KNN_K, Observation, RegressionRow};
 use crate::learner::knn::KnnMemory;
 use crate::learner::model::Head;
-use crate::schema::{Encoding, LABEL_ANGLE_HARMONICS, LabelEncoding, Schema, TaskSpec};
+use crate::schema::{
+    CalendarSpec, Encoding, LABEL_ANGLE_HARMONICS, LabelEncoding, Schema, TaskSpec,
+};
 use crate::source::{Injection, RowOrigin};
 use crate::validate::RowCheck;
 
@@ -722,19 +724,7 @@ impl FeatureEngine {
         }
         let time = d.time.value(i);
         if let Some(cal) = &self.schema.features.calendar {
-            let local_s = time as f64 / 1e6 + cal.utc_offset_hours * 3600.0;
-            let day = local_s.div_euclid(86_400.0);
-            let hour = local_s.rem_euclid(86_400.0) / 3600.0;
-            if cal.hour_of_day {
-                out.x.push((TAU * hour / 24.0).sin() as f32);
-                out.x.push((TAU * hour / 24.0).cos() as f32);
-            }
-            if cal.day_of_week {
-                // 1970-01-01 was a Thursday: Monday = 0.
-                let dow = (day + 3.0).rem_euclid(7.0) + hour / 24.0;
-                out.x.push((TAU * dow / 7.0).sin() as f32);
-                out.x.push((TAU * dow / 7.0).cos() as f32);
-            }
+            push_calendar(cal, time, &mut out.x);
         }
         if let Some((east, north)) = en {
             let range = east.hypot(north);
@@ -759,36 +749,7 @@ impl FeatureEngine {
             }
         }
         let eval = match (self.target, class) {
-            (Some(t), _) => {
-                let h = &state.hist[t];
-                let (mut mean, std) = if self.schema.features.normalise {
-                    scalers[t].params()
-                } else {
-                    (0.0, 1.0)
-                };
-                if self.schema.features.predict_change {
-                    // y_model = (y − y_last) / std: the offset is this row's persistence value.
-                    mean = h.front().copied().unwrap_or(mean);
-                }
-                out.y.push(((vals[t] - mean) / std) as f32);
-                let log = self.check.log1p[t];
-                let raw = |v: f64| if log { v.exp_m1() } else { v };
-                RowEval {
-                    target: raw(vals[t]),
-                    mean,
-                    std,
-                    persistence: h.front().copied().map(raw),
-                    seasonal: self
-                        .schema
-                        .baselines
-                        .seasonal_lag
-                        .and_then(|s| h.get(s - 1).copied())
-                        .map(raw),
-                    power: None,
-                    log1p: log,
-                    baselines: ClassBaselines::default(),
-                }
-            }
+            (Some(t), _) => self.regression_eval(state, scalers, vals, t, &mut out.y),
             (None, Some(c)) => {
                 out.y.push(c as f32);
                 RowEval {
@@ -807,6 +768,46 @@ impl FeatureEngine {
         out.keys.push(key.clone());
         out.times.push(time);
         out.eval.push(eval);
+    }
+
+    /// A regression row's model target (pushed to `y`: scaled, and as a change from the last
+    /// value when the schema predicts changes) and what its evaluation needs in raw units.
+    fn regression_eval(
+        &self,
+        state: &KeyState,
+        scalers: &[Scaler],
+        vals: &[f64],
+        t: usize,
+        y: &mut Vec<f32>,
+    ) -> RowEval {
+        let h = &state.hist[t];
+        let (mut mean, std) = if self.schema.features.normalise {
+            scalers[t].params()
+        } else {
+            (0.0, 1.0)
+        };
+        if self.schema.features.predict_change {
+            // y_model = (y − y_last) / std: the offset is this row's persistence value.
+            mean = h.front().copied().unwrap_or(mean);
+        }
+        y.push(((vals[t] - mean) / std) as f32);
+        let log = self.check.log1p[t];
+        let raw = |v: f64| if log { v.exp_m1() } else { v };
+        RowEval {
+            target: raw(vals[t]),
+            mean,
+            std,
+            persistence: h.front().copied().map(raw),
+            seasonal: self
+                .schema
+                .baselines
+                .seasonal_lag
+                .and_then(|s| h.get(s - 1).copied())
+                .map(raw),
+            power: None,
+            log1p: log,
+            baselines: ClassBaselines::default(),
+        }
     }
 
     /// Adds a valid row to its key's history and to the scalers (after it was used: the
@@ -874,6 +875,24 @@ pub fn east_north(bs_lat: f64, bs_lon: f64, ue_lat: f64, ue_lon: f64) -> (f64, f
     let east = (ue_lon - bs_lon).to_radians() * EARTH_RADIUS_M * bs_lat.to_radians().cos();
     let north = (ue_lat - bs_lat).to_radians() * EARTH_RADIUS_M;
     (east, north)
+}
+
+/// The calendar inputs of a row at `time` (µs since the epoch, UTC): hour of day and day of
+/// week as sin/cos pairs, in the schema's local time.
+fn push_calendar(cal: &CalendarSpec, time: i64, x: &mut Vec<f32>) {
+    let local_s = time as f64 / 1e6 + cal.utc_offset_hours * 3600.0;
+    let day = local_s.div_euclid(86_400.0);
+    let hour = local_s.rem_euclid(86_400.0) / 3600.0;
+    if cal.hour_of_day {
+        x.push((TAU * hour / 24.0).sin() as f32);
+        x.push((TAU * hour / 24.0).cos() as f32);
+    }
+    if cal.day_of_week {
+        // 1970-01-01 was a Thursday: Monday = 0.
+        let dow = (day + 3.0).rem_euclid(7.0) + hour / 24.0;
+        x.push((TAU * dow / 7.0).sin() as f32);
+        x.push((TAU * dow / 7.0).cos() as f32);
+    }
 }
 
 #[cfg(test)]

@@ -373,6 +373,17 @@ impl Schema {
     }
 
     fn validate(&self) -> Result<()> {
+        self.validate_columns()?;
+        self.validate_features()?;
+        if self.input_width() == 0 {
+            bail!("the schema derives no feature at all");
+        }
+        Ok(())
+    }
+
+    /// The declared columns: key, time, target and features present with fitting types,
+    /// ranges well formed.
+    fn validate_columns(&self) -> Result<()> {
         self.declared(&self.key, "key")?;
         let t = self.declared(&self.time.column, "time")?;
         let want = match self.time.kind {
@@ -416,18 +427,24 @@ impl Schema {
                 }
             }
         }
+        if let Some(p) = &self.evaluation.beam_power {
+            let spec = self.declared(p, "beam_power")?;
+            if spec.ty != ColumnType::FloatList {
+                bail!("beam_power column `{p}` must be float_list");
+            }
+        }
+        Ok(())
+    }
+
+    /// The derived features: lags, transforms, encodings and embeddings consistent with the
+    /// columns and the task.
+    fn validate_features(&self) -> Result<()> {
         for l in &self.features.lags {
             if l.lags.is_empty() || l.lags.contains(&0) {
                 bail!(
                     "lags of `{}` must be a non-empty list of integers ≥ 1",
                     l.column
                 );
-            }
-        }
-        if let Some(p) = &self.evaluation.beam_power {
-            let spec = self.declared(p, "beam_power")?;
-            if spec.ty != ColumnType::FloatList {
-                bail!("beam_power column `{p}` must be float_list");
             }
         }
         for c in &self.features.log1p {
@@ -464,9 +481,6 @@ impl Schema {
             if l.lags.is_empty() || l.lags.contains(&0) {
                 bail!("label_lags.lags must be a non-empty list of integers ≥ 1");
             }
-        }
-        if self.input_width() == 0 {
-            bail!("the schema derives no feature at all");
         }
         Ok(())
     }

@@ -36,7 +36,7 @@ use crate::learner::eval::{EvalSummary, Observation, Scoreboard, argmax};
 use crate::learner::model::Head;
 use crate::learner::per_key::Learners;
 use crate::learner::trace::{MetricTrace, TracePoint};
-use crate::learner::{FreshBatch, LearnerConfig};
+use crate::learner::{FreshBatch, LearnerConfig, StepOutcome};
 use crate::schema::Schema;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::sink::scores::ScoreRow;
@@ -425,22 +425,8 @@ impl LearnerStage {
                 });
             }
             if self.cfg.drift.enabled {
-                let (loss, score) = (out.losses[i], out.scores[i]);
-                let fired = self
-                    .drift
-                    .update(seen_before + i as u64, s.times[i], loss, score);
-                self.telemetry.drift(fired);
-                let sample = seen_before + i as u64;
-                if self.cfg.drift.per_key
-                    && let Some(d) = self.keys.detectors(&s.keys[i], &self.cfg.drift)
-                {
-                    let found = d.update(loss);
-                    let key_fired = self.drift.record_key(sample, s.times[i], &s.keys[i], found);
-                    self.telemetry.drift_key(key_fired);
-                }
-                if self.drift.should_react(&self.cfg.drift, sample, fired) {
-                    self.learner.react(&self.cfg.drift);
-                }
+                let at = (seen_before + i as u64, s.times[i]);
+                self.watch_drift(at, &s.keys[i], out.losses[i], out.scores[i]);
             }
             if let Some(b) = &blend {
                 self.blender.learn(b, ev.target as usize, &mut w);
@@ -451,30 +437,36 @@ impl LearnerStage {
                 self.counters.trained_after_warmup += out.trained[i] as u64;
             }
             if sinks_on {
-                self.sink_rows.push(ScoreRow {
-                    source: s.origins[i].source.clone(),
-                    position: s.origins[i].index,
-                    key: s.keys[i].clone(),
-                    time: s.times[i],
-                    score: out.scores[i],
-                    threshold: out.threshold,
-                    selected: out.selected[i],
-                    trained: out.trained[i],
-                    retained: out.retained[i],
-                    prediction,
-                    target: ev.target,
-                    features: if self.cfg.output.features {
-                        s.x[i * width..(i + 1) * width].to_vec()
-                    } else {
-                        Vec::new()
-                    },
-                });
+                let features = if self.cfg.output.features {
+                    s.x[i * width..(i + 1) * width].to_vec()
+                } else {
+                    Vec::new()
+                };
+                self.sink_rows
+                    .push(score_row(&s, &out, i, prediction, features));
             }
         }
         if self.sink_rows.len() >= SINK_BATCH {
             self.flush_rows()?;
         }
         Ok(())
+    }
+
+    /// One row's prequential loss and score through the drift detectors (global, and the
+    /// key's own when asked), and a reaction when one is due. `at` is (sample, time).
+    fn watch_drift(&mut self, (sample, time): (u64, i64), key: &Arc<str>, loss: f32, score: f32) {
+        let fired = self.drift.update(sample, time, loss, score);
+        self.telemetry.drift(fired);
+        if self.cfg.drift.per_key
+            && let Some(d) = self.keys.detectors(key, &self.cfg.drift)
+        {
+            let found = d.update(loss);
+            let key_fired = self.drift.record_key(sample, time, key, found);
+            self.telemetry.drift_key(key_fired);
+        }
+        if self.drift.should_react(&self.cfg.drift, sample, fired) {
+            self.learner.react(&self.cfg.drift);
+        }
     }
 
     /// Hands the score rows gathered so far to the sink thread.
@@ -683,6 +675,30 @@ impl LearnerStage {
 /// The stage driven in-process, as a component test driver would: a list of source events
 /// in, the acknowledgements, sink messages and files it produces captured. No broker, no
 /// Python: the bundled Milan archive is read with the parquet crate.
+/// The score file's row for fresh row `i` of a step.
+fn score_row(
+    s: &Samples,
+    out: &StepOutcome,
+    i: usize,
+    prediction: f64,
+    features: Vec<f32>,
+) -> ScoreRow {
+    ScoreRow {
+        source: s.origins[i].source.clone(),
+        position: s.origins[i].index,
+        key: s.keys[i].clone(),
+        time: s.times[i],
+        score: out.scores[i],
+        threshold: out.threshold,
+        selected: out.selected[i],
+        trained: out.trained[i],
+        retained: out.retained[i],
+        prediction,
+        target: s.eval[i].target,
+        features,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc::{Receiver, channel};
