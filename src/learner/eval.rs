@@ -312,22 +312,20 @@ impl BeamRow {
     /// Top-3 from the ranking `rank` (the predicted distribution), top-1 and power loss from
     /// the class `choice` scores highest (the decision: see [`super::decision`]).
     fn ranked(rank: &[f32], choice: &[f32], target: usize, power: Option<&[f32]>) -> BeamRow {
-        // One pass over both (a row is scored several times: model, baselines, MLP alone).
-        // NaN scores make every comparison false: beam 0 would look like a choice.
+        // A row is scored several times (model, baselines, MLP alone), so these are plain
+        // counting loops that vectorise. NaN scores make every comparison false: beam 0
+        // would look like a choice, hence `finite`.
+        debug_assert_eq!(rank.len(), choice.len());
         let (tr, tc) = (rank.get(target), choice.get(target));
         let (tr, tc) = (
             tr.copied().unwrap_or(f32::NAN),
             tc.copied().unwrap_or(f32::NAN),
         );
-        let (mut finite, mut above_rank, mut above_choice) = (true, 0, 0);
-        for (c, (&r, &h)) in rank.iter().zip(choice).enumerate() {
-            finite &= r.is_finite() && h.is_finite();
-            // Other classes scoring at least as high as the target: a tie is not a hit.
-            if c != target {
-                above_rank += usize::from(r >= tr);
-                above_choice += usize::from(h >= tc);
-            }
-        }
+        let finite = rank
+            .iter()
+            .chain(choice)
+            .fold(true, |all, x| all & x.is_finite());
+        let (above_rank, above_choice) = (classes_at_least(rank, tr), classes_at_least(choice, tc));
         let best = argmax(choice);
         let power = power.and_then(|p| {
             let p_best = p.iter().copied().fold(f32::MIN, f32::max) as f64;
@@ -341,6 +339,14 @@ impl BeamRow {
             power,
         }
     }
+}
+
+/// Classes other than the target scoring at least `t`, the target's own score (a tie is not
+/// a hit): all of them counted, less the target itself (which counts when `t` is a number;
+/// a NaN `t`, or a target out of range, counts nothing).
+fn classes_at_least(scores: &[f32], t: f32) -> usize {
+    let all: usize = scores.iter().map(|&x| usize::from(x >= t)).sum();
+    all - usize::from(!t.is_nan())
 }
 
 /// The classification baselines of one row, computed where the per-key history is kept
@@ -660,10 +666,15 @@ pub fn softmax(v: &mut [f32]) {
 }
 
 pub fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
+    // The best value kept in a register: read back from `v[best]` it made every comparison
+    // wait on the load its last update addressed (half of `BeamRow::ranked`'s time).
+    let Some(&first) = v.first() else {
+        return 0;
+    };
+    let (mut best, mut top) = (0, first);
+    for (i, &x) in v.iter().enumerate().skip(1) {
+        if x > top {
+            (best, top) = (i, x);
         }
     }
     best
