@@ -724,6 +724,22 @@ mod tests {
     }
 
     #[test]
+    fn ties_are_not_hits_and_argmax_takes_the_first_maximum() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 3.0]), 0);
+        assert_eq!(argmax(&[1.0, f32::NAN, 2.0]), 2);
+        assert_eq!(argmax(&[]), 0);
+        let p = [0.1, 0.4, 0.4, 0.1];
+        let r = BeamRow::ranked(&p, &p, 1, None);
+        assert!(r.finite && !r.top1 && r.top3, "a tie for the top is no top-1 hit");
+        let p = [0.3, 0.3, 0.3, 0.1];
+        let r = BeamRow::ranked(&p, &p, 3, None);
+        assert!(!r.top1 && !r.top3, "three classes above the target");
+        let r = BeamRow::ranked(&p, &p, 9, None);
+        assert!(!r.top1 && !r.top3, "a target out of range is no hit");
+    }
+
+    #[test]
     fn nan_logits_are_not_a_beam_choice() {
         let mut c = ClassificationEval::new(8);
         c.record(&[f32::NAN; 4], 0, None);
