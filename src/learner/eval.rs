@@ -731,7 +731,10 @@ mod tests {
         assert_eq!(argmax(&[]), 0);
         let p = [0.1, 0.4, 0.4, 0.1];
         let r = BeamRow::ranked(&p, &p, 1, None);
-        assert!(r.finite && !r.top1 && r.top3, "a tie for the top is no top-1 hit");
+        assert!(
+            r.finite && !r.top1 && r.top3,
+            "a tie for the top is no top-1 hit"
+        );
         let p = [0.3, 0.3, 0.3, 0.1];
         let r = BeamRow::ranked(&p, &p, 3, None);
         assert!(!r.top1 && !r.top3, "three classes above the target");

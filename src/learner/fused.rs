@@ -136,10 +136,10 @@ impl FusedMlp {
         self.n
     }
 
-    /// Whether the following passes also take each row's squared activation and gradient
-    /// norms, the parts of [`Self::sq_norms`], from the next forward pass on. Why: taken inside the ReLU passes while the
-    /// values are in registers they cost a fraction of a separate pass over the batch (see
-    /// [`super::row_ops`]). Off, [`Self::sq_norms`] still works, by that separate pass.
+    /// Whether the passes from the next forward pass on also take each row's squared
+    /// activation and gradient norms, the parts of [`Self::sq_norms`]. Why: taken inside the
+    /// ReLU passes while the values are in registers, they cost a fraction of a separate pass
+    /// over the batch (see [`super::row_ops`]). Off, [`Self::sq_norms`] makes that pass.
     pub fn track_norms(&mut self, on: bool) {
         self.track_next = on;
     }
