@@ -449,20 +449,7 @@ pub async fn train(
     opts: RunOptions,
     shutdown: Shutdown,
 ) -> Result<OfflineReport> {
-    if cfg.importance.method == ImportanceMethod::Reducible {
-        bail!(
-            "{}: key `importance.method`: expected a score gradsift train supports (exact, \
-             exact_autodiff, last_layer, el2n, loss, random), found \"reducible\" (online only: \
-             its held-out rows come from the stream)",
-            cfg.file.display()
-        );
-    }
-    if cfg.model.scope != crate::learner::per_key::ModelScope::Shared {
-        bail!(
-            "{}: key `model.scope`: `gradsift train` fits one model; expected \"shared\" (per_key is for `gradsift run`)",
-            cfg.file.display()
-        );
-    }
+    refuse_online_only(&cfg)?;
     let started = Instant::now();
     let cpu_start = cpu_time::ProcessTime::now();
     let mut meter = EnergyMeter::start(cfg.energy.clone());
@@ -479,17 +466,7 @@ pub async fn train(
     let periods = cfg.evaluation.boundaries();
     let (train_rows, held) = split(&cfg, &archive.samples, &periods)?;
     let head = schema.task.head();
-    let learner = OnlineLearner::new(LearnerConfig {
-        inputs: features.width(),
-        head,
-        model: cfg.model.clone(),
-        importance: cfg.importance.method,
-        selection: cfg.selection.clone(),
-        buffer: cfg.buffer.clone(),
-        training: cfg.training.clone(),
-        reference_replay_ratio: 0.0,
-        holdout_every: cfg.importance.holdout_every,
-    });
+    let learner = offline_learner(&cfg, features.width(), head);
     let o = &cfg.offline;
     let losses = loss_table(&cfg, head, &archive.samples, &train_rows);
     let mut ep = Epochs {
@@ -552,6 +529,41 @@ pub async fn train(
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(report)
+}
+
+/// Settings only `gradsift run` has, refused at start with the file and the key.
+fn refuse_online_only(cfg: &PipelineConfig) -> Result<()> {
+    if cfg.importance.method == ImportanceMethod::Reducible {
+        bail!(
+            "{}: key `importance.method`: expected a score gradsift train supports (exact, \
+             exact_autodiff, last_layer, el2n, loss, random), found \"reducible\" (online only: \
+             its held-out rows come from the stream)",
+            cfg.file.display()
+        );
+    }
+    if cfg.model.scope != crate::learner::per_key::ModelScope::Shared {
+        bail!(
+            "{}: key `model.scope`: `gradsift train` fits one model; expected \"shared\" (per_key is for `gradsift run`)",
+            cfg.file.display()
+        );
+    }
+    Ok(())
+}
+
+/// The learner the epochs train: the pipeline's, with no every-row reference booked per step
+/// (offline, the reference is booked per epoch).
+fn offline_learner(cfg: &PipelineConfig, inputs: usize, head: Head) -> OnlineLearner {
+    OnlineLearner::new(LearnerConfig {
+        inputs,
+        head,
+        model: cfg.model.clone(),
+        importance: cfg.importance.method,
+        selection: cfg.selection.clone(),
+        buffer: cfg.buffer.clone(),
+        training: cfg.training.clone(),
+        reference_replay_ratio: 0.0,
+        holdout_every: cfg.importance.holdout_every,
+    })
 }
 
 fn epoch_bar(opts: &RunOptions, epochs: usize) -> ProgressBar {

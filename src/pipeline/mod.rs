@@ -136,19 +136,14 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
             })
         })
     };
-    let learned = learn.await.context("learner thread panicked")?;
-    if learned.is_err() {
-        // Stop the source: an idle feed would otherwise wait for messages for ever, and the
-        // feature stage only finds a stopped learner when it next hands on a batch.
-        shutdown.trigger();
-    }
-    // The feature stage's own error explains a learner that found its stream cut short.
-    featurize.await.context("feature thread panicked")??;
-    let (source_rows, redelivered) = source.await.context("source thread panicked")??;
-    let (written, topic_records) = sink
-        .join()
-        .map_err(|_| anyhow::anyhow!("sink thread panicked"))??;
-    let stage = learned?;
+    let threads = Threads {
+        learn,
+        featurize,
+        source,
+        sink,
+    };
+    let (stage, (source_rows, redelivered), (written, topic_records)) =
+        threads.join(&shutdown).await?;
     progress.finish_and_clear();
     ticker.abort();
     let energy = meter.lock().expect("meter").read();
@@ -166,6 +161,38 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     };
     let report = build_report(&cfg, &schema, &out_dir, &stage, ends);
     finish_report(&cfg, &schema, &out_dir, &stage, report)
+}
+
+/// The running stages of one pipeline.
+struct Threads {
+    learn: tokio::task::JoinHandle<Result<LearnerStage>>,
+    featurize: tokio::task::JoinHandle<Result<()>>,
+    source: tokio::task::JoinHandle<Result<(u64, u64)>>,
+    sink: std::thread::JoinHandle<Result<sink_stage::SinkTotals>>,
+}
+
+impl Threads {
+    /// Waits for every stage, the learner first; returns the learner stage, the source's
+    /// (rows, redelivered) and the sink's totals. The first error that explains the others
+    /// wins: the feature stage's explains a learner that found its stream cut short.
+    async fn join(
+        self,
+        shutdown: &Shutdown,
+    ) -> Result<(LearnerStage, (u64, u64), sink_stage::SinkTotals)> {
+        let learned = self.learn.await.context("learner thread panicked")?;
+        if learned.is_err() {
+            // Stop the source: an idle feed would otherwise wait for messages for ever, and
+            // the feature stage only finds a stopped learner when it next hands on a batch.
+            shutdown.trigger();
+        }
+        self.featurize.await.context("feature thread panicked")??;
+        let source = self.source.await.context("source thread panicked")??;
+        let totals = self
+            .sink
+            .join()
+            .map_err(|_| anyhow::anyhow!("sink thread panicked"))??;
+        Ok((learned?, source, totals))
+    }
 }
 
 /// Adds the windowed metric's trace and plot (when asked for, or when the pipeline declares
