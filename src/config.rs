@@ -479,6 +479,10 @@ impl PipelineConfig {
                 self.file.display()
             ));
         }
+        let memory = self.model.decision_memory;
+        if !(memory.is_finite() && memory >= 1.0) {
+            return Err(self.bad("model.decision_memory", "a number ≥ 1 (rows)", memory));
+        }
         if !(1..=64).contains(&t.steps_per_batch) {
             let v = t.steps_per_batch;
             return Err(self.bad("training.steps_per_batch", "1 to 64 steps", v));
@@ -757,6 +761,7 @@ max_bytes = 100000
             ("drift.score_season=100", "drift.score_season"),
             ("training.steps_per_batch=0", "training.steps_per_batch"),
             ("model.blend={mode=\"schedule\", n0=0.0}", "model.blend"),
+            ("model.decision_memory=0.5", "model.decision_memory"),
         ] {
             let e = PipelineConfig::load(&write(d.path(), GOOD), &[set.into()])
                 .unwrap_err()

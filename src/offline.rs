@@ -277,7 +277,7 @@ fn evaluate(
 
 /// `model.decision = "min_expected_loss"`: the loss table learnt from the training rows.
 fn loss_table(cfg: &PipelineConfig, head: Head, s: &Samples, train: &[usize]) -> Option<LossTable> {
-    let mut t = LossTable::for_model(cfg.model.decision, head)?;
+    let mut t = LossTable::for_model(cfg.model.decision, cfg.model.decision_memory, head)?;
     for p in train.iter().filter_map(|&i| s.eval[i].power.as_deref()) {
         t.learn(p);
     }

@@ -12,6 +12,9 @@
 //! ranks the classes by probability (the candidates a beam sweep would measure). Before a class has been seen as best, its row of `L` is 0 on the diagonal
 //! and the mean off-best loss elsewhere, which makes the rule the argmax; one table is kept
 //! for the stream (a codebook's geometry does not change with the site); checkpoints keep it.
+//! A class's row is a running mean until the class has been best `model.decision_memory`
+//! times, then an exponentially weighted one (weight 1/memory per row), so that the table
+//! follows a new site's geometry (the beam pipelines: 30).
 
 use serde::{Deserialize, Serialize};
 
@@ -27,8 +30,9 @@ pub enum Decision {
     MinExpectedLoss,
 }
 
-/// Rows of a class after which its losses are a running mean over that many (drift).
-const MEMORY: f32 = 1000.0;
+/// `model.decision_memory` unless set: rows of a class after which its loss row is a running
+/// mean over that many.
+pub const DEFAULT_MEMORY: f32 = 1000.0;
 /// The loss of a class that received no power at all, and the most any class is charged: a
 /// beam 40 dB below the best is off either way.
 const MAX_LOSS_DB: f32 = 40.0;
@@ -43,36 +47,55 @@ pub struct LossTable {
     classes: usize,
     /// `L[c][b]`, row-major by the best class `c`.
     mean: Vec<f32>,
-    /// Rows seen with each class best (capped at [`MEMORY`]).
+    /// Rows seen with each class best (capped at `memory`).
     seen: Vec<f32>,
     /// Mean loss of a non-best class over all rows, the prior of unseen rows.
     off_best: f32,
     rows: f32,
+    /// `model.decision_memory`: configuration, not state (a restored table keeps the
+    /// pipeline's).
+    #[serde(skip, default = "default_memory")]
+    memory: f32,
     #[serde(skip)]
     probs: Vec<f32>,
+}
+
+fn default_memory() -> f32 {
+    DEFAULT_MEMORY
 }
 
 impl LossTable {
     /// The table `model.decision` asks for: one for a classification head deciding by
     /// expected loss, none otherwise (the online stage and `gradsift train` both build it so).
-    pub fn for_model(decision: Decision, head: Head) -> Option<Self> {
+    pub fn for_model(decision: Decision, memory: f32, head: Head) -> Option<Self> {
         match (decision, head) {
             (Decision::MinExpectedLoss, Head::Classification { classes }) => {
-                Some(LossTable::new(classes))
+                Some(LossTable::new(classes, memory))
             }
             _ => None,
         }
     }
 
-    pub fn new(classes: usize) -> Self {
+    /// An empty table for `classes` classes whose rows become running means over `memory`
+    /// rows of their class.
+    pub fn new(classes: usize, memory: f32) -> Self {
         LossTable {
             classes,
             mean: vec![0.0; classes * classes],
             seen: vec![0.0; classes],
             off_best: 1.0,
             rows: 0.0,
+            memory,
             probs: Vec::new(),
         }
+    }
+
+    /// Continues from a checkpoint's table, with this table's memory (configuration).
+    pub fn restore(&mut self, saved: LossTable) {
+        *self = LossTable {
+            memory: self.memory,
+            ..saved
+        };
     }
 
     /// Classes the table is for.
@@ -125,7 +148,7 @@ impl LossTable {
         if p_best <= 0.0 {
             return;
         }
-        let n = (self.seen[best] + 1.0).min(MEMORY);
+        let n = (self.seen[best] + 1.0).min(self.memory);
         self.seen[best] = n;
         let row = &mut self.mean[best * c..(best + 1) * c];
         let mut off = 0.0;
@@ -138,7 +161,9 @@ impl LossTable {
             *m += (loss - *m) / n;
             off += loss;
         }
-        self.rows = (self.rows + 1.0).min(MEMORY);
+        // The prior of unseen classes is over rows of any class: 1,000 of them, whatever the
+        // classes' own memory.
+        self.rows = (self.rows + 1.0).min(DEFAULT_MEMORY);
         self.off_best += (off / (c - 1).max(1) as f32 - self.off_best) / self.rows;
     }
 }
@@ -175,7 +200,7 @@ mod tests {
 
     #[test]
     fn unlearnt_table_is_the_argmax() {
-        let mut t = LossTable::new(4);
+        let mut t = LossTable::new(4, DEFAULT_MEMORY);
         let mut out = Vec::new();
         t.decide(&[0.1, 0.5, 0.3, 0.1], false, &mut out);
         assert_eq!(crate::learner::eval::argmax(&out), 1);
@@ -187,7 +212,7 @@ mod tests {
     fn a_split_prediction_chooses_the_beam_that_loses_least() {
         // Beams 0 and 2 are each best half the time; beam 1 loses 1 dB to either, while
         // 0 and 2 lose 20 dB to each other.
-        let mut t = LossTable::new(3);
+        let mut t = LossTable::new(3, DEFAULT_MEMORY);
         for _ in 0..10 {
             t.learn(&[100.0, 79.4, 1.0]);
             t.learn(&[1.0, 79.4, 100.0]);
@@ -204,8 +229,33 @@ mod tests {
     }
 
     #[test]
+    fn a_short_memory_follows_a_change_of_losses() {
+        // Beam 1 loses 1 dB when 0 is best for 200 rows, then 20 dB (a new site).
+        let (mut short, mut long) = (LossTable::new(3, 10.0), LossTable::new(3, DEFAULT_MEMORY));
+        for t in [&mut short, &mut long] {
+            for _ in 0..200 {
+                t.learn(&[100.0, 79.4, 1.0]);
+            }
+            for _ in 0..60 {
+                t.learn(&[100.0, 1.0, 1.0]);
+            }
+        }
+        // Weighted 1/10 per row, the old loss has faded (0.9^60); a plain mean over all 260
+        // rows is (200 · 1 + 60 · 20) / 260 = 5.4 dB.
+        assert!((short.mean[1] - 20.0).abs() < 0.1, "{}", short.mean[1]);
+        assert!((long.mean[1] - 5.38).abs() < 0.05, "{}", long.mean[1]);
+        // A restored table keeps the pipeline's memory, not the saved one's.
+        let mut restored = LossTable::new(3, 10.0);
+        restored.restore(postcard::from_bytes(&postcard::to_stdvec(&long).unwrap()).unwrap());
+        assert_eq!(
+            (restored.memory, restored.mean.clone()),
+            (10.0, long.mean.clone())
+        );
+    }
+
+    #[test]
     fn a_checkpointed_table_decides_the_same() {
-        let mut t = LossTable::new(3);
+        let mut t = LossTable::new(3, DEFAULT_MEMORY);
         t.learn(&[100.0, 79.4, 1.0]);
         t.learn(&[1.0, 50.0, 100.0]);
         let mut back: LossTable = postcard::from_bytes(&postcard::to_stdvec(&t).unwrap()).unwrap();
@@ -217,7 +267,7 @@ mod tests {
 
     #[test]
     fn non_finite_predictions_and_powers_are_not_learnt_or_chosen_and_no_power_is_capped() {
-        let mut t = LossTable::new(3);
+        let mut t = LossTable::new(3, DEFAULT_MEMORY);
         t.learn(&[1.0, f32::NAN, 2.0]);
         t.learn(&[0.0, 0.0, 0.0]);
         assert!(t.seen.iter().all(|&n| n == 0.0));

@@ -91,12 +91,20 @@ pub struct ModelConfig {
     /// probability), see [`decision`].
     #[serde(default)]
     pub decision: decision::Decision,
+    /// `min_expected_loss`: rows of a class after which its row of the loss table stops being
+    /// a plain mean and weighs each new row 1/memory (so it follows a change of site).
+    #[serde(default = "default_decision_memory")]
+    pub decision_memory: f32,
     /// One model for the stream, or one per key (see [`per_key`]).
     #[serde(default)]
     pub scope: per_key::ModelScope,
     /// `per_key`: models kept at most (the least recently used key's is dropped).
     #[serde(default = "default_max_models")]
     pub max_models: usize,
+}
+
+fn default_decision_memory() -> f32 {
+    decision::DEFAULT_MEMORY
 }
 
 fn default_max_models() -> usize {
@@ -117,6 +125,7 @@ impl Default for ModelConfig {
             hidden: default_hidden(),
             blend: None,
             decision: decision::Decision::Argmax,
+            decision_memory: default_decision_memory(),
             scope: per_key::ModelScope::Shared,
             max_models: default_max_models(),
         }

@@ -186,7 +186,7 @@ impl LearnerStage {
             sink_rows: Vec::new(),
             blender: Blender::default(),
             blended: Vec::new(),
-            losses: LossTable::for_model(cfg.model.decision, head),
+            losses: LossTable::for_model(cfg.model.decision, cfg.model.decision_memory, head),
             decided: Vec::new(),
             learner,
             keys: LearnerKeys::default(),
@@ -616,7 +616,7 @@ impl LearnerStage {
         if let (Some(t), Some(saved)) = (&mut self.losses, c.decision)
             && saved.classes() == t.classes()
         {
-            *t = saved;
+            t.restore(saved);
         }
         self.counters.resumes += 1;
         self.positions = c
