@@ -16,8 +16,9 @@ use crate::energy::EnergyConfig;
 use crate::learner::buffer::BufferConfig;
 use crate::learner::eval::Boundary;
 use crate::learner::importance::ImportanceMethod;
+use crate::learner::model::Head;
 use crate::learner::select::SelectionConfig;
-use crate::learner::{ModelConfig, TrainingConfig};
+use crate::learner::{LearnerConfig, ModelConfig, TrainingConfig};
 use crate::offline::OfflineConfig;
 use crate::sink::topic::TopicSinkConfig;
 use crate::source::SourceConfig;
@@ -616,6 +617,27 @@ impl PipelineConfig {
         self.compute
             .reference_replay_ratio
             .unwrap_or(self.buffer.replay_ratio)
+    }
+
+    /// The learner's settings for rows `inputs` features wide; `reference_replay_ratio` is
+    /// the every-row training its steps book their saving against (0: none booked per step).
+    pub fn learner_config(
+        &self,
+        inputs: usize,
+        head: Head,
+        reference_replay_ratio: f64,
+    ) -> LearnerConfig {
+        LearnerConfig {
+            inputs,
+            head,
+            model: self.model.clone(),
+            importance: self.importance.method,
+            selection: self.selection.clone(),
+            buffer: self.buffer.clone(),
+            training: self.training.clone(),
+            reference_replay_ratio,
+            holdout_every: self.importance.holdout_every,
+        }
     }
 
     /// The output folder.

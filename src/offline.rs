@@ -28,13 +28,13 @@ use crate::config::PipelineConfig;
 use crate::decode::Decoder;
 use crate::energy::{EnergyMeter, EnergyReading};
 use crate::features::{FeatureEngine, Samples};
+use crate::learner::OnlineLearner;
 use crate::learner::compute::{ComputeReport, Work};
 use crate::learner::decision::LossTable;
 use crate::learner::eval::{Boundary, EvalSummary, Observation, PeriodReport, Scoreboard};
 use crate::learner::importance::ImportanceMethod;
 use crate::learner::model::Head;
 use crate::learner::select::Selector;
-use crate::learner::{LearnerConfig, OnlineLearner};
 use crate::pipeline::{RunOptions, count_skip, decode_rows, feature_engine};
 use crate::schema::Schema;
 use crate::shutdown::Shutdown;
@@ -466,7 +466,8 @@ pub async fn train(
     let periods = cfg.evaluation.boundaries();
     let (train_rows, held) = split(&cfg, &archive.samples, &periods)?;
     let head = schema.task.head();
-    let learner = offline_learner(&cfg, features.width(), head);
+    // No every-row reference booked per step: offline, it is booked per epoch.
+    let learner = OnlineLearner::new(cfg.learner_config(features.width(), head, 0.0));
     let o = &cfg.offline;
     let losses = loss_table(&cfg, head, &archive.samples, &train_rows);
     let mut ep = Epochs {
@@ -548,22 +549,6 @@ fn refuse_online_only(cfg: &PipelineConfig) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The learner the epochs train: the pipeline's, with no every-row reference booked per step
-/// (offline, the reference is booked per epoch).
-fn offline_learner(cfg: &PipelineConfig, inputs: usize, head: Head) -> OnlineLearner {
-    OnlineLearner::new(LearnerConfig {
-        inputs,
-        head,
-        model: cfg.model.clone(),
-        importance: cfg.importance.method,
-        selection: cfg.selection.clone(),
-        buffer: cfg.buffer.clone(),
-        training: cfg.training.clone(),
-        reference_replay_ratio: 0.0,
-        holdout_every: cfg.importance.holdout_every,
-    })
 }
 
 fn epoch_bar(opts: &RunOptions, epochs: usize) -> ProgressBar {

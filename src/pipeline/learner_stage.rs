@@ -36,7 +36,7 @@ use crate::learner::eval::{EvalSummary, Observation, Scoreboard, argmax};
 use crate::learner::model::Head;
 use crate::learner::per_key::Learners;
 use crate::learner::trace::{MetricTrace, TracePoint};
-use crate::learner::{FreshBatch, LearnerConfig, StepOutcome};
+use crate::learner::{FreshBatch, StepOutcome};
 use crate::schema::Schema;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::sink::scores::ScoreRow;
@@ -157,17 +157,7 @@ impl LearnerStage {
         resume: Option<(Checkpoint, SavedLearnerParts)>,
     ) -> Result<Self> {
         let head = schema.task.head();
-        let config = LearnerConfig {
-            inputs: width,
-            head,
-            model: cfg.model.clone(),
-            importance: cfg.importance.method,
-            selection: cfg.selection.clone(),
-            buffer: cfg.buffer.clone(),
-            training: cfg.training.clone(),
-            reference_replay_ratio: cfg.reference_replay_ratio(),
-            holdout_every: cfg.importance.holdout_every,
-        };
+        let config = cfg.learner_config(width, head, cfg.reference_replay_ratio());
         let learner = Learners::new(config, cfg.model.scope, cfg.model.max_models);
         let metrics = Scoreboard::new(head, cfg.evaluation.window, &cfg.evaluation.boundaries());
         let dead =
