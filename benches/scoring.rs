@@ -209,15 +209,8 @@ fn peers(c: &mut Criterion) {
                 norms[0]
             })
         });
+        // (The same norms with their parts taken afterwards: `cargo bench --bench paired`.)
         f.track_norms(false);
-        g.bench_function("norms_exact_untracked", |b| {
-            b.iter(|| {
-                f.forward(&x, n);
-                f.backward(&y);
-                f.sq_norms(&mut norms);
-                norms[0]
-            })
-        });
         let mut grads = vec![(Vec::new(), Vec::new()); params.len()];
         g.bench_function("fwd_bwd", |b| {
             b.iter(|| {

@@ -33,6 +33,9 @@ pub enum Decision {
 /// `model.decision_memory` unless set: rows of a class after which its loss row is a running
 /// mean over that many.
 pub const DEFAULT_MEMORY: f32 = 1000.0;
+/// Rows (of any class) over which the prior of an unseen class, the mean off-best loss, is a
+/// running mean.
+const PRIOR_MEMORY: f32 = 1000.0;
 /// The loss of a class that received no power at all, and the most any class is charged: a
 /// beam 40 dB below the best is off either way.
 const MAX_LOSS_DB: f32 = 40.0;
@@ -161,9 +164,7 @@ impl LossTable {
             *m += (loss - *m) / n;
             off += loss;
         }
-        // The prior of unseen classes is over rows of any class: 1,000 of them, whatever the
-        // classes' own memory.
-        self.rows = (self.rows + 1.0).min(DEFAULT_MEMORY);
+        self.rows = (self.rows + 1.0).min(PRIOR_MEMORY);
         self.off_best += (off / (c - 1).max(1) as f32 - self.off_best) / self.rows;
     }
 }

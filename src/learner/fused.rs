@@ -17,8 +17,8 @@
 //! `multiversion` attribute and picked at run time.
 //!
 //! Measured (`cargo bench --bench scoring -- "norms_and_grads|peers"`, one core, 16 → 64 →
-//! 64 → 1): forward + per-sample backward + ghost norms + weighted gradient 4.4 µs at B = 8
-//! and 89 µs at B = 256, against burn-flex's 30 and 183 µs; B = 8 costs 1.6× its 8/256 share
+//! 64 → 1, 2026-11-30): forward + per-sample backward + ghost norms + weighted gradient
+//! 4.4 µs at B = 8 and 89 µs at B = 256, against burn-flex's 30 and 183 µs; B = 8 costs 1.6× its 8/256 share
 //! of B = 256. At small batches the backward pass reads a copy of Wᵀ made once per optimiser
 //! step instead of letting gemm repack W on every call: 3.6 against 4.8 µs at B = 8
 //! (2026-12-01, criterion's paired change −24%), 1.2× its 8/256 share.

@@ -1,5 +1,5 @@
-//! Matrix products for the fused kernel, by the `gemm` crate, and a transpose: the only
-//! module of gradsift with `unsafe` code.
+//! Matrix products for the fused kernel, by the `gemm` crate, and a transpose: one of the
+//! two modules of gradsift with `unsafe` code (the other is [`super::row_ops`]).
 //!
 //! Why `gemm`: it picks AVX-512, AVX2+FMA or a portable micro-kernel at run time, takes
 //! any row and column strides (so Wᵀ and aᵀ are read in place, never copied) and is
@@ -98,13 +98,14 @@ pub fn fast_transpose(rows: usize, cols: usize) -> bool {
     rows.is_multiple_of(16) && cols.is_multiple_of(16) && has_avx512f()
 }
 
+/// Whether this CPU has AVX-512F (the kernels' fast paths check it at run time).
 #[cfg(target_arch = "x86_64")]
-fn has_avx512f() -> bool {
+pub(super) fn has_avx512f() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn has_avx512f() -> bool {
+pub(super) fn has_avx512f() -> bool {
     false
 }
 

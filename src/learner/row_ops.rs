@@ -15,6 +15,8 @@
 //! loops on widths that are and are not multiples of 16 and on row counts with a tail.
 #![allow(unsafe_code)]
 
+use super::matmul::has_avx512f;
+
 /// a = max(z, 0) over `[n, d]` row-major; with `sq`, also sq\[i\] = ‖a_i‖².
 pub fn relu(z: &[f32], a: &mut [f32], d: usize, sq: Option<&mut [f32]>) {
     assert_eq!(z.len(), a.len(), "z and a are the same shape");
@@ -63,11 +65,6 @@ pub fn sq_rows(x: &[f32], d: usize, sq: &mut [f32]) {
         return;
     }
     sq_rows_plain(x, d, sq);
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx512f() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
 }
 
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
@@ -289,7 +286,6 @@ mod tests {
     /// values themselves (a, masked g) must be the same to the bit.
     #[test]
     fn row_passes_with_norms_match_the_plain_loops() {
-        #[cfg(target_arch = "x86_64")]
         eprintln!("row_ops: AVX-512 path exercised: {}", has_avx512f());
         for d in [1, 5, 16, 17, 40, 64, 71] {
             for n in [0, 1, 15, 16, 17, 33, 256] {
