@@ -238,6 +238,12 @@ fn the_expected_loss_decision_loses_less_power_with_the_same_ranking() {
         .expect("a checkpoint");
     let table = c.decision.expect("the loss table in the checkpoint");
     assert_eq!((table.classes(), table.rows()), (64, 1000.0));
+    // And the blend's learnt handover, moved from the fixed schedule's.
+    assert_ne!(
+        c.handover,
+        gradsift::learner::blend::HandoverGate::default()
+    );
+    assert!(c.handover.theta.iter().all(|t| t.is_finite()));
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //! the 5 nearest past positions of the same site already name a good beam and the site's last
 //! beam is often the next one. Two schedules hand over between them, per key:
 //! - `schedule`: (1 − a)·softmax(logits) + a·vote, a = n0 / (n0 + labelled rows of the key);
-//!   persistence is not used.
+//!   persistence is not used. With `learn_rate` > 0 the handover is learnt online
+//!   ([`HandoverGate`]): n0 and a fixed schedule are a guess about how fast the model
+//!   overtakes the neighbours, which differs by stream.
 //! - `bayes`: Bayesian model averaging with forgetting over three experts (the MLP, the
 //!   neighbours' vote, persistence): each expert's weight is the likelihood it gave the key's
 //!   past labels, discounted by `decay` per row, so the blend follows whichever has been
@@ -39,6 +41,10 @@ pub struct BlendConfig {
     /// `bayes`: the factor each expert's log-likelihood is discounted by per row of the key.
     #[serde(default = "default_decay")]
     pub decay: f32,
+    /// `schedule`: AdaGrad's step size for learning the handover ([`HandoverGate`]); 0 keeps
+    /// the fixed schedule.
+    #[serde(default)]
+    pub learn_rate: f32,
 }
 
 fn default_decay() -> f32 {
@@ -57,6 +63,12 @@ impl BlendConfig {
         if !(self.decay > 0.0 && self.decay <= 1.0) {
             return Err(format!("decay in (0, 1], found {}", self.decay));
         }
+        if !(self.learn_rate >= 0.0 && self.learn_rate.is_finite()) {
+            return Err(format!("learn_rate ≥ 0, found {}", self.learn_rate));
+        }
+        if self.learn_rate > 0.0 && self.mode != BlendMode::Schedule {
+            return Err("learn_rate only with mode \"schedule\"".to_string());
+        }
         Ok(())
     }
 }
@@ -66,11 +78,61 @@ pub type ExpertWeights = [f32; 3];
 
 const SMOOTHING: f32 = 0.01;
 
+/// The `schedule` blend's handover, learnt: a = σ(θ₀ + θ₁·logit(n0 / (n0 + n))) for a key
+/// with n labelled rows. θ = (0, 1) is the fixed schedule; each revealed label moves θ down
+/// the gradient of the blend's log-loss (AdaGrad), over all keys, so the stream teaches how
+/// long the neighbours stay better than the model. Kept in checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HandoverGate {
+    pub theta: [f32; 2],
+    /// AdaGrad's sums of squared gradients.
+    sq_grads: [f32; 2],
+}
+
+impl Default for HandoverGate {
+    fn default() -> Self {
+        HandoverGate {
+            theta: [0.0, 1.0],
+            sq_grads: [1e-6; 2],
+        }
+    }
+}
+
+impl HandoverGate {
+    /// The vote's weight for a fixed-schedule weight `a` (its input, kept for `learn`).
+    fn weight(&self, a: f32, input: &mut f32) -> f32 {
+        let a = a.clamp(1e-4, 1.0 - 1e-4);
+        *input = (a / (1.0 - a)).ln();
+        let z = self.theta[0] + self.theta[1] * *input;
+        1.0 / (1.0 + (-z).exp())
+    }
+
+    /// One AdaGrad step on −ln(a·vote_y + (1 − a)·mlp_y) for the label y.
+    fn learn(&mut self, rate: f32, input: f32, a: f32, mlp_y: f32, vote_y: f32) {
+        let blended = (a * vote_y + (1.0 - a) * mlp_y).max(1e-6);
+        let dz = -a * (1.0 - a) * (vote_y - mlp_y) / blended;
+        for ((t, s), x) in self
+            .theta
+            .iter_mut()
+            .zip(&mut self.sq_grads)
+            .zip([1.0, input])
+        {
+            let g = dz * x;
+            *s += g * g;
+            *t -= rate * g / s.sqrt();
+        }
+    }
+}
+
 /// Blends predictions; holds the experts' distributions of the row at hand.
 #[derive(Debug, Default)]
 pub struct Blender {
     experts: [Vec<f32>; 3],
     live: [bool; 3],
+    pub gate: HandoverGate,
+    /// The last row's vote weight and the gate's input for it.
+    last_a: f32,
+    last_input: f32,
 }
 
 impl Blender {
@@ -114,7 +176,12 @@ impl Blender {
         let mix: [f32; 3] = match cfg.mode {
             BlendMode::Schedule => {
                 let a = (cfg.n0 / (cfg.n0 + f64::from(b.key_seen))) as f32;
-                let a = if self.live[1] { a } else { 0.0 };
+                let a = match (self.live[1], cfg.learn_rate > 0.0) {
+                    (false, _) => 0.0,
+                    (true, false) => a,
+                    (true, true) => self.gate.weight(a, &mut self.last_input),
+                };
+                self.last_a = a;
                 [1.0 - a, a, 0.0]
             }
             BlendMode::Bayes => {
@@ -144,9 +211,16 @@ impl Blender {
         }
     }
 
-    /// After the row's label is revealed: each live expert's weight is discounted and gains
-    /// the log-probability it gave the label (the experts of the last [`Blender::blend`]).
-    pub fn learn(&self, cfg: &BlendConfig, target: usize, w: &mut ExpertWeights) {
+    /// After the row's label is revealed (the experts of the last [`Blender::blend`]): a
+    /// learnt schedule's gate takes a step; each live expert's weight is discounted and gains
+    /// the log-probability it gave the label.
+    pub fn learn(&mut self, cfg: &BlendConfig, target: usize, w: &mut ExpertWeights) {
+        if cfg.mode == BlendMode::Schedule && cfg.learn_rate > 0.0 && self.live[1] {
+            let p = |e: &Vec<f32>| e.get(target).copied().unwrap_or(SMOOTHING);
+            let (mlp, vote) = (p(&self.experts[0]), p(&self.experts[1]));
+            let (a, x) = (self.last_a, self.last_input);
+            self.gate.learn(cfg.learn_rate, x, a, mlp, vote);
+        }
         for ((w, e), live) in w.iter_mut().zip(&self.experts).zip(self.live) {
             if live {
                 let p = e.get(target).copied().unwrap_or(SMOOTHING);
@@ -209,6 +283,7 @@ mod tests {
             n0: 100.0,
             spread: 0.5,
             decay: 0.99,
+            learn_rate: 0.0,
         };
         let logits = [0.0, 0.0, 0.0, 5.0];
         let (mut bl, mut out) = (Blender::default(), Vec::new());
@@ -244,6 +319,7 @@ mod tests {
             n0: 0.0,
             spread: 0.0,
             decay: 0.9,
+            learn_rate: 0.0,
         };
         let logits = [3.0, 0.0, 0.0, 0.0];
         let b = baselines(&[1], Some(2), 5);
@@ -271,12 +347,62 @@ mod tests {
     }
 
     #[test]
+    fn a_learnt_handover_leans_on_the_expert_that_is_right() {
+        let cfg = BlendConfig {
+            mode: BlendMode::Schedule,
+            n0: 100.0,
+            spread: 0.0,
+            decay: 0.99,
+            learn_rate: 0.05,
+        };
+        let fixed = BlendConfig {
+            learn_rate: 0.0,
+            ..cfg
+        };
+        let logits = [4.0, 0.0, 0.0, 0.0];
+        let b = baselines(&[2], None, 400);
+        let (mut bl, mut out, mut w) = (Blender::default(), Vec::new(), [0.0f32; 3]);
+        bl.blend(&fixed, &b, &logits, &w, &mut out);
+        let vote_fixed = out[2];
+        bl.blend(&cfg, &b, &logits, &w, &mut out);
+        assert!(
+            (out[2] - vote_fixed).abs() < 1e-6,
+            "an untrained gate is the schedule"
+        );
+        // The neighbours are right and the model wrong, row after row.
+        for _ in 0..200 {
+            bl.blend(&cfg, &b, &logits, &w, &mut out);
+            bl.learn(&cfg, 2, &mut w);
+        }
+        bl.blend(&cfg, &b, &logits, &w, &mut out);
+        assert!(
+            out[2] > 0.6 && vote_fixed < 0.25,
+            "{} vs {vote_fixed}",
+            out[2]
+        );
+        assert!(bl.gate.theta[0] > 0.0, "{:?}", bl.gate);
+        // Then the model is right: the gate turns back.
+        for _ in 0..400 {
+            bl.blend(&cfg, &b, &logits, &w, &mut out);
+            bl.learn(&cfg, 0, &mut w);
+        }
+        bl.blend(&cfg, &b, &logits, &w, &mut out);
+        assert_eq!(argmax(&out), 0, "{:?}", bl.gate);
+        // A fixed schedule learns nothing.
+        let before = bl.gate;
+        bl.blend(&fixed, &b, &logits, &w, &mut out);
+        bl.learn(&fixed, 2, &mut w);
+        assert_eq!(bl.gate, before);
+    }
+
+    #[test]
     fn settings_out_of_range_are_refused() {
         let ok = BlendConfig {
             mode: BlendMode::Schedule,
             n0: 300.0,
             spread: 0.5,
             decay: 0.99,
+            learn_rate: 0.0,
         };
         assert!(ok.check().is_ok());
         assert!(
@@ -291,5 +417,13 @@ mod tests {
                 .unwrap_err()
                 .contains("decay")
         );
+        for (mode, rate) in [(BlendMode::Schedule, -0.1), (BlendMode::Bayes, 0.05)] {
+            let bad = BlendConfig {
+                mode,
+                learn_rate: rate,
+                ..ok
+            };
+            assert!(bad.check().unwrap_err().contains("learn_rate"), "{bad:?}");
+        }
     }
 }
