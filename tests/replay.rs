@@ -244,6 +244,7 @@ fn the_expected_loss_decision_loses_less_power_with_the_same_ranking() {
         gradsift::learner::blend::HandoverGate::default()
     );
     assert!(c.handover.theta.iter().all(|t| t.is_finite()));
+    println!("handover after 3,000 rows: θ = {:?}", c.handover.theta);
 }
 
 #[test]
