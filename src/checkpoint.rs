@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::features::FeatureState;
-use crate::learner::blend::HandoverGate;
+use crate::learner::blend::BlendGate;
 use crate::learner::decision::LossTable;
 use crate::learner::drift::DriftMonitor;
 use crate::learner::eval::Scoreboard;
@@ -96,8 +96,8 @@ pub struct Checkpoint {
     pub trace: MetricTrace,
     /// `model.decision = "min_expected_loss"`: the learnt loss table.
     pub decision: Option<LossTable>,
-    /// `model.blend` with a `learn_rate`: the learnt handover (the fixed schedule's otherwise).
-    pub handover: HandoverGate,
+    /// `model.blend` with a `learn_rate`: the learnt blend (the fixed rule's otherwise).
+    pub blend_gate: BlendGate,
 }
 
 /// 02: compute ledger, selection policies, evaluation periods.
@@ -105,7 +105,7 @@ pub struct Checkpoint {
 /// 04: classification baselines and label history, encodings, per-key models.
 /// 05: the score-shift detector keeps one history (a seasonal reference).
 /// 06: the decision's loss table; norm clipping's window (and its count of rows cut).
-/// 07: the blend's learnt handover.
+/// 07: the learnt blend.
 const MAGIC: &[u8; 8] = b"GSCKPT07";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.

@@ -238,13 +238,11 @@ fn the_expected_loss_decision_loses_less_power_with_the_same_ranking() {
         .expect("a checkpoint");
     let table = c.decision.expect("the loss table in the checkpoint");
     assert_eq!((table.classes(), table.rows()), (64, 1000.0));
-    // And the blend's learnt handover, moved from the fixed schedule's.
-    assert_ne!(
-        c.handover,
-        gradsift::learner::blend::HandoverGate::default()
-    );
-    assert!(c.handover.theta.iter().all(|t| t.is_finite()));
-    println!("handover after 3,000 rows: θ = {:?}", c.handover.theta);
+    // And the learnt blend, moved from the fixed schedule.
+    let gate = c.blend_gate;
+    assert_ne!(gate, gradsift::learner::blend::BlendGate::default());
+    assert!(gate.theta.iter().all(|t| t.is_finite()));
+    println!("learnt blend after 3,000 rows: θ = {:?}", gate.theta);
 }
 
 #[test]

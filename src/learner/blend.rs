@@ -4,13 +4,16 @@
 //! the 5 nearest past positions of the same site already name a good beam and the site's last
 //! beam is often the next one. Two schedules hand over between them, per key:
 //! - `schedule`: (1 − a)·softmax(logits) + a·vote, a = n0 / (n0 + labelled rows of the key);
-//!   persistence is not used. With `learn_rate` > 0 the handover is learnt online
-//!   ([`HandoverGate`]): n0 and a fixed schedule are a guess about how fast the model
-//!   overtakes the neighbours, which differs by stream.
+//!   persistence is not used.
 //! - `bayes`: Bayesian model averaging with forgetting over three experts (the MLP, the
 //!   neighbours' vote, persistence): each expert's weight is the likelihood it gave the key's
 //!   past labels, discounted by `decay` per row, so the blend follows whichever has been
 //!   right on this key lately and moves when that changes.
+//!
+//! Both are fixed rules with a guess inside (how long the neighbours stay better than the
+//! model; that the experts' likelihoods weigh as they are, with no prior). With a positive
+//! `learn_rate` a [`BlendGate`] learns the rule's slope and the experts' priors online from
+//! each revealed label, starting from the fixed rule.
 //!
 //! Each neighbour (or the last label) votes 1 for its class and `spread` for the classes
 //! either side (a codebook's neighbouring beams point a few degrees apart). Every expert is
@@ -41,8 +44,7 @@ pub struct BlendConfig {
     /// `bayes`: the factor each expert's log-likelihood is discounted by per row of the key.
     #[serde(default = "default_decay")]
     pub decay: f32,
-    /// `schedule`: AdaGrad's step size for learning the handover ([`HandoverGate`]); 0 keeps
-    /// the fixed schedule.
+    /// AdaGrad's step size for learning the blend ([`BlendGate`]); 0 keeps the fixed rule.
     #[serde(default)]
     pub learn_rate: f32,
 }
@@ -66,9 +68,6 @@ impl BlendConfig {
         if !(self.learn_rate >= 0.0 && self.learn_rate.is_finite()) {
             return Err(format!("learn_rate ≥ 0, found {}", self.learn_rate));
         }
-        if self.learn_rate > 0.0 && self.mode != BlendMode::Schedule {
-            return Err("learn_rate only with mode \"schedule\"".to_string());
-        }
         Ok(())
     }
 }
@@ -78,46 +77,55 @@ pub type ExpertWeights = [f32; 3];
 
 const SMOOTHING: f32 = 0.01;
 
-/// The `schedule` blend's handover, learnt: a = σ(θ₀ + θ₁·logit(n0 / (n0 + n))) for a key
-/// with n labelled rows. θ = (0, 1) is the fixed schedule; each revealed label moves θ down
-/// the gradient of the blend's log-loss (AdaGrad), over all keys, so the stream teaches how
-/// long the neighbours stay better than the model. Kept in checkpoints.
+/// A blend learnt online. Each live expert e gets z_e = θ₁·x_e + b_e and the weight
+/// softmax(z)_e, where x_e is the fixed rule's evidence for it: for `schedule` logit(a) for
+/// the vote and 0 for the MLP (so the vote's weight is σ(θ₀ + θ₁·logit(a))); for `bayes`
+/// each expert's discounted log-likelihood. The priors are b = (0, θ₀, θ₂) for the MLP, the
+/// vote and persistence. θ = (0, 1, 0) is the fixed rule; each revealed label moves θ down
+/// the gradient of the blend's log-loss (AdaGrad), over all keys. Kept in checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct HandoverGate {
-    pub theta: [f32; 2],
+pub struct BlendGate {
+    pub theta: [f32; 3],
     /// AdaGrad's sums of squared gradients.
-    sq_grads: [f32; 2],
+    sq_grads: [f32; 3],
 }
 
-impl Default for HandoverGate {
+impl Default for BlendGate {
     fn default() -> Self {
-        HandoverGate {
-            theta: [0.0, 1.0],
-            sq_grads: [1e-6; 2],
+        BlendGate {
+            theta: [0.0, 1.0, 0.0],
+            sq_grads: [1e-6; 3],
         }
     }
 }
 
-impl HandoverGate {
-    /// The vote's weight for a fixed-schedule weight `a` (its input, kept for `learn`).
-    fn weight(&self, a: f32, input: &mut f32) -> f32 {
-        let a = a.clamp(1e-4, 1.0 - 1e-4);
-        *input = (a / (1.0 - a)).ln();
-        let z = self.theta[0] + self.theta[1] * *input;
-        1.0 / (1.0 + (-z).exp())
+impl BlendGate {
+    /// The live experts' weights for evidence `x`.
+    fn weights(&self, x: &[f32; 3], live: [bool; 3]) -> [f32; 3] {
+        let [b1, slope, b2] = self.theta;
+        let z = [slope * x[0], b1 + slope * x[1], b2 + slope * x[2]];
+        let top = (0..3)
+            .filter(|&e| live[e])
+            .map(|e| z[e])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let raw = [0, 1, 2].map(|e| if live[e] { (z[e] - top).exp() } else { 0.0 });
+        let total: f32 = raw.iter().sum();
+        raw.map(|v| v / total)
     }
 
-    /// One AdaGrad step on −ln(a·vote_y + (1 − a)·mlp_y) for the label y.
-    fn learn(&mut self, rate: f32, input: f32, a: f32, mlp_y: f32, vote_y: f32) {
-        let blended = (a * vote_y + (1.0 - a) * mlp_y).max(1e-6);
-        let dz = -a * (1.0 - a) * (vote_y - mlp_y) / blended;
-        for ((t, s), x) in self
+    /// One AdaGrad step on −ln Σ_e π_e·q_e for the experts' probabilities `q` of the label,
+    /// with the weights `pi` that [`Self::weights`] gave for `x`.
+    fn learn(&mut self, rate: f32, x: &[f32; 3], pi: &[f32; 3], q: &[f32; 3]) {
+        let p = pi.iter().zip(q).map(|(w, q)| w * q).sum::<f32>().max(1e-6);
+        // ∂(−ln p)/∂z_e (0 for an expert that is not live: its π_e is 0).
+        let dz = [0, 1, 2].map(|e| -pi[e] * (q[e] - p) / p);
+        let slope = dz.iter().zip(x).map(|(d, x)| d * x).sum::<f32>();
+        for ((t, s), g) in self
             .theta
             .iter_mut()
             .zip(&mut self.sq_grads)
-            .zip([1.0, input])
+            .zip([dz[1], slope, dz[2]])
         {
-            let g = dz * x;
             *s += g * g;
             *t -= rate * g / s.sqrt();
         }
@@ -129,10 +137,10 @@ impl HandoverGate {
 pub struct Blender {
     experts: [Vec<f32>; 3],
     live: [bool; 3],
-    pub gate: HandoverGate,
-    /// The last row's vote weight and the gate's input for it.
-    last_a: f32,
-    last_input: f32,
+    pub gate: BlendGate,
+    /// The last row's evidence and weights, for [`BlendGate::learn`].
+    last_x: [f32; 3],
+    last_mix: [f32; 3],
 }
 
 impl Blender {
@@ -174,14 +182,28 @@ impl Blender {
     ) {
         self.experts(cfg, b, logits);
         let mix: [f32; 3] = match cfg.mode {
+            _ if cfg.learn_rate > 0.0 => {
+                self.last_x = match cfg.mode {
+                    BlendMode::Schedule => {
+                        let a = (cfg.n0 / (cfg.n0 + f64::from(b.key_seen))) as f32;
+                        let a = a.clamp(1e-4, 1.0 - 1e-4);
+                        [0.0, (a / (1.0 - a)).ln(), 0.0]
+                    }
+                    BlendMode::Bayes => {
+                        // Shifted so that the largest is 0 (softmax and its gradient ignore a
+                        // shift common to all experts; AdaGrad's step does not).
+                        let top = (0..3)
+                            .filter(|&e| self.live[e])
+                            .map(|e| w[e])
+                            .fold(f32::NEG_INFINITY, f32::max);
+                        [0, 1, 2].map(|e| if self.live[e] { w[e] - top } else { 0.0 })
+                    }
+                };
+                self.gate.weights(&self.last_x, self.live)
+            }
             BlendMode::Schedule => {
                 let a = (cfg.n0 / (cfg.n0 + f64::from(b.key_seen))) as f32;
-                let a = match (self.live[1], cfg.learn_rate > 0.0) {
-                    (false, _) => 0.0,
-                    (true, false) => a,
-                    (true, true) => self.gate.weight(a, &mut self.last_input),
-                };
-                self.last_a = a;
+                let a = if self.live[1] { a } else { 0.0 };
                 [1.0 - a, a, 0.0]
             }
             BlendMode::Bayes => {
@@ -200,6 +222,7 @@ impl Blender {
                 raw.map(|v| v / z)
             }
         };
+        self.last_mix = mix;
         out.clear();
         out.resize(logits.len(), 0.0);
         for (e, m) in mix.iter().enumerate() {
@@ -212,14 +235,17 @@ impl Blender {
     }
 
     /// After the row's label is revealed (the experts of the last [`Blender::blend`]): a
-    /// learnt schedule's gate takes a step; each live expert's weight is discounted and gains
+    /// learnt blend's gate takes a step; each live expert's weight is discounted and gains
     /// the log-probability it gave the label.
     pub fn learn(&mut self, cfg: &BlendConfig, target: usize, w: &mut ExpertWeights) {
-        if cfg.mode == BlendMode::Schedule && cfg.learn_rate > 0.0 && self.live[1] {
-            let p = |e: &Vec<f32>| e.get(target).copied().unwrap_or(SMOOTHING);
-            let (mlp, vote) = (p(&self.experts[0]), p(&self.experts[1]));
-            let (a, x) = (self.last_a, self.last_input);
-            self.gate.learn(cfg.learn_rate, x, a, mlp, vote);
+        let live = self.live.iter().filter(|&&l| l).count();
+        if cfg.learn_rate > 0.0 && live > 1 {
+            let q = [0, 1, 2].map(|e| {
+                let p = self.experts[e].get(target).copied().unwrap_or(SMOOTHING);
+                if self.live[e] { p } else { 0.0 }
+            });
+            self.gate
+                .learn(cfg.learn_rate, &self.last_x, &self.last_mix, &q);
         }
         for ((w, e), live) in w.iter_mut().zip(&self.experts).zip(self.live) {
             if live {
@@ -347,7 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn a_learnt_handover_leans_on_the_expert_that_is_right() {
+    fn a_learnt_schedule_leans_on_the_expert_that_is_right() {
         let cfg = BlendConfig {
             mode: BlendMode::Schedule,
             n0: 100.0,
@@ -396,6 +422,41 @@ mod tests {
     }
 
     #[test]
+    fn a_learnt_bayes_blend_starts_as_the_fixed_rule_and_learns_a_prior() {
+        let fixed = BlendConfig {
+            mode: BlendMode::Bayes,
+            n0: 0.0,
+            spread: 0.0,
+            decay: 0.5,
+            learn_rate: 0.0,
+        };
+        let cfg = BlendConfig {
+            learn_rate: 0.1,
+            ..fixed
+        };
+        let logits = [3.0, 0.0, 0.0, 0.0];
+        let b = baselines(&[1], Some(2), 5);
+        let w = [-1.0f32, -2.0, -0.5];
+        let (mut bl, mut out, mut fixed_out) = (Blender::default(), Vec::new(), Vec::new());
+        bl.blend(&fixed, &b, &logits, &w, &mut fixed_out);
+        bl.blend(&cfg, &b, &logits, &w, &mut out);
+        for (x, y) in out.iter().zip(&fixed_out) {
+            assert!((x - y).abs() < 1e-6, "{out:?} vs {fixed_out:?}");
+        }
+        // Persistence is right every time, the others never: beyond what the discounted
+        // likelihoods say (they forget by half per row), persistence earns a prior.
+        let mut w = [0.0f32; 3];
+        for _ in 0..300 {
+            bl.blend(&cfg, &b, &logits, &w, &mut out);
+            bl.learn(&cfg, 2, &mut w);
+        }
+        assert!(bl.gate.theta[2] > bl.gate.theta[0], "{:?}", bl.gate);
+        bl.blend(&cfg, &b, &logits, &w, &mut out);
+        bl.blend(&fixed, &b, &logits, &w, &mut fixed_out);
+        assert!(out[2] > fixed_out[2], "{} vs {}", out[2], fixed_out[2]);
+    }
+
+    #[test]
     fn settings_out_of_range_are_refused() {
         let ok = BlendConfig {
             mode: BlendMode::Schedule,
@@ -417,9 +478,8 @@ mod tests {
                 .unwrap_err()
                 .contains("decay")
         );
-        for (mode, rate) in [(BlendMode::Schedule, -0.1), (BlendMode::Bayes, 0.05)] {
+        for rate in [-0.1, f32::NAN] {
             let bad = BlendConfig {
-                mode,
                 learn_rate: rate,
                 ..ok
             };

@@ -507,7 +507,7 @@ impl LearnerStage {
             drift: self.drift.clone(),
             trace: self.trace.clone(),
             decision: self.losses.clone(),
-            handover: self.blender.gate,
+            blend_gate: self.blender.gate,
         };
         let commit = self.commit_positions();
         let before_s = t0.elapsed().as_secs_f64();
@@ -609,7 +609,7 @@ impl LearnerStage {
         {
             t.restore(saved);
         }
-        self.blender.gate = c.handover;
+        self.blender.gate = c.blend_gate;
         self.counters.resumes += 1;
         self.positions = c
             .positions
