@@ -289,6 +289,16 @@ mod tests {
     use super::*;
     use crate::learner::eval::argmax;
 
+    fn config(mode: BlendMode, n0: f64, decay: f32, learn_rate: f32) -> BlendConfig {
+        BlendConfig {
+            mode,
+            n0,
+            spread: 0.0,
+            decay,
+            learn_rate,
+        }
+    }
+
     fn baselines(knn: &[u16], persistence: Option<u16>, key_seen: u32) -> ClassBaselines {
         let mut b = ClassBaselines {
             persistence,
@@ -340,13 +350,7 @@ mod tests {
 
     #[test]
     fn bayes_follows_the_expert_that_has_been_right_on_the_key() {
-        let cfg = BlendConfig {
-            mode: BlendMode::Bayes,
-            n0: 0.0,
-            spread: 0.0,
-            decay: 0.9,
-            learn_rate: 0.0,
-        };
+        let cfg = config(BlendMode::Bayes, 0.0, 0.9, 0.0);
         let logits = [3.0, 0.0, 0.0, 0.0];
         let b = baselines(&[1], Some(2), 5);
         let (mut bl, mut out, mut w) = (Blender::default(), Vec::new(), [0.0f32; 3]);
@@ -374,17 +378,8 @@ mod tests {
 
     #[test]
     fn a_learnt_schedule_leans_on_the_expert_that_is_right() {
-        let cfg = BlendConfig {
-            mode: BlendMode::Schedule,
-            n0: 100.0,
-            spread: 0.0,
-            decay: 0.99,
-            learn_rate: 0.05,
-        };
-        let fixed = BlendConfig {
-            learn_rate: 0.0,
-            ..cfg
-        };
+        let cfg = config(BlendMode::Schedule, 100.0, 0.99, 0.05);
+        let fixed = config(BlendMode::Schedule, 100.0, 0.99, 0.0);
         let logits = [4.0, 0.0, 0.0, 0.0];
         let b = baselines(&[2], None, 400);
         let (mut bl, mut out, mut w) = (Blender::default(), Vec::new(), [0.0f32; 3]);
@@ -423,17 +418,8 @@ mod tests {
 
     #[test]
     fn a_learnt_bayes_blend_starts_as_the_fixed_rule_and_learns_a_prior() {
-        let fixed = BlendConfig {
-            mode: BlendMode::Bayes,
-            n0: 0.0,
-            spread: 0.0,
-            decay: 0.5,
-            learn_rate: 0.0,
-        };
-        let cfg = BlendConfig {
-            learn_rate: 0.1,
-            ..fixed
-        };
+        let fixed = config(BlendMode::Bayes, 0.0, 0.5, 0.0);
+        let cfg = config(BlendMode::Bayes, 0.0, 0.5, 0.1);
         let logits = [3.0, 0.0, 0.0, 0.0];
         let b = baselines(&[1], Some(2), 5);
         let w = [-1.0f32, -2.0, -0.5];
