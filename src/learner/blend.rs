@@ -82,12 +82,16 @@ const SMOOTHING: f32 = 0.01;
 /// the vote and 0 for the MLP (so the vote's weight is σ(θ₀ + θ₁·logit(a))); for `bayes`
 /// each expert's discounted log-likelihood. The priors are b = (0, θ₀, θ₂) for the MLP, the
 /// vote and persistence. θ = (0, 1, 0) is the fixed rule; each revealed label moves θ down
-/// the gradient of the blend's log-loss (AdaGrad), over all keys. Kept in checkpoints.
+/// the gradient of the blend's log-loss (AdaGrad), over all keys. Kept in checkpoints, with
+/// the mode it was learnt for: θ₁ means another thing in the other mode, so a gate resumed
+/// under another mode starts again from the fixed rule.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct BlendGate {
     pub theta: [f32; 3],
     /// AdaGrad's sums of squared gradients.
     sq_grads: [f32; 3],
+    /// The mode θ was learnt for (`None` until the first learnt blend).
+    mode: Option<BlendMode>,
 }
 
 impl Default for BlendGate {
@@ -95,6 +99,7 @@ impl Default for BlendGate {
         BlendGate {
             theta: [0.0, 1.0, 0.0],
             sq_grads: [1e-6; 3],
+            mode: None,
         }
     }
 }
@@ -183,6 +188,12 @@ impl Blender {
         self.experts(cfg, b, logits);
         let mix: [f32; 3] = match cfg.mode {
             _ if cfg.learn_rate > 0.0 => {
+                if self.gate.mode != Some(cfg.mode) {
+                    self.gate = BlendGate {
+                        mode: Some(cfg.mode),
+                        ..BlendGate::default()
+                    };
+                }
                 self.last_x = match cfg.mode {
                     BlendMode::Schedule => {
                         let a = (cfg.n0 / (cfg.n0 + f64::from(b.key_seen))) as f32;
@@ -437,6 +448,28 @@ mod tests {
             bl.learn(&cfg, 2, &mut w);
         }
         assert!(bl.gate.theta[2] > bl.gate.theta[0], "{:?}", bl.gate);
+        // Resumed under the other mode, the gate starts again from that mode's fixed rule.
+        let mut resumed = Blender {
+            gate: bl.gate,
+            ..Blender::default()
+        };
+        let schedule = config(BlendMode::Schedule, 100.0, 0.5, 0.1);
+        let (mut a, mut b_out) = (Vec::new(), Vec::new());
+        resumed.blend(&schedule, &b, &logits, &w, &mut a);
+        Blender::default().blend(
+            &BlendConfig {
+                learn_rate: 0.0,
+                ..schedule
+            },
+            &b,
+            &logits,
+            &w,
+            &mut b_out,
+        );
+        for (x, y) in a.iter().zip(&b_out) {
+            assert!((x - y).abs() < 1e-6, "{a:?} vs {b_out:?}");
+        }
+        assert_eq!(resumed.gate.theta, BlendGate::default().theta);
         bl.blend(&cfg, &b, &logits, &w, &mut out);
         bl.blend(&fixed, &b, &logits, &w, &mut fixed_out);
         assert!(out[2] > fixed_out[2], "{} vs {}", out[2], fixed_out[2]);
