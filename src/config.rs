@@ -783,6 +783,10 @@ max_bytes = 100000
             ("drift.score_season=100", "drift.score_season"),
             ("training.steps_per_batch=0", "training.steps_per_batch"),
             ("model.blend={mode=\"schedule\", n0=0.0}", "model.blend"),
+            (
+                "model.blend={mode=\"bayes\", learn_rate=-0.1}",
+                "model.blend",
+            ),
             ("model.decision_memory=0.5", "model.decision_memory"),
         ] {
             let e = PipelineConfig::load(&write(d.path(), GOOD), &[set.into()])
