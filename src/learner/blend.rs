@@ -108,14 +108,7 @@ impl BlendGate {
     /// The live experts' weights for evidence `x`.
     fn weights(&self, x: &[f32; 3], live: [bool; 3]) -> [f32; 3] {
         let [b1, slope, b2] = self.theta;
-        let z = [slope * x[0], b1 + slope * x[1], b2 + slope * x[2]];
-        let top = (0..3)
-            .filter(|&e| live[e])
-            .map(|e| z[e])
-            .fold(f32::NEG_INFINITY, f32::max);
-        let raw = [0, 1, 2].map(|e| if live[e] { (z[e] - top).exp() } else { 0.0 });
-        let total: f32 = raw.iter().sum();
-        raw.map(|v| v / total)
+        live_softmax(&[slope * x[0], b1 + slope * x[1], b2 + slope * x[2]], live)
     }
 
     /// One AdaGrad step on −ln Σ_e π_e·q_e for the experts' probabilities `q` of the label,
@@ -186,52 +179,14 @@ impl Blender {
         out: &mut Vec<f32>,
     ) {
         self.experts(cfg, b, logits);
-        let mix: [f32; 3] = match cfg.mode {
-            _ if cfg.learn_rate > 0.0 => {
-                if self.gate.mode != Some(cfg.mode) {
-                    self.gate = BlendGate {
-                        mode: Some(cfg.mode),
-                        ..BlendGate::default()
-                    };
-                }
-                self.last_x = match cfg.mode {
-                    BlendMode::Schedule => {
-                        let a = (cfg.n0 / (cfg.n0 + f64::from(b.key_seen))) as f32;
-                        let a = a.clamp(1e-4, 1.0 - 1e-4);
-                        [0.0, (a / (1.0 - a)).ln(), 0.0]
-                    }
-                    BlendMode::Bayes => {
-                        // Shifted so that the largest is 0 (softmax and its gradient ignore a
-                        // shift common to all experts; AdaGrad's step does not).
-                        let top = (0..3)
-                            .filter(|&e| self.live[e])
-                            .map(|e| w[e])
-                            .fold(f32::NEG_INFINITY, f32::max);
-                        [0, 1, 2].map(|e| if self.live[e] { w[e] - top } else { 0.0 })
-                    }
-                };
-                self.gate.weights(&self.last_x, self.live)
-            }
+        let a = (cfg.n0 / (cfg.n0 + f64::from(b.key_seen))) as f32;
+        let mix = match cfg.mode {
+            _ if cfg.learn_rate > 0.0 => self.learnt_mix(cfg.mode, a, w),
             BlendMode::Schedule => {
-                let a = (cfg.n0 / (cfg.n0 + f64::from(b.key_seen))) as f32;
                 let a = if self.live[1] { a } else { 0.0 };
                 [1.0 - a, a, 0.0]
             }
-            BlendMode::Bayes => {
-                let top = (0..3)
-                    .filter(|&e| self.live[e])
-                    .map(|e| w[e])
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let raw = [0, 1, 2].map(|e| {
-                    if self.live[e] {
-                        (w[e] - top).exp()
-                    } else {
-                        0.0
-                    }
-                });
-                let z: f32 = raw.iter().sum();
-                raw.map(|v| v / z)
-            }
+            BlendMode::Bayes => live_softmax(w, self.live),
         };
         self.last_mix = mix;
         out.clear();
@@ -243,6 +198,30 @@ impl Blender {
                 }
             }
         }
+    }
+
+    /// The gate's weights, from the fixed rule's evidence: the `schedule` weight `a`, or the
+    /// `bayes` expert weights `w`. A gate learnt for the other mode starts again.
+    fn learnt_mix(&mut self, mode: BlendMode, a: f32, w: &ExpertWeights) -> [f32; 3] {
+        if self.gate.mode != Some(mode) {
+            self.gate = BlendGate {
+                mode: Some(mode),
+                ..BlendGate::default()
+            };
+        }
+        self.last_x = match mode {
+            BlendMode::Schedule => {
+                let a = a.clamp(1e-4, 1.0 - 1e-4);
+                [0.0, (a / (1.0 - a)).ln(), 0.0]
+            }
+            // Shifted so that the largest is 0 (softmax and its gradient ignore a shift common
+            // to all experts; AdaGrad's step does not).
+            BlendMode::Bayes => {
+                let top = live_max(w, self.live);
+                [0, 1, 2].map(|e| if self.live[e] { w[e] - top } else { 0.0 })
+            }
+        };
+        self.gate.weights(&self.last_x, self.live)
     }
 
     /// After the row's label is revealed (the experts of the last [`Blender::blend`]): a
@@ -265,6 +244,22 @@ impl Blender {
             }
         }
     }
+}
+
+/// The largest of the live experts' values.
+fn live_max(v: &[f32; 3], live: [bool; 3]) -> f32 {
+    (0..3)
+        .filter(|&e| live[e])
+        .map(|e| v[e])
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// softmax(z) over the live experts (0 for the others).
+fn live_softmax(z: &[f32; 3], live: [bool; 3]) -> [f32; 3] {
+    let top = live_max(z, live);
+    let raw = [0, 1, 2].map(|e| if live[e] { (z[e] - top).exp() } else { 0.0 });
+    let total: f32 = raw.iter().sum();
+    raw.map(|v| v / total)
 }
 
 /// One unit vote per class in `classes`, `spread` of it to each neighbouring class, as a
