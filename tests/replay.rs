@@ -240,7 +240,10 @@ fn the_expected_loss_decision_loses_less_power_with_the_same_ranking() {
     assert_eq!((table.classes(), table.rows()), (64, 1000.0));
     // And the learnt blend, moved from the fixed schedule.
     let gate = c.blend_gate;
-    assert_ne!(gate, gradsift::learner::blend::BlendGate::default());
+    assert_ne!(
+        gate.theta,
+        gradsift::learner::blend::BlendGate::default().theta
+    );
     assert!(gate.theta.iter().all(|t| t.is_finite()));
     println!("learnt blend after 3,000 rows: θ = {:?}", gate.theta);
 }
