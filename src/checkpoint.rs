@@ -106,7 +106,8 @@ pub struct Checkpoint {
 /// 05: the score-shift detector keeps one history (a seasonal reference).
 /// 06: the decision's loss table; norm clipping's window (and its count of rows cut).
 /// 07: the learnt blend.
-const MAGIC: &[u8; 8] = b"GSCKPT07";
+/// 08: replayed entries keep their key's length, not the key.
+const MAGIC: &[u8; 8] = b"GSCKPT08";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {

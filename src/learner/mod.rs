@@ -712,7 +712,7 @@ impl OnlineLearner {
                 selected[i] && {
                     let e = Entry {
                         y: b.y[i],
-                        key: b.keys[i].clone(),
+                        key_bytes: b.keys[i].len() as u32,
                         time: b.times[i],
                         score: scores[i],
                         version,
