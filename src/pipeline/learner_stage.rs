@@ -115,6 +115,8 @@ pub(crate) struct LearnerStage {
     /// message per micro-batch of 8 cost a thread wake-up per 8 samples (12% of the learner
     /// thread's time in `perf`, in futex and task switches).
     sink_rows: Vec<ScoreRow>,
+    /// This micro-batch's predictions, for its score rows.
+    predictions: Vec<f64>,
     /// A row's prediction blended with the baselines (`model.blend`), and its scratch.
     blender: Blender,
     blended: Vec<f32>,
@@ -174,6 +176,7 @@ impl LearnerStage {
             width,
             schema_name: schema.name.clone(),
             sink_rows: Vec::new(),
+            predictions: Vec::new(),
             blender: Blender::default(),
             blended: Vec::new(),
             losses: LossTable::for_model(cfg.model.decision, cfg.model.decision_memory, head),
@@ -427,19 +430,45 @@ impl LearnerStage {
                 self.counters.trained_after_warmup += out.trained[i] as u64;
             }
             if sinks_on {
-                let features = if self.cfg.output.features {
-                    s.x[i * width..(i + 1) * width].to_vec()
-                } else {
-                    Vec::new()
-                };
-                self.sink_rows
-                    .push(score_row(&s, &out, i, prediction, features));
+                self.predictions.push(prediction);
             }
+        }
+        if sinks_on {
+            self.gather_rows(s, &out, width);
         }
         if self.sink_rows.len() >= SINK_BATCH {
             self.flush_rows()?;
         }
         Ok(())
+    }
+
+    /// The micro-batch's score rows (with `predictions`, which it empties). The rows take the
+    /// samples' keys and sources instead of cloning them: those `Arc`s are shared with the
+    /// feature stage's thread, and each clone and drop here moved a reference count between the
+    /// cores (a file's source is one `Arc` for every row).
+    fn gather_rows(&mut self, s: Samples, out: &StepOutcome, width: usize) {
+        let keep_x = self.cfg.output.features;
+        let rows =
+            (s.keys.into_iter().zip(s.origins).enumerate()).map(|(i, (key, origin))| ScoreRow {
+                source: origin.source,
+                position: origin.index,
+                key,
+                time: s.times[i],
+                score: out.scores[i],
+                threshold: out.threshold,
+                selected: out.selected[i],
+                trained: out.trained[i],
+                retained: out.retained[i],
+                prediction: self.predictions[i],
+                target: s.eval[i].target,
+                features: if keep_x {
+                    s.x[i * width..(i + 1) * width].to_vec()
+                } else {
+                    Vec::new()
+                },
+            });
+        self.sink_rows.extend(rows);
+        self.predictions.clear();
     }
 
     /// One row's prequential loss and score through the drift detectors (global, and the
@@ -667,30 +696,6 @@ impl LearnerStage {
 /// The stage driven in-process, as a component test driver would: a list of source events
 /// in, the acknowledgements, sink messages and files it produces captured. No broker, no
 /// Python: the bundled Milan archive is read with the parquet crate.
-/// The score file's row for fresh row `i` of a step.
-fn score_row(
-    s: &Samples,
-    out: &StepOutcome,
-    i: usize,
-    prediction: f64,
-    features: Vec<f32>,
-) -> ScoreRow {
-    ScoreRow {
-        source: s.origins[i].source.clone(),
-        position: s.origins[i].index,
-        key: s.keys[i].clone(),
-        time: s.times[i],
-        score: out.scores[i],
-        threshold: out.threshold,
-        selected: out.selected[i],
-        trained: out.trained[i],
-        retained: out.retained[i],
-        prediction,
-        target: s.eval[i].target,
-        features,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc::{Receiver, channel};
