@@ -1,8 +1,7 @@
 //! Sorted copies of sliding windows (in `f32::total_cmp` order), so that a quantile is one
-//! lookup and two windows compare in one merge. A full window replaces its oldest value by the
-//! newest in a single memmove over the span between their two positions (a third of the window
-//! on average), not a remove and an insert (the whole window): the selection and drift
-//! windows are updated once per sample.
+//! lookup. A full window replaces its oldest value by the newest in a single memmove over the
+//! span between their two positions (a third of the window on average), not a remove and an
+//! insert (the whole window): the selection window is updated once per sample.
 
 /// Inserts `x` at its place.
 pub fn insert(v: &mut Vec<f32>, x: f32) {
