@@ -15,6 +15,8 @@ use std::collections::{BTreeSet, VecDeque};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use super::sorted::order_key64;
+
 /// Which entry leaves when the buffer is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -153,7 +155,7 @@ pub struct ReplayBuffer {
     /// Values per row (0 until the first admission).
     inputs: usize,
     free: Vec<usize>,
-    /// `importance`: (ordering key as sortable bits, slot); min leaves first.
+    /// `importance`: (ordering key as an order key, slot); min leaves first.
     order: BTreeSet<(u64, usize)>,
     /// `fifo`: the live slots, oldest first. A queue, not the tree: admitting a row and
     /// evicting the oldest were 5% of the learner thread's CPU in the tree on a Milan run.
@@ -163,18 +165,6 @@ pub struct ReplayBuffer {
     offered: u64,
     cursor: usize,
     pub stats: BufferStats,
-}
-
-/// Maps an f64 to u64 so that the integer order is the float order (total order).
-fn sortable(v: f64) -> u64 {
-    let b = v.to_bits();
-    if b >> 63 == 1 { !b } else { b | (1 << 63) }
-}
-
-#[cfg(test)]
-fn unsortable(u: u64) -> f64 {
-    let b = if u >> 63 == 1 { u & !(1 << 63) } else { !u };
-    f64::from_bits(b)
 }
 
 /// What a checkpoint keeps of a [`ReplayBuffer`]: its entries and counters (the index is
@@ -253,7 +243,7 @@ impl ReplayBuffer {
 
     /// `importance`'s ordering key: lower leaves first.
     fn rank(&self, e: &Entry) -> u64 {
-        sortable((e.score.max(1e-30) as f64).ln() - e.born as f64 * self.ln_decay)
+        order_key64((e.score.max(1e-30) as f64).ln() - e.born as f64 * self.ln_decay)
     }
 
     fn remove(&mut self, slot: usize) -> Entry {
@@ -762,14 +752,5 @@ mod tests {
         assert_eq!((e.y, e.key_bytes, e.time, e.score), (4.0, 6, -9, 0.125));
         assert_eq!((e.version, e.born), (11, 12));
         assert_eq!(postcard::to_stdvec(&now).unwrap(), bytes);
-    }
-
-    #[test]
-    fn sortable_preserves_order() {
-        let v = [-1e9, -2.5, -0.0, 0.0, 1e-9, 3.0, 1e12];
-        for w in v.windows(2) {
-            assert!(sortable(w[0]) <= sortable(w[1]));
-            assert_eq!(unsortable(sortable(w[0])), w[0]);
-        }
     }
 }

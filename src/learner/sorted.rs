@@ -2,6 +2,9 @@
 //! lookup. A full window replaces its oldest value by the newest in a single memmove over the
 //! span between their two positions (a third of the window on average), not a remove and an
 //! insert (the whole window): the selection window is updated once per sample.
+//!
+//! Also the integer keys whose order is `total_cmp`'s, for sorting and ranking floats with
+//! integer comparisons (the score test's windows, the replay buffer's importance order).
 
 /// Inserts `x` at its place.
 pub fn insert(v: &mut Vec<f32>, x: f32) {
@@ -24,6 +27,18 @@ pub fn replace(v: &mut [f32], old: f32, new: f32) {
     }
 }
 
+/// An integer whose order is `f32::total_cmp`'s.
+pub fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 { !b } else { b | (1 << 31) }
+}
+
+/// An integer whose order is `f64::total_cmp`'s.
+pub fn order_key64(x: f64) -> u64 {
+    let b = x.to_bits();
+    if b >> 63 == 1 { !b } else { b | (1 << 63) }
+}
+
 /// The first index whose value is not below `x`.
 fn position(v: &[f32], x: f32) -> usize {
     v.partition_point(|y| y.total_cmp(&x).is_lt())
@@ -33,6 +48,27 @@ fn position(v: &[f32], x: f32) -> usize {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+    #[test]
+    fn order_keys_order_as_total_cmp() {
+        let v = [
+            f64::NEG_INFINITY,
+            -1e9,
+            -2.5,
+            -1e-300,
+            -0.0,
+            0.0,
+            1e-300,
+            3.0,
+            1e12,
+            f64::INFINITY,
+        ];
+        for w in v.windows(2) {
+            assert!(order_key64(w[0]) < order_key64(w[1]), "{w:?}");
+            let (a, b) = (w[0] as f32, w[1] as f32);
+            assert_eq!(order_key(a).cmp(&order_key(b)), a.total_cmp(&b), "{w:?}");
+        }
+    }
 
     #[test]
     fn a_sliding_window_stays_the_sorted_copy_of_its_values() {
