@@ -60,11 +60,30 @@ pub fn matmul(
         }
         return;
     }
+    if k == 1 && !accumulate {
+        outer(&mut dst[..m * n], &lhs[..m], &rhs[..n]);
+        return;
+    }
+    by_gemm(dst, lhs, lhs_layout, rhs, rhs_layout, (m, k, n), accumulate);
+}
+
+/// [`matmul`] by `gemm`, for shapes with m, n, k ≥ 1 whose operands were checked to cover them.
+#[allow(clippy::too_many_arguments)]
+fn by_gemm(
+    dst: &mut [f32],
+    lhs: &[f32],
+    lhs_layout: Layout,
+    rhs: &[f32],
+    rhs_layout: Layout,
+    (m, k, n): (usize, usize, usize),
+    accumulate: bool,
+) {
     let (lhs_rs, lhs_cs) = lhs_layout.strides(m, k);
     let (rhs_rs, rhs_cs) = rhs_layout.strides(k, n);
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
     // SAFETY: with these strides gemm touches lhs[0..m·k], rhs[0..k·n] and dst[0..m·n]
     // (the largest offset is (rows−1)·rs + (cols−1)·cs = rows·cols − 1 in both layouts),
-    // all inside the slices checked above; `dst` is borrowed mutably, so it aliases neither
+    // all inside the slices checked just above; `dst` is borrowed mutably, so it aliases neither
     // input; one thread (`Parallelism::None`), so nothing outlives the call.
     unsafe {
         gemm::gemm(
@@ -88,6 +107,19 @@ pub fn matmul(
             false,
             gemm::Parallelism::None,
         );
+    }
+}
+
+/// dst `[m, n]` = a bᵀ, a product of one term per entry (a `[m, 1]` or `[1, m]` operand lies the
+/// same in either layout). Why: the backward pass through a one-output layer is such a
+/// product, and `gemm`'s set-up (dispatch, blocking, a thread-local workspace) cost more
+/// than the 64 products per row. Each entry is the one rounded product `gemm` computes too.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn outer(dst: &mut [f32], a: &[f32], b: &[f32]) {
+    for (row, &ai) in dst.chunks_exact_mut(b.len()).zip(a) {
+        for (d, &bj) in row.iter_mut().zip(b) {
+            *d = ai * bj;
+        }
     }
 }
 
@@ -228,6 +260,24 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn outer_products_equal_gemm_s() {
+        use Layout::{Rows, Transposed};
+        // The same values to the bit (a zero's sign aside) as the gemm path they replace.
+        for m in [1, 2, 3, 4, 7, 8, 16, 24, 64] {
+            for n in [1, 5, 16, 64] {
+                for (ll, rl) in [(Rows, Rows), (Rows, Transposed), (Transposed, Rows)] {
+                    let (a, b) = (values(m, 5), values(n, 6));
+                    let mut want = vec![f32::NAN; m * n];
+                    by_gemm(&mut want, &a, ll, &b, rl, (m, 1, n), false);
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul(&mut got, &a, ll, &b, rl, (m, 1, n), false);
+                    assert_eq!(got, want, "[{m}, 1, {n}] {ll:?}·{rl:?}");
                 }
             }
         }
