@@ -217,8 +217,10 @@ fn the_expected_loss_decision_loses_less_power_with_the_same_ranking() {
         argmax.mlp_alone.top1, decided.mlp_alone.top1,
         "same training"
     );
+    // 3% less before the vote weighed nearer neighbours more (session 21), which made the
+    // most probable beam itself better: 0.724 vs 0.734 dB now (seeds 1-5: -1.5 ± 0.7%).
     assert!(
-        decided.model.power_loss_db < 0.97 * argmax.model.power_loss_db,
+        decided.model.power_loss_db < argmax.model.power_loss_db,
         "{} vs {} dB",
         decided.model.power_loss_db,
         argmax.model.power_loss_db
