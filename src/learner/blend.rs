@@ -272,8 +272,8 @@ fn live_softmax(z: &[f32; 3], live: [bool; 3]) -> [f32; 3] {
     raw.map(|v| v / total)
 }
 
-/// One unit vote per class in `classes`, `spread` of it to each neighbouring class, as a
-/// distribution in `out`; false (and `out` zeros) when there is no vote.
+/// Each (class, weight) in `votes` votes its weight, `spread` of it to each neighbouring
+/// class, as a distribution in `out`; false (and `out` zeros) when there is no vote.
 fn spread_votes(out: &mut Vec<f32>, c: usize, votes: &[(u16, f32)], spread: f32) -> bool {
     out.clear();
     out.resize(c, 0.0);

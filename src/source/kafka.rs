@@ -664,14 +664,14 @@ struct KafkaSource<'a> {
 }
 
 /// Consumer fetch settings unless the pipeline's `[source.options]` names them.
-/// Fetch settings the consumer takes unless the pipeline's `[source.options]` sets them.
 /// `fetch.queue.backoff.ms`: once librdkafka's local queue holds `queued.min.messages`
 /// (100,000) it stops fetching for this long, 1 s by default; a consumer that drains the
 /// queue in a fraction of that then sits idle. Measured against Tansu (`cargo bench --bench
 /// kafka`, checkpoints on, 1 s and 10 ms alternating, three runs each, 2026-12-01): Avro
 /// 115-117 k samples/s (the consumer and the broker both mostly idle) against 216-248 k;
-/// JSON 141-329 k against 242-268 k: the same median, without the stalled runs. The queue
-/// stays bounded by the same thresholds.
+/// JSON 141-329 k against 242-268 k (median 288 k against 250 k; over the three settings of
+/// each run 255 k against 250 k), without the stalled runs. The queue stays bounded by the
+/// same thresholds.
 const FETCH_DEFAULTS: &[(&str, &str)] = &[
     ("fetch.min.bytes", "1000000"),
     ("fetch.wait.max.ms", "100"),
