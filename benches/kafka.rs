@@ -45,11 +45,10 @@ fn main() {
     let schema =
         Arc::new(Schema::load(&common::repo().join("schemas/milan_internet.json")).unwrap());
     let archive = common::repo().join("data/milan/internet_square5161.parquet");
-    let (format, format_name) = match std::env::var("GRADSIFT_BENCH_FORMAT").as_deref() {
-        Ok("avro") => (gradsift::payload::PayloadFormat::Avro, "avro"),
-        Ok("json") | Err(_) => (gradsift::payload::PayloadFormat::Json, "json"),
-        Ok(other) => panic!("GRADSIFT_BENCH_FORMAT={other}: expected json or avro"),
-    };
+    // The payload format's own names (as `source.format` and `gradsift produce --format`).
+    let format_name = std::env::var("GRADSIFT_BENCH_FORMAT").unwrap_or_else(|_| "json".into());
+    let format: gradsift::payload::PayloadFormat = clap::ValueEnum::from_str(&format_name, false)
+        .unwrap_or_else(|e| panic!("GRADSIFT_BENCH_FORMAT={format_name}: {e}"));
 
     let t = Instant::now();
     let mut produced = 0;
