@@ -94,7 +94,7 @@ pub struct Checkpoint {
     pub counters: RunCounters,
     pub drift: DriftMonitor,
     pub trace: MetricTrace,
-    /// `model.decision = "min_expected_loss"`: the learnt loss table.
+    /// `model.decision = "min_expected_loss"` or `"switch"`: the learnt loss table.
     pub decision: Option<LossTable>,
     /// `model.blend` with a `learn_rate`: the learnt blend (the fixed rule's otherwise).
     pub blend_gate: BlendGate,
@@ -107,7 +107,8 @@ pub struct Checkpoint {
 /// 06: the decision's loss table; norm clipping's window (and its count of rows cut).
 /// 07: the learnt blend.
 /// 08: replayed entries keep their key's length, not the key.
-const MAGIC: &[u8; 8] = b"GSCKPT08";
+/// 09: each key keeps the decision's record of its two rules (`model.decision = "switch"`).
+const MAGIC: &[u8; 8] = b"GSCKPT09";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {

@@ -340,11 +340,16 @@ impl PipelineConfig {
     /// `evaluation.beam_power`).
     pub fn validate_with(&self, input_width: usize, class_losses: bool) -> Result<()> {
         use crate::learner::decision::Decision;
-        if self.model.decision == Decision::MinExpectedLoss && !class_losses {
+        let by_loss = match self.model.decision {
+            Decision::Argmax => None,
+            Decision::MinExpectedLoss => Some("\"min_expected_loss\""),
+            Decision::Switch => Some("\"switch\""),
+        };
+        if let (Some(v), false) = (by_loss, class_losses) {
             return Err(self.bad(
                 "model.decision",
                 "\"argmax\" for a schema without per-class losses (`evaluation.beam_power`)",
-                "\"min_expected_loss\"",
+                v,
             ));
         }
         let one = input_width * 4 + 1 + crate::learner::buffer::ENTRY_OVERHEAD;
@@ -483,6 +488,10 @@ impl PipelineConfig {
         let memory = self.model.decision_memory;
         if !(memory.is_finite() && memory >= 1.0) {
             return Err(self.bad("model.decision_memory", "a number ≥ 1 (rows)", memory));
+        }
+        let decay = self.model.decision_decay;
+        if !(0.0..1.0).contains(&decay) {
+            return Err(self.bad("model.decision_decay", "a number in [0, 1)", decay));
         }
         if !(1..=64).contains(&t.steps_per_batch) {
             let v = t.steps_per_batch;
@@ -735,6 +744,10 @@ max_bytes = 100000
         );
         let cfg = PipelineConfig::load(&p, &["model.decision=\"min_expected_loss\"".into()]);
         assert!(cfg.unwrap().validate_with(16, true).is_ok());
+        let cfg = PipelineConfig::load(&p, &["model.decision=\"switch\"".into()]).unwrap();
+        let e = cfg.validate_with(16, false).unwrap_err().to_string();
+        assert!(e.contains("model.decision") && e.contains("switch"), "{e}");
+        assert!(cfg.validate_with(16, true).is_ok());
     }
 
     /// `--set` keys are TOML keys: a quoted segment keeps its dots (librdkafka's options
@@ -788,6 +801,7 @@ max_bytes = 100000
                 "model.blend",
             ),
             ("model.decision_memory=0.5", "model.decision_memory"),
+            ("model.decision_decay=1.0", "model.decision_decay"),
         ] {
             let e = PipelineConfig::load(&write(d.path(), GOOD), &[set.into()])
                 .unwrap_err()

@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::decode::DecodedBatch;
 use crate::learner::blend::ExpertWeights;
+use crate::learner::decision::RuleRecord;
 use crate::learner::drift::KeyDetectors;
 use crate::learner::eval::{ClassBaselines, KNN_K, Observation, RegressionRow};
 use crate::learner::knn::KnnMemory;
@@ -218,19 +219,25 @@ struct KeyState {
     id: u32,
     /// Labelled rows of the key so far.
     labelled: u32,
-    /// The prediction blend's expert weights and (with `drift.per_key`) the loss detectors
-    /// of this key are the learner stage's ([`KeyLearnerParts`]); they live here only inside
-    /// a checkpoint, which keeps them in this place (format unchanged).
-    experts: ExpertWeights,
+    /// The learner stage's parts of this key ([`KeyLearnerParts`]); they live here only
+    /// inside a checkpoint, which keeps them with the key.
+    learner: KeyLearnerParts,
     /// This key's own scalers (numeric columns, geo east/north/range), with
     /// `scaler.per_key`.
     own: Option<(Vec<Scaler>, [Scaler; 3])>,
-    drift: Option<Box<KeyDetectors>>,
     last_seen: u64,
 }
 
-/// What the learner stage keeps per key (see [`KeyState`]).
-pub type KeyLearnerParts = (ExpertWeights, Option<Box<KeyDetectors>>);
+/// What the learner stage keeps per key: the prediction blend's expert weights, the
+/// decision's record of its two rules (`model.decision = "switch"`) and, with
+/// `drift.per_key`, the key's loss detectors.
+#[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct KeyLearnerParts {
+    pub experts: ExpertWeights,
+    pub rules: RuleRecord,
+    /// Made at the key's first sample that needs them.
+    pub drift: Option<Box<KeyDetectors>>,
+}
 
 /// Every key's [`KeyLearnerParts`], as a checkpoint kept them.
 pub type SavedLearnerParts = Vec<(Arc<str>, KeyLearnerParts)>;
@@ -259,17 +266,16 @@ pub struct FeatureState {
 impl FeatureState {
     /// Moves every key's learner-stage parts out (a resume hands them to that stage).
     pub fn take_learner_parts(&mut self) -> SavedLearnerParts {
-        let take = |s: &mut KeyState| (std::mem::take(&mut s.experts), s.drift.take());
         (self.keys.iter_mut())
-            .map(|(k, s)| (k.clone(), take(s)))
+            .map(|(k, s)| (k.clone(), std::mem::take(&mut s.learner)))
             .collect()
     }
 
     /// Puts every key's learner-stage parts in, as `parts` gives them (a checkpoint).
     pub fn put_learner_parts(&mut self, mut parts: impl FnMut(&str) -> Option<KeyLearnerParts>) {
         for (k, s) in &mut self.keys {
-            if let Some((experts, drift)) = parts(k) {
-                (s.experts, s.drift) = (experts, drift);
+            if let Some(p) = parts(k) {
+                s.learner = p;
             }
         }
     }
@@ -610,14 +616,13 @@ impl FeatureEngine {
             labels: VecDeque::with_capacity(self.label_len),
             id: self.next_key_id,
             labelled: 0,
-            experts: ExpertWeights::default(),
+            learner: KeyLearnerParts::default(),
             own: (self.schema.features.scaler.per_key).then(|| {
                 (
                     vec![Scaler::default(); self.numeric.len()],
                     [Scaler::default(); 3],
                 )
             }),
-            drift: None,
             last_seen: 0,
         };
         self.next_key_id = self.next_key_id.wrapping_add(1);
@@ -1052,21 +1057,26 @@ mod tests {
         assert!(fe.take_key_changes().is_empty(), "taken once");
         // The learner stage's parts go into a checkpoint's state and come back out by key.
         let mut state = fe.state();
-        state.put_learner_parts(|key| (key == "3").then_some(([0.5, 0.25, 0.25], None)));
+        let mut rules = RuleRecord::default();
+        rules.learn(0.9, &[1.0, 2.0], 0, 1);
+        state.put_learner_parts(|key| {
+            (key == "3").then_some(KeyLearnerParts {
+                experts: [0.5, 0.25, 0.25],
+                rules,
+                drift: None,
+            })
+        });
         let mut parts = state.take_learner_parts();
         parts.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(parts[0].0, k("1"));
-        assert_eq!(parts[0].1.0, ExpertWeights::default());
+        assert_eq!(parts[0].1.experts, ExpertWeights::default());
         assert_eq!(
-            (parts[1].0.clone(), parts[1].1.0),
-            (k("3"), [0.5, 0.25, 0.25])
+            (parts[1].0.clone(), parts[1].1.experts, parts[1].1.rules),
+            (k("3"), [0.5, 0.25, 0.25], rules)
         );
-        assert!(
-            state
-                .take_learner_parts()
-                .iter()
-                .all(|(_, p)| p.0 == ExpertWeights::default())
-        );
+        assert!(state.take_learner_parts().iter().all(|(_, p)| {
+            p.experts == ExpertWeights::default() && p.rules == RuleRecord::default()
+        }));
     }
 
     fn bad_input(skips: &[(usize, String)]) -> Vec<(usize, String)> {

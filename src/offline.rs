@@ -12,7 +12,7 @@
 //! so settings are chosen on validation and judged on test. Work is counted as online, with
 //! every-row training of the same epochs as the reference.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,8 +30,8 @@ use crate::energy::{EnergyMeter, EnergyReading};
 use crate::features::{FeatureEngine, Samples};
 use crate::learner::OnlineLearner;
 use crate::learner::compute::{ComputeReport, Work};
-use crate::learner::decision::LossTable;
-use crate::learner::eval::{Boundary, EvalSummary, Observation, PeriodReport, Scoreboard};
+use crate::learner::decision::{Decision, LossTable, RuleRecord};
+use crate::learner::eval::{Boundary, EvalSummary, Observation, PeriodReport, Scoreboard, argmax};
 use crate::learner::importance::ImportanceMethod;
 use crate::learner::model::Head;
 use crate::learner::select::Selector;
@@ -242,7 +242,9 @@ pub fn headline(m: &EvalSummary) -> f64 {
     }
 }
 
-/// Scores every `rows` with the current model into a fresh scoreboard.
+/// Scores every `rows` with the current model into a fresh scoreboard. With
+/// `model.decision = "switch"`, each key's record of the two rules follows the rows already
+/// scored, in order, as it does online (the labels of earlier rows are known).
 fn evaluate(
     learner: &mut OnlineLearner,
     s: &Samples,
@@ -256,6 +258,8 @@ fn evaluate(
     let k = head.outputs();
     let mut board = Scoreboard::new(head, cfg.evaluation.window, periods);
     let mut decided = Vec::new();
+    let switch = cfg.model.decision == Decision::Switch;
+    let mut records: HashMap<&str, RuleRecord> = HashMap::new();
     for chunk in rows.chunks(4096) {
         let x: Vec<f32> = chunk
             .iter()
@@ -265,17 +269,27 @@ fn evaluate(
         for (j, &i) in chunk.iter().enumerate() {
             let row = &out[j * k..(j + 1) * k];
             let (_, mut obs) = s.eval[i].observe(head, row);
+            let mut rules = None;
             if let (Some(t), Observation::Classification { choice, .. }) = (&mut table, &mut obs) {
                 t.decide(row, true, &mut decided);
-                *choice = Some(&decided);
+                rules = Some((argmax(row), argmax(&decided)));
+                let record = records.entry(s.keys[i].as_ref()).or_default();
+                if !(switch && record.prefers_argmax()) {
+                    *choice = Some(&decided);
+                }
             }
             board.record(i as u64, s.times[i], obs);
+            if let (true, Some((most, least)), Some(p)) = (switch, rules, &s.eval[i].power) {
+                let record = records.entry(s.keys[i].as_ref()).or_default();
+                record.learn(cfg.model.decision_decay, p, most, least);
+            }
         }
     }
     board
 }
 
-/// `model.decision = "min_expected_loss"`: the loss table learnt from the training rows.
+/// `model.decision = "min_expected_loss"` or `"switch"`: the loss table learnt from the
+/// training rows.
 fn loss_table(cfg: &PipelineConfig, head: Head, s: &Samples, train: &[usize]) -> Option<LossTable> {
     let mut t = LossTable::for_model(cfg.model.decision, cfg.model.decision_memory, head)?;
     for p in train.iter().filter_map(|&i| s.eval[i].power.as_deref()) {

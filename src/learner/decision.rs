@@ -1,5 +1,6 @@
 //! Which class to act on, given the predicted distribution: the most probable one
-//! (`argmax`), or the one whose expected loss is least (`min_expected_loss`).
+//! (`argmax`), the one whose expected loss is least (`min_expected_loss`), or, per key,
+//! whichever of those two has lost less on the key's recent rows (`switch`).
 //!
 //! Why: in beam selection the label is the best beam, but the cost of a wrong choice is the
 //! power lost against it, and that is not the same for every wrong beam: a neighbour of the
@@ -15,6 +16,12 @@
 //! A class's row is a running mean until the class has been best `model.decision_memory`
 //! times, then an exponentially weighted one (weight 1/memory per row), so that the table
 //! follows a new site's geometry (the beam pipelines: 30).
+//!
+//! `switch`: the expected loss is only as good as the predicted distribution's calibration,
+//! which changes as a site is learnt (a young site's prediction is mostly the neighbours'
+//! vote). Every labelled row reveals what both rules' choices lost, so each key keeps a
+//! [`RuleRecord`], the two losses discounted by `model.decision_decay` per row, and acts by
+//! the rule with the smaller one (the expected loss on a tie, so a new key starts with it).
 
 use serde::{Deserialize, Serialize};
 
@@ -28,7 +35,13 @@ pub enum Decision {
     #[default]
     Argmax,
     MinExpectedLoss,
+    /// Per key, the better of the two above on its recent rows (see the module doc).
+    Switch,
 }
+
+/// `model.decision_decay` unless set: `switch` weighs a key's earlier rows by 0.9 per row
+/// (about its last ten rows).
+pub const DEFAULT_DECAY: f32 = 0.9;
 
 /// `model.decision_memory` unless set: rows of a class after which its loss row is a running
 /// mean over that many.
@@ -72,7 +85,7 @@ impl LossTable {
     /// expected loss, none otherwise (the online stage and `gradsift train` both build it so).
     pub fn for_model(decision: Decision, memory: f32, head: Head) -> Option<Self> {
         match (decision, head) {
-            (Decision::MinExpectedLoss, Head::Classification { classes }) => {
+            (Decision::MinExpectedLoss | Decision::Switch, Head::Classification { classes }) => {
                 Some(LossTable::new(classes, memory))
             }
             _ => None,
@@ -156,16 +169,53 @@ impl LossTable {
         let row = &mut self.mean[best * c..(best + 1) * c];
         let mut off = 0.0;
         for (m, &p) in row.iter_mut().zip(power) {
-            let loss = if p > 0.0 {
-                (10.0 * (p_best / p).log10()).min(MAX_LOSS_DB)
-            } else {
-                MAX_LOSS_DB
-            };
+            let loss = loss_db(p_best, p);
             *m += (loss - *m) / n;
             off += loss;
         }
         self.rows = (self.rows + 1.0).min(PRIOR_MEMORY);
         self.off_best += (off / (c - 1).max(1) as f32 - self.off_best) / self.rows;
+    }
+}
+
+/// The loss in dB of a class receiving `p` against the best class's `p_best` (linear
+/// units), at most [`MAX_LOSS_DB`].
+fn loss_db(p_best: f32, p: f32) -> f32 {
+    if p > 0.0 {
+        (10.0 * (p_best / p).log10()).min(MAX_LOSS_DB)
+    } else {
+        MAX_LOSS_DB
+    }
+}
+
+/// `switch`, per key: the power each rule's choice lost on the key's recent rows, each
+/// earlier row weighed `decay` per row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuleRecord {
+    argmax: f32,
+    expected: f32,
+}
+
+impl RuleRecord {
+    /// Whether the key's most probable class is to be acted on (else the least expected
+    /// loss; also on a tie, as for a new key).
+    pub fn prefers_argmax(&self) -> bool {
+        self.argmax < self.expected
+    }
+
+    /// Books a labelled row: what choosing `argmax` and `expected` lost against its best
+    /// class, from its per-class power (linear units). A row with a non-finite power, or none
+    /// above zero, is not booked.
+    pub fn learn(&mut self, decay: f32, power: &[f32], argmax: usize, expected: usize) {
+        if !power.iter().all(|p| p.is_finite()) || argmax.max(expected) >= power.len() {
+            return;
+        }
+        let p_best = power.iter().copied().fold(0.0, f32::max);
+        if p_best <= 0.0 {
+            return;
+        }
+        self.argmax = decay * self.argmax + loss_db(p_best, power[argmax]);
+        self.expected = decay * self.expected + loss_db(p_best, power[expected]);
     }
 }
 
@@ -264,6 +314,33 @@ mod tests {
         t.decide(&[0.2, 0.3, 1.0], true, &mut a);
         back.decide(&[0.2, 0.3, 1.0], true, &mut b);
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn the_switch_follows_the_rule_that_lost_less_recently() {
+        let mut r = RuleRecord::default();
+        assert!(!r.prefers_argmax(), "a new key acts on the expected loss");
+        // Beam 0 is best; the argmax chose it, the expected loss chose beam 1 (1 dB less).
+        let power = [100.0, 79.4, 1.0];
+        r.learn(0.9, &power, 0, 1);
+        assert!(r.prefers_argmax());
+        // Then the expected loss is right for three rows: 0.9^3 of the 1 dB is left.
+        for _ in 0..3 {
+            r.learn(0.9, &power, 2, 0);
+        }
+        assert!(!r.prefers_argmax(), "{r:?}");
+        assert!((r.argmax - 20.0 * (0.9 + 0.81 + 1.0)).abs() < 0.01, "{r:?}");
+        assert!((r.expected - 0.729).abs() < 0.01, "{r:?}");
+        // Rows that cannot be read change nothing.
+        let before = r;
+        r.learn(0.9, &[f32::NAN, 1.0, 1.0], 0, 1);
+        r.learn(0.9, &[0.0, 0.0, 0.0], 0, 1);
+        r.learn(0.9, &power, 3, 0);
+        assert_eq!(r, before);
+        // A class with no power is charged the cap.
+        let mut r = RuleRecord::default();
+        r.learn(0.5, &[1.0, 0.0, 2.0], 1, 2);
+        assert_eq!((r.argmax, r.expected), (MAX_LOSS_DB, 0.0));
     }
 
     #[test]

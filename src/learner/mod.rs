@@ -95,6 +95,10 @@ pub struct ModelConfig {
     /// a plain mean and weighs each new row 1/memory (so it follows a change of site).
     #[serde(default = "default_decision_memory")]
     pub decision_memory: f32,
+    /// `switch`: the weight of a key's earlier rows, per row, in each rule's record of
+    /// recent losses.
+    #[serde(default = "default_decision_decay")]
+    pub decision_decay: f32,
     /// One model for the stream, or one per key (see [`per_key`]).
     #[serde(default)]
     pub scope: per_key::ModelScope,
@@ -105,6 +109,10 @@ pub struct ModelConfig {
 
 fn default_decision_memory() -> f32 {
     decision::DEFAULT_MEMORY
+}
+
+fn default_decision_decay() -> f32 {
+    decision::DEFAULT_DECAY
 }
 
 fn default_max_models() -> usize {
@@ -126,6 +134,7 @@ impl Default for ModelConfig {
             blend: None,
             decision: decision::Decision::Argmax,
             decision_memory: default_decision_memory(),
+            decision_decay: default_decision_decay(),
             scope: per_key::ModelScope::Shared,
             max_models: default_max_models(),
         }

@@ -1,5 +1,6 @@
-//! What the learner stage keeps per key: the prediction blend's expert weights and the key's
-//! loss detectors (`drift.per_key`). The keys are the feature stage's: it tells every key it
+//! What the learner stage keeps per key: the prediction blend's expert weights, the
+//! decision's record of its two rules (`model.decision = "switch"`) and the key's loss
+//! detectors (`drift.per_key`). The keys are the feature stage's: it tells every key it
 //! starts or forgets tracking in-band, with the batch that did it, so this map holds the same
 //! keys at every micro-batch as the features do and is bounded by `features.max_keys` like
 //! them. A checkpoint stores these parts inside the features' per-key state (format
@@ -7,30 +8,23 @@
 
 use std::sync::Arc;
 
-use crate::features::{FeatureState, KeyChange, SavedLearnerParts};
+use crate::features::{FeatureState, KeyChange, KeyLearnerParts, SavedLearnerParts};
 use crate::learner::blend::ExpertWeights;
+use crate::learner::decision::RuleRecord;
 use crate::learner::drift::{DriftConfig, KeyDetectors};
-
-#[derive(Default)]
-struct Parts {
-    experts: ExpertWeights,
-    /// Made at the key's first sample that needs them.
-    drift: Option<Box<KeyDetectors>>,
-}
 
 /// Per-key learner state, by key (see the module doc).
 #[derive(Default)]
 pub(crate) struct LearnerKeys {
-    keys: foldhash::HashMap<Arc<str>, Parts>,
+    keys: foldhash::HashMap<Arc<str>, KeyLearnerParts>,
 }
 
 impl LearnerKeys {
     /// The parts a resumed checkpoint kept.
     pub fn restored(parts: SavedLearnerParts) -> Self {
-        let keys = (parts.into_iter())
-            .map(|(k, (experts, drift))| (k, Parts { experts, drift }))
-            .collect();
-        LearnerKeys { keys }
+        LearnerKeys {
+            keys: parts.into_iter().collect(),
+        }
     }
 
     /// Follows the feature stage's keys.
@@ -38,7 +32,7 @@ impl LearnerKeys {
         for c in changes {
             match c {
                 KeyChange::Tracked(k) => {
-                    self.keys.insert(k.clone(), Parts::default());
+                    self.keys.insert(k.clone(), KeyLearnerParts::default());
                 }
                 KeyChange::Forgotten(k) => {
                     self.keys.remove(k);
@@ -58,6 +52,16 @@ impl LearnerKeys {
         }
     }
 
+    /// `key`'s record of the decision's two rules (a fresh one for a key not tracked).
+    pub fn rules(&self, key: &str) -> RuleRecord {
+        self.keys.get(key).map(|p| p.rules).unwrap_or_default()
+    }
+
+    /// Mutable access to `key`'s record; none for a key not tracked.
+    pub fn rules_mut(&mut self, key: &str) -> Option<&mut RuleRecord> {
+        self.keys.get_mut(key).map(|p| &mut p.rules)
+    }
+
     /// The loss detectors of `key` (made on first use); none for a key not tracked.
     pub fn detectors(&mut self, key: &str, cfg: &DriftConfig) -> Option<&mut KeyDetectors> {
         let p = self.keys.get_mut(key)?;
@@ -74,7 +78,7 @@ impl LearnerKeys {
 
     /// Writes every key's parts into the features' state a checkpoint stores.
     pub fn save_into(&self, state: &mut FeatureState) {
-        state.put_learner_parts(|k| (self.keys.get(k)).map(|p| (p.experts, p.drift.clone())));
+        state.put_learner_parts(|k| self.keys.get(k).cloned());
     }
 }
 
@@ -95,10 +99,14 @@ mod tests {
             "an untracked key has none"
         );
         keys.set_expert_weights("c", [9.0; 3]);
+        keys.rules_mut("a").unwrap().learn(0.9, &[1.0, 2.0], 0, 1);
+        assert!(!keys.rules("a").prefers_argmax() && keys.rules("a") != RuleRecord::default());
+        assert!(keys.rules_mut("c").is_none());
         assert_eq!(keys.len(), 2, "an untracked key is not added");
         // Forgotten and seen again: it starts over, as the features' key does.
         keys.apply(&[KeyChange::Forgotten(a.clone()), KeyChange::Tracked(a)]);
         assert_eq!(keys.expert_weights("a"), ExpertWeights::default());
+        assert_eq!(keys.rules("a"), RuleRecord::default());
         keys.apply(&[KeyChange::Forgotten(b)]);
         assert_eq!(keys.len(), 1);
     }

@@ -30,7 +30,7 @@ use crate::checkpoint::{Checkpoint, RunCounters};
 use crate::config::PipelineConfig;
 use crate::features::{FeatureState, RowEval, Samples, SavedLearnerParts};
 use crate::learner::blend::{BlendConfig, Blender, ExpertWeights};
-use crate::learner::decision::LossTable;
+use crate::learner::decision::{Decision, LossTable};
 use crate::learner::drift::DriftMonitor;
 use crate::learner::eval::{EvalSummary, Observation, Scoreboard, argmax};
 use crate::learner::model::Head;
@@ -331,16 +331,16 @@ impl LearnerStage {
         self.step(rest)
     }
 
-    /// The prediction of one row (the MLP, blended with the baselines where configured; the
-    /// class acted on by `model.decision`), scored on the scoreboard at `(sample, time)`;
-    /// returns it in the target's units (the class for classification).
+    /// The prediction of one row of `key` (the MLP, blended with the baselines where
+    /// configured; the class acted on by `model.decision`), scored on the scoreboard at
+    /// `(sample, time)`; returns it in the target's units (the class for classification).
     fn score_row(
         &mut self,
         ev: &RowEval,
         mlp: &[f32],
-        blend: Option<&BlendConfig>,
-        w: &ExpertWeights,
+        (blend, w): (Option<&BlendConfig>, &ExpertWeights),
         (sample, time): (u64, i64),
+        key: &str,
     ) -> f64 {
         if let Some(b) = blend {
             self.blender
@@ -348,6 +348,8 @@ impl LearnerStage {
         }
         let row = if blend.is_some() { &self.blended } else { mlp };
         let (mut prediction, mut obs) = ev.observe(self.head, row);
+        // The classes the two rules would act on (most probable, least expected loss).
+        let mut rules = None;
         if let Observation::Classification {
             mlp_alone, choice, ..
         } = &mut obs
@@ -357,13 +359,26 @@ impl LearnerStage {
             }
             if let Some(t) = &mut self.losses {
                 t.decide(row, blend.is_none(), &mut self.decided);
-                *choice = Some(&self.decided);
-                prediction = argmax(&self.decided) as f64;
+                let (most, least) = (argmax(row), argmax(&self.decided));
+                rules = Some((most, least));
+                let switch = self.cfg.model.decision == Decision::Switch;
+                if switch && self.keys.rules(key).prefers_argmax() {
+                    prediction = most as f64; // `choice` left unset: the ranking's top
+                } else {
+                    *choice = Some(&self.decided);
+                    prediction = least as f64;
+                }
             }
         }
         self.metrics.record(sample, time, obs);
         if let (Some(t), Some(p)) = (&mut self.losses, &ev.power) {
             t.learn(p);
+            if let (Decision::Switch, Some((most, least))) = (self.cfg.model.decision, rules) {
+                let decay = self.cfg.model.decision_decay;
+                if let Some(r) = self.keys.rules_mut(key) {
+                    r.learn(decay, p, most, least);
+                }
+            }
         }
         prediction
     }
@@ -406,7 +421,7 @@ impl LearnerStage {
                 w = self.keys.expert_weights(&s.keys[i]);
             }
             let at = (seen_before + i as u64, s.times[i]);
-            let prediction = self.score_row(ev, mlp, blend.as_ref(), &w, at);
+            let prediction = self.score_row(ev, mlp, (blend.as_ref(), &w), at, &s.keys[i]);
             self.trace.mark(seen_before + i as u64, s.times[i]);
             let sample = seen_before + i as u64 + 1;
             if traced && self.trace.due(sample) {
@@ -921,8 +936,9 @@ mod tests {
         let mut saved = checkpoint::load(&path).unwrap().unwrap();
         let parts = saved.features.take_learner_parts();
         assert_eq!(parts.len(), 1, "one key, square 5161");
-        let (key, (_, drift)) = &parts[0];
-        let json = serde_json::to_string(drift.as_deref().expect("detectors saved")).unwrap();
+        let (key, part) = &parts[0];
+        let saved = part.drift.as_deref().expect("detectors saved");
+        let json = serde_json::to_string(saved).unwrap();
 
         let cfg = a.stage.cfg.drift.clone();
         let mut b = driver(a.out, &sets);
