@@ -166,6 +166,25 @@ fn a_tiny_experiment_writes_results_summary_frontier_and_plots() {
         o.status.success() && stderr.contains("0 run now, 10 reused"),
         "{stderr}"
     );
+    assert!(!stderr.contains("warning"), "{stderr}");
+
+    // The reference's learning settings are kept beside the results; a run into the same
+    // folder after its pipeline moved says which settings moved.
+    let settings = std::fs::read_to_string(out.join("settings.toml")).unwrap();
+    assert!(settings.contains("replay_ratio = 1.0"), "{settings}");
+    let moved = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("buffer.replay_ratio=1.0", "buffer.replay_ratio=0.5")
+        .replace("seeds = [1, 2]", "seeds = [1]");
+    std::fs::write(&file, moved).unwrap();
+    let o = experiment(&file, &out);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success()
+            && stderr.contains("warning: the reference's settings differ")
+            && stderr.contains("buffer.replay_ratio: 1.0 → 0.5"),
+        "{stderr}"
+    );
 }
 
 /// `gradsift experiment --pipeline`: the default grid of any pipeline, written into the output

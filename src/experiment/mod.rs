@@ -16,6 +16,7 @@ pub mod grid;
 pub mod plot;
 pub mod results;
 pub mod runner;
+pub mod settings;
 pub mod summary;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -296,6 +297,14 @@ fn experiment_file(args: &Args) -> Result<(PathBuf, Vec<String>)> {
     }
 }
 
+/// The learning settings of the experiment's reference run ([`settings`]).
+fn reference_settings(exp: &Experiment, configs: &[grid::Config]) -> Result<toml::Table> {
+    let reference = (configs.iter().find(|c| c.is_reference()))
+        .ok_or_else(|| anyhow!("{}: no reference configuration", exp.file.display()))?;
+    let cfg = crate::config::PipelineConfig::load(&exp.pipeline, &reference.overrides)?;
+    settings::of(&cfg)
+}
+
 /// Runs an experiment end to end: runs, results tables, summary, plots.
 pub fn run(args: Args) -> Result<()> {
     let (file, sets) = experiment_file(&args)?;
@@ -307,6 +316,16 @@ pub fn run(args: Args) -> Result<()> {
         .unwrap_or_else(|| Path::new("experiments/results").join(&exp.name));
     let configs = grid::expand(&exp)?;
     grid::check(&exp, &configs)?;
+    let learning = reference_settings(&exp, &configs)?;
+    let moved = settings::changes(&out, &learning)?;
+    if !moved.is_empty() {
+        eprintln!(
+            "warning: the reference's settings differ from those of the results already in {} \
+             (made earlier); the new figures do not compare with the old ones:\n  {}",
+            out.display(),
+            moved.join("\n  ")
+        );
+    }
     let runs = grid::runs(&configs, &exp.seeds, &out);
     let jobs = args
         .jobs
@@ -323,6 +342,7 @@ pub fn run(args: Args) -> Result<()> {
     let outcomes = runner::run_all(inv, &configs, &runs, jobs, args.fresh);
     let mut records = results::records(exp.metric, &runs, outcomes);
     results::write(&out, &exp, &configs, &records)?;
+    settings::write(&out, &learning)?;
     let summary = summary::summarize(&exp, &configs, &records);
     print!("{}", summary.render(&configs));
     summary.write(&out, &configs)?;
