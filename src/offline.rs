@@ -273,8 +273,8 @@ fn evaluate(
             if let (Some(t), Observation::Classification { choice, .. }) = (&mut table, &mut obs) {
                 t.decide(row, true, &mut decided);
                 rules = Some((argmax(row), argmax(&decided)));
-                let record = records.entry(s.keys[i].as_ref()).or_default();
-                if !(switch && record.prefers_argmax()) {
+                let record = records.get(s.keys[i].as_ref());
+                if !(switch && record.is_some_and(RuleRecord::prefers_argmax)) {
                     *choice = Some(&decided);
                 }
             }
