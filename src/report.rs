@@ -61,6 +61,9 @@ pub struct RunReport {
     pub trace: Option<TraceReport>,
     /// Values clamped to their column's physical range (this process).
     pub values_clipped: u64,
+    /// `model.decision = "switch"`: how often the two rules differed, and which one acted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision_switch: Option<SwitchReport>,
     pub scored: u64,
     pub selected: u64,
     pub trained: u64,
@@ -102,6 +105,14 @@ pub struct RunReport {
     /// Estimated energy and carbon of this process, with the model used.
     pub energy: crate::energy::EnergyReading,
     pub outputs: BTreeMap<String, String>,
+}
+
+/// `model.decision = "switch"` in this process: rows on which the most probable class and
+/// the least expected loss differed, and of those the rows acted on the most probable one.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SwitchReport {
+    pub rows_differing: u64,
+    pub acted_most_probable: u64,
 }
 
 /// Checkpoints of a run.
@@ -377,11 +388,21 @@ impl RunReport {
     /// Selection, training and the buffer.
     fn learning_rows(&self) -> Vec<(String, String)> {
         let pct = |a: u64, b: u64| format!("{a} ({:.1}%)", 100.0 * a as f64 / b.max(1) as f64);
-        vec![
-            (
-                "values clipped to their range".into(),
-                self.values_clipped.to_string(),
-            ),
+        let mut rows = vec![(
+            "values clipped to their range".into(),
+            self.values_clipped.to_string(),
+        )];
+        if let Some(d) = self.decision_switch {
+            rows.push((
+                "decision: rules differed / acted on most probable".into(),
+                format!(
+                    "{} / {}",
+                    pct(d.rows_differing, self.samples),
+                    pct(d.acted_most_probable, d.rows_differing)
+                ),
+            ));
+        }
+        rows.extend([
             ("scored".into(), self.scored.to_string()),
             ("selected".into(), pct(self.selected, self.samples)),
             ("trained (fresh)".into(), pct(self.trained, self.samples)),
@@ -432,7 +453,8 @@ impl RunReport {
                     format!("{} / {}", self.nonfinite_steps, self.model_restores)
                 },
             ),
-        ]
+        ]);
+        rows
     }
 
     /// Compute, time, energy and what was written.

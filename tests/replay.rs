@@ -210,10 +210,20 @@ fn the_expected_loss_decision_loses_less_power_with_the_same_ranking() {
         let EvalSummary::Classification(m) = r.metrics else {
             panic!("classification metrics")
         };
-        m
+        (m, r.decision_switch)
     };
-    let (argmax, decided) = (run("argmax"), run("min_expected_loss"));
-    let switch = run("switch");
+    let ((argmax, none), (decided, _)) = (run("argmax"), run("min_expected_loss"));
+    let (switch, counted) = run("switch");
+    // The report says how often the rules differed and which acted (the switch only).
+    let counted = counted.expect("the switch's counts");
+    assert!(none.is_none());
+    assert!(
+        counted.rows_differing > 100
+            && counted.acted_most_probable > 0
+            && counted.acted_most_probable < counted.rows_differing,
+        "{counted:?}"
+    );
+    println!("the switch: {counted:?}");
     assert_eq!(argmax.model.top3, decided.model.top3);
     assert_eq!(argmax.model.top3, switch.model.top3);
     assert_eq!(

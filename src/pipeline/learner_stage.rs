@@ -37,6 +37,7 @@ use crate::learner::model::Head;
 use crate::learner::per_key::Learners;
 use crate::learner::trace::{MetricTrace, TracePoint};
 use crate::learner::{FreshBatch, StepOutcome};
+use crate::report::SwitchReport;
 use crate::schema::Schema;
 use crate::sink::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::sink::scores::ScoreRow;
@@ -123,6 +124,9 @@ pub(crate) struct LearnerStage {
     /// `model.decision = "min_expected_loss"`: the learnt loss table, and its scores.
     losses: Option<LossTable>,
     decided: Vec<f32>,
+    /// `model.decision = "switch"` (this process): rows on which the two rules chose
+    /// different classes, and of those the rows acted on the most probable one.
+    pub switch_rows: SwitchReport,
     pub learner: Learners,
     /// Per key: the blend's weights and the loss detectors, for the feature stage's keys.
     keys: LearnerKeys,
@@ -181,6 +185,7 @@ impl LearnerStage {
             blended: Vec::new(),
             losses: LossTable::for_model(cfg.model.decision, cfg.model.decision_memory, head),
             decided: Vec::new(),
+            switch_rows: SwitchReport::default(),
             learner,
             keys: LearnerKeys::default(),
             tally: FeatureTally::default(),
@@ -362,7 +367,12 @@ impl LearnerStage {
                 let (most, least) = (argmax(row), argmax(&self.decided));
                 rules = Some((most, least));
                 let switch = self.cfg.model.decision == Decision::Switch;
-                if switch && self.keys.rules(key).prefers_argmax() {
+                let on_most = switch && self.keys.rules(key).prefers_argmax();
+                if switch && most != least {
+                    self.switch_rows.rows_differing += 1;
+                    self.switch_rows.acted_most_probable += u64::from(on_most);
+                }
+                if on_most {
                     prediction = most as f64; // `choice` left unset: the ranking's top
                 } else {
                     *choice = Some(&self.decided);

@@ -445,6 +445,8 @@ fn build_report(
             stats.seen,
         ),
         values_clipped: t.tally.clipped,
+        decision_switch: (cfg.model.decision == crate::learner::decision::Decision::Switch)
+            .then_some(t.switch_rows),
         scored: stats.seen,
         selected: stats.selected,
         trained: stats.trained_fresh,
