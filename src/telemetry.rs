@@ -90,6 +90,7 @@ pub const SELECTED: &str = "gradsift_samples_selected_total";
 pub const TRAINED: &str = "gradsift_samples_trained_total";
 pub const BACKPROPAGATED: &str = "gradsift_samples_backpropagated_total";
 pub const CLIPPED: &str = "gradsift_samples_clipped_total";
+pub const DECISIONS: &str = "gradsift_decision_rows_total";
 pub const BUFFER_SAMPLES: &str = "gradsift_buffer_samples";
 pub const BUFFER_BYTES: &str = "gradsift_buffer_bytes";
 pub const BUFFER_CAPACITY: &str = "gradsift_buffer_capacity_samples";
@@ -180,6 +181,12 @@ pub const METRICS: &[MetricDef] = &[
         Kind::Counter,
         Unit::Count,
         "Trained samples whose loss weight norm clipping (selection.clip) cut to the running threshold.",
+    ),
+    def(
+        DECISIONS,
+        Kind::Counter,
+        Unit::Count,
+        "model.decision = \"switch\": rows on which the most probable class and the least expected loss differed, by the rule acted on (most_probable, least_expected_loss).",
     ),
     def(
         BACKPROPAGATED,
@@ -469,6 +476,9 @@ pub struct LearnerView {
     pub trained_replay: u64,
     pub backpropagated: u64,
     pub clipped: u64,
+    /// `model.decision = "switch"`: rows on which the two rules differed, acted on the most
+    /// probable class and on the least expected loss.
+    pub decided: [u64; 2],
     pub steps: u64,
     pub nonfinite_steps: u64,
     pub restores: u64,
@@ -496,6 +506,7 @@ pub struct LearnerMetrics {
     trained_replay: Counter,
     backpropagated: Counter,
     clipped: Counter,
+    decided: [Counter; 2],
     steps: Counter,
     nonfinite_steps: Counter,
     restores: Counter,
@@ -535,6 +546,8 @@ impl LearnerMetrics {
             trained_replay: counter!(TRAINED, "origin" => "replay"),
             backpropagated: counter!(BACKPROPAGATED),
             clipped: counter!(CLIPPED),
+            decided: ["most_probable", "least_expected_loss"]
+                .map(|r| counter!(DECISIONS, "rule" => r)),
             steps: counter!(STEPS),
             nonfinite_steps: counter!(NONFINITE_STEPS),
             restores: counter!(MODEL_RESTORES),
@@ -632,6 +645,9 @@ impl LearnerMetrics {
         self.backpropagated
             .increment(d(v.backpropagated, p.map(|p| p.backpropagated)));
         self.clipped.increment(d(v.clipped, p.map(|p| p.clipped)));
+        for (i, c) in self.decided.iter().enumerate() {
+            c.increment(d(v.decided[i], p.map(|p| p.decided[i])));
+        }
         self.steps.increment(d(v.steps, p.map(|p| p.steps)));
         self.nonfinite_steps
             .increment(d(v.nonfinite_steps, p.map(|p| p.nonfinite_steps)));

@@ -174,11 +174,25 @@ fn live_scrapes_pass_promtool_and_feed_every_metric_and_dashboard_panel() {
             kafka_needs.iter().all(|n| names.contains(*n)) && s.contains(both_letters)
         },
     );
-    let beam_scrape = scrape_until(&beam_addr, 60, "a beam scrape with top-1 accuracy", |s| {
-        let names = series_names(s);
-        names.contains("gradsift_prequential_top1_accuracy")
-            && names.contains("gradsift_importance_score_bucket")
-    });
+    // The shipped beam pipeline acts by the switch: both rules' counts move.
+    let counted = |s: &str, rule: &str| {
+        let series = format!("gradsift_decision_rows_total{{rule=\"{rule}\"}} ");
+        (s.lines().find_map(|l| l.strip_prefix(series.as_str())))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .is_some_and(|v| v > 0.0)
+    };
+    let beam_scrape = scrape_until(
+        &beam_addr,
+        60,
+        "a beam scrape with top-1 accuracy and both rules' decisions",
+        |s| {
+            let names = series_names(s);
+            names.contains("gradsift_prequential_top1_accuracy")
+                && names.contains("gradsift_importance_score_bucket")
+                && counted(s, "most_probable")
+                && counted(s, "least_expected_loss")
+        },
+    );
     println!(
         "--- Kafka run scrape (excerpt) ---\n{}",
         kafka_scrape

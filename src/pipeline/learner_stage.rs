@@ -684,6 +684,10 @@ impl LearnerStage {
             trained_replay: stats.trained_replay,
             backpropagated: stats.backpropagated,
             clipped: stats.clipped,
+            decided: [
+                self.switch_rows.acted_most_probable,
+                self.switch_rows.rows_differing - self.switch_rows.acted_most_probable,
+            ],
             steps: stats.steps,
             nonfinite_steps: stats.nonfinite_steps,
             restores: stats.restores,
