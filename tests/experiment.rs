@@ -170,8 +170,12 @@ fn a_tiny_experiment_writes_results_summary_frontier_and_plots() {
 
     // The reference's learning settings are kept beside the results; a run into the same
     // folder after its pipeline moved says which settings moved.
-    let settings = std::fs::read_to_string(out.join("settings.toml")).unwrap();
-    assert!(settings.contains("replay_ratio = 1.0"), "{settings}");
+    let settings: toml::Table = std::fs::read_to_string(out.join("settings.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(settings["buffer"]["replay_ratio"].as_float(), Some(1.0));
+    assert_eq!(settings["source"]["max_rows"].as_integer(), Some(2500));
     let moved = std::fs::read_to_string(&file)
         .unwrap()
         .replace("buffer.replay_ratio=1.0", "buffer.replay_ratio=0.5")

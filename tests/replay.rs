@@ -243,7 +243,8 @@ fn the_expected_loss_decision_loses_less_power_with_the_same_ranking() {
         );
         assert!(b.power_loss_db_pooled < w.power_loss_db_pooled);
     }
-    // The switch acts on the most probable beam where that lost less: its top-1 lies between.
+    // Not a law, what this stream shows (seed 7: 0.357 < 0.376 < 0.388): acting on the most
+    // probable beam only where that lost less, the switch's top-1 lies between the rules'.
     assert!(decided.model.top1 < switch.model.top1 && switch.model.top1 < argmax.model.top1);
 
     // Checkpoints keep the learnt table (a resume acts on it at once).

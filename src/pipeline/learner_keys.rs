@@ -3,8 +3,8 @@
 //! detectors (`drift.per_key`). The keys are the feature stage's: it tells every key it
 //! starts or forgets tracking in-band, with the batch that did it, so this map holds the same
 //! keys at every micro-batch as the features do and is bounded by `features.max_keys` like
-//! them. A checkpoint stores these parts inside the features' per-key state (format
-//! unchanged).
+//! them. A checkpoint stores these parts inside the features' per-key state, as one
+//! [`KeyLearnerParts`] per key (format 09).
 
 use std::sync::Arc;
 
