@@ -194,8 +194,8 @@ fn beam_tracking_uses_the_last_beam_and_the_baselines_score_the_same_rows() {
 
 /// Issue 12: acting on the beam of least expected power loss instead of the most probable
 /// one, and (`switch`, shipped) on whichever of the two lost less on the site's recent rows.
-/// Training is the same, so the ranking (top-3) is the same to the last row; the power lost
-/// is less, and least with the switch.
+/// Training is the same, so the ranking (top-3) is the same (within a few rows of float
+/// noise, below); the power lost is less, and least with the switch.
 #[test]
 fn the_expected_loss_decision_loses_less_power_with_the_same_ranking() {
     common::shared_data();
@@ -224,10 +224,17 @@ fn the_expected_loss_decision_loses_less_power_with_the_same_ranking() {
         "{counted:?}"
     );
     println!("the switch: {counted:?}");
-    assert_eq!(argmax.model.top3, decided.model.top3);
-    assert_eq!(argmax.model.top3, switch.model.top3);
-    assert_eq!(
-        argmax.mlp_alone.top1, decided.mlp_alone.top1,
+    // The same training, so the same ranking. Within one test process the runs can differ
+    // in the last float bits: one CI run of session 23 counted 6,069 top-3 hits of 8,750
+    // against 6,070 (separate processes agree to the last digit, 16 of 16 under load; the
+    // cause, likely the SIMD kernels' alignment-dependent paths, is not verified). So a
+    // few rows of slack, not a tolerance on quality.
+    let rows = argmax.model.n as f64;
+    let same = |a: f64, b: f64| ((a - b) * rows).abs() <= 3.0;
+    assert!(same(argmax.model.top3, decided.model.top3));
+    assert!(same(argmax.model.top3, switch.model.top3));
+    assert!(
+        same(argmax.mlp_alone.top1, decided.mlp_alone.top1),
         "same training"
     );
     // 3% less before the vote weighed nearer neighbours more (session 21), which made the
