@@ -31,7 +31,7 @@ use crate::features::{FeatureEngine, Samples};
 use crate::learner::OnlineLearner;
 use crate::learner::compute::{ComputeReport, Work};
 use crate::learner::decision::{Decision, LossTable, RuleRecord};
-use crate::learner::eval::{Boundary, EvalSummary, Observation, PeriodReport, Scoreboard, argmax};
+use crate::learner::eval::{Boundary, EvalSummary, Observation, PeriodReport, Scoreboard};
 use crate::learner::importance::ImportanceMethod;
 use crate::learner::model::Head;
 use crate::learner::select::Selector;
@@ -271,17 +271,17 @@ fn evaluate(
             let (_, mut obs) = s.eval[i].observe(head, row);
             let mut rules = None;
             if let (Some(t), Observation::Classification { choice, .. }) = (&mut table, &mut obs) {
-                t.decide(row, true, &mut decided);
-                rules = Some((argmax(row), argmax(&decided)));
-                let record = records.get(s.keys[i].as_ref());
-                if !(switch && record.is_some_and(RuleRecord::prefers_argmax)) {
+                let record = records.get(s.keys[i].as_ref()).filter(|_| switch);
+                let a = t.choose(row, true, record, &mut decided);
+                if !a.on_most {
                     *choice = Some(&decided);
                 }
+                rules = switch.then_some(a);
             }
             board.record(i as u64, s.times[i], obs);
-            if let (true, Some((most, least)), Some(p)) = (switch, rules, &s.eval[i].power) {
+            if let (Some(a), Some(p)) = (rules, &s.eval[i].power) {
                 let record = records.entry(s.keys[i].as_ref()).or_default();
-                record.learn(cfg.model.decision_decay, p, most, least);
+                record.learn(cfg.model.decision_decay, p, a.most, a.least);
             }
         }
     }

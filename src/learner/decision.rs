@@ -151,6 +151,27 @@ impl LossTable {
         expected_losses(out, &self.probs, &self.seen, &self.mean, self.off_best);
     }
 
+    /// One row's action: the decision scores into `out` and the classes both rules would
+    /// act on. Under `switch` the key's `record` says which acts; without one (another rule,
+    /// or a new key) the expected loss does. Online and offline evaluation both act through
+    /// here, so `gradsift train` scores as `gradsift run` acts.
+    pub fn choose(
+        &mut self,
+        dist: &[f32],
+        logits: bool,
+        record: Option<&RuleRecord>,
+        out: &mut Vec<f32>,
+    ) -> Action {
+        self.decide(dist, logits, out);
+        let (most, least) = (argmax(dist), argmax(out));
+        let on_most = record.is_some_and(RuleRecord::prefers_argmax);
+        Action {
+            most,
+            least,
+            on_most,
+        }
+    }
+
     /// Learns from a labelled row's per-class power (linear units; a class with none is
     /// charged [`MAX_LOSS_DB`]). A row with a non-finite power, or none above zero, is not
     /// learnt from.
@@ -185,6 +206,24 @@ fn loss_db(p_best: f32, p: f32) -> f32 {
         (10.0 * (p_best / p).log10()).min(MAX_LOSS_DB)
     } else {
         MAX_LOSS_DB
+    }
+}
+
+/// What [`LossTable::choose`] decided for one row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Action {
+    /// The most probable class.
+    pub most: usize,
+    /// The class of least expected loss.
+    pub least: usize,
+    /// Whether `most` is acted on (else `least`).
+    pub on_most: bool,
+}
+
+impl Action {
+    /// The class acted on.
+    pub fn class(&self) -> usize {
+        if self.on_most { self.most } else { self.least }
     }
 }
 

@@ -32,7 +32,7 @@ use crate::features::{FeatureState, RowEval, Samples, SavedLearnerParts};
 use crate::learner::blend::{BlendConfig, Blender, ExpertWeights};
 use crate::learner::decision::{Decision, LossTable};
 use crate::learner::drift::DriftMonitor;
-use crate::learner::eval::{EvalSummary, Observation, Scoreboard, argmax};
+use crate::learner::eval::{EvalSummary, Observation, Scoreboard};
 use crate::learner::model::Head;
 use crate::learner::per_key::Learners;
 use crate::learner::trace::{MetricTrace, TracePoint};
@@ -353,7 +353,7 @@ impl LearnerStage {
         }
         let row = if blend.is_some() { &self.blended } else { mlp };
         let (mut prediction, mut obs) = ev.observe(self.head, row);
-        // The classes the two rules would act on (most probable, least expected loss).
+        // Under `switch`, the two rules' classes, to book into the key's record.
         let mut rules = None;
         if let Observation::Classification {
             mlp_alone, choice, ..
@@ -363,31 +363,26 @@ impl LearnerStage {
                 *mlp_alone = Some(mlp);
             }
             if let Some(t) = &mut self.losses {
-                t.decide(row, blend.is_none(), &mut self.decided);
-                let (most, least) = (argmax(row), argmax(&self.decided));
-                rules = Some((most, least));
                 let switch = self.cfg.model.decision == Decision::Switch;
-                let on_most = switch && self.keys.rules(key).prefers_argmax();
-                if switch && most != least {
+                let record = switch.then(|| self.keys.rules(key));
+                let a = t.choose(row, blend.is_none(), record.as_ref(), &mut self.decided);
+                if switch && a.most != a.least {
                     self.switch_rows.rows_differing += 1;
-                    self.switch_rows.acted_most_probable += u64::from(on_most);
+                    self.switch_rows.acted_most_probable += u64::from(a.on_most);
                 }
-                if on_most {
-                    prediction = most as f64; // `choice` left unset: the ranking's top
-                } else {
+                // Acting on the most probable class leaves `choice` unset: the ranking's top.
+                if !a.on_most {
                     *choice = Some(&self.decided);
-                    prediction = least as f64;
                 }
+                prediction = a.class() as f64;
+                rules = switch.then_some(a);
             }
         }
         self.metrics.record(sample, time, obs);
         if let (Some(t), Some(p)) = (&mut self.losses, &ev.power) {
             t.learn(p);
-            if let (Decision::Switch, Some((most, least))) = (self.cfg.model.decision, rules) {
-                let decay = self.cfg.model.decision_decay;
-                if let Some(r) = self.keys.rules_mut(key) {
-                    r.learn(decay, p, most, least);
-                }
+            if let (Some(a), Some(r)) = (rules, self.keys.rules_mut(key)) {
+                r.learn(self.cfg.model.decision_decay, p, a.most, a.least);
             }
         }
         prediction
