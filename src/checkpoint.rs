@@ -79,7 +79,7 @@ pub struct Checkpoint {
     pub schema: String,
     /// Milliseconds since the Unix epoch.
     pub written_ms: u64,
-    /// Per source ("topic[partition]", or a file): the next position not yet covered.
+    /// Per source (`topic[partition]`, or a file): the next position not yet covered.
     pub positions: BTreeMap<String, u64>,
     /// Per replayed file: its [`crate::source::parquet::fingerprint`], so that a resume
     /// refuses a file whose content changed under the same name.

@@ -9,7 +9,7 @@
 //! average than either. The losses are learnt, not assumed: every labelled row reveals the
 //! loss of every class against its best one (the per-class power the evaluation already
 //! reads), and `L[c][b]` is the running mean loss of choosing `b` when `c` was best. The
-//! choice is argmin_b Σ_c p(c)·L[c][b]; it sets top-1 and the power loss, while top-3 still
+//! choice is `argmin_b Σ_c p(c)·L[c][b]`; it sets top-1 and the power loss, while top-3 still
 //! ranks the classes by probability (the candidates a beam sweep would measure). Before a class has been seen as best, its row of `L` is 0 on the diagonal
 //! and the mean off-best loss elsewhere, which makes the rule the argmax; one table is kept
 //! for the stream (a codebook's geometry does not change with the site); checkpoints keep it.
@@ -173,7 +173,7 @@ impl LossTable {
     }
 
     /// Learns from a labelled row's per-class power (linear units; a class with none is
-    /// charged [`MAX_LOSS_DB`]). A row with a non-finite power, or none above zero, is not
+    /// charged `MAX_LOSS_DB`). A row with a non-finite power, or none above zero, is not
     /// learnt from.
     pub fn learn(&mut self, power: &[f32]) {
         let c = self.classes;

@@ -74,12 +74,12 @@ impl Mlp {
     }
 
     /// The same model with require-grad parameters, for burn's own backward (the autodiff
-    /// references of tests and benchmarks). Not for the learner: see [`Mlp::untracked`].
+    /// references of tests and benchmarks). Not for the learner: see `Mlp::untracked`.
     pub fn tracked(self) -> Self {
         self.set_require_grad(true)
     }
 
-    /// Whether any parameter is marked require-grad (see [`Mlp::untracked`]).
+    /// Whether any parameter is marked require-grad (see `Mlp::untracked`).
     pub fn tracks_gradients(&self) -> bool {
         self.layers.iter().any(|l| {
             l.weight.is_require_grad() || l.bias.as_ref().is_some_and(|b| b.is_require_grad())

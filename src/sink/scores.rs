@@ -24,7 +24,7 @@ use parquet::schema::types::ColumnPath;
 /// One sample's line in the score file.
 #[derive(Debug, Clone)]
 pub struct ScoreRow {
-    /// File, or topic[partition], the sample came from; `position` is its row or offset.
+    /// File, or `topic[partition]`, the sample came from; `position` is its row or offset.
     pub source: Arc<str>,
     pub position: u64,
     pub key: Arc<str>,

@@ -52,7 +52,7 @@ impl NormClip {
         }
     }
 
-    /// Scales each weight `w[i]` by min(1, τ/norms[i]) with τ as it was before this step,
+    /// Scales each weight `w[i]` by `min(1, τ/norms[i])` with τ as it was before this step,
     /// then adds the step's `fresh` norms to the window. Returns the rows whose weight was
     /// cut (rows with weight 0 are left alone).
     pub fn apply(&mut self, fresh: &[f32], norms: &[f32], w: &mut [f32]) -> usize {
@@ -95,7 +95,7 @@ impl NormClip {
         *self.scratch.select_nth_unstable_by(k, f32::total_cmp).1
     }
 
-    /// The threshold in force (0 before [`MIN_SCORES`] norms: nothing is cut).
+    /// The threshold in force (0 before `MIN_SCORES` norms: nothing is cut).
     pub fn threshold(&self) -> f32 {
         self.tau
     }
