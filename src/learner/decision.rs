@@ -356,6 +356,22 @@ mod tests {
     }
 
     #[test]
+    fn choose_acts_on_the_expected_loss_unless_the_record_prefers_the_most_probable() {
+        let mut t = LossTable::new(3, DEFAULT_MEMORY);
+        t.learn(&[100.0, 79.4, 1.0]); // class 0 best: 1 costs 1 dB, 2 costs 20
+        t.learn(&[1.0, 50.0, 100.0]); // class 2 best: 1 costs 3 dB, 0 costs 20
+        let (p, mut out) = ([0.45, 0.1, 0.45], Vec::new());
+        let a = t.choose(&p, false, None, &mut out);
+        assert_eq!((a.most, a.least, a.on_most, a.class()), (0, 1, false, 1));
+        // A key whose most probable beam lost less lately acts on it; a tie does not.
+        let mut record = RuleRecord::default();
+        assert_eq!(t.choose(&p, false, Some(&record), &mut out).class(), 1);
+        record.learn(0.9, &[100.0, 79.4, 1.0], 0, 1);
+        let a = t.choose(&p, false, Some(&record), &mut out);
+        assert_eq!((a.on_most, a.class()), (true, 0));
+    }
+
+    #[test]
     fn the_switch_follows_the_rule_that_lost_less_recently() {
         let mut r = RuleRecord::default();
         assert!(!r.prefers_argmax(), "a new key acts on the expected loss");
