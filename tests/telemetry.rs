@@ -105,16 +105,40 @@ fn with_endpoint(mut sets: Vec<String>) -> (String, Vec<String>) {
     (addr, sets)
 }
 
-/// Scrapes until `ready` holds for the scrape (or fails after `secs`).
+/// Scrapes until `ready` holds for the scrape; after `secs` fails with what the last scrape
+/// held (its series, and the samples of the dead-letter, lag and checkpoint series), so a
+/// timeout says which condition was missing.
 fn scrape_until(addr: &str, secs: u64, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     let mut last = String::new();
-    wait_until(what, secs, || {
+    loop {
         if let Some(s) = http_get(addr, "/metrics") {
             last = s;
         }
-        ready(&last)
-    });
-    last
+        if ready(&last) {
+            return last;
+        }
+        if std::time::Instant::now() >= deadline {
+            let names = series_names(&last);
+            let telling: Vec<&str> = last
+                .lines()
+                .filter(|l| {
+                    [
+                        "gradsift_dead_letters_total",
+                        "gradsift_kafka_consumer_lag",
+                        "gradsift_checkpoint",
+                    ]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+                })
+                .collect();
+            panic!(
+                "timed out after {secs} s: {what}\nlast scrape's series: {names:?}\nits dead-letter, lag and checkpoint samples:\n{}",
+                telling.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
