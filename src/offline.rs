@@ -16,10 +16,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::learner::LearnerRng;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
-use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -315,7 +315,7 @@ struct Epochs<'a> {
     train: Vec<usize>,
     /// Last score of each training row (NaN: never scored).
     scores: Vec<f32>,
-    rng: SmallRng,
+    rng: LearnerRng,
     width: usize,
     /// `model.decision`'s loss table, learnt once from the training rows.
     losses: Option<LossTable>,
@@ -490,7 +490,7 @@ pub async fn train(
         samples: &archive.samples,
         scores: vec![f32::NAN; train_rows.len()],
         train: train_rows,
-        rng: SmallRng::seed_from_u64(cfg.training.seed ^ 0x0ff1),
+        rng: LearnerRng::seed_from_u64(cfg.training.seed ^ 0x0ff1),
         width: features.width(),
         losses,
     };

@@ -561,7 +561,7 @@ mod tests {
 
     #[test]
     fn forgetting_the_old_regime_keeps_the_index_consistent() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(0);
         for policy in [EvictionPolicy::Fifo, EvictionPolicy::Importance] {
             let mut b = ReplayBuffer::new(cfg(policy, 10, 1 << 20));
             for i in 0..10 {
@@ -584,7 +584,7 @@ mod tests {
     /// loss weights are 1.
     #[test]
     fn recent_replay_halves_the_weight_every_half_life() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(3);
         let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 1000, 1 << 24));
         for i in 0..1000 {
             b.offer(&ROW, entry(1.0, i, "k"), &mut rng);
@@ -604,7 +604,7 @@ mod tests {
 
     #[test]
     fn importance_keeps_the_highest_scores() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(0);
         let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Importance, 10, 1 << 20));
         for i in 0..100 {
             b.offer(&ROW, entry(i as f32, i, "k"), &mut rng);
@@ -616,7 +616,7 @@ mod tests {
 
     #[test]
     fn ageing_lets_new_samples_displace_old_important_ones() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(0);
         let mut c = cfg(EvictionPolicy::Importance, 4, 1 << 20);
         c.decay = 0.9;
         let mut b = ReplayBuffer::new(c);
@@ -630,7 +630,7 @@ mod tests {
 
     #[test]
     fn both_caps_hold_for_every_policy() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(3);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(3);
         for policy in [
             EvictionPolicy::Importance,
             EvictionPolicy::Fifo,
@@ -651,7 +651,7 @@ mod tests {
 
     #[test]
     fn fifo_keeps_the_newest() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(0);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(0);
         let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 5, 1 << 20));
         for i in 0..20 {
             b.offer(&ROW, entry(100.0 - i as f32, i, "k"), &mut rng);
@@ -663,7 +663,7 @@ mod tests {
 
     #[test]
     fn importance_replay_draws_by_score_with_inverse_weights() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(8);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(8);
         let mut c = cfg(EvictionPolicy::Fifo, 100, 1 << 20);
         c.replay_sampling = ReplaySampling::Importance;
         let mut b = ReplayBuffer::new(c);

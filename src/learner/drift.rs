@@ -754,7 +754,8 @@ impl DriftMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng, rngs::SmallRng};
+    use crate::learner::LearnerRng;
+    use rand::{Rng, SeedableRng};
 
     /// Noisy values around `before`, then around `after` from `change` on; the first
     /// detection at or after `change`, and how many came before it (false alarms).
@@ -765,7 +766,7 @@ mod tests {
         (before, after): (f64, f64),
         seed: u64,
     ) -> (Option<usize>, usize) {
-        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut rng = LearnerRng::seed_from_u64(seed);
         let mut false_alarms = 0;
         for i in 0..n {
             let mean = if i < change { before } else { after };
@@ -790,7 +791,7 @@ mod tests {
             assert!(delay < 500, "seed {seed}: found after {delay}");
             assert_eq!(false_alarms, 0, "seed {seed}");
             // Later windows drop the rest of the old regime.
-            let mut rng = SmallRng::seed_from_u64(seed);
+            let mut rng = LearnerRng::seed_from_u64(seed);
             for _ in 0..3_000 {
                 a.update(1.3 + rng.random_range(-0.5..0.5));
             }
@@ -840,7 +841,7 @@ mod tests {
         let mut m = DriftMonitor::new(&cfg);
         let mut k = KeyDetectors::new(&cfg);
         let key: std::sync::Arc<str> = std::sync::Arc::from("cell-7");
-        let mut rng = SmallRng::seed_from_u64(4);
+        let mut rng = LearnerRng::seed_from_u64(4);
         let mut first = None;
         for i in 0..6_000u64 {
             let loss = if i < 5_000 { 1.0 } else { 1.5 } + rng.random_range(-0.5..0.5);
@@ -902,7 +903,7 @@ mod tests {
             fired
         }
         for (lag, every) in [(0, 16), (200, 10), (256, 16), (257, 16)] {
-            let mut rng = SmallRng::seed_from_u64(9);
+            let mut rng = LearnerRng::seed_from_u64(9);
             let scores: Vec<f32> = (0..6_000)
                 .map(|i| {
                     rng.random_range(0.0..1.0f32) + if (i / 1_500) % 2 == 1 { 3.0 } else { 0.0 }
@@ -920,7 +921,7 @@ mod tests {
                 "lag {lag}"
             );
         }
-        let mut rng = SmallRng::seed_from_u64(2);
+        let mut rng = LearnerRng::seed_from_u64(2);
         let mut s = ScoreShift::new(64, 1.95, 200);
         for i in 0..3_000 {
             s.update(rng.random_range(0.0..1.0f32) + if i < 1_500 { 0.0 } else { 3.0 });
@@ -944,12 +945,12 @@ mod tests {
     /// same stretch one period earlier, none is, and a real rise is still found quickly.
     #[test]
     fn a_seasonal_reference_ignores_the_cycle_and_finds_a_change() {
-        let cycle = |i: usize, rng: &mut SmallRng| {
+        let cycle = |i: usize, rng: &mut LearnerRng| {
             let busy = (i % 400) < 100;
             rng.random_range(0.0..1.0f32) + if busy { 2.0 } else { 0.0 }
         };
         let run = |season: usize| {
-            let mut rng = SmallRng::seed_from_u64(3);
+            let mut rng = LearnerRng::seed_from_u64(3);
             let mut s = ScoreShift::new(64, 1.95, season);
             let (mut before, mut first_after) = (0, None);
             for i in 0..12_000 {
@@ -997,7 +998,7 @@ mod tests {
             }
             d
         }
-        let mut rng = SmallRng::seed_from_u64(4);
+        let mut rng = LearnerRng::seed_from_u64(4);
         for case in 0..2_000 {
             let levels = [3u8, 20, 255][case % 3];
             let mut sample = |n: usize, shift: u8| {

@@ -303,11 +303,12 @@ mod tests {
     /// entries stay bounded.
     #[test]
     fn the_trees_give_the_scans_neighbours() {
-        use rand::{Rng, SeedableRng, rngs::SmallRng};
+        use crate::learner::LearnerRng;
+        use rand::{Rng, SeedableRng};
         for dims in [2usize, 3] {
-            let mut rng = SmallRng::seed_from_u64(dims as u64);
+            let mut rng = LearnerRng::seed_from_u64(dims as u64);
             let mut m = KnnMemory::new(dims, 500);
-            let point = |rng: &mut SmallRng| -> Vec<f32> {
+            let point = |rng: &mut LearnerRng| -> Vec<f32> {
                 // A quarter of the points on a small lattice (parked vehicles, equal
                 // coordinates and equal distances), the rest anywhere.
                 (0..dims)

@@ -47,7 +47,8 @@ fn position(v: &[f32], x: f32) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng, rngs::SmallRng};
+    use crate::learner::LearnerRng;
+    use rand::{Rng, SeedableRng};
 
     #[test]
     fn order_keys_order_as_total_cmp() {
@@ -72,7 +73,7 @@ mod tests {
 
     #[test]
     fn a_sliding_window_stays_the_sorted_copy_of_its_values() {
-        let mut rng = SmallRng::seed_from_u64(1);
+        let mut rng = LearnerRng::seed_from_u64(1);
         let mut ring = std::collections::VecDeque::new();
         let mut sorted = Vec::new();
         for i in 0..5000 {

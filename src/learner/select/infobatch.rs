@@ -51,7 +51,7 @@ mod tests {
 
     #[test]
     fn prunes_only_below_the_mean_and_reweights_survivors() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(6);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(6);
         let mut sel = Selector::new(cfg(PolicyKind::Infobatch, 0.7, 0));
         let scores: Vec<f32> = (0..2000).map(|i| i as f32).collect();
         let d = sel.decide(&scores, &mut rng);

@@ -477,8 +477,8 @@ impl Selector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::learner::LearnerRng;
     use rand::SeedableRng;
-    use rand::rngs::SmallRng;
 
     pub(super) fn cfg(policy: PolicyKind, keep: f64, warmup: u64) -> SelectionConfig {
         SelectionConfig {
@@ -496,7 +496,7 @@ mod tests {
 
     /// Realised kept fraction after warm-up over a stream of heavy-tailed scores.
     pub(super) fn kept_fraction(policy: PolicyKind, keep: f64) -> f64 {
-        let mut rng = SmallRng::seed_from_u64(1);
+        let mut rng = LearnerRng::seed_from_u64(1);
         let mut sel = Selector::new(cfg(policy, keep, 512));
         let (mut kept, mut total) = (0, 0);
         for b in 0..400 {
@@ -572,13 +572,13 @@ mod tests {
 
     #[test]
     fn a_restored_selector_decides_as_the_original() {
-        let mut rng = SmallRng::seed_from_u64(3);
+        let mut rng = LearnerRng::seed_from_u64(3);
         let mut a = Selector::new(cfg(PolicyKind::Surprise, 0.5, 10));
         let s: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
         a.decide(&s, &mut rng);
         let mut b = Selector::new(cfg(PolicyKind::Surprise, 0.5, 10));
         b.restore(a.state());
-        let (mut r1, mut r2) = (SmallRng::seed_from_u64(9), SmallRng::seed_from_u64(9));
+        let (mut r1, mut r2) = (LearnerRng::seed_from_u64(9), LearnerRng::seed_from_u64(9));
         let next: Vec<f32> = (0..16).map(|i| i as f32).collect();
         assert_eq!(
             a.decide(&next, &mut r1).weights,

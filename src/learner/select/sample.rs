@@ -91,7 +91,7 @@ mod tests {
 
     #[test]
     fn weights_are_inverse_probabilities_and_favour_high_scores() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(5);
         let mut sel = Selector::new(cfg(PolicyKind::Sample, 0.5, 0));
         let scores: Vec<f32> = (0..2000).map(|i| (i % 100) as f32 + 1.0).collect();
         sel.decide(&scores, &mut rng);

@@ -127,7 +127,7 @@ mod tests {
 
     #[test]
     fn trains_more_when_scores_jump_above_their_baseline() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(7);
         let mut sel = Selector::new(cfg(PolicyKind::Surprise, 0.5, 0));
         let calm = vec![1.0f32; 64];
         for _ in 0..200 {

@@ -57,7 +57,7 @@ mod tests {
 
     #[test]
     fn keeps_the_highest_scores() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(1);
         let mut sel = Selector::new(cfg(PolicyKind::TopK, 0.25, 0));
         let scores: Vec<f32> = (0..400).map(|i| i as f32).collect();
         let d = sel.decide(&scores, &mut rng);
@@ -67,7 +67,7 @@ mod tests {
 
     #[test]
     fn unbiased_option_weights_sampled_rows_by_inverse_probability() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(2);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(2);
         let mut c = cfg(PolicyKind::TopK, 0.5, 0);
         c.window = 4096;
         c.unbiased_q = 0.25;

@@ -46,7 +46,7 @@ mod tests {
 
     #[test]
     fn never_trains_the_trimmed_top() {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(4);
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(4);
         let mut sel = Selector::new(cfg(PolicyKind::Trim, 0.9, 0));
         let scores: Vec<f32> = (0..2000).map(|i| i as f32).collect();
         let d = sel.decide(&scores, &mut rng);
