@@ -108,7 +108,8 @@ pub struct Checkpoint {
 /// 07: the learnt blend.
 /// 08: replayed entries keep their key's length, not the key.
 /// 09: each key keeps the decision's record of its two rules (`model.decision = "switch"`).
-/// 10: each learner keeps its random generator's state (a resume draws on where it was).
+/// 10: each learner keeps its random generator's state (a resume draws on where it was), and
+/// the features keep the partial micro-batch (a checkpoint no longer learns it early).
 const MAGIC: &[u8; 8] = b"GSCKPT10";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.

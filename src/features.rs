@@ -32,7 +32,7 @@ use crate::validate::RowCheck;
 pub use crate::validate::{OutOfRange, SkipReason};
 
 /// What evaluation needs to know about a sample besides the model output.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RowEval {
     /// Target in its own units (regression) or the class.
     pub target: f64,
@@ -89,7 +89,7 @@ impl RowEval {
 }
 
 /// Samples built so far, drained by the pipeline in micro-batches.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Samples {
     pub x: Vec<f32>,
     pub y: Vec<f32>,
@@ -261,9 +261,23 @@ pub struct FeatureState {
     next_key_id: u32,
     knn: Option<KnnMemory>,
     rows: u64,
+    /// The samples waiting for a full micro-batch when the checkpoint was cut (the feature
+    /// stage's, not the engine's): a resume starts its first micro-batch with them, so a
+    /// checkpoint never changes where micro-batches begin (format 10).
+    pending: Samples,
 }
 
 impl FeatureState {
+    /// Keeps the partial micro-batch with the state (see `pending`).
+    pub fn set_pending(&mut self, pending: Samples) {
+        self.pending = pending;
+    }
+
+    /// The partial micro-batch the state was saved with.
+    pub fn take_pending(&mut self) -> Samples {
+        std::mem::take(&mut self.pending)
+    }
+
     /// Moves every key's learner-stage parts out (a resume hands them to that stage).
     pub fn take_learner_parts(&mut self) -> SavedLearnerParts {
         (self.keys.iter_mut())
@@ -524,6 +538,7 @@ impl FeatureEngine {
             next_key_id: self.next_key_id,
             knn: self.knn.clone(),
             rows: self.rows,
+            pending: Samples::default(),
         }
     }
 

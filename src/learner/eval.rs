@@ -351,7 +351,7 @@ fn classes_at_least(scores: &[f32], t: f32) -> usize {
 
 /// The classification baselines of one row, computed where the per-key history is kept
 /// (`features`): the key's last revealed class, and up to [`KNN_K`] neighbours' votes.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClassBaselines {
     pub persistence: Option<u16>,
     /// (class, weight), the nearest first; `knn_len` of them are set.

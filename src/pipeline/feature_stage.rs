@@ -2,8 +2,9 @@
 //! them into samples (lags, encodings, scalers, the neighbour memory) and cuts those into
 //! micro-batches, so that the learner's thread only learns (decode and features were a fifth
 //! of its CPU time). It also keeps the checkpoint clock: when a checkpoint is due it hands on
-//! the partial micro-batch and its own state as one marker, cut into the stream after the
-//! rows it covers, so the learner stage writes a checkpoint of exactly those rows.
+//! its own state, the partial micro-batch inside it, as one marker cut into the stream after
+//! the rows it covers, so the learner stage writes a checkpoint of exactly those rows and
+//! micro-batches begin where they would without checkpoints.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -29,8 +30,9 @@ pub(crate) enum Featured {
     /// Input the source could not read, as it reported it.
     Unreadable(Unreadable),
     Batch(Box<FeaturedBatch>),
-    /// A checkpoint is due: learn `rest` (the partial micro-batch), then save with `state`,
-    /// the features after every row before this marker.
+    /// A checkpoint is due: learn `rest` (a quiet feed's partial micro-batch; otherwise
+    /// none, the partial micro-batch waits inside `state`), then save with `state`, the
+    /// features after every row before this marker.
     Checkpoint {
         rest: Samples,
         state: Box<FeatureState>,
@@ -144,7 +146,9 @@ impl FeatureStage {
             .map_err(|e| {
                 anyhow::anyhow!("{}: key `source.inject.column`: {e}", cfg.file.display())
             })?;
-        if let Some(s) = resume {
+        let mut pending = Samples::default();
+        if let Some(mut s) = resume {
+            pending = s.take_pending();
             features
                 .restore(s)
                 .map_err(|e| anyhow::anyhow!("checkpoint does not fit this schema: {e}"))?;
@@ -153,7 +157,7 @@ impl FeatureStage {
             decoder,
             features,
             micro_batch: cfg.training.micro_batch.max(1),
-            pending: Samples::default(),
+            pending,
             covered,
             clock: CheckpointClock {
                 enabled: cfg.checkpoint.enabled,
@@ -190,7 +194,8 @@ impl FeatureStage {
                     match next {
                         Ok(ev) => ev,
                         Err(_) => {
-                            if !send(self.checkpoint()) {
+                            // A quiet feed: its waiting rows are learnt (and predicted) now.
+                            if !send(self.checkpoint(true)) {
                                 return Ok(());
                             }
                             continue;
@@ -223,7 +228,7 @@ impl FeatureStage {
         let batch = self.batch(batch, origins, ack)?;
         let mut out = vec![Featured::Batch(Box::new(batch))];
         if self.clock.due() {
-            out.push(self.checkpoint());
+            out.push(self.checkpoint(false));
         }
         Ok(out)
     }
@@ -323,13 +328,24 @@ impl FeatureStage {
         }
     }
 
-    /// The checkpoint marker: the partial micro-batch and the features' state.
-    pub fn checkpoint(&mut self) -> Featured {
+    /// The checkpoint marker with the features' state. The partial micro-batch stays
+    /// waiting and goes into the state, so where a checkpoint falls (a row count reached at a
+    /// batch's end, or the clock) does not move a micro-batch boundary, and a resume learns
+    /// what an unstopped run learns. On a quiet feed (`flush`) the waiting rows are learnt
+    /// now instead: their predictions should not wait for rows that may not come.
+    pub fn checkpoint(&mut self, flush: bool) -> Featured {
         self.clock.rows_since = 0;
         self.clock.last = Instant::now();
+        let mut state = self.features.state();
+        let rest = if flush {
+            std::mem::take(&mut self.pending)
+        } else {
+            state.set_pending(self.pending.clone());
+            Samples::default()
+        };
         Featured::Checkpoint {
-            rest: std::mem::take(&mut self.pending),
-            state: Box::new(self.features.state()),
+            rest,
+            state: Box::new(state),
         }
     }
 
@@ -387,10 +403,12 @@ mod tests {
         FeatureStage::new(&cfg, &schema, HashMap::new(), resume).unwrap()
     }
 
+    /// Micro-batches of 12: 1,904 samples (2,048 rows less 144 of lag warm-up) leave 8
+    /// waiting at the first marker.
     const CKPT: [&str; 3] = [
         "checkpoint.enabled=true",
         "checkpoint.every_rows=2048",
-        "training.micro_batch=8",
+        "training.micro_batch=12",
     ];
 
     /// Each batch's samples, in order: the micro-batches, then a marker's partial one.
@@ -409,14 +427,17 @@ mod tests {
     }
 
     #[test]
-    fn a_marker_follows_every_2048_rows_with_the_partial_micro_batch_and_a_state_to_resume() {
+    fn a_marker_follows_every_2048_rows_with_the_partial_micro_batch_in_a_state_to_resume() {
         let mut a = stage(&CKPT, None);
         let mut out = Vec::new();
         let mut markers = Vec::new();
         for (i, ev) in milan_events(false).into_iter().take(4).enumerate() {
             for f in a.handle(ev).unwrap() {
                 if let Featured::Checkpoint { rest, .. } = &f {
-                    assert!(rest.len() < 8, "only a partial micro-batch waits");
+                    assert!(
+                        rest.is_empty(),
+                        "the partial micro-batch waits in the state"
+                    );
                     markers.push(i);
                 }
                 out.push((i, f));
@@ -426,11 +447,16 @@ mod tests {
         for (_, f) in &out {
             if let Featured::Batch(b) = f {
                 assert!(
-                    b.chunks.iter().all(|c| c.len() == 8),
+                    b.chunks.iter().all(|c| c.len() == 12),
                     "full micro-batches only"
                 );
             }
         }
+        // A quiet feed's marker hands the waiting rows on to be learnt now.
+        let Featured::Checkpoint { rest, .. } = a.checkpoint(true) else {
+            unreachable!()
+        };
+        assert_eq!(rest.len(), (4 * 1024 - 144) % 12);
         // A stage resumed from the first marker's state makes the same samples of what follows.
         let first = (out.iter())
             .position(|(i, f)| *i == 1 && matches!(f, Featured::Checkpoint { .. }))

@@ -154,7 +154,7 @@ pub enum Ack {
 
 /// Where one row came from: a file and its row index (a topic partition and offset for a
 /// feed), so a dead letter can point back at it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RowOrigin {
     pub source: Arc<str>,
     pub index: u64,
