@@ -194,7 +194,7 @@ impl FeatureStage {
                     match next {
                         Ok(ev) => ev,
                         Err(_) => {
-                            // A quiet feed: its waiting rows are learnt (and predicted) now.
+                            // A quiet source: its waiting rows are learnt (and predicted) now.
                             if !send(self.checkpoint(true)) {
                                 return Ok(());
                             }
@@ -328,11 +328,12 @@ impl FeatureStage {
         }
     }
 
-    /// The checkpoint marker with the features' state. The partial micro-batch stays
-    /// waiting and goes into the state, so where a checkpoint falls (a row count reached at a
-    /// batch's end, or the clock) does not move a micro-batch boundary, and a resume learns
-    /// what an unstopped run learns. On a quiet feed (`flush`) the waiting rows are learnt
-    /// now instead: their predictions should not wait for rows that may not come.
+    /// The checkpoint marker with the features' state. The partial micro-batch (an archive
+    /// replay's: a feed's batches are handed on whole) stays waiting and goes into the state,
+    /// so where a checkpoint falls (a row count reached at a batch's end, or the clock) does
+    /// not move a micro-batch boundary, and a resume learns what an unstopped run learns. On
+    /// a quiet source (`flush`) the waiting rows are learnt now instead: their predictions
+    /// should not wait for rows that may not come.
     pub fn checkpoint(&mut self, flush: bool) -> Featured {
         self.clock.rows_since = 0;
         self.clock.last = Instant::now();

@@ -2,7 +2,7 @@
 //! a lock). It takes the feature stage's micro-batches, steps the learner on each, records the
 //! prequential metrics, sends score rows to the sink stage, dead-letters bad input, and
 //! checkpoints where the feature stage cut a marker into the stream. A checkpoint is taken in
-//! a fixed order: a quiet feed's partial micro-batch trained (a busy feed's waits inside the
+//! a fixed order: a quiet source's partial micro-batch trained (otherwise it waits inside the
 //! features' state), sinks rolled, dead letters synced,
 //! checkpoint written atomically, and only then is a feed told to commit the positions it
 //! covers.
@@ -521,8 +521,8 @@ impl LearnerStage {
         Ok(())
     }
 
-    /// Makes everything processed so far durable, in order (a quiet feed's pending rows were
-    /// trained just before; a busy feed's are in `features`): sinks
+    /// Makes everything processed so far durable, in order (a quiet source's pending rows
+    /// were trained just before; otherwise they are in `features`): sinks
     /// rolled, dead letters synced, checkpoint written (atomically), and then the feed told
     /// to commit.
     pub fn checkpoint(&mut self, mut features: FeatureState) -> Result<()> {
