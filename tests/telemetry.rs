@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::kafka::{produce_command, terminate};
-use common::{free_port, http_get, log_text, spawn_run, url_encode, wait_until};
+use common::{free_port, http_get, log_text, poll_until, spawn_run, url_encode, wait_until};
 use gradsift::telemetry::METRICS;
 
 /// Series names in a Prometheus text scrape (`name{labels} value` or `name value`).
@@ -106,39 +106,31 @@ fn with_endpoint(mut sets: Vec<String>) -> (String, Vec<String>) {
 }
 
 /// Scrapes until `ready` holds for the scrape; after `secs` fails with what the last scrape
-/// held (its series, and the samples of the dead-letter, lag and checkpoint series), so a
-/// timeout says which condition was missing.
+/// held (its series, and the samples of the counters the tests wait on), so a timeout says
+/// which condition was missing.
 fn scrape_until(addr: &str, secs: u64, what: &str, ready: impl Fn(&str) -> bool) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     let mut last = String::new();
-    loop {
+    let ready = poll_until(secs, || {
         if let Some(s) = http_get(addr, "/metrics") {
             last = s;
         }
-        if ready(&last) {
-            return last;
-        }
-        if std::time::Instant::now() >= deadline {
-            let names = series_names(&last);
-            let telling: Vec<&str> = last
-                .lines()
-                .filter(|l| {
-                    [
-                        "gradsift_dead_letters_total",
-                        "gradsift_kafka_consumer_lag",
-                        "gradsift_checkpoint",
-                    ]
-                    .iter()
-                    .any(|p| l.starts_with(p))
-                })
-                .collect();
-            panic!(
-                "timed out after {secs} s: {what}\nlast scrape's series: {names:?}\nits dead-letter, lag and checkpoint samples:\n{}",
-                telling.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        ready(&last)
+    });
+    if !ready {
+        let waited_on = [
+            "gradsift_dead_letters_total",
+            "gradsift_decision_rows_total",
+        ];
+        let samples: Vec<&str> = (last.lines())
+            .filter(|l| waited_on.iter().any(|p| l.starts_with(p)))
+            .collect();
+        panic!(
+            "timed out after {secs} s: {what}\nlast scrape's series: {:?}\nits samples of {waited_on:?}:\n{}",
+            series_names(&last),
+            samples.join("\n")
+        );
     }
+    last
 }
 
 #[test]

@@ -125,8 +125,8 @@ impl LossTable {
     }
 
     /// Decision scores (higher is better: minus the expected loss) from a distribution,
-    /// given as probabilities or, when `logits`, as logits.
-    pub fn decide(&mut self, dist: &[f32], logits: bool, out: &mut Vec<f32>) {
+    /// given as probabilities or, when `logits`, as logits (through [`LossTable::choose`]).
+    fn decide(&mut self, dist: &[f32], logits: bool, out: &mut Vec<f32>) {
         let c = self.classes;
         debug_assert_eq!(dist.len(), c);
         self.probs.clear();

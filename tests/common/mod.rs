@@ -440,15 +440,21 @@ impl Drop for RunChild {
 }
 
 /// Polls `cond` every 100 ms; panics naming `what` after `secs`.
-pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, secs: u64, cond: impl FnMut() -> bool) {
+    assert!(poll_until(secs, cond), "timed out after {secs} s: {what}");
+}
+
+/// Polls `cond` every 100 ms for up to `secs`; whether it came to hold (for a caller that
+/// says more than [`wait_until`] when it does not).
+pub fn poll_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {secs} s: {what}"
-        );
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+    true
 }
 
 pub fn log_text(log: &Arc<Mutex<Vec<String>>>) -> String {
