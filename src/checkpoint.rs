@@ -110,7 +110,8 @@ pub struct Checkpoint {
 /// 09: each key keeps the decision's record of its two rules (`model.decision = "switch"`).
 /// 10: each learner keeps its random generator's state (a resume draws on where it was), and
 /// the features keep the partial micro-batch (a checkpoint no longer learns it early).
-const MAGIC: &[u8; 8] = b"GSCKPT10";
+/// 11: each learner keeps its averaged weights (`training.average_decay`).
+const MAGIC: &[u8; 8] = b"GSCKPT11";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {

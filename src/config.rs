@@ -493,6 +493,10 @@ impl PipelineConfig {
         if !(0.0..1.0).contains(&decay) {
             return Err(self.bad("model.decision_decay", "a number in [0, 1)", decay));
         }
+        if !(0.0..1.0).contains(&t.average_decay) {
+            let v = t.average_decay;
+            return Err(self.bad("training.average_decay", "a number in [0, 1)", v));
+        }
         if !(1..=64).contains(&t.steps_per_batch) {
             let v = t.steps_per_batch;
             return Err(self.bad("training.steps_per_batch", "1 to 64 steps", v));
@@ -795,6 +799,7 @@ max_bytes = 100000
             ("drift.recent_half_life=0.5", "drift.recent_half_life"),
             ("drift.score_season=100", "drift.score_season"),
             ("training.steps_per_batch=0", "training.steps_per_batch"),
+            ("training.average_decay=1.0", "training.average_decay"),
             ("model.blend={mode=\"schedule\", n0=0.0}", "model.blend"),
             (
                 "model.blend={mode=\"bayes\", learn_rate=-0.1}",

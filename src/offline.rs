@@ -481,7 +481,11 @@ pub async fn train(
     let (train_rows, held) = split(&cfg, &archive.samples, &periods)?;
     let head = schema.task.head();
     // No every-row reference booked per step: offline, it is booked per epoch.
-    let learner = OnlineLearner::new(cfg.learner_config(features.width(), head, 0.0));
+    let mut learner_cfg = cfg.learner_config(features.width(), head, 0.0);
+    // The averaged weights serve online prediction; offline, each epoch is evaluated (and
+    // early stopping keeps the best) with the weights as trained.
+    learner_cfg.training.average_decay = 0.0;
+    let learner = OnlineLearner::new(learner_cfg);
     let o = &cfg.offline;
     let losses = loss_table(&cfg, head, &archive.samples, &train_rows);
     let mut ep = Epochs {

@@ -122,6 +122,22 @@ impl FusedMlp {
         self.weights.len()
     }
 
+    /// θ ← keep·θ + (1 − keep)·θ_live, weights and biases (a running average of `live`'s).
+    pub fn average_toward(&mut self, live: &FusedMlp, keep: f32) {
+        let lerp = |a: &mut [f32], b: &[f32]| {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x = keep * *x + (1.0 - keep) * y;
+            }
+        };
+        for (a, b) in self.weights.iter_mut().zip(&live.weights) {
+            lerp(a, b);
+        }
+        for (a, b) in self.biases.iter_mut().zip(&live.biases) {
+            lerp(a, b);
+        }
+        self.transposed_fresh = false;
+    }
+
     pub fn head(&self) -> Head {
         self.head
     }

@@ -13,6 +13,7 @@
 //! Nothing here knows about Kafka, Parquet or schemas: it sees matrices of features
 //! and targets, the keys and times it must remember for the buffer, and nothing else.
 
+pub mod average;
 pub mod blend;
 pub mod buffer;
 pub mod compute;
@@ -40,6 +41,7 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use average::{AverageState, WeightAverage};
 use buffer::{BufferConfig, BufferState, Entry, ReplayBuffer};
 use compute::{ComputeLedger, ComputeReport, CpuSampler, FlopModel, Stopwatch, Work};
 use importance::{ImportanceMethod, ImportanceScorer, Scored};
@@ -144,6 +146,8 @@ pub struct LearnerState {
     pub clip: Option<NormClip>,
     /// Where the learner's random numbers had got to (since format 10).
     pub rng: LearnerRng,
+    /// `training.average_decay`'s averaged weights (since format 11).
+    pub average: Option<AverageState>,
 }
 
 impl LearnerState {
@@ -178,6 +182,8 @@ pub struct OnlineLearner {
     good_run: u64,
     /// What the last drift reaction changed for its recovery window.
     recovery: Recovery,
+    /// `training.average_decay`: the averaged weights the predictions come from.
+    average: Option<WeightAverage>,
 }
 
 /// The recovery window of the last drift reaction: until `seen` reaches `until`, the learning
@@ -234,6 +240,13 @@ impl OnlineLearner {
         let mut widths = vec![cfg.inputs];
         widths.extend(&cfg.model.hidden);
         widths.push(cfg.head.outputs());
+        let mut flops = FlopModel::new(&widths);
+        let d = cfg.training.average_decay;
+        let average = (d > 0.0).then(|| {
+            // 3 FLOPs per parameter per step on top of Adam's 12.
+            flops.step *= 15.0 / 12.0;
+            WeightAverage::new(d, net.weights(), cfg.head)
+        });
         let irreducible = (method == ImportanceMethod::Reducible).then(|| {
             let lr = cfg.training.learning_rate;
             IrreducibleLoss::new(cfg.inputs, cfg.head, &device, cfg.holdout_every, lr)
@@ -258,7 +271,8 @@ impl OnlineLearner {
             clip: clipping.then(|| NormClip::new(cfg.selection.clip, cfg.selection.window)),
             ledger: ComputeLedger::default(),
             cpu_clock: CpuSampler::default(),
-            flops: FlopModel::new(&widths),
+            flops,
+            average,
             selector: Selector::new(select::window_in_units(
                 cfg.selection.clone(),
                 cfg.training.micro_batch,
@@ -282,6 +296,7 @@ impl OnlineLearner {
             ledger: self.ledger,
             clip: self.clip.clone(),
             rng: self.rng.clone(),
+            average: self.average.as_ref().map(WeightAverage::state),
         })
     }
 
@@ -308,6 +323,13 @@ impl OnlineLearner {
         }
         // The random draws continue where the saved learner had got to.
         self.rng = s.rng;
+        if let Some(a) = &mut self.average {
+            match s.average {
+                Some(saved) => a.restore(saved),
+                // Saved without averaging: the average starts from the saved weights.
+                None => a.reset(&self.last_good),
+            }
+        }
         Ok(())
     }
 
@@ -335,6 +357,12 @@ impl OnlineLearner {
             return StepOutcome::default();
         }
         let mut clock = Stopwatch::start(&self.ledger, &mut self.cpu_clock);
+        // The averaged model predicts before this micro-batch's step, as the live one does.
+        let averaged = self.average.as_mut().map(|a| a.predict(b.x, n));
+        if averaged.is_some() {
+            self.ledger.inference.rows_forward += n as u64;
+            self.ledger.inference.cpu_s += clock.lap();
+        }
         let ratio = self.cfg.buffer.replay_ratio * self.selector.replay_scale();
         let (replay_n, reference_n) = if self.buffer.is_empty() {
             (0, 0)
@@ -392,13 +420,17 @@ impl OnlineLearner {
         }
         self.stats.backpropagated =
             self.ledger.scoring.rows_backward + self.ledger.training.rows_backward;
-        outcome(
+        let mut out = outcome(
             scored,
             decision,
             retained,
             train_loss,
             self.cfg.head.outputs(),
-        )
+        );
+        if let Some(averaged) = averaged {
+            out.outputs = averaged;
+        }
+        out
     }
 
     /// Books what every-row training would have done with this micro-batch of `n` fresh rows
@@ -611,6 +643,9 @@ impl OnlineLearner {
         }
         let lr_factor = self.recovering().lr_factor;
         self.net.apply(self.cfg.training.learning_rate * lr_factor);
+        if let Some(a) = &mut self.average {
+            self.net.update_average(a);
+        }
         self.stats.steps += 1;
         self.ledger.training.optimizer_steps += 1;
         // Weights count as good after a long enough stretch without a non-finite step.
@@ -727,6 +762,9 @@ impl OnlineLearner {
         self.bad_run += 1;
         if self.bad_run >= self.cfg.training.max_nonfinite_steps.max(1) {
             self.net.reset(&self.last_good);
+            if let Some(a) = &mut self.average {
+                a.reset(&self.last_good);
+            }
             self.stats.restores += 1;
             self.bad_run = 0;
             tracing::warn!(
@@ -984,6 +1022,7 @@ mod tests {
                 seed: 1,
                 max_nonfinite_steps: 4,
                 steps_per_batch: 1,
+                average_decay: 0.5,
             };
             let mut l = small(backend, ImportanceMethod::Loss, 0.0, training);
             for _ in 0..40 {
@@ -1076,6 +1115,82 @@ mod tests {
                 clipped.fit_rows(x, &[1e4], &[1.0]);
                 assert_eq!(clipped.stats().clipped, before + 1, "{what}: offline");
             }
+        }
+    }
+
+    /// `training.average_decay` changes the predictions and nothing else: the same rows
+    /// train to the same live weights, with the same work counted but for one more forward of
+    /// each fresh row (inference); the predictions are the averaged model's, and a restored
+    /// learner predicts as the uninterrupted one. Fused and burn.
+    #[test]
+    fn averaged_weights_predict_and_training_is_unchanged() {
+        for backend in [Backend::Fused, Backend::Flex] {
+            let run = |average_decay: f64, batches: usize| {
+                let training = TrainingConfig {
+                    micro_batch: 8,
+                    steps_per_batch: 2,
+                    average_decay,
+                    ..TrainingConfig::default()
+                };
+                let mut l = small(backend, ImportanceMethod::Loss, 2.0, training);
+                let outs: Vec<StepOutcome> = (0..batches).map(|t| feed(&mut l, 8, t)).collect();
+                (l, outs)
+            };
+            let ((plain, p), (avg, a)) = (run(0.0, 60), run(0.9, 60));
+            let what = format!("{backend:?}");
+            let numbers = |l: &OnlineLearner| -> Vec<(Vec<f32>, Vec<f32>)> {
+                l.weights()
+                    .into_iter()
+                    .map(|s| (s.weight, s.bias))
+                    .collect()
+            };
+            assert!(
+                numbers(&plain) == numbers(&avg),
+                "{what}: the same live weights"
+            );
+            let (x, y) = (plain.ledger(), avg.ledger());
+            let counts = |w: Work| Work { cpu_s: 0.0, ..w };
+            assert_eq!(counts(x.training), counts(y.training), "{what}");
+            assert_eq!(
+                x.inference.rows_forward + 60 * 8,
+                y.inference.rows_forward,
+                "{what}"
+            );
+            assert_eq!(
+                p[0].outputs, a[0].outputs,
+                "{what}: no step yet, the same weights"
+            );
+            assert_eq!(
+                (p[59].losses.clone(), p[59].scores.clone()),
+                (a[59].losses.clone(), a[59].scores.clone())
+            );
+            assert_ne!(
+                p[59].outputs, a[59].outputs,
+                "{what}: the averaged model predicts"
+            );
+            assert!(avg.compute().reference.flops > plain.compute().reference.flops);
+            // A checkpoint keeps the average.
+            let (mut first, _) = run(0.9, 30);
+            let mut back = small(
+                backend,
+                ImportanceMethod::Loss,
+                2.0,
+                TrainingConfig {
+                    micro_batch: 8,
+                    steps_per_batch: 2,
+                    average_decay: 0.9,
+                    ..TrainingConfig::default()
+                },
+            );
+            back.restore(first.state().unwrap()).unwrap();
+            for t in 30..60 {
+                let (o1, o2) = (feed(&mut first, 8, t), feed(&mut back, 8, t));
+                assert_eq!(o1.outputs, o2.outputs, "{what}: batch {t}");
+            }
+            assert_eq!(
+                first.ledger().inference.rows_forward,
+                y.inference.rows_forward
+            );
         }
     }
 

@@ -13,6 +13,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::Rng;
 
 use super::Backend;
+use super::average::WeightAverage;
 use super::fused::{FusedAdam, FusedMlp};
 use super::importance::{BurnPass, ImportanceMethod, ImportanceScorer, Scored};
 use super::model::{self, Head, Mlp, SavedLayer};
@@ -161,6 +162,14 @@ impl Net {
                 b.model = b.optim.step(lr, b.model.clone(), grads);
             }
             Net::Fused(f) => f.adam.step(&mut f.mlp, &f.grads, lr),
+        }
+    }
+
+    /// Moves `avg` toward the live weights (after an optimiser step).
+    pub fn update_average(&self, avg: &mut WeightAverage) {
+        match self {
+            Net::Fused(f) => avg.update(&f.mlp),
+            Net::Burn(_) => avg.update_from_saved(&self.weights()),
         }
     }
 

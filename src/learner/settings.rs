@@ -122,6 +122,10 @@ pub struct TrainingConfig {
     /// from each row; every step is counted as training work, and in the every-row reference).
     #[serde(default = "default_steps_per_batch")]
     pub steps_per_batch: u32,
+    /// Predict with an exponential moving average of the weights, this much of the old
+    /// average kept at each step (0: the live weights predict; see `learner/average.rs`).
+    #[serde(default)]
+    pub average_decay: f64,
 }
 
 fn default_steps_per_batch() -> u32 {
@@ -147,6 +151,7 @@ impl Default for TrainingConfig {
             seed: 0,
             max_nonfinite_steps: default_max_nonfinite_steps(),
             steps_per_batch: default_steps_per_batch(),
+            average_decay: 0.0,
         }
     }
 }

@@ -1,0 +1,156 @@
+//! Predicting with averaged weights (`training.average_decay = d`): the learner's
+//! predictions come from an exponential moving average of its weights, taken after every
+//! optimiser step, while training goes on with the live weights (Polyak averaging).
+//!
+//! Why: each step follows a micro-batch of a few noisy rows (the best beam is within 0.5 dB of
+//! the runner-up in 81-99% of beam rows; traffic has spikes), so the live weights jitter
+//! around what the stream supports; their average jitters less. Nothing else changes: the
+//! same rows train, with the same scores and losses (selection, the replay buffer and the
+//! drift detectors read the live model), so the compute is the same but for one more forward
+//! pass of the fresh rows (booked as inference) and about 3 FLOPs per parameter per step
+//! (booked with the step). The decay of update t is min(d, (1 + t)/(10 + t)), the schedule of
+//! TensorFlow's `ExponentialMovingAverage` with `num_updates`: a young model's average is not
+//! held back by its random start. Measured per workload in `experiments/README.md`
+//! ("Predicting with averaged weights"); a stream that drifts needs a short memory (0.9 on
+//! beam, where a site's model takes a few hundred steps).
+
+use serde::{Deserialize, Serialize};
+
+use super::fused::FusedMlp;
+use super::model::{Head, SavedLayer};
+
+/// The averaged weights and how many steps they have followed.
+pub struct WeightAverage {
+    decay: f64,
+    updates: u64,
+    mlp: FusedMlp,
+    /// Shapes and parameter ids, to save the average as the live weights are saved.
+    layout: Vec<SavedLayer>,
+}
+
+/// What a checkpoint keeps of a [`WeightAverage`] (since format 11).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AverageState {
+    pub updates: u64,
+    pub weights: Vec<SavedLayer>,
+}
+
+impl WeightAverage {
+    /// Starts from the live weights `start`.
+    pub fn new(decay: f64, start: Vec<SavedLayer>, head: Head) -> Self {
+        WeightAverage {
+            decay,
+            updates: 0,
+            mlp: FusedMlp::from_saved(&start, head),
+            layout: start,
+        }
+    }
+
+    /// The weight the average keeps at its next update (the rest goes to the live weights).
+    fn keep(&self) -> f32 {
+        let t = (self.updates + 1) as f64;
+        self.decay.min((1.0 + t) / (10.0 + t)) as f32
+    }
+
+    /// Moves the average toward the live weights after an optimiser step.
+    pub fn update(&mut self, live: &FusedMlp) {
+        let keep = self.keep();
+        self.mlp.average_toward(live, keep);
+        self.updates += 1;
+    }
+
+    /// The same from weights in checkpoint form (the burn engine's live weights).
+    pub fn update_from_saved(&mut self, live: &[SavedLayer]) {
+        let keep = self.keep();
+        let head = self.mlp.head();
+        self.mlp
+            .average_toward(&FusedMlp::from_saved(live, head), keep);
+        self.updates += 1;
+    }
+
+    /// The averaged model's outputs for `n` rows of `x`.
+    pub fn predict(&mut self, x: &[f32], n: usize) -> Vec<f32> {
+        self.mlp.forward(x, n).to_vec()
+    }
+
+    pub fn state(&self) -> AverageState {
+        let mut weights = self.layout.clone();
+        self.mlp.save_into(&mut weights);
+        AverageState {
+            updates: self.updates,
+            weights,
+        }
+    }
+
+    /// Continues from a checkpoint's average (of the same shapes: the caller checked the live
+    /// weights', and the average is saved beside them).
+    pub fn restore(&mut self, s: AverageState) {
+        self.mlp = FusedMlp::from_saved(&s.weights, self.mlp.head());
+        self.layout = s.weights;
+        self.updates = s.updates;
+    }
+
+    /// Starts again from the live weights (after the learner went back to its last good ones).
+    pub fn reset(&mut self, live: &[SavedLayer]) {
+        self.mlp = FusedMlp::from_saved(live, self.mlp.head());
+        self.updates = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(w: f32, b: f32) -> Vec<SavedLayer> {
+        vec![SavedLayer {
+            d_in: 2,
+            d_out: 1,
+            weight_id: 1,
+            weight: vec![w; 2],
+            bias_id: 2,
+            bias: vec![b],
+        }]
+    }
+
+    #[test]
+    fn the_average_follows_the_schedule_then_the_decay() {
+        let mut a = WeightAverage::new(0.9, layer(0.0, 0.0), Head::Regression);
+        // Update 1 keeps (1 + 1)/(10 + 1) = 2/11 of the start.
+        a.update_from_saved(&layer(11.0, 1.0));
+        let s = a.state();
+        assert!(
+            (s.weights[0].weight[0] - 9.0).abs() < 1e-5,
+            "{:?}",
+            s.weights
+        );
+        assert!((s.weights[0].bias[0] - 9.0 / 11.0).abs() < 1e-6);
+        // From update 80 on, (1 + t)/(10 + t) ≥ 0.9: the decay holds.
+        for _ in 1..100 {
+            a.update_from_saved(&layer(1.0, 0.0));
+        }
+        assert_eq!(a.keep(), 0.9);
+        let before = a.state().weights[0].weight[0];
+        a.update_from_saved(&layer(2.0, 0.0));
+        let after = a.state().weights[0].weight[0];
+        assert!((after - (0.9 * before + 0.1 * 2.0)).abs() < 1e-6);
+        // Predictions are the averaged model's: x = (1, 1) → 2·w + b.
+        let out = a.predict(&[1.0, 1.0], 1);
+        let s = a.state();
+        assert!((out[0] - (2.0 * after + s.weights[0].bias[0])).abs() < 1e-5);
+    }
+
+    #[test]
+    fn a_restored_average_predicts_as_the_saved_one() {
+        let mut a = WeightAverage::new(0.99, layer(0.5, 0.1), Head::Regression);
+        for k in 0..20 {
+            a.update_from_saved(&layer(k as f32, -1.0));
+        }
+        let bytes = postcard::to_stdvec(&a.state()).unwrap();
+        let mut b = WeightAverage::new(0.99, layer(0.0, 0.0), Head::Regression);
+        b.restore(postcard::from_bytes(&bytes).unwrap());
+        assert_eq!(a.predict(&[1.0, 2.0], 1), b.predict(&[1.0, 2.0], 1));
+        a.update_from_saved(&layer(3.0, 3.0));
+        b.update_from_saved(&layer(3.0, 3.0));
+        assert_eq!(a.predict(&[1.0, 2.0], 1), b.predict(&[1.0, 2.0], 1));
+    }
+}
