@@ -5,6 +5,7 @@
 # decision) has no random-at-equal-compute twin; one that does belongs in `gradsift
 # experiment`. Not part of CI; each run takes about a second on the bundled files.
 #   cargo build --release && bash experiments/versus.sh PIPELINE "SEEDS" [--base 'k=v'…] -- 'k=v'…
+# PERIODS="validation test holiday whole" also reads other periods (`whole`: the whole stream).
 # e.g. bash experiments/versus.sh pipelines/beam-replay.toml "$(seq 6 15)" \
 #        --base 'model.decision="min_expected_loss"' -- 'model.decision="switch"'
 set -euo pipefail
@@ -27,16 +28,18 @@ for seed in $seeds; do
       --set training.seed="$seed" "${sets[@]}" --output "$OUT/run" > "$OUT/$side-$seed.json" 2>/dev/null
   done
 done
-python3 - "$OUT" $seeds <<'PY'
-import json, statistics as st, sys
+PERIODS=${PERIODS:-validation test} python3 - "$OUT" $seeds <<'PY'
+import json, os, statistics as st, sys
 out, seeds = sys.argv[1], sys.argv[2:]
 def period(side, seed, name):
     r = json.load(open(f"{out}/{side}-{seed}.json"))
+    if name == "whole":
+        return r["metrics"]["model"]
     return next(p["metrics"]["model"] for p in r["periods"] if p["name"] == name)
 first = period("base", seeds[0], "validation")
 # (metric, lower is better)
 keys = [("power_loss_db", True), ("top1", False)] if "top1" in first else [("mae", True)]
-for name in ["validation", "test"]:
+for name in os.environ["PERIODS"].split():
     for k, lower in keys:
         b = [period("base", s, name)[k] for s in seeds]
         d = [100 * (period("cand", s, name)[k] / v - 1) for s, v in zip(seeds, b)]

@@ -76,6 +76,8 @@ pub struct RunReport {
     pub training_steps: u64,
     /// Trained rows whose loss weight `selection.clip` cut (this process).
     pub rows_clipped: u64,
+    /// Rows predicted by the averaged weights (`training.average_decay`; this process).
+    pub rows_averaged: u64,
     /// Updates skipped for a non-finite gradient, and returns to the last good weights.
     pub nonfinite_steps: u64,
     pub model_restores: u64,
@@ -441,6 +443,10 @@ impl RunReport {
             (
                 "rows clipped (selection.clip)".into(),
                 self.rows_clipped.to_string(),
+            ),
+            (
+                "rows predicted by averaged weights".into(),
+                self.rows_averaged.to_string(),
             ),
             (
                 "non-finite steps skipped / restores".into(),

@@ -10,19 +10,31 @@
 //! pass of the fresh rows (booked as inference) and about 3 FLOPs per parameter per step
 //! (booked with the step). The decay of update t is min(d, (1 + t)/(10 + t)), the schedule of
 //! TensorFlow's `ExponentialMovingAverage` with `num_updates`: a young model's average is not
-//! held back by its random start. Measured per workload in `experiments/README.md`
-//! ("Predicting with averaged weights"); a stream that drifts needs a short memory (0.9 on
-//! beam, where a site's model takes a few hundred steps).
+//! held back by its random start.
+//!
+//! An average lags when the stream changes: on Milan's Christmas weeks it lost 7.6% more
+//! than the live weights. So each learner keeps both predictors' running losses on the rows
+//! they predicted (labels arrive with the rows) and predicts with the average only while it
+//! has lost no more than the live weights: the same rule as `model.decision = "switch"`.
+//! Measured per workload in `experiments/README.md` ("Predicting with averaged weights").
 
 use serde::{Deserialize, Serialize};
 
 use super::fused::FusedMlp;
 use super::model::{Head, SavedLayer};
 
+/// Each earlier row's weight in the running losses, per later row (a memory of about 100
+/// rows). Chosen on the validation periods of Milan and the two beam pipelines among 0.9,
+/// 0.99 and 0.999 (5 seeds; their sum was best, the three within the seed spread).
+const RECORD_DECAY: f64 = 0.99;
+
 /// The averaged weights and how many steps they have followed.
 pub struct WeightAverage {
     decay: f64,
     updates: u64,
+    /// Each predictor's running loss on the rows it predicted (see [`Self::prefers_average`]).
+    live_loss: f64,
+    average_loss: f64,
     mlp: FusedMlp,
     /// Shapes and parameter ids, to save the average as the live weights are saved.
     layout: Vec<SavedLayer>,
@@ -32,6 +44,8 @@ pub struct WeightAverage {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AverageState {
     pub updates: u64,
+    pub live_loss: f64,
+    pub average_loss: f64,
     pub weights: Vec<SavedLayer>,
 }
 
@@ -41,6 +55,8 @@ impl WeightAverage {
         WeightAverage {
             decay,
             updates: 0,
+            live_loss: 0.0,
+            average_loss: 0.0,
             mlp: FusedMlp::from_saved(&start, head),
             layout: start,
         }
@@ -73,11 +89,31 @@ impl WeightAverage {
         self.mlp.forward(x, n).to_vec()
     }
 
+    /// Whether the averaged model has lost no more than the live one on recent rows.
+    pub fn prefers_average(&self) -> bool {
+        self.average_loss <= self.live_loss
+    }
+
+    /// Books both predictors' losses on the rows of the last [`Self::predict`], once their
+    /// labels are known (`live` holds the live model's losses on the same rows).
+    pub fn record(&mut self, y: &[f32], live: &[f32]) {
+        if self.mlp.rows() != y.len() {
+            return; // started again from the live weights since (see `reset`): nothing to book
+        }
+        self.mlp.output_grads(y);
+        for (&a, &l) in self.mlp.losses().iter().zip(live) {
+            self.average_loss = RECORD_DECAY * self.average_loss + a as f64;
+            self.live_loss = RECORD_DECAY * self.live_loss + l as f64;
+        }
+    }
+
     pub fn state(&self) -> AverageState {
         let mut weights = self.layout.clone();
         self.mlp.save_into(&mut weights);
         AverageState {
             updates: self.updates,
+            live_loss: self.live_loss,
+            average_loss: self.average_loss,
             weights,
         }
     }
@@ -88,6 +124,8 @@ impl WeightAverage {
         self.mlp = FusedMlp::from_saved(&s.weights, self.mlp.head());
         self.layout = s.weights;
         self.updates = s.updates;
+        self.live_loss = s.live_loss;
+        self.average_loss = s.average_loss;
     }
 
     /// Starts again from the live weights (after the learner went back to its last good ones).

@@ -276,6 +276,7 @@ fn add_stats(a: &mut LearnerStats, b: &LearnerStats) {
     a.nonfinite_steps += b.nonfinite_steps;
     a.restores += b.restores;
     a.clipped += b.clipped;
+    a.averaged += b.averaged;
 }
 
 #[cfg(test)]

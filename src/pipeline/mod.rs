@@ -466,6 +466,7 @@ fn build_report(
         backpropagated: stats.backpropagated,
         training_steps: stats.steps,
         rows_clipped: stats.clipped,
+        rows_averaged: stats.averaged,
         nonfinite_steps: stats.nonfinite_steps,
         model_restores: stats.restores,
         diverged: stats.nonfinite_steps > 0 || t.metrics.whole.nonfinite() > 0,
