@@ -97,9 +97,6 @@ impl WeightAverage {
     /// Books both predictors' losses on the rows of the last [`Self::predict`], once their
     /// labels are known (`live` holds the live model's losses on the same rows).
     pub fn record(&mut self, y: &[f32], live: &[f32]) {
-        if self.mlp.rows() != y.len() {
-            return; // started again from the live weights since (see `reset`): nothing to book
-        }
         self.mlp.output_grads(y);
         for (&a, &l) in self.mlp.losses().iter().zip(live) {
             self.average_loss = RECORD_DECAY * self.average_loss + a as f64;

@@ -359,8 +359,12 @@ impl OnlineLearner {
             return StepOutcome::default();
         }
         let mut clock = Stopwatch::start(&self.ledger, &mut self.cpu_clock);
-        // The averaged model predicts before this micro-batch's step, as the live one does.
-        let averaged = self.average.as_mut().map(|a| a.predict(b.x, n));
+        // The averaged model predicts before this micro-batch's step, as the live one does;
+        // which of the two predictions is used follows the record of the rows before these.
+        let averaged = self
+            .average
+            .as_mut()
+            .map(|a| (a.prefers_average(), a.predict(b.x, n)));
         if averaged.is_some() {
             self.ledger.inference.rows_forward += n as u64;
             self.ledger.inference.cpu_s += clock.lap();
@@ -383,6 +387,10 @@ impl OnlineLearner {
         } else {
             self.pass_rows(&b, replay_n, &mut clock, None)
         };
+        if let Some(a) = &mut self.average {
+            a.record(b.y, &scored.losses[..n]);
+            self.ledger.inference.cpu_s += clock.lap();
+        }
         let r = replay.len();
         let trained_rows = decision.trained() + r;
         let (mut w, denom) = loss_weights(&decision, &replay_w);
@@ -429,12 +437,9 @@ impl OnlineLearner {
             train_loss,
             self.cfg.head.outputs(),
         );
-        if let (Some(averaged), Some(a)) = (averaged, &mut self.average) {
-            if a.prefers_average() {
-                out.outputs = averaged;
-                self.stats.averaged += n as u64;
-            }
-            a.record(b.y, &out.losses);
+        if let Some((true, averaged)) = averaged {
+            out.outputs = averaged;
+            self.stats.averaged += n as u64;
         }
         out
     }
