@@ -74,9 +74,11 @@ pub struct RunReport {
     pub buffer: BufferReport,
     pub backpropagated: u64,
     pub training_steps: u64,
-    /// Trained rows whose loss weight `selection.clip` cut (this process).
+    /// Trained rows whose loss weight `selection.clip` cut (since the run began: a resumed
+    /// run's count includes the checkpoint's).
     pub rows_clipped: u64,
-    /// Rows predicted by the averaged weights (`training.average_decay`; this process).
+    /// Rows predicted by the averaged weights (`training.average_decay`; counted as
+    /// `rows_clipped`).
     pub rows_averaged: u64,
     /// Updates skipped for a non-finite gradient, and returns to the last good weights.
     pub nonfinite_steps: u64,

@@ -12,7 +12,8 @@
 //! row, one step per micro-batch), so "compute saved" is derived from counts, not guessed.
 //! FLOPs follow from the layer widths: per row, a forward costs Σ 2·d_in·d_out, the
 //! activation-gradient backward Σ over all layers but the first, a weight gradient
-//! Σ 2·d_in·d_out again; an Adam step about 12 FLOPs per parameter.
+//! Σ 2·d_in·d_out again; an Adam step about 12 FLOPs per parameter, 3 more when averaged
+//! weights follow each step (`training.average_decay`).
 
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +47,10 @@ pub struct ComputeLedger {
     pub reference: Work,
 }
 
+/// FLOPs of an Adam step per parameter, and of moving an average of the weights toward them.
+const ADAM_FLOPS_PER_PARAM: f64 = 12.0;
+const AVERAGE_FLOPS_PER_PARAM: f64 = 3.0;
+
 /// FLOPs per unit of work for one MLP.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FlopModel {
@@ -67,8 +72,14 @@ impl FlopModel {
             forward_row: layers.iter().sum(),
             backward_row: layers.iter().skip(1).sum(),
             weight_grad_row: layers.iter().sum(),
-            step: 12.0 * params,
+            step: ADAM_FLOPS_PER_PARAM * params,
         }
+    }
+
+    /// The same with averaged weights updated after every step (a lerp of each parameter).
+    pub fn with_averaging(mut self) -> Self {
+        self.step *= (ADAM_FLOPS_PER_PARAM + AVERAGE_FLOPS_PER_PARAM) / ADAM_FLOPS_PER_PARAM;
+        self
     }
 
     pub fn flops(&self, w: &Work) -> f64 {

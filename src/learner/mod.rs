@@ -242,13 +242,12 @@ impl OnlineLearner {
         let mut widths = vec![cfg.inputs];
         widths.extend(&cfg.model.hidden);
         widths.push(cfg.head.outputs());
-        let mut flops = FlopModel::new(&widths);
         let d = cfg.training.average_decay;
-        let average = (d > 0.0).then(|| {
-            // 3 FLOPs per parameter per step on top of Adam's 12.
-            flops.step *= 15.0 / 12.0;
-            WeightAverage::new(d, net.weights(), cfg.head)
-        });
+        let average = (d > 0.0).then(|| WeightAverage::new(d, net.weights(), cfg.head));
+        let flops = match average {
+            Some(_) => FlopModel::new(&widths).with_averaging(),
+            None => FlopModel::new(&widths),
+        };
         let irreducible = (method == ImportanceMethod::Reducible).then(|| {
             let lr = cfg.training.learning_rate;
             IrreducibleLoss::new(cfg.inputs, cfg.head, &device, cfg.holdout_every, lr)
@@ -1144,14 +1143,25 @@ mod tests {
     #[test]
     fn averaged_weights_predict_and_training_is_unchanged() {
         for backend in [Backend::Fused, Backend::Flex] {
+            let training = |average_decay: f64| TrainingConfig {
+                micro_batch: 8,
+                steps_per_batch: 2,
+                average_decay,
+                ..TrainingConfig::default()
+            };
+            // Both learners start from one learner's saved state: models built in a test
+            // process have been seen to start apart while other tests run (about one suite
+            // run in ten; per_key's test too; not explained, an open defect).
+            let start = small(backend, ImportanceMethod::Loss, 2.0, training(0.0));
+            let start = postcard::to_stdvec(&start.state().unwrap()).unwrap();
             let run = |average_decay: f64, batches: usize| {
-                let training = TrainingConfig {
-                    micro_batch: 8,
-                    steps_per_batch: 2,
-                    average_decay,
-                    ..TrainingConfig::default()
-                };
-                let mut l = small(backend, ImportanceMethod::Loss, 2.0, training);
+                let mut l = small(
+                    backend,
+                    ImportanceMethod::Loss,
+                    2.0,
+                    training(average_decay),
+                );
+                l.restore(postcard::from_bytes(&start).unwrap()).unwrap();
                 let outs: Vec<StepOutcome> = (0..batches)
                     .map(|t| feed_noisy(&mut l, 8, t, 8.0))
                     .collect();
@@ -1198,17 +1208,7 @@ mod tests {
             assert!(avg.compute().reference.flops > plain.compute().reference.flops);
             // A checkpoint keeps the average.
             let (mut first, _) = run(0.9, 30);
-            let mut back = small(
-                backend,
-                ImportanceMethod::Loss,
-                2.0,
-                TrainingConfig {
-                    micro_batch: 8,
-                    steps_per_batch: 2,
-                    average_decay: 0.9,
-                    ..TrainingConfig::default()
-                },
-            );
+            let mut back = small(backend, ImportanceMethod::Loss, 2.0, training(0.9));
             back.restore(first.state().unwrap()).unwrap();
             for t in 30..60 {
                 let (o1, o2) = (

@@ -51,8 +51,21 @@ pub struct DenseParams {
     pub bias: Tensor<1>,
 }
 
+/// Held while burn's one RNG per process is seeded or drawn from ([`with_init_lock`]).
+static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f`, which seeds burn's RNG or draws initial weights from it ([`Mlp::new`]), while no
+/// other thread does. Why: the RNG is one per process, so a model built on another thread
+/// between a seed and its draws (parallel tests) would take draws from the seeded stream,
+/// and the same seed would not give the same weights. Every [`Mlp::new`] runs inside it.
+pub fn with_init_lock<T>(f: impl FnOnce() -> T) -> T {
+    let _one_at_a_time = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    f()
+}
+
 impl Mlp {
-    /// A freshly initialised MLP (burn's default Kaiming-uniform initialisation).
+    /// A freshly initialised MLP (burn's default Kaiming-uniform initialisation); call it
+    /// inside [`with_init_lock`].
     pub fn new(inputs: usize, hidden: &[usize], head: Head, device: &Device) -> Self {
         let mut widths = vec![inputs];
         widths.extend_from_slice(hidden);

@@ -59,9 +59,6 @@ pub struct Gradient {
     pub finite: bool,
 }
 
-/// Held while a model is seeded and initialised (see [`Net::new`]).
-static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 impl Net {
     /// A freshly initialised model: burn's seeded initialisation for both engines, so the
     /// same seed gives the same starting weights whichever runs.
@@ -69,14 +66,13 @@ impl Net {
         let device = backend.device();
         // burn's seed is one RNG per process: two threads building models at once would
         // draw from each other's stream, and the same seed would not give the same weights.
-        let model = {
-            let _one_at_a_time = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        let model = model::with_init_lock(|| {
             device.seed(seed);
             device.clone().autodiff().seed(seed);
             // Parameters live on the autodiff device because burn's optimiser expects them
             // there; every hot-path computation uses their plain `inner()` values.
             Mlp::new(inputs, hidden, head, &device.clone().autodiff())
-        };
+        });
         match backend {
             Backend::Fused => {
                 let layout = model.to_saved();
