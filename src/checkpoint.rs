@@ -111,7 +111,8 @@ pub struct Checkpoint {
 /// 10: each learner keeps its random generator's state (a resume draws on where it was), and
 /// the features keep the partial micro-batch (a checkpoint no longer learns it early).
 /// 11: each learner keeps its averaged weights (`training.average_decay`).
-const MAGIC: &[u8; 8] = b"GSCKPT11";
+/// 12: each key may keep its own loss table (`model.decision_scope = "per_key"`).
+const MAGIC: &[u8; 8] = b"GSCKPT12";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {

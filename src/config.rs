@@ -807,6 +807,7 @@ max_bytes = 100000
             ),
             ("model.decision_memory=0.5", "model.decision_memory"),
             ("model.decision_decay=1.0", "model.decision_decay"),
+            ("model.decision_scope=\"site\"", "decision_scope"),
         ] {
             let e = PipelineConfig::load(&write(d.path(), GOOD), &[set.into()])
                 .unwrap_err()

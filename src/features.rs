@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::decode::DecodedBatch;
 use crate::learner::blend::ExpertWeights;
-use crate::learner::decision::RuleRecord;
+use crate::learner::decision::{LossTable, RuleRecord};
 use crate::learner::drift::KeyDetectors;
 use crate::learner::eval::{ClassBaselines, KNN_K, Observation, RegressionRow};
 use crate::learner::knn::KnnMemory;
@@ -235,6 +235,8 @@ struct KeyState {
 pub struct KeyLearnerParts {
     pub experts: ExpertWeights,
     pub rules: RuleRecord,
+    /// `model.decision_scope = "per_key"`: the key's loss table (made at its first row).
+    pub losses: Option<LossTable>,
     /// Made at the key's first sample that needs them.
     pub drift: Option<Box<KeyDetectors>>,
 }
@@ -1078,6 +1080,7 @@ mod tests {
             (key == "3").then_some(KeyLearnerParts {
                 experts: [0.5, 0.25, 0.25],
                 rules,
+                losses: None,
                 drift: None,
             })
         });

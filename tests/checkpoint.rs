@@ -197,16 +197,24 @@ fn a_replay_stopped_half_way_resumes_from_its_checkpoint() {
 }
 
 /// The same on the beam pipeline, whose learning state is the most spread out: a model per
-/// site, the learnt blend's weights per key, the neighbours' memory, the loss table and each
-/// key's switch record. Stopped in the second site, resumed, it ends with the uninterrupted
-/// run's figures to the last bit.
+/// site, the learnt blend's weights per key, the neighbours' memory, the loss table (shared,
+/// and one per key, whose memory of 30 rows is configuration a checkpoint does not keep) and
+/// each key's switch record. Stopped in the second site, resumed, it ends with the
+/// uninterrupted run's figures to the last bit.
 #[test]
 fn a_beam_replay_resumed_mid_site_ends_as_the_uninterrupted_run() {
     common::shared_data();
+    for scope in ["shared", "per_key"] {
+        beam_replay_resumed_mid_site(&format!("model.decision_scope=\"{scope}\""));
+    }
+}
+
+fn beam_replay_resumed_mid_site(scope: &str) {
     let sets = [
         "checkpoint.enabled=true",
         "checkpoint.every_rows=1000",
         "output.scores=false",
+        scope,
     ];
     let figures = |r: &gradsift::report::RunReport| {
         let EvalSummary::Classification(m) = &r.metrics else {
@@ -234,7 +242,11 @@ fn a_beam_replay_resumed_mid_site_ends_as_the_uninterrupted_run() {
     assert_eq!(b.checkpoint.as_ref().unwrap().rows_already_covered, 4000);
     assert_eq!(b.checkpoint.as_ref().unwrap().resumes, 1);
     assert_eq!(b.samples, a.samples);
-    assert_eq!(figures(&b), figures(&a), "resumed vs uninterrupted");
+    assert_eq!(
+        figures(&b),
+        figures(&a),
+        "resumed vs uninterrupted, {scope}"
+    );
 }
 
 /// Where checkpoints fall does not change what is learnt: a partial micro-batch waits

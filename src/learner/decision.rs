@@ -11,8 +11,10 @@
 //! reads), and `L[c][b]` is the running mean loss of choosing `b` when `c` was best. The
 //! choice is `argmin_b Σ_c p(c)·L[c][b]`; it sets top-1 and the power loss, while top-3 still
 //! ranks the classes by probability (the candidates a beam sweep would measure). Before a class has been seen as best, its row of `L` is 0 on the diagonal
-//! and the mean off-best loss elsewhere, which makes the rule the argmax; one table is kept
-//! for the stream (a codebook's geometry does not change with the site); checkpoints keep it.
+//! and the mean off-best loss elsewhere, which makes the rule the argmax. One table is kept
+//! for the stream (a codebook's geometry does not change with the site: a new site starts
+//! with what earlier ones taught), or one per key (`model.decision_scope = "per_key"`, online
+//! only); checkpoints keep them.
 //! A class's row is a running mean until the class has been best `model.decision_memory`
 //! times, then an exponentially weighted one (weight 1/memory per row), so that the table
 //! follows a new site's geometry (the beam pipelines: 30).
@@ -112,6 +114,11 @@ impl LossTable {
             memory: self.memory,
             ..saved
         };
+    }
+
+    /// Sets the memory (configuration, which a checkpoint does not keep).
+    pub fn set_memory(&mut self, memory: f32) {
+        self.memory = memory;
     }
 
     /// Classes the table is for.

@@ -58,6 +58,12 @@ pub struct ModelConfig {
     /// recent losses.
     #[serde(default = "default_decision_decay")]
     pub decision_decay: f32,
+    /// `min_expected_loss` and `switch`: one loss table for the stream (`shared`) or one per
+    /// key (`per_key`; at most `features.max_keys`, made at a key's first row; `gradsift
+    /// train` keeps one). Per key, a new site starts from nothing instead of from what the
+    /// other sites taught: on the four beam sites that costs power and gains top-1.
+    #[serde(default)]
+    pub decision_scope: per_key::ModelScope,
     /// One model for the stream, or one per key (see [`per_key`]).
     #[serde(default)]
     pub scope: per_key::ModelScope,
@@ -94,6 +100,7 @@ impl Default for ModelConfig {
             decision: decision::Decision::Argmax,
             decision_memory: default_decision_memory(),
             decision_decay: default_decision_decay(),
+            decision_scope: per_key::ModelScope::Shared,
             scope: per_key::ModelScope::Shared,
             max_models: default_max_models(),
         }

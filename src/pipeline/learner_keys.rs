@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::features::{FeatureState, KeyChange, KeyLearnerParts, SavedLearnerParts};
 use crate::learner::blend::ExpertWeights;
-use crate::learner::decision::RuleRecord;
+use crate::learner::decision::{LossTable, RuleRecord};
 use crate::learner::drift::{DriftConfig, KeyDetectors};
 
 /// Per-key learner state, by key (see the module doc).
@@ -49,6 +49,24 @@ impl LearnerKeys {
     pub fn set_expert_weights(&mut self, key: &str, w: ExpertWeights) {
         if let Some(p) = self.keys.get_mut(key) {
             p.experts = w;
+        }
+    }
+
+    /// Under `model.decision_scope = "per_key"`: swaps `key`'s loss table with `table`, the
+    /// stage's table in use, so that a row is decided and learnt by its key's table; the
+    /// same call after the row puts it back. A key's table is made by `fresh` at its first
+    /// row. A key not tracked has none: the stage's own table serves it.
+    pub fn swap_losses(
+        &mut self,
+        key: &str,
+        table: &mut Option<LossTable>,
+        fresh: impl FnOnce() -> Option<LossTable>,
+    ) {
+        if let Some(p) = self.keys.get_mut(key) {
+            if p.losses.is_none() {
+                p.losses = fresh();
+            }
+            std::mem::swap(&mut p.losses, table);
         }
     }
 
@@ -109,5 +127,47 @@ mod tests {
         assert_eq!(keys.rules("a"), RuleRecord::default());
         keys.apply(&[KeyChange::Forgotten(b)]);
         assert_eq!(keys.len(), 1);
+    }
+
+    /// Per-key loss tables: each key's row is decided and learnt by its own table, which
+    /// stays with the key between rows; an untracked key uses the stage's table.
+    #[test]
+    fn each_key_learns_its_own_loss_table() {
+        let mut keys = LearnerKeys::default();
+        keys.apply(&[
+            KeyChange::Tracked(Arc::from("a")),
+            KeyChange::Tracked(Arc::from("b")),
+        ]);
+        let fresh = || Some(LossTable::new(2, 30.0));
+        let mut in_use = fresh();
+        let learn = |keys: &mut LearnerKeys, in_use: &mut Option<LossTable>, key: &str| {
+            keys.swap_losses(key, in_use, fresh);
+            in_use.as_mut().unwrap().learn(&[1.0, 2.0]);
+            keys.swap_losses(key, in_use, fresh);
+        };
+        learn(&mut keys, &mut in_use, "a");
+        learn(&mut keys, &mut in_use, "a");
+        learn(&mut keys, &mut in_use, "b");
+        assert_eq!(
+            in_use.as_ref().unwrap().rows(),
+            0.0,
+            "the stage's table is back"
+        );
+        let rows = |keys: &mut LearnerKeys, key: &str| {
+            let mut t = None;
+            keys.swap_losses(key, &mut t, fresh);
+            let rows = t.as_ref().map(LossTable::rows);
+            keys.swap_losses(key, &mut t, fresh);
+            rows
+        };
+        assert_eq!(rows(&mut keys, "a"), Some(2.0));
+        assert_eq!(rows(&mut keys, "b"), Some(1.0));
+        learn(&mut keys, &mut in_use, "c");
+        assert_eq!(
+            in_use.as_ref().unwrap().rows(),
+            1.0,
+            "untracked: the stage's table"
+        );
+        assert_eq!(rows(&mut keys, "c"), None);
     }
 }

@@ -35,7 +35,7 @@ use crate::learner::decision::{Decision, LossTable};
 use crate::learner::drift::DriftMonitor;
 use crate::learner::eval::{EvalSummary, Observation, Scoreboard};
 use crate::learner::model::Head;
-use crate::learner::per_key::Learners;
+use crate::learner::per_key::{Learners, ModelScope};
 use crate::learner::trace::{MetricTrace, TracePoint};
 use crate::learner::{FreshBatch, StepOutcome};
 use crate::report::SwitchReport;
@@ -389,6 +389,22 @@ impl LearnerStage {
         prediction
     }
 
+    /// Under `model.decision_scope = "per_key"`, puts `key`'s loss table in use, or back
+    /// (see [`LearnerKeys::swap_losses`]).
+    fn swap_key_losses(&mut self, key: &str) {
+        let m = &self.cfg.model;
+        if m.decision_scope != ModelScope::PerKey || self.losses.is_none() {
+            return;
+        }
+        let (head, memory) = (self.head, m.decision_memory);
+        self.keys.swap_losses(key, &mut self.losses, || {
+            LossTable::for_model(m.decision, memory, head)
+        });
+        if let Some(t) = &mut self.losses {
+            t.set_memory(memory);
+        }
+    }
+
     /// One micro-batch through the learner, the metrics and the sinks.
     pub fn step(&mut self, s: Samples) -> Result<()> {
         let seen_before = self.learner.stats().seen;
@@ -427,7 +443,9 @@ impl LearnerStage {
                 w = self.keys.expert_weights(&s.keys[i]);
             }
             let at = (seen_before + i as u64, s.times[i]);
+            self.swap_key_losses(&s.keys[i]);
             let prediction = self.score_row(ev, mlp, (blend.as_ref(), &w), at, &s.keys[i]);
+            self.swap_key_losses(&s.keys[i]);
             self.trace.mark(seen_before + i as u64, s.times[i]);
             let sample = seen_before + i as u64 + 1;
             if traced && self.trace.due(sample) {
