@@ -144,6 +144,62 @@ impl Samples {
             })
             .collect()
     }
+
+    /// Cuts into micro-batches of one key each (`model.scope = "per_key"`): each key's rows,
+    /// in order, make groups of `n`; a key's last, shorter group waits in the returned rest
+    /// when `wait(key)`, and is a micro-batch of its own otherwise. Micro-batches come in the
+    /// order their last rows arrived, the rest in arrival order. Why: one model per key
+    /// learns from its own rows only, so cutting an interleaved stream in arrival order gave
+    /// each key a step per few rows (four interleaved sites: four times the steps).
+    pub fn cut_by_key(
+        self,
+        n: usize,
+        width: usize,
+        wait: impl Fn(&str) -> bool,
+    ) -> (Vec<Samples>, Samples) {
+        let n = n.max(1);
+        let mut by_key: Vec<(Arc<str>, Vec<usize>)> = Vec::new();
+        let mut slot: foldhash::HashMap<Arc<str>, usize> = Default::default();
+        for (i, k) in self.keys.iter().enumerate() {
+            let s = *slot.entry(k.clone()).or_insert_with(|| {
+                by_key.push((k.clone(), Vec::new()));
+                by_key.len() - 1
+            });
+            by_key[s].1.push(i);
+        }
+        let (mut groups, mut rest) = (Vec::new(), Vec::new());
+        for (key, rows) in by_key {
+            let mut chunks = rows.chunks(n).peekable();
+            while let Some(c) = chunks.next() {
+                let last = chunks.peek().is_none();
+                if last && c.len() < n && wait(&key) {
+                    rest.extend_from_slice(c);
+                } else {
+                    groups.push(c.to_vec());
+                }
+            }
+        }
+        groups.sort_unstable_by_key(|g| g[g.len() - 1]);
+        rest.sort_unstable();
+        let cut = groups.iter().map(|g| self.gather(g, width)).collect();
+        (cut, self.gather(&rest, width))
+    }
+
+    /// Copies of the samples at `rows`, in that order.
+    fn gather(&self, rows: &[usize], width: usize) -> Samples {
+        Samples {
+            x: rows
+                .iter()
+                .flat_map(|&i| &self.x[i * width..(i + 1) * width])
+                .copied()
+                .collect(),
+            y: rows.iter().map(|&i| self.y[i]).collect(),
+            keys: rows.iter().map(|&i| self.keys[i].clone()).collect(),
+            times: rows.iter().map(|&i| self.times[i]).collect(),
+            eval: rows.iter().map(|&i| self.eval[i].clone()).collect(),
+            origins: rows.iter().map(|&i| self.origins[i].clone()).collect(),
+        }
+    }
 }
 
 /// Values a scaler must have seen before the deviation check trusts it.
@@ -921,13 +977,12 @@ fn push_calendar(cal: &CalendarSpec, time: i64, x: &mut Vec<f32>) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn chunks_keep_every_sample_in_order() {
-        let (n, width) = (21usize, 3usize);
-        let s = Samples {
+    /// `n` samples whose every field holds the row number (`width` inputs each), with keys.
+    fn numbered(n: usize, width: usize, key: impl Fn(usize) -> String) -> Samples {
+        Samples {
             x: (0..n * width).map(|v| v as f32).collect(),
             y: (0..n).map(|v| v as f32).collect(),
-            keys: (0..n).map(|v| Arc::from(v.to_string().as_str())).collect(),
+            keys: (0..n).map(|v| Arc::from(key(v).as_str())).collect(),
             times: (0..n as i64).collect(),
             eval: (0..n)
                 .map(|v| RowEval {
@@ -947,7 +1002,13 @@ mod tests {
                     index,
                 })
                 .collect(),
-        };
+        }
+    }
+
+    #[test]
+    fn chunks_keep_every_sample_in_order() {
+        let (n, width) = (21usize, 3usize);
+        let s = numbered(n, width, |v| v.to_string());
         let chunks = s.into_chunks(8, width);
         assert_eq!(
             chunks.iter().map(Samples::len).collect::<Vec<_>>(),
@@ -968,6 +1029,38 @@ mod tests {
             }
         }
         assert_eq!(next, n);
+    }
+
+    /// Per-key micro-batches: each key's rows in order, full groups first in the order they
+    /// filled, a short group waiting only where asked, every field of a row kept together.
+    #[test]
+    fn cut_by_key_gives_each_key_its_own_micro_batches() {
+        let width = 2;
+        // Keys a b a c b a c a b: a at rows 0 2 5 7, b at 1 4 8, c at 3 6.
+        let keys = ["a", "b", "a", "c", "b", "a", "c", "a", "b"];
+        let s = numbered(keys.len(), width, |v| keys[v].to_string());
+        let rows = |c: &Samples| c.y.iter().map(|&v| v as usize).collect::<Vec<_>>();
+        let (cut, rest) = s.clone().cut_by_key(2, width, |k| k != "c");
+        // a's [0 2] filled at row 2, c's [3 6] at 6, a's [5 7] at 7; b's [1 4] at 4.
+        assert_eq!(
+            cut.iter().map(rows).collect::<Vec<_>>(),
+            [vec![0, 2], vec![1, 4], vec![3, 6], vec![5, 7]]
+        );
+        assert_eq!(rows(&rest), [8], "b's short group waits");
+        for c in cut.iter().chain([&rest]) {
+            for (i, &r) in rows(c).iter().enumerate() {
+                assert_eq!(&*c.keys[i], keys[r]);
+                assert_eq!(c.x[i * width], (r * width) as f32);
+                assert_eq!((c.times[i], c.origins[i].index), (r as i64, r as u64));
+            }
+        }
+        // Nothing waits: the short groups are micro-batches, each where its last row came.
+        let (cut, rest) = s.cut_by_key(3, width, |_| false);
+        assert!(rest.is_empty());
+        assert_eq!(
+            cut.iter().map(rows).collect::<Vec<_>>(),
+            [vec![0, 2, 5], vec![3, 6], vec![7], vec![1, 4, 8]]
+        );
     }
     use std::path::Path;
 

@@ -231,15 +231,16 @@ fn beam_replay_resumed_mid_site(scope: &str) {
     let whole = tempfile::tempdir().unwrap();
     let a = common::run(common::pipeline("beam-replay.toml", whole.path(), &sets));
     // Checkpoints fall at batch ends (every 1,024 rows within a file), where a micro-batch
-    // of 16 is often partial; it waits inside the checkpoint. The first half stops at 4,000
-    // rows, where none is partial: a run that ends learns its partial micro-batch, which the
-    // whole run would not have learnt there.
+    // of 16 is often partial; it waits inside the checkpoint. Each site's micro-batches
+    // start at its own first row (2,422 for the second site), so the first half stops at
+    // 2,422 + 99 × 16 = 4,006 rows, where none is partial: a run that ends learns its
+    // partial micro-batch, which the whole run would not have learnt there.
     let halves = tempfile::tempdir().unwrap();
     let mut first = sets.to_vec();
-    first.push("source.max_rows=4000");
+    first.push("source.max_rows=4006");
     common::run(common::pipeline("beam-replay.toml", halves.path(), &first));
     let b = common::run(common::pipeline("beam-replay.toml", halves.path(), &sets));
-    assert_eq!(b.checkpoint.as_ref().unwrap().rows_already_covered, 4000);
+    assert_eq!(b.checkpoint.as_ref().unwrap().rows_already_covered, 4006);
     assert_eq!(b.checkpoint.as_ref().unwrap().resumes, 1);
     assert_eq!(b.samples, a.samples);
     assert_eq!(

@@ -5,8 +5,10 @@
 //! each other out of one replay buffer. Per key, each site gets its own learner (model,
 //! Adam, selector, replay buffer), created at the key's first row with the same seed. At
 //! most `model.max_models` are kept (the least recently used is dropped, its counters kept),
-//! so memory stays bounded: max_models × (model + buffer). A micro-batch is split by key in
-//! arrival order; each part is one step of its key's learner.
+//! so memory stays bounded: max_models × (model + buffer). Under `per_key` the feature stage
+//! cuts each key's rows into micro-batches of their own (`Samples::cut_by_key`), so a
+//! micro-batch here is one key's; one of several keys (a feed's or the stream end's last
+//! rows) is split by key in arrival order, each part one step of its key's learner.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -4,7 +4,8 @@
 //! of its CPU time). It also keeps the checkpoint clock: when a checkpoint is due it hands on
 //! its own state, the partial micro-batch inside it, as one marker cut into the stream after
 //! the rows it covers, so the learner stage writes a checkpoint of exactly those rows and
-//! micro-batches begin where they would without checkpoints.
+//! micro-batches begin where they would without checkpoints. With a model per key, each
+//! key's rows make micro-batches of their own, however the keys interleave.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use super::rows::{decode_rows, feature_engine};
 use crate::config::PipelineConfig;
 use crate::decode::Decoder;
 use crate::features::{FeatureEngine, FeatureState, KeyChange, Samples};
+use crate::learner::per_key::ModelScope;
 use crate::schema::Schema;
 use crate::sink::dead_letter::DeadLetter;
 use crate::source::{RowOrigin, SourceEvent, Unreadable};
@@ -124,6 +126,8 @@ pub(crate) struct FeatureStage {
     decoder: Decoder,
     features: FeatureEngine,
     micro_batch: usize,
+    /// `model.scope = "per_key"`: micro-batches are cut per key ([`Samples::cut_by_key`]).
+    per_key: bool,
     /// Samples waiting for a full micro-batch.
     pending: Samples,
     /// Positions a resumed checkpoint covers: rows before them are not featurised again.
@@ -157,6 +161,7 @@ impl FeatureStage {
             decoder,
             features,
             micro_batch: cfg.training.micro_batch.max(1),
+            per_key: cfg.model.scope == ModelScope::PerKey,
             pending,
             covered,
             clock: CheckpointClock {
@@ -264,8 +269,23 @@ impl FeatureStage {
         // Every delivered message counts towards the next checkpoint, bad ones too: a feed
         // of nothing but dead letters must still be committed.
         self.clock.rows_since += ack.as_ref().map_or(n, |a| a.len() as u64);
+        let before = self.pending.len();
         if n > 0 {
             self.feed(&batch, &origins, &mut b)?;
+        }
+        if self.per_key {
+            // A key's short micro-batch waits while the key keeps coming: until a batch
+            // without it (a site that has stopped), the end or a quiet feed's checkpoint.
+            // A feed's batch is handed on whole, as below.
+            let here: foldhash::HashSet<Arc<str>> =
+                self.pending.keys[before..].iter().cloned().collect();
+            let all = std::mem::take(&mut self.pending);
+            let wait = |k: &str| !b.ack && here.contains(k);
+            (b.chunks, self.pending) =
+                all.cut_by_key(self.micro_batch, self.features.width(), wait);
+            b.keys = self.features.take_key_changes();
+            b.tally = self.tally();
+            return Ok(b);
         }
         let full = if b.ack {
             // A feed commits what it is acknowledged: nothing of this batch may wait in a
