@@ -96,9 +96,14 @@ impl WeightAverage {
 
     /// Books both predictors' losses on the rows of the last [`Self::predict`], once their
     /// labels are known (`live` holds the live model's losses on the same rows).
+    /// A row where either loss is not finite changes nothing: one overflow would otherwise
+    /// fix the choice for the rest of the run.
     pub fn record(&mut self, y: &[f32], live: &[f32]) {
         self.mlp.output_grads(y);
         for (&a, &l) in self.mlp.losses().iter().zip(live) {
+            if !(a.is_finite() && l.is_finite()) {
+                continue;
+            }
             self.average_loss = RECORD_DECAY * self.average_loss + a as f64;
             self.live_loss = RECORD_DECAY * self.live_loss + l as f64;
         }
@@ -125,10 +130,13 @@ impl WeightAverage {
         self.average_loss = s.average_loss;
     }
 
-    /// Starts again from the live weights (after the learner went back to its last good ones).
+    /// Starts again from the live weights (after the learner went back to its last good ones),
+    /// with an empty record: losses from before the divergence do not choose after it.
     pub fn reset(&mut self, live: &[SavedLayer]) {
         self.mlp = FusedMlp::from_saved(live, self.mlp.head());
         self.updates = 0;
+        self.live_loss = 0.0;
+        self.average_loss = 0.0;
     }
 }
 
@@ -172,6 +180,32 @@ mod tests {
         let out = a.predict(&[1.0, 1.0], 1);
         let s = a.state();
         assert!((out[0] - (2.0 * after + s.weights[0].bias[0])).abs() < 1e-5);
+    }
+
+    /// A non-finite loss on one row (the live model overflowed) does not decide the choice
+    /// for good: the record skips it and follows the rows after it.
+    #[test]
+    fn a_non_finite_loss_does_not_lock_the_choice() {
+        for bad in [f32::INFINITY, f32::NAN] {
+            let mut a = WeightAverage::new(0.9, layer(0.0, 0.0), Head::Regression);
+            a.predict(&[1.0, 1.0], 1);
+            a.record(&[0.0], &[bad]);
+            // Then the live weights lose nothing and the average 100 per row.
+            for _ in 0..50 {
+                a.predict(&[1.0, 1.0], 1);
+                a.record(&[10.0], &[0.0]);
+            }
+            assert!(!a.prefers_average(), "after {bad}");
+            // And the other way round: the average is chosen once it loses less.
+            let mut a = WeightAverage::new(0.9, layer(5.0, 0.0), Head::Regression);
+            a.predict(&[1.0, 1.0], 1);
+            a.record(&[0.0], &[bad]);
+            for _ in 0..50 {
+                a.predict(&[1.0, 1.0], 1);
+                a.record(&[10.0], &[100.0]);
+            }
+            assert!(a.prefers_average(), "after {bad}");
+        }
     }
 
     #[test]

@@ -237,7 +237,15 @@ impl Blender {
     /// After the row's label is revealed (the experts of the last [`Blender::blend`]): a
     /// learnt blend's gate takes a step; each live expert's weight is discounted and gains
     /// the log-probability it gave the label.
+    ///
+    /// A row whose experts are not all finite (a diverged model's logits) teaches nothing:
+    /// one NaN in θ or in a key's weights would blend every later row to zeros.
     pub fn learn(&mut self, cfg: &BlendConfig, target: usize, w: &mut ExpertWeights) {
+        let finite = (self.experts.iter().zip(self.live))
+            .all(|(e, live)| !live || e.iter().all(|p| p.is_finite()));
+        if !finite {
+            return;
+        }
         let live = self.live.iter().filter(|&&l| l).count();
         if cfg.learn_rate > 0.0 && live > 1 {
             let q = [0, 1, 2].map(|e| {
@@ -480,6 +488,25 @@ mod tests {
         bl.blend(&cfg, &b, &logits, &w, &mut out);
         bl.blend(&fixed, &b, &logits, &w, &mut fixed_out);
         assert!(out[2] > fixed_out[2], "{} vs {}", out[2], fixed_out[2]);
+    }
+
+    /// A diverged model's row (infinite logits, so a NaN softmax) leaves the learnt gate and
+    /// the key's weights as they were: the next finite row blends to a distribution.
+    #[test]
+    fn a_non_finite_row_teaches_the_blend_nothing() {
+        for cfg in [
+            config(BlendMode::Schedule, 300.0, 0.99, 0.1),
+            config(BlendMode::Bayes, 0.0, 0.3, 0.0),
+        ] {
+            let (mut b, base) = (Blender::default(), baselines(&[1, 1, 1], None, 5));
+            let (mut w, mut out) = ([0.0; 3], Vec::new());
+            b.blend(&cfg, &base, &[f32::INFINITY, 0.0, 0.0], &w, &mut out);
+            b.learn(&cfg, 1, &mut w);
+            b.blend(&cfg, &base, &[0.0, 3.0, 0.0], &w, &mut out);
+            assert!(b.gate.theta.iter().all(|t| t.is_finite()), "{cfg:?}");
+            assert!(w.iter().all(|v| v.is_finite()), "{cfg:?}");
+            assert!((out.iter().sum::<f32>() - 1.0).abs() < 1e-3, "{out:?}");
+        }
     }
 
     #[test]

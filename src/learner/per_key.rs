@@ -79,7 +79,12 @@ impl Learners {
         widths.push(cfg.head.outputs());
         let mut l = Learners {
             shared: Arc::from(""),
-            flops: FlopModel::new(&widths),
+            // As each learner books its steps (`OnlineLearner::new`): averaged weights cost
+            // 3 FLOPs per parameter per step.
+            flops: match cfg.training.average_decay > 0.0 {
+                true => FlopModel::new(&widths).with_averaging(),
+                false => FlopModel::new(&widths),
+            },
             cfg,
             scope,
             max_models: max_models.max(1),
@@ -358,6 +363,29 @@ mod tests {
         assert_eq!((l.models(), l.evicted), (2, 1));
         assert_eq!(l.stats().seen, 6);
         assert_eq!(l.compute().inference.work.rows_forward, 6);
+    }
+
+    /// The stream's FLOPs book averaged weights' update with each step, as each learner
+    /// does: the report reads these.
+    #[test]
+    fn averaged_weights_cost_flops_in_the_streams_count() {
+        for scope in [ModelScope::Shared, ModelScope::PerKey] {
+            let learners = |average_decay: f64| {
+                let mut cfg = config();
+                cfg.training.average_decay = average_decay;
+                let mut l = Learners::new(cfg, scope, 2);
+                step(&mut l, &["a", "a", "b", "b"]);
+                l
+            };
+            let (plain, averaged) = (learners(0.0), learners(0.9));
+            let (p, a) = (plain.compute(), averaged.compute());
+            assert_eq!(
+                a.training.work.optimizer_steps,
+                p.training.work.optimizer_steps
+            );
+            assert!(a.training.flops > p.training.flops, "{scope:?}");
+            assert!(a.reference.flops > p.reference.flops, "{scope:?}");
+        }
     }
 
     #[test]
