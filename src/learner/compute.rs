@@ -76,6 +76,17 @@ impl FlopModel {
         }
     }
 
+    /// A learner's: with averaged weights (`training.average_decay` > 0) each step also
+    /// updates the average. One place, so the stream's count and each learner's agree.
+    pub fn of_learner(widths: &[usize], average_decay: f64) -> Self {
+        let m = FlopModel::new(widths);
+        if average_decay > 0.0 {
+            m.with_averaging()
+        } else {
+            m
+        }
+    }
+
     /// The same with averaged weights updated after every step (a lerp of each parameter).
     pub fn with_averaging(mut self) -> Self {
         self.step *= (ADAM_FLOPS_PER_PARAM + AVERAGE_FLOPS_PER_PARAM) / ADAM_FLOPS_PER_PARAM;

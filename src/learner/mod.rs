@@ -244,10 +244,7 @@ impl OnlineLearner {
         widths.push(cfg.head.outputs());
         let d = cfg.training.average_decay;
         let average = (d > 0.0).then(|| WeightAverage::new(d, net.weights(), cfg.head));
-        let flops = match average {
-            Some(_) => FlopModel::new(&widths).with_averaging(),
-            None => FlopModel::new(&widths),
-        };
+        let flops = FlopModel::of_learner(&widths, d);
         let irreducible = (method == ImportanceMethod::Reducible).then(|| {
             let lr = cfg.training.learning_rate;
             IrreducibleLoss::new(cfg.inputs, cfg.head, &device, cfg.holdout_every, lr)

@@ -194,7 +194,7 @@ impl Mlp {
                 }
             })
             .collect();
-        Mlp { layers }.untracked().drawn()
+        Mlp { layers }.untracked()
     }
 
     /// Layer widths, `inputs → … → outputs`.

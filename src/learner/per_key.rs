@@ -79,12 +79,7 @@ impl Learners {
         widths.push(cfg.head.outputs());
         let mut l = Learners {
             shared: Arc::from(""),
-            // As each learner books its steps (`OnlineLearner::new`): averaged weights cost
-            // 3 FLOPs per parameter per step.
-            flops: match cfg.training.average_decay > 0.0 {
-                true => FlopModel::new(&widths).with_averaging(),
-                false => FlopModel::new(&widths),
-            },
+            flops: FlopModel::of_learner(&widths, cfg.training.average_decay),
             cfg,
             scope,
             max_models: max_models.max(1),
