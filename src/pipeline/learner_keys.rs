@@ -1,10 +1,12 @@
 //! What the learner stage keeps per key: the prediction blend's expert weights, the
 //! decision's record of its two rules (`model.decision = "switch"`) and the key's loss
 //! detectors (`drift.per_key`). The keys are the feature stage's: it tells every key it
-//! starts or forgets tracking in-band, with the batch that did it, so this map holds the same
-//! keys at every micro-batch as the features do and is bounded by `features.max_keys` like
-//! them. A checkpoint stores these parts inside the features' per-key state, as one
-//! [`KeyLearnerParts`] per key (format 09).
+//! starts or forgets tracking in-band, with the batch that did it, so this map follows the
+//! features' keys batch by batch and is bounded by `features.max_keys` like them: keys a batch
+//! tracks are added before its rows, keys it forgets dropped after them (within a batch the
+//! order of rows and changes is not kept: a key forgotten mid-batch keeps its parts for the
+//! whole batch). A checkpoint stores these parts inside the features' per-key state, as one
+//! [`KeyLearnerParts`] per key (format 09; its loss table since format 12).
 
 use std::sync::Arc;
 
@@ -27,14 +29,33 @@ impl LearnerKeys {
         }
     }
 
-    /// Follows the feature stage's keys.
+    /// Follows the feature stage's keys (both halves of a batch's changes at once).
+    #[cfg(test)]
     pub fn apply(&mut self, changes: &[KeyChange]) {
+        self.track(changes);
+        self.forget(changes);
+    }
+
+    /// Before a batch's rows: the keys it started tracking get fresh parts, so that their
+    /// rows find them (a key forgotten and tracked again within the batch starts over).
+    pub fn track(&mut self, changes: &[KeyChange]) {
         for c in changes {
-            match c {
-                KeyChange::Tracked(k) => {
-                    self.keys.insert(k.clone(), KeyLearnerParts::default());
-                }
-                KeyChange::Forgotten(k) => {
+            if let KeyChange::Tracked(k) = c {
+                self.keys.insert(k.clone(), KeyLearnerParts::default());
+            }
+        }
+    }
+
+    /// After a batch's rows: the keys it stopped tracking (and did not track again) are
+    /// dropped. Why after: the batch's rows of such a key came before it was forgotten, and
+    /// they read and update its parts.
+    pub fn forget(&mut self, changes: &[KeyChange]) {
+        for (i, c) in changes.iter().enumerate() {
+            if let KeyChange::Forgotten(k) = c {
+                let again = changes[i + 1..]
+                    .iter()
+                    .any(|c| matches!(c, KeyChange::Tracked(t) if t == k));
+                if !again {
                     self.keys.remove(k);
                 }
             }
@@ -127,6 +148,30 @@ mod tests {
         assert_eq!(keys.rules("a"), RuleRecord::default());
         keys.apply(&[KeyChange::Forgotten(b)]);
         assert_eq!(keys.len(), 1);
+    }
+
+    /// A batch's changes around its rows: a key tracked and forgotten within the batch has
+    /// its parts while the rows run; one forgotten and tracked again starts over and stays.
+    #[test]
+    fn a_batchs_key_changes_frame_its_rows() {
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let mut keys = LearnerKeys::default();
+        keys.apply(&[KeyChange::Tracked(b.clone())]);
+        keys.set_expert_weights("b", [1.0; 3]);
+        let changes = [
+            KeyChange::Tracked(a.clone()),
+            KeyChange::Forgotten(a.clone()),
+            KeyChange::Forgotten(b.clone()),
+            KeyChange::Tracked(b.clone()),
+        ];
+        keys.track(&changes);
+        // The rows: a's parts are there to update; b's are fresh.
+        keys.set_expert_weights("a", [2.0; 3]);
+        assert_eq!(keys.expert_weights("a"), [2.0; 3]);
+        assert_eq!(keys.expert_weights("b"), ExpertWeights::default());
+        keys.forget(&changes);
+        assert_eq!(keys.len(), 1, "a is gone, b stays");
+        assert!(keys.rules_mut("b").is_some() && keys.rules_mut("a").is_none());
     }
 
     /// Per-key loss tables: each key's row is decided and learnt by its own table, which

@@ -287,11 +287,12 @@ impl LearnerStage {
         }
         self.counters.rows_read += b.delivered - b.covered;
         self.skipped(&b.skips, &b.letters)?;
-        self.keys.apply(&b.keys);
+        self.keys.track(&b.keys);
         self.tally = b.tally;
         for chunk in b.chunks {
             self.step(chunk)?;
         }
+        self.keys.forget(&b.keys);
         if b.ack {
             self.ack(Ack::Processed);
             if self.ckpt.path.is_none() {
