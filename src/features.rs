@@ -152,7 +152,7 @@ impl Samples {
     /// learns from its own rows only, so cutting an interleaved stream in arrival order gave
     /// each key a step per few rows (four interleaved sites: four times the steps).
     pub fn cut_by_key(
-        self,
+        mut self,
         n: usize,
         width: usize,
         wait: impl Fn(&str) -> bool,
@@ -166,6 +166,14 @@ impl Samples {
                 by_key.len() - 1
             });
             by_key[s].1.push(i);
+        }
+        if let [(key, _)] = &by_key[..] {
+            // One key (an archive's site, one after another): cut in order, moving the rows.
+            let len = self.len();
+            let full = if wait(key) { len / n * n } else { len };
+            let mut rest = self;
+            let ready = rest.take_front(full, width);
+            return (ready.into_chunks(n, width), rest);
         }
         let (mut groups, mut rest) = (Vec::new(), Vec::new());
         for (key, rows) in by_key {
@@ -181,12 +189,21 @@ impl Samples {
         }
         groups.sort_unstable_by_key(|g| g[g.len() - 1]);
         rest.sort_unstable();
-        let cut = groups.iter().map(|g| self.gather(g, width)).collect();
-        (cut, self.gather(&rest, width))
+        // Each row's evaluation (a beam row's 64 powers) is moved, not copied.
+        let mut eval: Vec<Option<RowEval>> = std::mem::take(&mut self.eval)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let cut = (groups.iter())
+            .map(|g| self.gather(g, width, &mut eval))
+            .collect();
+        let rest = self.gather(&rest, width, &mut eval);
+        (cut, rest)
     }
 
-    /// Copies of the samples at `rows`, in that order.
-    fn gather(&self, rows: &[usize], width: usize) -> Samples {
+    /// The samples at `rows`, in that order, each row's evaluation taken from `eval` (every
+    /// row is gathered once).
+    fn gather(&self, rows: &[usize], width: usize, eval: &mut [Option<RowEval>]) -> Samples {
         Samples {
             x: rows
                 .iter()
@@ -196,7 +213,9 @@ impl Samples {
             y: rows.iter().map(|&i| self.y[i]).collect(),
             keys: rows.iter().map(|&i| self.keys[i].clone()).collect(),
             times: rows.iter().map(|&i| self.times[i]).collect(),
-            eval: rows.iter().map(|&i| self.eval[i].clone()).collect(),
+            eval: (rows.iter())
+                .map(|&i| eval[i].take().expect("each row is gathered once"))
+                .collect(),
             origins: rows.iter().map(|&i| self.origins[i].clone()).collect(),
         }
     }
@@ -1054,6 +1073,16 @@ mod tests {
                 assert_eq!((c.times[i], c.origins[i].index), (r as i64, r as u64));
             }
         }
+        // One key (the fast path): the same cut, in order.
+        let one = numbered(9, width, |_| "a".into());
+        let (cut, rest) = one.clone().cut_by_key(4, width, |_| true);
+        assert_eq!(
+            cut.iter().map(rows).collect::<Vec<_>>(),
+            [vec![0, 1, 2, 3], vec![4, 5, 6, 7]]
+        );
+        assert_eq!(rows(&rest), [8]);
+        let (cut, rest) = one.cut_by_key(4, width, |_| false);
+        assert_eq!((cut.len(), rows(&cut[2]), rest.len()), (3, vec![8], 0));
         // Nothing waits: the short groups are micro-batches, each where its last row came.
         let (cut, rest) = s.cut_by_key(3, width, |_| false);
         assert!(rest.is_empty());
