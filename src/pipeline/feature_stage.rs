@@ -274,16 +274,12 @@ impl FeatureStage {
             self.feed(&batch, &origins, &mut b)?;
         }
         if self.per_key {
-            // A key's short micro-batch waits while the key keeps coming: until a batch
-            // without it (a site that has stopped), the end or a quiet feed's checkpoint.
-            // A feed's batch is handed on whole, as below.
-            let here: foldhash::HashSet<Arc<str>> =
-                self.pending.keys[before..].iter().cloned().collect();
-            let all = std::mem::take(&mut self.pending);
-            let wait = |k: &str| !b.ack && here.contains(k);
-            (b.chunks, self.pending) =
-                all.cut_by_key(self.micro_batch, self.features.width(), wait);
             b.keys = self.features.take_key_changes();
+            // A batch a resumed checkpoint covers whole was not seen by the run that wrote
+            // the checkpoint: it must not move what waits.
+            if n > 0 || b.ack {
+                self.cut_by_key(before, &mut b);
+            }
             b.tally = self.tally();
             return Ok(b);
         }
@@ -302,6 +298,27 @@ impl FeatureStage {
         b.keys = self.features.take_key_changes();
         b.tally = self.tally();
         Ok(b)
+    }
+
+    /// Cuts the waiting samples into micro-batches per key (`model.scope = "per_key"`; the
+    /// batch's new samples start at `before`). A key's short micro-batch waits while the
+    /// key keeps coming: until a batch without it (a site that has stopped), the end or a
+    /// quiet feed's checkpoint. A feed's batch is handed on whole, and a key the batch
+    /// forgot (`features.max_keys`) waits no more: the learner stage drops its parts after
+    /// the batch.
+    fn cut_by_key(&mut self, before: usize, b: &mut FeaturedBatch) {
+        let here: foldhash::HashSet<Arc<str>> =
+            self.pending.keys[before..].iter().cloned().collect();
+        let mut gone: foldhash::HashSet<&str> = Default::default();
+        for c in &b.keys {
+            match c {
+                KeyChange::Forgotten(k) => gone.insert(k),
+                KeyChange::Tracked(k) => gone.remove(&**k),
+            };
+        }
+        let wait = |k: &str| !b.ack && here.contains(k) && !gone.contains(k);
+        let all = std::mem::take(&mut self.pending);
+        (b.chunks, self.pending) = all.cut_by_key(self.micro_batch, self.features.width(), wait);
     }
 
     /// Decodes a batch into samples; skips are counted by reason, bad rows dead-lettered.
@@ -496,6 +513,102 @@ mod tests {
         }
         assert!(!samples(&later).is_empty());
         assert_eq!(samples(&again), samples(&later));
+    }
+
+    /// With a model per key, a stage resumed from a marker and fed the archive from its
+    /// start (the batches the checkpoint covers arrive and are skipped whole) makes the
+    /// samples the unstopped stage made after that marker: the covered batches move nothing
+    /// that waits.
+    #[test]
+    fn a_per_key_resume_over_covered_batches_cuts_as_the_unstopped_run() {
+        let sets = [CKPT[0], CKPT[1], CKPT[2], "model.scope=\"per_key\""];
+        let mut a = stage(&sets, None);
+        let mut out = Vec::new();
+        for (i, ev) in milan_events(false).into_iter().take(4).enumerate() {
+            out.extend(a.handle(ev).unwrap().into_iter().map(|f| (i, f)));
+        }
+        let first = (out.iter())
+            .position(|(i, f)| *i == 1 && matches!(f, Featured::Checkpoint { .. }))
+            .unwrap();
+        let Featured::Checkpoint { state, .. } = out.remove(first).1 else {
+            unreachable!()
+        };
+        let mut state = *state;
+        let waiting = state.take_pending();
+        assert!(!waiting.is_empty(), "rows wait at the marker");
+        state.set_pending(waiting);
+        let later: Vec<Featured> = (out.into_iter())
+            .filter(|(i, _)| *i >= 2)
+            .map(|(_, f)| f)
+            .collect();
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/milan-replay.toml");
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let cfg = PipelineConfig::load(&file, &sets).unwrap();
+        let schema = Arc::new(Schema::load(&cfg.schema).unwrap());
+        let covered = HashMap::from([(Arc::from("s"), 2048u64)]);
+        let mut b = FeatureStage::new(&cfg, &schema, covered, Some(state)).unwrap();
+        let mut again = Vec::new();
+        for ev in milan_events(false).into_iter().take(4) {
+            again.extend(b.handle(ev).unwrap());
+        }
+        assert!(!samples(&later).is_empty());
+        assert_eq!(samples(&again), samples(&later));
+    }
+
+    /// A key the batch forgot (`features.max_keys`) does not wait: the learner stage drops
+    /// its parts after the batch, so its rows are learnt within it.
+    #[test]
+    fn a_key_the_batch_forgot_waits_no_more() {
+        let mut a = stage(&["model.scope=\"per_key\"", "training.micro_batch=2"], None);
+        let width = a.width();
+        let cut = |a: &mut FeatureStage, keys: Vec<KeyChange>| {
+            a.pending = Samples {
+                x: vec![0.0; 3 * width],
+                y: vec![0.0; 3],
+                keys: vec![Arc::from("a"); 3],
+                times: vec![0; 3],
+                eval: (0..3)
+                    .map(|_| crate::features::RowEval {
+                        target: 0.0,
+                        mean: 0.0,
+                        std: 1.0,
+                        persistence: None,
+                        seasonal: None,
+                        power: None,
+                        log1p: false,
+                        baselines: Default::default(),
+                    })
+                    .collect(),
+                origins: (0..3)
+                    .map(|index| RowOrigin {
+                        source: Arc::from("s"),
+                        index,
+                    })
+                    .collect(),
+            };
+            let mut b = FeaturedBatch {
+                chunks: Vec::new(),
+                delivered: 3,
+                covered: 0,
+                positions: Vec::new(),
+                ack: false,
+                skips: Vec::new(),
+                letters: Vec::new(),
+                keys,
+                tally: FeatureTally::default(),
+            };
+            a.cut_by_key(0, &mut b);
+            (b.chunks.len(), a.pending.len())
+        };
+        assert_eq!(cut(&mut a, Vec::new()), (1, 1), "a's third row waits");
+        let forgot = vec![KeyChange::Forgotten(Arc::from("a"))];
+        assert_eq!(cut(&mut a, forgot), (2, 0), "forgotten: nothing waits");
+        let again = vec![
+            KeyChange::Forgotten(Arc::from("a")),
+            KeyChange::Tracked(Arc::from("a")),
+        ];
+        assert_eq!(cut(&mut a, again), (1, 1), "tracked again: it waits");
     }
 
     #[test]
