@@ -201,6 +201,35 @@ impl Samples {
         (cut, rest)
     }
 
+    /// `n` samples whose every field holds the row number (`width` inputs each), with keys.
+    #[cfg(test)]
+    pub(crate) fn numbered(n: usize, width: usize, key: impl Fn(usize) -> String) -> Samples {
+        Samples {
+            x: (0..n * width).map(|v| v as f32).collect(),
+            y: (0..n).map(|v| v as f32).collect(),
+            keys: (0..n).map(|v| Arc::from(key(v).as_str())).collect(),
+            times: (0..n as i64).collect(),
+            eval: (0..n)
+                .map(|v| RowEval {
+                    target: v as f64,
+                    mean: 0.0,
+                    std: 1.0,
+                    persistence: None,
+                    seasonal: None,
+                    power: None,
+                    log1p: false,
+                    baselines: Default::default(),
+                })
+                .collect(),
+            origins: (0..n as u64)
+                .map(|index| RowOrigin {
+                    source: Arc::from("f"),
+                    index,
+                })
+                .collect(),
+        }
+    }
+
     /// The samples at `rows`, in that order, each row's evaluation taken from `eval` (every
     /// row is gathered once).
     fn gather(&self, rows: &[usize], width: usize, eval: &mut [Option<RowEval>]) -> Samples {
@@ -996,38 +1025,10 @@ fn push_calendar(cal: &CalendarSpec, time: i64, x: &mut Vec<f32>) {
 mod tests {
     use super::*;
 
-    /// `n` samples whose every field holds the row number (`width` inputs each), with keys.
-    fn numbered(n: usize, width: usize, key: impl Fn(usize) -> String) -> Samples {
-        Samples {
-            x: (0..n * width).map(|v| v as f32).collect(),
-            y: (0..n).map(|v| v as f32).collect(),
-            keys: (0..n).map(|v| Arc::from(key(v).as_str())).collect(),
-            times: (0..n as i64).collect(),
-            eval: (0..n)
-                .map(|v| RowEval {
-                    target: v as f64,
-                    mean: 0.0,
-                    std: 1.0,
-                    persistence: None,
-                    seasonal: None,
-                    power: None,
-                    log1p: false,
-                    baselines: Default::default(),
-                })
-                .collect(),
-            origins: (0..n as u64)
-                .map(|index| RowOrigin {
-                    source: Arc::from("f"),
-                    index,
-                })
-                .collect(),
-        }
-    }
-
     #[test]
     fn chunks_keep_every_sample_in_order() {
         let (n, width) = (21usize, 3usize);
-        let s = numbered(n, width, |v| v.to_string());
+        let s = Samples::numbered(n, width, |v| v.to_string());
         let chunks = s.into_chunks(8, width);
         assert_eq!(
             chunks.iter().map(Samples::len).collect::<Vec<_>>(),
@@ -1057,7 +1058,7 @@ mod tests {
         let width = 2;
         // Keys a b a c b a c a b: a at rows 0 2 5 7, b at 1 4 8, c at 3 6.
         let keys = ["a", "b", "a", "c", "b", "a", "c", "a", "b"];
-        let s = numbered(keys.len(), width, |v| keys[v].to_string());
+        let s = Samples::numbered(keys.len(), width, |v| keys[v].to_string());
         let rows = |c: &Samples| c.y.iter().map(|&v| v as usize).collect::<Vec<_>>();
         let (cut, rest) = s.clone().cut_by_key(2, width, |k| k != "c");
         // a's [0 2] filled at row 2, c's [3 6] at 6, a's [5 7] at 7; b's [1 4] at 4.
@@ -1074,7 +1075,7 @@ mod tests {
             }
         }
         // One key (the fast path): the same cut, in order.
-        let one = numbered(9, width, |_| "a".into());
+        let one = Samples::numbered(9, width, |_| "a".into());
         let (cut, rest) = one.clone().cut_by_key(4, width, |_| true);
         assert_eq!(
             cut.iter().map(rows).collect::<Vec<_>>(),

@@ -563,30 +563,7 @@ mod tests {
         let mut a = stage(&["model.scope=\"per_key\"", "training.micro_batch=2"], None);
         let width = a.width();
         let cut = |a: &mut FeatureStage, keys: Vec<KeyChange>| {
-            a.pending = Samples {
-                x: vec![0.0; 3 * width],
-                y: vec![0.0; 3],
-                keys: vec![Arc::from("a"); 3],
-                times: vec![0; 3],
-                eval: (0..3)
-                    .map(|_| crate::features::RowEval {
-                        target: 0.0,
-                        mean: 0.0,
-                        std: 1.0,
-                        persistence: None,
-                        seasonal: None,
-                        power: None,
-                        log1p: false,
-                        baselines: Default::default(),
-                    })
-                    .collect(),
-                origins: (0..3)
-                    .map(|index| RowOrigin {
-                        source: Arc::from("s"),
-                        index,
-                    })
-                    .collect(),
-            };
+            a.pending = Samples::numbered(3, width, |_| "a".into());
             let mut b = FeaturedBatch {
                 chunks: Vec::new(),
                 delivered: 3,
