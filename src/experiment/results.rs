@@ -161,9 +161,13 @@ pub fn from_report(config: usize, seed: u64, metric: Metric, report: &Value) -> 
         .and_then(|m| metric_in(m, metric))
         .filter(|_| r.periods)
         .unwrap_or(whole);
-    if ![r.validation, r.test, r.whole]
-        .iter()
-        .all(|v| v.is_finite())
+    // The report's own verdict too: a run whose guard skipped non-finite steps and went
+    // back to earlier weights has finite metrics that are still not figures to report.
+    let flagged = report.get("diverged").and_then(Value::as_bool) == Some(true);
+    if flagged
+        || ![r.validation, r.test, r.whole]
+            .iter()
+            .all(|v| v.is_finite())
     {
         r.status = Status::Diverged;
     }
@@ -382,6 +386,14 @@ mod tests {
         );
         assert_eq!(r.status, Status::Failed);
         assert!(r.error.contains("metrics.model.top1"), "{}", r.error);
+        // Finite metrics of a run the report calls diverged (its guard skipped non-finite
+        // steps) are not figures either.
+        let flagged = json!({"diverged": true, "nonfinite_steps": 12,
+            "metrics": {"model": {"mae": 100.0}}});
+        assert_eq!(
+            from_report(0, 1, Metric::Mae, &flagged).status,
+            Status::Diverged
+        );
     }
 
     #[test]

@@ -243,7 +243,7 @@ impl ReplayBuffer {
 
     /// `importance`'s ordering key: lower leaves first.
     fn rank(&self, e: &Entry) -> u64 {
-        order_key64((e.score.max(1e-30) as f64).ln() - e.born as f64 * self.ln_decay)
+        order_key64(log_score(e.score) - e.born as f64 * self.ln_decay)
     }
 
     fn remove(&mut self, slot: usize) -> Entry {
@@ -343,8 +343,10 @@ impl ReplayBuffer {
         match self.cfg.policy {
             EvictionPolicy::Reservoir => {
                 if !self.fits(need) {
+                    // Algorithm R keeps a row with probability (rows held) / (rows offered):
+                    // rows held, not the count cap, since the byte cap may bind first.
                     let j = rng.random_range(0..self.offered);
-                    if j >= self.cfg.capacity as u64 {
+                    if j >= self.len() as u64 {
                         self.stats.rejected += 1;
                         return false;
                     }
@@ -393,7 +395,7 @@ impl ReplayBuffer {
             return (slots, vec![1.0; n]);
         }
         let ln_decay = self.ln_decay;
-        let w = self.weighted(|e| (e.score.max(1e-30) as f64).ln() - e.born as f64 * ln_decay);
+        let w = self.weighted(|e| log_score(e.score) - e.born as f64 * ln_decay);
         let mean = w.total() / w.slots.len() as f64;
         (0..n)
             .map(|_| {
@@ -513,6 +515,18 @@ struct Weighted {
     cum: Vec<f64>,
 }
 
+/// ln of a score for eviction ranks and replay weights, floored at 1e-30. A score that is
+/// not a number (a diverged model's) counts as the least: +∞ would make every weight NaN and
+/// its entry unevictable.
+fn log_score(score: f32) -> f64 {
+    let s = if score.is_finite() {
+        score.max(1e-30)
+    } else {
+        1e-30
+    };
+    (s as f64).ln()
+}
+
 impl Weighted {
     fn total(&self) -> f64 {
         self.cum.last().copied().unwrap_or(0.0)
@@ -557,6 +571,49 @@ mod tests {
             version: 0,
             born,
         }
+    }
+
+    /// Reservoir sampling stays uniform over the stream when the byte cap, not the count
+    /// cap, fills the buffer: of 20,000 rows through 100 places, about half were born in the
+    /// first half of the stream.
+    #[test]
+    fn the_reservoir_is_uniform_when_the_byte_cap_binds() {
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(5);
+        let one = entry(1.0, 0, "k").bytes(ROW.len());
+        let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Reservoir, 1000, 100 * one));
+        for i in 0..20_000 {
+            b.offer(&ROW, entry(1.0, i, "k"), &mut rng);
+        }
+        assert_eq!(b.len(), 100);
+        let early = b.entries().filter(|e| e.born < 10_000).count();
+        assert!(
+            (30..=70).contains(&early),
+            "{early} of 100 born in the first half"
+        );
+    }
+
+    /// A non-finite score ranks least and leaves the replay weights numbers.
+    #[test]
+    fn a_non_finite_score_does_not_break_importance_replay() {
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(6);
+        let mut c = cfg(EvictionPolicy::Importance, 10, 1 << 20);
+        c.replay_sampling = ReplaySampling::Importance;
+        let mut b = ReplayBuffer::new(c);
+        for i in 0..10 {
+            let score = if i == 3 {
+                f32::INFINITY
+            } else {
+                1.0 + i as f32
+            };
+            b.offer(&ROW, entry(score, i, "k"), &mut rng);
+        }
+        let (slots, w) = b.sample(10_000, &mut rng);
+        let distinct: std::collections::HashSet<usize> = slots.iter().copied().collect();
+        assert!(distinct.len() > 5, "{} slots drawn", distinct.len());
+        assert!(w.iter().all(|w| w.is_finite()));
+        // And it is the first evicted.
+        b.offer(&ROW, entry(0.5, 10, "k"), &mut rng);
+        assert!(b.entries().all(|e| e.score.is_finite()));
     }
 
     #[test]

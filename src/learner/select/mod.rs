@@ -266,11 +266,14 @@ impl ScoreWindow {
         let k = ((level.clamp(0.0, 1.0) * len as f64).floor() as usize).min(len - 1);
         self.sorted[k]
     }
+    /// The mean of the window's numbers. A non-finite score (held as `f32::MAX` so that it
+    /// ranks highest in the quantiles) is left out: one would make the mean about MAX/len
+    /// and every other score look negligible for a whole window.
     pub fn mean(&self) -> f64 {
-        if self.ring.is_empty() {
-            return 0.0;
-        }
-        self.ring.iter().map(|s| *s as f64).sum::<f64>() / self.ring.len() as f64
+        let (sum, n) = (self.ring.iter())
+            .filter(|s| **s < f32::MAX)
+            .fold((0.0f64, 0usize), |(t, n), s| (t + *s as f64, n + 1));
+        if n == 0 { 0.0 } else { sum / n as f64 }
     }
     /// A window of another capacity keeps its newest scores.
     fn resized(mut self, cap: usize) -> Self {
@@ -380,6 +383,11 @@ impl Selector {
     /// that arrive next.
     pub fn reset_window(&mut self) {
         self.window = ScoreWindow::new(self.cfg.window);
+        // top_k's debt is relative to the old window: kept, it would hold the level at 1
+        // over the new window's first rows, when the reaction means to train more.
+        if let Rule::TopK(t) = &mut self.rule {
+            *t = top_k::TopK::default();
+        }
     }
 
     /// Multiplier of the replay ratio for the next step (`surprise` only; 1 otherwise).
@@ -510,6 +518,51 @@ mod tests {
             }
         }
         kept as f64 / total as f64
+    }
+
+    /// One non-finite score does not stall the mean-based policies for a window: after it,
+    /// `sample` and `infobatch` keep about their fraction again at once.
+    #[test]
+    fn a_non_finite_score_leaves_the_mean_based_policies_keeping() {
+        for policy in [PolicyKind::Sample, PolicyKind::Infobatch] {
+            let mut rng = LearnerRng::seed_from_u64(4);
+            let mut sel = Selector::new(cfg(policy, 0.5, 512));
+            let batch = |sel: &mut Selector, rng: &mut LearnerRng, bad: bool| {
+                let mut scores: Vec<f32> = (0..32).map(|_| rng.random::<f32>()).collect();
+                if bad {
+                    scores[0] = f32::INFINITY;
+                }
+                sel.decide(&scores, rng).trained()
+            };
+            for _ in 0..128 {
+                batch(&mut sel, &mut rng, false);
+            }
+            batch(&mut sel, &mut rng, true);
+            let kept: usize = (0..16).map(|_| batch(&mut sel, &mut rng, false)).sum();
+            let f = kept as f64 / (16.0 * 32.0);
+            assert!((f - 0.5).abs() < 0.1, "{policy:?}: kept {f}");
+        }
+    }
+
+    /// A window reset (a drift reaction) starts `top_k` afresh: it keeps about its fraction
+    /// over the new window's first rows, whatever debt the old window left.
+    #[test]
+    fn a_window_reset_starts_top_k_afresh() {
+        let mut rng = LearnerRng::seed_from_u64(5);
+        let mut sel = Selector::new(cfg(PolicyKind::TopK, 0.5, 64));
+        for b in 0..64 {
+            // Rising scores: each batch above the window, so the debt builds.
+            let scores: Vec<f32> = (0..8).map(|i| (b * 8 + i) as f32).collect();
+            sel.decide(&scores, &mut rng);
+        }
+        sel.reset_window();
+        let kept: usize = (0..8)
+            .map(|_| {
+                let scores: Vec<f32> = (0..8).map(|_| rng.random::<f32>()).collect();
+                sel.decide(&scores, &mut rng).trained()
+            })
+            .sum();
+        assert!(kept >= 24, "kept {kept} of 64 right after the reset");
     }
 
     #[test]
