@@ -54,10 +54,15 @@ pub struct ConfigStats {
     pub compute: f64,
     /// Learning compute / the reference's, seed-paired.
     pub fraction: MeanSd,
+    /// Every seed the reference finished, this configuration finished too. Why: a mean over
+    /// the seeds that survived drops the hard ones, so a configuration that failed or
+    /// diverged on one cannot be "as good as full data".
+    pub complete: bool,
 }
 
 fn stats(runs: &BySeed, reference: &BySeed) -> ConfigStats {
     ConfigStats {
+        complete: !runs.is_empty() && reference.keys().all(|s| runs.contains_key(s)),
         validation: MeanSd::of(runs.values().map(|r| r.validation)).mean,
         test: MeanSd::of(runs.values().map(|r| r.test)),
         compute: MeanSd::of(runs.values().map(RunRecord::compute)).mean,
@@ -65,9 +70,9 @@ fn stats(runs: &BySeed, reference: &BySeed) -> ConfigStats {
     }
 }
 
-/// The family's pick among `candidates`: the least mean compute among those whose mean
-/// validation metric is worse than the reference's by at most `tolerance`; if none, the best
-/// validation metric. Returns (configuration, qualified).
+/// The family's pick among `candidates`: the least mean compute among those, complete on
+/// the reference's seeds, whose mean validation metric is worse than the reference's by at
+/// most `tolerance`; if none, the best validation metric. Returns (configuration, qualified).
 pub fn choose(
     metric: Metric,
     tolerance: f64,
@@ -77,7 +82,7 @@ pub fn choose(
     let valid = candidates.iter().filter(|(_, s)| s.validation.is_finite());
     let qualified = valid
         .clone()
-        .filter(|(_, s)| metric.worse_by(s.validation, reference) <= tolerance);
+        .filter(|(_, s)| s.complete && metric.worse_by(s.validation, reference) <= tolerance);
     if let Some((i, _)) = qualified.min_by(|a, b| a.1.compute.total_cmp(&b.1.compute)) {
         return Some((*i, true));
     }
@@ -582,6 +587,8 @@ axes = {{ {exact_axes} }}
         );
     }
 
+    /// A diverged run enters no average, and its configuration cannot qualify: a mean over
+    /// the seeds it survived would leave the hard one out.
     #[test]
     fn a_diverged_run_enters_no_average() {
         let e = exp("[0.5, 0.9]");
@@ -595,8 +602,12 @@ axes = {{ {exact_axes} }}
         assert_eq!(s.counts, [17, 0, 1]);
         assert_eq!(s.stats[4].test.n, 2);
         assert!(s.stats[4].test.mean.is_finite());
+        assert!(!s.stats[4].complete && s.stats[5].complete);
+        // keep 0.7 (config 4) was the pick with every seed; now keep 0.9, on three seeds.
         let exact = s.rows.iter().find(|r| r.family == "exact").unwrap();
-        assert_eq!(exact.delta_reference.n, 2);
+        assert_eq!(c[exact.chosen].label, "exact/selection.keep=0.9");
+        assert!(exact.qualified);
+        assert_eq!(exact.delta_reference.n, 3);
     }
 
     #[test]
