@@ -12,7 +12,7 @@
 
 use burn::tensor::Device;
 use gradsift::learner::fused::FusedMlp;
-use gradsift::learner::model::{Head, Mlp, with_init_lock};
+use gradsift::learner::model::{Head, Mlp};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -42,7 +42,7 @@ const VARIANTS: [(Variant, &str); 4] = [
 fn main() {
     // `cargo bench` passes `--bench`; a filter argument, if any, is ignored.
     let head = Head::Regression;
-    let params = with_init_lock(|| Mlp::new(16, &[64, 64], head, &Device::flex())).dense_params();
+    let params = Mlp::new(16, &[64, 64], head, &Device::flex()).dense_params();
     println!("| B | work | median µs | min µs |\n|---|---|---|---|");
     let mut notes = Vec::new();
     for n in [256usize, 8] {

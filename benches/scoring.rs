@@ -8,7 +8,7 @@ use burn::tensor::Device;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use gradsift::learner::buffer::{BufferConfig, EvictionPolicy, ReplaySampling};
 use gradsift::learner::importance::ImportanceMethod;
-use gradsift::learner::model::{self, Head, Mlp, with_init_lock};
+use gradsift::learner::model::{self, Head, Mlp};
 use gradsift::learner::select::SelectionConfig;
 use gradsift::learner::{
     Backend, FreshBatch, LearnerConfig, ModelConfig, OnlineLearner, TrainingConfig,
@@ -38,8 +38,7 @@ fn scoring(c: &mut Criterion) {
         #[allow(deprecated)]
         ("ndarray", Device::ndarray()),
     ] {
-        let ad_model =
-            with_init_lock(|| Mlp::new(D, &[64, 64], head, &dev.clone().autodiff())).tracked();
+        let ad_model = Mlp::new(D, &[64, 64], head, &dev.clone().autodiff()).tracked();
         let params = ad_model.dense_params();
         g.bench_function(BenchmarkId::new("plain_autodiff_fwd_bwd", name), |b| {
             b.iter(|| {
@@ -191,7 +190,7 @@ fn core_learner(
 fn peers(c: &mut Criterion) {
     use gradsift::learner::fused::{FusedAdam, FusedMlp};
     let head = Head::Regression;
-    let params = with_init_lock(|| Mlp::new(D, &[64, 64], head, &Device::flex())).dense_params();
+    let params = Mlp::new(D, &[64, 64], head, &Device::flex()).dense_params();
     for n in [B, 8] {
         let (x, y) = data(n, 2);
         let w = vec![1.0 / n as f32; n];
@@ -418,7 +417,7 @@ fn fused_kernel(c: &mut Criterion) {
     use gradsift::learner::fused::FusedMlp;
     let head = Head::Regression;
     let dev = Device::flex();
-    let params = with_init_lock(|| Mlp::new(D, &[64, 64], head, &dev)).dense_params();
+    let params = Mlp::new(D, &[64, 64], head, &dev).dense_params();
     for n in [8, B] {
         let (x, y) = data(n, 2);
         let w = vec![1.0f32; n];

@@ -356,6 +356,21 @@ pub enum KeyChange {
     Forgotten(Arc<str>),
 }
 
+impl KeyChange {
+    /// The keys a batch's `changes` leave untracked: forgotten, and not tracked again later
+    /// in the same batch.
+    pub fn forgotten(changes: &[KeyChange]) -> foldhash::HashSet<&str> {
+        let mut gone = foldhash::HashSet::default();
+        for c in changes {
+            match c {
+                KeyChange::Forgotten(k) => gone.insert(&**k),
+                KeyChange::Tracked(k) => gone.remove(&**k),
+            };
+        }
+        gone
+    }
+}
+
 /// The learned part of a [`FeatureEngine`], as a checkpoint stores it.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 pub struct FeatureState {

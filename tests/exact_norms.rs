@@ -5,7 +5,7 @@
 mod common;
 
 use burn::tensor::Device;
-use gradsift::learner::model::{self, DenseParams, Head, Mlp, with_init_lock};
+use gradsift::learner::model::{self, DenseParams, Head, Mlp};
 use rand::{Rng, SeedableRng};
 
 fn fused(params: &[DenseParams], head: Head, x: &[f32], y: &[f32], dev: &Device) -> Vec<f32> {
@@ -61,7 +61,7 @@ fn check(head: Head, x: &[f32], y: &[f32], d: usize, what: &str) {
         let mlp = {
             let _one = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
             dev.seed(7);
-            with_init_lock(|| Mlp::new(d, &[64, 64], head, &dev))
+            Mlp::new(d, &[64, 64], head, &dev)
         };
         let params = mlp.dense_params();
         let naive = model::naive_sq_norms(&params, head, x, y);
@@ -149,7 +149,7 @@ fn weighted_gradient_equals_autodiff_gradient_of_weighted_loss() {
         })
         .collect();
     // Built on the autodiff device so burn can differentiate it; dense_params() are plain.
-    let ad = with_init_lock(|| Mlp::new(d, &[16, 16], head, &dev.clone().autodiff())).tracked();
+    let ad = Mlp::new(d, &[16, 16], head, &dev.clone().autodiff()).tracked();
     let params = ad.dense_params();
     let xt = model::matrix(x.clone(), n, d, &dev);
     let target = model::target_tensor(head, &y, &dev);

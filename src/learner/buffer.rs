@@ -559,6 +559,13 @@ mod tests {
         }
     }
 
+    /// A buffer of `capacity` rows (bytes to spare) replaying ∝ score.
+    fn importance_replay(policy: EvictionPolicy, capacity: usize) -> ReplayBuffer {
+        let mut c = cfg(policy, capacity, 1 << 20);
+        c.replay_sampling = ReplaySampling::Importance;
+        ReplayBuffer::new(c)
+    }
+
     /// The inputs every test entry is offered with.
     const ROW: [f32; 8] = [0.0; 8];
 
@@ -596,9 +603,7 @@ mod tests {
     #[test]
     fn a_non_finite_score_does_not_break_importance_replay() {
         let mut rng = crate::learner::LearnerRng::seed_from_u64(6);
-        let mut c = cfg(EvictionPolicy::Importance, 10, 1 << 20);
-        c.replay_sampling = ReplaySampling::Importance;
-        let mut b = ReplayBuffer::new(c);
+        let mut b = importance_replay(EvictionPolicy::Importance, 10);
         for i in 0..10 {
             let score = if i == 3 {
                 f32::INFINITY
@@ -721,9 +726,7 @@ mod tests {
     #[test]
     fn importance_replay_draws_by_score_with_inverse_weights() {
         let mut rng = crate::learner::LearnerRng::seed_from_u64(8);
-        let mut c = cfg(EvictionPolicy::Fifo, 100, 1 << 20);
-        c.replay_sampling = ReplaySampling::Importance;
-        let mut b = ReplayBuffer::new(c);
+        let mut b = importance_replay(EvictionPolicy::Fifo, 100);
         for i in 0..100 {
             b.offer(&ROW, entry(1.0 + (i % 2) as f32 * 3.0, i, "k"), &mut rng);
         }

@@ -577,7 +577,7 @@ mod tests {
     use super::*;
     use crate::learner::model::{
         Mlp, backward_deltas, matrix, naive_sq_norms, output_grad as burn_output_grad, sq_norms,
-        target_tensor, trace, weighted_grads, with_init_lock,
+        target_tensor, trace, weighted_grads,
     };
     use burn::tensor::Device;
 
@@ -638,7 +638,7 @@ mod tests {
 
     fn check(head: Head, inputs: usize, hidden: &[usize], n: usize) {
         let device = Device::default();
-        let mlp = with_init_lock(|| Mlp::new(inputs, hidden, head, &device));
+        let mlp = Mlp::new(inputs, hidden, head, &device);
         let params = mlp.dense_params();
         let x = values(n * inputs, 1);
         let y: Vec<f32> = match head {
@@ -699,8 +699,7 @@ mod tests {
     #[test]
     fn rows_appended_to_a_pass_are_as_one_pass_over_all() {
         for head in [Head::Regression, Head::Classification { classes: 5 }] {
-            let params =
-                with_init_lock(|| Mlp::new(6, &[16, 8], head, &Device::default())).dense_params();
+            let params = Mlp::new(6, &[16, 8], head, &Device::default()).dense_params();
             let (mut one, mut two) = (
                 FusedMlp::from_dense(&params, head),
                 FusedMlp::from_dense(&params, head),
@@ -757,7 +756,7 @@ mod tests {
     fn a_smaller_batch_after_a_larger_reuses_the_buffers_correctly() {
         let device = Device::default();
         let head = Head::Regression;
-        let params = with_init_lock(|| Mlp::new(4, &[8], head, &device)).dense_params();
+        let params = Mlp::new(4, &[8], head, &device).dense_params();
         let mut f = FusedMlp::from_dense(&params, head);
         f.forward(&values(40, 5), 10);
         let x = values(12, 6);

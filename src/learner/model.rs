@@ -54,19 +54,38 @@ pub struct DenseParams {
 /// Held while burn's one RNG per process is seeded or drawn from ([`with_init_lock`]).
 static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Runs `f`, which seeds burn's RNG or draws initial weights from it ([`Mlp::new`]), while no
-/// other thread does. Why: the RNG is one per process, so a model built on another thread
-/// between a seed and its draws (parallel tests) would take draws from the seeded stream,
-/// and the same seed would not give the same weights. Every [`Mlp::new`] runs inside it.
-pub fn with_init_lock<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `f`, which seeds burn's RNG or draws initial weights from it, while no other thread
+/// does. Why: the RNG is one per process, so a model built on another thread between a seed
+/// and its draws (parallel tests) would take draws from the seeded stream, and the same seed
+/// would not give the same weights. [`Mlp::new`] and [`Mlp::seeded`] hold it.
+fn with_init_lock<T>(f: impl FnOnce() -> T) -> T {
     let _one_at_a_time = INIT.lock().unwrap_or_else(|e| e.into_inner());
     f()
 }
 
 impl Mlp {
-    /// A freshly initialised MLP (burn's default Kaiming-uniform initialisation); call it
-    /// inside [`with_init_lock`].
+    /// A freshly initialised MLP (burn's default Kaiming-uniform initialisation), drawing on
+    /// burn's RNG where it stands.
     pub fn new(inputs: usize, hidden: &[usize], head: Head, device: &Device) -> Self {
+        with_init_lock(|| Self::drawn_now(inputs, hidden, head, device))
+    }
+
+    /// The same after `seed` (which seeds burn's RNG), with no other model's draws between.
+    pub fn seeded(
+        seed: impl FnOnce(),
+        inputs: usize,
+        hidden: &[usize],
+        head: Head,
+        device: &Device,
+    ) -> Self {
+        with_init_lock(|| {
+            seed();
+            Self::drawn_now(inputs, hidden, head, device)
+        })
+    }
+
+    /// Builds the layers and draws their values (under the init lock).
+    fn drawn_now(inputs: usize, hidden: &[usize], head: Head, device: &Device) -> Self {
         let mut widths = vec![inputs];
         widths.extend_from_slice(hidden);
         widths.push(head.outputs());
@@ -78,9 +97,9 @@ impl Mlp {
     }
 
     /// The same model with every parameter's initial values drawn now. Why: burn draws a
-    /// parameter's values lazily, on its first read, so a model built under
-    /// [`with_init_lock`] but read later would draw from whatever another thread had seeded
-    /// meanwhile. Layer by layer, weight then bias: the order the first read took before.
+    /// parameter's values lazily, on its first read, so a model built under the init lock
+    /// but read later would draw from whatever another thread had seeded meanwhile. Layer by
+    /// layer, weight then bias: the order the first read took before.
     fn drawn(self) -> Self {
         for l in &self.layers {
             let _ = l.weight.val();
@@ -454,10 +473,7 @@ mod tests {
 
     fn build(seed: u64) -> Mlp {
         let device = Device::default();
-        with_init_lock(|| {
-            device.seed(seed);
-            Mlp::new(3, &[5], Head::Regression, &device)
-        })
+        Mlp::seeded(|| device.seed(seed), 3, &[5], Head::Regression, &device)
     }
 
     /// A model's initial weights are fixed when it is built, whatever is seeded or drawn

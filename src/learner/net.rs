@@ -64,15 +64,15 @@ impl Net {
     /// same seed gives the same starting weights whichever runs.
     pub fn new(backend: Backend, inputs: usize, hidden: &[usize], head: Head, seed: u64) -> Net {
         let device = backend.device();
-        // burn's seed is one RNG per process: two threads building models at once would
-        // draw from each other's stream, and the same seed would not give the same weights.
-        let model = model::with_init_lock(|| {
+        // Seeded and drawn in one locked call: burn's RNG is one per process.
+        let ad = device.clone().autodiff();
+        let seed_both = || {
             device.seed(seed);
-            device.clone().autodiff().seed(seed);
-            // Parameters live on the autodiff device because burn's optimiser expects them
-            // there; every hot-path computation uses their plain `inner()` values.
-            Mlp::new(inputs, hidden, head, &device.clone().autodiff())
-        });
+            ad.seed(seed);
+        };
+        // Parameters live on the autodiff device because burn's optimiser expects them
+        // there; every hot-path computation uses their plain `inner()` values.
+        let model = Mlp::seeded(seed_both, inputs, hidden, head, &ad);
         match backend {
             Backend::Fused => {
                 let layout = model.to_saved();

@@ -30,9 +30,7 @@ impl IrreducibleLoss {
     pub fn new(inputs: usize, head: Head, device: &Device, holdout_every: u64, lr: f64) -> Self {
         IrreducibleLoss {
             // Continues burn's stream where the learner's own model left it.
-            model: model::with_init_lock(|| {
-                Mlp::new(inputs, &[], head, &device.clone().autodiff())
-            }),
+            model: Mlp::new(inputs, &[], head, &device.clone().autodiff()),
             optim: AdamConfig::new().init(),
             head,
             device: device.clone(),

@@ -309,13 +309,7 @@ impl FeatureStage {
     fn cut_by_key(&mut self, before: usize, b: &mut FeaturedBatch) {
         let here: foldhash::HashSet<Arc<str>> =
             self.pending.keys[before..].iter().cloned().collect();
-        let mut gone: foldhash::HashSet<&str> = Default::default();
-        for c in &b.keys {
-            match c {
-                KeyChange::Forgotten(k) => gone.insert(k),
-                KeyChange::Tracked(k) => gone.remove(&**k),
-            };
-        }
+        let gone = KeyChange::forgotten(&b.keys);
         let wait = |k: &str| !b.ack && here.contains(k) && !gone.contains(k);
         let all = std::mem::take(&mut self.pending);
         (b.chunks, self.pending) = all.cut_by_key(self.micro_batch, self.features.width(), wait);

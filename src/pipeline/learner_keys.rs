@@ -50,15 +50,8 @@ impl LearnerKeys {
     /// dropped. Why after: the batch's rows of such a key came before it was forgotten, and
     /// they read and update its parts.
     pub fn forget(&mut self, changes: &[KeyChange]) {
-        for (i, c) in changes.iter().enumerate() {
-            if let KeyChange::Forgotten(k) = c {
-                let again = changes[i + 1..]
-                    .iter()
-                    .any(|c| matches!(c, KeyChange::Tracked(t) if t == k));
-                if !again {
-                    self.keys.remove(k);
-                }
-            }
+        for k in KeyChange::forgotten(changes) {
+            self.keys.remove(k);
         }
     }
 

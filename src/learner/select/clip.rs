@@ -67,8 +67,8 @@ impl NormClip {
                 }
             }
         }
-        for &s in fresh {
-            let s = if s.is_finite() { s } else { f32::MAX };
+        // A norm that is not a number (a diverged model's) stays out of the quantile.
+        for &s in fresh.iter().filter(|s| s.is_finite()) {
             if self.ring.len() < self.cap {
                 self.ring.push(s);
             } else {

@@ -231,8 +231,13 @@ impl ScoreWindow {
             sorted: Vec::with_capacity(cap),
         }
     }
+    /// Adds a score. A score that is not a number (a diverged model's) is left out: as a
+    /// stand-in it would move the quantiles, and make the mean about MAX/len so that every
+    /// other score looked negligible for a whole window.
     pub fn push(&mut self, s: f32) {
-        let s = if s.is_finite() { s } else { f32::MAX };
+        if !s.is_finite() {
+            return;
+        }
         self.sync_sorted();
         if self.ring.len() < self.cap {
             self.ring.push(s);
@@ -269,14 +274,11 @@ impl ScoreWindow {
         let k = ((level.clamp(0.0, 1.0) * len as f64).floor() as usize).min(len - 1);
         self.sorted[k]
     }
-    /// The mean of the window's numbers. A non-finite score (held as `f32::MAX` so that it
-    /// ranks highest in the quantiles) is left out: one would make the mean about MAX/len
-    /// and every other score look negligible for a whole window.
     pub fn mean(&self) -> f64 {
-        let (sum, n) = (self.ring.iter())
-            .filter(|s| **s < f32::MAX)
-            .fold((0.0f64, 0usize), |(t, n), s| (t + *s as f64, n + 1));
-        if n == 0 { 0.0 } else { sum / n as f64 }
+        if self.ring.is_empty() {
+            return 0.0;
+        }
+        self.ring.iter().map(|s| *s as f64).sum::<f64>() / self.ring.len() as f64
     }
     /// A window of another capacity keeps its newest scores.
     fn resized(mut self, cap: usize) -> Self {
