@@ -112,7 +112,8 @@ pub struct Checkpoint {
 /// the features keep the partial micro-batch (a checkpoint no longer learns it early).
 /// 11: each learner keeps its averaged weights (`training.average_decay`).
 /// 12: each key may keep its own loss table (`model.decision_scope = "per_key"`).
-const MAGIC: &[u8; 8] = b"GSCKPT12";
+/// 13: each replayed entry keeps its admission weight (replay under `sample` and `infobatch`).
+const MAGIC: &[u8; 8] = b"GSCKPT13";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {

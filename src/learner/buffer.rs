@@ -98,6 +98,10 @@ pub struct Entry {
     pub version: u64,
     /// Stream position (samples seen) at admission; age = now − born.
     pub born: u64,
+    /// The admission's inverse probability (1/p under `sample` and `infobatch`, else 1):
+    /// a replayed row's loss weight carries it, over the buffer's mean, so that replay under
+    /// an unbiased policy is as unbiased as its fresh rows.
+    pub weight: f32,
 }
 
 impl Entry {
@@ -162,6 +166,8 @@ pub struct ReplayBuffer {
     queue: VecDeque<usize>,
     len: usize,
     bytes: usize,
+    /// Σ of the live entries' admission weights (`Entry::weight`).
+    weight_sum: f64,
     offered: u64,
     cursor: usize,
     pub stats: BufferStats,
@@ -222,6 +228,7 @@ impl ReplayBuffer {
             queue: VecDeque::new(),
             len: 0,
             bytes: 0,
+            weight_sum: 0.0,
             offered: 0,
             cursor: 0,
             stats: BufferStats::default(),
@@ -262,10 +269,19 @@ impl ReplayBuffer {
         self.free.push(slot);
         self.len -= 1;
         self.bytes -= e.bytes(self.inputs);
+        self.weight_sum = if self.len == 0 {
+            0.0
+        } else {
+            self.weight_sum - f64::from(e.weight)
+        };
         e
     }
 
-    fn insert(&mut self, x: &[f32], e: Entry) {
+    fn insert(&mut self, x: &[f32], mut e: Entry) {
+        // A weight that is not a positive number would poison the buffer's mean weight.
+        if !(e.weight.is_finite() && e.weight > 0.0) {
+            e.weight = 1.0;
+        }
         if self.slots.is_empty() {
             self.inputs = x.len();
         }
@@ -296,6 +312,7 @@ impl ReplayBuffer {
         }
         self.len += 1;
         self.bytes += e.bytes(self.inputs);
+        self.weight_sum += f64::from(e.weight);
         self.slots[slot] = Some(e);
         self.stats.admitted += 1;
     }
@@ -383,16 +400,19 @@ impl ReplayBuffer {
 
     /// Draws `n` slots to replay (with replacement) and their loss weights: uniformly with
     /// weight 1, or with probability p_j ∝ e_j = s_j·λ^age and weight 1/(N·p_j) (capped at
-    /// [`MAX_REPLAY_WEIGHT`]), so that replay stays an unbiased sample of the buffer.
+    /// [`MAX_REPLAY_WEIGHT`]), so that replay stays an unbiased sample of the buffer; either
+    /// times the entry's admission weight (see [`Self::admission_weight`]).
     pub fn sample(&self, n: usize, rng: &mut impl Rng) -> (Vec<usize>, Vec<f32>) {
         if self.len == 0 || n == 0 {
             return (Vec::new(), Vec::new());
         }
         if self.cfg.replay_sampling == ReplaySampling::Uniform {
-            let slots = (0..n)
-                .map(|_| self.random_live(rng).expect("non-empty"))
-                .collect();
-            return (slots, vec![1.0; n]);
+            return (0..n)
+                .map(|_| {
+                    let s = self.random_live(rng).expect("non-empty");
+                    (s, self.admission_weight(s))
+                })
+                .unzip();
         }
         let ln_decay = self.ln_decay;
         let w = self.weighted(|e| log_score(e.score) - e.born as f64 * ln_decay);
@@ -400,16 +420,23 @@ impl ReplayBuffer {
         (0..n)
             .map(|_| {
                 let j = w.draw(rng);
-                (
-                    w.slots[j],
-                    (mean / w.weights[j]).min(MAX_REPLAY_WEIGHT) as f32,
-                )
+                let draw = (mean / w.weights[j]).min(MAX_REPLAY_WEIGHT) as f32;
+                (w.slots[j], draw * self.admission_weight(w.slots[j]))
             })
             .unzip()
     }
 
+    /// A live slot's admission weight over the buffer's mean one: E[w·g] over the buffer is
+    /// then the mean gradient of the stretch of stream it covers, whatever the admission
+    /// probabilities were (Σ_buffer 1/p estimates the rows offered). Exactly 1 when every
+    /// weight is 1 (sums of ones are exact).
+    fn admission_weight(&self, slot: usize) -> f32 {
+        let e = self.slots[slot].as_ref().expect("live slot");
+        (f64::from(e.weight) * self.len as f64 / self.weight_sum) as f32
+    }
+
     /// `n` slots drawn with weight 2^(−age / `half_life`), age in samples since admission,
-    /// and loss weights of 1: a deliberate bias toward the rows admitted since a change (the
+    /// and loss weights of their admission weights only: a deliberate bias toward the rows admitted since a change (the
     /// `replay_recent` drift reaction), which leaves the older rows in the buffer.
     pub fn sample_recent(
         &self,
@@ -423,7 +450,12 @@ impl ReplayBuffer {
         // −age·rate is born·rate up to a constant shared by every entry.
         let rate = std::f64::consts::LN_2 / half_life.max(1e-9);
         let w = self.weighted(|e| e.born as f64 * rate);
-        ((0..n).map(|_| w.slots[w.draw(rng)]).collect(), vec![1.0; n])
+        (0..n)
+            .map(|_| {
+                let s = w.slots[w.draw(rng)];
+                (s, self.admission_weight(s))
+            })
+            .unzip()
     }
 
     /// The live slots with weights exp(l − max l) for a log-weight `l` per entry (relative to
@@ -577,6 +609,7 @@ mod tests {
             score,
             version: 0,
             born,
+            weight: 1.0,
         }
     }
 
@@ -783,11 +816,51 @@ mod tests {
         assert_eq!(ENTRY_OVERHEAD, 112, "the charge of the boxed-row layout");
     }
 
+    /// A replayed row weighs its admission weight over the buffer's mean, under uniform and
+    /// importance replay alike, so that rows admitted at 1/3 the probability weigh 3 times
+    /// as much; a buffer of unit weights replays at exactly 1.
+    #[test]
+    fn replay_carries_the_admission_weight_over_the_buffer_mean() {
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(8);
+        let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 100, 1 << 20));
+        for i in 0..100 {
+            b.offer(&ROW, entry(1.0, i, "k"), &mut rng);
+        }
+        let (_, w) = b.sample(50, &mut rng);
+        assert!(w.iter().all(|w| *w == 1.0), "unit weights replay at 1");
+        for i in 100..200 {
+            let mut e = entry(1.0, i, "k");
+            e.weight = if i % 2 == 0 { 1.0 } else { 3.0 };
+            b.offer(&ROW, e, &mut rng);
+        }
+        for sampling in [ReplaySampling::Uniform, ReplaySampling::Importance] {
+            b.cfg.replay_sampling = sampling;
+            let (slots, w) = b.sample(4000, &mut rng);
+            for (s, w) in slots.iter().zip(&w) {
+                let expect = if b.get(*s).unwrap().born % 2 == 0 {
+                    0.5
+                } else {
+                    1.5
+                };
+                assert!((w - expect).abs() < 1e-6, "{sampling:?}: {w} vs {expect}");
+            }
+            let mean = w.iter().sum::<f32>() / w.len() as f32;
+            assert!(
+                (mean - 1.0).abs() < 0.05,
+                "{sampling:?}: mean weight {mean}"
+            );
+        }
+        // The sum follows evictions: one more unit row evicts a weight-1 row (born 100).
+        b.offer(&ROW, entry(1.0, 200, "k"), &mut rng);
+        let sum: f64 = b.entries().map(|e| f64::from(e.weight)).sum();
+        assert_eq!(sum, b.weight_sum);
+    }
+
     /// A checkpoint keeps each entry as its row and then the entry's fields, in this order.
     #[test]
     fn saved_entries_are_the_row_then_the_fields() {
         #[derive(Serialize)]
-        struct Format08 {
+        struct Format13 {
             x: Box<[f32]>,
             y: f32,
             key_bytes: u32,
@@ -795,8 +868,9 @@ mod tests {
             score: f32,
             version: u64,
             born: u64,
+            weight: f32,
         }
-        let old = Format08 {
+        let old = Format13 {
             x: vec![1.5, -2.0, 3.25].into(),
             y: 4.0,
             key_bytes: 6,
@@ -804,13 +878,14 @@ mod tests {
             score: 0.125,
             version: 11,
             born: 12,
+            weight: 2.5,
         };
         let bytes = postcard::to_stdvec(&old).unwrap();
         let now: SavedEntry = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(&*now.x, &[1.5, -2.0, 3.25]);
         let e = &now.entry;
         assert_eq!((e.y, e.key_bytes, e.time, e.score), (4.0, 6, -9, 0.125));
-        assert_eq!((e.version, e.born), (11, 12));
+        assert_eq!((e.version, e.born, e.weight), (11, 12, 2.5));
         assert_eq!(postcard::to_stdvec(&now).unwrap(), bytes);
     }
 }

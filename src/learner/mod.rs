@@ -406,7 +406,7 @@ impl OnlineLearner {
                 self.buffer.rescore(slot, score, version_before);
             }
         }
-        let retained = self.retain(&b, &scored.scores[..n], &decision.selected, version_before);
+        let retained = self.retain(&b, &scored.scores[..n], &decision, version_before);
         if trained_rows > 0 {
             let steps = self
                 .cfg
@@ -613,18 +613,19 @@ impl OnlineLearner {
         l.training.cpu_s += cpu_s * parts[2] / total;
     }
 
-    /// Offers the selected fresh rows to the buffer; returns which were admitted.
+    /// Offers the selected fresh rows to the buffer, each with its admission weight (1/p under
+    /// an unbiased policy); returns which were admitted.
     fn retain(
         &mut self,
         b: &FreshBatch<'_>,
         scores: &[f32],
-        selected: &[bool],
+        d: &select::Decision,
         version: u64,
     ) -> Vec<bool> {
         let dim = self.cfg.inputs;
         (0..b.y.len())
             .map(|i| {
-                selected[i] && {
+                d.selected[i] && {
                     let e = Entry {
                         y: b.y[i],
                         key_bytes: b.keys[i].len() as u32,
@@ -632,6 +633,7 @@ impl OnlineLearner {
                         score: scores[i],
                         version,
                         born: self.stats.seen + i as u64,
+                        weight: if d.unbiased { d.weights[i] } else { 1.0 },
                     };
                     let x = &b.x[i * dim..(i + 1) * dim];
                     self.buffer.offer(x, e, &mut self.rng)
@@ -1261,6 +1263,57 @@ mod tests {
             after < 40,
             "keep 0.25 again after the window: {after} of 80"
         );
+    }
+
+    /// Under `sample` the buffer keeps each admitted row's 1/p: the sum over the buffer
+    /// estimates the rows of stream its entries came from (so replay weighted by it is an
+    /// unbiased sample of that stretch, as the fresh rows are), and replay draws weigh rows
+    /// in proportion to it.
+    #[test]
+    fn sampled_rows_enter_the_buffer_with_their_inverse_probability() {
+        let selection = SelectionConfig {
+            policy: select::PolicyKind::Sample,
+            keep: 0.4,
+            warmup: 0,
+            window: 64,
+            ..SelectionConfig::default()
+        };
+        let mut l = small_selecting(
+            Backend::Fused,
+            ImportanceMethod::Loss,
+            1.0,
+            TrainingConfig::default(),
+            selection,
+        );
+        let (mut covered, mut estimated) = (0.0, 0.0);
+        for t in 0..400 {
+            feed_noisy(&mut l, 8, t, 0.5);
+            if t >= 100 && t % 10 == 0 {
+                let oldest = l.buffer.entries().map(|e| e.born).min().unwrap();
+                covered += (l.stats.seen - oldest) as f64;
+                estimated += l.buffer.entries().map(|e| f64::from(e.weight)).sum::<f64>();
+            }
+        }
+        let ratio = estimated / covered;
+        assert!(
+            (ratio - 1.0).abs() < 0.15,
+            "Σ 1/p over the buffer / rows covered: {ratio}"
+        );
+        let w: Vec<f32> = l.buffer.entries().map(|e| e.weight).collect();
+        assert!(
+            w.iter().all(|w| *w >= 1.0) && w.iter().any(|w| *w > 1.5),
+            "{w:?}"
+        );
+        let (slots, rw) = l.draw_replay(2000);
+        let mean_w = w.iter().sum::<f32>() / w.len() as f32;
+        for (s, r) in slots.iter().zip(&rw) {
+            let e = l.buffer.get(*s).unwrap();
+            assert!(
+                (r - e.weight / mean_w).abs() < 1e-4,
+                "{r} vs {}",
+                e.weight / mean_w
+            );
+        }
     }
 
     /// `replay_recent`: for the recovery window the replayed rows are mostly the newest, then
