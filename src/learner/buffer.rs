@@ -830,14 +830,14 @@ mod tests {
         assert!(w.iter().all(|w| *w == 1.0), "unit weights replay at 1");
         for i in 100..200 {
             let mut e = entry(1.0, i, "k");
-            e.weight = if i % 2 == 0 { 1.0 } else { 3.0 };
+            e.weight = if i.is_multiple_of(2) { 1.0 } else { 3.0 };
             b.offer(&ROW, e, &mut rng);
         }
         for sampling in [ReplaySampling::Uniform, ReplaySampling::Importance] {
             b.cfg.replay_sampling = sampling;
             let (slots, w) = b.sample(4000, &mut rng);
             for (s, w) in slots.iter().zip(&w) {
-                let expect = if b.get(*s).unwrap().born % 2 == 0 {
+                let expect = if b.get(*s).unwrap().born.is_multiple_of(2) {
                     0.5
                 } else {
                     1.5
