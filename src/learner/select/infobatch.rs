@@ -22,8 +22,7 @@ impl InfoBatch {
         d: &mut Decision,
     ) {
         let mean = win.mean() as f32;
-        let below =
-            win.values().iter().filter(|s| **s < mean).count() as f64 / win.len().max(1) as f64;
+        let below = win.count_below(mean) as f64 / win.len().max(1) as f64;
         let r = if below > 0.0 {
             ((1.0 - cfg.keep) / below).clamp(0.0, 0.95)
         } else {
