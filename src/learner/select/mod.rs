@@ -17,10 +17,9 @@
 //!
 //! A policy with inverse-probability weights marks its decision `unbiased`: the learner then
 //! normalises the loss by the rows considered, not the rows kept, so the expected gradient of
-//! the fresh rows is their full-data gradient. Replay is not corrected for it: the buffer
-//! admits the rows selected and keeps no weight, so under `sample` and `infobatch` the
-//! replayed rows lean toward high scores (a known bias, found in review; replaying with the
-//! admission weights would mend it).
+//! the fresh rows is their full-data gradient. The buffer keeps each admitted row's weight
+//! and a replayed row carries it (over the buffer's mean weight), so replay is an unbiased
+//! sample of the stream the buffer covers too (`buffer.rs`, `Entry::weight`).
 //!
 //! `clip = q` bounds, rather than selects: every trained row's weight is cut to the `q`
 //! quantile of recent gradient norms over its own norm, where that is below 1 (`clip.rs`).
