@@ -120,8 +120,8 @@ struct SavedEntry {
     entry: Entry,
 }
 
-/// Largest loss weight of a replayed row under importance sampling (bounds the variance that
-/// a near-zero score would otherwise bring).
+/// Largest loss weight of a replayed row under importance replay, admission weight included
+/// (bounds the variance that a near-zero score would otherwise bring).
 pub const MAX_REPLAY_WEIGHT: f64 = 20.0;
 
 /// Fixed bytes charged per entry, with its key's length: what an entry held when it kept a
@@ -278,10 +278,13 @@ impl ReplayBuffer {
     }
 
     fn insert(&mut self, x: &[f32], mut e: Entry) {
-        // A weight that is not a positive number would poison the buffer's mean weight.
-        if !(e.weight.is_finite() && e.weight > 0.0) {
-            e.weight = 1.0;
-        }
+        // A weight that is not a positive number would poison the buffer's mean weight, and
+        // one far out of the policies' range (1 to 20/keep) would swamp it.
+        e.weight = if e.weight.is_finite() && e.weight > 0.0 {
+            e.weight.clamp(1e-6, 1e6)
+        } else {
+            1.0
+        };
         if self.slots.is_empty() {
             self.inputs = x.len();
         }
@@ -420,8 +423,8 @@ impl ReplayBuffer {
         (0..n)
             .map(|_| {
                 let j = w.draw(rng);
-                let draw = (mean / w.weights[j]).min(MAX_REPLAY_WEIGHT) as f32;
-                (w.slots[j], draw * self.admission_weight(w.slots[j]))
+                let draw = mean / w.weights[j] * f64::from(self.admission_weight(w.slots[j]));
+                (w.slots[j], draw.min(MAX_REPLAY_WEIGHT) as f32)
             })
             .unzip()
     }
@@ -436,7 +439,7 @@ impl ReplayBuffer {
     }
 
     /// `n` slots drawn with weight 2^(−age / `half_life`), age in samples since admission,
-    /// and loss weights of their admission weights only: a deliberate bias toward the rows admitted since a change (the
+    /// and loss weights of their admission weights over those draws' mean: a deliberate bias toward the rows admitted since a change (the
     /// `replay_recent` drift reaction), which leaves the older rows in the buffer.
     pub fn sample_recent(
         &self,
@@ -450,10 +453,17 @@ impl ReplayBuffer {
         // −age·rate is born·rate up to a constant shared by every entry.
         let rate = std::f64::consts::LN_2 / half_life.max(1e-9);
         let w = self.weighted(|e| e.born as f64 * rate);
+        // Over the mean admission weight under these draws, not the buffer's: the recent rows
+        // (all of weight 1 under `keep_all`) would otherwise replay at 1 / the buffer's mean.
+        let adm = |j: usize| f64::from(self.slots[w.slots[j]].as_ref().expect("live").weight);
+        let drawn_mean = (0..w.slots.len())
+            .map(|j| w.weights[j] * adm(j))
+            .sum::<f64>()
+            / w.total();
         (0..n)
             .map(|_| {
-                let s = w.slots[w.draw(rng)];
-                (s, self.admission_weight(s))
+                let j = w.draw(rng);
+                (w.slots[j], (adm(j) / drawn_mean) as f32)
             })
             .unzip()
     }
@@ -854,6 +864,31 @@ mod tests {
         b.offer(&ROW, entry(1.0, 200, "k"), &mut rng);
         let sum: f64 = b.entries().map(|e| f64::from(e.weight)).sum();
         assert_eq!(sum, b.weight_sum);
+    }
+
+    /// Replay toward recent rows weighs each by its admission weight over the mean of the
+    /// draws, not of the buffer: after a change whose recovery trains every row (weight 1)
+    /// the recent rows replay at about 1, not at 1 / the older rows' mean.
+    #[test]
+    fn recent_replay_weights_average_one_over_its_own_draws() {
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(9);
+        let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Fifo, 100, 1 << 20));
+        for i in 0..120 {
+            let mut e = entry(1.0, i, "k");
+            e.weight = if i < 100 { 3.0 } else { 1.0 };
+            b.offer(&ROW, e, &mut rng);
+        }
+        let (slots, w) = b.sample_recent(4000, 3.0, &mut rng);
+        let recent = slots
+            .iter()
+            .filter(|s| b.get(**s).unwrap().born >= 100)
+            .count();
+        assert!(recent > 3900, "{recent} of 4000 drawn since the change");
+        let mean = w.iter().sum::<f32>() / w.len() as f32;
+        assert!(
+            (mean - 1.0).abs() < 0.02,
+            "mean weight {mean} (the buffer's mean is 2.6)"
+        );
     }
 
     /// A checkpoint keeps each entry as its row and then the entry's fields, in this order.
