@@ -192,7 +192,10 @@ def pick(w, check_alarms=False):
     metric = metric_of(load_exp(w))
     sign = 1 if lower_is_better(metric) else -1
     fresh = results(f"{w}-confirm")
-    rows_back = lambda rs, lab: st.mean(float(r["rows_backward"]) for r in rs if r["label"] == lab)
+    # Over the runs that finished: a failed run's counters stop where it failed.
+    rows_back = lambda rs, lab: st.mean(
+        float(r["rows_backward"]) for r in rs if r["label"] == lab and r["status"] == "ok"
+    )
     print(f"{w}: candidates within {100 * MARGIN:.1f}% on 5 seeds, re-run on seeds 6-15 (paired by seed)")
     print("| candidate | FLOPs saved | rows saved | validation, 5 / 15 seeds | test, 15 seeds | confirmed |")
     print("|---|---|---|---|---|---|")
