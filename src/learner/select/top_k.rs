@@ -4,7 +4,8 @@
 //! While scores trend (the model learns, the stream drifts) the window lags behind and the
 //! realised fraction would stray from `keep`; feeding back the running surplus or deficit of
 //! kept rows (the debt) holds it at `keep` over the long run. With `unbiased_q > 0` a row
-//! under τ still trains with probability q and weight 1/q (InfoBatch's unbiased option).
+//! under τ still trains with probability q and weight 1/q (InfoBatch's unbiased option), and
+//! is admitted to the replay buffer with that weight.
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -36,15 +37,17 @@ impl TopK {
         for &s in scores {
             let keep = s >= threshold;
             self.debt += keep as u8 as f64 - cfg.keep;
-            let w = if keep {
-                1.0
+            if keep {
+                d.push(true, 1.0);
             } else if q > 0.0 && rng.random::<f64>() < q {
-                (1.0 / q) as f32
+                // Chosen too, at 1/q: it enters the buffer with that weight.
+                d.push(true, (1.0 / q) as f32);
             } else {
-                0.0
-            };
-            d.push(keep, w);
+                d.push(false, 0.0);
+            }
         }
+        // With sampled rows the weights are inverse probabilities (1 above τ, 1/q below).
+        d.unbiased = q > 0.0;
         d.threshold = threshold;
     }
 }
@@ -74,15 +77,19 @@ mod tests {
         let mut sel = Selector::new(c);
         let scores: Vec<f32> = (0..4096).map(|i| i as f32).collect();
         let d = sel.decide(&scores, &mut rng);
-        let sampled: Vec<f32> = d
-            .weights
-            .iter()
-            .zip(&d.selected)
-            .filter(|(w, s)| !**s && **w > 0.0)
-            .map(|(w, _)| *w)
-            .collect();
-        assert!(sampled.iter().all(|w| (*w - 4.0).abs() < 1e-6));
-        let frac = sampled.len() as f64 / 2048.0;
+        // Below τ (the lower half): dropped, or chosen at weight 1/q; the rest weigh 1.
+        let below = &d.weights[..2048];
+        let sampled = below.iter().filter(|w| **w > 0.0).count();
+        assert!(below.iter().all(|w| *w == 0.0 || (*w - 4.0).abs() < 1e-6));
+        assert!(d.weights[2048..].iter().all(|w| *w == 1.0));
+        assert!(
+            d.weights
+                .iter()
+                .zip(&d.selected)
+                .all(|(w, s)| *s == (*w > 0.0))
+        );
+        assert!(d.unbiased, "the learner normalises by the rows considered");
+        let frac = sampled as f64 / 2048.0;
         assert!((frac - 0.25).abs() < 0.04, "sampled {frac}");
     }
 }
