@@ -224,8 +224,10 @@ impl JsonDecoder {
             .into_iter()
             .map(|c| (c.clone(), schema.columns[&c].clone()))
             .collect();
-        let avro = (format == crate::payload::PayloadFormat::Avro)
-            .then(|| crate::payload::avro_schema(&schema));
+        let avro = (format == crate::payload::PayloadFormat::Avro).then(|| {
+            crate::payload::limit_avro_allocations(max_bytes);
+            crate::payload::avro_schema(&schema)
+        });
         JsonDecoder {
             columns,
             max_bytes,

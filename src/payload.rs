@@ -103,9 +103,20 @@ pub fn encode_avro(
     Ok(apache_avro::to_avro_datum(avro, Avro::Record(fields))?)
 }
 
+/// Bounds what decoding one Avro datum may allocate. apache-avro checks a declared array
+/// length against this (512 MB by default) and then reserves that many values, so a
+/// ten-byte message declaring 500 M floats asked for about 25 GB and aborted the process on
+/// every restart. No value of a message of `max_message_bytes` is longer than that many
+/// bytes. Process-wide, and set once: the first feed's limit holds.
+pub fn limit_avro_allocations(max_message_bytes: usize) {
+    apache_avro::util::max_allocation_bytes(max_message_bytes.max(1 << 16));
+}
+
 /// Decodes one datum into its fields, refusing trailing bytes (a payload of another format
 /// or schema rarely decodes cleanly to the last byte).
 pub fn decode_avro(avro: &AvroSchema, payload: &[u8]) -> Result<Vec<Avro>, String> {
+    // A feed set its own limit first (no-op then); a direct caller gets 1 MiB.
+    limit_avro_allocations(1 << 20);
     let mut reader = payload;
     let v = apache_avro::from_avro_datum(avro, &mut reader, None).map_err(|e| e.to_string())?;
     if !reader.is_empty() {
@@ -123,5 +134,33 @@ pub fn decode_avro(avro: &AvroSchema, payload: &[u8]) -> Result<Vec<Avro>, Strin
             })
             .collect()),
         other => Err(format!("expected a record, found {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A few bytes declaring a vast array are refused as bad input, not reserved: before the
+    /// limit, 500 M declared floats asked for about 25 GB and aborted the process.
+    #[test]
+    fn a_message_declaring_a_vast_array_is_refused_not_allocated() {
+        let avro = AvroSchema::parse_str(
+            r#"{"type": "record", "name": "r", "fields": [{"name": "p", "type": {"type": "array", "items": "float"}}]}"#,
+        )
+        .unwrap();
+        // The block count 500,000,000, zig-zag varint: 1,000,000,000 in 7-bit groups.
+        let mut payload = Vec::new();
+        let mut v: u64 = 1_000_000_000;
+        while v >= 0x80 {
+            payload.push((v as u8 & 0x7f) | 0x80);
+            v >>= 7;
+        }
+        payload.push(v as u8);
+        let err = decode_avro(&avro, &payload).unwrap_err();
+        assert!(
+            err.to_lowercase().contains("memory") || err.contains("alloc"),
+            "{err}"
+        );
     }
 }

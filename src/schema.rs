@@ -416,6 +416,10 @@ impl Schema {
             }
         }
         for (name, spec) in &self.columns {
+            // A feed's lists of any length cannot make one fixed-size column.
+            if spec.ty == ColumnType::FloatList && spec.size.is_none() {
+                bail!("column `{name}`: a float_list needs `size`, its fixed length");
+            }
             if let Some([lo, hi]) = spec.range {
                 if !matches!(spec.ty, ColumnType::Float | ColumnType::Int) {
                     bail!("column `{name}`: a range applies to int and float columns only");
@@ -637,5 +641,28 @@ mod tests {
         std::fs::write(&p, r#"{"name":"x","task":{"kind":"regression"},"key":1}"#).unwrap();
         let err = format!("{:#}", Schema::load(&p).unwrap_err());
         assert!(err.contains("s.json") && err.contains("key `key`"), "{err}");
+    }
+
+    /// A feed's lists of several lengths cannot fill one fixed-size column: the schema must
+    /// say the length (the JSON decoder panicked on a list column without one).
+    #[test]
+    fn a_float_list_without_size_is_refused_at_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let text = std::fs::read_to_string(dir.join("deepsense_beam.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let cols = v["columns"].as_object_mut().unwrap();
+        let list = cols
+            .values_mut()
+            .find(|c| c["type"] == "float_list")
+            .unwrap();
+        list.as_object_mut().unwrap().remove("size");
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("beam.json");
+        std::fs::write(&p, v.to_string()).unwrap();
+        let err = format!("{:#}", Schema::load(&p).unwrap_err());
+        assert!(
+            err.contains("beam.json") && err.contains("needs `size`"),
+            "{err}"
+        );
     }
 }

@@ -232,7 +232,9 @@ impl LearnerStage {
     /// One thing from the feature stage; true at the end of the stream.
     pub fn handle(&mut self, f: Featured) -> Result<bool> {
         match f {
-            Featured::Unreadable(u) => self.unreadable(&DeadLetter::unreadable(&u))?,
+            Featured::Unreadable(u) => {
+                self.unreadable(&DeadLetter::unreadable(&u), !u.acked_by_batch)?
+            }
             Featured::Batch(b) => self.batch(*b)?,
             Featured::Checkpoint { rest, state } => {
                 self.step_rest(rest)?;
@@ -249,7 +251,8 @@ impl LearnerStage {
     }
 
     /// Input that cannot be read: counted and dead-lettered once, also across a resume.
-    fn unreadable(&mut self, letter: &DeadLetter<'_>) -> Result<()> {
+    /// `advance`: the position moves past it now (else its batch's acknowledgement moves it).
+    fn unreadable(&mut self, letter: &DeadLetter<'_>, advance: bool) -> Result<()> {
         let (origin, rows) = (letter.origin, letter.rows);
         // A file without a footer has no row count: it is covered as a whole.
         let end = if rows == 0 {
@@ -257,8 +260,10 @@ impl LearnerStage {
         } else {
             letter.row + rows
         };
-        let p = self.positions.entry(Arc::from(origin)).or_insert(0);
-        *p = (*p).max(end);
+        if advance {
+            let p = self.positions.entry(Arc::from(origin)).or_insert(0);
+            *p = (*p).max(end);
+        }
         self.io.progress.inc(rows);
         if self.ckpt.covered.get(origin).is_some_and(|&c| c >= end) {
             // Dead-lettered before the checkpoint we resumed from: not again.
@@ -901,6 +906,7 @@ mod tests {
                 rows: 1,
                 reason: "malformed_json".into(),
                 detail: "test".into(),
+                acked_by_batch: false,
             })
         };
         a.handle(bad());
@@ -930,6 +936,29 @@ mod tests {
         );
         let letters = std::fs::read_to_string(b.out.path().join("dead_letters.jsonl")).unwrap();
         assert_eq!(letters.lines().count(), 1);
+    }
+
+    /// A feed's bad message is dead-lettered at once, but its position waits for the batch
+    /// that acknowledges it: a checkpoint in between must not cover the good messages before
+    /// it, which that batch still carries. A file's lost rows are covered at once.
+    #[test]
+    fn a_feed_letter_leaves_the_position_to_its_batch() {
+        let mut d = driver(tempfile::tempdir().unwrap(), &CKPT);
+        let letter = |origin: &str, acked_by_batch| {
+            SourceEvent::Unreadable(Unreadable {
+                origin: Arc::from(origin),
+                first_row: 1000,
+                rows: 1,
+                reason: "malformed_json".into(),
+                detail: "test".into(),
+                acked_by_batch,
+            })
+        };
+        d.handle(letter("t[0]", true));
+        d.handle(letter("file.parquet", false));
+        assert_eq!(d.stage.counters.dead_letters, 2);
+        assert_eq!(d.stage.positions.get("t[0]"), None);
+        assert_eq!(d.stage.positions.get("file.parquet"), Some(&1001));
     }
 
     #[test]

@@ -100,6 +100,11 @@ impl SinkStage {
             Some(ScoreOut::File { sink, path }) => {
                 let rows = sink.finish()?;
                 let tmp = crate::durable::tmp_path(&path);
+                // On disk before it takes the final name: a power cut must not leave an
+                // empty file there.
+                std::fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("cannot sync {}", tmp.display()))?;
                 std::fs::rename(&tmp, &path).with_context(|| {
                     format!("cannot rename {} to {}", tmp.display(), path.display())
                 })?;

@@ -853,6 +853,7 @@ impl<'a> KafkaSource<'a> {
                 rows: 1,
                 reason: e.reason,
                 detail: e.detail,
+                acked_by_batch: true,
             });
             if tx.blocking_send(ev).is_err() {
                 return false;

@@ -140,6 +140,10 @@ pub struct Unreadable {
     pub rows: u64,
     pub reason: String,
     pub detail: String,
+    /// A feed's message that the batch after it acknowledges: its position moves with that
+    /// batch, not before it (a checkpoint between the two would otherwise cover the good
+    /// messages of the batch before they are learnt). A file's lost rows move it at once.
+    pub acked_by_batch: bool,
 }
 
 /// What the learner tells a feed source.

@@ -630,6 +630,7 @@ impl Replay<'_> {
                 rows: lost.rows,
                 reason: lost.reason,
                 detail: lost.detail,
+                acked_by_batch: false,
             }))
             .is_ok()
     }
