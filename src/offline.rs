@@ -7,7 +7,8 @@
 //! out. After `warmup_epochs` on every row, each epoch trains the rows the policy picks from
 //! the scores of the previous passes: a trained row's score comes free with its training pass
 //! (the ghost norm of its backward, or a proxy of its forward); a pruned row keeps its last
-//! one. The last `anneal` fraction of epochs trains every row again (InfoBatch). Early
+//! one. The last `anneal` fraction of epochs trains every row again (InfoBatch); when early
+//! stopping ends training sooner, those epochs run at that point, then it stops. Early
 //! stopping watches the validation period; the best epoch's model is reported on every period,
 //! so settings are chosen on validation and judged on test. Work is counted as online, with
 //! every-row training of the same epochs as the reference.
@@ -402,7 +403,11 @@ impl Epochs<'_> {
         shutdown: &Shutdown,
     ) -> Fit {
         let (cfg, o) = (self.cfg, &self.cfg.offline);
-        let anneal_from = o.epochs - ((o.anneal * o.epochs as f64).round() as usize);
+        // InfoBatch prunes while epoch < (1 − anneal)·epochs: 27 of 30 at anneal 0.125.
+        let anneal_from = ((1.0 - o.anneal) * o.epochs as f64).ceil() as usize;
+        let n_anneal = o.epochs - anneal_from;
+        // Set when patience ran out before the anneal: its epochs run then, on every row.
+        let mut anneal_end: Option<usize> = None;
         // Scores come from the passes: a policy that needs them needs one full epoch first.
         let warm = o
             .warmup_epochs
@@ -415,10 +420,11 @@ impl Epochs<'_> {
         };
         let (mut best, mut best_weights) = (f64::INFINITY, self.learner.weights());
         for e in 0..o.epochs {
-            if shutdown.is_triggered() {
+            if shutdown.is_triggered() || anneal_end.is_some_and(|end| e >= end) {
                 break;
             }
-            let full = e < warm || e >= anneal_from || cfg.selection.keep >= 1.0;
+            let annealing = e >= anneal_from || anneal_end.is_some();
+            let full = e < warm || annealing || cfg.selection.keep >= 1.0;
             let rows = self.choose(full);
             let rows_trained = rows.len();
             if !full {
@@ -447,8 +453,13 @@ impl Epochs<'_> {
             progress.set_message(format!("validation {v:.4}"));
             if v < best {
                 (best, best_weights, fit.best_epoch) = (v, self.learner.weights(), e + 1);
-            } else if e + 1 - fit.best_epoch >= o.patience {
-                break;
+            } else if anneal_end.is_none() && e + 1 - fit.best_epoch >= o.patience {
+                // Early stopping would cut InfoBatch's anneal off (it comes last): it runs now.
+                if n_anneal > 0 && e + 1 < anneal_from && cfg.selection.keep < 1.0 {
+                    anneal_end = Some(e + 1 + n_anneal);
+                } else {
+                    break;
+                }
             }
         }
         progress.finish_and_clear();

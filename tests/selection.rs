@@ -204,4 +204,20 @@ fn offline_training_stops_on_validation_and_reports_the_test_period() {
         h[0]["full"].as_bool().unwrap() && !h[1]["full"].as_bool().unwrap(),
         "{h}"
     );
+    // InfoBatch's anneal (the last tenth of 30 epochs on every row) runs even when early
+    // stopping (patience 1) ends training long before epoch 27: then, before it stops.
+    let ib = run(&[
+        "selection.policy=\"infobatch\"",
+        "importance.method=\"loss\"",
+        "selection.keep=0.5",
+        "offline.epochs=30",
+        "offline.patience=1",
+        "offline.anneal=0.1",
+    ]);
+    let h: Vec<bool> = (ib["history"].as_array().unwrap().iter())
+        .map(|e| e["full"].as_bool().unwrap())
+        .collect();
+    let n = h.len();
+    assert!(n < 27, "stopped early: {h:?}");
+    assert!(h[n - 3..].iter().all(|f| *f) && !h[n - 4], "{h:?}");
 }
