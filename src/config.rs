@@ -567,6 +567,28 @@ impl PipelineConfig {
                 }
             }
         }
+        // A row counts in the last listed period it has reached, so the list is in stream
+        // order (a test period listed before validation took every held-out row).
+        let starts: Vec<Boundary> = self
+            .evaluation
+            .boundaries()
+            .into_iter()
+            .map(|b| b.1)
+            .collect();
+        for (i, w) in starts.windows(2).enumerate() {
+            let ordered = match (&w[0], &w[1]) {
+                (Boundary::Sample(a), Boundary::Sample(b)) => a < b,
+                (Boundary::Time(a), Boundary::Time(b)) => a < b,
+                _ => false,
+            };
+            if !ordered {
+                return Err(self.bad(
+                    &format!("evaluation.periods[{}].from", i + 1),
+                    "a start after the previous period's, of the same kind (sample numbers or times)",
+                    format!("{:?}", self.evaluation.periods[i + 1].from),
+                ));
+            }
+        }
         if let Some(r) = self.compute.reference_replay_ratio
             && !(0.0..=16.0).contains(&r)
         {
@@ -808,6 +830,14 @@ max_bytes = 100000
             ("model.decision_memory=0.5", "model.decision_memory"),
             ("model.decision_decay=1.0", "model.decision_decay"),
             ("model.decision_scope=\"site\"", "decision_scope"),
+            (
+                "evaluation.periods=[{name=\"validation\", from=600}, {name=\"test\", from=500}]",
+                "evaluation.periods[1].from",
+            ),
+            (
+                "evaluation.periods=[{name=\"validation\", from=5}, {name=\"test\", from=\"2013-12-01T00:00:00Z\"}]",
+                "evaluation.periods[1].from",
+            ),
         ] {
             let e = PipelineConfig::load(&write(d.path(), GOOD), &[set.into()])
                 .unwrap_err()
