@@ -145,6 +145,11 @@ pub struct OfflineReport {
     pub cpu_s: f64,
     pub energy: EnergyReading,
     pub outputs: BTreeMap<String, String>,
+    /// Non-finite steps were skipped (the guard went back to earlier weights) or the best
+    /// model predicts non-finite values: the figures are not ones to report (as a run's).
+    pub diverged: bool,
+    /// A shutdown signal ended training before its epochs or early stopping did.
+    pub interrupted: bool,
 }
 
 /// The archive as samples, with what did not become one.
@@ -554,6 +559,8 @@ pub async fn train(
             "report".to_string(),
             out_dir.join("report.json").display().to_string(),
         )]),
+        diverged: ep.learner.stats().nonfinite_steps > 0 || board.whole.nonfinite() > 0,
+        interrupted: shutdown.is_triggered(),
     };
     let path = out_dir.join("report.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)

@@ -161,6 +161,12 @@ pub fn from_report(config: usize, seed: u64, metric: Metric, report: &Value) -> 
         .and_then(|m| metric_in(m, metric))
         .filter(|_| r.periods)
         .unwrap_or(whole);
+    // A run a shutdown signal cut short reports part of its stream or epochs.
+    if report.get("interrupted").and_then(Value::as_bool) == Some(true) {
+        r.status = Status::Failed;
+        r.error = "interrupted by a shutdown signal: a partial run".into();
+        return r;
+    }
     // The report's own verdict too: a run whose guard skipped non-finite steps and went
     // back to earlier weights has finite metrics that are still not figures to report.
     let flagged = report.get("diverged").and_then(Value::as_bool) == Some(true);
@@ -394,6 +400,14 @@ mod tests {
             from_report(0, 1, Metric::Mae, &flagged).status,
             Status::Diverged
         );
+        // A run a shutdown signal cut short (online or offline) is not a figure, and is
+        // never reused.
+        let cut = json!({"interrupted": true, "metrics": {"model": {"mae": 100.0}}});
+        let r = from_report(0, 1, Metric::Mae, &cut);
+        assert!(r.status == Status::Failed && r.error.contains("interrupted"), "{r:?}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("report.json"), cut.to_string()).unwrap();
+        assert!(super::super::runner::previous(dir.path()).is_none());
     }
 
     #[test]

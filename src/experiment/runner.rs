@@ -70,10 +70,14 @@ fn run_crc(inv: Invocation<'_>, config: &Config, run: &Run) -> String {
     format!("{:08x}\n", h.finalize())
 }
 
-/// A report left by an earlier invocation, if it parses.
+/// A report left by an earlier invocation, if it parses and its run was not cut short.
 pub fn previous(dir: &Path) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join("report.json")).ok()?;
-    serde_json::from_str(&text).ok()
+    let report: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let interrupted = report
+        .get("interrupted")
+        .and_then(serde_json::Value::as_bool);
+    (interrupted != Some(true)).then_some(report)
 }
 
 /// The last `n` lines of a process's stderr.
@@ -136,7 +140,7 @@ fn run_one(inv: Invocation<'_>, config: &Config, run: &Run, fresh: bool) -> Outc
             reused: false,
         },
         None => Outcome::Failed(format!(
-            "exit 0 but no readable report.json in {}",
+            "exit 0 but no readable report.json in {} (or one of a run a shutdown signal cut short)",
             run.dir.display()
         )),
     }

@@ -111,9 +111,18 @@ pub const SAME_SETTINGS_GAP: f64 = 0.05;
 /// [`SAME_SETTINGS_GAP`] of the chosen one's, else the one with the nearest mean learning
 /// compute.
 pub fn random_for(configs: &[Config], stats: &[ConfigStats], chosen: usize) -> Option<usize> {
-    let randoms: Vec<usize> = (0..configs.len())
-        .filter(|&i| configs[i].family == grid::RANDOM && stats[i].test.n > 0)
-        .collect();
+    // Those that finished every seed the reference did; any that finished some only if
+    // none did (a partner missing seeds pairs on fewer: `random_pairs` says how many).
+    let finished = |complete: bool| -> Vec<usize> {
+        (0..configs.len())
+            .filter(|&i| configs[i].family == grid::RANDOM && stats[i].test.n > 0)
+            .filter(|&i| !complete || stats[i].complete)
+            .collect()
+    };
+    let randoms = match finished(true) {
+        r if r.is_empty() => finished(false),
+        r => r,
+    };
     let c = &configs[chosen];
     let same = |&&i: &&usize| {
         PAIRED_KEYS
@@ -409,7 +418,7 @@ impl Summary {
     /// `summary.csv` and `frontier.csv` in `out`.
     pub fn write(&self, out: &Path, configs: &[Config]) -> Result<()> {
         let mut text = String::from(
-            "family,chosen_label,within_tolerance,seeds,test_mean,test_sd,saved_flops,saved_rows_backward,saved_learn_cpu,delta_reference_pct_mean,delta_reference_pct_sd,random_at_equal_compute,delta_random_pct_mean,delta_random_pct_sd,verdict,random_compute_ratio\n",
+            "family,chosen_label,within_tolerance,seeds,test_mean,test_sd,saved_flops,saved_rows_backward,saved_learn_cpu,delta_reference_pct_mean,delta_reference_pct_sd,random_at_equal_compute,delta_random_pct_mean,delta_random_pct_sd,verdict,random_compute_ratio,random_pairs\n",
         );
         for r in &self.rows {
             let t = &self.stats[r.chosen].test;
@@ -436,6 +445,7 @@ impl Summary {
                 csv_field(&r.verdict),
                 r.random
                     .map_or(String::new(), |i| num(self.compute_ratio(r, i))),
+                r.delta_random.n.to_string(),
             ];
             text.push_str(&line.join(","));
             text.push('\n');
@@ -590,6 +600,30 @@ axes = {{ {exact_axes} }}
             s.render(&c)
                 .contains("random/selection.keep=0.7 (compute ×1.03)")
         );
+    }
+
+    /// A random configuration that failed on a seed pairs on fewer seeds: one that finished
+    /// every seed is preferred, and the summary says how many pairs a verdict rests on.
+    #[test]
+    fn random_at_equal_compute_finished_every_seed() {
+        let e = exp("[0.5, 0.7]");
+        let c = expand(&e).unwrap();
+        let mut r = runs(0, 100.0, 1000.0);
+        r.extend(runs(1, 103.0, 690.0));
+        r.extend(runs(2, 100.5, 700.0));
+        for (i, m) in [102.0, 100.5, 100.0].into_iter().enumerate() {
+            r.extend(runs(3 + i, m, 500.0 + 200.0 * i as f64));
+        }
+        let failed = r.iter_mut().find(|r| r.config == 2 && r.seed == 2).unwrap();
+        failed.status = Status::Failed;
+        let s = summarize(&e, &c, &r);
+        let exact = s.rows.iter().find(|r| r.family == "exact").unwrap();
+        assert_eq!(c[exact.random.unwrap()].label, "random/selection.keep=0.5");
+        assert_eq!(exact.delta_random.n, 3);
+        let dir = tempfile::tempdir().unwrap();
+        s.write(dir.path(), &c).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("summary.csv")).unwrap();
+        assert!(text.lines().next().unwrap().ends_with(",random_pairs"), "{text}");
     }
 
     /// A policy whose scoring costs (or whose replay adapts) trains the rows random trains at
