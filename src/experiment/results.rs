@@ -404,7 +404,10 @@ mod tests {
         // never reused.
         let cut = json!({"interrupted": true, "metrics": {"model": {"mae": 100.0}}});
         let r = from_report(0, 1, Metric::Mae, &cut);
-        assert!(r.status == Status::Failed && r.error.contains("interrupted"), "{r:?}");
+        assert!(
+            r.status == Status::Failed && r.error.contains("interrupted"),
+            "{r:?}"
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("report.json"), cut.to_string()).unwrap();
         assert!(super::super::runner::previous(dir.path()).is_none());

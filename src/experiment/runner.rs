@@ -48,7 +48,9 @@ pub fn command_args(mode: Mode, pipeline: &Path, config: &Config, run: &Run) -> 
 }
 
 /// The CRC-32 of everything a run's result depends on besides its arguments: the running
-/// binary, the pipeline file and the schema file it names (resolved as a run resolves it).
+/// binary, the pipeline file, the schema file it names (resolved as a run resolves it) and,
+/// for an archive, each file it reads with its length and modification time (a folder or a
+/// pattern gains, loses or rewrites files without the pipeline changing).
 pub fn inputs_crc(bin: &Path, pipeline: &Path) -> anyhow::Result<u32> {
     use anyhow::Context;
     let mut h = crc32fast::Hasher::new();
@@ -57,6 +59,20 @@ pub fn inputs_crc(bin: &Path, pipeline: &Path) -> anyhow::Result<u32> {
     h.update(&read(pipeline)?);
     let cfg = crate::config::PipelineConfig::load(pipeline, &[])?;
     h.update(&read(&cfg.schema)?);
+    if let crate::source::SourceConfig::Parquet(src) = &cfg.source {
+        let schema = crate::schema::Schema::load(&cfg.schema)?;
+        for f in src.files(&schema)? {
+            let meta =
+                std::fs::metadata(&f).with_context(|| format!("cannot read {}", f.display()))?;
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            h.update(f.as_os_str().as_encoded_bytes());
+            h.update(&meta.len().to_le_bytes());
+            h.update(&modified.map_or(0, |d| d.as_nanos()).to_le_bytes());
+        }
+    }
     Ok(h.finalize())
 }
 
@@ -287,6 +303,34 @@ mod tests {
         assert_eq!(
             inputs_crc(&bin, &pipeline).unwrap(),
             inputs_crc(&bin, &pipeline).unwrap()
+        );
+        // A folder archive that gains a file is another input, the pipeline file unchanged.
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let milan = repo.join("data/milan/internet_square5161.parquet");
+        std::fs::copy(&milan, data.join("a.parquet")).unwrap();
+        let text = std::fs::read_to_string(&pipeline).unwrap();
+        let line = text.lines().find(|l| l.starts_with("path =")).unwrap();
+        let p = dir.path().join("p.toml");
+        let schema = repo.join("schemas/milan_internet.json");
+        let text = text.replace(line, &format!("path = {:?}", data.display().to_string()));
+        let schema_line = text
+            .lines()
+            .find(|l| l.starts_with("schema ="))
+            .unwrap()
+            .to_string();
+        let text = text.replace(
+            &schema_line,
+            &format!("schema = {:?}", schema.display().to_string()),
+        );
+        std::fs::write(&p, text).unwrap();
+        let one = inputs_crc(&bin, &p).unwrap();
+        std::fs::copy(&milan, data.join("b.parquet")).unwrap();
+        assert_ne!(
+            one,
+            inputs_crc(&bin, &p).unwrap(),
+            "a file more in the folder"
         );
     }
 

@@ -623,7 +623,10 @@ axes = {{ {exact_axes} }}
         let dir = tempfile::tempdir().unwrap();
         s.write(dir.path(), &c).unwrap();
         let text = std::fs::read_to_string(dir.path().join("summary.csv")).unwrap();
-        assert!(text.lines().next().unwrap().ends_with(",random_pairs"), "{text}");
+        assert!(
+            text.lines().next().unwrap().ends_with(",random_pairs"),
+            "{text}"
+        );
     }
 
     /// A policy whose scoring costs (or whose replay adapts) trains the rows random trains at
