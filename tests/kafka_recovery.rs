@@ -133,6 +133,95 @@ fn a_commit_refused_while_the_feed_is_quiet_is_made_good() {
     );
 }
 
+/// A dead letter the dead-letter topic refuses stops the feed before the batch that carries
+/// it is learnt: no checkpoint covers its offset and none is committed, so a restart reads
+/// the message again and, once the topic takes it, delivers it. (Before, the run went on, a
+/// checkpoint covered the offset, and a restart skipped the message: the topic never got it.)
+/// The mock cluster only: Tansu cannot be told to refuse a request.
+#[test]
+fn a_refused_dead_letter_stops_the_feed_and_a_restart_delivers_it() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let broker = common::Broker::of(BrokerKind::Mock);
+    broker.create_topic("refused", 1);
+    broker.create_topic("refused-dlq", 1);
+    common::kafka::produce_archive(&broker, "refused", &["--max-rows", "300"]);
+    let p: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .create()
+        .unwrap();
+    p.send(
+        BaseRecord::to("refused")
+            .key("5161")
+            .payload("{\"square_id\": 5161, \"ts\": "),
+    )
+    .unwrap();
+    p.flush(Duration::from_secs(10)).unwrap();
+    broker.refuse_produce(true);
+
+    let out = tempfile::tempdir().unwrap();
+    let mut sets = milan_sets(&broker, "refused", "g-refused");
+    sets.push("checkpoint.every_rows=50".into());
+    sets.push("source.stop_at_end=true".into());
+    let (mut run, log) = spawn_run("milan-kafka.toml", out.path(), &sets);
+    let status = wait_exit(&mut run, 90);
+    assert!(
+        !status.success(),
+        "the feed stops: {status:?}\n{}",
+        log_text(&log)
+    );
+    assert!(
+        log_text(&log).contains("not delivered"),
+        "{}",
+        log_text(&log)
+    );
+    let covered = gradsift::checkpoint::load(&out.path().join("checkpoint.bin"))
+        .ok()
+        .flatten()
+        .and_then(|c| c.positions.get("refused[0]").copied());
+    assert!(
+        covered.is_none_or(|c| c <= 300),
+        "no checkpoint covers offset 300: {covered:?}"
+    );
+    let before = committed(&broker, "g-refused", "refused", 1);
+    assert!(before.get(&0).is_none_or(|&o| o <= 300), "{before:?}");
+
+    broker.refuse_produce(false);
+    let (mut run, log) = spawn_run("milan-kafka.toml", out.path(), &sets);
+    let status = wait_exit(&mut run, 90);
+    assert!(status.success(), "{status:?}\n{}", log_text(&log));
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .set("group.id", "dlq-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&["refused-dlq"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut letters = 0;
+    while letters == 0 && Instant::now() < deadline {
+        if let Some(Ok(_)) = c.poll(Duration::from_millis(500)) {
+            letters += 1;
+        }
+    }
+    assert_eq!(letters, 1, "the restart delivered the letter");
+}
+
+/// The exit status of a run that stops by itself, within `limit_s` seconds.
+fn wait_exit(run: &mut common::RunChild, limit_s: u64) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(limit_s);
+    loop {
+        if let Some(s) = run.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run did not end within {limit_s} s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// SIGKILL of a consuming gradsift mid-stream, then a restart on the same output folder:
 /// every produced offset scored, duplicates within one checkpoint interval, every malformed
 /// message dead-lettered once and whole. `static_member`: with `source.instance_id` (the

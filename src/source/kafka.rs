@@ -521,6 +521,8 @@ struct StallWatch {
 
 /// Longest wait, at the end, for the learner to acknowledge what it was sent.
 const DRAIN_LIMIT_S: u64 = 120;
+/// How long a batch with bad messages waits for their dead letters to be on their topic.
+const DEAD_LETTER_FLUSH_S: u64 = 30;
 
 impl StallWatch {
     fn new(after: Duration) -> Self {
@@ -744,8 +746,15 @@ impl<'a> KafkaSource<'a> {
                 }
                 continue;
             }
-            if !self.hand_over(payloads, &tx, check) {
-                break;
+            match self.hand_over(payloads, &tx, check) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, "dead letters not delivered");
+                    // What the learner already has is still made durable and committed.
+                    self.drain(tx, acks);
+                    return Err(e);
+                }
             }
         }
         self.drain(tx, acks);
@@ -834,19 +843,25 @@ impl<'a> KafkaSource<'a> {
     }
 
     /// Decodes and checks the messages, dead-letters the bad ones and hands the batch to the
-    /// learner. False when the learner is gone.
+    /// learner. False when the learner is gone; an error when a dead letter was not
+    /// delivered (the batch is not handed over, so no checkpoint covers its offsets).
     fn hand_over(
         &mut self,
         payloads: Vec<Polled>,
         tx: &super::EventSender,
         check: &RowCheck,
-    ) -> bool {
+    ) -> Result<bool> {
         let refs: Vec<&[u8]> = payloads.iter().map(|p| p.value.as_slice()).collect();
         let (batch, good, bad) = self.decoder.decode(&refs);
         let (batch, good, bad) = check_rows(&self.row_decoder, check, batch, good, bad);
+        for (i, e) in &bad {
+            self.dead_letter(&payloads[*i], e);
+        }
+        if !bad.is_empty() {
+            self.deliver_dead_letters()?;
+        }
         for (i, e) in bad {
             let p = &payloads[i];
-            self.dead_letter(p, &e);
             let ev = SourceEvent::Unreadable(Unreadable {
                 origin: p.origin.source.clone(),
                 first_row: p.origin.index,
@@ -856,7 +871,7 @@ impl<'a> KafkaSource<'a> {
                 acked_by_batch: true,
             });
             if tx.blocking_send(ev).is_err() {
-                return false;
+                return Ok(false);
             }
         }
         // Bad messages are dealt with (queued as dead letters, delivered before any commit
@@ -867,12 +882,37 @@ impl<'a> KafkaSource<'a> {
         // A batch goes to the learner even when no message in it was good: the learner owns
         // the positions a checkpoint covers.
         self.in_flight += 1;
-        tx.blocking_send(SourceEvent::Batch {
-            batch,
-            origins,
-            ack: Some(all),
-        })
-        .is_ok()
+        Ok(tx
+            .blocking_send(SourceEvent::Batch {
+                batch,
+                origins,
+                ack: Some(all),
+            })
+            .is_ok())
+    }
+
+    /// Waits until every queued dead letter is on its topic. Why here, before the batch is
+    /// handed over: a checkpoint covers what the learner saw, and a restart skips what a
+    /// checkpoint covers, so a letter the topic never took would be lost for good.
+    fn deliver_dead_letters(&self) -> Result<()> {
+        let Some(p) = &self.dlq else {
+            return Ok(());
+        };
+        let flushed = p.flush(Duration::from_secs(DEAD_LETTER_FLUSH_S));
+        let failed = p.context().failed.load(Ordering::Relaxed);
+        if flushed.is_err() || failed > 0 {
+            anyhow::bail!(
+                "{} dead letter(s) not delivered to `{}` ({}): the feed stops before their \
+                 batch is learnt; a restart reads them again",
+                failed.max(1),
+                self.cfg.dead_letter_topic.as_deref().unwrap_or_default(),
+                match flushed {
+                    Err(e) => format!("flush: {e}"),
+                    Ok(()) => "the broker refused them".into(),
+                }
+            );
+        }
+        Ok(())
     }
 
     /// Queues the original message, with its own headers plus the reason and where it came

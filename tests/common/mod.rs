@@ -266,6 +266,22 @@ impl Broker {
         }
     }
 
+    /// The mock cluster refuses every produce request (topic authorization failed, not
+    /// retriable) until called again with `false`. Tansu cannot: a test calling this on it
+    /// fails.
+    pub fn refuse_produce(&self, refuse: bool) {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let Backend::Mock(m) = &self.backend else {
+            panic!("only the mock cluster refuses produce requests on request");
+        };
+        if refuse {
+            let err = RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+            m.request_errors(RDKafkaApiKey::Produce, &vec![err; 100_000]);
+        } else {
+            m.clear_request_errors(RDKafkaApiKey::Produce);
+        }
+    }
+
     pub fn address(&self) -> String {
         match &self.backend {
             Backend::Tansu(t) => format!("127.0.0.1:{}", t.port),
