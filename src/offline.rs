@@ -408,9 +408,10 @@ impl Epochs<'_> {
         shutdown: &Shutdown,
     ) -> Fit {
         let (cfg, o) = (self.cfg, &self.cfg.offline);
-        // InfoBatch prunes while epoch < (1 − anneal)·epochs: 27 of 30 at anneal 0.125.
-        let anneal_from = ((1.0 - o.anneal) * o.epochs as f64).ceil() as usize;
-        let n_anneal = o.epochs - anneal_from;
+        // InfoBatch prunes while epoch < (1 − anneal)·epochs: 27 of 30 at anneal 0.125, so
+        // ⌊anneal·epochs⌋ anneal (the epsilon: 0.7 × 10 is 6.999… in floats).
+        let n_anneal = ((o.anneal * o.epochs as f64) + 1e-9).floor() as usize;
+        let anneal_from = o.epochs - n_anneal;
         // Set when patience ran out before the anneal: its epochs run then, on every row.
         let mut anneal_end: Option<usize> = None;
         // Scores come from the passes: a policy that needs them needs one full epoch first.
@@ -458,9 +459,10 @@ impl Epochs<'_> {
             progress.set_message(format!("validation {v:.4}"));
             if v < best {
                 (best, best_weights, fit.best_epoch) = (v, self.learner.weights(), e + 1);
-            } else if anneal_end.is_none() && e + 1 - fit.best_epoch >= o.patience {
-                // Early stopping would cut InfoBatch's anneal off (it comes last): it runs now.
-                if n_anneal > 0 && e + 1 < anneal_from && cfg.selection.keep < 1.0 {
+            } else if !annealing && e + 1 - fit.best_epoch >= o.patience {
+                // Early stopping would cut InfoBatch's anneal off (it comes last): it runs
+                // now, whole (patience does not end an anneal).
+                if n_anneal > 0 && cfg.selection.keep < 1.0 {
                     anneal_end = Some(e + 1 + n_anneal);
                 } else {
                     break;

@@ -207,6 +207,64 @@ fn a_refused_dead_letter_stops_the_feed_and_a_restart_delivers_it() {
     assert_eq!(letters, 1, "the restart delivered the letter");
 }
 
+/// A dead letter too large for the dead-letter producer goes without its payload (its
+/// length in a header) rather than stopping the feed: it could never be delivered, so the
+/// feed would stop again on every restart. The producer's limit is lowered to 50,000 bytes
+/// here, under the 70,000-byte message (itself over the feed's 64 KiB limit).
+#[test]
+fn a_dead_letter_too_large_to_send_goes_without_its_payload() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let broker = common::Broker::of(BrokerKind::Mock);
+    broker.create_topic("big", 1);
+    broker.create_topic("big-dlq", 1);
+    common::kafka::produce_archive(&broker, "big", &["--max-rows", "300"]);
+    let p: BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .create()
+        .unwrap();
+    let long = format!("{{\"pad\": \"{}\"}}", "x".repeat(70_000));
+    p.send(BaseRecord::to("big").key("5161").payload(&long))
+        .unwrap();
+    p.flush(Duration::from_secs(10)).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut sets = milan_sets(&broker, "big", "g-big");
+    sets.push("source.stop_at_end=true".into());
+    sets.push("source.options={\"message.max.bytes\"=\"50000\"}".into());
+    let (mut run, log) = spawn_run("milan-kafka.toml", out.path(), &sets);
+    let status = wait_exit(&mut run, 90);
+    assert!(status.success(), "{status:?}\n{}", log_text(&log));
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.address())
+        .set("group.id", "dlq-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&["big-dlq"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let letter = loop {
+        assert!(Instant::now() < deadline, "no letter on the topic");
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(500)) {
+            break m.detach();
+        }
+    };
+    let header = |name: &str| {
+        let h = letter.headers().expect("headers");
+        h.iter()
+            .find(|x| x.key == name)
+            .and_then(|x| x.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(header("gradsift.reason").as_deref(), Some("oversized"));
+    let bytes = long.len().to_string();
+    assert_eq!(
+        header("gradsift.payload_dropped_bytes").as_deref(),
+        Some(bytes.as_str())
+    );
+    assert!(letter.payload().is_none_or(|p| p.is_empty()));
+}
+
 /// The exit status of a run that stops by itself, within `limit_s` seconds.
 fn wait_exit(run: &mut common::RunChild, limit_s: u64) -> std::process::ExitStatus {
     let deadline = Instant::now() + Duration::from_secs(limit_s);

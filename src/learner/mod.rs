@@ -102,7 +102,7 @@ pub struct StepOutcome {
     pub outputs: Vec<f32>,
     pub scores: Vec<f32>,
     pub threshold: f32,
-    /// Scored at or above the threshold (or in warm-up).
+    /// Chosen by the policy (at or above top-k's threshold, or drawn; in warm-up, all).
     pub selected: Vec<bool>,
     /// Trained on (selected, or sampled by the unbiased option).
     pub trained: Vec<bool>,

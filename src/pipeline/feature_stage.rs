@@ -133,6 +133,9 @@ pub(crate) struct FeatureStage {
     /// Positions a resumed checkpoint covers: rows before them are not featurised again.
     covered: HashMap<Arc<str>, u64>,
     clock: CheckpointClock,
+    /// A feed's bad message came and the batch that acknowledges it has not: no checkpoint
+    /// until it has (the letter would be saved without its position, and written again).
+    awaiting_batch: bool,
 }
 
 impl FeatureStage {
@@ -171,6 +174,7 @@ impl FeatureStage {
                 rows_since: 0,
                 last: Instant::now(),
             },
+            awaiting_batch: false,
         })
     }
 
@@ -191,8 +195,10 @@ impl FeatureStage {
         // Backpressure: a full channel blocks here until the learner takes a batch.
         let send = |f: Featured| time.waiting(|| tx.send(f).is_ok());
         loop {
-            // A quiet feed still gets its checkpoint (and so its commit) on time.
-            let ev = match self.clock.wait_limit() {
+            // A quiet feed still gets its checkpoint (and so its commit) on time; a feed's bad
+            // message's batch follows at once, and is waited for.
+            let limit = self.clock.wait_limit().filter(|_| !self.awaiting_batch);
+            let ev = match limit {
                 Some(left) => {
                     let next =
                         time.waiting(|| runtime.block_on(tokio::time::timeout(left, rx.recv())));
@@ -228,8 +234,12 @@ impl FeatureStage {
                 origins,
                 ack,
             } => (batch, origins, ack),
-            SourceEvent::Unreadable(u) => return Ok(vec![Featured::Unreadable(u)]),
+            SourceEvent::Unreadable(u) => {
+                self.awaiting_batch = u.acked_by_batch;
+                return Ok(vec![Featured::Unreadable(u)]);
+            }
         };
+        self.awaiting_batch = false;
         let batch = self.batch(batch, origins, ack)?;
         let mut out = vec![Featured::Batch(Box::new(batch))];
         if self.clock.due() {
@@ -442,6 +452,30 @@ mod tests {
         "checkpoint.every_rows=2048",
         "training.micro_batch=12",
     ];
+
+    /// After a feed's bad message the stage waits for the batch that acknowledges it before
+    /// a timed checkpoint may come (a file's lost rows do not make it wait).
+    #[test]
+    fn a_feed_letter_holds_checkpoints_until_its_batch() {
+        let mut st = stage(&CKPT, None);
+        let letter = |acked_by_batch| {
+            SourceEvent::Unreadable(crate::source::Unreadable {
+                origin: Arc::from("s"),
+                first_row: 0,
+                rows: 1,
+                reason: "malformed_json".into(),
+                detail: String::new(),
+                acked_by_batch,
+            })
+        };
+        st.handle(letter(true)).unwrap();
+        assert!(st.awaiting_batch);
+        let batch = milan_events(true).into_iter().next().unwrap();
+        st.handle(batch).unwrap();
+        assert!(!st.awaiting_batch);
+        st.handle(letter(false)).unwrap();
+        assert!(!st.awaiting_batch);
+    }
 
     /// Each batch's samples, in order: the micro-batches, then a marker's partial one.
     fn samples(out: &[Featured]) -> Vec<Vec<f32>> {

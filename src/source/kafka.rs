@@ -751,7 +751,8 @@ impl<'a> KafkaSource<'a> {
                 Ok(false) => break,
                 Err(e) => {
                     tracing::error!(error = %e, "dead letters not delivered");
-                    // What the learner already has is still made durable and committed.
+                    // What the learner already has is still checkpointed (commits stay
+                    // refused while a letter is undelivered; the checkpoint covers it).
                     self.drain(tx, acks);
                     return Err(e);
                 }
@@ -917,7 +918,7 @@ impl<'a> KafkaSource<'a> {
 
     /// Queues the original message, with its own headers plus the reason and where it came
     /// from, on the dead-letter topic (when there is one).
-    fn dead_letter(&self, p: &Polled, e: &BatchError) {
+    fn dead_letter<'m>(&'m self, p: &'m Polled, e: &BatchError) {
         let (Some(producer), Some(topic)) = (&self.dlq, &self.cfg.dead_letter_topic) else {
             return;
         };
@@ -941,12 +942,31 @@ impl<'a> KafkaSource<'a> {
                 value: Some(*v),
             })
         });
-        let mut rec: BaseRecord<'_, Vec<u8>, Vec<u8>> =
-            BaseRecord::to(topic).payload(&p.value).headers(headers);
-        if let Some(k) = &p.key {
-            rec = rec.key(k);
-        }
-        if let Err(err) = crate::producer::send(producer, rec) {
+        let record = |payload: &'m [u8], headers: OwnedHeaders| {
+            let rec = BaseRecord::<'m, [u8], [u8]>::to(topic)
+                .payload(payload)
+                .headers(headers);
+            match &p.key {
+                Some(k) => rec.key(k.as_slice()),
+                None => rec,
+            }
+        };
+        let sent = match crate::producer::send(producer, record(&p.value, headers.clone())) {
+            // Too large for the producer whatever happens: the letter goes without the
+            // payload (its length in a header), or it would stop the feed on every restart.
+            Err(KafkaError::MessageProduction(
+                rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge,
+            )) => {
+                let bytes = p.value.len().to_string();
+                let cut = headers.insert(Header {
+                    key: "gradsift.payload_dropped_bytes",
+                    value: Some(bytes.as_bytes()),
+                });
+                crate::producer::send(producer, record(&[], cut))
+            }
+            other => other,
+        };
+        if let Err(err) = sent {
             tracing::error!(error = %err, "cannot queue a dead letter");
             producer.context().failed.fetch_add(1, Ordering::Relaxed);
         }
