@@ -255,30 +255,31 @@ impl Broker {
     /// again with `false`. Tansu cannot inject errors: a test calling this on Tansu fails.
     pub fn refuse_commits(&self, refuse: bool) {
         use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-        let Backend::Mock(m) = &self.backend else {
-            panic!("only the mock cluster refuses commits on request");
-        };
-        if refuse {
-            let err = RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE;
-            m.request_errors(RDKafkaApiKey::OffsetCommit, &vec![err; 100_000]);
-        } else {
-            m.clear_request_errors(RDKafkaApiKey::OffsetCommit);
-        }
+        let err = RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE;
+        self.refuse(RDKafkaApiKey::OffsetCommit, err, refuse);
     }
 
     /// The mock cluster refuses every produce request (topic authorization failed, not
-    /// retriable) until called again with `false`. Tansu cannot: a test calling this on it
-    /// fails.
+    /// retriable) until called again with `false`; Tansu cannot, as above.
     pub fn refuse_produce(&self, refuse: bool) {
         use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let err = RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+        self.refuse(RDKafkaApiKey::Produce, err, refuse);
+    }
+
+    fn refuse(
+        &self,
+        api: rdkafka::types::RDKafkaApiKey,
+        err: rdkafka::types::RDKafkaRespErr,
+        refuse: bool,
+    ) {
         let Backend::Mock(m) = &self.backend else {
-            panic!("only the mock cluster refuses produce requests on request");
+            panic!("only the mock cluster refuses requests on request");
         };
         if refuse {
-            let err = RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
-            m.request_errors(RDKafkaApiKey::Produce, &vec![err; 100_000]);
+            m.request_errors(api, &vec![err; 100_000]);
         } else {
-            m.clear_request_errors(RDKafkaApiKey::Produce);
+            m.clear_request_errors(api);
         }
     }
 
