@@ -47,10 +47,9 @@ pub fn command_args(mode: Mode, pipeline: &Path, config: &Config, run: &Run) -> 
     args
 }
 
-/// The CRC-32 of everything a run's result depends on besides its arguments: the running
-/// binary, the pipeline file, the schema file it names (resolved as a run resolves it) and,
-/// for an archive, each file it reads with its length and modification time (a folder or a
-/// pattern gains, loses or rewrites files without the pipeline changing).
+/// The CRC-32 of everything a run's result depends on besides its arguments and its
+/// archive: the running binary, the pipeline file and the schema file it names (resolved as
+/// a run resolves it).
 pub fn inputs_crc(bin: &Path, pipeline: &Path) -> anyhow::Result<u32> {
     use anyhow::Context;
     let mut h = crc32fast::Hasher::new();
@@ -59,26 +58,42 @@ pub fn inputs_crc(bin: &Path, pipeline: &Path) -> anyhow::Result<u32> {
     h.update(&read(pipeline)?);
     let cfg = crate::config::PipelineConfig::load(pipeline, &[])?;
     h.update(&read(&cfg.schema)?);
-    if let crate::source::SourceConfig::Parquet(src) = &cfg.source {
-        let schema = crate::schema::Schema::load(&cfg.schema)?;
-        for f in src.files(&schema)? {
-            let meta =
-                std::fs::metadata(&f).with_context(|| format!("cannot read {}", f.display()))?;
-            let modified = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-            h.update(f.as_os_str().as_encoded_bytes());
-            h.update(&meta.len().to_le_bytes());
-            h.update(&modified.map_or(0, |d| d.as_nanos()).to_le_bytes());
-        }
-    }
     Ok(h.finalize())
+}
+
+/// The CRC-32 of the archive a run reads, under its overrides (an experiment may point
+/// `source.path` elsewhere): each file with its length and modification time. Why: a folder
+/// or a pattern gains, loses or rewrites files without the pipeline changing. A source that
+/// cannot be listed hashes as such (its run fails, and a failed run is never reused).
+fn archive_crc(pipeline: &Path, overrides: &[String]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    let files = crate::config::PipelineConfig::load(pipeline, overrides).and_then(|cfg| {
+        let crate::source::SourceConfig::Parquet(src) = &cfg.source else {
+            return Ok(Vec::new());
+        };
+        src.files(&crate::schema::Schema::load(&cfg.schema)?)
+    });
+    match files {
+        Ok(files) => {
+            for f in files {
+                let meta = std::fs::metadata(&f).ok();
+                let modified = (meta.as_ref())
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                h.update(f.as_os_str().as_encoded_bytes());
+                h.update(&meta.map_or(0, |m| m.len()).to_le_bytes());
+                h.update(&modified.map_or(0, |d| d.as_nanos()).to_le_bytes());
+            }
+        }
+        Err(_) => h.update(b"unlisted"),
+    }
+    h.finalize()
 }
 
 /// This run's inputs: the base CRC and its arguments.
 fn run_crc(inv: Invocation<'_>, config: &Config, run: &Run) -> String {
     let mut h = crc32fast::Hasher::new_with_initial(inv.inputs);
+    h.update(&archive_crc(inv.pipeline, &config.overrides).to_le_bytes());
     for a in command_args(inv.mode, inv.pipeline, config, run) {
         h.update(a.as_encoded_bytes());
         h.update(&[0]);
@@ -304,32 +319,22 @@ mod tests {
             inputs_crc(&bin, &pipeline).unwrap(),
             inputs_crc(&bin, &pipeline).unwrap()
         );
-        // A folder archive that gains a file is another input, the pipeline file unchanged.
+        // A folder archive that gains a file is another input, the pipeline file unchanged,
+        // also when an override points the source there.
         let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
         let milan = repo.join("data/milan/internet_square5161.parquet");
-        std::fs::copy(&milan, data.join("a.parquet")).unwrap();
-        let text = std::fs::read_to_string(&pipeline).unwrap();
-        let line = text.lines().find(|l| l.starts_with("path =")).unwrap();
-        let p = dir.path().join("p.toml");
-        let schema = repo.join("schemas/milan_internet.json");
-        let text = text.replace(line, &format!("path = {:?}", data.display().to_string()));
-        let schema_line = text
-            .lines()
-            .find(|l| l.starts_with("schema ="))
-            .unwrap()
-            .to_string();
-        let text = text.replace(
-            &schema_line,
-            &format!("schema = {:?}", schema.display().to_string()),
-        );
-        std::fs::write(&p, text).unwrap();
-        let one = inputs_crc(&bin, &p).unwrap();
-        std::fs::copy(&milan, data.join("b.parquet")).unwrap();
+        std::fs::copy(&milan, dir.path().join("a.parquet")).unwrap();
+        let over = vec![format!(
+            "source.path={:?}",
+            dir.path().display().to_string()
+        )];
+        let one = archive_crc(&pipeline, &over);
+        assert_eq!(one, archive_crc(&pipeline, &over));
+        assert_ne!(one, archive_crc(&pipeline, &[]), "another archive");
+        std::fs::copy(&milan, dir.path().join("b.parquet")).unwrap();
         assert_ne!(
             one,
-            inputs_crc(&bin, &p).unwrap(),
+            archive_crc(&pipeline, &over),
             "a file more in the folder"
         );
     }
