@@ -751,8 +751,8 @@ impl<'a> KafkaSource<'a> {
                 Ok(false) => break,
                 Err(e) => {
                     tracing::error!(error = %e, "dead letters not delivered");
-                    // What the learner already has is still checkpointed (commits stay
-                    // refused while a letter is undelivered; the checkpoint covers it).
+                    // What the learner already has is still checkpointed and committed: its
+                    // letters were delivered before it was handed over.
                     self.drain(tx, acks);
                     return Err(e);
                 }
@@ -767,13 +767,7 @@ impl<'a> KafkaSource<'a> {
             Ack::Processed => self.in_flight = self.in_flight.saturating_sub(1),
             Ack::Commit(p) => {
                 self.last_commit = Instant::now();
-                commit(
-                    &self.consumer,
-                    self.dlq.as_ref(),
-                    &mut self.done,
-                    &p,
-                    CommitMode::Async,
-                )
+                commit(&self.consumer, &mut self.done, &p, CommitMode::Async)
             }
         }
     }
@@ -1006,13 +1000,7 @@ impl<'a> KafkaSource<'a> {
                 "stopped without the learner finishing every batch; their offsets stay uncommitted"
             );
         }
-        commit(
-            &self.consumer,
-            self.dlq.as_ref(),
-            &mut self.done,
-            &[],
-            CommitMode::Sync,
-        );
+        commit(&self.consumer, &mut self.done, &[], CommitMode::Sync);
     }
 }
 
@@ -1023,7 +1011,6 @@ type Done = HashMap<Arc<str>, i64>;
 /// an asynchronous commit that failed is made good by the next one).
 fn commit(
     consumer: &BaseConsumer<GroupMember>,
-    dlq: Option<&ThreadedProducer<DeliveryCount>>,
     done: &mut Done,
     durable: &[(Arc<str>, u64)],
     mode: CommitMode,
@@ -1031,21 +1018,6 @@ fn commit(
     for (source, next) in durable {
         let e = done.entry(source.clone()).or_insert(0);
         *e = (*e).max(*next as i64);
-    }
-    if let Some(p) = dlq {
-        // Dead letters first: an offset is committed only once its message is on the
-        // dead-letter topic. A letter that could not be delivered stops all commits of this
-        // process, so a restart reads (and dead-letters) it again: at least once.
-        let flushed = p.flush(Duration::from_secs(30));
-        let failed = p.context().failed.load(Ordering::Relaxed);
-        if flushed.is_err() || failed > 0 {
-            tracing::error!(
-                undelivered = failed,
-                flushed = flushed.is_ok(),
-                "dead letters not delivered: offsets are not committed"
-            );
-            return;
-        }
     }
     // Only partitions this member owns now: a stale position of a partition that moved to
     // another member must not rewind that member's commits.

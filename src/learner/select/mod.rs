@@ -228,8 +228,6 @@ pub struct ScoreWindow {
     /// InfoBatch reads every micro-batch was a pass over the window, about a tenth of an
     /// LTE step's CPU. Saved, so that a resumed run's mean is the same to the bit.
     sum: Compensated,
-    /// The ring's length when `sum` was last right for it (`usize::MAX` after a resize).
-    sum_of: usize,
 }
 
 /// A sum with Neumaier's compensation term (Kahan-Babuška): exact to a rounding of the true
@@ -272,7 +270,6 @@ impl ScoreWindow {
             sorted: Vec::new(),
             ordered: false,
             sum: Compensated::default(),
-            sum_of: 0,
         }
     }
     /// Adds a score. A score that is not a number (a diverged model's) is left out: as a
@@ -282,7 +279,6 @@ impl ScoreWindow {
         if !s.is_finite() {
             return;
         }
-        self.sync_sum();
         if self.ordered {
             self.sync_sorted();
         }
@@ -305,7 +301,6 @@ impl ScoreWindow {
         if self.next == 0 {
             self.sum = Compensated::of(&self.ring);
         }
-        self.sum_of = self.ring.len();
     }
     /// Rebuilds the sorted copy when it does not mirror the ring (after a restore or a
     /// resize, or when first asked for); from then on pushes keep it.
@@ -314,14 +309,6 @@ impl ScoreWindow {
             self.sorted.clone_from(&self.ring);
             self.sorted.sort_unstable_by(f32::total_cmp);
             self.ordered = true;
-        }
-    }
-    /// Sums the ring afresh when the running sum may not mirror it (after a restore or a
-    /// resize).
-    fn sync_sum(&mut self) {
-        if self.sum_of != self.ring.len() {
-            self.sum = Compensated::of(&self.ring);
-            self.sum_of = self.ring.len();
         }
     }
     /// How many scores in the window are below `x`: a binary search once the sorted copy is
@@ -353,11 +340,10 @@ impl ScoreWindow {
         let k = ((level.clamp(0.0, 1.0) * len as f64).floor() as usize).min(len - 1);
         self.sorted[k]
     }
-    pub fn mean(&mut self) -> f64 {
+    pub fn mean(&self) -> f64 {
         if self.ring.is_empty() {
             return 0.0;
         }
-        self.sync_sum();
         self.sum.value() / self.ring.len() as f64
     }
     /// A window of another capacity keeps its newest scores.
@@ -376,7 +362,7 @@ impl ScoreWindow {
             self.ring = ordered;
             self.cap = cap;
             self.ordered = false;
-            self.sum_of = usize::MAX;
+            self.sum = Compensated::of(&self.ring);
         }
         self
     }
@@ -680,8 +666,7 @@ mod tests {
         for s in [0.1f32, 0.2, 0.3] {
             w.push(s);
         }
-        let mut back: ScoreWindow =
-            postcard::from_bytes(&postcard::to_stdvec(&w).unwrap()).unwrap();
+        let back: ScoreWindow = postcard::from_bytes(&postcard::to_stdvec(&w).unwrap()).unwrap();
         assert_eq!(back.mean().to_bits(), w.mean().to_bits());
     }
 
@@ -697,6 +682,7 @@ mod tests {
         let mut v = w.values().to_vec();
         v.sort_by(f32::total_cmp);
         assert_eq!(v, vec![3.0, 4.0]);
+        assert_eq!(w.mean(), 3.5, "the sum follows the resize");
     }
 
     #[test]

@@ -24,7 +24,7 @@ fn probability(scale: f64, s: f32, floor: f64) -> f64 {
 
 impl Proportional {
     /// Bisection on c so that mean_i p_i = keep over the window.
-    fn fit(&mut self, keep: f64, win: &mut ScoreWindow) {
+    fn fit(&mut self, keep: f64, win: &ScoreWindow) {
         let mean = win.mean();
         if mean <= 0.0 || !mean.is_finite() {
             self.scale = 0.0;
