@@ -5,7 +5,8 @@
 # (4 optimiser steps per micro-batch while recovering), and with all three of
 # reset_optimizer, boost_learning_rate and forget_buffer, 3 seeds. Per
 # declared change (evaluation.changes): the first stream-wide detection and the samples
-# until the windowed metric is back within 10% of its settled level; per stream: the
+# until the windowed metric is back within 10% of its settled level (in brackets: the same
+# read over the segment's own rows, src/learner/recovery.rs); per stream: the
 # whole-stream metric and the alarms before the first change, per 100 k samples; the rows each
 # reaction back-propagates beside no reaction; and one
 # figure per stream with the four windowed series (seed 1) in experiments/results/drift.
@@ -56,7 +57,11 @@ for p in pipes:
     for i, c in enumerate(runs["none"][0]["changes"]):
         dets = [x["changes"][i]["first_detection"] for x in runs["none"]]
         det = ", ".join(f"{d['detector']}: {d['delay']}" if d else "none" for d in dets)
-        rec = [ms([x["changes"][i]["recovery_samples"] for x in runs[r]]) for r in reacts]
+        # The plotted window's recovery, then (in brackets) the same over the segment's own
+        # rows only, which no row from before the change reaches.
+        rec = [ms([x["changes"][i]["recovery_samples"] for x in runs[r]]) + " (" +
+               ms([x["changes"][i].get("recovery_samples_own_rows") for x in runs[r]]) + ")"
+               for r in reacts]
         print(f"| {p} | {c['name']} @{c['at']} | {det} | " + " | ".join(rec) + " |")
 print()
 print("| stream | metric | no reaction | forget_buffer | replay_recent | extra_steps | all three | loss alarms / score alarms before the first change, per 100 k samples |")

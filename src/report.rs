@@ -283,7 +283,10 @@ fn changes_text(changes: &[ChangeRecovery]) -> String {
             });
         let back = c.recovery_samples.map_or("too short to tell".into(), |r| {
             let band = 100.0 * crate::learner::recovery::BAND;
-            format!("back within {band:.0}% in {r} samples")
+            let own = c
+                .recovery_samples_own_rows
+                .map_or(String::new(), |o| format!(" ({o} over its own rows)"));
+            format!("back within {band:.0}% in {r} samples{own}")
         });
         format!("{} @{at}: {found}, {back}", c.name)
     };

@@ -785,6 +785,12 @@ fn the_drift_detectors_find_the_site_changes_and_keep_quiet_on_milan_until_chris
                 .is_some_and(|r| r > 0 && r < c.segment_samples),
             "{c:?}"
         );
+        // A new site is a learning curve on its own rows too, not only the window emptying.
+        assert!(
+            c.recovery_samples_own_rows
+                .is_some_and(|r| r > 300 && r < c.segment_samples),
+            "{c:?}"
+        );
     }
     let milan = run("milan-replay.toml");
     assert_eq!(milan.drift.counts["adwin"], 0, "{:?}", milan.drift.events);

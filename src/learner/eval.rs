@@ -549,6 +549,17 @@ impl Metrics {
         }
     }
 
+    /// The running total of the per-row quantity behind [`Self::window_point`] (absolute
+    /// error, power loss dB, or top-1 misses) and the rows it sums, so that a trace can read
+    /// the metric over any stretch of rows without keeping them.
+    pub fn running_total(&self) -> (f64, u64) {
+        match self {
+            Metrics::Regression(r) => (r.model.abs, r.model.n - r.model.nonfinite),
+            Metrics::Classification(c) if c.all.n_power > 0 => (c.all.loss_db, c.all.n_power),
+            Metrics::Classification(c) => ((c.all.n - c.all.top1) as f64, c.all.n),
+        }
+    }
+
     /// Rows of the whole stream whose prediction was not finite.
     pub fn nonfinite(&self) -> u64 {
         match self {

@@ -19,6 +19,13 @@ pub struct TracePoint {
     pub sample: u64,
     pub model: f64,
     pub baseline: Option<f64>,
+    /// The stream's running total of the per-row quantity behind `model` and the rows it
+    /// sums (`Metrics::running_total`): the metric over any rows between two points is the
+    /// difference of theirs. 0 rows in traces written before it was kept.
+    #[serde(default)]
+    pub total: f64,
+    #[serde(default)]
+    pub rows: u64,
 }
 
 /// A known change point and the sample at which the stream reached it.
@@ -117,6 +124,8 @@ mod tests {
                     sample: s,
                     model: s as f64,
                     baseline,
+                    total: 0.0,
+                    rows: 0,
                 });
             }
         }

@@ -456,10 +456,13 @@ impl LearnerStage {
             let sample = seen_before + i as u64 + 1;
             if traced && self.trace.due(sample) {
                 let (model, baseline) = self.metrics.whole.window_point();
+                let (total, rows) = self.metrics.whole.running_total();
                 self.trace.record(TracePoint {
                     sample,
                     model,
                     baseline,
+                    total,
+                    rows,
                 });
             }
             if self.cfg.drift.enabled {

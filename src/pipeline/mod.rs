@@ -443,6 +443,7 @@ fn build_report(
             &t.trace.points,
             &t.drift.events,
             stats.seen,
+            cfg.evaluation.window as u64,
         ),
         values_clipped: t.tally.clipped,
         decision_switch: (cfg.model.decision == crate::learner::decision::Decision::Switch)
