@@ -175,6 +175,7 @@ pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
         .then(|| crate::payload::avro_schema(&schema));
     let sent = tokio::task::spawn_blocking(move || -> Result<u64> {
         let mut sent = 0u64;
+        let shutdown = shutdown;
         while let Some(ev) = rx.blocking_recv() {
             let SourceEvent::Batch { batch, .. } = ev else {
                 continue;
@@ -187,7 +188,7 @@ pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
                 if let Some(k) = &key {
                     rec = rec.key(k);
                 }
-                crate::producer::send(&producer, rec).context("produce failed")?;
+                crate::producer::send(&producer, rec, &shutdown).context("produce failed")?;
                 sent += 1;
             }
         }

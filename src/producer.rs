@@ -1,15 +1,19 @@
 //! Kafka producing, one way for every writer (the archive producer, the dead-letter topic, the
 //! output topic): a threaded producer whose context counts deliveries that failed after
 //! librdkafka's own retries, and a send that waits while librdkafka's queue is full. That
-//! wait is the backpressure from the broker to whoever produces.
+//! wait is the backpressure from the broker to whoever produces; once a shutdown is asked
+//! for it is bounded, so a broker that stays down cannot hold the exit for librdkafka's
+//! message timeout (5 minutes by default).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::ToBytes;
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+
+use crate::shutdown::Shutdown;
 
 /// Counts deliveries that failed after librdkafka's own retries.
 #[derive(Default)]
@@ -32,21 +36,96 @@ impl ProducerContext for DeliveryCount {
 /// The producer every gradsift writer uses.
 pub type KafkaProducer = ThreadedProducer<DeliveryCount>;
 
-/// Queues `rec`, waiting while librdkafka's queue is full (backpressure); any other error is
-/// returned.
-pub fn send<K, P>(producer: &KafkaProducer, mut rec: BaseRecord<'_, K, P>) -> Result<(), KafkaError>
+/// How long a send still waits on a full queue once a shutdown has been asked for.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
+/// Queues `rec`, waiting while librdkafka's queue is full (backpressure), at most
+/// [`SHUTDOWN_WAIT`] once `shutdown` is triggered: then the queue-full error is returned, and
+/// the caller keeps the record uncommitted as for any refused one. Any other error is
+/// returned at once.
+pub fn send<K, P>(
+    producer: &KafkaProducer,
+    rec: BaseRecord<'_, K, P>,
+    shutdown: &Shutdown,
+) -> Result<(), KafkaError>
 where
     K: ToBytes + ?Sized,
     P: ToBytes + ?Sized,
 {
+    send_within(producer, rec, shutdown, SHUTDOWN_WAIT)
+}
+
+fn send_within<K, P>(
+    producer: &KafkaProducer,
+    mut rec: BaseRecord<'_, K, P>,
+    shutdown: &Shutdown,
+    grace: Duration,
+) -> Result<(), KafkaError>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    let mut asked: Option<Instant> = None;
     loop {
         match producer.send(rec) {
             Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+            Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                if shutdown.is_triggered()
+                    && asked.get_or_insert_with(Instant::now).elapsed() >= grace
+                {
+                    return Err(e);
+                }
                 rec = back;
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err((e, _)) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::config::ClientConfig;
+
+    /// A producer whose queue holds one message, pointed at a port where no broker listens.
+    fn stuck_producer() -> KafkaProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("queue.buffering.max.messages", "1")
+            .set("log_level", "0")
+            .create_with_context(DeliveryCount::default())
+            .expect("producer")
+    }
+
+    #[test]
+    fn a_send_on_a_full_queue_waits_until_a_shutdown_then_gives_up_with_the_error() {
+        let producer = std::sync::Arc::new(stuck_producer());
+        let shutdown = Shutdown::new();
+        let rec = || BaseRecord::<str, str>::to("t").payload("x");
+        send_within(&producer, rec(), &shutdown, Duration::ZERO).expect("the first fits");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        // Detached, so that a send that never gives up fails the test instead of hanging it.
+        std::thread::spawn({
+            let (producer, shutdown) = (producer.clone(), shutdown.clone());
+            move || {
+                let r = send_within(&producer, rec(), &shutdown, Duration::from_millis(50));
+                let _ = done_tx.send(r);
+            }
+        });
+        // Backpressure: the second send is still waiting on the full queue.
+        let waiting = done_rx.recv_timeout(Duration::from_millis(300));
+        assert!(waiting.is_err(), "returned without a shutdown: {waiting:?}");
+        shutdown.trigger();
+        let r = done_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("gave up");
+        assert!(
+            matches!(
+                r,
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
+            ),
+            "{r:?}"
+        );
     }
 }

@@ -98,7 +98,7 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     ckpt.files = source.files;
     let (source, total) = (source.task, source.total_rows);
 
-    let stage = sink_stage(&cfg, &schema, &out_dir, resume.as_ref())?;
+    let stage = sink_stage(&cfg, &schema, &out_dir, resume.as_ref(), &shutdown)?;
     let sinks_on = stage.is_on();
     let (sink_tx, sink_rx) = sync_channel::<SinkMsg>(4);
     let sink = stage.spawn(sink_rx, times.clone());
@@ -309,6 +309,7 @@ fn sink_stage(
     schema: &Schema,
     out_dir: &std::path::Path,
     resume: Option<&Checkpoint>,
+    shutdown: &Shutdown,
 ) -> Result<SinkStage> {
     let columns = ScoreColumns {
         timestamps: schema.time.kind == TimeKind::Timestamp,
@@ -335,7 +336,7 @@ fn sink_stage(
                 SourceConfig::Parquet(_) => None,
             };
             let brokers = t.brokers.clone().or(feed).unwrap_or_default();
-            Some(SampleTopicSink::create(t, &brokers)?)
+            Some(SampleTopicSink::create(t, &brokers, shutdown)?)
         }
         None => None,
     };

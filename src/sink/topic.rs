@@ -4,7 +4,7 @@
 //!
 //! Records are handed to librdkafka's queue as they come (bounded by
 //! `queue.buffering.max.messages`: a full queue makes `send` wait, which is backpressure on
-//! the learner) and flushed before every checkpoint, so every sample a checkpoint covers has
+//! the learner, bounded once a shutdown is asked for) and flushed before every checkpoint, so every sample a checkpoint covers has
 //! its record on the broker: at least once, like the source.
 
 use std::time::Duration;
@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::scores::ScoreRow;
 use crate::producer::DeliveryCount;
+use crate::shutdown::Shutdown;
 
 /// `[output.topic]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,10 +51,11 @@ pub struct SampleTopicSink {
     producer: ThreadedProducer<DeliveryCount>,
     topic: String,
     pub records: u64,
+    shutdown: Shutdown,
 }
 
 impl SampleTopicSink {
-    pub fn create(cfg: &TopicSinkConfig, brokers: &str) -> Result<Self> {
+    pub fn create(cfg: &TopicSinkConfig, brokers: &str, shutdown: &Shutdown) -> Result<Self> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", brokers);
         for (k, v) in &cfg.options {
@@ -66,6 +68,7 @@ impl SampleTopicSink {
             producer,
             topic: cfg.topic.clone(),
             records: 0,
+            shutdown: shutdown.clone(),
         })
     }
 
@@ -85,7 +88,8 @@ impl SampleTopicSink {
                 position: r.position,
             })?;
             let rec = BaseRecord::to(&self.topic).key(&*r.key).payload(&value);
-            crate::producer::send(&self.producer, rec).context("cannot queue an output record")?;
+            crate::producer::send(&self.producer, rec, &self.shutdown)
+                .context("cannot queue an output record")?;
             self.records += 1;
         }
         Ok(())

@@ -634,7 +634,7 @@ pub fn consume(
     check: &RowCheck,
     shutdown: &Shutdown,
 ) -> Result<(u64, u64)> {
-    KafkaSource::connect(cfg, schema, handed)?.run(tx, acks, check, shutdown)
+    KafkaSource::connect(cfg, schema, handed, shutdown)?.run(tx, acks, check)
 }
 
 /// The consumer thread's state: the group member, the dead-letter producer, what was
@@ -663,6 +663,7 @@ struct KafkaSource<'a> {
     last_commit: Instant,
     starts: StartCheck,
     stalls: StallWatch,
+    shutdown: Shutdown,
 }
 
 /// Consumer fetch settings unless the pipeline's `[source.options]` names them.
@@ -687,6 +688,7 @@ impl<'a> KafkaSource<'a> {
         cfg: &'a KafkaSourceConfig,
         schema: Arc<Schema>,
         handed: HashMap<Arc<str>, u64>,
+        shutdown: &Shutdown,
     ) -> Result<Self> {
         let consumer: BaseConsumer<GroupMember> = cfg
             .consumer_client()
@@ -719,6 +721,7 @@ impl<'a> KafkaSource<'a> {
             last_commit: Instant::now(),
             starts: StartCheck::default(),
             stalls: StallWatch::new(Duration::from_millis(cfg.stall_after_ms)),
+            shutdown: shutdown.clone(),
         })
     }
 
@@ -727,9 +730,8 @@ impl<'a> KafkaSource<'a> {
         tx: super::EventSender,
         acks: std::sync::mpsc::Receiver<Ack>,
         check: &RowCheck,
-        shutdown: &Shutdown,
     ) -> Result<(u64, u64)> {
-        while !shutdown.is_triggered() {
+        while !self.shutdown.is_triggered() {
             // Commit what the learner has made durable.
             while let Ok(ack) = acks.try_recv() {
                 self.take(ack);
@@ -945,7 +947,11 @@ impl<'a> KafkaSource<'a> {
                 None => rec,
             }
         };
-        let sent = match crate::producer::send(producer, record(&p.value, headers.clone())) {
+        let sent = match crate::producer::send(
+            producer,
+            record(&p.value, headers.clone()),
+            &self.shutdown,
+        ) {
             // Too large for the producer whatever happens: the letter goes without the
             // payload (its length in a header), or it would stop the feed on every restart.
             Err(KafkaError::MessageProduction(
@@ -956,7 +962,7 @@ impl<'a> KafkaSource<'a> {
                     key: "gradsift.payload_dropped_bytes",
                     value: Some(bytes.as_bytes()),
                 });
-                crate::producer::send(producer, record(&[], cut))
+                crate::producer::send(producer, record(&[], cut), &self.shutdown)
             }
             other => other,
         };
