@@ -113,7 +113,8 @@ pub struct Checkpoint {
 /// 11: each learner keeps its averaged weights (`training.average_decay`).
 /// 12: each key may keep its own loss table (`model.decision_scope = "per_key"`).
 /// 13: each replayed entry keeps its admission weight (replay under `sample` and `infobatch`).
-const MAGIC: &[u8; 8] = b"GSCKPT13";
+/// 14: the metric trace keeps running totals, and each change mark the total at the change.
+const MAGIC: &[u8; 8] = b"GSCKPT14";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {

@@ -6,7 +6,7 @@
 //! message timeout (5 minutes by default).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -39,10 +39,10 @@ pub type KafkaProducer = ThreadedProducer<DeliveryCount>;
 /// How long a send still waits on a full queue once a shutdown has been asked for.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
-/// Queues `rec`, waiting while librdkafka's queue is full (backpressure), at most
-/// [`SHUTDOWN_WAIT`] once `shutdown` is triggered: then the queue-full error is returned, and
-/// the caller keeps the record uncommitted as for any refused one. Any other error is
-/// returned at once.
+/// Queues `rec`, waiting while librdkafka's queue is full (backpressure), until
+/// [`SHUTDOWN_WAIT`] after `shutdown` was triggered (counted from the trigger, so a run of
+/// sends gives up together): then the queue-full error is returned, and the caller keeps the
+/// record uncommitted as for any refused one. Any other error is returned at once.
 pub fn send<K, P>(
     producer: &KafkaProducer,
     rec: BaseRecord<'_, K, P>,
@@ -65,14 +65,11 @@ where
     K: ToBytes + ?Sized,
     P: ToBytes + ?Sized,
 {
-    let mut asked: Option<Instant> = None;
     loop {
         match producer.send(rec) {
             Ok(()) => return Ok(()),
             Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                if shutdown.is_triggered()
-                    && asked.get_or_insert_with(Instant::now).elapsed() >= grace
-                {
+                if shutdown.since().is_some_and(|t| t >= grace) {
                     return Err(e);
                 }
                 rec = back;
@@ -109,7 +106,7 @@ mod tests {
         std::thread::spawn({
             let (producer, shutdown) = (producer.clone(), shutdown.clone());
             move || {
-                let r = send_within(&producer, rec(), &shutdown, Duration::from_millis(50));
+                let r = send_within(&producer, rec(), &shutdown, Duration::from_secs(1));
                 let _ = done_tx.send(r);
             }
         });
@@ -125,6 +122,15 @@ mod tests {
                 r,
                 Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull))
             ),
+            "{r:?}"
+        );
+        // The grace counts from the trigger: a later send on the full queue gives up at once
+        // (a batch of dead letters does not wait its grace once per letter; a grace of its
+        // own would keep it a whole second).
+        let t = std::time::Instant::now();
+        let r = send_within(&producer, rec(), &shutdown, Duration::from_secs(1));
+        assert!(
+            r.is_err() && t.elapsed() < Duration::from_millis(500),
             "{r:?}"
         );
     }

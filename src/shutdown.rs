@@ -12,12 +12,15 @@ use tokio::sync::watch;
 #[derive(Clone)]
 pub struct Shutdown {
     tx: Arc<watch::Sender<bool>>,
+    /// When it was first triggered: the grace periods after it count from there.
+    at: Arc<std::sync::OnceLock<std::time::Instant>>,
 }
 
 impl Default for Shutdown {
     fn default() -> Self {
         Shutdown {
             tx: Arc::new(watch::Sender::new(false)),
+            at: Arc::default(),
         }
     }
 }
@@ -29,7 +32,13 @@ impl Shutdown {
 
     /// Asks every stage to stop taking new input.
     pub fn trigger(&self) {
+        self.at.get_or_init(std::time::Instant::now);
         self.tx.send_replace(true);
+    }
+
+    /// How long ago the shutdown was first asked for (None before).
+    pub fn since(&self) -> Option<std::time::Duration> {
+        self.at.get().map(|t| t.elapsed())
     }
 
     pub fn is_triggered(&self) -> bool {

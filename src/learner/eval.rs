@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use super::model::Head;
+use super::trace::RunningTotal;
 
 /// One regression row to score.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -550,13 +551,25 @@ impl Metrics {
     }
 
     /// The running total of the per-row quantity behind [`Self::window_point`] (absolute
-    /// error, power loss dB, or top-1 misses) and the rows it sums, so that a trace can read
-    /// the metric over any stretch of rows without keeping them.
-    pub fn running_total(&self) -> (f64, u64) {
+    /// error, power loss dB, or top-1 misses, a non-finite row a miss) and the rows it sums,
+    /// so that a trace can read the metric over any stretch of rows without keeping them.
+    pub fn running_total(&self) -> RunningTotal {
         match self {
-            Metrics::Regression(r) => (r.model.abs, r.model.n - r.model.nonfinite),
-            Metrics::Classification(c) if c.all.n_power > 0 => (c.all.loss_db, c.all.n_power),
-            Metrics::Classification(c) => ((c.all.n - c.all.top1) as f64, c.all.n),
+            Metrics::Regression(r) => RunningTotal {
+                sum: r.model.abs,
+                rows: r.model.n - r.model.nonfinite,
+                power: false,
+            },
+            Metrics::Classification(c) if c.all.n_power > 0 => RunningTotal {
+                sum: c.all.loss_db,
+                rows: c.all.n_power,
+                power: true,
+            },
+            Metrics::Classification(c) => RunningTotal {
+                sum: (c.all.n - c.all.top1) as f64,
+                rows: c.all.n,
+                power: false,
+            },
         }
     }
 

@@ -13,7 +13,7 @@
 use serde::Serialize;
 
 use super::drift::DriftEvent;
-use super::trace::{ChangeMark, TracePoint};
+use super::trace::{ChangeMark, RunningTotal, TracePoint};
 
 /// "Recovered": the windowed metric at most this fraction above its settled level.
 pub const BAND: f64 = 0.10;
@@ -45,7 +45,7 @@ pub struct ChangeRecovery {
     /// None when the segment has too few trace points to tell.
     pub recovery_samples: Option<u64>,
     /// Read over the segment's own rows (a window of at most `evaluation.window` rows, none
-    /// from before the change): the mean of that metric over the segment's second half.
+    /// from before the change): the metric over the rows of the segment's second half.
     pub settled_own_rows: Option<f64>,
     /// Samples from the change until that metric is within [`BAND`] of `settled_own_rows`
     /// and stays there for a window (0: it was from the first trace point). None when the
@@ -95,9 +95,9 @@ pub fn recoveries(
                 .filter(|p| p.sample > at && p.sample <= seg_end)
                 .collect();
             let (settled, peak, recovery_samples) = settle(&seg, at, seg_end);
-            let own = own_rows(points, at, seg_end, window);
+            let own = own_rows(points, m.total, at, seg_end, window);
             let (settled_own_rows, recovery_samples_own_rows) =
-                own.map_or((None, None), |o| settle_own(&o, at, seg_end, window));
+                own.map_or((None, None), |o| settle_own(&o, &seg, at, seg_end, window));
             ChangeRecovery {
                 name: m.name.clone(),
                 at: Some(at),
@@ -114,46 +114,62 @@ pub fn recoveries(
 }
 
 /// (sample, metric over the rows since max(change, sample − window)) at each trace point of
-/// the segment (at, seg_end]. The stretch starts at the last point at or before its start,
-/// so up to one trace spacing of rows before the change may count. None without totals.
-fn own_rows(points: &[TracePoint], at: u64, seg_end: u64, window: u64) -> Option<Vec<(u64, f64)>> {
+/// the segment (at, seg_end]: from the change's own total while the window reaches back to
+/// it, else from the first point at or after the window's start (at most `window` rows; one
+/// trace spacing where the thinned trace is coarser than a window). None without totals
+/// (a trace written before they were kept).
+fn own_rows(
+    points: &[TracePoint],
+    origin: Option<RunningTotal>,
+    at: u64,
+    seg_end: u64,
+    window: u64,
+) -> Option<Vec<(u64, f64)>> {
+    let origin = origin?;
     let base = points.partition_point(|p| p.sample <= at);
     let mut out = Vec::new();
     for (i, p) in points.iter().enumerate().skip(base) {
         if p.sample > seg_end {
             break;
         }
-        if p.rows == 0 {
+        if p.total.rows == 0 {
             return None;
         }
         let from = at.max(p.sample.saturating_sub(window));
-        // The last point at or before `from` (at or before the change at the earliest).
-        let k = points[..i].partition_point(|q| q.sample <= from);
-        let (total, rows) = k
-            .checked_sub(1)
-            .map_or((0.0, 0), |k| (points[k].total, points[k].rows));
-        let n = p.rows.saturating_sub(rows);
-        if n > 0 {
-            out.push((p.sample, (p.total - total) / n as f64));
+        let start = if from == at || i == base {
+            origin
+        } else {
+            let k = base + points[base..i].partition_point(|q| q.sample < from);
+            points[k.min(i - 1)].total
+        };
+        if let Some(v) = p.total.mean_since(&start) {
+            out.push((p.sample, v));
         }
     }
     Some(out)
 }
 
 /// (settled level, recovery samples) of a segment's own-rows series: see
-/// [`ChangeRecovery::recovery_samples_own_rows`].
+/// [`ChangeRecovery::recovery_samples_own_rows`]. The settled level is the metric over the
+/// rows of the segment's second half, from the totals.
 fn settle_own(
     own: &[(u64, f64)],
+    seg: &[&TracePoint],
     at: u64,
     seg_end: u64,
     window: u64,
 ) -> (Option<f64>, Option<u64>) {
     let mid = at + (seg_end - at) / 2;
-    let second: Vec<f64> = own.iter().filter(|p| p.0 >= mid).map(|p| p.1).collect();
-    if second.len() < 2 || own.len() - second.len() < 2 {
+    let halves = own.iter().filter(|p| p.0 >= mid).count();
+    if halves < 2 || own.len() - halves < 2 {
         return (None, None);
     }
-    let settled = second.iter().sum::<f64>() / second.len() as f64;
+    let (Some(from), Some(to)) = (seg.iter().find(|p| p.sample >= mid), seg.last()) else {
+        return (None, None);
+    };
+    let Some(settled) = to.total.mean_since(&from.total) else {
+        return (None, None);
+    };
     let limit = settled * (1.0 + BAND);
     // The first point from which the metric stays in the band for a window.
     let stays = |i: usize| {
@@ -209,27 +225,45 @@ mod tests {
     use crate::learner::drift::Detector;
     use crate::learner::eval::Boundary;
 
+    /// A change at `at` without the running total (as in traces written before it).
     fn mark(at: u64) -> ChangeMark {
         ChangeMark {
             name: format!("at {at}"),
             start: Boundary::Sample(at),
             at: Some(at),
+            total: None,
+        }
+    }
+
+    /// A change at `at` of the stream [`trace`] draws from `f`, with its running total.
+    fn mark_in(f: impl Fn(u64) -> f64, at: u64) -> ChangeMark {
+        let sum = (1..=at).map(|r| f(r.div_ceil(10) * 10)).sum();
+        ChangeMark {
+            total: Some(RunningTotal {
+                sum,
+                rows: at,
+                power: false,
+            }),
+            ..mark(at)
         }
     }
 
     /// Points every 10 samples; each row since the last point has the metric `f(sample)`,
     /// and the plotted `model` is `f` itself.
     fn trace(f: impl Fn(u64) -> f64) -> Vec<TracePoint> {
-        let mut total = 0.0;
+        let mut sum = 0.0;
         (1..=200)
             .map(|i| {
-                total += 10.0 * f(i * 10);
+                sum += 10.0 * f(i * 10);
                 TracePoint {
                     sample: i * 10,
                     model: f(i * 10),
                     baseline: None,
-                    total,
-                    rows: i * 10,
+                    total: RunningTotal {
+                        sum,
+                        rows: i * 10,
+                        power: false,
+                    },
                 }
             })
             .collect()
@@ -301,36 +335,60 @@ mod tests {
         // A quieter regime from 1000 on, learnt at once: the plotted window (here a trailing
         // window of 100 rows, read from the totals) needs a window to empty of the old rows,
         // the segment's own rows never left the band.
-        let quiet = trace(|s| if s <= 1000 { 5.0 } else { 1.0 });
+        let f = |s: u64| if s <= 1000 { 5.0 } else { 1.0 };
+        let quiet = trace(f);
         let trailing: Vec<TracePoint> = (quiet.iter().enumerate())
             .map(|(i, p)| {
                 let q = &quiet[i.saturating_sub(10)];
-                let n = (p.rows - q.rows).max(1) as f64;
-                TracePoint {
-                    model: if i < 10 {
-                        p.model
-                    } else {
-                        (p.total - q.total) / n
-                    },
-                    ..*p
-                }
+                let model = p.total.mean_since(&q.total).unwrap_or(p.model);
+                TracePoint { model, ..*p }
             })
             .collect();
-        let r = &recoveries(&[mark(1000)], &trailing, &[], 2000, 100)[0];
+        let r = &recoveries(&[mark_in(f, 1000)], &trailing, &[], 2000, 100)[0];
         assert_eq!(r.recovery_samples, Some(100), "the window's lag: {r:?}");
         assert_eq!(r.recovery_samples_own_rows, Some(0), "{r:?}");
         assert_eq!(r.settled_own_rows, Some(1.0));
+        // The same change between two trace points (1005) and a window that is not a
+        // multiple of their spacing: the first reading starts at the change itself, not at
+        // the point before it, and no reading holds more than a window of rows.
+        let g = |s: u64| if s <= 1000 { 5.0 } else { 1.0 };
+        let off = trace(g);
+        let own = own_rows(&off, mark_in(g, 1005).total, 1005, 2000, 95).unwrap();
+        assert_eq!(own[0], (1010, 1.0), "only rows 1006-1010");
+        assert!(own.iter().all(|p| p.1 == 1.0), "{own:?}");
         // A learning curve: 5.0 for 300 samples, then 1.0. Its own-rows window is in the
         // band once it holds no row of the curve (1400), not at the first lucky point.
         // Its first point (1010) is a lucky one, in the band.
-        let curve = trace(|s| if (1011..=1300).contains(&s) { 5.0 } else { 1.0 });
-        assert!(own_rows(&curve, 1000, 2000, 100).unwrap()[0] == (1010, 1.0));
-        let r = &recoveries(&[mark(1000)], &curve, &[], 2000, 100)[0];
+        let c = |s: u64| if (1011..=1300).contains(&s) { 5.0 } else { 1.0 };
+        let curve = trace(c);
+        let own = own_rows(&curve, mark_in(c, 1000).total, 1000, 2000, 100).unwrap();
+        assert_eq!(own[0], (1010, 1.0));
+        // At most a window: at 1400 the rows 1301-1400, all 1.0.
+        assert_eq!(own.iter().find(|p| p.0 == 1400).unwrap().1, 1.0);
+        let r = &recoveries(&[mark_in(c, 1000)], &curve, &[], 2000, 100)[0];
         assert_eq!(r.recovery_samples_own_rows, Some(400), "{r:?}");
+        // The settled level is the metric over the second half's rows (1500-2000).
+        assert_eq!(r.settled_own_rows, Some(1.0));
         // Traces written before the totals were kept tell nothing.
-        let old: Vec<TracePoint> = curve.iter().map(|p| TracePoint { rows: 0, ..*p }).collect();
-        let r = &recoveries(&[mark(1000)], &old, &[], 2000, 100)[0];
+        let r = &recoveries(&[mark(1000)], &curve, &[], 2000, 100)[0];
         assert_eq!(r.recovery_samples_own_rows, None);
         assert!(r.recovery_samples.is_some());
+    }
+
+    #[test]
+    fn totals_of_different_kinds_do_not_subtract() {
+        let a = RunningTotal {
+            sum: 10.0,
+            rows: 10,
+            power: false,
+        };
+        let b = RunningTotal {
+            sum: 30.0,
+            rows: 20,
+            power: true,
+        };
+        assert_eq!(b.mean_since(&a), None);
+        assert_eq!(b.mean_since(&RunningTotal { power: true, ..a }), Some(2.0));
+        assert_eq!(a.mean_since(&a), None, "no rows between");
     }
 }

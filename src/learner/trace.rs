@@ -19,13 +19,30 @@ pub struct TracePoint {
     pub sample: u64,
     pub model: f64,
     pub baseline: Option<f64>,
-    /// The stream's running total of the per-row quantity behind `model` and the rows it
-    /// sums (`Metrics::running_total`): the metric over any rows between two points is the
-    /// difference of theirs. 0 rows in traces written before it was kept.
+    /// The stream's running total behind `model`: the metric over the rows between two
+    /// points is the difference of theirs. 0 rows in traces written before it was kept.
     #[serde(default)]
-    pub total: f64,
-    #[serde(default)]
+    pub total: RunningTotal,
+}
+
+/// The running sum of the per-row quantity behind the plotted metric (absolute error, power
+/// loss dB, or top-1 misses: `Metrics::running_total`) and the rows it sums.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunningTotal {
+    pub sum: f64,
     pub rows: u64,
+    /// Whether it sums power loss (rows with beam powers); two totals of different kinds do
+    /// not subtract.
+    pub power: bool,
+}
+
+impl RunningTotal {
+    /// The mean over the rows between `earlier` and this one, when there are rows and both
+    /// sum the same thing.
+    pub fn mean_since(&self, earlier: &RunningTotal) -> Option<f64> {
+        let n = self.rows.checked_sub(earlier.rows).filter(|&n| n > 0)?;
+        (self.power == earlier.power).then(|| (self.sum - earlier.sum) / n as f64)
+    }
 }
 
 /// A known change point and the sample at which the stream reached it.
@@ -34,6 +51,9 @@ pub struct ChangeMark {
     pub name: String,
     pub start: Boundary,
     pub at: Option<u64>,
+    /// The running total just before the change's first row.
+    #[serde(default)]
+    pub total: Option<RunningTotal>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,17 +84,20 @@ impl MetricTrace {
                     name: name.clone(),
                     start: *start,
                     at: None,
+                    total: None,
                 })
                 .collect(),
             ..Self::default()
         }
     }
 
-    /// Marks the change points that the `sample`-th row (event time `time`) reaches first.
-    pub fn mark(&mut self, sample: u64, time: i64) {
+    /// Marks the change points that the `sample`-th row (event time `time`) reaches first;
+    /// `total` is the running total before that row is scored.
+    pub fn mark(&mut self, sample: u64, time: i64, total: RunningTotal) {
         for c in &mut self.changes {
             if c.at.is_none() && c.start.reached(sample, time) {
                 c.at = Some(sample);
+                c.total = Some(total);
             }
         }
     }
@@ -108,7 +131,7 @@ mod tests {
             ("by sample".into(), Boundary::Sample(5)),
         ]);
         for (sample, time) in [(0, 10), (4, 120), (5, 90), (6, 130)] {
-            t.mark(sample, time);
+            t.mark(sample, time, RunningTotal::default());
         }
         let at: Vec<_> = t.changes.iter().map(|c| c.at).collect();
         assert_eq!(at, [Some(4), Some(5)]);
@@ -124,8 +147,7 @@ mod tests {
                     sample: s,
                     model: s as f64,
                     baseline,
-                    total: 0.0,
-                    rows: 0,
+                    total: RunningTotal::default(),
                 });
             }
         }

@@ -450,19 +450,18 @@ impl LearnerStage {
             }
             let at = (seen_before + i as u64, s.times[i]);
             self.swap_key_losses(&s.keys[i]);
+            let before = self.metrics.whole.running_total();
+            self.trace.mark(seen_before + i as u64, s.times[i], before);
             let prediction = self.score_row(ev, mlp, (blend.as_ref(), &w), at, &s.keys[i]);
             self.swap_key_losses(&s.keys[i]);
-            self.trace.mark(seen_before + i as u64, s.times[i]);
             let sample = seen_before + i as u64 + 1;
             if traced && self.trace.due(sample) {
                 let (model, baseline) = self.metrics.whole.window_point();
-                let (total, rows) = self.metrics.whole.running_total();
                 self.trace.record(TracePoint {
                     sample,
                     model,
                     baseline,
-                    total,
-                    rows,
+                    total: self.metrics.whole.running_total(),
                 });
             }
             if self.cfg.drift.enabled {
