@@ -98,9 +98,11 @@ pub struct Entry {
     pub version: u64,
     /// Stream position (samples seen) at admission; age = now − born.
     pub born: u64,
-    /// The admission's inverse probability (1/p under `sample` and `infobatch`, else 1):
-    /// a replayed row's loss weight carries it, over the buffer's mean, so that replay under
-    /// an unbiased policy is as unbiased as its fresh rows.
+    /// The admission's inverse probability (1/p under `sample` and `infobatch`, 1/q for
+    /// top-k's sampled rows, else 1): a replayed row's loss weight carries it, over the
+    /// buffer's mean, so that replay under an unbiased policy is as unbiased as its fresh
+    /// rows, as far as eviction is blind to the rows (FIFO, reservoir); importance eviction
+    /// keeps the high scores longer and the weights do not undo that.
     pub weight: f32,
 }
 
@@ -213,6 +215,27 @@ impl ReplayBuffer {
         self.offered = s.offered;
         self.cursor = s.cursor;
         self.stats = s.stats;
+        self.shrink_to_caps();
+    }
+
+    /// Evicts, by the policy's order, until both caps hold (a checkpoint restored under a
+    /// smaller `capacity` or `max_bytes`).
+    fn shrink_to_caps(&mut self) {
+        while self.len > self.cfg.capacity || self.bytes > self.cfg.max_bytes {
+            let victim = match self.cfg.policy {
+                EvictionPolicy::Importance => self.order.first().map(|&(_, s)| s),
+                EvictionPolicy::Fifo => self.queue.front().copied(),
+                // Oldest first: no draw, so a restore stays repeatable.
+                EvictionPolicy::Reservoir => (self.slots.iter())
+                    .enumerate()
+                    .filter_map(|(i, e)| e.as_ref().map(|e| (e.born, i)))
+                    .min()
+                    .map(|(_, i)| i),
+            };
+            let Some(victim) = victim else { break };
+            self.remove(victim);
+            self.stats.evicted += 1;
+        }
     }
 
     pub fn new(cfg: BufferConfig) -> Self {
@@ -279,7 +302,7 @@ impl ReplayBuffer {
 
     fn insert(&mut self, x: &[f32], mut e: Entry) {
         // A weight that is not a positive number would poison the buffer's mean weight, and
-        // one far out of the policies' range (1 to 20/keep) would swamp it.
+        // one far out of the policies' range (1 to 20/keep, or 1/q) would swamp it.
         e.weight = if e.weight.is_finite() && e.weight > 0.0 {
             e.weight.clamp(1e-6, 1e6)
         } else {
@@ -336,23 +359,29 @@ impl ReplayBuffer {
         }
     }
 
-    /// Removes every entry born before sample `born`; returns how many. In slot order, as
-    /// always (the order the slots are freed in is the order they are reused in), so FIFO's
-    /// queue may lose entries from its middle: a scan each, on a rare reaction.
+    /// Removes every entry born before sample `born`; returns how many. In slot order, so
+    /// FIFO's queue may lose entries from its middle: a scan each, on a rare reaction.
     pub fn forget_born_before(&mut self, born: u64) -> usize {
         let old: Vec<usize> = (self.slots.iter().enumerate())
             .filter(|(_, e)| e.as_ref().is_some_and(|e| e.born < born))
             .map(|(s, _)| s)
             .collect();
+        let before = self.len;
         for &s in &old {
             self.remove(s);
         }
         self.stats.evicted += old.len() as u64;
+        // The survivors are a uniform sample of the rows offered since `born` (reservoir):
+        // Algorithm R goes on as if that many fewer had been offered, or it would admit the
+        // next rows far more rarely than they are owed.
+        if before > 0 {
+            self.offered = (self.offered as f64 * self.len as f64 / before as f64).round() as u64;
+        }
         old.len()
     }
 
     /// Offers a sample (its inputs `x` and record `e`); returns whether it was retained. Both
-    /// caps hold afterwards.
+    /// caps hold afterwards (they held before it).
     pub fn offer(&mut self, x: &[f32], e: Entry, rng: &mut impl Rng) -> bool {
         let need = e.bytes(x.len());
         if need > self.cfg.max_bytes || self.cfg.capacity == 0 {
@@ -385,14 +414,25 @@ impl ReplayBuffer {
                 }
             }
             EvictionPolicy::Importance => {
+                // The victims the row needs, lowest rank first: none leaves unless all of
+                // them rank below the row (else an entry could go and the row be refused).
                 let new_rank = self.rank(&e);
-                while !self.fits(need) {
-                    let &(min_rank, victim) = self.order.first().expect("full buffer has entries");
-                    if new_rank <= min_rank {
+                let (mut len, mut bytes) = (self.len, self.bytes);
+                let mut victims = Vec::new();
+                for &(rank, slot) in &self.order {
+                    if len < self.cfg.capacity && bytes + need <= self.cfg.max_bytes {
+                        break;
+                    }
+                    if new_rank <= rank {
                         self.stats.rejected += 1;
                         return false;
                     }
-                    self.remove(victim);
+                    let held = self.slots[slot].as_ref().expect("ordered slots are live");
+                    (len, bytes) = (len - 1, bytes - held.bytes(self.inputs));
+                    victims.push(slot);
+                }
+                for slot in victims {
+                    self.remove(slot);
                     self.stats.evicted += 1;
                 }
             }
@@ -640,6 +680,77 @@ mod tests {
             (30..=70).contains(&early),
             "{early} of 100 born in the first half"
         );
+    }
+
+    /// Importance eviction evicts nothing for a row it then refuses: A (score 1) and B
+    /// (score 9) fill the bytes, C (score 5) needs both their places; before, A was evicted
+    /// and C refused on meeting B.
+    #[test]
+    fn importance_eviction_drops_no_row_for_one_it_refuses() {
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(7);
+        let short = entry(1.0, 0, "k").bytes(ROW.len());
+        let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Importance, 10, 2 * short));
+        assert!(b.offer(&ROW, entry(1.0, 0, "k"), &mut rng));
+        assert!(b.offer(&ROW, entry(9.0, 1, "k"), &mut rng));
+        let long_key = "k".repeat(short + 1);
+        assert!(!b.offer(&ROW, entry(5.0, 2, &long_key), &mut rng));
+        assert_eq!(b.len(), 2, "A is still held");
+        assert_eq!(b.stats.evicted, 0);
+        // One that outranks both takes both places.
+        assert!(b.offer(&ROW, entry(20.0, 3, &long_key), &mut rng));
+        assert_eq!((b.len(), b.stats.evicted), (1, 2));
+    }
+
+    /// After `forget_born_before`, reservoir sampling goes on as if the survivors were the
+    /// whole stream so far: 1,000 places, 100,000 rows before a change and 1,000 after it.
+    /// Forgetting the old rows leaves about 10, standing for the 1,000 since the change; the
+    /// buffer refills, and rows 2,000-3,000 after the change are admitted at about
+    /// 1,000 / 2,500, not at 1,000 / 102,500 as before.
+    #[test]
+    fn a_forgetting_reservoir_admits_at_the_rate_of_what_it_kept() {
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(8);
+        let mut b = ReplayBuffer::new(cfg(EvictionPolicy::Reservoir, 1000, 1 << 24));
+        for i in 0..101_000 {
+            b.offer(&ROW, entry(1.0, i, "k"), &mut rng);
+        }
+        let forgotten = b.forget_born_before(100_000);
+        assert!(forgotten > 970, "{forgotten} forgotten");
+        for i in 101_000..102_000 {
+            b.offer(&ROW, entry(1.0, i, "k"), &mut rng);
+        }
+        let before = b.stats.admitted;
+        for i in 102_000..103_000 {
+            b.offer(&ROW, entry(1.0, i, "k"), &mut rng);
+        }
+        let admitted = b.stats.admitted - before;
+        assert_eq!(b.len(), 1000);
+        assert!(
+            (330..=480).contains(&admitted),
+            "{admitted} of 1,000 admitted"
+        );
+    }
+
+    /// A checkpoint restored under smaller caps is cut down to them, by the policy's order.
+    #[test]
+    fn a_restore_under_smaller_caps_holds_them() {
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(9);
+        for policy in [
+            EvictionPolicy::Fifo,
+            EvictionPolicy::Importance,
+            EvictionPolicy::Reservoir,
+        ] {
+            let mut b = ReplayBuffer::new(cfg(policy, 100, 1 << 20));
+            for i in 0..100 {
+                b.offer(&ROW, entry(1.0 + i as f32, i, "k"), &mut rng);
+            }
+            let one = entry(1.0, 0, "k").bytes(ROW.len());
+            let mut small = ReplayBuffer::new(cfg(policy, 60, 50 * one));
+            small.restore(b.state());
+            assert_eq!(small.len(), 50, "{policy:?}");
+            assert!(small.bytes() <= 50 * one);
+            // Every policy keeps its 50 best by its own order: here, the newest.
+            assert!(small.entries().all(|e| e.born >= 50), "{policy:?}");
+        }
     }
 
     /// A non-finite score ranks least and leaves the replay weights numbers.

@@ -2,7 +2,8 @@
 //! well-learned ones; prune each with probability r and weight the survivors 1/(1 − r), so
 //! the expected gradient is unchanged. r is set from the window so that the kept fraction is
 //! `keep` (r = (1 − keep) / fraction below the mean, at most 0.95); rows above the mean are
-//! always kept. Online there is no last epoch to anneal on; `gradsift train` anneals.
+//! always kept, so a window of equal scores (none below its mean) keeps every row. Online
+//! there is no last epoch to anneal on; `gradsift train` anneals.
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};

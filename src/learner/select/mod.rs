@@ -19,7 +19,8 @@
 //! normalises the loss by the rows considered, not the rows kept, so the expected gradient of
 //! the fresh rows is their full-data gradient. The buffer keeps each admitted row's weight
 //! and a replayed row carries it (over the buffer's mean weight), so replay is an unbiased
-//! sample of the stream the buffer covers too (`buffer.rs`, `Entry::weight`).
+//! sample of the stream the buffer covers too, under an eviction blind to the rows (FIFO,
+//! reservoir; `buffer.rs`, `Entry::weight`).
 //!
 //! `clip = q` bounds, rather than selects: every trained row's weight is cut to the `q`
 //! quantile of recent gradient norms over its own norm, where that is below 1 (`clip.rs`).
@@ -604,15 +605,26 @@ mod tests {
                 if bad {
                     scores[0] = f32::INFINITY;
                 }
-                sel.decide(&scores, rng).trained()
+                sel.decide(&scores, rng)
             };
             for _ in 0..128 {
                 batch(&mut sel, &mut rng, false);
             }
             batch(&mut sel, &mut rng, true);
-            let kept: usize = (0..16).map(|_| batch(&mut sel, &mut rng, false)).sum();
+            let after: Vec<Decision> = (0..16).map(|_| batch(&mut sel, &mut rng, false)).collect();
+            let kept: usize = after.iter().map(|d| d.trained()).sum();
             let f = kept as f64 / (16.0 * 32.0);
             assert!((f - 0.5).abs() < 0.1, "{policy:?}: kept {f}");
+            // The window's mean (both policies' threshold) is the finite scores' own, about
+            // 0.5: an infinite score in it would make it infinite, and `sample` and
+            // `infobatch` would still keep about half (their fallbacks).
+            for d in &after {
+                assert!(
+                    (d.threshold - 0.5).abs() < 0.1,
+                    "{policy:?}: {}",
+                    d.threshold
+                );
+            }
         }
     }
 

@@ -14,7 +14,8 @@ use super::{Decision, ScoreWindow, SelectionConfig};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TopK {
-    /// Σ (kept − keep) over the rows decided after warm-up.
+    /// Σ (kept − keep) over the rows decided after warm-up, bounded by what moves the
+    /// quantile level within [0, 1].
     debt: f64,
 }
 
@@ -34,9 +35,13 @@ impl TopK {
             win.quantile(level)
         };
         let q = cfg.unbiased_q;
+        // Beyond these the level leaves [0, 1] and clamps anyway: a debt run up while the
+        // window ties (every row at τ is kept) must not lock training out for long after.
+        let n = win.len().max(1) as f64;
+        let (least, most) = (-(1.0 - cfg.keep) * n, cfg.keep * n);
         for &s in scores {
             let keep = s >= threshold;
-            self.debt += keep as u8 as f64 - cfg.keep;
+            self.debt = (self.debt + keep as u8 as f64 - cfg.keep).clamp(least, most);
             if keep {
                 d.push(true, 1.0);
             } else if q > 0.0 && rng.random::<f64>() < q {
@@ -57,6 +62,33 @@ mod tests {
     use super::super::tests::cfg;
     use super::super::{PolicyKind, Selector};
     use rand::SeedableRng;
+
+    /// A window of tied scores keeps every row (all are at τ); the debt that runs up is
+    /// bounded, so once scores vary again the rule keeps rows within a window, not after
+    /// tens of thousands of rows kept by nobody.
+    #[test]
+    fn a_tied_stretch_does_not_lock_training_out_afterwards() {
+        let mut rng = crate::learner::LearnerRng::seed_from_u64(3);
+        let mut c = cfg(PolicyKind::TopK, 0.25, 0);
+        c.window = 512;
+        let mut sel = Selector::new(c);
+        for _ in 0..40 {
+            sel.decide(&[0.0; 256], &mut rng);
+        }
+        let mut kept = 0;
+        for i in 0..8 {
+            let scores: Vec<f32> = (0..256).map(|j| ((i * 256 + j) % 97) as f32).collect();
+            kept += sel
+                .decide(&scores, &mut rng)
+                .selected
+                .iter()
+                .filter(|s| **s)
+                .count();
+        }
+        // 2,048 varied rows: paying back at most a window's debt (128 rows at 0.25 each, 512
+        // rows), then about a quarter of the rest: at least 300.
+        assert!(kept > 300, "{kept} of 2,048 kept");
+    }
 
     #[test]
     fn keeps_the_highest_scores() {

@@ -1,6 +1,8 @@
 //! `trim`: an outlier filter, then random sampling. Rows scoring above the (1 − trim)
 //! quantile of the window are dropped; the rest are kept with probability
-//! keep / (1 − trim), so the kept fraction is still `keep`.
+//! keep / (1 − trim), so the kept fraction is still `keep` while keep ≤ 1 − trim (above
+//! it every row under the quantile trains: 1 − trim of them), and more while the window's
+//! scores tie at the quantile (none is above it).
 //!
 //! Why: on our telecom streams the highest gradient norms are mostly noise (traffic spikes,
 //! weak-link beams whose best beam is barely better than the next), and dropping a few
