@@ -175,11 +175,20 @@ pub struct ReplayBuffer {
     pub stats: BufferStats,
 }
 
-/// What a checkpoint keeps of a [`ReplayBuffer`]: its entries and counters (the index is
-/// rebuilt on load).
+/// What a checkpoint keeps of a [`ReplayBuffer`]: its entries with their slots, the free
+/// slots and the FIFO queue as they were (so that a resumed run draws what the uninterrupted
+/// one would have: a draw picks a slot), the admission weights' running sum to the bit, and
+/// the counters. The importance index is rebuilt from the entries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BufferState {
     entries: Vec<SavedEntry>,
+    /// Each entry's slot.
+    slot_of: Vec<usize>,
+    /// Slots in all, live or free.
+    slots: usize,
+    free: Vec<usize>,
+    queue: Vec<usize>,
+    weight_sum: f64,
     offered: u64,
     cursor: usize,
     stats: BufferStats,
@@ -187,31 +196,58 @@ pub struct BufferState {
 
 impl ReplayBuffer {
     pub fn state(&self) -> BufferState {
-        BufferState {
-            entries: (self.slots.iter().enumerate())
-                .filter_map(|(i, e)| {
-                    e.as_ref().map(|e| SavedEntry {
+        let (slot_of, entries) = (self.slots.iter().enumerate())
+            .filter_map(|(i, e)| {
+                e.as_ref().map(|e| {
+                    let saved = SavedEntry {
                         x: self.row(i).into(),
                         entry: e.clone(),
-                    })
+                    };
+                    (i, saved)
                 })
-                .collect(),
+            })
+            .unzip();
+        BufferState {
+            entries,
+            slot_of,
+            slots: self.slots.len(),
+            free: self.free.clone(),
+            queue: self.queue.iter().copied().collect(),
+            weight_sum: self.weight_sum,
             offered: self.offered,
             cursor: self.cursor,
             stats: self.stats,
         }
     }
 
-    /// Refills an empty buffer from a saved state.
+    /// Refills an empty buffer from a saved state, in its saved layout.
     pub fn restore(&mut self, s: BufferState) {
         *self = ReplayBuffer::new(self.cfg.clone());
-        for e in s.entries {
-            self.insert(&e.x, e.entry);
+        self.inputs = s.entries.first().map_or(0, |e| e.x.len());
+        self.slots = vec![None; s.slots];
+        self.rows = vec![0.0; s.slots * self.inputs];
+        for (&slot, e) in s.slot_of.iter().zip(s.entries) {
+            let fits = slot < s.slots && self.slots[slot].is_none() && e.x.len() == self.inputs;
+            assert!(
+                fits,
+                "a checkpointed buffer entry out of its layout (slot {slot})"
+            );
+            self.fill(slot, &e.x, e.entry);
         }
-        let born = |slot: &usize| self.slots[*slot].as_ref().map(|e| e.born);
-        let mut queue = std::mem::take(&mut self.queue);
-        queue.make_contiguous().sort_by_key(born);
-        self.queue = queue;
+        self.free = s.free;
+        if self.cfg.policy == EvictionPolicy::Fifo {
+            // Saved under another policy, the queue is rebuilt oldest first.
+            self.queue = if s.queue.len() == self.len {
+                s.queue.into()
+            } else {
+                let mut live: Vec<(u64, usize)> = (self.slots.iter().enumerate())
+                    .filter_map(|(i, e)| e.as_ref().map(|e| (e.born, i)))
+                    .collect();
+                live.sort_unstable();
+                live.into_iter().map(|(_, i)| i).collect()
+            };
+        }
+        self.weight_sum = s.weight_sum;
         self.offered = s.offered;
         self.cursor = s.cursor;
         self.stats = s.stats;
@@ -241,7 +277,12 @@ impl ReplayBuffer {
     pub fn new(cfg: BufferConfig) -> Self {
         let ln_decay = cfg.decay.clamp(1e-12, 1.0).ln();
         ReplayBuffer {
-            slots: Vec::with_capacity(cfg.capacity.min(1 << 20)),
+            // Places the byte cap allows at most, not a huge `capacity`'s.
+            slots: Vec::with_capacity(
+                cfg.capacity
+                    .min(cfg.max_bytes / ENTRY_OVERHEAD + 1)
+                    .min(1 << 20),
+            ),
             rows: Vec::new(),
             inputs: 0,
             cfg,
@@ -300,14 +341,7 @@ impl ReplayBuffer {
         e
     }
 
-    fn insert(&mut self, x: &[f32], mut e: Entry) {
-        // A weight that is not a positive number would poison the buffer's mean weight, and
-        // one far out of the policies' range (1 to 20/keep, or 1/q) would swamp it.
-        e.weight = if e.weight.is_finite() && e.weight > 0.0 {
-            e.weight.clamp(1e-6, 1e6)
-        } else {
-            1.0
-        };
+    fn insert(&mut self, x: &[f32], e: Entry) {
         if self.slots.is_empty() {
             self.inputs = x.len();
         }
@@ -316,23 +350,30 @@ impl ReplayBuffer {
             self.inputs,
             "every buffered row has the same inputs"
         );
-        let slot = match self.free.pop() {
-            Some(s) => {
-                self.rows[s * self.inputs..(s + 1) * self.inputs].copy_from_slice(x);
-                s
-            }
-            None => {
-                self.slots.push(None);
-                self.rows.extend_from_slice(x);
-                self.slots.len() - 1
-            }
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.rows.resize(self.slots.len() * self.inputs, 0.0);
+            self.slots.len() - 1
+        });
+        self.fill(slot, x, e);
+    }
+
+    /// Puts `e` with its inputs `x` in the empty `slot` and indexes it.
+    fn fill(&mut self, slot: usize, x: &[f32], mut e: Entry) {
+        // A weight that is not a positive number would poison the buffer's mean weight, and
+        // one far out of the policies' range (1 to 20/keep, or 1/q) would swamp it.
+        e.weight = if e.weight.is_finite() && e.weight > 0.0 {
+            e.weight.clamp(1e-6, 1e6)
+        } else {
+            1.0
         };
+        self.rows[slot * self.inputs..(slot + 1) * self.inputs].copy_from_slice(x);
         match self.cfg.policy {
             EvictionPolicy::Importance => {
                 self.order.insert((self.rank(&e), slot));
             }
             // Rows are offered in the order they arrive: the newest joins the back. A restore
-            // inserts in slot order and then sorts the queue.
+            // puts the saved queue back.
             EvictionPolicy::Fifo => self.queue.push_back(slot),
             EvictionPolicy::Reservoir => {}
         }
@@ -728,6 +769,65 @@ mod tests {
             (330..=480).contains(&admitted),
             "{admitted} of 1,000 admitted"
         );
+    }
+
+    /// A restored buffer draws the same rows with the same weights as the one it was saved
+    /// from, under every policy, with gaps in its slots (a forget) and unequal admission
+    /// weights, and admits and evicts the same rows after: a resumed run repeats the
+    /// uninterrupted one. Before, the restore packed the entries into fresh slots.
+    #[test]
+    fn a_restored_buffer_draws_what_the_saved_one_would_have() {
+        let seeded = crate::learner::LearnerRng::seed_from_u64;
+        for (policy, sampling) in [
+            (EvictionPolicy::Fifo, ReplaySampling::Uniform),
+            (EvictionPolicy::Importance, ReplaySampling::Importance),
+            (EvictionPolicy::Reservoir, ReplaySampling::Uniform),
+        ] {
+            let mut c = cfg(policy, 64, 1 << 20);
+            c.replay_sampling = sampling;
+            let mut b = ReplayBuffer::new(c.clone());
+            let mut rng = seeded(10);
+            let offer = |b: &mut ReplayBuffer, i: u64, rng: &mut crate::learner::LearnerRng| {
+                let mut e = entry(1.0 + (i % 7) as f32, i, "k");
+                e.weight = 1.0 + (i % 3) as f32;
+                b.offer(&ROW, e, rng)
+            };
+            for i in 0..200 {
+                offer(&mut b, i, &mut rng);
+            }
+            assert!(b.forget_born_before(185) > 0, "{policy:?}: gaps");
+            for i in 200..205 {
+                offer(&mut b, i, &mut rng);
+            }
+            let mut r = ReplayBuffer::new(c);
+            r.restore(b.state());
+            let drawn = |b: &ReplayBuffer, n: usize, rng: &mut crate::learner::LearnerRng| {
+                let (slots, w) = b.sample(n, rng);
+                let born: Vec<u64> = slots
+                    .iter()
+                    .map(|&s| b.slots[s].as_ref().unwrap().born)
+                    .collect();
+                (born, w)
+            };
+            let (mut r1, mut r2) = (seeded(11), seeded(11));
+            assert_eq!(
+                drawn(&b, 300, &mut r1),
+                drawn(&r, 300, &mut r2),
+                "{policy:?}"
+            );
+            for i in 205..260 {
+                assert_eq!(
+                    offer(&mut b, i, &mut r1),
+                    offer(&mut r, i, &mut r2),
+                    "{policy:?}"
+                );
+            }
+            assert_eq!(
+                drawn(&b, 300, &mut r1),
+                drawn(&r, 300, &mut r2),
+                "{policy:?}"
+            );
+        }
     }
 
     /// A checkpoint restored under smaller caps is cut down to them, by the policy's order.

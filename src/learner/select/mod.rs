@@ -153,10 +153,13 @@ fn default_trim() -> f64 {
 
 /// The settings a [`Selector`] runs with: with `unit = "micro_batch"` its window holds
 /// micro-batch means, `window / micro_batch` of them, so that it spans the same stretch of
-/// the stream as a row window would.
+/// the stream as a row window would; so do `surprise`'s spans, given in rows.
 pub fn window_in_units(mut cfg: SelectionConfig, micro_batch: usize) -> SelectionConfig {
     if cfg.unit == SelectionUnit::MicroBatch {
-        cfg.window = (cfg.window / micro_batch.max(1)).max(1);
+        let b = micro_batch.max(1);
+        cfg.window = (cfg.window / b).max(1);
+        cfg.surprise.short = (cfg.surprise.short / b as f64).max(1.0);
+        cfg.surprise.long = (cfg.surprise.long / b as f64).max(1.0);
     }
     cfg
 }
@@ -626,6 +629,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Deciding whole micro-batches, every span given in rows (the window, `surprise`'s
+    /// short and long means) counts micro-batches of as many rows.
+    #[test]
+    fn micro_batch_selection_spans_the_same_rows() {
+        let mut c = cfg(PolicyKind::Surprise, 0.5, 0);
+        c.window = 2048;
+        c.surprise.short = 64.0;
+        c.surprise.long = 4096.0;
+        let rows = window_in_units(c.clone(), 8);
+        assert_eq!(
+            (rows.window, rows.surprise.short),
+            (2048, 64.0),
+            "rows: unchanged"
+        );
+        c.unit = SelectionUnit::MicroBatch;
+        let b = window_in_units(c, 8);
+        assert_eq!(
+            (b.window, b.surprise.short, b.surprise.long),
+            (256, 8.0, 512.0)
+        );
     }
 
     /// A window reset (a drift reaction) starts `top_k` afresh: it keeps about its fraction
