@@ -7,7 +7,10 @@ a candidate. The candidates run again on ten fresh seeds (6-15). A candidate is 
 its validation metric over all 15 seeds, paired by seed with the reference, is still within
 MARGIN. The cheapest confirmed candidate (learning FLOPs) ships; if none is confirmed, the one
 with the best 15-seed validation, and the table says so. Test figures are printed beside and
-never read by the rule. Why: with about a hundred configurations on 5 seeds, the cheapest one
+never read by the rule. A configuration is eligible only with a finished, finite run (status
+ok) on every seed the reference has, in the screen and in the confirmation: a configuration
+that fails or diverges on a seed is not averaged over its remaining seeds, it is left out,
+and the output says which seeds failed. Why: with about a hundred configurations on 5 seeds, the cheapest one
 inside a 0.5% margin is mostly the luckiest (the margin is below the seed spread of these
 streams' validation periods).
 
@@ -16,6 +19,10 @@ streams' validation periods).
     cargo run --release -- experiment experiments/milan-confirm.toml
     python3 experiments/confirm.py pick milan    # the 15-seed table and the pick
     python3 experiments/confirm.py pick milan --alarms   # and the false-alarm bound
+
+`pick` reads experiments/W-confirm.toml and stops if a cNN there is not the configuration
+that `write` would give that name now (the screens were re-run since): re-run `write` and
+the confirmation then.
 
 On a stationary stream (Milan before Christmas) a shipped pipeline must also keep issue 13's
 bound: at most one stream-wide drift alarm per 100 k samples before the stream's first declared
@@ -27,6 +34,7 @@ no alarm at all there.
 """
 import csv
 import json
+import math
 import os
 import statistics as st
 import subprocess
@@ -63,21 +71,77 @@ def lower_is_better(metric):
     return metric not in ("top1", "top3")
 
 
-def candidates(w):
-    """(compute fraction, validation Δ, screening experiment, label), cheapest first."""
+def finite(v):
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def metric_keys(metric):
+    return f"validation_{metric}", f"test_{metric}"
+
+
+def good_runs(rows, label, keys):
+    """{seed: row} of `label`'s runs that finished (status ok) with every `keys` finite."""
+    return {
+        r["seed"]: r
+        for r in rows
+        if r["label"] == label and r["status"] == "ok" and all(finite(r.get(k)) for k in keys)
+    }
+
+
+def reference_runs(rows, keys, where, declared=None):
+    ref = good_runs(rows, "reference", keys)
+    lost = [s for s in declared or [] if str(s) not in ref]
+    if lost:
+        print(f"note: the reference has no finished run on seed(s) {', '.join(map(str, lost))} in "
+              f"{where}: left out on both sides", file=sys.stderr)
+    return ref
+
+
+def failed_seeds(rows, label, ref, mine):
+    """The reference's seeds `label` has no good run on, as "9 (diverged)", "12 (no run)"."""
+    status = {r["seed"]: r["status"] for r in rows if r["label"] == label}
     out = []
+    for s in sorted(set(ref) - set(mine), key=int):
+        why = status.get(s, "no run")
+        out.append(f"{s} ({'non-finite' if why == 'ok' else why})")
+    return out
+
+
+def not_eligible(tag, seeds):
+    return f"{tag}: seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)} failed: not eligible"
+
+
+def screened(w):
+    """(candidates, not eligible). Candidates: (compute fraction, validation Δ, screening
+    experiment, label), cheapest first. Not eligible: the same and the seeds it failed, for a
+    configuration within the margin on the frontier's means that has no finished, finite run on
+    a seed the reference has (its mean is over fewer seeds)."""
+    out, bad = [], []
     for name in screens(w):
         rows = list(csv.DictReader(open(HERE / "results" / name / "frontier.csv")))
         ref = next(r for r in rows if r["family"] == "reference")
-        lib = lower_is_better(metric_of(load_exp(name)))
+        exp = load_exp(name)
+        lib = lower_is_better(metric_of(exp))
+        keys = metric_keys(metric_of(exp))
+        runs = results(name)
+        ref_runs = reference_runs(runs, keys, f"results/{name}", exp.get("seeds"))
         rv = float(ref["validation_mean"])
         for r in rows:
             if r["family"] == "reference":
                 continue
             v = (float(r["validation_mean"]) - rv) / rv * (1 if lib else -1)
             if v <= MARGIN:
-                out.append((float(r["compute_fraction_mean"]), v, name, r["label"]))
+                c = (float(r["compute_fraction_mean"]), v, name, r["label"])
+                lost = failed_seeds(runs, r["label"], ref_runs, good_runs(runs, r["label"], keys))
+                if lost:
+                    bad.append(c + (lost,))
+                else:
+                    out.append(c)
     out.sort()
+    bad.sort()
     seen, unique = set(), []
     for c in out:
         # One configuration may sit in both files under two labels (the row families):
@@ -86,7 +150,20 @@ def candidates(w):
         if key not in seen:
             seen.add(key)
             unique.append(c)
-    return unique
+    # A failed copy of a configuration that also ran complete under another label is no news.
+    bad = [b for b in bad if settings(family_sets(load_exp(b[2]), b[3])) not in seen]
+    return unique, bad
+
+
+def candidates(w):
+    """(compute fraction, validation Δ, screening experiment, label), cheapest first."""
+    return screened(w)[0]
+
+
+def print_not_eligible(bad):
+    for c, v, name, label, lost in bad:
+        print(f"  {not_eligible(f'{label} [{name}]', lost)} "
+              f"(validation {100 * v:+.2f}% on the seeds that finished)")
 
 
 def settings(sets):
@@ -100,8 +177,10 @@ def settings(sets):
 
 def screen(w):
     print(f"{w}: within {100 * MARGIN:.1f}% of every-row training on 5 seeds' validation, cheapest first")
-    for c, v, name, label in candidates(w):
+    cands, bad = screened(w)
+    for c, v, name, label in cands:
         print(f"  FLOPs {c:.3f}  validation {100 * v:+.2f}%  {label}  [{name}]")
+    print_not_eligible(bad)
 
 
 def toml_value(v):
@@ -143,7 +222,8 @@ def write(w):
         "[reference]",
         "set = [" + ", ".join(q(s) for s in first.get("set", []) + first["reference"]["set"]) + "]",
     ]
-    for i, (c, v, name, label) in enumerate(candidates(w), 1):
+    cands, bad = screened(w)
+    for i, (c, v, name, label) in enumerate(cands, 1):
         lines += [
             "",
             f"# {name}: {label} (FLOPs {c:.3f} of the reference, validation {100 * v:+.2f}% on 5 seeds)",
@@ -153,13 +233,63 @@ def write(w):
         ]
     out = HERE / f"{w}-confirm.toml"
     out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out} ({len(candidates(w))} candidates)")
+    print(f"wrote {out} ({len(cands)} candidates)")
+    print_not_eligible(bad)
 
 
-def paired(rows, label, ref_rows, key):
-    ref = {r["seed"]: r for r in ref_rows if r["family"] == "reference" and r["status"] == "ok"}
-    mine = [r for r in rows if r["label"] == label and r["status"] == "ok" and r["seed"] in ref]
-    return [float(r[key]) / float(ref[r["seed"]][key]) - 1 for r in mine]
+def paired(mine, ref, key):
+    """Per-seed relative differences over the reference's seeds (`mine` has them all)."""
+    return [float(mine[s][key]) / float(ref[s][key]) - 1 for s in sorted(ref, key=int)]
+
+
+def check_written(w, cands, fresh):
+    """Stop unless experiments/W-confirm.toml (and the confirmation's results) hold, under
+    each cNN, the candidate `write` would give that name now."""
+    path = HERE / f"{w}-confirm.toml"
+    rerun = (f"re-run `python3 experiments/confirm.py write {w}`, then the confirmation "
+             f"(`gradsift experiment experiments/{w}-confirm.toml`), then `pick {w}`")
+    if not path.exists():
+        sys.exit(f"{path} is missing: {rerun}")
+    with open(path, "rb") as f:
+        written = tomllib.load(f)
+    first = load_exp(w)
+    problems = []
+
+    def differ(tag, there, now):
+        there, now = dict(there), dict(now)
+        keys = sorted(k for k in set(there) | set(now) if there.get(k) != now.get(k))
+        return f"{tag}: " + "; ".join(f"{k} = {there.get(k, '(unset)')} there, {now.get(k, '(unset)')} now" for k in keys)
+
+    for what, now in (("pipeline", first["pipeline"]), ("metric", first["metric"])):
+        if written.get(what) != now:
+            problems.append(f"{what}: {written.get(what)} there, {now} now")
+    ref_now = settings(first.get("set", []) + first["reference"]["set"])
+    ref_there = settings(written.get("reference", {}).get("set", []))
+    if ref_there != ref_now:
+        problems.append(differ("reference", ref_there, ref_now))
+    fams = {f.get("name"): f for f in written.get("family", [])}
+    expected = set()
+    for i, (c, v, name, label) in enumerate(cands, 1):
+        tag = f"c{i:02d}"
+        expected.add(tag)
+        now = settings(family_sets(load_exp(name), label))
+        if tag not in fams:
+            problems.append(f"{tag} ({label} [{name}] now) is not in the file")
+        elif settings(fams[tag].get("set", [])) != now:
+            problems.append(differ(f"{tag} ({label} [{name}] now)", settings(fams[tag].get("set", [])), now))
+    extra = sorted(set(fams) - expected)
+    if extra:
+        problems.append(f"{', '.join(extra)}: in the file, no candidate now")
+    if problems:
+        more = [f"and {len(problems) - 5} more"] if len(problems) > 5 else []
+        sys.exit(f"{path.name} is not what `write {w}` gives from the screening results now "
+                 f"(were the screens re-run since?):\n  " + "\n  ".join(problems[:5] + more)
+                 + f"\n{rerun}.")
+    ran = {r["family"] for r in fresh} - {"reference"}
+    if ran != set(fams):
+        diff = sorted(ran ^ set(fams))
+        sys.exit(f"results/{w}-confirm holds other families than {path.name} ({', '.join(diff)}): "
+                 f"the confirmation was not run from the file as it is now; {rerun}.")
 
 
 def gradsift_bin():
@@ -191,23 +321,37 @@ def alarms(exp, sets):
 def pick(w, check_alarms=False):
     metric = metric_of(load_exp(w))
     sign = 1 if lower_is_better(metric) else -1
+    keys = metric_keys(metric)
     fresh = results(f"{w}-confirm")
-    # Over the runs that finished: a failed run's counters stop where it failed.
-    rows_back = lambda rs, lab: st.mean(
-        float(r["rows_backward"]) for r in rs if r["label"] == lab and r["status"] == "ok"
-    )
+    cands, bad = screened(w)
+    check_written(w, cands, fresh)
+    fresh_ref = reference_runs(fresh, keys, f"results/{w}-confirm", FRESH_SEEDS)
+    # Over the reference's seeds, both sides: a failed run's counters stop where it failed.
+    rows_back = lambda runs, seeds: st.mean(float(runs[s]["rows_backward"]) for s in seeds)
     print(f"{w}: candidates within {100 * MARGIN:.1f}% on 5 seeds, re-run on seeds 6-15 (paired by seed)")
     print("| candidate | FLOPs saved | rows saved | validation, 5 / 15 seeds | test, 15 seeds | confirmed |")
     print("|---|---|---|---|---|---|")
     confirmed, best = [], None
-    for i, (c, v5, name, label) in enumerate(candidates(w), 1):
+    screen_ref = {}
+    for i, (c, v5, name, label) in enumerate(cands, 1):
+        tag = f"c{i:02d}"
         screen = results(name)
-        val = [sign * d for d in paired(screen, label, screen, f"validation_{metric}")]
-        val += [sign * d for d in paired(fresh, f"c{i:02d}", fresh, f"validation_{metric}")]
-        test = paired(screen, label, screen, f"test_{metric}") + paired(fresh, f"c{i:02d}", fresh, f"test_{metric}")
+        if name not in screen_ref:
+            screen_ref[name] = reference_runs(screen, keys, f"results/{name}")
+        ref5, mine5, mine10 = screen_ref[name], good_runs(screen, label, keys), good_runs(fresh, tag, keys)
+        lost = failed_seeds(screen, label, ref5, mine5) + failed_seeds(fresh, tag, fresh_ref, mine10)
+        if lost:
+            # Its mean over the seeds that finished would flatter it: not a candidate.
+            seeds = [s for s in ref5 if s in mine5]
+            rs = 1 - rows_back(mine5, seeds) / rows_back(ref5, seeds) if seeds else float("nan")
+            print(f"| {label} [{name}] | {100 * (1 - c):.1f}% | {100 * rs:.1f}% | {100 * v5:+.2f}% / — "
+                  f"| — | {not_eligible(tag, lost)} |")
+            continue
+        val = [sign * d for d in paired(mine5, ref5, keys[0]) + paired(mine10, fresh_ref, keys[0])]
+        test = paired(mine5, ref5, keys[1]) + paired(mine10, fresh_ref, keys[1])
         vm = st.mean(val)
         ok = vm <= MARGIN
-        rs = 1 - rows_back(screen, label) / rows_back(screen, "reference")
+        rs = 1 - rows_back(mine5, ref5) / rows_back(ref5, ref5)
         print(
             f"| {label} [{name}] | {100 * (1 - c):.1f}% | {100 * rs:.1f}% | {100 * v5:+.2f}% / "
             f"{100 * vm:+.2f} ± {100 * st.stdev(val):.2f}% | {100 * st.mean(test):+.2f} ± "
@@ -217,6 +361,10 @@ def pick(w, check_alarms=False):
             confirmed.append((label, name))
         if best is None or vm < best[0]:
             best = (vm, label)
+    print_not_eligible(bad)
+    if best is None:
+        print("pick: none: no candidate is eligible")
+        return
     if not confirmed:
         print(f"pick: none confirmed; best 15-seed validation: {best[1]} ({100 * best[0]:+.2f}%)")
         return

@@ -153,14 +153,22 @@ pub fn from_report(config: usize, seed: u64, metric: Metric, report: &Value) -> 
         return r;
     }
     r.whole = whole;
-    r.validation = val
-        .and_then(|m| metric_in(m, metric))
-        .filter(|_| r.periods)
-        .unwrap_or(whole);
-    r.test = test
-        .and_then(|m| metric_in(m, metric))
-        .filter(|_| r.periods)
-        .unwrap_or(whole);
+    // Both periods, or neither (then both read the whole stream, and the summary says so):
+    // one alone, or a period without the metric, would let test rows into a decision.
+    let read = |m: Option<&Value>| m.map(|m| metric_in(m, metric));
+    match (read(val), read(test)) {
+        (None, None) => (r.validation, r.test) = (whole, whole),
+        (Some(Some(v)), Some(Some(t))) => (r.validation, r.test) = (v, t),
+        _ => {
+            r.status = Status::Failed;
+            r.error = format!(
+                "evaluation.periods needs both `validation` and `test` with {} in each (or \
+                 neither): a decision must not read the test rows",
+                metric.label()
+            );
+            return r;
+        }
+    }
     // A run a shutdown signal cut short reports part of its stream or epochs.
     if report.get("interrupted").and_then(Value::as_bool) == Some(true) {
         r.status = Status::Failed;
@@ -343,6 +351,22 @@ mod tests {
         assert_eq!(r.rows_backward, Some(900.0));
         assert_eq!(r.learn_cpu_s, Some(2.5));
         assert_eq!(r.kept_fraction, Some(0.7));
+    }
+
+    #[test]
+    fn one_period_alone_or_a_period_without_the_metric_fails_the_run() {
+        let test_only = json!({"metrics": {"model": {"mae": 100.0}},
+            "periods": [{"name": "test", "samples": 5, "metrics": {"model": {"mae": 110.0}}}]});
+        let r = from_report(0, 1, Metric::Mae, &test_only);
+        assert!(
+            !r.ok() && r.error.contains("both `validation` and `test`"),
+            "{}",
+            r.error
+        );
+        let no_metric = json!({"metrics": {"model": {"mae": 100.0}},
+            "periods": [{"name": "validation", "samples": 5, "metrics": {"model": {"rmse": 1.0}}},
+                        {"name": "test", "samples": 5, "metrics": {"model": {"mae": 110.0}}}]});
+        assert!(!from_report(0, 1, Metric::Mae, &no_metric).ok());
     }
 
     #[test]

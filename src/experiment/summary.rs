@@ -75,7 +75,9 @@ fn stats(runs: &BySeed, reference: &BySeed) -> ConfigStats {
 
 /// The family's pick among `candidates`: the least mean compute among those, complete on
 /// the reference's seeds, whose mean validation metric is worse than the reference's by at
-/// most `tolerance`; if none, the best validation metric. Returns (configuration, qualified).
+/// most `tolerance`; if none, the best validation metric, among the complete ones if any is
+/// (a configuration that failed its hardest seeds must not look best on the rest). Returns
+/// (configuration, qualified).
 pub fn choose(
     metric: Metric,
     tolerance: f64,
@@ -90,7 +92,14 @@ pub fn choose(
         return Some((*i, true));
     }
     let sign = if metric.higher_is_better() { -1.0 } else { 1.0 };
-    let best = valid.min_by(|a, b| (sign * a.1.validation).total_cmp(&(sign * b.1.validation)));
+    let by_validation = |a: &&(usize, &ConfigStats), b: &&(usize, &ConfigStats)| {
+        (sign * a.1.validation).total_cmp(&(sign * b.1.validation))
+    };
+    let best = (valid
+        .clone()
+        .filter(|(_, s)| s.complete)
+        .min_by(by_validation))
+    .or_else(|| valid.min_by(by_validation));
     best.map(|(i, _)| (*i, false))
 }
 
@@ -572,6 +581,27 @@ axes = {{ {exact_axes} }}
         assert_eq!(random.verdict, "baseline");
         assert_eq!(s.rows[0].family, "reference");
         assert!((s.stats[4].fraction.mean - 0.7).abs() < 1e-12);
+    }
+
+    /// With no configuration within tolerance, the best validation among the complete ones
+    /// is picked: one that failed its hardest seed looks best on the rest, and is not.
+    #[test]
+    fn the_fallback_pick_prefers_a_configuration_that_finished_every_seed() {
+        let one = |validation: f64, complete: bool| ConfigStats {
+            validation,
+            test: MeanSd::of([validation]),
+            compute: 1.0,
+            fraction: MeanSd::of([1.0]),
+            complete,
+        };
+        let (failed, finished) = (one(104.0, false), one(106.0, true));
+        let picked = choose(Metric::Mae, 0.01, 100.0, &[(1, &failed), (2, &finished)]);
+        assert_eq!(picked, Some((2, false)));
+        // Only incomplete ones: the best of them, unqualified.
+        assert_eq!(
+            choose(Metric::Mae, 0.01, 100.0, &[(1, &failed)]),
+            Some((1, false))
+        );
     }
 
     /// Configs: reference; random keep 0.5 and 0.7 at `random_flops`; exact keep 0.5, 0.7
