@@ -545,11 +545,17 @@ impl FeatureEngine {
         if let Some(inj) = inj {
             let Some(c) = self.numeric.iter().position(|n| *n == inj.column) else {
                 return Err(format!(
-                    "`{}` is not a numeric column this schema reads ({})",
+                    "column: `{}` is not a numeric column this schema reads ({})",
                     inj.column,
                     self.numeric.join(", ")
                 ));
             };
+            if !(inj.scale.is_finite() && inj.shift.is_finite()) {
+                return Err(format!(
+                    "scale and shift must be finite numbers, are {} and {}",
+                    inj.scale, inj.shift
+                ));
+            }
             self.inject = Some((c, inj.from_row, inj.scale, inj.shift));
         }
         Ok(self)
@@ -728,14 +734,16 @@ impl FeatureEngine {
         if let Some((k, _)) = self.keys.get_key_value(key) {
             return k.clone();
         }
-        if self.keys.len() >= self.max_keys {
-            // Forget the least recently seen key.
-            if let Some((_, old)) = self.recency.pop_first() {
-                self.keys.remove(&old);
-                self.keys_evicted += 1;
-                if let Some(c) = &mut self.key_changes {
-                    c.push(KeyChange::Forgotten(old));
-                }
+        // Forget the least recently seen keys (more than one when a state restored under a
+        // smaller `max_keys` holds more).
+        while self.keys.len() >= self.max_keys.max(1) {
+            let Some((_, old)) = self.recency.pop_first() else {
+                break;
+            };
+            self.keys.remove(&old);
+            self.keys_evicted += 1;
+            if let Some(c) = &mut self.key_changes {
+                c.push(KeyChange::Forgotten(old));
             }
         }
         let k: Arc<str> = Arc::from(key);
@@ -805,6 +813,12 @@ impl FeatureEngine {
                 } else {
                     vals[c] * scale + shift
                 };
+                // An injected value is read as any other: outside log1p's domain (or not a
+                // number) it is bad input, not a NaN in the scalers.
+                if !vals[c].is_finite() {
+                    skip(i, SkipReason::OutOfDomain(self.numeric[c].clone()));
+                    continue;
+                }
             }
             // The position relative to the base station, once per row.
             let en = (self.geo)
@@ -970,7 +984,8 @@ impl FeatureEngine {
         if let Some(c) = class {
             // Checked against `classes` by `RowCheck`.
             let c = c as u16;
-            if state.labels.len() == self.label_len {
+            // `while`: a state restored under shorter lags holds more than its cap.
+            while state.labels.len() >= self.label_len.max(1) {
                 state.labels.pop_back();
             }
             state.labels.push_front(c);
@@ -984,9 +999,7 @@ impl FeatureEngine {
             if cap == 0 {
                 continue;
             }
-            if h.len() == cap {
-                h.pop_back();
-            }
+            h.truncate(cap - 1);
             h.push_front(vals[c]);
         }
     }
@@ -1327,6 +1340,18 @@ mod tests {
         assert_eq!(tracked(&back), ["1", "3", "4"]);
     }
 
+    /// A state restored under a smaller `max_keys` comes down to it at the next new key
+    /// (before, each new key evicted one, so the count never came down).
+    #[test]
+    fn a_restore_under_fewer_keys_comes_down_to_them() {
+        let mut fe = milan(5);
+        feed(&mut fe, &[1, 2, 3, 4, 5]);
+        let mut back = milan(2);
+        back.restore(fe.state()).unwrap();
+        feed(&mut back, &[6]);
+        assert_eq!(tracked(&back), ["5", "6"]);
+    }
+
     /// The beam schema with these features changes, over rows 11.1 m apart due north.
     fn beam_rows(edit: impl FnOnce(&mut Schema), best: &[i64]) -> (FeatureEngine, Samples) {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/deepsense_beam.json");
@@ -1495,9 +1520,31 @@ mod tests {
         assert!((h[0] - 200f64.ln_1p()).abs() < 1e-12 && (h[2] - 100f64.ln_1p()).abs() < 1e-12);
         let bad = Injection {
             column: "nope".into(),
-            ..inj
+            ..inj.clone()
         };
         assert!(milan(10).with_injection(Some(&bad)).is_err());
+        let infinite = Injection {
+            shift: f64::INFINITY,
+            ..inj.clone()
+        };
+        assert!(milan(10).with_injection(Some(&infinite)).is_err());
+        // A shift below −1 takes ln(1 + v) out of its domain: those rows are bad input, and
+        // no NaN reaches the history or the scalers.
+        let below = Injection {
+            shift: -500.0,
+            ..inj
+        };
+        let mut fe = milan(10).with_injection(Some(&below)).unwrap();
+        let skips = bad_input(&feed_values(&mut fe, &[1; 5], &[100.0; 5], 0));
+        assert_eq!(
+            skips,
+            [
+                (3, "out_of_domain:internet".to_string()),
+                (4, "out_of_domain:internet".to_string())
+            ]
+        );
+        assert!(fe.scalers.iter().all(|s| s.apply(1.0).is_finite()));
+        assert_eq!(fe.keys["1"].hist[0].len(), 3);
     }
 
     #[test]

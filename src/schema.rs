@@ -311,6 +311,10 @@ impl FeatureSpec {
     }
 }
 
+/// The longest lag (and seasonal lag) a schema may declare: each is history kept per key, and
+/// a typo of a billion rows would reserve it at the first row.
+pub const MAX_LAG: usize = 1 << 20;
+
 /// Baselines reported beside a regression model, on the same rows.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -384,7 +388,14 @@ impl Schema {
     /// The declared columns: key, time, target and features present with fitting types,
     /// ranges well formed.
     fn validate_columns(&self) -> Result<()> {
-        self.declared(&self.key, "key")?;
+        let key = self.declared(&self.key, "key")?;
+        if !matches!(key.ty, ColumnType::String | ColumnType::Int) {
+            bail!(
+                "key `{}` must be declared string or int, is {:?}",
+                self.key,
+                key.ty
+            );
+        }
         let t = self.declared(&self.time.column, "time")?;
         let want = match self.time.kind {
             TimeKind::Timestamp => ColumnType::Timestamp,
@@ -400,7 +411,9 @@ impl Schema {
         let target = self.declared(&self.target, "target")?;
         match (&self.task, target.ty) {
             (TaskSpec::Regression, ColumnType::Float | ColumnType::Int) => {}
-            (TaskSpec::Classification { classes }, ColumnType::Int) if *classes >= 2 => {}
+            // Labels are kept as u16.
+            (TaskSpec::Classification { classes }, ColumnType::Int)
+                if (2..=1 << 16).contains(classes) => {}
             (task, ty) => bail!(
                 "target `{}` of type {ty:?} does not fit task {task:?}",
                 self.target
@@ -436,6 +449,15 @@ impl Schema {
             if spec.ty != ColumnType::FloatList {
                 bail!("beam_power column `{p}` must be float_list");
             }
+            // One power per class, or the chosen class's power is another beam's.
+            if let TaskSpec::Classification { classes } = self.task
+                && spec.size != Some(classes)
+            {
+                bail!(
+                    "beam_power column `{p}`: size must be the number of classes ({classes}), is {:?}",
+                    spec.size
+                );
+            }
         }
         Ok(())
     }
@@ -444,12 +466,17 @@ impl Schema {
     /// columns and the task.
     fn validate_features(&self) -> Result<()> {
         for l in &self.features.lags {
-            if l.lags.is_empty() || l.lags.contains(&0) {
+            if l.lags.is_empty() || l.lags.iter().any(|&k| k == 0 || k > MAX_LAG) {
                 bail!(
-                    "lags of `{}` must be a non-empty list of integers ≥ 1",
+                    "lags of `{}` must be a non-empty list of integers from 1 to {MAX_LAG}",
                     l.column
                 );
             }
+        }
+        if let Some(s) = self.baselines.seasonal_lag
+            && !(1..=MAX_LAG).contains(&s)
+        {
+            bail!("baselines.seasonal_lag must be 1 to {MAX_LAG}, is {s}");
         }
         for c in &self.features.log1p {
             if !self.numeric_columns().contains(c) {
@@ -482,8 +509,8 @@ impl Schema {
             if !matches!(self.task, TaskSpec::Classification { .. }) {
                 bail!("label_lags apply to classification only");
             }
-            if l.lags.is_empty() || l.lags.contains(&0) {
-                bail!("label_lags.lags must be a non-empty list of integers ≥ 1");
+            if l.lags.is_empty() || l.lags.iter().any(|&k| k == 0 || k > MAX_LAG) {
+                bail!("label_lags.lags must be a non-empty list of integers from 1 to {MAX_LAG}");
             }
         }
         Ok(())
@@ -664,5 +691,49 @@ mod tests {
             err.contains("beam.json") && err.contains("needs `size`"),
             "{err}"
         );
+    }
+
+    /// A shipped schema with one edit, loaded: the error, which names the file.
+    fn refused(file: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        edit(&mut v);
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join(file);
+        std::fs::write(&p, v.to_string()).unwrap();
+        let err = format!("{:#}", Schema::load(&p).unwrap_err());
+        assert!(err.contains(file), "{err}");
+        err
+    }
+
+    /// Settings the features would panic on, abort on or silently corrupt are refused at
+    /// load, naming the key.
+    #[test]
+    fn lags_classes_keys_and_powers_out_of_their_bounds_are_refused_at_load() {
+        let milan = "milan_internet.json";
+        let e = refused(milan, |v| v["baselines"]["seasonal_lag"] = 0.into());
+        assert!(e.contains("seasonal_lag"), "{e}");
+        let e = refused(milan, |v| {
+            v["features"]["lags"][0]["lags"][0] = 1_000_000_000.into()
+        });
+        assert!(e.contains("lags of `internet`"), "{e}");
+        let beam = "deepsense_beam.json";
+        let e = refused(beam, |v| v["task"]["classes"] = 70_000.into());
+        assert!(e.contains("target"), "{e}");
+        let e = refused(beam, |v| {
+            let key = v["key"].as_str().unwrap().to_string();
+            v["columns"][key] = serde_json::json!({"type": "float_list", "size": 2});
+        });
+        assert!(e.contains("must be declared string or int"), "{e}");
+        let e = refused(beam, |v| {
+            let cols = v["columns"].as_object_mut().unwrap();
+            let list = cols
+                .values_mut()
+                .find(|c| c["type"] == "float_list")
+                .unwrap();
+            list["size"] = 32.into();
+        });
+        assert!(e.contains("size must be the number of classes (64)"), "{e}");
     }
 }

@@ -6,7 +6,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use arrow::array::Array;
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::Float32Type;
 
 use crate::decode::{DecodedBatch, value};
 use crate::schema::{Schema, TaskSpec, TimeKind};
@@ -160,6 +161,21 @@ impl RowCheck {
                 v
             };
         }
+        // Received power is a non-negative number: an infinite one would make the run's
+        // power loss infinite, a NaN one would hide the row's loss.
+        if let (Some(p), Some(name)) = (&d.power, &s.evaluation.beam_power)
+            && !p.is_null(i)
+        {
+            let w = p.value_length() as usize;
+            let start = p.value_offset_at(i);
+            let vals = &p.values().as_primitive::<Float32Type>().values()[start..start + w];
+            if vals.iter().any(|v| !v.is_finite()) {
+                return Err(SkipReason::NonFinite(name.clone()));
+            }
+            if vals.iter().any(|&v| v < 0.0) {
+                return Err(SkipReason::OutOfRange(name.clone()));
+            }
+        }
         let class = match &d.class {
             Some(c) if c.is_null(i) => return Err(SkipReason::Null(s.target.clone())),
             Some(c) => {
@@ -189,6 +205,15 @@ pub(crate) mod tests {
 
     /// Beam rows with these UE latitudes and best beams, under the shipped beam schema.
     pub(crate) fn beam(ue_lat: &[f64], best: &[i64]) -> (RowCheck, DecodedBatch) {
+        beam_with(ue_lat, best, |_, _| 1.0)
+    }
+
+    /// The same, with `power(row, beam)` as each row's received power.
+    fn beam_with(
+        ue_lat: &[f64],
+        best: &[i64],
+        power_of: impl Fn(usize, usize) -> f32,
+    ) -> (RowCheck, DecodedBatch) {
         let path =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/deepsense_beam.json");
         let schema = Arc::new(Schema::load(&path).unwrap());
@@ -196,8 +221,8 @@ pub(crate) mod tests {
         let int = |v: i64| Arc::new(Int64Array::from(vec![v; n])) as ArrayRef;
         let float = |v: f64| Arc::new(Float64Array::from(vec![v; n])) as ArrayRef;
         let mut power = FixedSizeListBuilder::new(Float32Builder::new(), 64);
-        for _ in 0..n {
-            power.values().append_slice(&[1.0; 64]);
+        for row in 0..n {
+            (0..64).for_each(|b| power.values().append_value(power_of(row, b)));
             power.append(true);
         }
         let cols: Vec<(&str, ArrayRef)> = vec![
@@ -243,6 +268,35 @@ pub(crate) mod tests {
                 Ok(Some(5)),
                 Err("out_of_range:ue_lat".into()),
                 Err("bad_class".into())
+            ]
+        );
+    }
+
+    /// Received power is a non-negative number: an infinite one made the run's power loss
+    /// infinite (the metric, not just the row).
+    #[test]
+    fn a_beam_power_that_is_not_a_non_negative_number_is_refused() {
+        let odd = |row: usize, beam: usize| match (row, beam) {
+            (1, 3) => f32::INFINITY,
+            (2, 0) => f32::NAN,
+            (3, 9) => -1.0,
+            _ => 1.0,
+        };
+        let (check, d) = beam_with(&[33.4201; 4], &[5; 4], odd);
+        let mut vals = vec![0.0; 6];
+        let got: Vec<String> = (0..4)
+            .map(|i| match check.row(&d, i, &mut vals) {
+                Ok(_) => "ok".into(),
+                Err(r) => r.label().into_owned(),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "ok",
+                "non_finite:beam_power",
+                "non_finite:beam_power",
+                "out_of_range:beam_power"
             ]
         );
     }

@@ -150,9 +150,7 @@ impl FeatureStage {
         let mut features = feature_engine(cfg, schema, &decoder)
             .with_key_changes()
             .with_injection(cfg.source.injection())
-            .map_err(|e| {
-                anyhow::anyhow!("{}: key `source.inject.column`: {e}", cfg.file.display())
-            })?;
+            .map_err(|e| anyhow::anyhow!("{}: key `source.inject`: {e}", cfg.file.display()))?;
         let mut pending = Samples::default();
         if let Some(mut s) = resume {
             pending = s.take_pending();
