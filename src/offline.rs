@@ -338,8 +338,12 @@ impl Epochs<'_> {
         sel_cfg.warmup = 0;
         // An epoch's selection is of rows: micro-batch selection is about online steps.
         sel_cfg.unit = crate::learner::select::SelectionUnit::Row;
+        let clock = cpu_time::ThreadTime::now();
         let mut sel = Selector::new(sel_cfg);
         let d = sel.decide(&self.scores, &mut self.rng);
+        // The policy's own work, booked with its scoring (the learner's clock does not see it).
+        self.learner
+            .book_selection_cpu(clock.elapsed().as_secs_f64());
         d.weights
             .iter()
             .enumerate()

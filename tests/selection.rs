@@ -220,4 +220,12 @@ fn offline_training_stops_on_validation_and_reports_the_test_period() {
     let n = h.len();
     assert!(n < 27, "stopped early: {h:?}");
     assert!(h[n - 3..].iter().all(|f| *f) && !h[n - 4], "{h:?}");
+    // Loss scores cost no pass, but choosing the rows each epoch costs CPU: booked as
+    // scoring, which every-row training (random at keep 1) never books.
+    let scoring_cpu = |r: &serde_json::Value| r["compute"]["scoring"]["cpu_s"].as_f64().unwrap();
+    assert!(
+        scoring_cpu(&ib) > 0.0 && scoring_cpu(&full) == 0.0,
+        "{}",
+        ib["compute"]
+    );
 }

@@ -3,7 +3,9 @@
 //! over all seeds, paired. Why: with a handful of families on five seeds, the cheapest pick
 //! within tolerance, and a "beats random" verdict, are partly the luck of those seeds (the
 //! default grid's clipping on Milan beat random on seeds 1-5 and not on 1-15). The picks are
-//! the first stage's, made on its seeds; the fresh seeds only test them.
+//! the first stage's, made on its seeds; the verdicts read the fresh seeds alone (the first
+//! stage's validation chose the pick, so its seeds lean its way), and the figures over all
+//! seeds are printed beside them.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -42,15 +44,27 @@ pub struct ConfirmRow {
     /// Validation and test metric vs random at equal compute, %, paired over all seeds.
     pub validation: MeanSd,
     pub test: MeanSd,
+    /// The same two over the fresh seeds alone: what the verdicts read.
+    pub fresh_validation: MeanSd,
+    pub fresh_test: MeanSd,
     /// Seeds where the pick's test metric is better than random's, of those paired.
     pub better: usize,
     /// Test metric vs the reference, %, paired over all seeds.
     pub reference: MeanSd,
+    /// Random's learning compute over the pick's (first stage).
+    pub ratio: f64,
 }
 
-/// The first stage's picks, compared over every seed in `by_config` (all runs, both stages).
-pub fn rows(first: &Summary, by_config: &[BySeed]) -> Vec<ConfirmRow> {
+/// The first stage's picks, compared over every seed in `by_config` (all runs, both stages)
+/// and over the `fresh` seeds alone.
+pub fn rows(first: &Summary, by_config: &[BySeed], fresh: &[u64]) -> Vec<ConfirmRow> {
     let m = first.metric;
+    let only_fresh = |b: &BySeed| -> BySeed {
+        (b.iter())
+            .filter(|(s, _)| fresh.contains(s))
+            .map(|(s, r)| (*s, r.clone()))
+            .collect()
+    };
     first
         .rows
         .iter()
@@ -68,14 +82,21 @@ pub fn rows(first: &Summary, by_config: &[BySeed]) -> Vec<ConfirmRow> {
                         .is_some_and(|q| m.worse_by(p.test, q.test) < 0.0)
                 })
                 .count();
+            let (fresh_runs, fresh_partner) = (only_fresh(runs), only_fresh(partner));
+            let ratio = r.random.map_or(f64::NAN, |i| {
+                first.stats[i].compute / first.stats[r.chosen].compute
+            });
             ConfirmRow {
                 family: r.family.clone(),
                 chosen: r.chosen,
                 random: r.random,
                 validation: paired(runs, partner, relative(|x| x.validation)),
                 test,
+                fresh_validation: paired(&fresh_runs, &fresh_partner, relative(|x| x.validation)),
+                fresh_test: paired(&fresh_runs, &fresh_partner, relative(|x| x.test)),
                 better,
                 reference: paired(runs, reference, relative(|x| x.test)),
+                ratio,
             }
         })
         .collect()
@@ -84,7 +105,7 @@ pub fn rows(first: &Summary, by_config: &[BySeed]) -> Vec<ConfirmRow> {
 /// The verdict on a paired Δ (see [`verdict`]); "baseline" for random itself.
 fn judged(metric: Metric, row: &ConfirmRow, d: &MeanSd) -> String {
     match row.random {
-        Some(_) => verdict(metric, d).to_string(),
+        Some(_) => verdict(metric, d, row.ratio).to_string(),
         None if row.family == grid::RANDOM => "baseline".into(),
         None => "no random family".into(),
     }
@@ -100,8 +121,9 @@ pub fn render(metric: Metric, rows: &[ConfirmRow], configs: &[Config], seeds: &[
         "test Δ vs reference %".into(),
         "validation Δ vs random %".into(),
         "test Δ vs random %".into(),
+        "fresh seeds: validation / test Δ vs random %".into(),
         "seeds better on test".into(),
-        "verdict: validation / test".into(),
+        "verdict (fresh seeds): validation / test".into(),
     ]);
     for r in rows {
         t.add_row(vec![
@@ -110,6 +132,7 @@ pub fn render(metric: Metric, rows: &[ConfirmRow], configs: &[Config], seeds: &[
             pct(&r.reference),
             pct(&r.validation),
             pct(&r.test),
+            format!("{} / {}", pct(&r.fresh_validation), pct(&r.fresh_test)),
             if r.random.is_some() {
                 format!("{} of {}", r.better, r.test.n)
             } else {
@@ -117,8 +140,8 @@ pub fn render(metric: Metric, rows: &[ConfirmRow], configs: &[Config], seeds: &[
             },
             format!(
                 "{} / {}",
-                judged(metric, r, &r.validation),
-                judged(metric, r, &r.test)
+                judged(metric, r, &r.fresh_validation),
+                judged(metric, r, &r.fresh_test)
             ),
         ]);
     }
@@ -130,7 +153,7 @@ pub fn render(metric: Metric, rows: &[ConfirmRow], configs: &[Config], seeds: &[
 /// `confirm.csv` in `out`.
 pub fn write(out: &Path, metric: Metric, rows: &[ConfirmRow], configs: &[Config]) -> Result<()> {
     let mut text = String::from(
-        "family,chosen_label,random_at_equal_compute,seeds,delta_reference_pct_mean,delta_reference_pct_sd,delta_random_validation_pct_mean,delta_random_validation_pct_sd,delta_random_test_pct_mean,delta_random_test_pct_sd,seeds_better_on_test,verdict_validation,verdict_test\n",
+        "family,chosen_label,random_at_equal_compute,seeds,delta_reference_pct_mean,delta_reference_pct_sd,delta_random_validation_pct_mean,delta_random_validation_pct_sd,delta_random_test_pct_mean,delta_random_test_pct_sd,seeds_better_on_test,verdict_validation,verdict_test,delta_random_validation_fresh_pct_mean,delta_random_validation_fresh_pct_sd,delta_random_test_fresh_pct_mean,delta_random_test_fresh_pct_sd,random_compute_ratio\n",
     );
     for r in rows {
         let random = r.random.map_or(String::new(), |i| configs[i].label.clone());
@@ -146,8 +169,13 @@ pub fn write(out: &Path, metric: Metric, rows: &[ConfirmRow], configs: &[Config]
             num(r.test.mean),
             num(r.test.sd),
             r.better.to_string(),
-            judged(metric, r, &r.validation),
-            judged(metric, r, &r.test),
+            judged(metric, r, &r.fresh_validation),
+            judged(metric, r, &r.fresh_test),
+            num(r.fresh_validation.mean),
+            num(r.fresh_validation.sd),
+            num(r.fresh_test.mean),
+            num(r.fresh_test.sd),
+            num(r.ratio),
         ];
         text.push_str(&line.join(","));
         text.push('\n');

@@ -357,7 +357,7 @@ pub fn run(args: Args) -> Result<()> {
         let mut all = exp.clone();
         all.seeds.extend(&seeds);
         let by_config = summary::summarize(&all, &configs, &records).by_config;
-        let rows = confirm::rows(&summary, &by_config);
+        let rows = confirm::rows(&summary, &by_config, &seeds);
         print!(
             "{}",
             confirm::render(exp.metric, &rows, &configs, &all.seeds)

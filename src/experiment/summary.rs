@@ -151,20 +151,43 @@ pub fn random_for(configs: &[Config], stats: &[ConfigStats], chosen: usize) -> O
         .min_by(|&a, &b| gap(a).total_cmp(&gap(b)))
 }
 
-/// "beats random" when the paired difference is better by more than 2 sd, "loses" when worse by more than 2 sd.
-pub fn verdict(metric: Metric, delta: &MeanSd) -> &'static str {
+/// How far (relative) the random partner's compute may be from the policy's for a win or a
+/// loss to be told as such either way. Beyond it a win counts only against a random that
+/// spent more, a loss only against one that spent less.
+pub const VERDICT_COMPUTE_GAP: f64 = 0.10;
+
+/// "beats random" when the paired difference is better by more than 2 sd, "loses" when worse
+/// by more than 2 sd; `ratio` is the partner's compute over the policy's. A win over a random
+/// that spent much less (or a loss to one that spent much more) says nothing about equal
+/// compute: "n/a (unequal compute)".
+pub fn verdict(metric: Metric, delta: &MeanSd, ratio: f64) -> &'static str {
     if delta.n == 0 {
         return "n/a";
+    }
+    if delta.n < 2 {
+        return "n/a (one seed)";
     }
     let gain = if metric.higher_is_better() {
         delta.mean
     } else {
         -delta.mean
     };
+    let (cheaper, dearer) = (
+        ratio < 1.0 - VERDICT_COMPUTE_GAP,
+        ratio > 1.0 + VERDICT_COMPUTE_GAP,
+    );
     if gain > 2.0 * delta.sd {
-        "beats random"
+        if cheaper {
+            "n/a (unequal compute)"
+        } else {
+            "beats random"
+        }
     } else if gain < -2.0 * delta.sd {
-        "loses"
+        if dearer {
+            "n/a (unequal compute)"
+        } else {
+            "loses"
+        }
     } else {
         "tie"
     }
@@ -228,7 +251,10 @@ fn family_row(
         paired(runs, &s.by_config[r], relative(|x| x.test))
     });
     let verdict = match random {
-        Some(_) => verdict(s.metric, &delta_random).to_string(),
+        Some(r) => {
+            let ratio = s.stats[r].compute / s.stats[chosen].compute;
+            verdict(s.metric, &delta_random, ratio).to_string()
+        }
         None if family == grid::RANDOM || chosen == 0 => "baseline".to_string(),
         None => "no random family".to_string(),
     };
@@ -757,10 +783,20 @@ axes = {{ {exact_axes} }}
     #[test]
     fn verdicts_need_more_than_two_paired_sd() {
         let d = |mean, sd| MeanSd { mean, sd, n: 3 };
-        assert_eq!(verdict(Metric::Mae, &d(-1.0, 0.4)), "beats random");
-        assert_eq!(verdict(Metric::Mae, &d(1.0, 0.4)), "loses");
-        assert_eq!(verdict(Metric::Mae, &d(-1.0, 0.6)), "tie");
-        assert_eq!(verdict(Metric::Top1, &d(1.0, 0.4)), "beats random");
+        assert_eq!(verdict(Metric::Mae, &d(-1.0, 0.4), 1.0), "beats random");
+        assert_eq!(verdict(Metric::Mae, &d(1.0, 0.4), 1.0), "loses");
+        assert_eq!(verdict(Metric::Mae, &d(-1.0, 0.6), 1.0), "tie");
+        assert_eq!(verdict(Metric::Top1, &d(1.0, 0.4), 1.0), "beats random");
+        // A win over a random at 60% of the compute, a loss to one at 150%: no verdict; the
+        // other way round, the verdict stands (it holds at equal compute a fortiori).
+        let unequal = "n/a (unequal compute)";
+        assert_eq!(verdict(Metric::Mae, &d(-1.0, 0.4), 0.6), unequal);
+        assert_eq!(verdict(Metric::Mae, &d(1.0, 0.4), 1.5), unequal);
+        assert_eq!(verdict(Metric::Mae, &d(-1.0, 0.4), 1.5), "beats random");
+        assert_eq!(verdict(Metric::Mae, &d(1.0, 0.4), 0.6), "loses");
+        assert_eq!(verdict(Metric::Mae, &d(-1.0, 0.4), 0.95), "beats random");
+        let one = MeanSd::of([-5.0]);
+        assert_eq!(verdict(Metric::Mae, &one, 1.0), "n/a (one seed)");
         let m = MeanSd::of([1.0, 2.0, 3.0, f64::NAN]);
         assert_eq!((m.mean, m.sd, m.n), (2.0, 1.0, 3));
     }

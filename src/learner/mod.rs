@@ -833,6 +833,12 @@ impl OnlineLearner {
         self.ledger.reference.add(&w);
     }
 
+    /// Books CPU seconds spent choosing rows outside the learner (offline epochs' selection)
+    /// as scoring: work the every-row reference never does.
+    pub fn book_selection_cpu(&mut self, cpu_s: f64) {
+        self.ledger.scoring.cpu_s += cpu_s;
+    }
+
     /// Re-scores the next slice of the buffer with the current model (scoring work).
     fn rescore_slice(&mut self) {
         self.rescore_slots(self.cfg.buffer.rescore_slice);
