@@ -61,13 +61,16 @@ pub fn inputs_crc(bin: &Path, pipeline: &Path) -> anyhow::Result<u32> {
     Ok(h.finalize())
 }
 
-/// The CRC-32 of the archive a run reads, under its overrides (an experiment may point
-/// `source.path` elsewhere): each file with its length and modification time. Why: a folder
-/// or a pattern gains, loses or rewrites files without the pipeline changing. A source that
-/// cannot be listed hashes as such (its run fails, and a failed run is never reused).
+/// The CRC-32 of what a run reads under its own overrides (an experiment may point
+/// `source.path` or `schema` elsewhere): the schema file's bytes, and each archive file with
+/// its length and modification time. Why: a folder or a pattern gains, loses or rewrites
+/// files without the pipeline changing, and an overridden schema is not the one
+/// [`inputs_crc`] read. A source that cannot be listed hashes as such (its run fails, and a
+/// failed run is never reused).
 fn archive_crc(pipeline: &Path, overrides: &[String]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     let files = crate::config::PipelineConfig::load(pipeline, overrides).and_then(|cfg| {
+        h.update(&std::fs::read(&cfg.schema)?);
         let crate::source::SourceConfig::Parquet(src) = &cfg.source else {
             return Ok(Vec::new());
         };
@@ -337,6 +340,18 @@ mod tests {
             archive_crc(&pipeline, &over),
             "a file more in the folder"
         );
+        // A schema an override names: editing it is another input too.
+        let schema = dir.path().join("schema.json");
+        std::fs::copy(repo.join("schemas/milan_internet.json"), &schema).unwrap();
+        let over = vec![format!("schema={:?}", schema.display().to_string())];
+        let before = archive_crc(&pipeline, &over);
+        let text = std::fs::read_to_string(&schema).unwrap();
+        std::fs::write(
+            &schema,
+            text.replace("\"description\": \"", "\"description\": \"edited "),
+        )
+        .unwrap();
+        assert_ne!(before, archive_crc(&pipeline, &over), "an edited schema");
     }
 
     #[test]
