@@ -252,6 +252,11 @@ impl Samples {
 
 /// Values a scaler must have seen before the deviation check trusts it.
 const DEVIATION_WARMUP: u64 = 1000;
+/// Rows in a row a column may be far out before its values are taken as a new regime: an
+/// absurd value comes alone, a level the scalers have not seen comes to stay (and the
+/// scalers, which never see a dead-lettered value, would otherwise never widen to it: a
+/// column that read 0 for a thousand rows would refuse every later non-zero value).
+const FAR_STREAK: u32 = 32;
 
 /// Running mean and variance (Welford).
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
@@ -452,6 +457,9 @@ pub struct FeatureEngine {
     pub keys_evicted: u64,
     /// See [`FeatureEngine::with_max_deviations`].
     max_deviations: f64,
+    /// Per numeric column (and the position's distance, last): rows in a row whose value was
+    /// far out (see [`FAR_STREAK`]).
+    far_streak: Vec<u32>,
     /// Classification: classes, and labels kept per key (the longest label lag, at least 1).
     classes: usize,
     label_len: usize,
@@ -535,6 +543,7 @@ impl FeatureEngine {
             tick: 0,
             keys_evicted: 0,
             max_deviations: 0.0,
+            far_streak: vec![0; numeric.len() + 1],
             schema,
         }
     }
@@ -575,23 +584,43 @@ impl FeatureEngine {
     }
 
     /// The first column (or `ue_distance`, for the position) whose value is absurdly far
-    /// from what the running scalers have seen: none until they have seen enough values.
-    fn far_out(&self, vals: &[f64], en: Option<(f64, f64)>) -> Option<String> {
+    /// from what the running scalers have seen: none until they have seen enough values, and
+    /// none for a column far out for more than [`FAR_STREAK`] rows in a row (logged once).
+    fn far_out(&mut self, vals: &[f64], en: Option<(f64, f64)>) -> Option<String> {
         let k = self.max_deviations;
+        if k <= 0.0 {
+            return None;
+        }
         let far = |s: &Scaler, v: f64| {
             let (mean, std) = s.params();
-            k > 0.0 && s.n >= DEVIATION_WARMUP && s.m2 > 0.0 && (v - mean).abs() > k * std
+            s.n >= DEVIATION_WARMUP && s.m2 > 0.0 && (v - mean).abs() > k * std
         };
         // Raw coordinates are judged by the distance they give: a base station's own
         // coordinates are constant within a site and jump between sites.
         let geo = self.geo.unwrap_or([usize::MAX; 4]);
-        if let Some(c) =
-            (0..vals.len()).find(|&c| !geo.contains(&c) && far(&self.scalers[c], vals[c]))
-        {
-            return Some(self.numeric[c].clone());
+        let dist = self.numeric.len();
+        let mut first = None;
+        for c in (0..dist).filter(|c| !geo.contains(c)).chain([dist]) {
+            let is_far = match (c < dist, en) {
+                (true, _) => far(&self.scalers[c], vals[c]),
+                (false, Some((e, n))) => far(&self.geo_scalers[2], e.hypot(n)),
+                (false, None) => false,
+            };
+            let streak = &mut self.far_streak[c];
+            *streak = if is_far { streak.saturating_add(1) } else { 0 };
+            let name = || self.numeric.get(c).map_or("ue_distance", |n| n.as_str());
+            if *streak == FAR_STREAK + 1 {
+                tracing::warn!(
+                    column = name(),
+                    rows = FAR_STREAK,
+                    "far from the running mean for this many rows in a row: taken as a new level"
+                );
+            }
+            if is_far && *streak <= FAR_STREAK && first.is_none() {
+                first = Some(name().to_string());
+            }
         }
-        let (e, n) = en?;
-        far(&self.geo_scalers[2], e.hypot(n)).then(|| "ue_distance".to_string())
+        first
     }
 
     /// The raw point the neighbour memory compares: input columns and geo east/north.
@@ -1291,6 +1320,30 @@ mod tests {
         );
         let mut off = milan(10).with_max_deviations(0.0);
         assert!(bad_input(&feed_values(&mut off, &vec![1; v.len()], &v, 0)).is_empty());
+    }
+
+    /// A column that sat at one level for a thousand rows and then moves to a level its
+    /// scalers never saw, to stay: the first rows of it are dead-lettered, then the new
+    /// level is taken (before, the scalers never saw a dead-lettered value, so every later
+    /// row was refused for the rest of the run). A lone absurd value is still refused.
+    #[test]
+    fn a_new_level_that_stays_is_taken_after_a_streak_and_a_lone_outlier_is_not() {
+        let mut fe = milan(10).with_max_deviations(10.0);
+        let calm: Vec<f64> = (0..1200).map(|i| 90.0 + (i % 41) as f64).collect();
+        let mut v = calm.clone();
+        v.extend([9e6; 60]);
+        let skips = bad_input(&feed_values(&mut fe, &vec![1; v.len()], &v, 0));
+        let refused: Vec<usize> = skips.iter().map(|(i, _)| *i).collect();
+        assert_eq!(
+            refused,
+            (1200..1200 + FAR_STREAK as usize).collect::<Vec<_>>()
+        );
+        // A lone one after calm rows: refused.
+        let mut fe = milan(10).with_max_deviations(10.0);
+        let mut v = calm;
+        v.extend([9e6, 100.0, 9e6, 100.0]);
+        let skips = bad_input(&feed_values(&mut fe, &vec![1; v.len()], &v, 0));
+        assert_eq!(skips.len(), 2, "{skips:?}");
     }
 
     /// A UE position inside the globe's range but 1,100 km from a base station whose UEs
