@@ -511,8 +511,8 @@ impl Cursor {
     }
 
     /// Loads the next batch once the current one is used up; false at the end of the file.
-    /// Unreadable row groups are skipped and recorded in `lost`; a batch that cannot be
-    /// conformed to the canonical layout loses the rest of the file.
+    /// Unreadable row groups are skipped and recorded in `lost`; a batch with a value its cast
+    /// would change is lost alone, and a column of another type loses the rest of the file.
     fn refill(&mut self, canon: &mut Canonical) -> bool {
         if self.pos < self.batch.num_rows() {
             return true;
@@ -539,6 +539,24 @@ impl Cursor {
                     self.lost.push(lost);
                 }
                 Some(Ok(b)) => match canon.conform(&b) {
+                    // A value that would change in the cast (an integer beyond 2⁵³, an
+                    // overflow) loses its batch; the next batches may hold none.
+                    Err(r) if r.starts_with("lossy_cast:") => {
+                        let rows = b.num_rows() as u64;
+                        let (first, end) = (self.base, self.base + rows);
+                        self.lost.push(Lost {
+                            first_row: first,
+                            rows,
+                            detail: format!(
+                                "{}: rows {first}..{end}: a value would change in the cast: {r}",
+                                self.origin
+                            ),
+                            reason: r,
+                        });
+                        self.base = end;
+                    }
+                    // A column of another type loses the rest of the file: every batch
+                    // would fail alike.
                     Err(r) => {
                         self.lost.push(Lost {
                             first_row: self.base,
