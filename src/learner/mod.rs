@@ -355,6 +355,7 @@ impl OnlineLearner {
             return StepOutcome::default();
         }
         let mut clock = Stopwatch::start(&self.ledger, &mut self.cpu_clock);
+        let steps_before = self.stats.steps;
         // The averaged model predicts before this micro-batch's step, as the live one does;
         // which of the two predictions is used follows the record of the rows before these.
         let averaged = self
@@ -420,8 +421,10 @@ impl OnlineLearner {
         self.count_step(n, r, &decision);
         self.ledger.training.cpu_s += clock.lap();
         clock.settle(&mut self.ledger, &mut self.cpu_clock);
+        // Once each time the step count passes a multiple of `every`: a batch whose step was
+        // refused takes none, and several steps per batch may jump one.
         let every = self.cfg.buffer.rescore_every;
-        if every > 0 && trained_rows > 0 && self.stats.steps.is_multiple_of(every) {
+        if every > 0 && trained_rows > 0 && self.stats.steps / every > steps_before / every {
             self.rescore_slice();
         }
         self.stats.backpropagated =
@@ -551,6 +554,9 @@ impl OnlineLearner {
             scored.scores.extend_from_slice(&again.scores[n..]);
             scored.losses = again.losses;
         }
+        // The replay draw and its pass are training's (not the next stretch's, which may be
+        // the averaged weights' record, booked as inference).
+        self.ledger.training.cpu_s += clock.lap();
         Pass {
             replay,
             replay_w,

@@ -104,7 +104,8 @@ impl Learners {
             ModelScope::PerKey => key.clone(),
         };
         if !self.models.contains_key(&slot) {
-            if self.models.len() >= self.max_models
+            // `while`: a set restored under a smaller `max_models` comes down to it.
+            while self.models.len() >= self.max_models
                 && let Some(old) = self
                     .models
                     .iter()
@@ -395,5 +396,13 @@ mod tests {
         let mut shared = Learners::new(config(), ModelScope::Shared, 1);
         let err = shared.restore(l.state().unwrap()).unwrap_err().to_string();
         assert!(err.contains("model.scope"), "{err}");
+        // Restored under a smaller `max_models`, the set comes down to it at the next new
+        // key (before, each new key dropped one model and added one).
+        step(&mut l, &["c", "d"]);
+        let mut small = Learners::new(config(), ModelScope::PerKey, 2);
+        small.restore(l.state().unwrap()).unwrap();
+        assert_eq!(small.models(), 4);
+        step(&mut small, &["e"]);
+        assert_eq!(small.models(), 2);
     }
 }

@@ -373,16 +373,19 @@ impl LearnerStage {
                 let switch = self.cfg.model.decision == Decision::Switch;
                 let record = switch.then(|| self.keys.rules(key));
                 let a = t.choose(row, blend.is_none(), record.as_ref(), &mut self.decided);
-                if switch && a.most != a.least {
+                // A non-finite prediction (the decision scores are NaN) acts on no class: it
+                // is counted as such, and teaches the key's record nothing.
+                let acted = self.decided.iter().all(|v| v.is_finite());
+                if switch && acted && a.most != a.least {
                     self.switch_rows.rows_differing += 1;
                     self.switch_rows.acted_most_probable += u64::from(a.on_most);
                 }
                 // Acting on the most probable class leaves `choice` unset: the ranking's top.
-                if !a.on_most {
+                if !a.on_most || !acted {
                     *choice = Some(&self.decided);
                 }
-                prediction = a.class() as f64;
-                rules = switch.then_some(a);
+                prediction = if acted { a.class() as f64 } else { f64::NAN };
+                rules = (switch && acted).then_some(a);
             }
         }
         self.metrics.record(sample, time, obs);
@@ -561,7 +564,9 @@ impl LearnerStage {
             let (reply_tx, reply_rx) = sync_channel(1);
             sink.send(SinkMsg::Roll(reply_tx))
                 .context("sink thread stopped")?;
-            self.ckpt.next_segment = reply_rx.recv().context("sink thread stopped")??;
+            if let Some(next) = reply_rx.recv().context("sink thread stopped")?? {
+                self.ckpt.next_segment = next;
+            }
         }
         self.dead.sync()?;
         self.keys.save_into(&mut features);
@@ -792,7 +797,7 @@ mod tests {
                     SinkMsg::Roll(reply) => {
                         log.lock().unwrap().push("roll");
                         segment += 1;
-                        let _ = reply.send(Ok(segment));
+                        let _ = reply.send(Ok(Some(segment)));
                     }
                 }
             }

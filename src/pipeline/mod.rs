@@ -70,6 +70,11 @@ pub async fn run(cfg: PipelineConfig, opts: RunOptions, shutdown: Shutdown) -> R
     let cpu_start = cpu_time::ProcessTime::now();
     let schema = Arc::new(Schema::load(&cfg.schema)?);
     cfg.validate_with(schema.input_width(), schema.evaluation.beam_power.is_some())?;
+    if matches!(cfg.source, SourceConfig::Kafka(_)) && !cfg.checkpoint.enabled {
+        // Without checkpoints, a learnt batch is as durable as it gets: its offsets are
+        // committed at once, before its outputs are on disk or on the broker.
+        tracing::warn!(pipeline = %cfg.name, "a Kafka source without [checkpoint]: offsets are committed as batches are learnt, so a crash loses the model and the score rows, topic records and dead letters not yet written; enable checkpoints for at-least-once outputs");
+    }
     let (meter, last_checkpoint_ms, ticker) = start_process_metrics(&cfg, started);
     let out_dir = cfg.output_dir();
     std::fs::create_dir_all(&out_dir)
@@ -227,10 +232,15 @@ fn finish_report(
             &stage.drift.events,
             &stage.trace.changes,
         );
-        let png = crate::sink::metric_plot::write(out_dir, &plot)?;
-        report
-            .outputs
-            .insert("plot".into(), png.display().to_string());
+        // The report is written whatever befalls the picture (a font, a full disk).
+        match crate::sink::metric_plot::write(out_dir, &plot) {
+            Ok(png) => {
+                report
+                    .outputs
+                    .insert("plot".into(), png.display().to_string());
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "the run plot was not written"),
+        }
     }
     let report_path = out_dir.join(outputs::REPORT);
     crate::durable::write_atomic(

@@ -15,8 +15,10 @@ use crate::sink::topic::SampleTopicSink;
 /// What the sink thread is told.
 pub(super) enum SinkMsg {
     Rows(Vec<ScoreRow>),
-    /// Make everything sent so far durable; reply with the next score segment number.
-    Roll(SyncSender<Result<u64>>),
+    /// Make everything sent so far durable; reply with the next score segment number (none
+    /// without segments: the checkpoint keeps the number it had, so that a later run with
+    /// segments does not take every earlier one for uncovered and delete it).
+    Roll(SyncSender<Result<Option<u64>>>),
 }
 
 /// The per-sample score output: one file (written under its temporary name and renamed
@@ -82,13 +84,13 @@ impl SinkStage {
         Ok(())
     }
 
-    fn roll(&mut self) -> Result<u64> {
+    fn roll(&mut self) -> Result<Option<u64>> {
         if let Some(t) = &self.topic {
             t.flush()?;
         }
         match &mut self.scores {
-            Some(ScoreOut::Segments(s)) => s.roll(),
-            _ => Ok(0),
+            Some(ScoreOut::Segments(s)) => s.roll().map(Some),
+            _ => Ok(None),
         }
     }
 
@@ -118,5 +120,37 @@ impl SinkStage {
             None => None,
         };
         Ok((written, self.topic.map(|t| t.records)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without score segments a checkpoint's roll names no segment: the checkpoint keeps the
+    /// number it had. Before, it saved 0, and a later run with segments deleted every
+    /// segment an earlier one had written (all numbered ≥ 0, so all "uncovered").
+    #[test]
+    fn a_roll_without_segments_names_none() {
+        let mut stage = SinkStage {
+            scores: None,
+            topic: None,
+        };
+        assert_eq!(stage.roll().unwrap(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let columns = crate::sink::scores::ScoreColumns {
+            timestamps: true,
+            features: false,
+        };
+        let segments = ScoreSegments::open(dir.path(), columns, 3).unwrap();
+        let mut stage = SinkStage {
+            scores: Some(ScoreOut::Segments(segments)),
+            topic: None,
+        };
+        assert_eq!(
+            stage.roll().unwrap(),
+            Some(3),
+            "nothing written: the same number"
+        );
     }
 }

@@ -96,7 +96,13 @@ impl DeadLetterSink {
         if let Some(at) = self.resume_at {
             let had = f.metadata().with_context(ctx)?.len();
             if had < at {
-                tracing::warn!(file = %self.path.display(), had, checkpointed = at, "the dead-letter file is shorter than the checkpoint says; continuing at its end");
+                // Letters the checkpoint covers are gone: not a state to go on from quietly.
+                anyhow::bail!(
+                    "{} holds {had} bytes, but the checkpoint covers {at}: dead letters the \
+                     checkpoint counts are lost (restore the file, or remove the checkpoint \
+                     to replay from the start)",
+                    self.path.display()
+                );
             } else if had > at {
                 tracing::info!(file = %self.path.display(), dropped_bytes = had - at, "dead letters past the checkpoint are dropped; their rows are replayed");
                 f.set_len(at).with_context(ctx)?;
@@ -104,6 +110,9 @@ impl DeadLetterSink {
         }
         let mut f = f;
         std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).with_context(ctx)?;
+        // The file's own entry in its folder, so that a checkpoint covering its letters
+        // never outlives it (the checkpoint may live in another folder).
+        crate::durable::sync_dir(&self.path);
         Ok(f)
     }
 
@@ -147,5 +156,29 @@ impl DeadLetterSink {
                 .with_context(|| format!("cannot flush {}", self.path.display()))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dead-letter file shorter than the checkpoint that covers it has lost letters the
+    /// checkpoint counts: the resumed run stops with the path, instead of carrying on with
+    /// a wrong length (before: a warning).
+    #[test]
+    fn a_file_shorter_than_its_checkpoint_stops_the_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dead_letters.jsonl");
+        std::fs::write(&path, b"{}\n").unwrap();
+        let mut sink = DeadLetterSink::new(&path, Some(100));
+        let err = format!("{:#}", sink.sync().unwrap_err());
+        assert!(
+            err.contains("dead_letters.jsonl") && err.contains("covers 100"),
+            "{err}"
+        );
+        // As long as the checkpoint says, or longer (cut back): fine.
+        let mut sink = DeadLetterSink::new(&path, Some(3));
+        sink.sync().unwrap();
     }
 }
