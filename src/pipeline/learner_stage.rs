@@ -635,9 +635,12 @@ impl LearnerStage {
         }
         self.publish_metrics();
         self.flush_rows()?;
-        // The sink stage ends when its last sender is gone, and a feed source stops draining
-        // acknowledgements when this one is: this stage outlives the run, so hang up now.
-        self.io.sink_tx = None;
+        // The sink completes its outputs only when told the run finished (a stage that fails
+        // drops its sender without this); a feed source stops draining acknowledgements when
+        // this one is gone: this stage outlives the run, so hang up now.
+        if let Some(tx) = self.io.sink_tx.take() {
+            tx.send(SinkMsg::Finish).context("sink thread stopped")?;
+        }
         self.io.ack_tx = None;
         self.dead.finish()
     }
@@ -794,6 +797,7 @@ mod tests {
             for m in sink_rx {
                 match m {
                     SinkMsg::Rows(_) => log.lock().unwrap().push("rows"),
+                    SinkMsg::Finish => log.lock().unwrap().push("finish"),
                     SinkMsg::Roll(reply) => {
                         log.lock().unwrap().push("roll");
                         segment += 1;

@@ -19,6 +19,9 @@ pub(super) enum SinkMsg {
     /// without segments: the checkpoint keeps the number it had, so that a later run with
     /// segments does not take every earlier one for uncovered and delete it).
     Roll(SyncSender<Result<Option<u64>>>),
+    /// The run ended: complete the outputs. A sender gone without it is a run that failed,
+    /// whose score file must not take its final name.
+    Finish,
 }
 
 /// The per-sample score output: one file (written under its temporary name and renamed
@@ -58,6 +61,7 @@ impl SinkStage {
     ) -> Result<SinkTotals> {
         while let Ok(msg) = time.waiting(|| rx.recv()) {
             match msg {
+                SinkMsg::Finish => return self.finish(),
                 SinkMsg::Rows(rows) => self.write(&rows)?,
                 SinkMsg::Roll(reply) => {
                     let done = self.roll();
@@ -69,7 +73,12 @@ impl SinkStage {
                 }
             }
         }
-        self.finish()
+        // The learner stopped without finishing (its own error is the run's): the score file
+        // stays under its temporary name, and no segment is closed that no checkpoint covers.
+        if let Some(ScoreOut::File { path, .. }) = &self.scores {
+            tracing::warn!(file = %crate::durable::tmp_path(path).display(), "the run did not finish: its score file keeps its temporary name");
+        }
+        Ok((None, self.topic.map(|t| t.records)))
     }
 
     fn write(&mut self, rows: &[ScoreRow]) -> Result<()> {
@@ -152,5 +161,40 @@ mod tests {
             Some(3),
             "nothing written: the same number"
         );
+    }
+
+    /// The score file takes its final name only when the learner says the run finished; a
+    /// learner that failed (its sender dropped without `Finish`) leaves it temporary.
+    #[test]
+    fn the_score_file_is_renamed_only_at_a_finish() {
+        let columns = crate::sink::scores::ScoreColumns {
+            timestamps: true,
+            features: false,
+        };
+        for finish in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("scores.parquet");
+            let tmp = crate::durable::tmp_path(&path);
+            let stage = SinkStage {
+                scores: Some(ScoreOut::File {
+                    sink: crate::sink::scores::ScoreSink::create(&tmp, columns).unwrap(),
+                    path: path.clone(),
+                }),
+                topic: None,
+            };
+            let (tx, rx) = std::sync::mpsc::sync_channel(4);
+            let times = std::sync::Arc::new(crate::stage_time::StageTimes::default());
+            let handle = stage.spawn(rx, times);
+            if finish {
+                tx.send(SinkMsg::Finish).unwrap();
+            }
+            drop(tx);
+            handle.join().unwrap().unwrap();
+            assert_eq!(
+                (path.exists(), tmp.exists()),
+                (finish, !finish),
+                "finish: {finish}"
+            );
+        }
     }
 }
