@@ -114,7 +114,9 @@ pub struct Checkpoint {
 /// 12: each key may keep its own loss table (`model.decision_scope = "per_key"`).
 /// 13: each replayed entry keeps its admission weight (replay under `sample` and `infobatch`).
 /// 14: the metric trace keeps running totals, and each change mark the total at the change.
-const MAGIC: &[u8; 8] = b"GSCKPT14";
+/// 15: the replay buffer's layout (slots, free list, queue, weight sum); the per-key models'
+/// use ticks and dropped models' buffer counters.
+const MAGIC: &[u8; 8] = b"GSCKPT15";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {

@@ -37,6 +37,12 @@ pub struct LearnersState {
     pub retired: LearnerStats,
     pub retired_ledger: ComputeLedger,
     pub evicted: u64,
+    /// The dropped models' buffer counters (the report's admitted never goes back).
+    pub retired_buffer: BufferStats,
+    /// Each model's last use (aligned with `models`) and the use counter: which model
+    /// `max_models` drops next is the same after a resume.
+    pub used: Vec<u64>,
+    pub tick: u64,
 }
 
 impl LearnersState {
@@ -68,6 +74,7 @@ pub struct Learners {
     /// Counters of dropped models.
     retired: LearnerStats,
     retired_ledger: ComputeLedger,
+    retired_buffer: BufferStats,
     /// Models dropped at `max_models`.
     pub evicted: u64,
 }
@@ -87,6 +94,7 @@ impl Learners {
             tick: 0,
             retired: LearnerStats::default(),
             retired_ledger: ComputeLedger::default(),
+            retired_buffer: BufferStats::default(),
             evicted: 0,
         };
         if scope == ModelScope::Shared {
@@ -115,6 +123,7 @@ impl Learners {
                 let (gone, _) = self.models.remove(&old).expect("present");
                 add_stats(&mut self.retired, &gone.stats());
                 self.retired_ledger.add(&gone.ledger());
+                self.retired_buffer.add(&gone.buffer().stats);
                 self.evicted += 1;
                 tracing::warn!(key = %old, max_models = self.max_models, "model.max_models reached: the least recently used key's model is dropped");
             }
@@ -208,7 +217,10 @@ impl Learners {
     }
 
     pub fn buffers(&self) -> BufferTotals {
-        let mut t = BufferTotals::default();
+        let mut t = BufferTotals {
+            stats: self.retired_buffer,
+            ..BufferTotals::default()
+        };
         for (m, _) in self.models.values() {
             let b = m.buffer();
             t.len += b.len();
@@ -232,8 +244,10 @@ impl Learners {
 
     pub fn state(&self) -> anyhow::Result<LearnersState> {
         let mut models = Vec::with_capacity(self.models.len());
-        for (k, (m, _)) in &self.models {
+        let mut used = Vec::with_capacity(self.models.len());
+        for (k, (m, t)) in &self.models {
             models.push((k.clone(), m.state()?));
+            used.push(*t);
         }
         Ok(LearnersState {
             scope: self.scope,
@@ -241,6 +255,9 @@ impl Learners {
             retired: self.retired,
             retired_ledger: self.retired_ledger,
             evicted: self.evicted,
+            retired_buffer: self.retired_buffer,
+            used,
+            tick: self.tick,
         })
     }
 
@@ -253,11 +270,14 @@ impl Learners {
             self.scope
         );
         self.models.clear();
-        for (k, state) in s.models {
+        for (i, (k, state)) in s.models.into_iter().enumerate() {
             let mut m = OnlineLearner::new(self.cfg.clone());
             m.restore(state)?;
-            self.models.insert(k, (m, 0));
+            self.models
+                .insert(k, (m, s.used.get(i).copied().unwrap_or(0)));
         }
+        self.tick = s.tick;
+        self.retired_buffer = s.retired_buffer;
         if self.scope == ModelScope::Shared && self.models.is_empty() {
             let shared = OnlineLearner::new(self.cfg.clone());
             self.models.insert(self.shared.clone(), (shared, 0));
@@ -404,5 +424,17 @@ mod tests {
         assert_eq!(small.models(), 4);
         step(&mut small, &["e"]);
         assert_eq!(small.models(), 2);
+        // Which model `max_models` drops next is the same after a resume: the least
+        // recently used, not the first key of equal (unsaved) ticks.
+        let mut two = Learners::new(config(), ModelScope::PerKey, 2);
+        step(&mut two, &["b", "a"]);
+        step(&mut two, &["a"]);
+        let mut back = Learners::new(config(), ModelScope::PerKey, 2);
+        back.restore(two.state().unwrap()).unwrap();
+        step(&mut two, &["c"]);
+        step(&mut back, &["c"]);
+        let keys = |l: &Learners| l.models.keys().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert_eq!(keys(&two), ["a", "c"]);
+        assert_eq!(keys(&back), keys(&two));
     }
 }

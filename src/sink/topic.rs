@@ -97,11 +97,20 @@ impl SampleTopicSink {
 
     /// Waits until every queued record is delivered (before a checkpoint). A record the
     /// broker refused after librdkafka's retries fails the checkpoint: its offsets must not
-    /// be committed.
+    /// be committed. A broker away for longer than a minute is waited for, a minute at a
+    /// time, until a shutdown is asked for (a broker restart must not end the run).
     pub fn flush(&self) -> Result<()> {
-        self.producer
-            .flush(Duration::from_secs(60))
-            .context("output topic records not delivered within 60 s")?;
+        loop {
+            match self.producer.flush(Duration::from_secs(60)) {
+                Ok(()) => break,
+                Err(e) if !self.shutdown.is_triggered() => {
+                    tracing::warn!(error = %e, topic = %self.topic, "output topic records not delivered within 60 s; waiting on");
+                }
+                Err(e) => {
+                    return Err(e).context("output topic records not delivered within 60 s");
+                }
+            }
+        }
         let failed = self
             .producer
             .context()
