@@ -116,7 +116,8 @@ pub struct Checkpoint {
 /// 14: the metric trace keeps running totals, and each change mark the total at the change.
 /// 15: the replay buffer's layout (slots, free list, queue, weight sum); the per-key models'
 /// use ticks and dropped models' buffer counters.
-const MAGIC: &[u8; 8] = b"GSCKPT15";
+/// 16: each learner's divergence guard (its snapshot of good weights and runs of steps).
+const MAGIC: &[u8; 8] = b"GSCKPT16";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.
 pub fn save(path: &Path, ckpt: &Checkpoint) -> Result<u64> {

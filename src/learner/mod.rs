@@ -150,6 +150,17 @@ pub struct LearnerState {
     pub rng: LearnerRng,
     /// `training.average_decay`'s averaged weights (since format 11).
     pub average: Option<AverageState>,
+    /// The divergence guard: the weights it would go back to and its runs of steps (since
+    /// format 16; a resumed guard snapshots and goes back as the uninterrupted one would).
+    pub guard: GuardState,
+}
+
+/// What a checkpoint keeps of [`OnlineLearner::guard`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuardState {
+    pub last_good: Vec<SavedLayer>,
+    pub bad_run: u32,
+    pub good_run: u64,
 }
 
 impl LearnerState {
@@ -295,6 +306,11 @@ impl OnlineLearner {
             clip: self.clip.clone(),
             rng: self.rng.clone(),
             average: self.average.as_ref().map(WeightAverage::state),
+            guard: GuardState {
+                last_good: self.last_good.clone(),
+                bad_run: self.bad_run,
+                good_run: self.good_run,
+            },
         })
     }
 
@@ -310,8 +326,18 @@ impl OnlineLearner {
         );
         self.net.set_weights(&s.model);
         self.net.load_optimizer(s.optimizer)?;
-        self.last_good = s.model;
-        self.bad_run = 0;
+        // The guard's snapshot has the model's shape (saved by the same configuration).
+        let same_shape = |a: &[SavedLayer], b: &[SavedLayer]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x.d_in, x.d_out) == (y.d_in, y.d_out))
+        };
+        anyhow::ensure!(
+            same_shape(&s.guard.last_good, &s.model),
+            "the saved divergence guard's weights do not have the model's shape"
+        );
+        (self.bad_run, self.good_run) = (s.guard.bad_run, s.guard.good_run);
         self.selector.restore(s.selector);
         self.buffer.restore(s.buffer);
         self.stats = s.stats;
@@ -325,9 +351,10 @@ impl OnlineLearner {
             match s.average {
                 Some(saved) => a.restore(saved),
                 // Saved without averaging: the average starts from the saved weights.
-                None => a.reset(&self.last_good),
+                None => a.reset(&s.model),
             }
         }
+        self.last_good = s.guard.last_good;
         Ok(())
     }
 
@@ -1025,6 +1052,42 @@ mod tests {
         let mut back = OnlineLearner::new(l.cfg.clone());
         back.restore(l.state().unwrap()).unwrap();
         assert!(!back.net.tracks_gradients());
+    }
+
+    /// A checkpoint keeps the divergence guard: the weights it would go back to and its runs
+    /// of steps (a restore used to take the saved weights as the snapshot and start the runs
+    /// at 0, so a resumed run went back to other weights than the uninterrupted one).
+    #[test]
+    fn the_divergence_guard_survives_a_checkpoint() {
+        let mut l = small(
+            Backend::Flex,
+            ImportanceMethod::Loss,
+            1.0,
+            TrainingConfig::default(),
+        );
+        let keys: Vec<Arc<str>> = (0..8).map(|_| Arc::from("k")).collect();
+        let x: Vec<f32> = (0..32).map(|i| i as f32 / 32.0).collect();
+        let y = vec![1.0f32; 8];
+        for _ in 0..300 {
+            l.learn_batch(FreshBatch {
+                x: &x,
+                y: &y,
+                keys: &keys,
+                times: &[0; 8],
+            });
+        }
+        // Past one snapshot (256 steps): the snapshot is not the current weights.
+        assert!(l.good_run >= 256);
+        let mut back = OnlineLearner::new(l.cfg.clone());
+        back.restore(l.state().unwrap()).unwrap();
+        assert_eq!((back.good_run, back.bad_run), (l.good_run, l.bad_run));
+        let flat = |w: &[SavedLayer]| {
+            w.iter()
+                .flat_map(|s| s.weight.clone())
+                .collect::<Vec<f32>>()
+        };
+        assert_eq!(flat(&back.last_good), flat(&l.last_good));
+        assert_ne!(flat(&back.last_good), flat(&l.net.weights()));
     }
 
     fn finite_weights(l: &OnlineLearner) -> bool {
