@@ -1026,6 +1026,21 @@ mod tests {
         }
     }
 
+    /// `n` micro-batches of the same 8 rows of one key (inputs a ramp, targets 1).
+    fn learn_ramps(l: &mut OnlineLearner, n: usize) {
+        let keys: Vec<Arc<str>> = (0..8).map(|_| Arc::from("k")).collect();
+        let x: Vec<f32> = (0..32).map(|i| i as f32 / 32.0).collect();
+        let y = vec![1.0f32; 8];
+        for _ in 0..n {
+            l.learn_batch(FreshBatch {
+                x: &x,
+                y: &y,
+                keys: &keys,
+                times: &[0; 8],
+            });
+        }
+    }
+
     #[test]
     fn optimiser_steps_leave_parameters_untracked() {
         let mut l = small(
@@ -1035,17 +1050,7 @@ mod tests {
             TrainingConfig::default(),
         );
         assert!(!l.net.tracks_gradients());
-        let keys: Vec<Arc<str>> = (0..8).map(|_| Arc::from("k")).collect();
-        let x: Vec<f32> = (0..32).map(|i| i as f32 / 32.0).collect();
-        let y = vec![1.0f32; 8];
-        for _ in 0..3 {
-            l.learn_batch(FreshBatch {
-                x: &x,
-                y: &y,
-                keys: &keys,
-                times: &[0; 8],
-            });
-        }
+        learn_ramps(&mut l, 3);
         assert!(l.stats().steps >= 3);
         // A require-grad parameter opens an autodiff graph that nothing frees (no burn backward).
         assert!(!l.net.tracks_gradients());
@@ -1065,17 +1070,7 @@ mod tests {
             1.0,
             TrainingConfig::default(),
         );
-        let keys: Vec<Arc<str>> = (0..8).map(|_| Arc::from("k")).collect();
-        let x: Vec<f32> = (0..32).map(|i| i as f32 / 32.0).collect();
-        let y = vec![1.0f32; 8];
-        for _ in 0..300 {
-            l.learn_batch(FreshBatch {
-                x: &x,
-                y: &y,
-                keys: &keys,
-                times: &[0; 8],
-            });
-        }
+        learn_ramps(&mut l, 300);
         // Past one snapshot (256 steps): the snapshot is not the current weights.
         assert!(l.good_run >= 256);
         let mut back = OnlineLearner::new(l.cfg.clone());
