@@ -674,23 +674,15 @@ mod tests {
     /// say the length (the JSON decoder panicked on a list column without one).
     #[test]
     fn a_float_list_without_size_is_refused_at_load() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
-        let text = std::fs::read_to_string(dir.join("deepsense_beam.json")).unwrap();
-        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let cols = v["columns"].as_object_mut().unwrap();
-        let list = cols
-            .values_mut()
-            .find(|c| c["type"] == "float_list")
-            .unwrap();
-        list.as_object_mut().unwrap().remove("size");
-        let tmp = tempfile::tempdir().unwrap();
-        let p = tmp.path().join("beam.json");
-        std::fs::write(&p, v.to_string()).unwrap();
-        let err = format!("{:#}", Schema::load(&p).unwrap_err());
-        assert!(
-            err.contains("beam.json") && err.contains("needs `size`"),
-            "{err}"
-        );
+        let err = refused("deepsense_beam.json", |v| {
+            let cols = v["columns"].as_object_mut().unwrap();
+            let list = cols
+                .values_mut()
+                .find(|c| c["type"] == "float_list")
+                .unwrap();
+            list.as_object_mut().unwrap().remove("size");
+        });
+        assert!(err.contains("needs `size`"), "{err}");
     }
 
     /// A shipped schema with one edit, loaded: the error, which names the file.

@@ -169,11 +169,12 @@ impl RowCheck {
             let w = p.value_length() as usize;
             let start = p.value_offset_at(i);
             let vals = &p.values().as_primitive::<Float32Type>().values()[start..start + w];
-            if vals.iter().any(|v| !v.is_finite()) {
-                return Err(SkipReason::NonFinite(name.clone()));
-            }
-            if vals.iter().any(|&v| v < 0.0) {
-                return Err(SkipReason::OutOfRange(name.clone()));
+            if let Some(&v) = vals.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+                return Err(if v.is_finite() {
+                    SkipReason::OutOfRange(name.clone())
+                } else {
+                    SkipReason::NonFinite(name.clone())
+                });
             }
         }
         let class = match &d.class {

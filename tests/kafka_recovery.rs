@@ -179,11 +179,15 @@ fn a_refused_dead_letter_stops_the_feed_and_a_restart_delivers_it() {
     let broker = mock_feed_then("refused", "{\"square_id\": 5161, \"ts\": ");
     broker.refuse_produce(true);
     let out = tempfile::tempdir().unwrap();
-    let mut sets = milan_sets(&broker, "refused", "g-refused");
-    sets.push("checkpoint.every_rows=50".into());
-    sets.push("source.stop_at_end=true".into());
-    let (mut run, log) = spawn_run("milan-kafka.toml", out.path(), &sets);
-    let status = wait_exit(&mut run, 90);
+    let run = || {
+        to_the_end(
+            &broker,
+            "refused",
+            out.path(),
+            &["checkpoint.every_rows=50"],
+        )
+    };
+    let (status, log) = run();
     assert!(
         !status.success(),
         "the feed stops: {status:?}\n{}",
@@ -206,8 +210,7 @@ fn a_refused_dead_letter_stops_the_feed_and_a_restart_delivers_it() {
     assert!(before.get(&0).is_none_or(|&o| o <= 300), "{before:?}");
 
     broker.refuse_produce(false);
-    let (mut run, log) = spawn_run("milan-kafka.toml", out.path(), &sets);
-    let status = wait_exit(&mut run, 90);
+    let (status, log) = run();
     assert!(status.success(), "{status:?}\n{}", log_text(&log));
     assert!(
         first_message(&broker, "refused-dlq").is_some(),
@@ -225,11 +228,8 @@ fn a_dead_letter_too_large_to_send_goes_without_its_payload() {
     let long = format!("{{\"pad\": \"{}\"}}", "x".repeat(70_000));
     let broker = mock_feed_then("big", &long);
     let out = tempfile::tempdir().unwrap();
-    let mut sets = milan_sets(&broker, "big", "g-big");
-    sets.push("source.stop_at_end=true".into());
-    sets.push("source.options={\"message.max.bytes\"=\"50000\"}".into());
-    let (mut run, log) = spawn_run("milan-kafka.toml", out.path(), &sets);
-    let status = wait_exit(&mut run, 90);
+    let limit = "source.options={\"message.max.bytes\"=\"50000\"}";
+    let (status, log) = to_the_end(&broker, "big", out.path(), &[limit]);
     assert!(status.success(), "{status:?}\n{}", log_text(&log));
     let letter = first_message(&broker, "big-dlq").expect("a letter on the topic");
     let header = |name: &str| {
@@ -246,6 +246,21 @@ fn a_dead_letter_too_large_to_send_goes_without_its_payload() {
         Some(bytes.as_str())
     );
     assert!(letter.payload().is_none_or(|p| p.is_empty()));
+}
+
+/// `milan-kafka` on `topic` (group `g-<topic>`) with these settings, until it stops at the
+/// topic's end (at most 90 s): its exit status and log.
+fn to_the_end(
+    broker: &common::Broker,
+    topic: &str,
+    out: &Path,
+    extra: &[&str],
+) -> (std::process::ExitStatus, Arc<Mutex<Vec<String>>>) {
+    let mut sets = milan_sets(broker, topic, &format!("g-{topic}"));
+    sets.push("source.stop_at_end=true".into());
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let (mut run, log) = spawn_run("milan-kafka.toml", out, &sets);
+    (wait_exit(&mut run, 90), log)
 }
 
 /// The exit status of a run that stops by itself, within `limit_s` seconds.

@@ -83,9 +83,9 @@ pub fn rows(first: &Summary, by_config: &[BySeed], fresh: &[u64]) -> Vec<Confirm
                 })
                 .count();
             let (fresh_runs, fresh_partner) = (only_fresh(runs), only_fresh(partner));
-            let ratio = r.random.map_or(f64::NAN, |i| {
-                first.stats[i].compute / first.stats[r.chosen].compute
-            });
+            let ratio = r
+                .random
+                .map_or(f64::NAN, |i| first.compute_ratio(r.chosen, i));
             ConfirmRow {
                 family: r.family.clone(),
                 chosen: r.chosen,

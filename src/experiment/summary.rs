@@ -251,10 +251,7 @@ fn family_row(
         paired(runs, &s.by_config[r], relative(|x| x.test))
     });
     let verdict = match random {
-        Some(r) => {
-            let ratio = s.stats[r].compute / s.stats[chosen].compute;
-            verdict(s.metric, &delta_random, ratio).to_string()
-        }
+        Some(r) => verdict(s.metric, &delta_random, s.compute_ratio(chosen, r)).to_string(),
         None if family == grid::RANDOM || chosen == 0 => "baseline".to_string(),
         None => "no random family".to_string(),
     };
@@ -375,8 +372,9 @@ impl Summary {
     }
 
     /// The random partner's mean learning compute over the chosen configuration's.
-    fn compute_ratio(&self, row: &FamilyRow, random: usize) -> f64 {
-        self.stats[random].compute / self.stats[row.chosen].compute
+    /// The random partner's mean learning compute over the chosen configuration's.
+    pub fn compute_ratio(&self, chosen: usize, random: usize) -> f64 {
+        self.stats[random].compute / self.stats[chosen].compute
     }
 
     fn chosen_label(&self, configs: &[Config], row: &FamilyRow) -> String {
@@ -417,7 +415,7 @@ impl Summary {
                     format!(
                         "{} (compute ×{:.2})",
                         configs[i].label,
-                        self.compute_ratio(r, i)
+                        self.compute_ratio(r.chosen, i)
                     )
                 }),
                 pct(&r.delta_random),
@@ -482,7 +480,7 @@ impl Summary {
                 num(r.delta_random.sd),
                 csv_field(&r.verdict),
                 r.random
-                    .map_or(String::new(), |i| num(self.compute_ratio(r, i))),
+                    .map_or(String::new(), |i| num(self.compute_ratio(r.chosen, i))),
                 r.delta_random.n.to_string(),
             ];
             text.push_str(&line.join(","));

@@ -458,8 +458,7 @@ impl ReplayBuffer {
                 // The victims the row needs, lowest rank first: none leaves unless all of
                 // them rank below the row (else an entry could go and the row be refused).
                 let new_rank = self.rank(&e);
-                let (mut len, mut bytes) = (self.len, self.bytes);
-                let mut victims = Vec::new();
+                let (mut len, mut bytes, mut victims) = (self.len, self.bytes, 0);
                 for &(rank, slot) in &self.order {
                     if len < self.cfg.capacity && bytes + need <= self.cfg.max_bytes {
                         break;
@@ -469,10 +468,11 @@ impl ReplayBuffer {
                         return false;
                     }
                     let held = self.slots[slot].as_ref().expect("ordered slots are live");
-                    (len, bytes) = (len - 1, bytes - held.bytes(self.inputs));
-                    victims.push(slot);
+                    (len, bytes, victims) = (len - 1, bytes - held.bytes(self.inputs), victims + 1);
                 }
-                for slot in victims {
+                // They are the lowest-ranked: each is the order's first in turn.
+                for _ in 0..victims {
+                    let &(_, slot) = self.order.first().expect("counted above");
                     self.remove(slot);
                     self.stats.evicted += 1;
                 }

@@ -453,8 +453,11 @@ impl LearnerStage {
             }
             let at = (seen_before + i as u64, s.times[i]);
             self.swap_key_losses(&s.keys[i]);
-            let before = self.metrics.whole.running_total();
-            self.trace.mark(seen_before + i as u64, s.times[i], before);
+            // Only until every change point is reached: the total is read for the mark.
+            if self.trace.changes.iter().any(|c| c.at.is_none()) {
+                let before = self.metrics.whole.running_total();
+                self.trace.mark(seen_before + i as u64, s.times[i], before);
+            }
             let prediction = self.score_row(ev, mlp, (blend.as_ref(), &w), at, &s.keys[i]);
             self.swap_key_losses(&s.keys[i]);
             let sample = seen_before + i as u64 + 1;
