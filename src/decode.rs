@@ -14,7 +14,7 @@ use arrow::array::{
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float32Type, Float64Type, Int64Type, TimeUnit};
 
-use crate::schema::{Schema, TimeKind};
+use crate::schema::{EpochUnit, Schema, TimeKind};
 
 /// Why a whole batch could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +201,17 @@ pub struct JsonDecoder {
     avro: Option<apache_avro::Schema>,
 }
 
+/// A message's integer time in microseconds, by its column's unit (default µs).
+fn epoch_micros(name: &str, unit: Option<EpochUnit>, v: i64) -> Result<JsonValue, BatchError> {
+    let unit = unit.unwrap_or(EpochUnit::Micros);
+    unit.to_micros(v)
+        .map(JsonValue::Int)
+        .ok_or_else(|| BatchError {
+            reason: format!("out_of_range:{name}"),
+            detail: format!("field `{name}`: {v} {unit:?} overflows a microsecond time"),
+        })
+}
+
 /// One decoded field value.
 enum JsonValue {
     Str(String),
@@ -249,7 +260,11 @@ impl JsonDecoder {
         };
         match (spec.ty, v) {
             (_, A::Null) => Err(bad("null", format!("field `{name}` is null"))),
-            (T::Int | T::Timestamp, A::Long(i)) => Ok(JsonValue::Int(i)),
+            (T::Int, A::Long(i)) => Ok(JsonValue::Int(i)),
+            (T::Timestamp, A::Long(i)) => epoch_micros(name, spec.unit, i),
+            (T::Timestamp, A::TimestampMillis(i)) => epoch_micros(name, Some(EpochUnit::Millis), i),
+            (T::Timestamp, A::TimestampMicros(i)) => Ok(JsonValue::Int(i)),
+            (T::Timestamp, A::TimestampNanos(i)) => epoch_micros(name, Some(EpochUnit::Nanos), i),
             (T::String, A::String(s)) => Ok(JsonValue::Str(s)),
             (T::Float, A::Double(f)) if f.is_finite() => Ok(JsonValue::Float(f)),
             (T::Float, A::Double(_)) => {
@@ -312,9 +327,20 @@ impl JsonDecoder {
             (_, V::Null) => Err(bad("null", format!("field `{name}` is null"))),
             (T::String, V::String(s)) => Ok(JsonValue::Str(s.clone())),
             (T::String, V::Number(n)) => Ok(JsonValue::Str(n.to_string())),
-            (T::Int | T::Timestamp, V::Number(n)) if n.as_i64().is_some() => {
+            (T::Int, V::Number(n)) if n.as_i64().is_some() => {
                 Ok(JsonValue::Int(n.as_i64().expect("checked")))
             }
+            (T::Timestamp, V::Number(n)) if n.as_i64().is_some() => {
+                epoch_micros(name, spec.unit, n.as_i64().expect("checked"))
+            }
+            (T::Timestamp, V::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| JsonValue::Int(t.timestamp_micros()))
+                .map_err(|e| {
+                    bad(
+                        "wrong_type",
+                        format!("field `{name}`: `{s}` is not an RFC 3339 time ({e})"),
+                    )
+                }),
             (T::Float, v) => match number(v) {
                 Some(f) if f.is_finite() => Ok(JsonValue::Float(f)),
                 Some(_) => Err(bad("non_finite", format!("field `{name}` is not finite"))),
@@ -523,6 +549,62 @@ mod tests {
                 "oversized",
             ]
         );
+    }
+
+    /// The times a JSON or Avro message's `ts` decodes to, under the column's `unit`.
+    fn times(unit: Option<&str>, format: PayloadFormat, ts: &[serde_json::Value]) -> Vec<String> {
+        let mut v = serde_json::to_value(&*milan()).unwrap();
+        if let Some(u) = unit {
+            v["columns"]["ts"]["unit"] = u.into();
+        }
+        let schema: Arc<Schema> = Arc::new(serde_json::from_value(v).unwrap());
+        let d = JsonDecoder::with_format(schema.clone(), 1 << 16, format);
+        let avro = avro_schema(&schema);
+        let payloads: Vec<Vec<u8>> = ts
+            .iter()
+            .map(|t| {
+                let row = serde_json::json!({"square_id": 1, "ts": t, "internet": 3.0});
+                match format {
+                    PayloadFormat::Json => row.to_string().into_bytes(),
+                    PayloadFormat::Avro => {
+                        encode_avro(&avro, &schema, row.as_object().unwrap()).unwrap()
+                    }
+                }
+            })
+            .collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
+        let (batch, good, bad) = d.decode(&refs);
+        let t = Decoder::new(schema).decode(&batch).unwrap().time;
+        let mut out: Vec<String> = bad.into_iter().map(|(_, e)| e.reason).collect();
+        out.extend(good.iter().enumerate().map(|(i, _)| t.value(i).to_string()));
+        out
+    }
+
+    /// An epoch in milliseconds (the most common producer's choice) decodes to its
+    /// microseconds when the schema says so; RFC 3339 strings are read in JSON.
+    #[test]
+    fn message_times_follow_the_columns_unit() {
+        let us = "1383264000000000"; // 2013-11-01T00:00:00Z
+        for f in [PayloadFormat::Json, PayloadFormat::Avro] {
+            assert_eq!(times(Some("ms"), f, &[1_383_264_000_000i64.into()]), [us]);
+            assert_eq!(times(Some("s"), f, &[1_383_264_000i64.into()]), [us]);
+            assert_eq!(
+                times(Some("ns"), f, &[1_383_264_000_000_000_000i64.into()]),
+                [us]
+            );
+            assert_eq!(times(None, f, &[1_383_264_000_000_000i64.into()]), [us]);
+            assert_eq!(
+                times(Some("s"), f, &[i64::MAX.into()]),
+                ["out_of_range:ts"],
+                "an overflow is bad input, not a wrapped time"
+            );
+        }
+        let json = PayloadFormat::Json;
+        assert_eq!(
+            times(None, json, &["2013-11-01T01:00:00+01:00".into()]),
+            [us]
+        );
+        assert_eq!(times(None, json, &["yesterday".into()]), ["wrong_type:ts"]);
     }
 
     #[test]

@@ -1168,6 +1168,9 @@ mod tests {
     }
 
     /// As [`feed`], with these values, the first at `t0` µs; the skip reasons by row.
+    /// Where [`feed_values`]'s times start (µs): 2013-11-01, in the Milan archive's period.
+    const NOV_2013: i64 = 1_383_264_000_000_000;
+
     fn feed_values(
         fe: &mut FeatureEngine,
         keys: &[i64],
@@ -1181,7 +1184,7 @@ mod tests {
             Arc::new(
                 TimestampMicrosecondArray::from(
                     (0..n as i64)
-                        .map(|i| t0.saturating_add(i * 600_000_000))
+                        .map(|i| NOV_2013.saturating_add(t0).saturating_add(i * 600_000_000))
                         .collect::<Vec<_>>(),
                 )
                 .with_timezone("UTC"),
@@ -1380,6 +1383,16 @@ mod tests {
     fn a_time_far_outside_any_physical_clock_is_dead_lettered() {
         let mut fe = milan(10);
         let skips = bad_input(&feed_values(&mut fe, &[1], &[100.0], i64::MAX - 1));
+        assert_eq!(skips, [(0, "out_of_range:ts".to_string())]);
+    }
+
+    /// 2013-11-01 in milliseconds, read as microseconds, is 1970-01-17: refused, not learnt
+    /// as a time 43 years early (a feed's unit mistake would pass the 1900 bound).
+    #[test]
+    fn an_epoch_in_milliseconds_read_as_microseconds_is_dead_lettered() {
+        let mut fe = milan(10);
+        let ms = NOV_2013 / 1000;
+        let skips = bad_input(&feed_values(&mut fe, &[1], &[100.0], ms - NOV_2013));
         assert_eq!(skips, [(0, "out_of_range:ts".to_string())]);
     }
 

@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
 use crate::producer::{DeliveryCount, KafkaProducer};
-use crate::schema::Schema;
+use crate::schema::{EpochUnit, Schema};
 use crate::shutdown::Shutdown;
 use crate::source::SourceEvent;
 use crate::source::parquet::{self, Pace, ParquetSourceConfig};
@@ -36,13 +36,19 @@ pub struct ProduceArgs {
     pub format: crate::payload::PayloadFormat,
 }
 
-/// One column as JSON values, row by row.
-fn column_json(col: &dyn Array) -> Result<Vec<Value>> {
+/// One column as JSON values, row by row; a timestamp as an integer of `unit` since the epoch.
+fn column_json(col: &dyn Array, unit: EpochUnit) -> Result<Vec<Value>> {
     let n = col.len();
     let out = match col.data_type() {
         DataType::Timestamp(_, tz) => {
-            let us = cast(col, &DataType::Timestamp(TimeUnit::Microsecond, tz.clone()))?;
-            let v = cast(us.as_ref(), &DataType::Int64)?;
+            let arrow_unit = match unit {
+                EpochUnit::Seconds => TimeUnit::Second,
+                EpochUnit::Millis => TimeUnit::Millisecond,
+                EpochUnit::Micros => TimeUnit::Microsecond,
+                EpochUnit::Nanos => TimeUnit::Nanosecond,
+            };
+            let t = cast(col, &DataType::Timestamp(arrow_unit, tz.clone()))?;
+            let v = cast(t.as_ref(), &DataType::Int64)?;
             v.as_primitive::<Int64Type>()
                 .iter()
                 .map(|x| x.map_or(Value::Null, Value::from))
@@ -105,22 +111,27 @@ fn float(f: f64) -> Value {
     }
 }
 
-/// Rows of a batch as (key, payload): JSON, or Avro when `avro` is given.
+/// Rows of a batch as (key, payload): JSON, or Avro when `avro` is given; times in the unit
+/// `schema` gives their column, as the decoder reads them.
 pub fn encode_rows(
     batch: &RecordBatch,
-    key: &str,
-    avro: Option<(&apache_avro::Schema, &Schema)>,
+    schema: &Schema,
+    avro: Option<&apache_avro::Schema>,
 ) -> Result<Vec<(Option<String>, Vec<u8>)>> {
-    let schema = batch.schema();
-    let cols: Vec<(String, Vec<Value>)> = schema
+    let unit = |name: &str| {
+        let spec = schema.columns.get(name);
+        spec.and_then(|c| c.unit).unwrap_or(EpochUnit::Micros)
+    };
+    let cols: Vec<(String, Vec<Value>)> = batch
+        .schema()
         .fields()
         .iter()
         .zip(batch.columns())
-        .map(|(f, c)| Ok((f.name().clone(), column_json(c.as_ref())?)))
+        .map(|(f, c)| Ok((f.name().clone(), column_json(c.as_ref(), unit(f.name()))?)))
         .collect::<Result<_>>()?;
     let keys = batch
-        .column_by_name(key)
-        .map(|c| column_json(c.as_ref()))
+        .column_by_name(&schema.key)
+        .map(|c| column_json(c.as_ref(), EpochUnit::Micros))
         .transpose()?;
     (0..batch.num_rows())
         .map(|i| {
@@ -134,7 +145,7 @@ pub fn encode_rows(
                 v => Some(v.to_string()),
             });
             let payload = match avro {
-                Some((a, s)) => crate::payload::encode_avro(a, s, &obj)?,
+                Some(a) => crate::payload::encode_avro(a, schema, &obj)?,
                 None => serde_json::to_vec(&Value::Object(obj))?,
             };
             Ok((k, payload))
@@ -168,7 +179,6 @@ pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
     let producer: KafkaProducer = cfg
         .create_with_context(DeliveryCount::default())
         .context("cannot create the Kafka producer")?;
-    let key_col = args.schema.key.clone();
     let topic = args.topic.clone();
     let schema = args.schema.clone();
     let avro = (args.format == crate::payload::PayloadFormat::Avro)
@@ -180,9 +190,7 @@ pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
             let SourceEvent::Batch { batch, .. } = ev else {
                 continue;
             };
-            for (key, payload) in
-                encode_rows(&batch, &key_col, avro.as_ref().map(|a| (a, &*schema)))?
-            {
+            for (key, payload) in encode_rows(&batch, &schema, avro.as_ref())? {
                 let mut rec: BaseRecord<'_, String, Vec<u8>> =
                     BaseRecord::to(&topic).payload(&payload);
                 if let Some(k) = &key {
@@ -204,4 +212,51 @@ pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
     });
     reader.await.context("reader panicked")??;
     sent.await.context("producer panicked")?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{Decoder, JsonDecoder};
+    use crate::payload::PayloadFormat;
+    use arrow::array::{Float64Array, Int64Array, TimestampMicrosecondArray};
+
+    /// What `produce` writes under a time column's `unit`, the decoder reads back as the
+    /// archive's times, in JSON and in Avro.
+    #[test]
+    fn produced_times_decode_to_the_archives_in_every_unit() {
+        let t = vec![1_383_264_000_000_000i64, 1_383_264_600_123_000];
+        let batch = RecordBatch::try_from_iter([
+            ("square_id", Arc::new(Int64Array::from(vec![1, 1])) as _),
+            (
+                "ts",
+                Arc::new(TimestampMicrosecondArray::from(t.clone()).with_timezone("UTC")) as _,
+            ),
+            (
+                "internet",
+                Arc::new(Float64Array::from(vec![1.0, 2.0])) as _,
+            ),
+        ])
+        .unwrap();
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/milan_internet.json");
+        for unit in ["ms", "us", "ns"] {
+            let mut v = serde_json::to_value(Schema::load(&path).unwrap()).unwrap();
+            v["columns"]["ts"]["unit"] = unit.into();
+            let schema: Arc<Schema> = Arc::new(serde_json::from_value(v).unwrap());
+            let avro = crate::payload::avro_schema(&schema);
+            for (format, a) in [
+                (PayloadFormat::Json, None),
+                (PayloadFormat::Avro, Some(&avro)),
+            ] {
+                let rows = encode_rows(&batch, &schema, a).unwrap();
+                let payloads: Vec<&[u8]> = rows.iter().map(|(_, p)| p.as_slice()).collect();
+                let dec = JsonDecoder::with_format(schema.clone(), 1 << 16, format);
+                let (b, good, bad) = dec.decode(&payloads);
+                assert!(bad.is_empty() && good.len() == 2, "{unit} {format:?}");
+                let d = Decoder::new(schema.clone()).decode(&b).unwrap();
+                assert_eq!(d.time.values(), &t[..], "{unit} {format:?}");
+            }
+        }
+    }
 }

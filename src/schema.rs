@@ -66,6 +66,35 @@ pub struct ColumnSpec {
     /// bad input (`out_of_range`), dead-lettered or clipped as `features.out_of_range` says.
     #[serde(default)]
     pub range: Option<[f64; 2]>,
+    /// What an integer in a JSON or Avro message counts for a `timestamp` column (default
+    /// microseconds). Parquet and Avro logical types carry their own unit.
+    #[serde(default)]
+    pub unit: Option<EpochUnit>,
+}
+
+/// The unit of an integer epoch time in a message.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum EpochUnit {
+    #[serde(rename = "s")]
+    Seconds,
+    #[serde(rename = "ms")]
+    Millis,
+    #[serde(rename = "us")]
+    Micros,
+    #[serde(rename = "ns")]
+    Nanos,
+}
+
+impl EpochUnit {
+    /// `v` of this unit in microseconds; `None` where it overflows.
+    pub fn to_micros(self, v: i64) -> Option<i64> {
+        match self {
+            EpochUnit::Seconds => v.checked_mul(1_000_000),
+            EpochUnit::Millis => v.checked_mul(1_000),
+            EpochUnit::Micros => Some(v),
+            EpochUnit::Nanos => Some(v.div_euclid(1_000)),
+        }
+    }
 }
 
 impl ColumnSpec {
@@ -432,6 +461,9 @@ impl Schema {
             // A feed's lists of any length cannot make one fixed-size column.
             if spec.ty == ColumnType::FloatList && spec.size.is_none() {
                 bail!("column `{name}`: a float_list needs `size`, its fixed length");
+            }
+            if spec.unit.is_some() && spec.ty != ColumnType::Timestamp {
+                bail!("column `{name}`: a unit applies to timestamp columns only");
             }
             if let Some([lo, hi]) = spec.range {
                 if !matches!(spec.ty, ColumnType::Float | ColumnType::Int) {

@@ -22,7 +22,7 @@ pub enum SkipReason {
     /// A value outside the domain of its transform (below −1 for log1p).
     OutOfDomain(String),
     /// A value outside its column's physical range (schema `range`, latitude ±90°,
-    /// longitude ±180°, a time between 1900 and 2200).
+    /// longitude ±180°, a time between 1980 and 2200).
     OutOfRange(String),
     /// A class label outside 0..classes.
     BadClass(i64),
@@ -63,8 +63,10 @@ pub enum OutOfRange {
     Clip,
 }
 
-/// Event times a timestamp schema accepts, in µs since the epoch: 1900-01-01 to 2200-01-01.
-const TIME_RANGE_US: (i64, i64) = (-2_208_988_800_000_000, 7_258_118_400_000_000);
+/// Event times a timestamp schema accepts, in µs since the epoch: 1980-01-01 (before any
+/// cellular network) to 2200-01-01. An epoch in milliseconds or seconds read as microseconds
+/// lands in January 1970, so it is refused rather than taken as a time.
+const TIME_RANGE_US: (i64, i64) = (315_532_800_000_000, 7_258_118_400_000_000);
 
 /// A row that passed: its class (classification) and how many values were clipped.
 #[derive(Debug, Clone, Copy, Default)]

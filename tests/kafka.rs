@@ -374,9 +374,8 @@ fn avro_payloads_train_like_json_and_bad_ones_are_dead_lettered() {
     .next()
     .unwrap()
     .unwrap();
-    let json = gradsift::produce::encode_rows(&batch, &schema.key, None).unwrap();
-    let binary =
-        gradsift::produce::encode_rows(&batch, &schema.key, Some((&avro, &schema))).unwrap();
+    let json = gradsift::produce::encode_rows(&batch, &schema, None).unwrap();
+    let binary = gradsift::produce::encode_rows(&batch, &schema, Some(&avro)).unwrap();
     let mean = |v: &[(Option<String>, Vec<u8>)]| {
         v.iter().map(|(_, p)| p.len()).sum::<usize>() as f64 / v.len() as f64
     };
