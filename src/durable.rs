@@ -38,22 +38,47 @@ pub fn write_atomic(path: &Path, parts: &[&[u8]]) -> Result<u64> {
         let _ = std::fs::remove_file(&tmp);
     }
     let n = written?;
-    sync_dir(path);
+    sync_dir(path)?;
     Ok(n)
 }
 
-/// Flushes a file's folder entry (a rename) to disk; best effort where unsupported.
-pub fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent()
-        && let Ok(d) = File::open(dir)
-    {
-        let _ = d.sync_all();
+/// Flushes a file's folder entry (a rename) to disk. A file system that cannot sync a folder
+/// (`EINVAL`, unsupported) is let be; any other failure (an I/O error) is an error naming
+/// the folder: the rename may not survive a power cut.
+pub fn sync_dir(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let sync = File::open(dir).and_then(|d| d.sync_all());
+    match sync {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+            ) =>
+        {
+            Ok(())
+        }
+        r => r.with_context(|| format!("cannot sync the folder {}", dir.display())),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A folder that cannot be synced is an error naming it (it was ignored); a bare file
+    /// name syncs the working folder.
+    #[test]
+    fn a_folder_that_cannot_be_synced_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        sync_dir(&dir.path().join("f")).unwrap();
+        sync_dir(Path::new("f")).unwrap();
+        let gone = dir.path().join("gone");
+        let err = format!("{:#}", sync_dir(&gone.join("f")).unwrap_err());
+        assert!(err.contains("cannot sync the folder") && err.contains("gone"), "{err}");
+    }
 
     #[test]
     fn a_failed_write_leaves_no_temporary_file_and_names_the_file() {

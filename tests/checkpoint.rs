@@ -276,6 +276,57 @@ fn checkpoints_do_not_move_micro_batch_boundaries() {
     assert_eq!(checkpointed, plain, "with checkpoints vs without");
 }
 
+/// A checkpoint in the output folder that another pipeline wrote is refused at start,
+/// naming both (a resume would have learnt on in another configuration's state).
+#[test]
+fn a_checkpoint_of_another_pipeline_is_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let sets = [
+        "checkpoint.enabled=true",
+        "source.max_rows=2000",
+        "output.scores=false",
+    ];
+    common::run(common::pipeline("milan-replay.toml", out.path(), &sets));
+    let mut other = sets.to_vec();
+    other.push("name=\"milan-other\"");
+    let Err(err) = common::try_run(common::pipeline("milan-replay.toml", out.path(), &other))
+    else {
+        panic!("another pipeline's checkpoint must be refused")
+    };
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("checkpoint.bin")
+            && msg.contains("`milan-replay`")
+            && msg.contains("`milan-other`"),
+        "{msg}"
+    );
+}
+
+/// A fresh run leaves nothing of an earlier one beside its outputs: the score segments of a
+/// checkpointed run and a plot are removed when a run without checkpoints starts there.
+#[test]
+fn a_fresh_run_removes_an_earlier_runs_segments_and_plot() {
+    let out = tempfile::tempdir().unwrap();
+    let with = [
+        "checkpoint.enabled=true",
+        "checkpoint.every_rows=1000",
+        "source.max_rows=3000",
+    ];
+    common::run(common::pipeline("milan-replay.toml", out.path(), &with));
+    let segments = out.path().join("scores");
+    assert!(std::fs::read_dir(&segments).unwrap().count() >= 2);
+    std::fs::write(out.path().join("metric.png"), b"old").unwrap();
+    std::fs::remove_file(out.path().join("checkpoint.bin")).unwrap();
+    common::run(common::pipeline(
+        "milan-replay.toml",
+        out.path(),
+        &["source.max_rows=3000"],
+    ));
+    assert_eq!(std::fs::read_dir(&segments).unwrap().count(), 0);
+    assert!(!out.path().join("metric.png").exists());
+    assert!(out.path().join("scores.parquet").exists());
+}
+
 #[test]
 fn a_damaged_checkpoint_is_refused_with_a_clear_error() {
     let out = tempfile::tempdir().unwrap();

@@ -307,6 +307,13 @@ fn load_resume(cfg: &PipelineConfig, schema: &Schema) -> Result<Option<Checkpoin
             c.schema,
             schema.name
         );
+        anyhow::ensure!(
+            c.pipeline == cfg.name,
+            "{}: the checkpoint was written by pipeline `{}`, this is `{}`; delete it to start afresh, or set checkpoint.path",
+            path.display(),
+            c.pipeline,
+            cfg.name
+        );
         tracing::info!(checkpoint = %path.display(), samples = c.learner.seen(), positions = ?c.positions, "resuming from checkpoint");
     }
     Ok(c)

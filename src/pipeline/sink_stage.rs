@@ -119,7 +119,7 @@ impl SinkStage {
                 std::fs::rename(&tmp, &path).with_context(|| {
                     format!("cannot rename {} to {}", tmp.display(), path.display())
                 })?;
-                crate::durable::sync_dir(&path);
+                crate::durable::sync_dir(&path)?;
                 Some(rows)
             }
             Some(ScoreOut::Segments(mut s)) => {

@@ -112,7 +112,7 @@ impl DeadLetterSink {
         std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).with_context(ctx)?;
         // The file's own entry in its folder, so that a checkpoint covering its letters
         // never outlives it (the checkpoint may live in another folder).
-        crate::durable::sync_dir(&self.path);
+        crate::durable::sync_dir(&self.path)?;
         Ok(f)
     }
 

@@ -250,7 +250,7 @@ impl ScoreSegments {
             File::open(&tmp)?.sync_all()?;
             std::fs::rename(&tmp, &path)
                 .with_context(|| format!("cannot rename {}", tmp.display()))?;
-            crate::durable::sync_dir(&path);
+            crate::durable::sync_dir(&path)?;
             self.next += 1;
         }
         Ok(self.next)
