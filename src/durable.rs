@@ -77,7 +77,10 @@ mod tests {
         sync_dir(Path::new("f")).unwrap();
         let gone = dir.path().join("gone");
         let err = format!("{:#}", sync_dir(&gone.join("f")).unwrap_err());
-        assert!(err.contains("cannot sync the folder") && err.contains("gone"), "{err}");
+        assert!(
+            err.contains("cannot sync the folder") && err.contains("gone"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Checkpoints: a learner restored from its saved state continues bit for bit (weights and
-//! Adam's moments both come back, and norm clipping's window); a replay stopped half-way and restarted resumes where its
+//! Adam's moments both come back, norm clipping's window and the reducible score's held-out
+//! model); a replay stopped half-way and restarted resumes where its
 //! checkpoint left off, skips what it covers and ends where an uninterrupted run ends; a
 //! damaged checkpoint is refused with a clear error.
 
@@ -102,6 +103,40 @@ fn a_restored_learner_continues_bit_for_bit() {
     c.learn_batch(batch(40));
     let (oa, oc) = (a.learn_batch(batch(41)), c.learn_batch(batch(41)));
     assert_ne!(oa.outputs, oc.outputs, "the optimiser state matters");
+}
+
+/// The reducible score's held-out model comes back too (since format 17): the restored
+/// learner scores as the uninterrupted one; without it, it fits the held-out model afresh
+/// and scores otherwise.
+#[test]
+fn a_restored_learner_scores_the_reducible_loss_as_before() {
+    let (s, d) = milan_rows();
+    let batch = |k: usize| micro_batch(&s, d, k);
+    let mut a = learner_with(d, ImportanceMethod::Reducible, 0.0);
+    for k in 0..20 {
+        a.learn_batch(batch(k));
+    }
+    let state = a.state().unwrap();
+    assert!(state.irreducible.is_some());
+    let bytes = postcard::to_stdvec(&state).unwrap();
+    let mut b = learner_with(d, ImportanceMethod::Reducible, 0.0);
+    b.restore(postcard::from_bytes(&bytes).unwrap()).unwrap();
+    let mut c = learner_with(d, ImportanceMethod::Reducible, 0.0);
+    let mut without = postcard::from_bytes::<gradsift::learner::LearnerState>(&bytes).unwrap();
+    without.irreducible = None;
+    c.restore(without).unwrap();
+    let mut differs = false;
+    for k in 20..30 {
+        let (oa, ob, oc) = (
+            a.learn_batch(batch(k)),
+            b.learn_batch(batch(k)),
+            c.learn_batch(batch(k)),
+        );
+        assert_eq!(oa.scores, ob.scores, "batch {k}");
+        assert_eq!(oa.selected, ob.selected, "batch {k}");
+        differs |= oa.scores != oc.scores;
+    }
+    assert!(differs, "the held-out model's state decides the scores");
 }
 
 /// Norm clipping's window and threshold come back too: the restored learner cuts the same

@@ -153,6 +153,8 @@ pub struct LearnerState {
     /// The divergence guard: the weights it would go back to and its runs of steps (since
     /// format 16; a resumed guard snapshots and goes back as the uninterrupted one would).
     pub guard: GuardState,
+    /// `reducible` scores: the held-out model (since format 17).
+    pub irreducible: Option<reducible::IrreducibleState>,
 }
 
 /// What a checkpoint keeps of [`OnlineLearner::guard`].
@@ -311,6 +313,7 @@ impl OnlineLearner {
                 bad_run: self.bad_run,
                 good_run: self.good_run,
             },
+            irreducible: self.irreducible.as_ref().map(|m| m.state()).transpose()?,
         })
     }
 
@@ -355,6 +358,10 @@ impl OnlineLearner {
             }
         }
         self.last_good = s.guard.last_good;
+        // Saved without the held-out model (another importance method): it starts afresh.
+        if let (Some(m), Some(saved)) = (&mut self.irreducible, s.irreducible) {
+            m.restore(saved)?;
+        }
         Ok(())
     }
 

@@ -8,13 +8,23 @@
 //! it, the irreducible-loss model (a linear layer, the smallest model of the same head) takes
 //! one Adam step on the held-out rows of each micro-batch. Its forward costs a few percent of
 //! the MLP's and its CPU time is booked as scoring work by the learner (its FLOPs, about 1%
-//! of the MLP's, are not added to the FLOP count). Checkpoints do not carry this model: a
-//! resumed run fits it afresh.
+//! of the MLP's, are not added to the FLOP count). Checkpoints keep this model and its Adam
+//! state (since format 17), so a resumed run scores as the uninterrupted one.
 
 use burn::optim::{AdamConfig, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 
-use super::model::{self, Head, Mlp};
+use serde::{Deserialize, Serialize};
+
+use super::model::{self, Head, Mlp, SavedLayer};
+
+/// What a checkpoint keeps of the held-out model: its weights and burn's record of its Adam
+/// state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IrreducibleState {
+    pub model: Vec<SavedLayer>,
+    pub optimizer: Vec<u8>,
+}
 
 /// The held-out model and its optimiser.
 pub struct IrreducibleLoss {
@@ -37,6 +47,34 @@ impl IrreducibleLoss {
             holdout_every: holdout_every.max(2),
             learning_rate: lr,
         }
+    }
+
+    /// The held-out model and its optimiser, for a checkpoint.
+    pub fn state(&self) -> anyhow::Result<IrreducibleState> {
+        let optimizer = self.optim.into_bytes().map_err(|e| {
+            anyhow::anyhow!("cannot serialise the held-out model's optimiser: {e:?}")
+        })?;
+        Ok(IrreducibleState {
+            model: self.model.to_saved(),
+            optimizer: optimizer.to_vec(),
+        })
+    }
+
+    /// Continues from [`IrreducibleLoss::state`]; the widths must be this model's.
+    pub fn restore(&mut self, s: IrreducibleState) -> anyhow::Result<()> {
+        let mut widths: Vec<usize> = s.model.iter().map(|l| l.d_in).collect();
+        widths.extend(s.model.last().map(|l| l.d_out));
+        anyhow::ensure!(
+            widths == self.model.widths(),
+            "the saved held-out model has widths {widths:?}; this pipeline builds {:?}",
+            self.model.widths()
+        );
+        self.model = Mlp::from_saved(&s.model, &self.device.clone().autodiff());
+        self.optim = AdamConfig::new()
+            .init()
+            .from_bytes(burn::tensor::Bytes::from_bytes_vec(s.optimizer))
+            .map_err(|e| anyhow::anyhow!("cannot load the held-out model's optimiser: {e:?}"))?;
+        Ok(())
     }
 
     /// Whether the `sample`-th fresh sample of the stream is held out.
