@@ -30,9 +30,12 @@ pub struct NormClip {
     ring: Vec<f32>,
     next: usize,
     cap: usize,
-    /// Rows since τ was last computed, and τ (0 before [`MIN_SCORES`] norms: no clipping).
+    /// Rows since τ was last computed, and τ (0 before [`MIN_SCORES`] norms, or where the
+    /// quantile is 0: no clipping).
     since: usize,
     tau: f32,
+    /// Whether τ was computed yet (a quantile of 0 is a value, refreshed on the schedule).
+    computed: bool,
     #[serde(skip)]
     scratch: Vec<f32>,
 }
@@ -48,6 +51,7 @@ impl NormClip {
             cap,
             since: 0,
             tau: 0.0,
+            computed: false,
             scratch: Vec::with_capacity(cap),
         }
     }
@@ -78,9 +82,10 @@ impl NormClip {
         }
         self.since += fresh.len();
         let warm = self.ring.len() >= MIN_SCORES.min(self.cap);
-        if warm && (self.tau == 0.0 || self.since >= (self.cap / REFRESHES).max(1)) {
+        if warm && (!self.computed || self.since >= (self.cap / REFRESHES).max(1)) {
             self.tau = self.quantile();
             self.since = 0;
+            self.computed = true;
         }
         cut
     }
@@ -108,7 +113,7 @@ impl NormClip {
         }
         let level = self.level;
         *self = NormClip { level, ..saved };
-        if saved.level != level && self.tau > 0.0 {
+        if saved.level != level && self.computed {
             self.tau = self.quantile();
         }
     }
@@ -117,6 +122,26 @@ impl NormClip {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A quantile of 0 (most rows fitted exactly) turns clipping off until the next refresh,
+    /// every `window / 8` rows like any τ; it was recomputed on every step.
+    #[test]
+    fn a_zero_threshold_is_refreshed_on_the_schedule() {
+        let mut c = NormClip::new(0.9, 256);
+        let mut w = vec![1.0; 256];
+        c.apply(&[0.0; 256], &[0.0; 256], &mut w);
+        assert!(c.computed && c.threshold() == 0.0);
+        // The 0.9 quantile is 5 from the 26th norm of 5 on; the refresh comes at the 32nd.
+        let mut w = [1.0];
+        for _ in 0..27 {
+            c.apply(&[5.0], &[5.0], &mut w);
+        }
+        assert_eq!(c.threshold(), 0.0);
+        for _ in 27..32 {
+            c.apply(&[5.0], &[5.0], &mut w);
+        }
+        assert_eq!(c.threshold(), 5.0);
+    }
 
     #[test]
     fn rows_above_the_running_quantile_are_cut_to_it_and_the_rest_keep_their_weight() {
