@@ -74,6 +74,10 @@ impl Decoder {
         &self.numeric
     }
 
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
     fn column<'a>(
         &self,
         batch: &'a RecordBatch,

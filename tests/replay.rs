@@ -740,8 +740,15 @@ fn an_absurd_value_is_dead_lettered_and_does_not_ruin_the_model() {
         b.model_last_window.mae, c.model_last_window.mae
     );
     assert!(rel < 0.1, "{rel}");
+    // Each letter says what the row held.
     let letters = std::fs::read_to_string(bad_out.path().join("dead_letters.jsonl")).unwrap();
-    assert!(letters.contains("\"out_of_range:internet\""));
+    let details: Vec<String> = letters
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["reason"] == "out_of_range:internet")
+        .map(|l| l["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(details, ["internet = 1.7e308", "internet = -12.0"]);
 }
 
 /// Issue 13, first part: the detectors on real streams. The four-site beam stream changes

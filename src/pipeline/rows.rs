@@ -8,16 +8,18 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 
 use crate::config::PipelineConfig;
-use crate::decode::Decoder;
+use crate::decode::{DecodedBatch, Decoder};
 use crate::features::{FeatureEngine, Samples};
 use crate::schema::Schema;
 use crate::sink::dead_letter::DeadLetter;
 use crate::source::RowOrigin;
+use crate::validate::SkipReason;
 
 /// A row (or a whole batch) that did not become a sample, and why.
 pub struct Skipped<'a> {
     pub reason: Cow<'static, str>,
-    pub detail: &'a str,
+    /// What was wrong, with the offending value where there is one.
+    pub detail: Cow<'a, str>,
     /// Bad input (dead-lettered), not a skip by design such as `lag_warmup`.
     pub bad_input: bool,
     pub origin: &'a RowOrigin,
@@ -30,7 +32,7 @@ impl Skipped<'_> {
     pub fn letter(&self) -> DeadLetter<'_> {
         DeadLetter {
             reason: &self.reason,
-            detail: self.detail,
+            detail: &self.detail,
             origin: &self.origin.source,
             row: self.origin.index,
             rows: 1,
@@ -82,10 +84,9 @@ pub fn decode_rows(
         Err(e) => {
             tracing::warn!(origin = %origins[0].source, row = origins[0].index, error = %e, "batch rejected");
             for origin in origins {
-                let (reason, detail) = (e.reason.clone().into(), e.detail.as_str());
                 skip(Skipped {
-                    reason,
-                    detail,
+                    reason: e.reason.clone().into(),
+                    detail: Cow::Borrowed(&e.detail),
                     bad_input: true,
                     origin,
                     key: None,
@@ -95,11 +96,17 @@ pub fn decode_rows(
             return Ok(());
         }
     };
-    let mut skipped: Vec<(usize, Cow<'static, str>, bool)> = Vec::new();
+    let mut skipped: Vec<(usize, Cow<'static, str>, bool, Cow<'static, str>)> = Vec::new();
+    let time_column = &decoder.schema().time.column;
     features.push_batch(&d, origins, pending, |i, reason| {
-        skipped.push((i, reason.label(), reason.is_bad_input()));
+        let detail = if reason.is_bad_input() {
+            row_detail(decoder, time_column, &d, i, &reason).into()
+        } else {
+            Cow::Borrowed("row skipped")
+        };
+        skipped.push((i, reason.label(), reason.is_bad_input(), detail));
     });
-    for (i, reason, bad_input) in skipped {
+    for (i, reason, bad_input, detail) in skipped {
         let key = (!arrow::array::Array::is_null(&d.key, i)).then(|| d.key.value(i));
         let time = (!arrow::array::Array::is_null(&d.time, i)).then(|| d.time.value(i));
         let origin = &origins[i];
@@ -108,7 +115,7 @@ pub fn decode_rows(
         }
         skip(Skipped {
             reason,
-            detail: "row skipped",
+            detail,
             bad_input,
             origin,
             key,
@@ -116,4 +123,34 @@ pub fn decode_rows(
         })?;
     }
     Ok(())
+}
+
+/// What a bad row held: the value of the column its reason names, so that a dead letter says
+/// what was wrong without the source at hand (the row itself is at `origin`, `row`).
+fn row_detail(
+    decoder: &Decoder,
+    time_column: &str,
+    d: &DecodedBatch,
+    i: usize,
+    reason: &SkipReason,
+) -> String {
+    let column = match reason {
+        SkipReason::Null(c)
+        | SkipReason::NonFinite(c)
+        | SkipReason::OutOfDomain(c)
+        | SkipReason::OutOfRange(c) => c,
+        SkipReason::BadClass(v) => return format!("class {v} is not one of the schema's classes"),
+        SkipReason::LagWarmup | SkipReason::Batch(_) => return "row skipped".into(),
+    };
+    if column == time_column && !arrow::array::Array::is_null(&d.time, i) {
+        return format!("{column} = {} µs since the epoch", d.time.value(i));
+    }
+    match decoder.numeric_columns().iter().position(|c| c == column) {
+        Some(c) => match crate::decode::value(&d.numeric[c], i) {
+            Some(v) => format!("{column} = {v:?}"),
+            None => format!("{column} is null"),
+        },
+        // A derived value (`ue_distance`) or a list column: the reason names it.
+        None => format!("{column} (derived from the row's columns)"),
+    }
 }
