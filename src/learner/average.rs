@@ -96,14 +96,18 @@ impl WeightAverage {
 
     /// Books both predictors' losses on the rows of the last [`Self::predict`], once their
     /// labels are known (`live` holds the live model's losses on the same rows).
-    /// A row where either loss is not finite changes nothing: one overflow would otherwise
-    /// fix the choice for the rest of the run.
+    /// A loss that is not finite counts as twice the other side's: that side lost the row,
+    /// but one overflow must not fix the choice for the rest of the run. A row where both
+    /// are not finite changes nothing.
     pub fn record(&mut self, y: &[f32], live: &[f32]) {
         self.mlp.output_grads(y);
         for (&a, &l) in self.mlp.losses().iter().zip(live) {
-            if !(a.is_finite() && l.is_finite()) {
-                continue;
-            }
+            let (a, l) = match (a.is_finite(), l.is_finite()) {
+                (true, true) => (a, l),
+                (false, true) => (2.0 * l, l),
+                (true, false) => (a, 2.0 * a),
+                (false, false) => continue,
+            };
             self.average_loss = RECORD_DECAY * self.average_loss + a as f64;
             self.live_loss = RECORD_DECAY * self.live_loss + l as f64;
         }
@@ -200,6 +204,18 @@ mod tests {
                 assert_eq!(a.prefers_average(), average_wins, "after {bad}");
             }
         }
+    }
+
+    /// An average whose output overflows lost that row: the record counts it against it
+    /// (twice the live loss), so the live model is preferred. It was skipped, and the
+    /// overflowing average stayed preferred.
+    #[test]
+    fn an_overflowing_average_loses_its_rows() {
+        let mut a = WeightAverage::new(0.9, layer(f32::MAX, 0.0), Head::Regression);
+        assert!(a.prefers_average());
+        a.predict(&[1.0, 1.0], 1);
+        a.record(&[10.0], &[1.0]);
+        assert!(!a.prefers_average());
     }
 
     #[test]

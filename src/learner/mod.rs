@@ -471,8 +471,15 @@ impl OnlineLearner {
             self.cfg.head.outputs(),
         );
         if let Some((true, averaged)) = averaged {
-            out.outputs = averaged;
-            self.stats.averaged += n as u64;
+            // Row by row: where the average's output is not a number and the live model's
+            // is, the live one speaks (one overflow must not read as a diverged model).
+            let k = self.cfg.head.outputs();
+            for (live, avg) in out.outputs.chunks_mut(k).zip(averaged.chunks(k)) {
+                if avg.iter().all(|v| v.is_finite()) || !live.iter().all(|v| v.is_finite()) {
+                    live.copy_from_slice(avg);
+                    self.stats.averaged += 1;
+                }
+            }
         }
         out
     }
@@ -1209,6 +1216,31 @@ mod tests {
                 assert_eq!(clipped.stats().clipped, before + 1, "{what}: offline");
             }
         }
+    }
+
+    /// An averaged model whose outputs overflow does not make the run read as diverged: the
+    /// live model's outputs stand in row by row (they were taken as they were).
+    #[test]
+    fn an_overflowing_average_leaves_the_live_outputs() {
+        let training = TrainingConfig {
+            micro_batch: 8,
+            average_decay: 0.5,
+            ..TrainingConfig::default()
+        };
+        let mut l = small(Backend::Fused, ImportanceMethod::Loss, 2.0, training);
+        let mut state = l.state().unwrap();
+        let avg = state.average.as_mut().unwrap();
+        for layer in &mut avg.weights {
+            layer.weight.fill(f32::MAX);
+        }
+        l.restore(state).unwrap();
+        let out = feed_noisy(&mut l, 8, 0, 8.0);
+        assert!(
+            out.outputs.iter().all(|v| v.is_finite()),
+            "{:?}",
+            out.outputs
+        );
+        assert_eq!(l.stats().averaged, 0);
     }
 
     /// `training.average_decay` changes the predictions and nothing else: the same rows
