@@ -162,7 +162,7 @@ impl Learners {
             retained: vec![false; n],
             ..Default::default()
         };
-        let (mut loss, mut losses) = (0.0f32, 0);
+        let (mut loss, mut losses, mut diverged) = (0.0f32, 0, false);
         for (key, rows) in groups {
             let x: Vec<f32> = rows
                 .iter()
@@ -189,9 +189,15 @@ impl Learners {
             if part.train_loss.is_finite() {
                 loss += part.train_loss;
                 losses += 1;
+            } else if part.trained.iter().any(|&t| t) {
+                // A key's model that trained to a loss that is not a number: the batch's loss
+                // says so, as one shared model's would, rather than the other keys' mean.
+                diverged = true;
             }
         }
-        out.train_loss = if losses > 0 {
+        out.train_loss = if diverged {
+            f32::NAN
+        } else if losses > 0 {
             loss / losses as f32
         } else {
             f32::NAN
@@ -379,6 +385,25 @@ mod tests {
         assert_eq!((l.models(), l.evicted), (2, 1));
         assert_eq!(l.stats().seen, 6);
         assert_eq!(l.compute().inference.work.rows_forward, 6);
+    }
+
+    /// One key's loss overflowing makes the batch's training loss not a number, as one
+    /// shared model's would (it was the other keys' mean, and the loss gauge looked sound).
+    #[test]
+    fn a_key_whose_loss_overflows_shows_in_the_batchs_loss() {
+        let mut l = Learners::new(config(), ModelScope::PerKey, 2);
+        let keys: Vec<Arc<str>> = ["a", "b", "a", "b"].iter().map(|k| Arc::from(*k)).collect();
+        let mut loss = |y: [f32; 4]| {
+            let b = FreshBatch {
+                x: &[0.1; 8],
+                y: &y,
+                keys: &keys,
+                times: &[0; 4],
+            };
+            l.learn_batch(b).train_loss
+        };
+        assert!(loss([1.0, 2.0, 1.0, 2.0]).is_finite());
+        assert!(loss([1.0, 3e19, 1.0, 3e19]).is_nan());
     }
 
     /// The stream's FLOPs book averaged weights' update with each step, as each learner
