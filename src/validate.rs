@@ -52,6 +52,37 @@ impl SkipReason {
     }
 }
 
+/// What a bad row held: the value of the column its reason names, so that a dead letter says
+/// what was wrong without the source at hand (`numeric`: the decoder's numeric columns).
+pub fn row_detail(
+    schema: &Schema,
+    numeric: &[String],
+    d: &DecodedBatch,
+    i: usize,
+    reason: &SkipReason,
+) -> String {
+    let column = match reason {
+        SkipReason::Null(c) => return format!("{c} is null"),
+        SkipReason::NonFinite(c) | SkipReason::OutOfDomain(c) | SkipReason::OutOfRange(c) => c,
+        SkipReason::BadClass(v) => return format!("class {v} is not one of the schema's classes"),
+        SkipReason::LagWarmup | SkipReason::Batch(_) => return "row skipped".into(),
+    };
+    if *column == schema.time.column && !d.time.is_null(i) {
+        return format!("{column} = {} µs since the epoch", d.time.value(i));
+    }
+    match numeric.iter().position(|c| c == column) {
+        Some(c) => match value(&d.numeric[c], i) {
+            Some(v) => format!("{column} = {v:?}"),
+            None => format!("{column} is null"),
+        },
+        None if schema.columns.contains_key(column) => {
+            format!("{column}: one of its list's values (the reason says what is wrong)")
+        }
+        // A derived value (`ue_distance`).
+        None => format!("{column} (derived from the row's columns)"),
+    }
+}
+
 /// What to do with a value outside its column's physical range.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -122,6 +153,11 @@ impl RowCheck {
             out_of_range,
             schema,
         }
+    }
+
+    /// What row `i`, refused for `reason`, held (see [`row_detail`]).
+    pub fn detail(&self, d: &DecodedBatch, i: usize, reason: &SkipReason) -> String {
+        row_detail(&self.schema, &self.numeric, d, i, reason)
     }
 
     /// Checks row `i` and writes its modelled numeric values (log1p applied) to `vals`.

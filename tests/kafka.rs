@@ -265,6 +265,7 @@ fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
                     .unwrap(),
                 m.payload().map(|p| p.len()).unwrap_or(0),
                 m.key().map(|k| k.to_vec()),
+                header("gradsift.detail").unwrap_or_default(),
             ));
         }
     }
@@ -275,12 +276,21 @@ fn malformed_messages_go_to_the_dead_letter_topic_with_their_reason() {
         (300..300 + bad.len() as i64).collect(),
         "each letter names its source offset"
     );
-    for ((reason, payload), (got, topic, _, len, key)) in bad.iter().zip(&letters) {
+    for ((reason, payload), (got, topic, _, len, key, _)) in bad.iter().zip(&letters) {
         assert_eq!(
             (got.as_str(), topic.as_str(), *len),
             (*reason, "feed", payload.len())
         );
         assert_eq!(key.as_deref(), Some(&b"5161"[..]), "original key kept");
+    }
+    // A row check's letter names the value it refused.
+    let details: BTreeSet<&str> = letters.iter().map(|l| l.5.as_str()).collect();
+    for want in [
+        "internet = 1e300",
+        "internet = -5.0",
+        "ts = 9223372036854775807 µs since the epoch",
+    ] {
+        assert!(details.contains(want), "{want}: {details:?}");
     }
 }
 

@@ -8,12 +8,11 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 
 use crate::config::PipelineConfig;
-use crate::decode::{DecodedBatch, Decoder};
+use crate::decode::Decoder;
 use crate::features::{FeatureEngine, Samples};
 use crate::schema::Schema;
 use crate::sink::dead_letter::DeadLetter;
 use crate::source::RowOrigin;
-use crate::validate::SkipReason;
 
 /// A row (or a whole batch) that did not become a sample, and why.
 pub struct Skipped<'a> {
@@ -97,10 +96,10 @@ pub fn decode_rows(
         }
     };
     let mut skipped: Vec<(usize, Cow<'static, str>, bool, Cow<'static, str>)> = Vec::new();
-    let time_column = &decoder.schema().time.column;
     features.push_batch(&d, origins, pending, |i, reason| {
         let detail = if reason.is_bad_input() {
-            row_detail(decoder, time_column, &d, i, &reason).into()
+            crate::validate::row_detail(decoder.schema(), decoder.numeric_columns(), &d, i, &reason)
+                .into()
         } else {
             Cow::Borrowed("row skipped")
         };
@@ -123,34 +122,4 @@ pub fn decode_rows(
         })?;
     }
     Ok(())
-}
-
-/// What a bad row held: the value of the column its reason names, so that a dead letter says
-/// what was wrong without the source at hand (the row itself is at `origin`, `row`).
-fn row_detail(
-    decoder: &Decoder,
-    time_column: &str,
-    d: &DecodedBatch,
-    i: usize,
-    reason: &SkipReason,
-) -> String {
-    let column = match reason {
-        SkipReason::Null(c)
-        | SkipReason::NonFinite(c)
-        | SkipReason::OutOfDomain(c)
-        | SkipReason::OutOfRange(c) => c,
-        SkipReason::BadClass(v) => return format!("class {v} is not one of the schema's classes"),
-        SkipReason::LagWarmup | SkipReason::Batch(_) => return "row skipped".into(),
-    };
-    if column == time_column && !arrow::array::Array::is_null(&d.time, i) {
-        return format!("{column} = {} µs since the epoch", d.time.value(i));
-    }
-    match decoder.numeric_columns().iter().position(|c| c == column) {
-        Some(c) => match crate::decode::value(&d.numeric[c], i) {
-            Some(v) => format!("{column} = {v:?}"),
-            None => format!("{column} is null"),
-        },
-        // A derived value (`ue_distance`) or a list column: the reason names it.
-        None => format!("{column} (derived from the row's columns)"),
-    }
 }

@@ -281,8 +281,7 @@ fn check_rows(
         .map(|(j, &i)| match check.row(&d, j, &mut vals) {
             Ok(_) => true,
             Err(r) => {
-                let reason = r.label().into_owned();
-                let detail = format!("the message fails the schema's row check: {reason}");
+                let (reason, detail) = (r.label().into_owned(), check.detail(&d, j, &r));
                 bad.push((i, BatchError { reason, detail }));
                 false
             }
