@@ -117,7 +117,8 @@ pub struct Checkpoint {
 /// 15: the replay buffer's layout (slots, free list, queue, weight sum); the per-key models'
 /// use ticks and dropped models' buffer counters.
 /// 16: each learner's divergence guard (its snapshot of good weights and runs of steps).
-/// 17: the reducible score's held-out model and its Adam state.
+/// 17: the reducible score's held-out model and its Adam state; norm clipping's flag that
+/// its threshold was computed.
 const MAGIC: &[u8; 8] = b"GSCKPT17";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.

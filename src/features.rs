@@ -1167,10 +1167,11 @@ mod tests {
         feed_values(fe, keys, &vec![100.0; keys.len()], 0);
     }
 
-    /// As [`feed`], with these values, the first at `t0` µs; the skip reasons by row.
     /// Where [`feed_values`]'s times start (µs): 2013-11-01, in the Milan archive's period.
     const NOV_2013: i64 = 1_383_264_000_000_000;
 
+    /// As [`feed`], with these values, the first `t0` µs after [`NOV_2013`]; the skip
+    /// reasons by row.
     fn feed_values(
         fe: &mut FeatureEngine,
         keys: &[i64],

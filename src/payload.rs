@@ -7,8 +7,8 @@
 //! one-row message and only pays off for many rows per message. Avro is also what Kafka
 //! deployments already run. The writer and the reader share the schema file, so no registry
 //! is needed; every field is a `["null", T]` union, so nulls travel and are dead-lettered
-//! by the decoder like JSON nulls. Timestamps are `long` microseconds since the epoch, as in
-//! JSON.
+//! by the decoder like JSON nulls. Timestamps are `long` integers since the epoch in the time
+//! column's `unit` (microseconds unless the schema says otherwise), as in JSON.
 
 use apache_avro::Schema as AvroSchema;
 use apache_avro::types::Value as Avro;

@@ -36,7 +36,8 @@ pub struct ProduceArgs {
     pub format: crate::payload::PayloadFormat,
 }
 
-/// One column as JSON values, row by row; a timestamp as an integer of `unit` since the epoch.
+/// One column as JSON values, row by row; a timestamp as an integer of `unit` since the epoch
+/// (truncated to whole units: `s` drops the fractions of a second).
 fn column_json(col: &dyn Array, unit: EpochUnit) -> Result<Vec<Value>> {
     let n = col.len();
     let out = match col.data_type() {

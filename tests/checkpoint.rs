@@ -362,6 +362,24 @@ fn a_fresh_run_removes_an_earlier_runs_segments_and_plot() {
     assert!(out.path().join("scores.parquet").exists());
 }
 
+/// A resume whose checkpoint covers score segments that are gone (removed by hand, or by a
+/// fresh run without checkpoints in the same folder) is refused: their rows would not be
+/// scored again.
+#[test]
+fn a_resume_missing_a_covered_score_segment_is_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let sets = ["checkpoint.enabled=true", "checkpoint.every_rows=1000"];
+    let mut first = sets.to_vec();
+    first.push("source.max_rows=3000");
+    common::run(common::pipeline("milan-replay.toml", out.path(), &first));
+    std::fs::remove_file(out.path().join("scores/part-000001.parquet")).unwrap();
+    let Err(err) = common::try_run(common::pipeline("milan-replay.toml", out.path(), &sets)) else {
+        panic!("a resume without its covered segments must be refused")
+    };
+    let msg = format!("{err:#}");
+    assert!(msg.contains("covers score segments 1 to"), "{msg}");
+}
+
 #[test]
 fn a_damaged_checkpoint_is_refused_with_a_clear_error() {
     let out = tempfile::tempdir().unwrap();

@@ -151,6 +151,10 @@ mod tests {
             timestamps: true,
             features: false,
         };
+        // Segments 1 and 2, which a checkpoint with next segment 3 covers.
+        for n in [1, 2] {
+            std::fs::write(dir.path().join(format!("part-{n:06}.parquet")), b"").unwrap();
+        }
         let segments = ScoreSegments::open(dir.path(), columns, 3).unwrap();
         let mut stage = SinkStage {
             scores: Some(ScoreOut::Segments(segments)),

@@ -196,8 +196,11 @@ pub struct ScoreSegments {
 
 impl ScoreSegments {
     /// Opens the folder, continuing at segment `next` (from the checkpoint, 1 when fresh).
+    /// Every segment below `next` must be there: the checkpoint covers their rows, which a
+    /// resume will not score again.
     pub fn open(dir: &Path, columns: ScoreColumns, next: u64) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut covered = 0;
         for entry in std::fs::read_dir(dir)? {
             let p = entry?.path();
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -205,8 +208,16 @@ impl ScoreSegments {
             if stale {
                 tracing::info!(file = %p.display(), "removing a score segment the checkpoint does not cover");
                 std::fs::remove_file(&p)?;
+            } else if Self::number(name).is_some() {
+                covered += 1;
             }
         }
+        anyhow::ensure!(
+            covered == next - 1,
+            "{}: the checkpoint covers score segments 1 to {} but {covered} are there; their rows would not be scored again (delete the checkpoint to start afresh)",
+            dir.display(),
+            next - 1
+        );
         Ok(ScoreSegments {
             dir: dir.to_path_buf(),
             columns,
