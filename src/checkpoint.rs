@@ -118,7 +118,7 @@ pub struct Checkpoint {
 /// use ticks and dropped models' buffer counters.
 /// 16: each learner's divergence guard (its snapshot of good weights and runs of steps).
 /// 17: the reducible score's held-out model and its Adam state; norm clipping's flag that
-/// its threshold was computed.
+/// its threshold was computed; each change mark's first detection.
 const MAGIC: &[u8; 8] = b"GSCKPT17";
 
 /// Writes `ckpt` to `path` atomically (see [`crate::durable`]). Returns the bytes written.

@@ -283,6 +283,11 @@ fn beam_replay_resumed_mid_site(scope: &str) {
         figures(&a),
         "resumed vs uninterrupted, {scope}"
     );
+    // The changes met before the checkpoint keep their detection and their own-rows
+    // recovery (the mark's running total was lost on a resume).
+    let changes = |r: &gradsift::report::RunReport| serde_json::to_value(&r.changes).unwrap();
+    assert!(a.changes[0].recovery_samples_own_rows.is_some());
+    assert_eq!(changes(&b), changes(&a), "{scope}");
 }
 
 /// Where checkpoints fall does not change what is learnt: a partial micro-batch waits

@@ -585,6 +585,9 @@ pub enum Detector {
 }
 
 impl Detector {
+    /// In the order [`DriftMonitor::update`] reports them.
+    pub const ALL: [Detector; 3] = [Detector::Adwin, Detector::PageHinkley, Detector::ScoreShift];
+
     pub fn name(self) -> &'static str {
         match self {
             Detector::Adwin => "adwin",

@@ -82,13 +82,19 @@ pub fn recoveries(
                 };
             };
             let seg_end = ats.iter().copied().find(|&a| a > at).unwrap_or(end);
-            let first_detection = events
-                .iter()
-                .find(|e| e.key.is_none() && e.sample >= at && e.sample < seg_end)
-                .map(|e| Detection {
-                    detector: e.detector.name().to_string(),
-                    sample: e.sample,
-                    delay: e.sample - at,
+            // The mark's own record; the event list for traces written before it was kept.
+            let first_detection = m
+                .detected
+                .or_else(|| {
+                    events
+                        .iter()
+                        .find(|e| e.key.is_none() && e.sample >= at && e.sample < seg_end)
+                        .map(|e| (e.detector, e.sample))
+                })
+                .map(|(detector, sample)| Detection {
+                    detector: detector.name().to_string(),
+                    sample,
+                    delay: sample - at,
                 });
             let seg: Vec<&TracePoint> = points
                 .iter()
@@ -232,6 +238,7 @@ mod tests {
             start: Boundary::Sample(at),
             at: Some(at),
             total: None,
+            detected: None,
         }
     }
 

@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::drift::Detector;
 use super::eval::Boundary;
 
 /// Points kept at most.
@@ -54,6 +55,10 @@ pub struct ChangeMark {
     /// The running total just before the change's first row.
     #[serde(default)]
     pub total: Option<RunningTotal>,
+    /// The first stream-wide detection at or after the change, before the next one (kept
+    /// here: the report's event list is bounded and per-key events may fill it first).
+    #[serde(default)]
+    pub detected: Option<(Detector, u64)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +90,7 @@ impl MetricTrace {
                     start: *start,
                     at: None,
                     total: None,
+                    detected: None,
                 })
                 .collect(),
             ..Self::default()
@@ -99,6 +105,21 @@ impl MetricTrace {
                 c.at = Some(sample);
                 c.total = Some(total);
             }
+        }
+    }
+
+    /// A stream-wide `detector` fired at `sample`: the first detection of the latest change
+    /// reached by then, if it has none.
+    pub fn detected(&mut self, sample: u64, detector: Detector) {
+        let current = self
+            .changes
+            .iter_mut()
+            .filter(|c| c.at.is_some_and(|a| a <= sample))
+            .max_by_key(|c| c.at);
+        if let Some(c) = current
+            && c.detected.is_none()
+        {
+            c.detected = Some((detector, sample));
         }
     }
 
@@ -135,6 +156,31 @@ mod tests {
         }
         let at: Vec<_> = t.changes.iter().map(|c| c.at).collect();
         assert_eq!(at, [Some(4), Some(5)]);
+    }
+
+    /// Each change keeps its own first stream-wide detection, whatever fills the report's
+    /// bounded event list: detections before any change, or after a later one, are not its.
+    #[test]
+    fn each_change_keeps_its_first_detection() {
+        let mut t = MetricTrace::with_changes(&[
+            ("a".into(), Boundary::Sample(100)),
+            ("b".into(), Boundary::Sample(200)),
+        ]);
+        t.detected(50, Detector::Adwin);
+        for sample in [100, 200] {
+            t.mark(sample, 0, RunningTotal::default());
+        }
+        t.detected(150, Detector::PageHinkley);
+        t.detected(160, Detector::Adwin);
+        t.detected(230, Detector::ScoreShift);
+        let got: Vec<_> = t.changes.iter().map(|c| c.detected).collect();
+        assert_eq!(
+            got,
+            [
+                Some((Detector::PageHinkley, 150)),
+                Some((Detector::ScoreShift, 230))
+            ]
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::config::PipelineConfig;
 use crate::features::{FeatureState, RowEval, Samples, SavedLearnerParts};
 use crate::learner::blend::{BlendConfig, Blender, ExpertWeights};
 use crate::learner::decision::{Decision, LossTable};
-use crate::learner::drift::DriftMonitor;
+use crate::learner::drift::{Detector, DriftMonitor};
 use crate::learner::eval::{EvalSummary, Observation, Scoreboard};
 use crate::learner::model::Head;
 use crate::learner::per_key::{Learners, ModelScope};
@@ -529,6 +529,9 @@ impl LearnerStage {
     fn watch_drift(&mut self, (sample, time): (u64, i64), key: &Arc<str>, loss: f32, score: f32) {
         let fired = self.drift.update(sample, time, loss, score);
         self.telemetry.drift(fired);
+        if let Some(d) = Detector::ALL.into_iter().find(|&d| fired[d as usize]) {
+            self.trace.detected(sample, d);
+        }
         if self.cfg.drift.per_key
             && let Some(d) = self.keys.detectors(key, &self.cfg.drift)
         {
@@ -687,10 +690,12 @@ impl LearnerStage {
         self.trace = c.trace;
         let saved = std::mem::replace(&mut self.trace.changes, marks);
         for m in &mut self.trace.changes {
-            m.at = saved
+            if let Some(s) = saved
                 .iter()
                 .find(|s| s.name == m.name && s.start == m.start)
-                .and_then(|s| s.at);
+            {
+                (m.at, m.total, m.detected) = (s.at, s.total, s.detected);
+            }
         }
         if let (Some(t), Some(saved)) = (&mut self.losses, c.decision)
             && saved.classes() == t.classes()
