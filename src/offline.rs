@@ -215,7 +215,7 @@ fn split(
     periods: &[(String, Boundary)],
 ) -> Result<(Vec<usize>, Vec<usize>)> {
     let find = |name: &str| periods.iter().find(|(n, _)| n == name).map(|(_, b)| *b);
-    let (Some(start), Some(_)) = (find("validation"), find("test")) else {
+    let (Some(start), Some(test)) = (find("validation"), find("test")) else {
         bail!(
             "{}: key `evaluation.periods`: expected periods named \"validation\" and \"test\" \
              (gradsift train trains before validation, stops early on it and reports test)",
@@ -231,6 +231,17 @@ fn split(
             cfg.file.display(),
             train.len(),
             held.len()
+        );
+    }
+    // Early stopping reads the validation period: without rows it reads NaN every epoch
+    // and would keep the untrained weights.
+    if held
+        .iter()
+        .all(|&i| test.reached(i as u64, samples.times[i]))
+    {
+        bail!(
+            "{}: key `evaluation.periods`: the validation period holds no rows before              `test` starts; expected some",
+            cfg.file.display()
         );
     }
     Ok((train, held))
@@ -565,7 +576,10 @@ pub async fn train(
             "report".to_string(),
             out_dir.join("report.json").display().to_string(),
         )]),
-        diverged: ep.learner.stats().nonfinite_steps > 0 || board.whole.nonfinite() > 0,
+        // No epoch gave a finite validation figure: the weights are the untrained ones.
+        diverged: ep.learner.stats().nonfinite_steps > 0
+            || board.whole.nonfinite() > 0
+            || fit.best_epoch == 0,
         interrupted: shutdown.is_triggered(),
     };
     let path = out_dir.join("report.json");

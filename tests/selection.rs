@@ -229,3 +229,27 @@ fn offline_training_stops_on_validation_and_reports_the_test_period() {
         ib["compute"]
     );
 }
+
+/// `gradsift train` stops early on the validation period: one without rows (here five
+/// minutes between two 10-minute slots) is refused at start, naming the key. It read NaN every epoch and kept the
+/// untrained weights, whose figures it reported.
+#[test]
+fn offline_training_refuses_an_empty_validation_period() {
+    let out = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_gradsift"))
+        .args(["train", "pipelines/milan-replay.toml", "--quiet", "--output"])
+        .arg(out.path())
+        .args([
+            "--set",
+            "evaluation.periods=[{name=\"validation\",from=\"2013-12-01T00:00:01Z\"},{name=\"test\",from=\"2013-12-01T00:05:00Z\"}]",
+        ])
+        .current_dir(common::repo())
+        .output()
+        .expect("gradsift runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("evaluation.periods") && err.contains("holds no rows"),
+        "{err}"
+    );
+}
