@@ -97,6 +97,13 @@ impl OfflineConfig {
         if self.batch_size == 0 {
             return Some(("offline.batch_size", "at least 1 row", "0".into()));
         }
+        if self.patience == 0 {
+            return Some((
+                "offline.patience",
+                "at least 1 epoch without improvement",
+                "0".into(),
+            ));
+        }
         if !(0.0..1.0).contains(&self.anneal) {
             return Some((
                 "offline.anneal",

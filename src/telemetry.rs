@@ -295,7 +295,7 @@ pub const METRICS: &[MetricDef] = &[
         DRIFT_EVENTS,
         Kind::Counter,
         Unit::Count,
-        "Drift detections on the stream, by detector: adwin and page_hinkley on the prequential loss (rises only), score_shift on the importance scores.",
+        "Drift detections, by detector (adwin and page_hinkley on the prequential loss, rises only; score_shift on the importance scores) and scope (global: the stream's detectors; key: a key's own, with drift.per_key).",
     ),
     def(
         DRIFT_RECOVERING,

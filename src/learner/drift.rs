@@ -541,10 +541,16 @@ impl DriftConfig {
         if !(self.adwin_delta > 0.0 && self.adwin_delta < 1.0) {
             return Err(("drift.adwin_delta", "a confidence in (0, 1)"));
         }
-        if !(self.page_hinkley_threshold > 0.0 && self.page_hinkley_delta >= 0.0) {
+        if !(self.page_hinkley_threshold > 0.0 && self.page_hinkley_threshold.is_finite()) {
+            return Err(("drift.page_hinkley_threshold", "a finite positive level"));
+        }
+        if !(self.page_hinkley_delta >= 0.0 && self.page_hinkley_delta.is_finite()) {
+            return Err(("drift.page_hinkley_delta", "a finite tolerance ≥ 0"));
+        }
+        if self.recovery_samples == 0 {
             return Err((
-                "drift.page_hinkley_threshold",
-                "a positive level (delta ≥ 0)",
+                "drift.recovery_samples",
+                "at least 1 sample (the reactions' window and cool-down)",
             ));
         }
         if !(self.recent_half_life >= 1.0 && self.recent_half_life <= 1e9) {
@@ -559,11 +565,11 @@ impl DriftConfig {
                 "1 to 64 optimiser steps per micro-batch",
             ));
         }
-        if self.score_window < 16 || self.score_c_alpha.is_nan() || self.score_c_alpha <= 0.0 {
-            return Err((
-                "drift.score_window",
-                "at least 16 scores (score_c_alpha > 0)",
-            ));
+        if self.score_window < 16 {
+            return Err(("drift.score_window", "at least 16 scores"));
+        }
+        if !(self.score_c_alpha > 0.0 && self.score_c_alpha.is_finite()) {
+            return Err(("drift.score_c_alpha", "a finite positive critical value"));
         }
         if self.score_season != 0 && !(self.score_window..=1 << 20).contains(&self.score_season) {
             return Err((
