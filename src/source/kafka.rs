@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -313,9 +315,35 @@ const BATCH_STEP: i64 = 512;
 #[derive(Default)]
 pub struct GroupMember {
     /// Committed offset of each partition at its last assignment: where fetching must start.
-    start: std::sync::Mutex<HashMap<(String, i32), i64>>,
+    start: std::sync::Mutex<Starts>,
     /// Bumped at every assignment, so the consume loop re-checks each partition's start.
     generation: std::sync::atomic::AtomicU64,
+}
+
+/// Each assigned partition's committed offset (absent: none committed), and the partitions
+/// whose offset could not be read at assignment (the coordinator away): this member commits
+/// none of those until it has read them, since a position from an earlier ownership could
+/// rewind the group.
+#[derive(Default)]
+struct Starts {
+    known: HashMap<(String, i32), i64>,
+    unknown: std::collections::HashSet<(String, i32)>,
+}
+
+/// The group's committed offsets of `tpl`'s partitions (those with one).
+fn read_committed(
+    consumer: &BaseConsumer<GroupMember>,
+    tpl: TopicPartitionList,
+    timeout: Duration,
+) -> rdkafka::error::KafkaResult<Vec<((String, i32), i64)>> {
+    let c = consumer.committed_offsets(tpl, timeout)?;
+    Ok(c.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+            _ => None,
+        })
+        .collect())
 }
 
 impl GroupMember {
@@ -324,8 +352,32 @@ impl GroupMember {
         self.start
             .lock()
             .expect("start offsets")
+            .known
             .get(&(topic.to_string(), partition))
             .copied()
+    }
+
+    /// Whether the partition's committed offset at assignment is not known yet.
+    fn start_unknown(&self, topic: &str, partition: i32) -> bool {
+        let starts = self.start.lock().expect("start offsets");
+        starts.unknown.contains(&(topic.to_string(), partition))
+    }
+
+    /// Reads the offsets that could not be read at assignment (a second at most).
+    fn retry_unknown(&self, consumer: &BaseConsumer<GroupMember>) {
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &self.start.lock().expect("start offsets").unknown {
+            tpl.add_partition(t, *p);
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Ok(read) = read_committed(consumer, tpl, Duration::from_secs(1)) {
+            let mut starts = self.start.lock().expect("start offsets");
+            starts.unknown.clear();
+            starts.known.extend(read);
+            tracing::info!("committed offsets read after the assignment; commits resume");
+        }
     }
 }
 
@@ -378,31 +430,43 @@ impl ConsumerContext for GroupMember {
                     .collect();
                 tracing::info!(partitions = %parts.join(","), count = parts.len(), "partitions assigned");
                 // Where each partition must start: the consume loop checks the first message
-                // against it (see `StartCheck`).
-                let committed = consumer
-                    .committed_offsets((*tpl).clone(), Duration::from_secs(10))
-                    .map(|c| {
-                        c.elements()
-                            .iter()
-                            .filter_map(|e| match e.offset() {
-                                Offset::Offset(o) => {
-                                    Some(((e.topic().to_string(), e.partition()), o))
-                                }
-                                _ => None,
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                    .unwrap_or_default();
-                let mut start = self.start.lock().expect("start offsets");
-                start.clear();
-                start.extend(committed);
+                // against it (see `StartCheck`), and no commit goes below it.
+                let read = read_committed(consumer, (*tpl).clone(), Duration::from_secs(10));
+                let mut starts = self.start.lock().expect("start offsets");
+                // A cooperative assignment adds partitions to those kept; an eager one is
+                // the whole assignment.
+                if !matches!(
+                    consumer.rebalance_protocol(),
+                    RebalanceProtocol::Cooperative
+                ) {
+                    *starts = Starts::default();
+                }
+                let parts = tpl.elements();
+                let parts = parts.iter().map(|e| (e.topic().to_string(), e.partition()));
+                match read {
+                    Ok(read) => {
+                        for p in parts {
+                            starts.unknown.remove(&p);
+                            starts.known.remove(&p);
+                        }
+                        starts.known.extend(read);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the group's committed offsets of the assigned partitions; this member commits none of them until it can");
+                        starts.unknown.extend(parts);
+                    }
+                }
                 self.generation.fetch_add(1, Ordering::Relaxed);
             }
             Rebalance::Revoke(tpl) => {
                 tracing::info!(count = tpl.count(), "partitions revoked");
+                let mut starts = self.start.lock().expect("start offsets");
                 // Another member reports these now: this one's lag for them is nil.
                 for e in tpl.elements() {
                     telemetry::kafka_lag(e.topic(), e.partition(), 0, 0);
+                    let p = (e.topic().to_string(), e.partition());
+                    starts.known.remove(&p);
+                    starts.unknown.remove(&p);
                 }
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
@@ -583,11 +647,14 @@ impl StallWatch {
             else {
                 continue;
             };
-            let next = handed
-                .get(&source)
-                .map(|&h| h as i64)
-                .or_else(|| consumer.context().committed(topic, partition))
-                .unwrap_or(low);
+            // The further of the two: the group may have committed past what this process
+            // handed on (another member had the partition), and seeking back below its
+            // offset would learn those messages twice.
+            let committed = consumer.context().committed(topic, partition);
+            let next = match (handed.get(&source).map(|&h| h as i64), committed) {
+                (Some(h), Some(c)) => h.max(c),
+                (h, c) => h.or(c).unwrap_or(low),
+            };
             if high == next {
                 // Idle: nothing to fetch.
                 continue;
@@ -1035,6 +1102,7 @@ fn commit(
                 .collect()
         })
         .unwrap_or_default();
+    consumer.context().retry_unknown(consumer);
     let mut tpl = TopicPartitionList::new();
     for (source, off) in done.iter() {
         // "topic[partition]"
@@ -1044,7 +1112,9 @@ fn commit(
         let Ok(partition) = rest.trim_end_matches(']').parse::<i32>() else {
             continue;
         };
-        if !owned.iter().any(|(t, p)| t == topic && *p == partition) {
+        if !owned.iter().any(|(t, p)| t == topic && *p == partition)
+            || consumer.context().start_unknown(topic, partition)
+        {
             continue;
         }
         // Not behind what the group had committed when this member was (re)assigned the
