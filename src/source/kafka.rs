@@ -961,7 +961,20 @@ impl<'a> KafkaSource<'a> {
         let Some(p) = &self.dlq else {
             return Ok(());
         };
-        let flushed = p.flush(Duration::from_secs(DEAD_LETTER_FLUSH_S));
+        // A broker away is waited for, a flush at a time, until a shutdown or until
+        // librdkafka gives a letter up (`message.timeout.ms`, 5 minutes by default): a broker
+        // restart must not end the run.
+        let flushed = loop {
+            match p.flush(Duration::from_secs(DEAD_LETTER_FLUSH_S)) {
+                Err(e)
+                    if !self.shutdown.is_triggered()
+                        && p.context().failed.load(Ordering::Relaxed) == 0 =>
+                {
+                    tracing::warn!(error = %e, "dead letters not delivered within {DEAD_LETTER_FLUSH_S} s; waiting on the broker");
+                }
+                r => break r,
+            }
+        };
         let failed = p.context().failed.load(Ordering::Relaxed);
         if flushed.is_err() || failed > 0 {
             anyhow::bail!(
