@@ -186,7 +186,7 @@ async fn load(
     let (sc, sd) = (schema.clone(), shutdown.clone());
     let reader = tokio::task::spawn_blocking(move || {
         let tx = crate::source::EventSender::new(tx, Default::default());
-        parquet::replay(&src, &sc, &files, tx, &sd)
+        parquet::replay(&src, &sc, &files, Default::default(), tx, &sd)
     });
     let decoder = Decoder::new(schema.clone());
     let mut a = Archive::default();

@@ -169,7 +169,7 @@ pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
     let sd = shutdown.clone();
     let reader = tokio::task::spawn_blocking(move || {
         let tx = crate::source::EventSender::new(tx, Default::default());
-        parquet::replay(&src, &schema, &files, tx, &sd)
+        parquet::replay(&src, &schema, &files, Default::default(), tx, &sd)
     });
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &args.brokers)

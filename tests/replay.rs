@@ -715,6 +715,40 @@ fn a_shutdown_ends_a_slowly_paced_replay_within_seconds() {
     );
 }
 
+/// A paced replay resumed from a checkpoint releases the rows the checkpoint covers at once
+/// and paces from the first row after them: at one 10-minute slot a second, the 2,000 covered
+/// slots took 2,000 s before the first new row was learnt.
+#[test]
+fn a_paced_resume_does_not_wait_out_the_covered_rows() {
+    let out = tempfile::tempdir().unwrap();
+    let sets = ["checkpoint.enabled=true", "output.scores=false"];
+    let mut first = sets.to_vec();
+    first.push("source.max_rows=2000");
+    common::run(common::pipeline("milan-replay.toml", out.path(), &first));
+    let mut paced = sets.to_vec();
+    paced.push("source.pace={ speedup = 600.0 }");
+    let cfg = common::pipeline("milan-replay.toml", out.path(), &paced);
+    let shutdown = gradsift::shutdown::Shutdown::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sd = shutdown.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _ = tx.send(rt.block_on(gradsift::pipeline::run(cfg, Default::default(), sd)));
+    });
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    shutdown.trigger();
+    let r = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the run ends after the shutdown")
+        .expect("run completes");
+    let ck = r.checkpoint.as_ref().unwrap();
+    assert_eq!(ck.rows_already_covered, 2000, "{:?}", r.rows_read);
+}
+
 #[test]
 fn an_absurd_value_is_dead_lettered_and_does_not_ruin_the_model() {
     // Issue 10, defect 6: one `internet = 1.7e308` row took the last-window MAE from 66 to

@@ -9,6 +9,7 @@
 //! skipped. Replay can be paced at a fixed row rate, or at a speed-up factor over event
 //! time, or run flat out.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -176,7 +177,16 @@ impl ParquetSourceConfig {
             let times = ctx.tx.times();
             times
                 .source
-                .on_thread(|| replay(&cfg, &ctx.schema, &files, ctx.tx, &ctx.shutdown))
+                .on_thread(|| {
+                    replay(
+                        &cfg,
+                        &ctx.schema,
+                        &files,
+                        ctx.covered,
+                        ctx.tx,
+                        &ctx.shutdown,
+                    )
+                })
                 .map(|s| (s.rows, 0))
         });
         Ok(RunningSource {
@@ -589,10 +599,13 @@ pub fn replay(
     cfg: &ParquetSourceConfig,
     schema: &Schema,
     files: &[PathBuf],
+    covered: HashMap<Arc<str>, u64>,
     tx: super::EventSender,
     shutdown: &Shutdown,
 ) -> Result<ReplayStats> {
     let mut r = Replay {
+        covered,
+        unpaced: 0,
         cfg,
         schema,
         wanted: schema.read_columns(),
@@ -616,6 +629,11 @@ pub fn replay(
 /// A replay's state: a cursor per readable file, the ones that still hold rows, the pacer.
 /// Every method that talks to the learner returns false once the learner has gone.
 struct Replay<'a> {
+    /// Per file, the rows the checkpoint being resumed covers: released unpaced (the
+    /// learner skips them), and the pace starts at the first row after them.
+    covered: HashMap<Arc<str>, u64>,
+    /// Covered rows released so far.
+    unpaced: u64,
     cfg: &'a ParquetSourceConfig,
     schema: &'a Schema,
     wanted: Vec<String>,
@@ -798,9 +816,14 @@ impl Replay<'_> {
                     })
                     .expect("non-empty")
             };
-            if let Some(pacer) = self.pacer.as_mut() {
-                let c = &self.cursors[self.active[slot]];
-                let due = pacer.due(self.stats.rows + p.rows.len() as u64, c.times[c.pos]);
+            let c = &self.cursors[self.active[slot]];
+            let covered =
+                (self.covered.get(&c.origin)).is_some_and(|&n| c.base + (c.pos as u64) < n);
+            if covered {
+                self.unpaced += 1;
+            } else if let Some(pacer) = self.pacer.as_mut() {
+                let row = self.stats.rows + p.rows.len() as u64 - self.unpaced;
+                let due = pacer.due(row, c.times[c.pos]);
                 let now = pacer.start.elapsed();
                 if due > now {
                     if !p.rows.is_empty() {
