@@ -37,28 +37,16 @@ pub fn avro_schema(schema: &Schema) -> AvroSchema {
                 ColumnType::String => serde_json::json!("string"),
                 ColumnType::FloatList => serde_json::json!({"type": "array", "items": "float"}),
             };
-            serde_json::json!({"name": avro_name(&c), "type": ["null", ty], "default": null})
+            serde_json::json!({"name": crate::schema::avro_name(&c), "type": ["null", ty], "default": null})
         })
         .collect();
     let record = serde_json::json!({
         "type": "record",
-        "name": avro_name(&schema.name),
+        "name": crate::schema::avro_name(&schema.name),
         "namespace": "gradsift",
         "fields": fields,
     });
     AvroSchema::parse_str(&record.to_string()).expect("a well-formed record schema")
-}
-
-/// Avro names allow `[A-Za-z_][A-Za-z0-9_]*` only.
-fn avro_name(s: &str) -> String {
-    let mut n: String = s
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    if n.chars().next().is_none_or(|c| c.is_ascii_digit()) {
-        n.insert(0, '_');
-    }
-    n
 }
 
 /// One JSON field value (as the producer reads it from Parquet) as its Avro union value.
@@ -97,7 +85,10 @@ pub fn encode_avro(
         .into_iter()
         .map(|c| {
             let v = row.get(&c).unwrap_or(&serde_json::Value::Null);
-            (avro_name(&c), json_to_avro(schema.columns[&c].ty, v))
+            (
+                crate::schema::avro_name(&c),
+                json_to_avro(schema.columns[&c].ty, v),
+            )
         })
         .collect();
     Ok(apache_avro::to_avro_datum(avro, Avro::Record(fields))?)

@@ -72,6 +72,18 @@ pub struct ColumnSpec {
     pub unit: Option<EpochUnit>,
 }
 
+/// Avro names allow `[A-Za-z_][A-Za-z0-9_]*` only.
+pub fn avro_name(s: &str) -> String {
+    let mut n: String = s
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if n.chars().next().is_none_or(|c| c.is_ascii_digit()) {
+        n.insert(0, '_');
+    }
+    n
+}
+
 /// The unit of an integer epoch time in a message.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum EpochUnit {
@@ -457,6 +469,16 @@ impl Schema {
                 );
             }
         }
+        // Avro payloads name each field by its column, non-alphanumerics as `_`.
+        let mut fields = std::collections::BTreeMap::new();
+        for c in self.read_columns() {
+            if let Some(other) = fields.insert(avro_name(&c), c.clone()) {
+                bail!(
+                    "columns `{other}` and `{c}` take one Avro field name, `{}`; rename one",
+                    avro_name(&c)
+                );
+            }
+        }
         for (name, spec) in &self.columns {
             // A feed's lists of any length cannot make one fixed-size column.
             if spec.ty == ColumnType::FloatList && spec.size.is_none() {
@@ -715,6 +737,19 @@ mod tests {
             list.as_object_mut().unwrap().remove("size");
         });
         assert!(err.contains("needs `size`"), "{err}");
+    }
+
+    /// Two read columns that one Avro field name would stand for (the Avro schema builder
+    /// panicked on the source thread) are refused at load.
+    #[test]
+    fn columns_sharing_an_avro_field_name_are_refused() {
+        let err = refused("milan_internet.json", |v| {
+            v["time"]["column"] = "square-id".into();
+            let cols = v["columns"].as_object_mut().unwrap();
+            let ts = cols.remove("ts").unwrap();
+            cols.insert("square-id".into(), ts);
+        });
+        assert!(err.contains("one Avro field name, `square_id`"), "{err}");
     }
 
     /// A shipped schema with one edit, loaded: the error, which names the file.
