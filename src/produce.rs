@@ -211,8 +211,17 @@ pub async fn produce(args: ProduceArgs, shutdown: Shutdown) -> Result<u64> {
         );
         Ok(sent)
     });
-    reader.await.context("reader panicked")??;
-    sent.await.context("producer panicked")?
+    let read = reader.await.context("reader panicked")??;
+    let sent = sent.await.context("producer panicked")??;
+    // What the archive could not give is not lost (it stays in the files), but the topic
+    // does not hold the archive: say so, and fail.
+    anyhow::ensure!(
+        read.unreadable_parts == 0,
+        "{sent} messages produced, but {} parts of the archive ({} rows counted) could not be read as the schema says (the log names each file and reason)",
+        read.unreadable_parts,
+        read.unreadable_rows
+    );
+    Ok(sent)
 }
 
 #[cfg(test)]

@@ -807,3 +807,35 @@ fn a_failed_checkpoint_write_ends_the_run_on_a_quiet_feed_and_commits_nothing() 
         "{text}"
     );
 }
+
+/// `gradsift produce` from a folder holding a file it cannot read produces the rest, then
+/// fails saying so: the topic does not hold the archive (it exited 0 before).
+#[test]
+fn produce_fails_when_part_of_the_archive_cannot_be_read() {
+    let broker = common::Broker::of(BrokerKind::Mock);
+    broker.create_topic("partial", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let milan = common::repo().join("data/milan/internet_square5161.parquet");
+    std::fs::copy(&milan, dir.path().join("a.parquet")).unwrap();
+    std::fs::write(dir.path().join("b.parquet"), b"not a parquet file").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gradsift"))
+        .current_dir(common::repo())
+        .arg("produce")
+        .arg(dir.path())
+        .args([
+            "--schema",
+            "schemas/milan_internet.json",
+            "--topic",
+            "partial",
+        ])
+        .args(["--max-rows", "100", "--brokers"])
+        .arg(broker.address())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("100 messages produced") && err.contains("1 parts of the archive"),
+        "{err}"
+    );
+}

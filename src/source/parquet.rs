@@ -253,6 +253,9 @@ pub struct ReplayStats {
     pub files: u64,
     pub rows: u64,
     pub unreadable_rows: u64,
+    /// Files, row groups or batches that could not be read (a file without a footer has no
+    /// row count).
+    pub unreadable_parts: u64,
 }
 
 /// Total rows of the files (from Parquet footers), for progress display.
@@ -659,6 +662,7 @@ impl Replay<'_> {
     fn unreadable(&mut self, origin: &Arc<str>, lost: Lost) -> bool {
         tracing::warn!(file = %origin, reason = %lost.reason, detail = %lost.detail, first_row = lost.first_row, rows = lost.rows, "input cannot be read as the schema says; its rows are dead-lettered");
         self.stats.unreadable_rows += lost.rows;
+        self.stats.unreadable_parts += 1;
         self.tx
             .blocking_send(SourceEvent::Unreadable(Unreadable {
                 origin: origin.clone(),
