@@ -635,6 +635,12 @@ impl KeyDetectors {
     pub fn update(&mut self, loss: f32) -> [Option<Drift>; 2] {
         [self.adwin.update(loss as f64), self.ph.update(loss as f64)]
     }
+
+    /// Restored from a checkpoint: this configuration's settings apply from now on.
+    pub fn retune(&mut self, cfg: &DriftConfig) {
+        self.adwin.delta = cfg.adwin_delta;
+        (self.ph.delta, self.ph.threshold) = (cfg.page_hinkley_delta, cfg.page_hinkley_threshold);
+    }
 }
 
 /// Events a report lists (the counts cover all of them).
@@ -670,6 +676,27 @@ impl DriftMonitor {
             reacted_at: Vec::new(),
             reactions: 0,
             last_reaction: None,
+        }
+    }
+
+    /// Continues from a checkpoint's detectors under this configuration's settings (a
+    /// `--set` on a resume was ignored): ADWIN's and Page-Hinkley's apply at once with their
+    /// state kept; a score test of another window or season starts afresh (its history has
+    /// another shape), the critical value of the same one is this configuration's.
+    pub fn restore(&mut self, saved: DriftMonitor, cfg: &DriftConfig) {
+        let fresh = std::mem::replace(self, saved);
+        // The learner's recovery window ends at a restart (it is not checkpointed), so the
+        // cool-down does too: the gauge said "recovering" and a detection got no reaction.
+        self.last_reaction = None;
+        self.adwin.delta = cfg.adwin_delta;
+        (self.ph.delta, self.ph.threshold) = (cfg.page_hinkley_delta, cfg.page_hinkley_threshold);
+        if (self.scores.window, self.scores.lag) == (fresh.scores.window, fresh.scores.lag) {
+            self.scores.critical = fresh.scores.critical;
+        } else {
+            tracing::warn!(
+                "drift.score_window or score_season changed since the checkpoint: the score test starts afresh"
+            );
+            self.scores = fresh.scores;
         }
     }
 
@@ -763,6 +790,37 @@ impl DriftMonitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A resume takes this configuration's detector settings: Page-Hinkley's threshold and
+    /// ADWIN's δ at once with their state kept, a score test of another window afresh (they
+    /// came back as saved, whatever the `--set`).
+    #[test]
+    fn a_restored_monitor_takes_this_configurations_settings() {
+        let old = DriftConfig::default();
+        let mut saved = DriftMonitor::new(&old);
+        for i in 0..500 {
+            saved.update(i, 0, (i % 7) as f32, 1.0);
+        }
+        let new = DriftConfig {
+            page_hinkley_threshold: 123.0,
+            adwin_delta: 0.5,
+            score_window: old.score_window * 2,
+            ..old.clone()
+        };
+        let mut m = DriftMonitor::new(&new);
+        m.restore(saved.clone(), &new);
+        assert_eq!((m.ph.threshold, m.adwin.delta), (123.0, 0.5));
+        assert_eq!((m.ph.n, m.adwin.width()), (saved.ph.n, saved.adwin.width()));
+        assert!(m.scores.history.is_empty() && m.scores.window == new.score_window);
+        let mut same = DriftMonitor::new(&old);
+        saved.last_reaction = Some(499);
+        same.restore(saved.clone(), &old);
+        assert_eq!(same.scores.history.len(), saved.scores.history.len());
+        assert!(
+            !same.recovering(&old, 500),
+            "the recovery window ends at a restart"
+        );
+    }
     use crate::learner::LearnerRng;
     use rand::{Rng, SeedableRng};
 

@@ -22,11 +22,13 @@ pub(crate) struct LearnerKeys {
 }
 
 impl LearnerKeys {
-    /// The parts a resumed checkpoint kept.
-    pub fn restored(parts: SavedLearnerParts) -> Self {
-        LearnerKeys {
-            keys: parts.into_iter().collect(),
+    /// The parts a resumed checkpoint kept; their loss detectors take `cfg`'s settings.
+    pub fn restored(parts: SavedLearnerParts, cfg: &DriftConfig) -> Self {
+        let mut keys: foldhash::HashMap<Arc<str>, KeyLearnerParts> = parts.into_iter().collect();
+        for d in keys.values_mut().filter_map(|p| p.drift.as_mut()) {
+            d.retune(cfg);
         }
+        LearnerKeys { keys }
     }
 
     /// Follows the feature stage's keys (both halves of a batch's changes at once).

@@ -211,7 +211,7 @@ impl LearnerStage {
         };
         if let Some((c, parts)) = resume {
             stage.restore(c)?;
-            stage.keys = LearnerKeys::restored(parts);
+            stage.keys = LearnerKeys::restored(parts, &stage.cfg.drift);
         }
         // Baseline: learner work restored from a checkpoint is not this process's.
         stage.publish_metrics();
@@ -684,7 +684,7 @@ impl LearnerStage {
         }
         self.metrics.whole = c.metrics.whole;
         self.counters = c.counters;
-        self.drift = c.drift;
+        self.drift.restore(c.drift, &self.cfg.drift);
         // The change points come from this configuration; a saved one keeps where it was met.
         let marks = std::mem::take(&mut self.trace.changes);
         self.trace = c.trace;
