@@ -247,7 +247,8 @@ fn split(
         .all(|&i| test.reached(i as u64, samples.times[i]))
     {
         bail!(
-            "{}: key `evaluation.periods`: the validation period holds no rows before              `test` starts; expected some",
+            "{}: key `evaluation.periods`: the validation period holds no rows before `test` \
+             starts; expected some",
             cfg.file.display()
         );
     }
@@ -555,6 +556,7 @@ pub async fn train(
         ep.losses.as_mut(),
     );
     let energy = meter.read();
+    let epochs_run = fit.history.len();
     let report = OfflineReport {
         pipeline: cfg.name.clone(),
         mode: "offline",
@@ -566,7 +568,7 @@ pub async fn train(
         held_out_rows: held.len(),
         skipped: archive.skipped.clone(),
         dead_lettered_rows: archive.dead_rows,
-        epochs_run: fit.history.len(),
+        epochs_run,
         best_epoch: fit.best_epoch,
         trained_fraction_after_warmup: fit.policy_fraction(ep.train.len()),
         history: fit.history,
@@ -586,7 +588,7 @@ pub async fn train(
         // No epoch gave a finite validation figure: the weights are the untrained ones.
         diverged: ep.learner.stats().nonfinite_steps > 0
             || board.whole.nonfinite() > 0
-            || fit.best_epoch == 0,
+            || (fit.best_epoch == 0 && epochs_run > 0),
         interrupted: shutdown.is_triggered(),
     };
     let path = out_dir.join("report.json");

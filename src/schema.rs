@@ -472,7 +472,9 @@ impl Schema {
         // Avro payloads name each field by its column, non-alphanumerics as `_`.
         let mut fields = std::collections::BTreeMap::new();
         for c in self.read_columns() {
-            if let Some(other) = fields.insert(avro_name(&c), c.clone()) {
+            if let Some(other) = fields.insert(avro_name(&c), c.clone())
+                && other != c
+            {
                 bail!(
                     "columns `{other}` and `{c}` take one Avro field name, `{}`; rename one",
                     avro_name(&c)

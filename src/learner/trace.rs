@@ -111,15 +111,14 @@ impl MetricTrace {
     /// A stream-wide `detector` fired at `sample`: the first detection of the latest change
     /// reached by then, if it has none.
     pub fn detected(&mut self, sample: u64, detector: Detector) {
-        let current = self
-            .changes
-            .iter_mut()
-            .filter(|c| c.at.is_some_and(|a| a <= sample))
-            .max_by_key(|c| c.at);
-        if let Some(c) = current
-            && c.detected.is_none()
-        {
-            c.detected = Some((detector, sample));
+        // The latest change reached (every one the same row reached, if several).
+        let latest = (self.changes.iter())
+            .filter_map(|c| c.at.filter(|&a| a <= sample))
+            .max();
+        for c in &mut self.changes {
+            if latest.is_some() && c.at == latest && c.detected.is_none() {
+                c.detected = Some((detector, sample));
+            }
         }
     }
 
@@ -165,6 +164,7 @@ mod tests {
         let mut t = MetricTrace::with_changes(&[
             ("a".into(), Boundary::Sample(100)),
             ("b".into(), Boundary::Sample(200)),
+            ("c".into(), Boundary::Sample(200)),
         ]);
         t.detected(50, Detector::Adwin);
         for sample in [100, 200] {
@@ -178,6 +178,7 @@ mod tests {
             got,
             [
                 Some((Detector::PageHinkley, 150)),
+                Some((Detector::ScoreShift, 230)),
                 Some((Detector::ScoreShift, 230))
             ]
         );

@@ -200,7 +200,6 @@ impl ScoreSegments {
     /// resume will not score again.
     pub fn open(dir: &Path, columns: ScoreColumns, next: u64) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut covered = 0;
         for entry in std::fs::read_dir(dir)? {
             let p = entry?.path();
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
@@ -208,23 +207,24 @@ impl ScoreSegments {
             if stale {
                 tracing::info!(file = %p.display(), "removing a score segment the checkpoint does not cover");
                 std::fs::remove_file(&p)?;
-            } else if Self::number(name).is_some() {
-                covered += 1;
             }
         }
-        anyhow::ensure!(
-            covered == next - 1,
-            "{}: the checkpoint covers score segments 1 to {} but {covered} are there; their rows would not be scored again (delete the checkpoint to start afresh)",
-            dir.display(),
-            next - 1
-        );
-        Ok(ScoreSegments {
+        let segments = ScoreSegments {
             dir: dir.to_path_buf(),
             columns,
             next,
             current: None,
             rows: 0,
-        })
+        };
+        if let Some(gone) = (1..next).find(|&n| !segments.path(n).exists()) {
+            anyhow::bail!(
+                "{}: the checkpoint covers score segments 1 to {} but {} is gone; its rows would not be scored again (delete the checkpoint to start afresh)",
+                dir.display(),
+                next - 1,
+                segments.path(gone).display()
+            );
+        }
+        Ok(segments)
     }
 
     fn number(name: &str) -> Option<u64> {

@@ -433,12 +433,16 @@ impl ConsumerContext for GroupMember {
                 // against it (see `StartCheck`), and no commit goes below it.
                 let read = read_committed(consumer, (*tpl).clone(), Duration::from_secs(10));
                 let mut starts = self.start.lock().expect("start offsets");
-                // A cooperative assignment adds partitions to those kept; an eager one is
-                // the whole assignment.
-                if !matches!(
+                // An eager assignment is the whole assignment. A cooperative one adds
+                // partitions to those kept: their unread offsets stay unread, and their
+                // starts are dropped, since every partition's start check runs again after
+                // an assignment and a kept partition is far past its old start.
+                if matches!(
                     consumer.rebalance_protocol(),
                     RebalanceProtocol::Cooperative
                 ) {
+                    starts.known.clear();
+                } else {
                     *starts = Starts::default();
                 }
                 let parts = tpl.elements();
@@ -584,8 +588,8 @@ struct StallWatch {
 
 /// Longest wait, at the end, for the learner to acknowledge what it was sent.
 const DRAIN_LIMIT_S: u64 = 120;
-/// How long a batch with bad messages waits for their dead letters to be on their topic.
-const DEAD_LETTER_FLUSH_S: u64 = 30;
+/// While a batch's dead letters wait for a broker, a warning every this many seconds.
+const DEAD_LETTER_WARN_S: u64 = 30;
 
 impl StallWatch {
     fn new(after: Duration) -> Self {
@@ -964,13 +968,23 @@ impl<'a> KafkaSource<'a> {
         // A broker away is waited for, a flush at a time, until a shutdown or until
         // librdkafka gives a letter up (`message.timeout.ms`, 5 minutes by default): a broker
         // restart must not end the run.
+        // A second at a time, so that a shutdown is seen at once.
+        let waited = Instant::now();
+        let mut warned = 0;
         let flushed = loop {
-            match p.flush(Duration::from_secs(DEAD_LETTER_FLUSH_S)) {
-                Err(e)
+            match p.flush(Duration::from_secs(1)) {
+                Err(_)
                     if !self.shutdown.is_triggered()
                         && p.context().failed.load(Ordering::Relaxed) == 0 =>
                 {
-                    tracing::warn!(error = %e, "dead letters not delivered within {DEAD_LETTER_FLUSH_S} s; waiting on the broker");
+                    let s = waited.elapsed().as_secs();
+                    if s / DEAD_LETTER_WARN_S > warned {
+                        warned = s / DEAD_LETTER_WARN_S;
+                        tracing::warn!(
+                            waited_s = s,
+                            "dead letters not delivered yet; waiting on the broker"
+                        );
+                    }
                 }
                 r => break r,
             }

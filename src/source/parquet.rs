@@ -617,7 +617,7 @@ pub fn replay(
         active: Vec::new(),
         pacer: cfg.pace.clone().map(|pace| Pacer {
             pace,
-            start: Instant::now(),
+            start: None,
             t0: None,
         }),
         tx,
@@ -828,7 +828,7 @@ impl Replay<'_> {
             } else if let Some(pacer) = self.pacer.as_mut() {
                 let row = self.stats.rows + p.rows.len() as u64 - self.unpaced;
                 let due = pacer.due(row, c.times[c.pos]);
-                let now = pacer.start.elapsed();
+                let now = pacer.elapsed();
                 if due > now {
                     if !p.rows.is_empty() {
                         break; // emit the rows already due
@@ -858,14 +858,21 @@ impl Replay<'_> {
 /// time as they fall due, never a whole batch at once.
 struct Pacer {
     pace: Pace,
-    start: Instant,
+    /// When the first paced row came (after a resume's covered rows, which are not paced).
+    start: Option<Instant>,
     /// Event time of the first row (speed-up pacing).
     t0: Option<i64>,
 }
 
 impl Pacer {
+    /// Wall time since the first paced row.
+    fn elapsed(&self) -> Duration {
+        self.start.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
     /// Wall time since the start at which row number `row` (event time `time`, µs) is due.
     fn due(&mut self, row: u64, time: i64) -> Duration {
+        self.start.get_or_insert_with(Instant::now);
         if let Some(rate) = self.pace.rows_per_second {
             Duration::from_secs_f64(row as f64 / rate)
         } else if let Some(speedup) = self.pace.speedup {
