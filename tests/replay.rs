@@ -687,24 +687,7 @@ fn a_shutdown_ends_a_slowly_paced_replay_within_seconds() {
         out.path(),
         &["source.pace={ speedup = 600.0 }"],
     );
-    let shutdown = gradsift::shutdown::Shutdown::new();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sd = shutdown.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let r = rt.block_on(gradsift::pipeline::run(cfg, Default::default(), sd));
-        let _ = tx.send(r);
-    });
-    std::thread::sleep(std::time::Duration::from_millis(3500));
-    shutdown.trigger();
-    let r = rx
-        .recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the run ends soon after the shutdown, not after the paced batch")
-        .expect("run completes");
+    let r = run_then_shut_down(cfg, 3500);
     assert!(r.interrupted);
     // Three and a half seconds at one row a second: a handful of rows (fewer on a slow
     // start), never a whole batch.
@@ -728,23 +711,7 @@ fn a_paced_resume_does_not_wait_out_the_covered_rows() {
     let mut paced = sets.to_vec();
     paced.push("source.pace={ speedup = 600.0 }");
     let cfg = common::pipeline("milan-replay.toml", out.path(), &paced);
-    let shutdown = gradsift::shutdown::Shutdown::new();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sd = shutdown.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let _ = tx.send(rt.block_on(gradsift::pipeline::run(cfg, Default::default(), sd)));
-    });
-    std::thread::sleep(std::time::Duration::from_millis(3000));
-    shutdown.trigger();
-    let r = rx
-        .recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the run ends after the shutdown")
-        .expect("run completes");
+    let r = run_then_shut_down(cfg, 3000);
     let ck = r.checkpoint.as_ref().unwrap();
     assert_eq!(ck.rows_already_covered, 2000, "{:?}", r.rows_read);
 }
@@ -1004,4 +971,28 @@ fn per_site_models_step_on_their_own_rows_however_the_sites_interleave() {
     );
     assert_eq!(steps(&woven), steps(&apart));
     assert_eq!(rows(&woven), rows(&apart));
+}
+
+/// Runs `cfg` on its own thread, asks it to shut down after `ms` milliseconds, and returns
+/// its report (the run must end within a minute of the request, not after a paced batch).
+fn run_then_shut_down(
+    cfg: gradsift::config::PipelineConfig,
+    ms: u64,
+) -> gradsift::report::RunReport {
+    let shutdown = gradsift::shutdown::Shutdown::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sd = shutdown.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _ = tx.send(rt.block_on(gradsift::pipeline::run(cfg, Default::default(), sd)));
+    });
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    shutdown.trigger();
+    rx.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the run ends soon after the shutdown")
+        .expect("run completes")
 }
