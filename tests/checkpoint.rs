@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use gradsift::features::Samples;
 use gradsift::learner::buffer::{BufferConfig, EvictionPolicy, ReplaySampling};
 use gradsift::learner::eval::EvalSummary;
@@ -320,26 +322,32 @@ fn checkpoints_do_not_move_micro_batch_boundaries() {
 /// naming both (a resume would have learnt on in another configuration's state).
 #[test]
 fn a_checkpoint_of_another_pipeline_is_refused() {
-    let out = tempfile::tempdir().unwrap();
     let sets = [
         "checkpoint.enabled=true",
         "source.max_rows=2000",
         "output.scores=false",
     ];
-    common::run(common::pipeline("milan-replay.toml", out.path(), &sets));
     let mut other = sets.to_vec();
     other.push("name=\"milan-other\"");
-    let Err(err) = common::try_run(common::pipeline("milan-replay.toml", out.path(), &other))
-    else {
-        panic!("another pipeline's checkpoint must be refused")
-    };
-    let msg = format!("{err:#}");
+    let msg = refused_resume(&sets, |_| {}, &other);
     assert!(
         msg.contains("checkpoint.bin")
             && msg.contains("`milan-replay`")
             && msg.contains("`milan-other`"),
         "{msg}"
     );
+}
+
+/// A first checkpointed Milan run with `first`, then `edit` of its folder, then a resume
+/// with `then`, which must be refused: its error.
+fn refused_resume(first: &[&str], edit: impl FnOnce(&Path), then: &[&str]) -> String {
+    let out = tempfile::tempdir().unwrap();
+    common::run(common::pipeline("milan-replay.toml", out.path(), first));
+    edit(out.path());
+    match common::try_run(common::pipeline("milan-replay.toml", out.path(), then)) {
+        Ok(_) => panic!("the resume must be refused"),
+        Err(e) => format!("{e:#}"),
+    }
 }
 
 /// A fresh run leaves nothing of an earlier one beside its outputs: the score segments of a
@@ -372,37 +380,29 @@ fn a_fresh_run_removes_an_earlier_runs_segments_and_plot() {
 /// scored again.
 #[test]
 fn a_resume_missing_a_covered_score_segment_is_refused() {
-    let out = tempfile::tempdir().unwrap();
     let sets = ["checkpoint.enabled=true", "checkpoint.every_rows=1000"];
     let mut first = sets.to_vec();
     first.push("source.max_rows=3000");
-    common::run(common::pipeline("milan-replay.toml", out.path(), &first));
-    std::fs::remove_file(out.path().join("scores/part-000001.parquet")).unwrap();
-    let Err(err) = common::try_run(common::pipeline("milan-replay.toml", out.path(), &sets)) else {
-        panic!("a resume without its covered segments must be refused")
-    };
-    let msg = format!("{err:#}");
+    let gone = |out: &Path| std::fs::remove_file(out.join("scores/part-000001.parquet")).unwrap();
+    let msg = refused_resume(&first, gone, &sets);
     assert!(msg.contains("covers score segments 1 to"), "{msg}");
 }
 
 #[test]
 fn a_damaged_checkpoint_is_refused_with_a_clear_error() {
-    let out = tempfile::tempdir().unwrap();
     let sets = [
         "checkpoint.enabled=true",
         "source.max_rows=2000",
         "output.scores=false",
     ];
-    common::run(common::pipeline("milan-replay.toml", out.path(), &sets));
-    let path = out.path().join("checkpoint.bin");
-    let mut bytes = std::fs::read(&path).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::write(&path, &bytes).unwrap();
-    let Err(err) = common::try_run(common::pipeline("milan-replay.toml", out.path(), &sets)) else {
-        panic!("a damaged checkpoint must be refused")
+    let flip = |out: &Path| {
+        let path = out.join("checkpoint.bin");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
     };
-    let msg = format!("{err:#}");
+    let msg = refused_resume(&sets, flip, &sets);
     assert!(
         msg.contains("checkpoint.bin") && msg.contains("damaged"),
         "{msg}"

@@ -319,8 +319,7 @@ impl OnlineLearner {
 
     /// Continues from a saved state. The model's layer widths must match this configuration.
     pub fn restore(&mut self, s: LearnerState) -> anyhow::Result<()> {
-        let mut saved_widths: Vec<usize> = s.model.iter().map(|l| l.d_in).collect();
-        saved_widths.extend(s.model.last().map(|l| l.d_out));
+        let saved_widths = model::saved_widths(&s.model);
         anyhow::ensure!(
             saved_widths == self.net.widths(),
             "the saved model has layer widths {:?}; this pipeline builds {:?}",
@@ -473,11 +472,16 @@ impl OnlineLearner {
         if let Some((true, averaged)) = averaged {
             // Row by row: where the average's output is not a number and the live model's
             // is, the live one speaks (one overflow must not read as a diverged model).
-            let k = self.cfg.head.outputs();
-            for (live, avg) in out.outputs.chunks_mut(k).zip(averaged.chunks(k)) {
-                if avg.iter().all(|v| v.is_finite()) || !live.iter().all(|v| v.is_finite()) {
-                    live.copy_from_slice(avg);
-                    self.stats.averaged += 1;
+            if averaged.iter().all(|v| v.is_finite()) {
+                out.outputs = averaged;
+                self.stats.averaged += n as u64;
+            } else {
+                let k = self.cfg.head.outputs();
+                for (live, avg) in out.outputs.chunks_mut(k).zip(averaged.chunks(k)) {
+                    if avg.iter().all(|v| v.is_finite()) || !live.iter().all(|v| v.is_finite()) {
+                        live.copy_from_slice(avg);
+                        self.stats.averaged += 1;
+                    }
                 }
             }
         }

@@ -236,6 +236,13 @@ pub struct SavedLayer {
     pub bias: Vec<f32>,
 }
 
+/// Layer widths `inputs → … → outputs` of saved layers (to check a restore's shape).
+pub fn saved_widths(layers: &[SavedLayer]) -> Vec<usize> {
+    let mut w: Vec<usize> = layers.iter().map(|l| l.d_in).collect();
+    w.extend(layers.last().map(|l| l.d_out));
+    w
+}
+
 /// What the forward pass keeps for the backward pass.
 pub struct Trace {
     /// a_k, the input of layer k (`inputs[0]` is the batch itself).

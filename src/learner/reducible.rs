@@ -62,8 +62,7 @@ impl IrreducibleLoss {
 
     /// Continues from [`IrreducibleLoss::state`]; the widths must be this model's.
     pub fn restore(&mut self, s: IrreducibleState) -> anyhow::Result<()> {
-        let mut widths: Vec<usize> = s.model.iter().map(|l| l.d_in).collect();
-        widths.extend(s.model.last().map(|l| l.d_out));
+        let widths = model::saved_widths(&s.model);
         anyhow::ensure!(
             widths == self.model.widths(),
             "the saved held-out model has widths {widths:?}; this pipeline builds {:?}",

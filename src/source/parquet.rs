@@ -295,6 +295,8 @@ struct Cursor {
     base: u64,
     /// Rows in the file (from its footer).
     rows: u64,
+    /// Rows a resumed checkpoint covers (released unpaced: the learner skips them).
+    covered: u64,
     /// Unreadable ranges met by the last [`Cursor::refill`], to dead-letter.
     lost: Vec<Lost>,
 }
@@ -477,6 +479,7 @@ impl Cursor {
             times: Vec::new(),
             pos: 0,
             base: 0,
+            covered: 0,
             lost: Vec::new(),
         })
     }
@@ -632,8 +635,8 @@ pub fn replay(
 /// A replay's state: a cursor per readable file, the ones that still hold rows, the pacer.
 /// Every method that talks to the learner returns false once the learner has gone.
 struct Replay<'a> {
-    /// Per file, the rows the checkpoint being resumed covers: released unpaced (the
-    /// learner skips them), and the pace starts at the first row after them.
+    /// Per file, the rows the checkpoint being resumed covers (each cursor takes its own
+    /// at open): released unpaced, and the pace starts at the first row after them.
     covered: HashMap<Arc<str>, u64>,
     /// Covered rows released so far.
     unpaced: u64,
@@ -703,7 +706,11 @@ impl Replay<'_> {
                         return false;
                     }
                 }
-                None => self.cursors.push(cursor),
+                None => {
+                    let mut cursor = cursor;
+                    cursor.covered = self.covered.get(&cursor.origin).copied().unwrap_or(0);
+                    self.cursors.push(cursor);
+                }
             }
         }
         true
@@ -821,9 +828,7 @@ impl Replay<'_> {
                     .expect("non-empty")
             };
             let c = &self.cursors[self.active[slot]];
-            let covered =
-                (self.covered.get(&c.origin)).is_some_and(|&n| c.base + (c.pos as u64) < n);
-            if covered {
+            if c.base + (c.pos as u64) < c.covered {
                 self.unpaced += 1;
             } else if let Some(pacer) = self.pacer.as_mut() {
                 let row = self.stats.rows + p.rows.len() as u64 - self.unpaced;
